@@ -1,0 +1,316 @@
+"""Configuration: invoke.yaml declares every key once; this module turns it into typed objects.
+
+Nothing else in the package reads raw configuration. Two entry points:
+- `from_invoke(ctx.config)` in tasks (invoke has merged invoke.yaml, -f files, ~/.invoke.yaml, INVOKE_* env);
+- `load(overrides)` for library code and tests (invoke.yaml + a nested dict of overrides).
+Both validate: an undeclared key is an error naming it (with a close match), a value of the wrong type is
+an error naming its dotted path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from infra import ROOT
+from infra.errors import ConfigError, TemplateError
+
+DEFAULTS_FILE = ROOT / "invoke.yaml"
+
+#: Keys invoke and fabric put into every config; they are not ours to validate.
+_FOREIGN_TOP_LEVEL = frozenset(
+    {
+        "run", "runners", "sudo", "tasks", "timeouts",
+        "authentication", "connect_kwargs", "forward_agent", "gateway", "inline_ssh_env",
+        "load_ssh_configs", "port", "ssh_config_path", "user",
+    }
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Port:
+    host: int
+    guest: int
+
+
+@dataclass(frozen=True)
+class ProjectConfig:
+    name: str
+    state_dir: Path
+    cache_dir: Path
+
+
+@dataclass(frozen=True)
+class SSHConfig:
+    user: str
+    public_key: str
+    private_key: str
+
+
+@dataclass(frozen=True)
+class ProvisionConfig:
+    hostname: str
+    docker: bool
+    nomad: bool
+    nomad_version: str
+    volumes_dir: str
+    packages: list[str]
+
+
+@dataclass(frozen=True)
+class VMConfig:
+    distro: str
+    arch: str
+    image: str
+    image_sha256: str
+    cpus: int
+    memory_mb: int
+    disk_gb: int
+    accel: str
+    qemu: str
+    kernel: str
+    initrd: str
+    append: str
+    ports: dict[str, Port]
+    ssh_timeout: int
+    cloud_init_timeout: int
+    stop_timeout: int
+
+
+@dataclass(frozen=True)
+class NomadConfig:
+    addr: str
+    token: str
+    cacert: str
+    client_cert: str
+    client_key: str
+    namespace: str
+    region: str
+    connect_timeout: float
+    read_timeout: float
+    retries: int
+    wait_timeout: int
+
+
+@dataclass(frozen=True)
+class DeployConfig:
+    data_job: Path
+    app_job: Path
+    ingress_job: Path
+    timeout: int
+    secrets_path: str
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    image: str
+    default_image: str
+    base_image: str
+
+
+@dataclass(frozen=True)
+class E2EConfig:
+    report_dir: Path
+
+
+@dataclass(frozen=True)
+class Config:
+    root: Path
+    project: ProjectConfig
+    ssh: SSHConfig
+    provision: ProvisionConfig
+    vm: VMConfig
+    nomad: NomadConfig
+    deploy: DeployConfig
+    app: AppConfig
+    e2e: E2EConfig
+
+
+_ENUMS = {
+    "vm.accel": ("auto", "kvm", "hvf", "tcg"),
+    "vm.arch": ("auto", "x86_64", "aarch64"),
+}
+
+
+def read_defaults(path: Path = DEFAULTS_FILE) -> dict[str, Any]:
+    """invoke.yaml as a dict; a YAML error names file:line:column."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise TemplateError(f"{where}: invalid YAML: {exc.problem}") from exc
+    if not isinstance(data, dict):
+        raise TemplateError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def load(overrides: Mapping[str, Any] | None = None, *, root: Path = ROOT) -> Config:
+    """Defaults from invoke.yaml merged with `overrides` (same nested shape), validated."""
+    merged = _merge(read_defaults(), dict(overrides or {}))
+    return build(merged, root=root)
+
+
+def from_invoke(cfg: Mapping[str, Any]) -> Config:
+    """Typed config from invoke's merged config (`ctx.config`)."""
+    raw = {k: _plain(v) for k, v in cfg.items()}
+    return build(raw, root=ROOT)
+
+
+def build(raw: Mapping[str, Any], *, root: Path = ROOT) -> Config:
+    defaults = read_defaults()
+    _check_keys(raw, defaults, prefix="", top=True)
+    data = {k: raw[k] for k in defaults}
+    for section in defaults:
+        _check_types(data[section], defaults[section], section)
+    for key, allowed in _ENUMS.items():
+        section, name = key.split(".")
+        if data[section][name] not in allowed:
+            raise ConfigError(
+                f"configuration key {key} is {data[section][name]!r}; expected one of: {', '.join(allowed)}"
+            )
+
+    def rel(p: str) -> Path:
+        path = Path(os.path.expanduser(p))
+        return path if path.is_absolute() else root / path
+
+    project = data["project"]
+    cache = project["cache_dir"] or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), project["name"]
+    )
+    vm = dict(data["vm"])
+    vm["ports"] = {name: Port(**spec) for name, spec in vm["ports"].items()}
+    _check_ports(vm["ports"])
+    deploy = dict(data["deploy"])
+    for key in ("data_job", "app_job", "ingress_job"):
+        deploy[key] = rel(deploy[key])
+    return Config(
+        root=root,
+        project=ProjectConfig(name=project["name"], state_dir=rel(project["state_dir"]), cache_dir=rel(cache)),
+        ssh=SSHConfig(**data["ssh"]),
+        provision=ProvisionConfig(**data["provision"]),
+        vm=VMConfig(**vm),
+        nomad=NomadConfig(**data["nomad"]),
+        deploy=DeployConfig(**deploy),
+        app=AppConfig(**data["app"]),
+        e2e=E2EConfig(report_dir=rel(data["e2e"]["report_dir"])),
+    )
+
+
+def _plain(value: Any) -> Any:
+    """invoke's DataProxy objects -> plain dicts/lists."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _check_keys(raw: Mapping[str, Any], defaults: Mapping[str, Any], prefix: str, top: bool = False) -> None:
+    for key, value in raw.items():
+        path = f"{prefix}{key}"
+        if top and key in _FOREIGN_TOP_LEVEL:
+            continue
+        if key not in defaults:
+            if prefix == "vm.ports.":  # new forwards may be added by name
+                continue
+            close = difflib.get_close_matches(key, list(defaults), n=1)
+            suggestion = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise ConfigError(
+                f"unknown configuration key {path}{suggestion}",
+                hint=f"every key is declared in {DEFAULTS_FILE}; check your -f file, ~/.invoke.yaml and "
+                "INVOKE_* environment variables",
+            )
+        if isinstance(defaults[key], dict) and isinstance(value, Mapping):
+            _check_keys(value, defaults[key], f"{path}.")
+
+
+def _check_types(value: Any, default: Any, path: str) -> None:
+    if isinstance(default, dict):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"configuration key {path} must be a mapping, got {type(value).__name__}")
+        for key, sub in value.items():
+            if key in default:
+                _check_types(sub, default[key], f"{path}.{key}")
+            else:  # an extra port forward: same shape as the first one
+                _check_types(sub, next(iter(default.values())), f"{path}.{key}")
+        for key in default:
+            if key not in value:
+                raise ConfigError(f"configuration key {path}.{key} is missing")
+        return
+    expected: type | tuple[type, ...]
+    if isinstance(default, bool):
+        expected = bool
+    elif isinstance(default, int | float):
+        expected = (int, float)
+    elif isinstance(default, list):
+        expected = list
+    else:
+        expected = str
+    ok = isinstance(value, expected) and not (expected != bool and isinstance(value, bool))
+    if not ok:
+        raise ConfigError(
+            f"configuration key {path} must be {_type_name(expected)}, got {value!r}"
+        )
+
+
+def _type_name(t: type | tuple[type, ...]) -> str:
+    names = {bool: "true/false", int: "a number", float: "a number", list: "a list", str: "a string"}
+    if isinstance(t, tuple):
+        return names[t[0]]
+    return names[t]
+
+
+def _check_ports(ports: Mapping[str, Port]) -> None:
+    seen: dict[int, str] = {}
+    for name, port in ports.items():
+        for side in ("host", "guest"):
+            number = getattr(port, side)
+            if not isinstance(number, int) or not 0 < number < 65536:
+                raise ConfigError(f"configuration key vm.ports.{name}.{side} must be a port 1-65535, got {number!r}")
+        if port.host in seen:
+            raise ConfigError(
+                f"configuration keys vm.ports.{name}.host and vm.ports.{seen[port.host]}.host "
+                f"both use host port {port.host}"
+            )
+        seen[port.host] = name
+
+
+def as_dict(cfg: Config) -> dict[str, Any]:
+    """A JSON-friendly view (paths as strings), for status output and reports."""
+
+    def conv(v: Any) -> Any:
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        if isinstance(v, Path):
+            return str(v)
+        return v
+
+    return typing.cast(dict[str, Any], conv(cfg))
+
+
+__all__ = [
+    "AppConfig", "Config", "ConfigError", "DeployConfig", "E2EConfig", "NomadConfig", "Port",
+    "ProjectConfig", "ProvisionConfig", "SSHConfig", "VMConfig", "as_dict", "build", "from_invoke", "load",
+]  # fmt: skip
+

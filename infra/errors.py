@@ -1,0 +1,95 @@
+"""One exception family for the domain.
+
+Every error carries a message (what went wrong), an optional hint (what to do or where to look) and optional
+details (log excerpts, task events). Tasks turn them into `invoke.Exit` with `str(error)`; nothing else in the
+package prints tracebacks at the user.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+
+class InfraError(Exception):
+    """Base class: a failure the user can act on."""
+
+    exit_code = 1
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        hint: str | None = None,
+        details: Iterable[str] = (),
+        log: Path | str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.details = list(details)
+        self.log = Path(log) if log else None
+
+    def __str__(self) -> str:
+        parts = [self.message]
+        if self.details:
+            parts.append("\n".join("  " + line for line in self.details))
+        if self.log:
+            parts.append(f"log: {self.log}")
+        if self.hint:
+            parts.append(f"hint: {self.hint}")
+        return "\n".join(parts)
+
+
+class ConfigError(InfraError):
+    """Invalid or unknown configuration (names the key)."""
+
+
+class TemplateError(InfraError):
+    """A template or data file under cloud-init/, vm/ or nomad/ is malformed (names file:line:column)."""
+
+
+class ValidationError(InfraError):
+    """Rendered data failed a schema or project rule (names the field path)."""
+
+
+class SSHKeyError(InfraError):
+    """An SSH key is missing, unreadable or not a valid public key."""
+
+
+class ImageError(InfraError):
+    """A base image could not be fetched or failed its checksum."""
+
+
+class VMError(InfraError):
+    """The VM could not be started, stopped or reached."""
+
+
+class PortInUseError(VMError):
+    """A host port needed for a forward is already bound."""
+
+
+class WaitTimeout(InfraError):
+    """Something awaited did not happen before its deadline (carries the last state seen)."""
+
+    exit_code = 2
+
+
+class NomadError(InfraError):
+    """The Nomad API answered with an error or could not be reached."""
+
+
+class DeployError(InfraError):
+    """A job failed to register, place or become healthy."""
+
+
+class SpecError(InfraError):
+    """A job spec broke a project rule."""
+
+
+class BuildError(InfraError):
+    """Building or shipping the app image failed."""
+
+
+class PreflightError(InfraError):
+    """A prerequisite of a long run (e2e) is missing."""

@@ -1,0 +1,77 @@
+"""The state directory: one place for everything a running setup owns, every file a named constant.
+
+Lima keeps each instance's files together the same way; the VM is found by its pidfile and QMP socket,
+never by searching process names. `inv vm.destroy` removes this directory's VM files; the image cache
+(config project.cache_dir) lives elsewhere and survives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+SEED_ISO = "seed.iso"
+USER_DATA = "user-data"  # the rendered copy that went into the ISO, for inspection
+DISK = "disk.qcow2"
+PIDFILE = "qemu.pid"
+SERIAL_LOG = "serial.log"
+QMP_SOCKET = "qmp.sock"
+QEMU_LOG = "qemu.log"  # qemu's own stderr
+VM_RECORD = "vm.json"  # how the running VM was launched: ports, accel, start time, command line
+SSH_DIR = "ssh"
+SSH_KEY = "id_ed25519"
+KNOWN_HOSTS = "known_hosts"
+DEPLOYED = "deployed.json"  # last image tag deployed by deploy.app
+
+
+@dataclass(frozen=True)
+class StatePaths:
+    root: Path
+
+    @property
+    def seed_iso(self) -> Path:
+        return self.root / SEED_ISO
+
+    @property
+    def user_data(self) -> Path:
+        return self.root / USER_DATA
+
+    @property
+    def disk(self) -> Path:
+        return self.root / DISK
+
+    @property
+    def pidfile(self) -> Path:
+        return self.root / PIDFILE
+
+    @property
+    def serial_log(self) -> Path:
+        return self.root / SERIAL_LOG
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.root / QMP_SOCKET
+
+    @property
+    def qemu_log(self) -> Path:
+        return self.root / QEMU_LOG
+
+    @property
+    def vm_record(self) -> Path:
+        return self.root / VM_RECORD
+
+    @property
+    def ssh_key(self) -> Path:
+        return self.root / SSH_DIR / SSH_KEY
+
+    @property
+    def ssh_pubkey(self) -> Path:
+        return self.root / SSH_DIR / (SSH_KEY + ".pub")
+
+    @property
+    def known_hosts(self) -> Path:
+        return self.root / SSH_DIR / KNOWN_HOSTS
+
+    @property
+    def deployed(self) -> Path:
+        return self.root / DEPLOYED
