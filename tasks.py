@@ -43,7 +43,11 @@ def _not_yet(what: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- iso --
-@task(name="build", default=True, help={"ssh_key": "public key file (or key text) to authorize; overrides ssh.public_key"})
+@task(
+    name="build",
+    default=True,
+    help={"ssh_key": "public key file (or key text) to authorize; overrides ssh.public_key"},
+)
 @domain_errors
 def iso_build(c: Context, ssh_key: str = "") -> None:
     """Render cloud-init user-data and write the NoCloud seed ISO (label cidata) into the state dir."""

@@ -194,7 +194,9 @@ def build(raw: Mapping[str, Any], *, root: Path = ROOT) -> Config:
         deploy[key] = rel(deploy[key])
     return Config(
         root=root,
-        project=ProjectConfig(name=project["name"], state_dir=rel(project["state_dir"]), cache_dir=rel(cache)),
+        project=ProjectConfig(
+            name=project["name"], state_dir=rel(project["state_dir"]), cache_dir=rel(cache)
+        ),
         ssh=SSHConfig(**data["ssh"]),
         provision=ProvisionConfig(**data["provision"]),
         vm=VMConfig(**vm),
@@ -265,11 +267,9 @@ def _check_types(value: Any, default: Any, path: str) -> None:
         expected = list
     else:
         expected = str
-    ok = isinstance(value, expected) and not (expected != bool and isinstance(value, bool))
+    ok = isinstance(value, expected) and not (expected is not bool and isinstance(value, bool))
     if not ok:
-        raise ConfigError(
-            f"configuration key {path} must be {_type_name(expected)}, got {value!r}"
-        )
+        raise ConfigError(f"configuration key {path} must be {_type_name(expected)}, got {value!r}")
 
 
 def _type_name(t: type | tuple[type, ...]) -> str:
@@ -285,7 +285,9 @@ def _check_ports(ports: Mapping[str, Port]) -> None:
         for side in ("host", "guest"):
             number = getattr(port, side)
             if not isinstance(number, int) or not 0 < number < 65536:
-                raise ConfigError(f"configuration key vm.ports.{name}.{side} must be a port 1-65535, got {number!r}")
+                raise ConfigError(
+                    f"configuration key vm.ports.{name}.{side} must be a port 1-65535, got {number!r}"
+                )
         if port.host in seen:
             raise ConfigError(
                 f"configuration keys vm.ports.{name}.host and vm.ports.{seen[port.host]}.host "
@@ -313,4 +315,3 @@ __all__ = [
     "AppConfig", "Config", "ConfigError", "DeployConfig", "E2EConfig", "NomadConfig", "Port",
     "ProjectConfig", "ProvisionConfig", "SSHConfig", "VMConfig", "as_dict", "build", "from_invoke", "load",
 ]  # fmt: skip
-

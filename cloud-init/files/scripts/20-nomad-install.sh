@@ -1,0 +1,32 @@
+#!/bin/sh
+# Install the pinned Nomad from HashiCorp's apt repository. Idempotent.
+# /etc/infra-lab/provision.env (written by cloud-init) sets NOMAD_VERSION, HASHICORP_KEY_FPR and, when the
+# seed embeds the key, the key itself is at /etc/infra-lab/hashicorp.asc. Without it the key is fetched;
+# either way its primary fingerprint must equal HASHICORP_KEY_FPR or nothing is installed.
+set -eu
+. /etc/infra-lab/provision.env
+keyring=/usr/share/keyrings/hashicorp-archive-keyring.gpg
+if [ "$(dpkg-query -W -f '${Version}' nomad 2>/dev/null || true)" = "${NOMAD_VERSION}-1" ]; then
+    echo "infra-lab: nomad ${NOMAD_VERSION} already installed"
+    exit 0
+fi
+key=/etc/infra-lab/hashicorp.asc
+if [ ! -s "$key" ]; then
+    echo "infra-lab: no embedded HashiCorp key; fetching ${HASHICORP_KEY_URL}"
+    curl -fsSL --retry 5 --retry-connrefused -o /run/hashicorp.asc "$HASHICORP_KEY_URL"
+    key=/run/hashicorp.asc
+fi
+fpr=$(gpg --show-keys --with-colons "$key" | awk -F: '$1 == "fpr" { print $10; exit }')
+if [ "$fpr" != "$HASHICORP_KEY_FPR" ]; then
+    echo "infra-lab: HashiCorp key fingerprint is '$fpr', expected '$HASHICORP_KEY_FPR'; refusing to install" >&2
+    exit 1
+fi
+gpg --dearmor < "$key" > "$keyring.tmp" && mv "$keyring.tmp" "$keyring"
+. /etc/os-release
+echo "deb [signed-by=$keyring] https://apt.releases.hashicorp.com ${VERSION_CODENAME} main" \
+    > /etc/apt/sources.list.d/hashicorp.list
+apt-get update -o Dir::Etc::sourcelist=sources.list.d/hashicorp.list -o Dir::Etc::sourceparts=- \
+    -o APT::Get::List-Cleanup=0
+DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "nomad=${NOMAD_VERSION}-1"
+apt-mark hold nomad
+echo "infra-lab: installed $(nomad version | head -n 1)"

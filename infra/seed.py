@@ -1,0 +1,380 @@
+"""The NoCloud seed: compose cloud-init user-data as data, validate it, pack it into an ISO (label cidata).
+
+Flow of `inv iso`:
+1. `compose()` merges the parts in cloud-init/parts/ (base, docker?, nomad?, final) as Python data and
+   inserts the configured values (user, SSH key, hostname, pinned versions, shipped files) as values —
+   never by splicing text — so the result is always valid YAML.
+2. `validate()` checks it against cloud-init's JSON schema (vendored, Apache-2.0) and the project's rules;
+   errors name the field path (or file:line:column for a malformed template).
+3. `write_iso()` packs user-data, meta-data and network-config with pycdlib (ISO9660 + Joliet + Rock Ridge)
+   with fixed timestamps, so the same inputs give the same bytes. The ISO is written to a temporary file
+   and renamed into place: an error leaves no ISO behind.
+The instance-id is derived from the content: a changed configuration re-provisions, an unchanged one not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import io
+import json
+import os
+import re
+import shlex
+import sys
+import time as _time
+import types
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pycdlib
+import yaml
+
+from infra import ROOT, keys, pgp, ui
+from infra.config import Config
+from infra.errors import TemplateError, ValidationError
+from infra.state import StatePaths
+
+CLOUD_INIT_DIR = ROOT / "cloud-init"
+PARTS_DIR = CLOUD_INIT_DIR / "parts"
+FILES_DIR = CLOUD_INIT_DIR / "files"
+HASHICORP_KEY_FILE = CLOUD_INIT_DIR / "keys" / "hashicorp.asc"
+SCHEMA_FILE = Path(__file__).parent / "schemas" / "schema-cloud-config-v1.json"
+
+VOLUME_LABEL = "cidata"
+#: 2024-01-01T00:00:00Z; every timestamp in the ISO. Override with SOURCE_DATE_EPOCH (reproducible-builds.org).
+DEFAULT_EPOCH = 1704067200
+#: ISO9660 level-1 names (8.3, upper case) with their Rock Ridge / Joliet long names.
+ISO_FILES = (("USERDATA.;1", "user-data"), ("METADATA.;1", "meta-data"), ("NETWORKC.;1", "network-config"))
+#: Project-only keys in the parts, resolved by compose() before validation.
+FROM_FILE = "from_file"
+PROVISION_ENV = "/etc/infra-lab/provision.env"
+
+
+@dataclass(frozen=True)
+class Seed:
+    user_data: bytes
+    meta_data: bytes
+    network_config: bytes
+    instance_id: str
+
+
+@dataclass(frozen=True)
+class SeedResult:
+    path: Path
+    sha256: str
+    instance_id: str
+    changed: bool
+
+
+# ---------------------------------------------------------------------------------------------- loading --
+def load_yaml(path: Path) -> Any:
+    """Parse a YAML data file; a syntax error names file:line:column."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise TemplateError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise TemplateError(
+            f"{where}: malformed YAML: {exc.problem}" + (f" ({exc.context})" if exc.context else ""),
+            hint="fix the template; nothing was written",
+        ) from exc
+
+
+def _parts(cfg: Config) -> list[Path]:
+    names = ["base.yaml"]
+    if cfg.provision.docker:
+        names.append("docker.yaml")
+    if cfg.provision.nomad:
+        names.append("nomad.yaml")
+    names.append("final.yaml")
+    return [PARTS_DIR / n for n in names]
+
+
+def _merge(into: dict[str, Any], part: Mapping[str, Any], source: Path) -> None:
+    """Lists concatenate, mappings merge, a scalar set twice to different values is an error."""
+    for key, value in part.items():
+        if key not in into:
+            into[key] = copy.deepcopy(value)
+        elif isinstance(into[key], list) and isinstance(value, list):
+            into[key].extend(copy.deepcopy(value))
+        elif isinstance(into[key], dict) and isinstance(value, dict):
+            _merge(into[key], value, source)
+        elif into[key] != value:
+            raise TemplateError(
+                f"{source}: key {key!r} conflicts with an earlier part ({into[key]!r} vs {value!r})"
+            )
+
+
+# ---------------------------------------------------------------------------------------------- compose --
+def compose(cfg: Config, public_key: str) -> dict[str, Any]:
+    """The user-data document as Python data."""
+    doc: dict[str, Any] = {}
+    for path in _parts(cfg):
+        part = load_yaml(path)
+        if part is None:
+            continue
+        if not isinstance(part, dict):
+            raise TemplateError(f"{path}: a part must be a mapping of cloud-config keys")
+        _merge(doc, part, path)
+
+    doc["hostname"] = cfg.provision.hostname
+    doc["fqdn"] = cfg.provision.hostname
+    users = doc.get("users") or []
+    if not users or not isinstance(users[0], dict):
+        raise TemplateError(f"{PARTS_DIR / 'base.yaml'}: users[0] must be the login user mapping")
+    user = users[0]
+    user["name"] = cfg.ssh.user
+    user["ssh_authorized_keys"] = [public_key]
+
+    files = doc.setdefault("write_files", [])
+    for entry in files:
+        if FROM_FILE in entry:
+            src = FILES_DIR / entry.pop(FROM_FILE)
+            try:
+                entry["content"] = src.read_text()
+            except OSError as exc:
+                raise TemplateError(f"{src}: cannot read file shipped by user-data: {exc.strerror}") from exc
+    # Values the provisioning scripts read (they are plain files, never templated): a shell env file.
+    env = {"LOGIN_USER": cfg.ssh.user}
+    if cfg.provision.nomad:
+        env |= {
+            "NOMAD_VERSION": cfg.provision.nomad_version,
+            "HASHICORP_KEY_FPR": pgp.HASHICORP_KEY_FPR,
+            "HASHICORP_KEY_URL": pgp.HASHICORP_KEY_URL,
+        }
+    files.insert(
+        0,
+        {
+            "path": PROVISION_ENV,
+            "permissions": "0644",
+            "content": "".join(f"{k}={shlex.quote(v)}\n" for k, v in env.items()),
+        },
+    )
+    if cfg.provision.nomad:
+        key = embedded_hashicorp_key()
+        if key is not None:
+            files.append({"path": "/etc/infra-lab/hashicorp.asc", "permissions": "0644", "content": key})
+
+    packages = [*doc.get("packages", []), *cfg.provision.packages]
+    if packages:
+        doc["packages"] = packages
+        doc["package_update"] = True
+    return doc
+
+
+def embedded_hashicorp_key() -> str | None:
+    """cloud-init/keys/hashicorp.asc when present, after checking it is the pinned key."""
+    if not HASHICORP_KEY_FILE.exists():
+        return None
+    text = HASHICORP_KEY_FILE.read_text()
+    pgp.check_fingerprint(text, pgp.HASHICORP_KEY_FPR, str(HASHICORP_KEY_FILE))
+    return text
+
+
+def network_config() -> dict[str, Any]:
+    """NoCloud network-config v2: DHCP on the first Ethernet device, whatever its name."""
+    return {"version": 2, "ethernets": {"primary": {"match": {"name": "e*"}, "dhcp4": True}}}
+
+
+# --------------------------------------------------------------------------------------------- validate --
+@contextlib.contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+def _schema() -> dict[str, Any]:
+    return json.loads(SCHEMA_FILE.read_text())  # type: ignore[no-any-return]
+
+
+def _schema_keys(schema: Mapping[str, Any]) -> set[str]:
+    known: set[str] = set()
+    for sub in schema.get("allOf", []):
+        ref = sub.get("$ref", "")
+        target = schema["$defs"].get(ref.rsplit("/", 1)[-1], {}) if ref else sub
+        known.update(target.get("properties", {}))
+    return known
+
+
+def _path(parts: Iterator[Any] | Any) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "(top level)"
+
+
+def validate(doc: Mapping[str, Any], cfg: Config) -> None:
+    """cloud-init's JSON schema + project rules; raise ValidationError naming every bad field path."""
+    schema = _schema()
+    problems: list[str] = []
+    known = _schema_keys(schema)
+    for key in doc:
+        if key not in known:
+            problems.append(f"{key}: not a cloud-config key known to cloud-init's schema")
+    validator = jsonschema.Draft4Validator(schema)
+    for error in sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path)):
+        problems.append(f"{_path(error.absolute_path)}: {error.message}")
+    problems.extend(_project_rules(doc, cfg))
+    if problems:
+        raise ValidationError(
+            f"user-data failed validation ({len(problems)} problem{'s' if len(problems) > 1 else ''})",
+            details=problems,
+            hint="the templates are in cloud-init/parts/; nothing was written",
+        )
+
+
+_VERSION = re.compile(r"^\d+\.\d+\.\d+(\+ent)?$")
+_HOST_VOLUME_PATH = re.compile(r'host_volume\s+"([^"]+)"\s*\{[^}]*?path\s*=\s*"([^"]+)"', re.S)
+
+
+def _project_rules(doc: Mapping[str, Any], cfg: Config) -> list[str]:
+    problems = []
+    users = doc.get("users", [])
+    if not users or not users[0].get("ssh_authorized_keys"):
+        problems.append("users[0].ssh_authorized_keys: the login user has no SSH key")
+    written = {f["path"] for f in doc.get("write_files", [])}
+    for i, item in enumerate(doc.get("runcmd", [])):
+        if isinstance(item, str) and item.startswith("/usr/local/lib/infra-lab/") and item not in written:
+            problems.append(f"runcmd[{i}]: script {item} is not written by write_files")
+    if cfg.provision.nomad:
+        if not _VERSION.match(cfg.provision.nomad_version):
+            problems.append(
+                f"provision.nomad_version: {cfg.provision.nomad_version!r} is not a pinned X.Y.Z version"
+            )
+        problems.extend(_host_volume_rule())
+    return problems
+
+
+def _host_volume_rule() -> list[str]:
+    """Every host_volume path of the agent config has a directory entry in host-volumes."""
+    agent = FILES_DIR / "nomad" / "10-project.hcl"
+    listed = FILES_DIR / "nomad" / "host-volumes"
+    dirs = {
+        line.split()[0]
+        for line in listed.read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    }
+    return [
+        f"{agent}: host_volume {name!r} path {path} has no entry in {listed} (the client would refuse it)"
+        for name, path in _HOST_VOLUME_PATH.findall(agent.read_text())
+        if path not in dirs
+    ]
+
+
+# ---------------------------------------------------------------------------------------------- render --
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings as literal blocks, so the rendered user-data reads like the files it ships."""
+
+
+def _str_representer(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    if "\n" in value:
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|")
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value)
+
+
+_Dumper.add_representer(str, _str_representer)
+
+
+def dump(data: Any) -> str:
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=1000)
+
+
+def render(cfg: Config, public_key: str) -> Seed:
+    doc = compose(cfg, public_key)
+    validate(doc, cfg)
+    user_data = ("#cloud-config\n" + dump(doc)).encode()
+    net = dump(network_config()).encode()
+    digest = hashlib.sha256(user_data + b"\0" + net).hexdigest()[:16]
+    instance_id = f"iid-{cfg.project.name}-{digest}"
+    meta = dump({"instance-id": instance_id, "local-hostname": cfg.provision.hostname}).encode()
+    return Seed(user_data=user_data, meta_data=meta, network_config=net, instance_id=instance_id)
+
+
+# --------------------------------------------------------------------------------------------- iso ----
+def _epoch() -> float:
+    value = os.environ.get("SOURCE_DATE_EPOCH", "")
+    return float(value) if value.isdigit() else float(DEFAULT_EPOCH)
+
+
+@contextlib.contextmanager
+def _frozen_clock(epoch: float) -> Iterator[None]:
+    """pycdlib stamps every record with time.time() in local time; pin both inside pycdlib only."""
+    fake = types.SimpleNamespace(**{k: getattr(_time, k) for k in dir(_time) if not k.startswith("__")})
+    fake.time = lambda: epoch
+    fake.localtime = lambda secs=None: _time.gmtime(epoch if secs is None else secs)
+    fake.timezone = 0
+    fake.altzone = 0
+    fake.daylight = 0
+    patched = []
+    for name, module in list(sys.modules.items()):
+        if name.startswith("pycdlib") and getattr(module, "time", None) is _time:
+            module.time = fake  # type: ignore[attr-defined]
+            patched.append(module)
+    try:
+        yield
+    finally:
+        for module in patched:
+            module.time = _time  # type: ignore[attr-defined]
+
+
+def iso_bytes(seed: Seed, epoch: float | None = None) -> bytes:
+    iso = pycdlib.PyCdlib()
+    out = io.BytesIO()
+    with _frozen_clock(_epoch() if epoch is None else epoch):
+        iso.new(interchange_level=3, joliet=3, rock_ridge="1.09", vol_ident=VOLUME_LABEL)
+        contents = {
+            "user-data": seed.user_data,
+            "meta-data": seed.meta_data,
+            "network-config": seed.network_config,
+        }
+        for iso_name, long_name in ISO_FILES:
+            data = contents[long_name]
+            iso.add_fp(
+                io.BytesIO(data), len(data), f"/{iso_name}", rr_name=long_name, joliet_path=f"/{long_name}"
+            )
+        iso.write_fp(out)
+        iso.close()
+    return out.getvalue()
+
+
+def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.chmod(tmp, mode)
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------------------------- build --
+def build(cfg: Config, ssh_key: str | None = None) -> SeedResult:
+    """`inv iso`: render, validate, write <state>/seed.iso (+ the rendered user-data beside it)."""
+    started = _time.monotonic()
+    state = StatePaths(cfg.project.state_dir)
+    pair = keys.resolve(ssh_key if ssh_key is not None else cfg.ssh.public_key, state)
+    seed = render(cfg, pair.public)
+    data = iso_bytes(seed)
+    sha = hashlib.sha256(data).hexdigest()
+    changed = not (state.seed_iso.exists() and state.seed_iso.read_bytes() == data)
+    if changed:
+        _atomic_write(state.seed_iso, data)
+        _atomic_write(state.user_data, seed.user_data, 0o600)
+    if cfg.provision.nomad and embedded_hashicorp_key() is None:
+        ui.warn(
+            f"{HASHICORP_KEY_FILE.relative_to(ROOT)} is absent: the guest will fetch HashiCorp's key and "
+            f"accept it only with fingerprint {pgp.HASHICORP_KEY_FPR}"
+        )
+    verb = "wrote" if changed else "unchanged"
+    ui.ok(
+        f"seed ISO {verb}: {state.seed_iso} ({len(data)} bytes, {seed.instance_id}, key from {pair.source}, "
+        f"{(_time.monotonic() - started) * 1000:.0f} ms)"
+    )
+    ui.out(f"{state.seed_iso} sha256:{sha}")
+    return SeedResult(path=state.seed_iso, sha256=sha, instance_id=seed.instance_id, changed=changed)

@@ -1,0 +1,51 @@
+"""Shared fixtures. Fixtures that start real servers live in the tier's own conftest.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from infra import ROOT, config
+
+INV = str(Path(sys.executable).with_name("inv"))
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path) -> Callable[..., config.Config]:
+    """A Config from invoke.yaml with the state dir (and cache) in tmp_path, plus nested overrides."""
+
+    def make(**sections: dict[str, Any]) -> config.Config:
+        overrides: dict[str, Any] = {
+            "project": {"state_dir": str(tmp_path / "state"), "cache_dir": str(tmp_path / "cache")}
+        }
+        for name, values in sections.items():
+            overrides[name] = {**overrides.get(name, {}), **values}
+        return config.load(overrides)
+
+    return make
+
+
+@pytest.fixture
+def run_inv(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Run the real `inv` CLI from the repository root with the state dir in tmp_path."""
+
+    def run(
+        *args: str, env: dict[str, str] | None = None, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        full_env = {
+            **os.environ,
+            "INVOKE_PROJECT_STATE_DIR": str(tmp_path / "state"),
+            "INVOKE_PROJECT_CACHE_DIR": str(tmp_path / "cache"),
+            **(env or {}),
+        }
+        return subprocess.run(
+            [INV, *args], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout, check=False
+        )
+
+    return run

@@ -1,0 +1,289 @@
+"""infra/seed.py: user-data composition, validation, and the ISO read back with pycdlib."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import shutil
+import subprocess
+from pathlib import Path
+
+import pycdlib
+import pytest
+import yaml
+
+from infra import pgp, seed
+from infra.errors import SSHKeyError, TemplateError, ValidationError
+
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBPkFsOzBkaGc663XawP6l6Ir0RQXYvFAyRrdwGFAdIT test@example"
+
+
+def userdata(cfg) -> dict:  # type: ignore[no-untyped-def]
+    doc = yaml.safe_load(seed.render(cfg, KEY).user_data)
+    assert isinstance(doc, dict)
+    return doc
+
+
+def files_by_path(doc: dict) -> dict[str, dict]:  # type: ignore[type-arg]
+    return {f["path"]: f for f in doc["write_files"]}
+
+
+def test_user_key_hostname_land_where_they_should(make_cfg) -> None:  # type: ignore[no-untyped-def]
+    cfg = make_cfg(ssh={"user": "deploy"}, provision={"hostname": "lab-7"})
+    raw = seed.render(cfg, KEY).user_data
+    assert raw.startswith(b"#cloud-config\n")
+    doc = yaml.safe_load(raw)
+    assert doc["hostname"] == "lab-7"
+    assert doc["manage_etc_hosts"] is True
+    user = doc["users"][0]
+    assert user["name"] == "deploy"
+    assert user["ssh_authorized_keys"] == [KEY]
+    assert user["sudo"] == "ALL=(ALL) NOPASSWD:ALL"
+    assert user["lock_passwd"] is True
+    assert doc["ssh_pwauth"] is False
+
+
+def test_full_install_pins_nomad_and_ships_agent_config_and_volumes(make_cfg) -> None:  # type: ignore[no-untyped-def]
+    cfg = make_cfg(provision={"nomad_version": "2.0.7"})
+    doc = userdata(cfg)
+    files = files_by_path(doc)
+    env = files["/etc/infra-lab/provision.env"]["content"]
+    assert "NOMAD_VERSION=2.0.7\n" in env
+    assert f"HASHICORP_KEY_FPR={pgp.HASHICORP_KEY_FPR}\n" in env
+    agent = files["/etc/nomad.d/10-project.hcl"]
+    assert agent["defer"] is True
+    shipped = (seed.FILES_DIR / "nomad" / "10-project.hcl").read_text()
+    assert agent["content"] == shipped
+    assert 'host_volume "postgres-data"' in shipped and "bootstrap_expect = 1" in shipped
+    assert (
+        "After=docker.service" in files["/etc/systemd/system/nomad.service.d/10-after-docker.conf"]["content"]
+    )
+    installer = files["/usr/local/lib/infra-lab/20-nomad-install.sh"]["content"]
+    assert 'apt-get install -y --no-install-recommends "nomad=${NOMAD_VERSION}-1"' in installer
+    assert "/opt/nomad/volumes/kafka 1000 1000" in files["/etc/infra-lab/host-volumes"]["content"]
+    assert "docker.io" in doc["packages"] and "gnupg" in doc["packages"]
+    assert doc["package_update"] is True
+    # Docker is started (and awaited) before Nomad is installed and started; the marker comes last.
+    assert doc["runcmd"][:4] == [
+        "/usr/local/lib/infra-lab/10-docker.sh",
+        "/usr/local/lib/infra-lab/20-nomad-install.sh",
+        "/usr/local/lib/infra-lab/30-nomad-volumes.sh",
+        "/usr/local/lib/infra-lab/40-nomad-start.sh",
+    ]
+    assert "/etc/infra-lab/provisioned" in doc["runcmd"][-1][-1]
+
+
+def test_parts_switch_off(make_cfg) -> None:  # type: ignore[no-untyped-def]
+    doc = userdata(make_cfg(provision={"nomad": False, "docker": False}))
+    files = files_by_path(doc)
+    assert not any("nomad" in p for p in files)
+    assert "packages" not in doc and "package_update" not in doc
+    assert "NOMAD_VERSION" not in files["/etc/infra-lab/provision.env"]["content"]
+    assert len(doc["runcmd"]) == 1  # only the completion marker
+
+
+def test_instance_id_follows_content(make_cfg) -> None:  # type: ignore[no-untyped-def]
+    a = seed.render(make_cfg(), KEY)
+    b = seed.render(make_cfg(), KEY)
+    c = seed.render(make_cfg(provision={"hostname": "other"}), KEY)
+    assert a.instance_id == b.instance_id
+    assert a.instance_id != c.instance_id
+    assert yaml.safe_load(a.meta_data) == {"instance-id": a.instance_id, "local-hostname": "nomad-1"}
+
+
+def test_rendered_user_data_passes_debians_cloud_init_schema(make_cfg, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    if shutil.which("cloud-init") is None:
+        pytest.fail("cloud-init is not installed: .ci/run installs Debian's cloud-init for this check")
+    path = tmp_path / "user-data"
+    path.write_bytes(seed.render(make_cfg(), KEY).user_data)
+    result = subprocess.run(
+        ["cloud-init", "schema", "--config-file", str(path)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Valid cloud-config" in result.stdout
+
+
+# ------------------------------------------------------------------------------------------------- ISO --
+def read_iso(data: bytes) -> pycdlib.PyCdlib:
+    iso = pycdlib.PyCdlib()
+    iso.open_fp(io.BytesIO(data))
+    return iso
+
+
+def get(iso: pycdlib.PyCdlib, **path: str) -> bytes:
+    out = io.BytesIO()
+    iso.get_file_from_iso_fp(out, **path)
+    return out.getvalue()
+
+
+def test_iso_label_names_and_exact_bytes(make_cfg) -> None:  # type: ignore[no-untyped-def]
+    s = seed.render(make_cfg(), KEY)
+    iso = read_iso(seed.iso_bytes(s))
+    assert iso.pvd.volume_identifier.decode().strip() == "cidata"
+    assert iso.has_rock_ridge() and iso.has_joliet()
+    for iso_name, long_name, expected in (
+        ("USERDATA.;1", "user-data", s.user_data),
+        ("METADATA.;1", "meta-data", s.meta_data),
+        ("NETWORKC.;1", "network-config", s.network_config),
+    ):
+        assert get(iso, iso_path=f"/{iso_name}") == expected
+        assert get(iso, rr_path=f"/{long_name}") == expected
+        assert get(iso, joliet_path=f"/{long_name}") == expected
+    names = sorted(
+        child.rock_ridge.name().decode() for child in iso.list_children(iso_path="/") if child.is_file()
+    )
+    assert names == ["meta-data", "network-config", "user-data"]
+    iso.close()
+
+
+def test_two_builds_identical_and_blkid_reports_cidata(make_cfg, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    first = seed.build(make_cfg())
+    data1 = first.path.read_bytes()
+    first.path.unlink()
+    second = seed.build(make_cfg())
+    assert second.sha256 == first.sha256 == hashlib.sha256(second.path.read_bytes()).hexdigest()
+    assert second.path.read_bytes() == data1
+    third = seed.build(make_cfg())
+    assert third.changed is False
+    if shutil.which("blkid") is None:
+        pytest.fail("blkid (util-linux) missing")
+    out = subprocess.run(["blkid", str(second.path)], capture_output=True, text=True, check=True).stdout
+    assert 'LABEL="cidata"' in out and 'TYPE="iso9660"' in out
+
+
+def test_iso_bytes_do_not_depend_on_wall_clock_or_timezone(make_cfg, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    s = seed.render(make_cfg(), KEY)
+    a = seed.iso_bytes(s)
+    monkeypatch.setenv("TZ", "Pacific/Kiritimati")
+    import time
+
+    time.tzset()
+    try:
+        b = seed.iso_bytes(s)
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+    assert a == b
+    assert seed.iso_bytes(s, epoch=0) != a  # the epoch really is what is stamped
+
+
+def test_cli_prints_path_and_sha_and_generates_key_0600(run_inv, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    first = run_inv("iso")
+    assert first.returncode == 0, first.stderr
+    path, sha = first.stdout.split()
+    iso = Path(path)
+    assert iso == tmp_path / "state" / "seed.iso"
+    assert sha == "sha256:" + hashlib.sha256(iso.read_bytes()).hexdigest()
+    key = tmp_path / "state" / "ssh" / "id_ed25519"
+    assert key.stat().st_mode & 0o777 == 0o600
+    pub = (tmp_path / "state" / "ssh" / "id_ed25519.pub").read_text()
+    second = run_inv("iso")
+    assert second.returncode == 0
+    assert second.stdout == first.stdout  # same key reused, same bytes
+    assert "unchanged" in second.stderr
+    assert (tmp_path / "state" / "ssh" / "id_ed25519.pub").read_text() == pub
+
+
+# ----------------------------------------------------------------------------------------- bad input --
+def test_malformed_template_names_file_line_column(make_cfg, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    parts = tmp_path / "parts"
+    shutil.copytree(seed.PARTS_DIR, parts)
+    (parts / "docker.yaml").write_text("packages:\n  - docker.io\n write_files: [\n")
+    monkeypatch.setattr(seed, "PARTS_DIR", parts)
+    cfg = make_cfg()
+    with pytest.raises(TemplateError) as err:
+        seed.build(cfg)
+    assert f"{parts / 'docker.yaml'}:3:" in str(err.value)
+    assert "malformed YAML" in str(err.value)
+    assert not (cfg.project.state_dir / "seed.iso").exists()
+
+
+def test_schema_error_names_the_field_path(make_cfg) -> None:  # type: ignore[no-untyped-def]
+    cfg = make_cfg()
+    doc = seed.compose(cfg, KEY)
+    doc["write_files"][1]["permissions"] = 644  # must be a string
+    doc["packages"] = "docker.io"  # must be a list
+    doc["runcmdd"] = []
+    with pytest.raises(ValidationError) as err:
+        seed.validate(doc, cfg)
+    text = str(err.value)
+    assert "packages: 'docker.io' is not of type 'array'" in text
+    assert "write_files[1].permissions: 644 is not of type 'string'" in text
+    assert "runcmdd: not a cloud-config key known to cloud-init's schema" in text
+
+
+def test_project_rules(make_cfg, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    cfg = make_cfg(provision={"nomad_version": "latest"})
+    with pytest.raises(ValidationError, match=r"provision\.nomad_version: 'latest' is not a pinned X\.Y\.Z"):
+        seed.render(cfg, KEY)
+    files = tmp_path / "files"
+    shutil.copytree(seed.FILES_DIR, files)
+    hv = files / "nomad" / "host-volumes"
+    hv.write_text("\n".join(line for line in hv.read_text().splitlines() if "kafka" not in line) + "\n")
+    monkeypatch.setattr(seed, "FILES_DIR", files)
+    with pytest.raises(
+        ValidationError, match=r"host_volume 'kafka-data' path /opt/nomad/volumes/kafka has no entry"
+    ):
+        seed.render(make_cfg(), KEY)
+
+
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        ("ssh-ed25519", "not an SSH public key"),
+        ("ssh-ed25519 !!!notbase64", "not valid base64"),
+        ("ssh-dss AAAAB3NzaC1kc3MAAACBAP", "unsupported SSH key type 'ssh-dss'"),
+        (
+            "ssh-rsa AAAAC3NzaC1lZDI1NTE5AAAAIBPkFsOzBkaGc663XawP6l6Ir0RQXYvFAyRrdwGFAdIT",
+            "encodes 'ssh-ed25519'",
+        ),
+        ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBPk", "corrupt"),
+        ("-----BEGIN OPENSSH PRIVATE KEY-----", "this is a private key"),
+    ],
+)
+def test_invalid_public_key_is_refused_and_nothing_written(make_cfg, key: str, message: str) -> None:  # type: ignore[no-untyped-def]
+    cfg = make_cfg(ssh={"public_key": key})
+    with pytest.raises(SSHKeyError, match=message):
+        seed.build(cfg)
+    assert not (cfg.project.state_dir / "seed.iso").exists()
+
+
+def test_key_from_file_and_missing_file(make_cfg, tmp_path: Path, run_inv) -> None:  # type: ignore[no-untyped-def]
+    pub = tmp_path / "me.pub"
+    pub.write_text(KEY + "\n")
+    result = seed.build(make_cfg(), ssh_key=str(pub))
+    doc = yaml.safe_load(result.path.with_name("user-data").read_bytes())
+    assert doc["users"][0]["ssh_authorized_keys"] == [KEY]
+    assert not (tmp_path / "state" / "ssh" / "id_ed25519").exists()  # nothing generated when a key is given
+    missing = run_inv("iso", "--ssh-key", str(tmp_path / "nope.pub"))
+    assert missing.returncode != 0
+    assert f"SSH public key file {tmp_path / 'nope.pub'}: No such file or directory" in missing.stderr
+
+
+def test_cli_bad_key_leaves_no_iso(run_inv, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    result = run_inv("iso", env={"INVOKE_SSH_PUBLIC_KEY": "ssh-ed25519 AAAAbroken"})
+    assert result.returncode != 0
+    assert "error: ssh.public_key:" in result.stderr
+    assert not (tmp_path / "state" / "seed.iso").exists()
+
+
+# ----------------------------------------------------------------------------------------- HashiCorp key --
+def test_superseded_hashicorp_key_is_refused(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    old = Path(__file__).parent.parent / "fixtures" / "hashicorp-2023-superseded.asc"
+    key = pgp.primary_key(pgp.dearmor(old.read_text(), "old"), "old")
+    assert key.fingerprint == "798AEC654E5C15428C8E42EEAA16FCBCA621E701"  # what gpg --show-keys prints
+    if shutil.which("gpg"):
+        colons = subprocess.run(
+            ["gpg", "--show-keys", "--with-colons", str(old)], capture_output=True, text=True, check=True
+        ).stdout
+        assert f"fpr:::::::::{key.fingerprint}:" in colons
+    fake = tmp_path / "hashicorp.asc"
+    shutil.copy(old, fake)
+    monkeypatch.setattr(seed, "HASHICORP_KEY_FILE", fake)
+    with pytest.raises(ValidationError, match=r"key fingerprint 798AEC65.* is not the pinned D55C0D1A"):
+        seed.embedded_hashicorp_key()
+
+
+def test_not_a_key_block() -> None:
+    with pytest.raises(ValidationError, match="not an ASCII-armored OpenPGP public key block"):
+        pgp.dearmor("hello", "x.asc")
