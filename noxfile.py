@@ -17,7 +17,7 @@ PYTHON = "3.11"
 
 
 def install(session: nox.Session) -> None:
-    session.install("-e", ".[dev]")
+    session.install("-c", "requirements/constraints.txt", "-e", ".[dev]")
 
 
 @nox.session(python=PYTHON)
