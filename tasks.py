@@ -61,108 +61,198 @@ def iso_build(c: Context, ssh_key: str = "") -> None:
 @domain_errors
 def vm_run(c: Context) -> None:
     """Boot the VM (qcow2 overlay on the cached base image + seed ISO); a no-op when it already runs."""
-    _not_yet("vm.run")
+    from infra import vm
+
+    vm.run(cfg(c))
 
 
-@task(name="stop")
+@task(
+    name="stop",
+    help={"timeout": "seconds to wait for the ACPI power-off before killing (default vm.stop_timeout)"},
+)
 @domain_errors
-def vm_stop(c: Context) -> None:
+def vm_stop(c: Context, timeout: int = -1) -> None:
     """Power the VM off (ACPI over QMP, then kill after vm.stop_timeout)."""
-    _not_yet("vm.stop")
+    from infra import vm
+
+    vm.stop(cfg(c), timeout=None if timeout < 0 else timeout)
 
 
-@task(name="status")
+@task(name="status", help={"json": "print the status as JSON on stdout"})
 @domain_errors
-def vm_status(c: Context) -> None:
+def vm_status(c: Context, json: bool = False) -> None:
     """Is the VM running? pid, forwarded ports, acceleration, uptime, cloud-init state."""
-    _not_yet("vm.status")
+    import json as json_mod
+
+    from infra import ui, vm
+
+    info = vm.status(cfg(c))
+    if json:
+        ui.out(json_mod.dumps(info, sort_keys=True))
+    elif not info["running"]:
+        ui.info(f"VM: not running (state dir {info['state_dir']}; disk {info['disk'] or 'none'})")
+    else:
+        ui.info(
+            f"VM: running, pid {info['pid']}, {info['arch']}, accel {info['accel']}, up {info['uptime_s']}s"
+        )
+        for name, port in info["ports"].items():
+            ui.info(f"    {name:<18} 127.0.0.1:{port['host']} -> guest {port['guest']}")
+        ui.info(f"    cloud-init: {info['cloud_init']}")
 
 
-@task(name="ssh")
+@task(name="ssh", help={"command": "run this command instead of an interactive shell"})
 @domain_errors
-def vm_ssh(c: Context) -> None:
+def vm_ssh(c: Context, command: str = "") -> None:
     """Open an interactive SSH session in the VM with the project key."""
-    _not_yet("vm.ssh")
+    import subprocess
+
+    from infra import remote, vm
+
+    config = cfg(c)
+    if vm.running_pid(vm.paths(config)) is None:
+        raise Exit("error: the VM is not running (inv vm.run)", code=1)
+    code = subprocess.call(remote.ssh_command(config, command))
+    if code:
+        raise Exit(code=code)
 
 
-@task(name="logs")
+@task(name="logs", help={"lines": "how many lines to show (default 50)", "follow": "keep printing new lines"})
 @domain_errors
-def vm_logs(c: Context) -> None:
+def vm_logs(c: Context, lines: int = 50, follow: bool = False) -> None:
     """Show the tail of the VM's serial console log."""
-    _not_yet("vm.logs")
+    from infra import ui, vm
+
+    path = vm.logs_path(cfg(c))
+    for line in vm.follow(path, lines) if follow else vm.tail(path, lines):
+        ui.out(line)
 
 
 @task(name="check")
 @domain_errors
 def vm_check(c: Context) -> None:
     """Over SSH (fabric): cloud-init finished, enabled services active; shows log lines on failure."""
-    _not_yet("vm.check")
+    import json
+
+    from infra import remote, ui, vm
+
+    config = cfg(c)
+    p = vm.paths(config)
+    if vm.running_pid(p) is None:
+        raise Exit("error: the VM is not running (inv vm.run)", code=1)
+    started = vm.load_record(p).get("started_at")
+    report = remote.check(config, alive=lambda: vm.running_pid(p) is not None, started_at=started)
+    ui.out(json.dumps(report.as_dict(), sort_keys=True))
 
 
 @task(name="destroy")
 @domain_errors
 def vm_destroy(c: Context) -> None:
     """Stop the VM and delete its disk, seed ISO and state (the image cache is kept)."""
-    _not_yet("vm.destroy")
+    from infra import vm
+
+    vm.destroy(cfg(c))
 
 
 # -------------------------------------------------------------------------------------------------- nomad --
-@task(name="wait")
+@task(name="wait", help={"timeout": "seconds to wait (default: nomad.wait_timeout)"})
 @domain_errors
-def nomad_wait(c: Context) -> None:
+def nomad_wait(c: Context, timeout: int = 0) -> None:
     """Wait for a leader, this node ready and eligible, and a healthy docker driver."""
-    _not_yet("nomad.wait")
+    from infra import cluster, nomad
+
+    config = cfg(c)
+    cluster.wait_ready(nomad.Client.from_config(config), timeout=timeout or config.nomad.wait_timeout)
 
 
 # ------------------------------------------------------------------------------------------------- deploy --
-@task(name="data")
+@task(name="data", help={"detach": "register the job and return without following the deployment"})
 @domain_errors
-def deploy_data(c: Context) -> None:
+def deploy_data(c: Context, detach: bool = False) -> None:
     """Deploy Kafka + Postgres (nomad/datastorage.nomad.hcl) and follow the deployment."""
-    _not_yet("deploy.data")
+    from infra import deploy, nomad
+
+    config = cfg(c)
+    deploy.deploy_data(config, nomad.Client.from_config(config), detach=detach)
 
 
-@task(name="app")
+@task(
+    name="app",
+    help={
+        "build": "build the image from app/ in the VM's Docker (tag: git commit of app/, +-dirty-<hash>) and "
+        "deploy it; a tag already live is a no-op",
+        "local": "with --build: build with the host's Docker (DOCKER_HOST) and load the image into the VM",
+        "image": "deploy this image reference instead (e.g. ghcr.io/me/app:1.2.3)",
+        "detach": "register the job and return without following the deployment",
+    },
+)
 @domain_errors
-def deploy_app(c: Context) -> None:
-    """Deploy the app (nomad/service.nomad.hcl) and follow the deployment."""
-    _not_yet("deploy.app")
+def deploy_app(
+    c: Context, build: bool = False, local: bool = False, image: str = "", detach: bool = False
+) -> None:
+    """Deploy the app (nomad/service.nomad.hcl): canary -> promote, auto-revert; prints the image now live."""
+    from infra import build as build_mod
+    from infra import nomad
+
+    config = cfg(c)
+    build_mod.ship(
+        config, nomad.Client.from_config(config), build_image=build, image=image, local=local, detach=detach
+    )
 
 
-@task(name="ingress")
+@task(name="ingress", help={"detach": "register the job and return without following the deployment"})
 @domain_errors
-def deploy_ingress(c: Context) -> None:
+def deploy_ingress(c: Context, detach: bool = False) -> None:
     """Deploy Traefik (nomad/ingress.nomad.hcl) and follow the deployment."""
-    _not_yet("deploy.ingress")
+    from infra import deploy, nomad
+
+    config = cfg(c)
+    deploy.deploy_ingress(config, nomad.Client.from_config(config), detach=detach)
 
 
 # --------------------------------------------------------------------------------------------------- root --
-@task
+@task(
+    iterable=["job"],
+    help={"job": "a job to purge (repeatable: -j app -j ingress); default: the project's jobs"},
+)
 @domain_errors
-def purge(c: Context) -> None:
-    """Stop and purge the project's jobs (data on host volumes survives)."""
-    _not_yet("purge")
+def purge(c: Context, job: list[str] | None = None) -> None:
+    """Stop and purge the project's jobs (data on host volumes survives); waits until allocations stop."""
+    from infra import deploy, nomad
+
+    config = cfg(c)
+    jobs = list(job or []) or list(reversed(deploy.project_jobs(config)))
+    deploy.purge(nomad.Client.from_config(config), jobs, timeout=config.deploy.timeout)
 
 
 @task
 @domain_errors
 def up(c: Context) -> None:
     """Everything, idempotently: iso -> vm.run -> vm.check -> nomad.wait -> deploy data, app, ingress."""
-    _not_yet("up")
+    from infra import stack
+
+    stack.up(cfg(c))
 
 
 @task
 @domain_errors
 def down(c: Context) -> None:
     """Purge the jobs and stop the VM."""
-    _not_yet("down")
+    from infra import stack
+
+    stack.down(cfg(c))
 
 
-@task
+@task(help={"json": "print the status as JSON on stdout"})
 @domain_errors
-def status(c: Context) -> None:
+def status(c: Context, json: bool = False) -> None:
     """One screen: VM, Nomad leader and node, each job's health, URLs."""
-    _not_yet("status")
+    import json as json_mod
+
+    from infra import stack, ui
+
+    report = stack.status(cfg(c))
+    if json:
+        ui.out(json_mod.dumps(report, indent=2, default=str))
 
 
 ns = Collection(purge, up, down, status)

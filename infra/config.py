@@ -114,6 +114,7 @@ class AppConfig:
     image: str
     default_image: str
     base_image: str
+    build_network: str
 
 
 @dataclass(frozen=True)

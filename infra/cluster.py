@@ -1,0 +1,255 @@
+"""Is the Nomad cluster ready to run our jobs? (`inv nomad.wait`) — and a one-screen summary of it.
+
+Ready means: a leader is elected, THIS node (the client of the agent we talk to; any node when that agent
+is a server only) is `ready`, `eligible`, not draining, and its docker driver is Detected && Healthy. The
+last part is what the hand-made version missed: jobs submitted before the docker driver is fingerprinted
+fail with "missing drivers" (see FIELD-NOTES.md).
+
+The wait is one blocking query on GET /v1/nodes per state change: the server holds the request until the
+node table changes. While there is no leader, Nomad servers hold requests that need one for a short while
+(RPC hold) and then answer 500 "No cluster leader"; while the VM boots the port refuses connections.
+Both are states shown on the live line, not errors.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from infra import ui
+from infra.nomad import Client, NomadAPIError, NomadTLSError, NomadUnreachable
+from infra.waits import Deadline, Probe, wait_until
+
+#: Longest single blocking query while waiting; a shorter one is used near the deadline.
+BLOCK_SECONDS = 60.0
+#: Pause after an answer that did not block (connection refused, "No cluster leader" with no RPC hold).
+RETRY_PAUSE = 0.25
+
+WAIT_HINT = (
+    "look at the VM's console with `inv vm.logs` and at cloud-init/docker/nomad with `inv vm.check`; "
+    "in the VM: `journalctl -u nomad -u docker`"
+)
+
+
+@dataclass
+class ClusterState:
+    reachable: bool = False
+    leader: bool = False
+    node_id: str = ""
+    node_name: str = ""
+    node_status: str = ""
+    eligibility: str = ""
+    drain: bool = False
+    docker_detected: bool = False
+    docker_healthy: bool = False
+    docker_description: str = ""
+    problem: str = ""
+    nodes_seen: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ready(self) -> bool:
+        return (
+            self.leader
+            and self.node_status == "ready"
+            and self.eligibility == "eligible"
+            and not self.drain
+            and self.docker_detected
+            and self.docker_healthy
+        )
+
+    def describe(self) -> str:
+        if self.problem:
+            return self.problem
+        if not self.node_id:
+            return "leader elected; no client node registered yet"
+        docker = (
+            "healthy"
+            if self.docker_detected and self.docker_healthy
+            else ("detected, unhealthy" if self.docker_detected else "not detected")
+        )
+        if self.docker_description and not self.docker_healthy:
+            docker += f" ({self.docker_description})"
+        drain = ", draining" if self.drain else ""
+        return (
+            f"leader elected; node {self.node_name or self.node_id[:8]} {self.node_status or '?'}, "
+            f"{self.eligibility or '?'}{drain}; docker driver {docker}"
+        )
+
+
+def node_state(stub: dict[str, Any], st: ClusterState) -> ClusterState:
+    docker = (stub.get("Drivers") or {}).get("docker") or {}
+    st.node_id = str(stub.get("ID", ""))
+    st.node_name = str(stub.get("Name", ""))
+    st.node_status = str(stub.get("Status", ""))
+    st.eligibility = str(stub.get("SchedulingEligibility", ""))
+    st.drain = bool(stub.get("Drain", False))
+    st.docker_detected = bool(docker.get("Detected", False))
+    st.docker_healthy = bool(docker.get("Healthy", False))
+    st.docker_description = str(docker.get("HealthDescription", "") or "")
+    return st
+
+
+def _pick(nodes: list[dict[str, Any]], node_id: str) -> dict[str, Any] | None:
+    if node_id:
+        return next((n for n in nodes if n.get("ID") == node_id), None)
+    # The agent we talk to is not a client (a remote cluster's server): any node that can run docker.
+    for n in nodes:
+        if node_state(n, ClusterState(leader=True)).ready:
+            return n
+    return nodes[0] if nodes else None
+
+
+class ReadinessProbe:
+    """The probe for wait_until; keeps the blocking-query index and this node's ID between calls."""
+
+    def __init__(
+        self,
+        client: Client,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        observe: Callable[[ClusterState], None] | None = None,
+    ) -> None:
+        self.client = client
+        self.sleep = sleep
+        self.observe = observe
+        self.index = 0
+        self.node_id: str | None = None  # None: not asked yet; "": the agent has no client
+        self.last = ClusterState(problem="no answer yet")
+
+    def __call__(self, deadline: Deadline) -> Probe[ClusterState]:
+        st = self._look(deadline)
+        self.last = st
+        if self.observe:
+            self.observe(st)
+        return Probe(st.ready, st.describe(), st)
+
+    def _look(self, deadline: Deadline) -> ClusterState:
+        started = time.monotonic()
+        st = ClusterState()
+        try:
+            if self.node_id is None:
+                me = self.client.agent_self(retries=0)
+                self.node_id = str(((me.get("stats") or {}).get("client") or {}).get("node_id") or "")
+            wait = max(0.1, min(BLOCK_SECONDS, deadline.remaining()))
+            res = self.client.nodes(index=self.index or None, wait=wait, retries=0)
+        except NomadTLSError:
+            raise  # a CA or certificate problem does not heal by waiting
+        except NomadUnreachable as exc:
+            self._pause(started, 0.5)
+            st.problem = f"Nomad API not answering ({exc.message.split(': ', 1)[-1]})"
+            return st
+        except NomadAPIError as exc:
+            if exc.no_leader:
+                self._pause(started, RETRY_PAUSE)
+                st.reachable = True
+                st.problem = "Nomad API up; no cluster leader yet"
+                return st
+            if exc.status in (400, 401, 403, 404):
+                raise  # a wrong token/region/namespace does not heal by waiting
+            self._pause(started, RETRY_PAUSE)
+            st.problem = f"Nomad API answered HTTP {exc.status}: {exc.body[:120]}"
+            return st
+        st.reachable = True
+        # A non-stale read answered by the leader; X-Nomad-KnownLeader confirms it when present.
+        st.leader = res.known_leader is not False
+        if res.index < self.index:  # the index went backwards (new cluster): start over
+            self.index = 0
+        else:
+            self.index = res.index
+        nodes = list(res.body or [])
+        st.nodes_seen = len(nodes)
+        if not st.leader:
+            st.problem = "Nomad API up; no known leader"
+            return st
+        chosen = _pick(nodes, self.node_id or "")
+        if chosen is None:
+            st.problem = (
+                f"leader elected; this agent's node {self.node_id[:8]} not registered yet"
+                if self.node_id
+                else "leader elected; no client node registered yet"
+            )
+            return st
+        return node_state(chosen, st)
+
+    def _pause(self, started: float, seconds: float) -> None:
+        rest = seconds - (time.monotonic() - started)
+        if rest > 0:
+            self.sleep(rest)
+
+
+def wait_ready(
+    client: Client,
+    *,
+    timeout: float,
+    observe: Callable[[ClusterState], None] | None = None,
+) -> ClusterState:
+    """Block until the cluster can run docker jobs; WaitTimeout with the last state and a hint otherwise."""
+    probe = ReadinessProbe(client, observe=observe)
+
+    def details() -> list[str]:
+        return _node_events(client, probe.last)
+
+    result = wait_until(
+        probe,
+        what=f"Nomad at {client.addr} (leader, node ready, docker driver healthy)",
+        timeout=timeout,
+        interval=0,  # the probe blocks server-side
+        hint=WAIT_HINT,
+        details=details,
+    )
+    return result.value if result.value is not None else probe.last
+
+
+def _node_events(client: Client, st: ClusterState) -> list[str]:
+    """The node's last events (registration, driver health changes), for a timeout message."""
+    lines: list[str] = []
+    if st.docker_description:
+        lines.append(f"docker driver: {st.docker_description}")
+    if not st.node_id:
+        return lines
+    try:
+        node = client.node(st.node_id).body or {}
+    except (NomadAPIError, NomadUnreachable):
+        return lines
+    for ev in (node.get("Events") or [])[-5:]:
+        lines.append(f"node event [{ev.get('Subsystem', '')}] {ev.get('Message', '')}")
+    return lines
+
+
+def is_ready(client: Client) -> ClusterState:
+    """One quick non-blocking look (for `inv status` and `inv up`'s skip check)."""
+    st = ClusterState()
+    try:
+        me = client.agent_self(retries=0)
+        node_id = str(((me.get("stats") or {}).get("client") or {}).get("node_id") or "")
+        res = client.nodes(retries=0)
+    except NomadUnreachable as exc:
+        st.problem = f"unreachable: {exc.message}"
+        return st
+    except NomadAPIError as exc:
+        st.reachable = True
+        st.problem = "no cluster leader" if exc.no_leader else f"HTTP {exc.status}: {exc.body[:120]}"
+        if exc.status == 403:
+            raise
+        return st
+    st.reachable = True
+    st.leader = res.known_leader is not False
+    chosen = _pick(list(res.body or []), node_id)
+    if chosen is not None:
+        node_state(chosen, st)
+    return st
+
+
+def leader_address(client: Client) -> str:
+    try:
+        return client.leader(retries=0)
+    except (NomadAPIError, NomadUnreachable):
+        return ""
+
+
+def announce(st: ClusterState, client: Client) -> None:
+    leader = leader_address(client)
+    ui.info(f"    leader {leader or '?'}; node {st.node_name or st.node_id[:8]} ready, docker driver healthy")

@@ -1,0 +1,695 @@
+"""Deploy job specs through Nomad's API and follow them to the end (`inv deploy.*`, `inv purge`).
+
+The flow for one HCL file, the same steps `nomad job run` takes:
+
+1. `POST /v1/jobs/parse` {JobHCL, Variables, Canonicalize}: the server turns HCL into the job's JSON
+   (no HCL parser of our own; HCL variables are passed as a var-file string).
+2. `POST /v1/job/:id/plan` with Diff: `Diff.Type == "None"` means the registered job is identical —
+   nothing to do, and we say so. Otherwise register with `POST /v1/jobs`, check-and-set against the
+   plan's JobModifyIndex so a concurrent change is not overwritten silently.
+3. Follow the evaluation (blocking queries) until it completes. Unplaced groups (FailedTGAllocs: which
+   constraint filtered the node, which resource ran out) are a PlacementError, exit code 2 like
+   `nomad job run`.
+4. Follow the deployment (blocking queries) until successful or failed; canaries are promoted once
+   healthy when the group does not auto-promote. On failure, the failing allocations' recent task events
+   name job, group, task and reason (Levant's habit) and DeployError exits 1.
+
+Secrets: `ensure_secret` creates the Postgres password in Nomad Variables (random, never in the repo);
+the job spec reads it with a `nomadVar` template.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from infra import ui
+from infra.config import Config
+from infra.errors import DeployError, WaitTimeout
+from infra.nomad import Client, NomadAPIError, NomadConflict, NomadNotFound
+from infra.state import StatePaths
+from infra.waits import Deadline, Probe, wait_until
+
+#: Longest single blocking query while following an evaluation or a deployment.
+BLOCK_SECONDS = 60.0
+#: Key in the Nomad Variable (deploy.secrets_path) holding the generated Postgres password.
+POSTGRES_PASSWORD_KEY = "postgres_password"  # noqa: S105 - a key name, not a secret
+#: HCL variable that carries the app image in nomad/service.nomad.hcl.
+IMAGE_VARIABLE = "image"
+
+TERMINAL_EVAL = ("complete", "failed", "canceled", "cancelled")
+TERMINAL_DEPLOYMENT = ("successful", "failed", "cancelled", "canceled")
+TERMINAL_ALLOC = ("complete", "failed", "lost")
+#: Task event types that say why a task did not start or stopped (Levant and `nomad alloc status`).
+FAILURE_EVENTS = (
+    "Driver Failure",
+    "Setup Failure",
+    "Failed Validation",
+    "Failed Artifact Download",
+    "Failed Registering",
+    "Template",
+    "Terminated",
+    "Killing",
+    "Killed",
+    "Not Restarting",
+    "Restarting",
+    "Sibling Task Failed",
+    "Alloc Unhealthy",
+    "Task hook failed",
+)
+
+
+class PlacementError(DeployError):
+    """The scheduler could not place allocations (constraints, missing drivers, exhausted resources)."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class DeployResult:
+    job_id: str
+    outcome: str  # "unchanged" | "deployed" | "registered" (--detach)
+    version: int | None = None
+    eval_id: str = ""
+    deployment_id: str = ""
+    elapsed: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------- job files --
+def read_job_file(path: Path) -> str:
+    if not path.is_file():
+        raise DeployError(
+            f"job file not found: {path}",
+            hint="the job specs live in nomad/ (config deploy.*_job names them)",
+        )
+    text = path.read_text()
+    if not text.strip():
+        raise DeployError(f"job file is empty: {path}")
+    return text
+
+
+_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+
+
+def hcl_variables(variables: Mapping[str, str] | None) -> str:
+    """A var-file string for /v1/jobs/parse: `name = "value"` lines, values quoted as HCL strings."""
+    lines = []
+    for name, value in (variables or {}).items():
+        if not _VAR_NAME.match(name):
+            raise DeployError(f"invalid HCL variable name {name!r}")
+        quoted = json.dumps(str(value)).replace("${", "$${").replace("%{", "%%{")
+        lines.append(f"{name} = {quoted}")
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+def job_id_of(path: Path) -> str:
+    """The job's ID as written in the file (`job "name" {`), without asking Nomad; else the file stem."""
+    if path.is_file():
+        m = re.search(r'^\s*job\s+"([^"]+)"\s*\{', path.read_text(), re.MULTILINE)
+        if m:
+            return m.group(1)
+    return path.name.split(".")[0]
+
+
+def project_job_files(cfg: Config) -> list[Path]:
+    """In deploy order; purge goes the other way."""
+    return [cfg.deploy.data_job, cfg.deploy.app_job, cfg.deploy.ingress_job]
+
+
+def project_jobs(cfg: Config) -> list[str]:
+    return [job_id_of(p) for p in project_job_files(cfg)]
+
+
+def parse(client: Client, path: Path, variables: Mapping[str, str] | None = None) -> dict[str, Any]:
+    hcl = read_job_file(path)
+    try:
+        job = client.parse_job(hcl, hcl_variables(variables))
+    except NomadAPIError as exc:
+        if exc.status in (400, 500):
+            # Nomad names the HCL "input.hcl" in its diagnostics; put the real path back.
+            raise DeployError(
+                f"{path}: Nomad could not parse the job: {exc.body.replace('input.hcl', str(path))}",
+                hint="`nomad fmt -check` / `nomad job validate` show the same; check the variables passed",
+            ) from exc
+        raise
+    if not isinstance(job, dict) or not job.get("ID"):
+        raise DeployError(f"{path}: /v1/jobs/parse returned no job ID: {str(job)[:200]}")
+    return job
+
+
+# ------------------------------------------------------------------------------------------- deploy --
+def deploy_job(
+    client: Client,
+    path: Path,
+    *,
+    variables: Mapping[str, str] | None = None,
+    detach: bool = False,
+    timeout: float = 900.0,
+) -> DeployResult:
+    """Parse, plan, register and follow one job file. Unchanged jobs are left alone."""
+    started = time.monotonic()
+    job = parse(client, path, variables)
+    job_id = str(job["ID"])
+    plan = client.plan_job(job)
+    _warn(job_id, plan.get("Warnings"))
+    diff = plan.get("Diff") or {}
+    if diff.get("Type") == "None":
+        return _unchanged(client, job_id, timeout, started)
+
+    ui.step(f"deploying job {job_id} from {path.name}: {_plan_summary(plan)}")
+    modify_index = plan.get("JobModifyIndex")
+    try:
+        reg = client.register_job(job, modify_index=int(modify_index) if modify_index is not None else None)
+    except NomadAPIError as exc:
+        raise DeployError(f"job {job_id}: Nomad refused to register it: {exc.body}", hint=exc.hint) from exc
+    _warn(job_id, reg.get("Warnings"))
+    eval_id = str(reg.get("EvalID") or "")
+    if detach:
+        ui.ok(f"{job_id}: registered (evaluation {eval_id[:8]}); not following it (--detach)")
+        return DeployResult(job_id, "registered", eval_id=eval_id, elapsed=time.monotonic() - started)
+
+    deadline = Deadline(timeout)
+    ev = follow_evaluation(client, job, eval_id, deadline) if eval_id else {}
+    dep_id = str(ev.get("DeploymentID") or "") or _find_deployment(client, job_id, reg)
+    if dep_id:
+        dep = follow_deployment(client, job, dep_id, deadline)
+        version = dep.get("JobVersion")
+    else:  # system/batch jobs or jobs without an update block: no deployment, watch the allocations
+        version = _wait_allocations_running(client, job, deadline)
+    elapsed = time.monotonic() - started
+    ui.ok(f"{job_id}: version {version} deployed and healthy ({elapsed:.1f}s)")
+    return DeployResult(job_id, "deployed", version, eval_id, dep_id, elapsed)
+
+
+def _unchanged(client: Client, job_id: str, timeout: float, started: float) -> DeployResult:
+    """Identical job already registered: report, but do not hide a running or failed deployment."""
+    current = client.job(job_id) or {}
+    version = current.get("Version")
+    dep = client.job_deployment(job_id).body
+    if dep and dep.get("JobVersion") == version:
+        status = dep.get("Status")
+        if status in ("running", "pending", "initializing", "paused"):
+            ui.info(f"{job_id}: unchanged; its deployment {dep['ID'][:8]} is still {status}, following it")
+            dep = follow_deployment(client, current, str(dep["ID"]), Deadline(timeout))
+        elif status == "failed":
+            raise DeployError(
+                f"job {job_id} is unchanged (version {version}) but its last deployment failed: "
+                f"{dep.get('StatusDescription', '')}",
+                details=failure_details(client, current, dep),
+                hint=f"fix the job spec and deploy again, or `inv purge {job_id}` and deploy again",
+            )
+    if current.get("Status") == "pending" and not (dep and dep.get("JobVersion") == version):
+        _raise_if_blocked(client, current)
+    if current.get("Stop"):
+        raise DeployError(
+            f"job {job_id} is registered but stopped", hint=f"`inv purge {job_id}`, then deploy"
+        )
+    ui.skip(f"{job_id}: unchanged (version {version}), nothing to do")
+    return DeployResult(job_id, "unchanged", version, elapsed=time.monotonic() - started)
+
+
+def _raise_if_blocked(client: Client, job: Mapping[str, Any]) -> None:
+    """An unchanged job that is still pending: is the scheduler waiting for a node that fits?"""
+    evals = client.job_evaluations(str(job["ID"]))
+    if not any(e.get("Status") == "blocked" for e in evals):
+        return
+    failed = [e for e in evals if e.get("FailedTGAllocs")]
+    latest = max(failed, key=lambda e: int(e.get("ModifyIndex") or 0)) if failed else {}
+    _check_evaluation(job, {**latest, "Status": latest.get("Status", "blocked")})
+
+
+def _warn(job_id: str, warnings: Any) -> None:
+    if warnings:
+        for line in str(warnings).strip().splitlines():
+            ui.warn(f"{job_id}: {line.strip()}")
+
+
+def _plan_summary(plan: Mapping[str, Any]) -> str:
+    diff = plan.get("Diff") or {}
+    parts = []
+    for tg in diff.get("TaskGroups") or []:
+        updates = ", ".join(f"{k} {v}" for k, v in sorted((tg.get("Updates") or {}).items()) if v)
+        parts.append(f"{tg.get('Name')} ({updates or tg.get('Type', '').lower()})")
+    kind = {"Added": "new job", "Edited": "changed", "Deleted": "removed"}.get(str(diff.get("Type")), "")
+    return f"{kind}; " + ", ".join(parts) if parts else kind or "registering"
+
+
+# ---------------------------------------------------------------------------------------- evaluation --
+def follow_evaluation(
+    client: Client, job: Mapping[str, Any], eval_id: str, deadline: Deadline
+) -> dict[str, Any]:
+    """Block until the evaluation is terminal; raise PlacementError when groups could not be placed."""
+    job_id = str(job["ID"])
+    index = 0
+
+    def probe(d: Deadline) -> Probe[dict[str, Any]]:
+        nonlocal index
+        res = client.evaluation(eval_id, index=index or None, wait=_block(deadline))
+        index = max(index, res.index)
+        ev = dict(res.body or {})
+        status = str(ev.get("Status", "?"))
+        done = status in TERMINAL_EVAL or status == "blocked"
+        if done:
+            _check_evaluation(job, ev)
+        return Probe(done, f"evaluation {eval_id[:8]} {status}", ev)
+
+    return dict(_wait(probe, f"job {job_id}: scheduling", deadline))
+
+
+def _check_evaluation(job: Mapping[str, Any], ev: Mapping[str, Any]) -> None:
+    """Raise when a terminal evaluation did not place everything (called inside the wait, so the live
+    line never reports a failure as "ok")."""
+    job_id = str(job["ID"])
+    failed = ev.get("FailedTGAllocs") or {}
+    if failed:
+        raise PlacementError(
+            f"job {job_id}: Nomad could not place {len(failed)} task group(s)",
+            details=placement_details(job, failed),
+            hint=_placement_hint(failed)
+            + f"; the job stays registered and is placed when a node fits (`inv purge {job_id}` removes it)",
+        )
+    if ev.get("Status") != "complete":
+        raise DeployError(
+            f"job {job_id}: evaluation {str(ev.get('ID', ''))[:8]} {ev.get('Status')}: "
+            f"{ev.get('StatusDescription', '')}",
+            hint="the servers' log says more (`journalctl -u nomad` in the VM)",
+        )
+
+
+def _group_tasks(job: Mapping[str, Any], group: str) -> list[str]:
+    for tg in job.get("TaskGroups") or []:
+        if tg.get("Name") == group:
+            return [str(t.get("Name")) for t in tg.get("Tasks") or []]
+    return []
+
+
+def placement_details(job: Mapping[str, Any], failed: Mapping[str, Any]) -> list[str]:
+    """One line per cause, the way `nomad job status` shows placement failures."""
+    lines = []
+    job_id = job.get("ID")
+    for group, m in sorted(failed.items()):
+        m = m or {}
+        tasks = ", ".join(_group_tasks(job, group)) or "?"
+        unplaced = int(m.get("CoalescedFailures") or 0) + 1
+        lines.append(
+            f"job {job_id}, group {group} (task {tasks}): {unplaced} allocation(s) not placed; "
+            f"nodes evaluated {m.get('NodesEvaluated', 0)}, filtered {m.get('NodesFiltered', 0)}, "
+            f"exhausted {m.get('NodesExhausted', 0)}"
+        )
+        available = m.get("NodesAvailable") or {}
+        if available and not any(available.values()):
+            lines.append(f"  no nodes available in datacenter(s) {', '.join(sorted(available))}")
+        for key, label in (("ConstraintFiltered", "constraint"), ("ClassFiltered", "node class")):
+            for what, n in sorted((m.get(key) or {}).items()):
+                lines.append(f"  {label} {what!r} filtered {n} node(s)")
+        for dim, n in sorted((m.get("DimensionExhausted") or {}).items()):
+            lines.append(f"  resources exhausted: {dim} on {n} node(s)")
+        for q in m.get("QuotaExhausted") or []:
+            lines.append(f"  quota exhausted: {q}")
+    return lines
+
+
+def _placement_hint(failed: Mapping[str, Any]) -> str:
+    text = json.dumps(failed)
+    if "missing drivers" in text:
+        return (
+            "the node has no healthy docker driver: `inv nomad.wait` waits for it; "
+            "`inv vm.check` shows whether docker runs"
+        )
+    if "memory" in text or "cpu" in text:
+        return "the node lacks CPU/memory: lower the job's resources or raise vm.memory_mb / vm.cpus"
+    if "port" in text:
+        return "a static port is taken on the node: check vm.ports and other jobs"
+    return "compare the job's constraints with the node (`nomad node status -verbose`)"
+
+
+# ---------------------------------------------------------------------------------------- deployment --
+def _find_deployment(client: Client, job_id: str, reg: Mapping[str, Any]) -> str:
+    """When the evaluation does not name it: the job's latest deployment, if made for this registration."""
+    dep = client.job_deployment(job_id).body
+    if dep and int(dep.get("JobModifyIndex") or -1) == int(reg.get("JobModifyIndex") or -2):
+        return str(dep["ID"])
+    return ""
+
+
+def _groups_line(dep: Mapping[str, Any]) -> str:
+    parts = []
+    for name, g in sorted((dep.get("TaskGroups") or {}).items()):
+        s = f"{name} {g.get('HealthyAllocs', 0)}/{g.get('DesiredTotal', 0)} healthy"
+        if g.get("UnhealthyAllocs"):
+            s += f", {g['UnhealthyAllocs']} unhealthy"
+        if g.get("DesiredCanaries"):
+            promoted = "promoted" if g.get("Promoted") else "not promoted"
+            s += f", canaries {len(g.get('PlacedCanaries') or [])}/{g['DesiredCanaries']} {promoted}"
+        parts.append(s)
+    return "; ".join(parts)
+
+
+def needs_promotion(dep: Mapping[str, Any]) -> bool:
+    """Canaries placed and healthy in a group that does not auto-promote (Nomad CLI's rule)."""
+    if dep.get("Status") != "running":
+        return False
+    waiting = False
+    for g in (dep.get("TaskGroups") or {}).values():
+        canaries = int(g.get("DesiredCanaries") or 0)
+        if canaries == 0 or g.get("Promoted") or g.get("AutoPromote"):
+            continue
+        if int(g.get("HealthyAllocs") or 0) < canaries:
+            return False
+        waiting = True
+    return waiting
+
+
+def follow_deployment(
+    client: Client, job: Mapping[str, Any], dep_id: str, deadline: Deadline
+) -> dict[str, Any]:
+    job_id = str(job["ID"])
+    index = 0
+    promoted = False
+
+    def probe(d: Deadline) -> Probe[dict[str, Any]]:
+        nonlocal index, promoted
+        res = client.deployment(dep_id, index=index or None, wait=_block(deadline))
+        index = max(index, res.index)
+        dep = dict(res.body or {})
+        status = str(dep.get("Status", "?"))
+        if not promoted and needs_promotion(dep):
+            client.promote_deployment(dep_id)
+            promoted = True
+            ui.info(f"    {job_id}: canaries healthy, promoted deployment {dep_id[:8]}")
+        state = f"deployment {dep_id[:8]} {status}: {_groups_line(dep)}"
+        done = status in TERMINAL_DEPLOYMENT
+        if done:
+            _check_deployment(client, job, dep)
+        return Probe(done, state, dep)
+
+    try:
+        return dict(_wait(probe, f"job {job_id}: deployment", deadline))
+    except WaitTimeout as exc:
+        exc.details.extend(failure_details(client, job, {"ID": dep_id}))
+        raise
+
+
+def _check_deployment(client: Client, job: Mapping[str, Any], dep: Mapping[str, Any]) -> None:
+    if dep.get("Status") == "successful":
+        return
+    job_id = str(job["ID"])
+    description = str(dep.get("StatusDescription", "") or "")
+    message = f"deployment {str(dep.get('ID', ''))[:8]} of job {job_id} {dep.get('Status')}: {description}"
+    revert = re.search(r"rolling back to job version (\d+)", description)
+    if revert:
+        message += f" (auto_revert: Nomad rolls job {job_id} back to version {revert.group(1)})"
+    raise DeployError(
+        message,
+        details=failure_details(client, job, dep),
+        hint="the task events above say why; more in `nomad alloc logs <alloc>` / `nomad alloc status <alloc>`",
+    )
+
+
+def _wait_allocations_running(client: Client, job: Mapping[str, Any], deadline: Deadline) -> Any:
+    job_id = str(job["ID"])
+    index = 0
+
+    def probe(d: Deadline) -> Probe[list[dict[str, Any]]]:
+        nonlocal index
+        res = client.job_allocations(job_id, index=index or None, wait=_block(deadline))
+        index = max(index, res.index)
+        allocs = [a for a in res.body or [] if a.get("DesiredStatus") == "run"]
+        failed = [a for a in allocs if a.get("ClientStatus") in ("failed", "lost")]
+        if failed:
+            raise DeployError(
+                f"job {job_id}: {len(failed)} allocation(s) failed",
+                details=_alloc_lines(job_id, failed),
+            )
+        running = [a for a in allocs if a.get("ClientStatus") == "running"]
+        done = bool(allocs) and len(running) == len(allocs)
+        return Probe(done, f"{len(running)}/{len(allocs)} allocations running", allocs)
+
+    _wait(probe, f"job {job_id}: allocations", deadline)
+    current = client.job(job_id) or {}
+    return current.get("Version")
+
+
+def failure_details(client: Client, job: Mapping[str, Any], dep: Mapping[str, Any]) -> list[str]:
+    """Failing allocations of the deployment's job version, with their recent task events."""
+    job_id = str(job["ID"])
+    try:
+        allocs = list(client.job_allocations(job_id).body or [])
+    except NomadAPIError as exc:
+        return [f"(could not list allocations of {job_id}: {exc.body})"]
+    version = dep.get("JobVersion")
+    if version is not None:
+        allocs = [a for a in allocs if a.get("JobVersion") == version] or allocs
+    bad = [a for a in allocs if _alloc_failing(a)]
+    lines = _alloc_lines(job_id, bad or allocs)
+    return lines or [f"job {job_id}: no allocations were placed"]
+
+
+def _alloc_failing(a: Mapping[str, Any]) -> bool:
+    if a.get("ClientStatus") in ("failed", "lost"):
+        return True
+    if (a.get("DeploymentStatus") or {}).get("Healthy") is False:
+        return True
+    return any(t.get("Failed") for t in (a.get("TaskStates") or {}).values())
+
+
+def _alloc_lines(job_id: str, allocs: Iterable[Mapping[str, Any]], events: int = 4) -> list[str]:
+    lines = []
+    for a in allocs:
+        group = a.get("TaskGroup", "?")
+        alloc = f"alloc {str(a.get('ID', ''))[:8]} {a.get('ClientStatus', '?')}"
+        states = a.get("TaskStates") or {}
+        if not states:
+            lines.append(
+                f"job {job_id}, group {group}, task ? ({alloc}): "
+                f"{a.get('ClientDescription') or 'no task has started'}"
+            )
+        for task, ts in sorted(states.items()):
+            evs = list(ts.get("Events") or [])
+            reasons = [e for e in evs if e.get("Type") in FAILURE_EVENTS] or evs[-1:]
+            head = f"job {job_id}, group {group}, task {task} ({alloc}, task {ts.get('State', '?')})"
+            if not reasons:
+                lines.append(f"{head}: no task events")
+            for ev in reasons[-events:]:
+                lines.append(f"{head}: {ev.get('Type')}: {event_reason(ev)}")
+    return lines
+
+
+def event_reason(ev: Mapping[str, Any]) -> str:
+    """The human reason of a task event (the fields `nomad alloc status` prints)."""
+    t = ev.get("Type")
+    details = ev.get("Details") or {}
+    for key in (
+        "DriverError",
+        "SetupError",
+        "ValidationError",
+        "DownloadError",
+        "KillError",
+        "TaskSignalReason",
+    ):
+        if ev.get(key):
+            return str(ev[key])
+    if t == "Terminated":
+        code = ev.get("ExitCode", details.get("exit_code", "?"))
+        text = f"exit code {code}"
+        if ev.get("Signal") or details.get("signal"):
+            text += f", signal {ev.get('Signal') or details.get('signal')}"
+        msg = ev.get("Message") or ("OOM Killed" if details.get("oom_killed") == "true" else "")
+        return f"{text}: {msg}" if msg else text
+    for key in ("RestartReason", "KillReason", "FailedSibling"):
+        if ev.get(key):
+            return f"sibling task {ev[key]} failed" if key == "FailedSibling" else str(ev[key])
+    return str(ev.get("DisplayMessage") or ev.get("Message") or ev.get("DriverMessage") or "(no message)")
+
+
+# ------------------------------------------------------------------------------------------ variables --
+def ensure_secret(
+    client: Client,
+    path: str,
+    key: str,
+    *,
+    generate: Callable[[], str] = lambda: secrets.token_urlsafe(24),
+    value: str | None = None,
+) -> str:
+    """Make sure the Nomad Variable `path` has `key` and return its value (never printed).
+
+    Missing: set it to `value`, or a fresh random one. With `value` given, an existing different value
+    is replaced (used to keep copies in step). Check-and-set: cas=0 creates only, an update applies only
+    at the ModifyIndex read, so two concurrent runs never overwrite each other (the loser re-reads).
+    """
+    for _ in range(3):
+        var = client.var_get(path)
+        items = dict((var or {}).get("Items") or {})
+        current = items.get(key)
+        if current and (value is None or current == value):
+            return str(current)
+        items[key] = value if value is not None else generate()
+        cas = int(var["ModifyIndex"]) if var else 0
+        try:
+            client.var_put(path, items, cas=cas)
+        except NomadConflict:
+            continue  # someone else wrote it in between: look again
+        except NomadAPIError as exc:
+            raise DeployError(f"cannot write Nomad Variable {path}: {exc.body}", hint=exc.hint) from exc
+        ui.ok(f"{'updated' if current else 'created'} {key} in Nomad Variable {path}")
+        return str(items[key])
+    raise DeployError(f"Nomad Variable {path} keeps changing under us (check-and-set lost 3 times)")
+
+
+def ensure_postgres_password(cfg: Config, client: Client) -> None:
+    """The password in deploy.secrets_path, and a copy in nomad/jobs/<app job> (a task reads only its own
+    job's variables without an extra ACL policy; see nomad/service.nomad.hcl)."""
+    password = ensure_secret(client, cfg.deploy.secrets_path, POSTGRES_PASSWORD_KEY)
+    app_path = f"nomad/jobs/{job_id_of(cfg.deploy.app_job)}"
+    if app_path != cfg.deploy.secrets_path:
+        ensure_secret(client, app_path, POSTGRES_PASSWORD_KEY, value=password)
+
+
+# ---------------------------------------------------------------------------------- project's deploys --
+def deploy_data(cfg: Config, client: Client, *, detach: bool = False) -> DeployResult:
+    ensure_postgres_password(cfg, client)
+    return deploy_job(client, cfg.deploy.data_job, detach=detach, timeout=cfg.deploy.timeout)
+
+
+def deploy_app(
+    cfg: Config,
+    client: Client,
+    *,
+    image: str | None = None,
+    variables: Mapping[str, str] | None = None,
+    detach: bool = False,
+) -> DeployResult:
+    """Deploy nomad/service.nomad.hcl with HCL variable `image` (and any other `variables`).
+
+    Image: `image`, else app.default_image, else the variables of the last successful deploy.app
+    (<state>/deployed.json), else the job file's default. Reusing the last variables keeps `inv up`
+    from rolling a `--build` image back to the default.
+    """
+    record_path = StatePaths(cfg.project.state_dir).deployed
+    merged: dict[str, str] = {}
+    chosen = image or cfg.app.default_image
+    if not chosen and not variables:
+        merged.update(_read_record(record_path).get("variables") or {})
+    merged.update(variables or {})
+    if chosen:
+        merged[IMAGE_VARIABLE] = chosen
+    result = deploy_job(
+        client, cfg.deploy.app_job, variables=merged, detach=detach, timeout=cfg.deploy.timeout
+    )
+    if result.outcome == "deployed" or (result.outcome == "unchanged" and merged):
+        _write_record(record_path, {"job": result.job_id, "version": result.version, "variables": merged})
+    return result
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_record(path: Path, data: Mapping[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def deploy_ingress(cfg: Config, client: Client, *, detach: bool = False) -> DeployResult:
+    return deploy_job(client, cfg.deploy.ingress_job, detach=detach, timeout=cfg.deploy.timeout)
+
+
+# ---------------------------------------------------------------------------------------------- purge --
+def purge(client: Client, jobs: Iterable[str], *, timeout: float = 300.0) -> list[str]:
+    """Stop and purge each job, then wait until none of its allocations is still running. Idempotent."""
+    purged = []
+    for job_id in jobs:
+        if client.job(job_id) is None:
+            ui.skip(f"{job_id}: not registered")
+            continue
+        try:
+            client.stop_job(job_id, purge=True)
+        except NomadNotFound:
+            ui.skip(f"{job_id}: not registered")
+            continue
+        purged.append(job_id)
+        wait_allocations_gone(client, job_id, timeout=timeout)
+    return purged
+
+
+def wait_allocations_gone(client: Client, job_id: str, *, timeout: float) -> None:
+    index = 0
+    deadline = Deadline(timeout)
+
+    def probe(d: Deadline) -> Probe[int]:
+        nonlocal index
+        try:
+            res = client.job_allocations(job_id, index=index or None, wait=_block(deadline))
+        except NomadNotFound:
+            return Probe(True, "no allocations", 0)
+        index = max(index, res.index)
+        live = [a for a in res.body or [] if a.get("ClientStatus") not in TERMINAL_ALLOC]
+        return Probe(not live, f"{len(live)} allocation(s) still running", len(live))
+
+    wait_until(
+        probe,
+        what=f"job {job_id}: purged, allocations stopped",
+        timeout=timeout,
+        interval=0,
+        hint="an allocation that does not stop usually has a task ignoring SIGTERM: `nomad alloc status`",
+    )
+
+
+# ------------------------------------------------------------------------------------------ status --
+@dataclass(frozen=True)
+class JobSummary:
+    job_id: str
+    status: str  # Nomad's job Status (pending/running/dead) or "not registered"
+    version: int | None
+    deployment: str
+    healthy: int
+    desired: int
+    running: int
+
+
+def job_summary(client: Client, job_id: str) -> JobSummary:
+    job = client.job(job_id)
+    if job is None:
+        return JobSummary(job_id, "not registered", None, "", 0, 0, 0)
+    dep = client.job_deployment(job_id).body or {}
+    groups = (dep.get("TaskGroups") or {}).values()
+    allocs = client.job_allocations(job_id).body or []
+    running = sum(1 for a in allocs if a.get("ClientStatus") == "running")
+    desired = sum(int(tg.get("Count") or 0) for tg in job.get("TaskGroups") or [])
+    return JobSummary(
+        job_id,
+        str(job.get("Status", "?")) + (" (stopped)" if job.get("Stop") else ""),
+        job.get("Version"),
+        str(dep.get("Status", "none")),
+        sum(int(g.get("HealthyAllocs") or 0) for g in groups),
+        desired,
+        running,
+    )
+
+
+# ------------------------------------------------------------------------------------------ helpers --
+def _block(deadline: Deadline) -> float:
+    return max(0.1, min(BLOCK_SECONDS, deadline.remaining()))
+
+
+def _wait(probe: Callable[[Deadline], Probe[Any]], what: str, deadline: Deadline) -> Any:
+    result = wait_until(
+        probe,
+        what=what,
+        timeout=max(0.1, deadline.remaining()),
+        interval=0,
+        hint="raise deploy.timeout, or look at the task events with `nomad job status`",
+    )
+    return result.value

@@ -1,0 +1,321 @@
+"""Checks inside the VM over SSH (fabric): SSH answers, cloud-init finished, enabled services active.
+
+`check(cfg)` is `inv vm.check`, as a list of named steps, each with its own deadline:
+1. SSH: log in as `ssh.user` with the project key at 127.0.0.1:<vm.ports.ssh.host> (the slirp forward
+   accepts TCP at once, so only a completed SSH login counts); fails fast if qemu dies meanwhile.
+2. cloud-init: poll `cloud-init status` until it leaves `running`, then `cloud-init status --wait --long`
+   for the verdict: exit 0 ok; exit 2 (cloud-init >= 23.4: recoverable errors) is a warning with the
+   `--long` output; anything else fails with the error lines of /var/log/cloud-init-output.log.
+3. services: `systemctl is-active` for docker (provision.docker) and nomad (provision.nomad); a failure
+   shows the unit's journal.
+
+Host keys: trust on first use, remembered in <state>/ssh/known_hosts (removed with a new overlay disk).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fabric import Config as FabricConfig
+from fabric import Connection
+from invoke.exceptions import CommandTimedOut, UnexpectedExit
+from paramiko.ssh_exception import BadHostKeyException
+
+from infra import ui
+from infra.config import Config
+from infra.errors import SSHKeyError, VMError
+from infra.state import StatePaths
+from infra.waits import Probe, wait_until
+
+# paramiko logs every failed handshake with a traceback (no handler configured -> logging's last resort
+# prints it); while waiting for SSH those failures are expected and summarised on the live line instead.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
+
+CLOUD_INIT_LOG = "/var/log/cloud-init-output.log"
+#: result.json appears when cloud-init's last stage (modules-final) has finished; status.json tracks stages.
+STAGE_PROBE = (
+    "if [ -e /run/cloud-init/result.json ]; then echo finished; "
+    "else cat /run/cloud-init/status.json 2>/dev/null || echo '{}'; fi"
+)
+#: Lines of cloud-init's output log worth showing on failure.
+ERROR_LINES = re.compile(r"error|fail|traceback|warn|exception|not found|denied", re.I)
+
+
+@dataclass
+class CheckReport:
+    """Outcome of `check`; times are wall-clock epochs (comparable with vm.json's started_at)."""
+
+    started_at: float | None = None  # when the VM was launched, if known
+    ssh_at: float = 0.0
+    cloud_init_at: float = 0.0
+    cloud_init: str = ""
+    services: dict[str, str] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        base = self.started_at
+        return {
+            "ssh_ready_s": round(self.ssh_at - base, 1) if base else None,
+            "cloud_init_done_s": round(self.cloud_init_at - base, 1) if base else None,
+            "cloud_init": self.cloud_init,
+            "services": self.services,
+        }
+
+
+def private_key(cfg: Config) -> Path:
+    if cfg.ssh.private_key:
+        path = Path(cfg.ssh.private_key).expanduser()
+    else:
+        path = StatePaths(cfg.project.state_dir).ssh_key
+    if not path.is_file():
+        raise SSHKeyError(
+            f"SSH private key {path} not found",
+            hint="set ssh.private_key to the key matching ssh.public_key, or leave both empty and run "
+            "`inv iso` to generate the project key",
+        )
+    return path
+
+
+def connection(cfg: Config, timeout: float = 10) -> Connection:
+    """A fabric Connection to the VM (not yet opened): project key only, no agent, no ~/.ssh/config."""
+    state = StatePaths(cfg.project.state_dir)
+    known = state.known_hosts
+    known.parent.mkdir(parents=True, exist_ok=True)
+    known.touch(mode=0o600, exist_ok=True)
+    conn = Connection(
+        host="127.0.0.1",
+        port=cfg.vm.ports["ssh"].host,
+        user=cfg.ssh.user,
+        config=FabricConfig(overrides={"load_ssh_configs": False}),
+        connect_timeout=int(timeout),
+        connect_kwargs={
+            "key_filename": [str(private_key(cfg))],
+            "look_for_keys": False,
+            "allow_agent": False,
+            "banner_timeout": timeout,
+            "auth_timeout": timeout,
+        },
+    )
+    conn.client.load_host_keys(str(known))  # AutoAddPolicy then saves new keys here (trust on first use)
+    return conn
+
+
+def sh(conn: Connection, command: str, timeout: float = 60) -> Any:
+    """Run `command`, never raising on a non-zero exit (the caller reads `.exited`)."""
+    return conn.run(command, hide=True, warn=True, timeout=timeout, in_stream=False)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def wait_ssh(
+    cfg: Config, timeout: float | None = None, alive: Callable[[], bool] | None = None
+) -> Connection:
+    """An open, working connection; raises WaitTimeout (with the serial log tail) or VMError."""
+    state = StatePaths(cfg.project.state_dir)
+    port = cfg.vm.ports["ssh"].host
+    holder: dict[str, Connection] = {}
+
+    def probe(_deadline: object) -> Probe[None]:
+        if alive is not None and not alive():
+            raise VMError(
+                "qemu exited while waiting for SSH", log=state.serial_log, details=_serial_tail(state, 20)
+            )
+        conn = connection(cfg, timeout=5)
+        try:
+            conn.open()
+            result = sh(conn, "true", timeout=10)
+        except BadHostKeyException as exc:
+            conn.close()
+            raise VMError(
+                f"the SSH host key of 127.0.0.1:{port} changed ({exc.key.get_name()})",
+                hint=f"if the VM was recreated, delete {state.known_hosts}; otherwise something else "
+                "answers on that port",
+            ) from exc
+        except Exception as exc:
+            conn.close()
+            return Probe(False, _describe(exc))
+        if result.exited != 0:
+            conn.close()
+            return Probe(False, f"login works but `true` exited {result.exited}")
+        holder["conn"] = conn
+        return Probe(True, f"logged in as {cfg.ssh.user}@127.0.0.1:{port}")
+
+    wait_until(
+        probe,
+        what=f"SSH on 127.0.0.1:{port}",
+        timeout=cfg.vm.ssh_timeout if timeout is None else timeout,
+        interval=1.0,
+        hint=f"the serial console shows how far the guest got: {state.serial_log} (inv vm.logs)",
+        details=lambda: _serial_tail(state, 15),
+    )
+    return holder["conn"]
+
+
+def _serial_tail(state: StatePaths, lines: int) -> list[str]:
+    from infra.vm import tail
+
+    return [f"serial: {line}" for line in tail(state.serial_log, lines)]
+
+
+def _status_word(output: str) -> str:
+    match = re.search(r"^status:\s*(.+)$", output, re.M)
+    return match.group(1).strip() if match else (output.strip().splitlines() or ["no output"])[0]
+
+
+def wait_cloud_init(cfg: Config, conn: Connection, timeout: float | None = None) -> str:
+    """Wait for cloud-init to finish; returns its status. Raises VMError on failure (with log lines)."""
+
+    def probe(_deadline: object) -> Probe[str]:
+        # `cat` of cloud-init's own state files, not `cloud-init status`: under TCG every `cloud-init status`
+        # starts a Python interpreter in the guest, and polling with it slows the very boot we wait for.
+        result = sh(conn, STAGE_PROBE, timeout=30)
+        if result.stdout.startswith("finished"):
+            return Probe(True, "finished", "finished")
+        return Probe(False, _stage(result.stdout))
+
+    wait_until(
+        probe,
+        what="cloud-init",
+        timeout=cfg.vm.cloud_init_timeout if timeout is None else timeout,
+        interval=1.0,
+        hint=f"inv vm.ssh, then read {CLOUD_INIT_LOG}",
+        details=lambda: cloud_init_log_lines(conn),
+    )
+    # the verdict, once: exit code and --long details from cloud-init itself
+    final = sh(conn, "cloud-init status --wait --long", timeout=60)
+    word = _status_word(final.stdout)
+    if final.exited == 0 and word == "done":
+        return word
+    if final.exited == 2:  # cloud-init >= 23.4: finished with recoverable errors
+        ui.warn("cloud-init finished with recoverable errors (exit 2):")
+        for line in final.stdout.strip().splitlines():
+            ui.info(f"    {line}")
+        return word
+    raise VMError(
+        f"cloud-init failed (status: {word}, exit {final.exited})",
+        details=[*final.stdout.strip().splitlines(), *cloud_init_log_lines(conn)],
+        hint=f"inv vm.ssh, then `sudo less {CLOUD_INIT_LOG}` and `sudo cloud-init analyze show`",
+    )
+
+
+def _stage(status_json: str) -> str:
+    """'running modules:config' from /run/cloud-init/status.json ('not started' before it exists)."""
+    try:
+        v1 = json.loads(status_json).get("v1", {})
+    except ValueError:
+        return "running (status.json unreadable)"
+    if not v1:
+        return "not started"
+    if v1.get("stage"):
+        return f"running {v1['stage']}"
+    done = [k for k, v in v1.items() if isinstance(v, dict) and v.get("finished")]
+    return f"running (finished: {', '.join(done)})" if done else "running"
+
+
+def cloud_init_log_lines(conn: Connection, limit: int = 30) -> list[str]:
+    """The error-looking lines and the last lines of cloud-init's output log."""
+    try:
+        text = sh(conn, f"sudo -n cat {CLOUD_INIT_LOG}", timeout=30).stdout
+    except Exception as exc:
+        return [f"(could not read {CLOUD_INIT_LOG}: {_describe(exc)})"]
+    lines = text.splitlines()
+    flagged = [f"{CLOUD_INIT_LOG}: {ln}" for ln in lines if ERROR_LINES.search(ln)][-limit:]
+    last = [f"{CLOUD_INIT_LOG} (end): {ln}" for ln in lines[-10:]]
+    return flagged + last
+
+
+def enabled_services(cfg: Config) -> list[str]:
+    names = []
+    if cfg.provision.docker:
+        names.append("docker")
+    if cfg.provision.nomad:
+        names.append("nomad")
+    return names
+
+
+def check_services(cfg: Config, conn: Connection) -> dict[str, str]:
+    states: dict[str, str] = {}
+    failed = []
+    for name in enabled_services(cfg):
+        state = sh(conn, f"systemctl is-active {name}", timeout=30).stdout.strip() or "unknown"
+        states[name] = state
+        if state != "active":
+            failed.append(name)
+    if failed:
+        details: list[str] = []
+        for name in failed:
+            journal = sh(conn, f"sudo -n journalctl -u {name} -n 25 --no-pager", timeout=30).stdout
+            details += [f"{name} is {states[name]}"] + [
+                f"journal {name}: {ln}" for ln in journal.splitlines()
+            ]
+        raise VMError(
+            f"service(s) not active: {', '.join(f'{n} ({states[n]})' for n in failed)}",
+            details=details + cloud_init_log_lines(conn, limit=15),
+            hint="inv vm.ssh, then `systemctl status <unit>`",
+        )
+    return states
+
+
+def check(
+    cfg: Config, alive: Callable[[], bool] | None = None, started_at: float | None = None
+) -> CheckReport:
+    """`inv vm.check`: SSH -> cloud-init -> services, each step timed."""
+    report = CheckReport(started_at=started_at)
+    conn = wait_ssh(cfg, alive=alive)
+    report.ssh_at = time.time()
+    try:
+        report.cloud_init = wait_cloud_init(cfg, conn)
+        report.cloud_init_at = time.time()
+        services = enabled_services(cfg)
+        report.services = check_services(cfg, conn)
+        if services:
+            ui.ok(f"services active: {', '.join(services)}")
+        else:
+            ui.skip("no services to check (provision.docker and provision.nomad are off)")
+    finally:
+        conn.close()
+    if started_at:
+        t = report.as_dict()
+        ui.ok(f"VM ready: SSH {t['ssh_ready_s']}s, cloud-init done {t['cloud_init_done_s']}s after launch")
+    return report
+
+
+def cloud_init_state(cfg: Config, timeout: float = 5) -> str:
+    """One short look for `vm.status`: cloud-init's status word, or why it could not be read."""
+    try:
+        conn = connection(cfg, timeout=timeout)
+    except SSHKeyError as exc:
+        return f"unknown ({exc.message})"
+    try:
+        conn.open()
+        return _status_word(sh(conn, "cloud-init status", timeout=timeout * 2).stdout)
+    except (CommandTimedOut, UnexpectedExit, OSError, Exception) as exc:
+        return f"unknown (SSH: {_describe(exc)})"
+    finally:
+        with contextlib.suppress(Exception):
+            conn.close()
+
+
+def ssh_command(cfg: Config, command: str = "") -> list[str]:
+    """The OpenSSH command line for an interactive session (`inv vm.ssh`)."""
+    state = StatePaths(cfg.project.state_dir)
+    state.known_hosts.parent.mkdir(parents=True, exist_ok=True)
+    argv = [
+        "ssh", "-i", str(private_key(cfg)), "-p", str(cfg.vm.ports["ssh"].host),
+        "-o", "IdentitiesOnly=yes", "-o", f"UserKnownHostsFile={state.known_hosts}",
+        "-o", "StrictHostKeyChecking=accept-new", "-o", "ConnectTimeout=10",
+        f"{cfg.ssh.user}@127.0.0.1",
+    ]  # fmt: skip
+    if command:
+        argv += ["--", command]
+    return argv

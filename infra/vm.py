@@ -1,0 +1,592 @@
+"""The VM's lifecycle: run, stop, status, logs, ssh, destroy.
+
+Everything the VM owns sits in the state dir under the names of `infra.state` (overlay disk, seed ISO,
+pidfile, serial log, QMP socket, qemu's own log, the `vm.json` launch record). The VM is found by its
+pidfile, checked against /proc (or `ps`) so that a recycled pid is never mistaken for it, and spoken to over
+its QMP socket — never by searching process names.
+
+`run` is idempotent: a running VM is reported and left alone. Before launching it checks every host port,
+naming the port, its config key and the process holding it. `stop` asks the guest to power off (ACPI
+`system_powerdown` over QMP), waits `vm.stop_timeout`, then kills; no pidfile or socket outlives qemu.
+`destroy` removes the VM's files but never the image cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from infra import images, qemu, ui
+from infra.config import Config, Port
+from infra.errors import PortInUseError, VMError, WaitTimeout
+from infra.state import StatePaths
+from infra.waits import Probe, wait_until
+
+GIB = 1024**3
+#: unix socket paths longer than this do not fit sockaddr_un on Linux (108) / macOS (104).
+MAX_SOCKET_PATH = 100
+
+
+def paths(cfg: Config) -> StatePaths:
+    return StatePaths(cfg.project.state_dir)
+
+
+# ------------------------------------------------------------------------------------------- processes --
+
+
+def _proc_cmdline(pid: int) -> str | None:
+    """The process's command line ('' when unreadable), None when there is no such live process."""
+    proc = Path(f"/proc/{pid}")
+    if Path("/proc/self").exists():
+        try:
+            stat = (proc / "stat").read_text()
+            if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                return None  # a zombie is dead for our purposes
+            return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError):
+            return None
+    try:  # macOS and other systems without /proc
+        out = subprocess.run(
+            ["ps", "-o", "stat=,command=", "-p", str(pid)],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    if not out or out.startswith("Z"):
+        return None
+    return out.split(None, 1)[1] if " " in out else ""
+
+
+def read_pid(pidfile: Path) -> int | None:
+    try:
+        text = pidfile.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def running_pid(p: StatePaths) -> int | None:
+    """The pid of OUR qemu: pidfile names a live process whose command line carries our pidfile path."""
+    pid = read_pid(p.pidfile)
+    if pid is None:
+        return None
+    cmdline = _proc_cmdline(pid)
+    if cmdline is None or str(p.pidfile) not in cmdline:
+        return None
+    return pid
+
+
+def clear_stale(p: StatePaths) -> bool:
+    """Remove a pidfile/QMP socket left by a qemu that no longer runs. True when something was removed."""
+    if running_pid(p) is not None:
+        return False
+    removed = False
+    for path in (p.pidfile, p.qmp_socket):
+        if path.exists() or path.is_symlink():
+            path.unlink()
+            removed = True
+    return removed
+
+
+# ------------------------------------------------------------------------------------------------ ports --
+
+
+def _listening_inodes(port: int) -> set[str]:
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(fields[9])
+    return inodes
+
+
+def port_owner(port: int) -> str | None:
+    """'pid 1234 (nginx)' for the process listening on TCP `port`, when it can be found."""
+    inodes = _listening_inodes(port)
+    if inodes:
+        targets = {f"socket:[{i}]" for i in inodes}
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                for fd in (proc / "fd").iterdir():
+                    if os.readlink(fd) in targets:
+                        comm = (proc / "comm").read_text().strip()
+                        return f"pid {proc.name} ({comm})"
+            except OSError:
+                continue
+    lsof = shutil.which("lsof")
+    if lsof and not Path("/proc/self").exists():
+        out = subprocess.run(
+            [lsof, "-nP", f"-iTCP:{port}", "-sTCP:LISTEN", "-Fpc"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout
+        pid = re.search(r"^p(\d+)", out, re.M)
+        cmd = re.search(r"^c(.+)", out, re.M)
+        if pid:
+            return f"pid {pid.group(1)} ({cmd.group(1) if cmd else '?'})"
+    return None
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # SO_REUSEADDR: a port in TIME_WAIT is free for qemu (which sets it too); a listener is not.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                return False
+            raise
+    return True
+
+
+def check_ports(forwards: Mapping[str, Port]) -> None:
+    """Raise PortInUseError naming every taken host port, its config key and (when found) the process."""
+    taken = []
+    for name, port in forwards.items():
+        if not port_free(port.host):
+            owner = port_owner(port.host)
+            taken.append(
+                f"host port {port.host} (vm.ports.{name}) is taken" + (f" by {owner}" if owner else "")
+            )
+    if taken:
+        first = next(n for n, p in forwards.items() if not port_free(p.host))
+        raise PortInUseError(
+            "; ".join(taken),
+            hint=f"stop that process or move the forward, e.g. INVOKE_VM_PORTS_{first.upper()}_HOST=<free port> "
+            f"(or vm.ports.{first}.host in a -f YAML file); nothing was started",
+        )
+
+
+# -------------------------------------------------------------------------------------------------- QMP --
+
+
+def qmp(
+    socket_path: Path, command: str, arguments: Mapping[str, Any] | None = None, timeout: float = 5
+) -> Any:
+    """Run one QMP command; returns its `return` value. Raises VMError on errors."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect(str(socket_path))
+        except OSError as exc:
+            raise VMError(f"cannot connect to QMP socket {socket_path}: {exc.strerror or exc}") from exc
+        reader = s.makefile("rb")
+
+        def receive() -> dict[str, Any]:
+            while True:
+                line = reader.readline()
+                if not line:
+                    raise VMError(f"QMP socket {socket_path} closed")
+                msg: dict[str, Any] = json.loads(line)
+                if "event" not in msg:
+                    return msg
+
+        def execute(name: str, args: Mapping[str, Any] | None = None) -> Any:
+            request: dict[str, Any] = {"execute": name}
+            if args:
+                request["arguments"] = dict(args)
+            s.sendall(json.dumps(request).encode() + b"\n")
+            reply = receive()
+            if "error" in reply:
+                raise VMError(f"QMP {name}: {reply['error'].get('desc', reply['error'])}")
+            return reply.get("return")
+
+        receive()  # the greeting
+        execute("qmp_capabilities")
+        return execute(command, arguments)
+
+
+# ---------------------------------------------------------------------------------------------- launch --
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What `run` did: the record written to vm.json, and whether this call started the VM."""
+
+    record: dict[str, Any]
+    started: bool
+
+
+def _qemu_img(*args: str) -> str:
+    tool = shutil.which("qemu-img")
+    if tool is None:
+        raise VMError(
+            "qemu-img not found on PATH", hint="apt-get install qemu-utils (macOS: brew install qemu)"
+        )
+    proc = subprocess.run([tool, *args], capture_output=True, text=True, timeout=120, check=False)
+    if proc.returncode != 0:
+        raise VMError(f"qemu-img {args[0]} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc.stdout
+
+
+def image_info(path: Path) -> dict[str, Any]:
+    info: dict[str, Any] = json.loads(_qemu_img("info", "-U", "--output=json", str(path)))
+    return info
+
+
+def ensure_overlay(disk: Path, base: Path, size_gb: int) -> bool:
+    """A qcow2 overlay on `base` of at least `size_gb`; True when it was created now."""
+    if disk.exists():
+        info = image_info(disk)
+        backing = info.get("full-backing-filename") or info.get("backing-filename")
+        if backing and Path(backing).resolve() != base.resolve():
+            raise VMError(
+                f"{disk} is an overlay on {backing}, but the configured base image is {base}",
+                hint="`inv vm.destroy` to start over on the new image (the guest's disk is lost)",
+            )
+        if int(info.get("virtual-size", 0)) < size_gb * GIB:
+            _qemu_img("resize", str(disk), f"{size_gb}G")
+            ui.info(f"grew {disk.name} to {size_gb} GiB")
+        return False
+    base_format = image_info(base).get("format", "raw")
+    if int(image_info(base).get("virtual-size", 0)) > size_gb * GIB:
+        raise VMError(f"vm.disk_gb={size_gb} is smaller than the base image {base}", hint="raise vm.disk_gb")
+    disk.parent.mkdir(parents=True, exist_ok=True)
+    _qemu_img(
+        "create", "-q", "-f", "qcow2", "-F", base_format, "-b", str(base.resolve()), str(disk), f"{size_gb}G"
+    )
+    return True
+
+
+def _seed(cfg: Config, p: StatePaths) -> tuple[Path, str]:
+    """The seed ISO written by `inv iso` (built now when absent) and its instance-id."""
+    if p.seed_iso.is_file():
+        ui.skip(f"seed ISO: using {p.seed_iso} (run `inv iso` after changing the configuration)")
+        return p.seed_iso, _instance_id(p.seed_iso)
+    from infra import seed
+
+    result = seed.build(cfg)
+    return result.path, result.instance_id
+
+
+def _instance_id(iso: Path) -> str:
+    import pycdlib
+
+    reader = pycdlib.PyCdlib()
+    try:
+        reader.open(str(iso))
+        out = io.BytesIO()
+        reader.get_file_from_iso_fp(out, rr_path="/meta-data")
+        reader.close()
+    except Exception:
+        return ""
+    match = re.search(r"instance-id:\s*(\S+)", out.getvalue().decode(errors="replace"))
+    return match.group(1) if match else ""
+
+
+def _direct_boot(cfg: Config) -> tuple[Path | None, Path | None, str]:
+    values = {"vm.kernel": cfg.vm.kernel, "vm.initrd": cfg.vm.initrd, "vm.append": cfg.vm.append}
+    if not any(values.values()):
+        return None, None, ""
+    if not all(values.values()):
+        missing = ", ".join(k for k, v in values.items() if not v)
+        raise VMError(f"direct kernel boot needs vm.kernel, vm.initrd and vm.append; missing: {missing}")
+    out = []
+    for key in ("vm.kernel", "vm.initrd"):
+        path = Path(os.path.expanduser(values[key]))
+        path = path if path.is_absolute() else cfg.root / path
+        if not path.is_file():
+            raise VMError(f"configuration key {key}: no such file: {path}")
+        out.append(path)
+    return out[0], out[1], cfg.vm.append
+
+
+def load_record(p: StatePaths) -> dict[str, Any]:
+    try:
+        record: dict[str, Any] = json.loads(p.vm_record.read_text())
+    except (OSError, ValueError):
+        return {}
+    return record
+
+
+def run(cfg: Config) -> Launch:
+    """`inv vm.run`: boot the VM daemonized; a no-op (reported) when it already runs."""
+    p = paths(cfg)
+    pid = running_pid(p)
+    if pid is not None:
+        record = load_record(p)
+        ui.skip(f"VM already running (pid {pid}, accel {record.get('accel', '?')}); nothing changed")
+        wanted = {n: {"host": f.host, "guest": f.guest} for n, f in cfg.vm.ports.items()}
+        if record.get("ports") and record["ports"] != wanted:
+            ui.warn(
+                "the running VM has other port forwards than the configuration: `inv vm.stop` then `inv vm.run`"
+            )
+        return Launch(record, started=False)
+    if clear_stale(p):
+        ui.info(f"removed a stale pidfile/QMP socket of a qemu that no longer runs ({p.root})")
+
+    host = qemu.Platform.current()
+    arch = qemu.guest_arch(cfg.vm.arch, host)
+    binary = qemu.find_qemu(cfg.vm.qemu, arch)
+    kernel, initrd, append = _direct_boot(cfg)
+    if len(str(p.qmp_socket)) > MAX_SOCKET_PATH:
+        raise VMError(
+            f"state dir path too long for a unix socket: {p.qmp_socket}",
+            hint="use a shorter project.state_dir",
+        )
+    check_ports(cfg.vm.ports)
+    base = images.ensure(cfg, arch)
+    p.root.mkdir(parents=True, exist_ok=True)
+    iso, instance_id = _seed(cfg, p)
+    firmware = qemu.find_firmware(binary) if arch == "aarch64" and kernel is None else None
+
+    created = ensure_overlay(p.disk, base, cfg.vm.disk_gb)
+    if created:
+        p.known_hosts.unlink(missing_ok=True)  # a new disk has new SSH host keys
+    try:
+        accel, reason = qemu.resolve_accel(
+            cfg.vm.accel,
+            arch,
+            host,
+            probe=lambda: qemu.kvm_probe(qemu.ProbeBoot(binary, p.disk, kernel, initrd, append)),
+            cache=cfg.project.cache_dir / "kvm-probe.json",
+        )
+        spec = qemu.LaunchSpec(
+            qemu=binary, arch=arch, accel=accel, cpus=cfg.vm.cpus, memory_mb=cfg.vm.memory_mb,
+            disk=p.disk, seed_iso=iso, pidfile=p.pidfile, serial_log=p.serial_log, qmp_socket=p.qmp_socket,
+            forwards=cfg.vm.ports, name=cfg.project.name, kernel=kernel, initrd=initrd, append=append,
+            firmware=firmware,
+        )  # fmt: skip
+        command = qemu.build_command(spec)
+        pid = _launch(command, p)
+    except BaseException:
+        if created:
+            p.disk.unlink(missing_ok=True)
+        raise
+    record = {
+        "pid": pid,
+        "started_at": time.time(),
+        "accel": accel,
+        "accel_reason": reason,
+        "arch": arch,
+        "cpus": cfg.vm.cpus,
+        "memory_mb": cfg.vm.memory_mb,
+        "ports": {n: {"host": f.host, "guest": f.guest} for n, f in cfg.vm.ports.items()},
+        "image": str(base),
+        "disk": str(p.disk),
+        "seed_iso": str(iso),
+        "instance_id": instance_id,
+        "direct_kernel_boot": kernel is not None,
+        "command": command,
+    }
+    p.vm_record.write_text(json.dumps(record, indent=2) + "\n")
+    forwards = ", ".join(f"{n} 127.0.0.1:{f.host}->{f.guest}" for n, f in cfg.vm.ports.items())
+    ui.ok(f"VM started: pid {pid}, {accel} ({reason}), {cfg.vm.cpus} vCPU, {cfg.vm.memory_mb} MiB")
+    ui.info(f"    forwards: {forwards}")
+    ui.info(f"    serial log: {p.serial_log}  (inv vm.logs); next: inv vm.check")
+    return Launch(record, started=True)
+
+
+def _launch(command: list[str], p: StatePaths) -> int:
+    for stale in (p.pidfile, p.qmp_socket):
+        stale.unlink(missing_ok=True)
+    ui.debug("$ " + " ".join(command))
+    with p.qemu_log.open("w") as log:
+        log.write("$ " + " ".join(command) + "\n")
+        log.flush()
+        try:
+            # -daemonize: this returns once qemu is initialized (ports bound, files open) and forked away.
+            proc = subprocess.run(
+                command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, timeout=120, check=False
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise VMError("qemu did not finish starting within 120 s", log=p.qemu_log) from exc
+    if proc.returncode != 0:
+        lines = [ln for ln in p.qemu_log.read_text(errors="replace").splitlines()[1:] if ln.strip()]
+        hint = "see the qemu log"
+        text = "\n".join(lines)
+        if "host forwarding rule" in text or "Address already in use" in text:
+            hint = "a forwarded port was taken in the meantime; check vm.ports"
+        elif "kvm" in text.lower():
+            hint = "KVM failed: set vm.accel=tcg (INVOKE_VM_ACCEL=tcg)"
+        for stale in (p.pidfile, p.qmp_socket):
+            stale.unlink(missing_ok=True)
+        raise VMError(
+            f"qemu failed to start (exit {proc.returncode})", details=lines[-10:], log=p.qemu_log, hint=hint
+        )
+    pid = read_pid(p.pidfile)
+    if pid is None or _proc_cmdline(pid) is None:
+        raise VMError("qemu exited right after starting", log=p.qemu_log, details=tail(p.serial_log, 20))
+    return pid
+
+
+# ------------------------------------------------------------------------------------------------ stop --
+
+
+def _pid_gone(pid: int) -> bool:
+    return _proc_cmdline(pid) is None
+
+
+def stop(cfg: Config, timeout: float | None = None) -> bool:
+    """`inv vm.stop`: ACPI power-off over QMP, wait, then SIGTERM/SIGKILL. True when a VM was stopped."""
+    p = paths(cfg)
+    pid = running_pid(p)
+    if pid is None:
+        if clear_stale(p):
+            ui.info("removed a stale pidfile/QMP socket")
+        ui.skip("VM is not running")
+        return False
+    limit = cfg.vm.stop_timeout if timeout is None else timeout
+    powered_off = False
+    try:
+        qmp(p.qmp_socket, "system_powerdown")
+        wait_until(
+            lambda _d: Probe(_pid_gone(pid), "powered off" if _pid_gone(pid) else "guest shutting down"),
+            what=f"VM (pid {pid}) to power off (ACPI)",
+            timeout=limit,
+            interval=0.5,
+        )
+        powered_off = True
+    except WaitTimeout:
+        ui.warn(f"the guest did not power off within {limit:.0f}s; killing qemu (pid {pid})")
+    except VMError as exc:
+        ui.warn(f"{exc}; killing qemu (pid {pid})")
+    if not powered_off:
+        _kill(pid)
+    for path in (p.pidfile, p.qmp_socket):
+        path.unlink(missing_ok=True)
+    record = load_record(p)
+    if record:
+        record["stopped_at"] = time.time()
+        p.vm_record.write_text(json.dumps(record, indent=2) + "\n")
+    ui.ok(f"VM stopped ({'ACPI power-off' if powered_off else 'killed'}, pid {pid})")
+    return True
+
+
+def _kill(pid: int) -> None:
+    for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+        end = time.monotonic() + grace
+        while time.monotonic() < end:
+            if _pid_gone(pid):
+                return
+            time.sleep(0.1)
+    raise VMError(f"qemu (pid {pid}) survived SIGKILL", hint=f"check `ps -p {pid}`")
+
+
+# -------------------------------------------------------------------------------------- status / logs --
+
+
+def status(cfg: Config, *, probe_guest: bool = True) -> dict[str, Any]:
+    """Running? pid, forwards, acceleration, uptime, cloud-init state (asked over SSH, briefly)."""
+    p = paths(cfg)
+    pid = running_pid(p)
+    record = load_record(p)
+    info: dict[str, Any] = {"running": pid is not None, "state_dir": str(p.root)}
+    if pid is None:
+        info["disk"] = str(p.disk) if p.disk.exists() else None
+        return info
+    started = float(record.get("started_at", 0)) or None
+    info |= {
+        "pid": pid,
+        "accel": record.get("accel"),
+        "arch": record.get("arch"),
+        "uptime_s": round(time.time() - started) if started else None,
+        "ports": record.get("ports", {}),
+        "instance_id": record.get("instance_id"),
+        "serial_log": str(p.serial_log),
+    }
+    if probe_guest:
+        from infra import remote
+
+        info["cloud_init"] = remote.cloud_init_state(cfg)
+    return info
+
+
+def tail(path: Path, lines: int) -> list[str]:
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 256 * 1024))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return []
+    # strip ANSI colour codes of systemd's console output
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text).replace("\r", "")
+    return text.splitlines()[-lines:] if lines > 0 else []
+
+
+def follow(path: Path, lines: int) -> Iterator[str]:
+    """tail -f: the last `lines`, then new lines as they come (until the caller stops iterating)."""
+    yield from tail(path, lines)
+    with path.open("rb") as f:
+        f.seek(0, os.SEEK_END)
+        buf = b""
+        while True:
+            chunk = f.read()
+            if not chunk:
+                time.sleep(0.5)
+                continue
+            buf += chunk
+            *complete, buf = buf.split(b"\n")
+            for line in complete:
+                yield re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", line.decode(errors="replace")).replace("\r", "")
+
+
+def logs_path(cfg: Config) -> Path:
+    path = paths(cfg).serial_log
+    if not path.exists():
+        raise VMError(f"no serial log at {path}", hint="the VM has not been started here: inv vm.run")
+    return path
+
+
+# --------------------------------------------------------------------------------------------- destroy --
+
+#: Files of the VM in the state dir. The image cache lives elsewhere (project.cache_dir) and is kept.
+VM_FILES = ("seed_iso", "user_data", "disk", "pidfile", "serial_log", "qmp_socket", "qemu_log", "vm_record",
+            "deployed")  # fmt: skip
+
+
+def destroy(cfg: Config) -> list[Path]:
+    """`inv vm.destroy`: stop the VM, delete its disk, seed ISO, keys and records. Returns what was removed."""
+    p = paths(cfg)
+    stop(cfg)
+    removed = []
+    for name in VM_FILES:
+        path: Path = getattr(p, name)
+        if path.exists() or path.is_symlink():
+            path.unlink()
+            removed.append(path)
+    ssh_dir = p.ssh_key.parent
+    if ssh_dir.exists():
+        shutil.rmtree(ssh_dir)
+        removed.append(ssh_dir)
+    with contextlib.suppress(OSError):
+        p.root.rmdir()  # only when nothing else (another tool's files) is left in it
+    ui.ok(
+        f"VM destroyed: removed {len(removed)} item(s) from {p.root}; image cache kept ({cfg.project.cache_dir})"
+    )
+    return removed
+
+
+__all__ = [
+    "Launch", "check_ports", "clear_stale", "destroy", "follow", "logs_path", "port_free",
+    "port_owner", "qmp", "run", "running_pid", "status", "stop", "tail",
+]  # fmt: skip

@@ -1,0 +1,127 @@
+"""Fixtures of the integration tier that start real servers (each stopped by PID at the end)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from servers import dockerd, postgres, tansu
+
+from infra import ROOT
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> Iterator[dockerd.DockerEngine]:
+    """A private dockerd (Debian's docker.io). If it cannot start, every test using it FAILS with the
+    dockerd log: a missing engine is a broken environment, not a reason to skip."""
+    engine = dockerd.started()
+    yield engine
+    dockerd.cleanup(engine)
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[postgres.PostgresServer]:
+    server = postgres.started()
+    yield server
+    postgres.cleanup(server)
+
+
+@pytest.fixture(scope="module")
+def kafka() -> Iterator[tansu.TansuBroker]:
+    broker = tansu.started()
+    yield broker
+    tansu.cleanup(broker)
+
+
+# ------------------------------------------------------------------------------------- VM tier (marker vm) --
+# A Debian 12 image built here from Debian's packages (scripts/build-test-image, cached by content key),
+# booted under TCG with direct kernel boot through the real `inv` CLI; Nomad and Docker provisioning off
+# (HashiCorp's repository is unreachable here). Everything the VM writes lives in a tmp state dir; the
+# qemu process is stopped by its pid at the end even when a test failed half-way.
+
+INV = str(Path(sys.executable).with_name("inv"))
+VM_FORWARDS = {"ssh": 22, "nomad": 4646, "app": 3000, "ingress": 8080, "traefik_dashboard": 8081,
+               "kafka": 19092, "postgres": 5432}  # fmt: skip
+
+
+def _free_ports(count: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(count):  # held together, so the ports are distinct
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@pytest.fixture(scope="session")
+def test_image() -> dict[str, str]:
+    """Build (or reuse from the cache) the Debian test image; its image/kernel/initrd paths and append."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "build-test-image"), "--json"],
+        capture_output=True, text=True, timeout=900, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"scripts/build-test-image failed:\n{proc.stderr[-4000:]}"
+    image: dict[str, str] = json.loads(proc.stdout)
+    return image
+
+
+@dataclass
+class VMEnv:
+    root: Path  # the tmp dir holding the config file and the state dir
+    config_file: Path
+    state_dir: Path
+    settings: dict[str, Any]
+
+    def inv(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+        """The real `inv` CLI with our -f config file, as a user runs it."""
+        return subprocess.run(
+            [INV, "-f", str(self.config_file), *args],
+            cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False,
+        )  # fmt: skip
+
+    def pid(self) -> int | None:
+        try:
+            return int((self.state_dir / "qemu.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+
+@pytest.fixture(scope="module")
+def vm_env(test_image: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[VMEnv]:
+    """A -f config file: the test image with direct kernel boot, TCG, 2 vCPU / 2 GiB, free ports, tmp state."""
+    root = tmp_path_factory.mktemp("vm")
+    free = _free_ports(len(VM_FORWARDS))
+    ports = {name: {"host": free[i], "guest": guest} for i, (name, guest) in enumerate(VM_FORWARDS.items())}
+    settings: dict[str, Any] = {
+        "project": {"state_dir": str(root / "state")},
+        "provision": {"nomad": False, "docker": False, "hostname": "vmtest-1"},
+        "vm": {
+            "image": test_image["image"], "kernel": test_image["kernel"], "initrd": test_image["initrd"],
+            "append": test_image["append"], "accel": "tcg", "cpus": 2, "memory_mb": 2048, "disk_gb": 4,
+            "ssh_timeout": 300, "cloud_init_timeout": 600, "stop_timeout": 60,
+            "ports": ports,
+        },
+    }  # fmt: skip
+    config_file = root / "vm-test.yaml"
+    config_file.write_text(yaml.safe_dump(settings))
+    env = VMEnv(root, config_file, root / "state", settings)
+    yield env
+    pid = env.pid()
+    if pid is not None and Path(f"/proc/{pid}").exists():  # a test failed before vm.stop: stop by pid
+        env.inv("vm.stop", "--timeout", "10", timeout=60)
+        if Path(f"/proc/{pid}/cmdline").exists() and b"qemu" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            os.kill(pid, signal.SIGKILL)

@@ -1,0 +1,59 @@
+"""Small helpers shared by the server wrappers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def port_open(port: int, host: str = "127.0.0.1", timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as exc:
+        return f"(no log at {path}: {exc})"
+
+
+def stop_process(proc: subprocess.Popen[bytes], *, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+    """Signal the process we started (by its PID), wait, SIGKILL if it does not exit. Returns its code."""
+    if proc.poll() is None:
+        os.kill(proc.pid, sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    return int(proc.returncode)
+
+
+def wait_for(predicate: object, what: str, timeout: float, log: Path | None = None,
+              proc: subprocess.Popen[bytes] | None = None) -> None:  # fmt: skip
+    """Poll `predicate()` until true; raise with the log tail if it never is or the process died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if callable(predicate) and predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(
+                f"{what}: process {proc.pid} exited with {proc.returncode}\n{tail(log) if log else ''}"
+            )
+        time.sleep(0.2)
+    raise RuntimeError(f"{what}: not ready after {timeout:.0f}s\n{tail(log) if log else ''}")
