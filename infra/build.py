@@ -459,7 +459,7 @@ def ship(
     image: str = "",
     local: bool = False,
     detach: bool = False,
-    engine: Callable[[Config], contextlib.AbstractContextManager[Any]] = _vm_engine,
+    engine: Callable[[Config], contextlib.AbstractContextManager[Any]] | None = None,
     builder: LocalDocker | None = None,
 ) -> ShipResult:
     """`inv deploy.app [--build [--local] | --image REF]`: build (or take) the image, deploy it, report."""
@@ -471,7 +471,7 @@ def ship(
         raise BuildError("--local only applies with --build")
     built: BuildResult | None = None
     if build_image:
-        with engine(cfg) as target:
+        with (engine or _vm_engine)(cfg) as target:
             host = builder or LocalDocker(network=cfg.app.build_network)
             built = build(cfg, target, builder=host if local else None)
         ref = built.ref

@@ -61,8 +61,8 @@ class ProvisionConfig:
     docker: bool
     nomad: bool
     nomad_version: str
-    volumes_dir: str
     packages: list[str]
+    registry_mirror: str
 
 
 @dataclass(frozen=True)
@@ -162,8 +162,24 @@ def load(overrides: Mapping[str, Any] | None = None, *, root: Path = ROOT) -> Co
 
 def from_invoke(cfg: Mapping[str, Any]) -> Config:
     """Typed config from invoke's merged config (`ctx.config`)."""
+    _check_bool_env(read_defaults(), os.environ)
     raw = {k: _plain(v) for k, v in cfg.items()}
     return build(raw, root=ROOT)
+
+
+def _check_bool_env(defaults: Mapping[str, Any], environ: Mapping[str, str], prefix: str = "") -> None:
+    """invoke turns any non-empty INVOKE_* value but "0" into True: refuse the "false" that would be true."""
+    for key, default in defaults.items():
+        name = f"{prefix}_{key}".upper() if prefix else key.upper()
+        if isinstance(default, dict):
+            _check_bool_env(default, environ, name)
+        elif isinstance(default, bool):
+            value = environ.get(f"INVOKE_{name}")
+            if value is not None and value.strip().lower() in ("false", "no", "off", "n", "f"):
+                raise ConfigError(
+                    f"INVOKE_{name}={value!r} would mean true: invoke reads every non-empty value but 0 as true",
+                    hint=f"use INVOKE_{name}=0 for false and INVOKE_{name}=1 for true",
+                )
 
 
 def build(raw: Mapping[str, Any], *, root: Path = ROOT) -> Config:

@@ -223,6 +223,7 @@ class ProbeBoot:
     kernel: Path | None = None
     initrd: Path | None = None
     append: str = ""
+    cpu: str = "host"  # the CPU model the real launch would use under KVM
 
 
 def kvm_probe(boot: ProbeBoot, timeout: float = KVM_PROBE_TIMEOUT) -> tuple[bool, str]:
@@ -233,7 +234,7 @@ def kvm_probe(boot: ProbeBoot, timeout: float = KVM_PROBE_TIMEOUT) -> tuple[bool
     with tempfile.TemporaryDirectory(prefix="kvm-probe-") as tmp:
         serial = Path(tmp) / "serial.log"
         cmd = [
-            boot.qemu, "-machine", "q35", "-accel", "kvm", "-cpu", "host", "-smp", "1", "-m", "1024",
+            boot.qemu, "-machine", "q35", "-accel", "kvm", "-cpu", boot.cpu, "-smp", "1", "-m", "1024",
             "-snapshot", "-drive", f"file={boot.disk},if=virtio,format=qcow2",
             "-display", "none", "-vga", "none", "-monitor", "none", "-nodefaults",
             "-serial", f"file:{serial}", "-no-reboot",
@@ -252,6 +253,7 @@ def kvm_probe(boot: ProbeBoot, timeout: float = KVM_PROBE_TIMEOUT) -> tuple[bool
                     return True, f"guest kernel reached user space in {time.monotonic() - start:.1f}s"
                 if proc.poll() is not None:
                     err = (proc.stderr.read() if proc.stderr else "").strip().splitlines()
+                    err = [line[-120:] for line in err[-1:]]  # qemu's last word, shortened
                     return (
                         False,
                         f"qemu -accel kvm exited ({proc.returncode}): {err[-1] if err else 'no output'}",

@@ -40,11 +40,18 @@ from infra.waits import Probe, wait_until
 logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 CLOUD_INIT_LOG = "/var/log/cloud-init-output.log"
-#: result.json appears when cloud-init's last stage (modules-final) has finished; status.json tracks stages.
-STAGE_PROBE = (
-    "if [ -e /run/cloud-init/result.json ]; then echo finished; "
-    "else cat /run/cloud-init/status.json 2>/dev/null || echo '{}'; fi"
-)
+#: cloud-init's run-time state in the guest: result.json appears when its last stage (modules-final) has
+#: finished; status.json tracks the stages.
+CLOUD_INIT_RUN = "/run/cloud-init"
+
+
+def _stage_probe() -> str:
+    return (
+        f"if [ -e {CLOUD_INIT_RUN}/result.json ]; then echo finished; "
+        f"else cat {CLOUD_INIT_RUN}/status.json 2>/dev/null || echo '{{}}'; fi"
+    )
+
+
 #: Lines of cloud-init's output log worth showing on failure.
 ERROR_LINES = re.compile(r"error|fail|traceback|warn|exception|not found|denied", re.I)
 
@@ -178,7 +185,7 @@ def wait_cloud_init(cfg: Config, conn: Connection, timeout: float | None = None)
     def probe(_deadline: object) -> Probe[str]:
         # `cat` of cloud-init's own state files, not `cloud-init status`: under TCG every `cloud-init status`
         # starts a Python interpreter in the guest, and polling with it slows the very boot we wait for.
-        result = sh(conn, STAGE_PROBE, timeout=30)
+        result = sh(conn, _stage_probe(), timeout=30)
         if result.stdout.startswith("finished"):
             return Probe(True, "finished", "finished")
         return Probe(False, _stage(result.stdout))
@@ -187,7 +194,7 @@ def wait_cloud_init(cfg: Config, conn: Connection, timeout: float | None = None)
         probe,
         what="cloud-init",
         timeout=cfg.vm.cloud_init_timeout if timeout is None else timeout,
-        interval=1.0,
+        interval=0.5,  # a `cat` over the open connection: cheap for the guest
         hint=f"inv vm.ssh, then read {CLOUD_INIT_LOG}",
         details=lambda: cloud_init_log_lines(conn),
     )

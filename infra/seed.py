@@ -164,6 +164,12 @@ def compose(cfg: Config, public_key: str) -> dict[str, Any]:
         if key is not None:
             files.append({"path": "/etc/infra-lab/hashicorp.asc", "permissions": "0644", "content": key})
 
+    if cfg.provision.docker and cfg.provision.registry_mirror:
+        daemon = {"registry-mirrors": [cfg.provision.registry_mirror]}
+        files.append(
+            {"path": "/etc/docker/daemon.json", "permissions": "0644", "content": json.dumps(daemon, indent=2)}
+        )
+
     packages = [*doc.get("packages", []), *cfg.provision.packages]
     if packages:
         doc["packages"] = packages
@@ -244,6 +250,9 @@ def _project_rules(doc: Mapping[str, Any], cfg: Config) -> list[str]:
     for i, item in enumerate(doc.get("runcmd", [])):
         if isinstance(item, str) and item.startswith("/usr/local/lib/infra-lab/") and item not in written:
             problems.append(f"runcmd[{i}]: script {item} is not written by write_files")
+    mirror = cfg.provision.registry_mirror
+    if mirror and not re.match(r"^https://[A-Za-z0-9.-]+(:\d+)?/?$", mirror):
+        problems.append(f"provision.registry_mirror: {mirror!r} is not an https:// registry URL")
     if cfg.provision.nomad:
         if not _VERSION.match(cfg.provision.nomad_version):
             problems.append(

@@ -14,6 +14,7 @@ from typing import Any
 from infra import cluster, deploy, ui
 from infra.config import Config
 from infra.nomad import Client, NomadAPIError, NomadUnreachable
+from infra.state import StatePaths
 
 
 def up(cfg: Config, *, client: Client | None = None) -> None:
@@ -41,7 +42,17 @@ def deploy_all(cfg: Config, client: Client) -> list[deploy.DeployResult]:
     ui.step("deploy.data: Postgres + Kafka")
     results.append(deploy.deploy_data(cfg, client))
     ui.step("deploy.app: the app")
-    results.append(deploy.deploy_app(cfg, client))
+    if cfg.app.default_image or StatePaths(cfg.project.state_dir).deployed.exists():
+        # An image was chosen before (app.default_image, or the last deploy.app): keep it; unchanged -> no-op.
+        results.append(deploy.deploy_app(cfg, client))
+    else:
+        # First run: nothing to deploy yet but the source in app/. Build it in the VM and ship that.
+        from infra import build
+
+        shipped = build.ship(cfg, client, build_image=True)
+        results.append(
+            deploy.DeployResult(deploy.job_id_of(cfg.deploy.app_job), shipped.outcome, shipped.job_version)
+        )
     ui.step("deploy.ingress: Traefik")
     results.append(deploy.deploy_ingress(cfg, client))
     return results

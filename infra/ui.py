@@ -9,7 +9,8 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 from rich.console import Console
 from rich.progress import (
@@ -61,20 +62,30 @@ def out(value: str) -> None:
 
 
 class LiveLine:
-    """One status line that is rewritten while waiting (a spinner on a TTY, change-only lines otherwise)."""
+    """One status line that is rewritten while waiting.
 
-    def __init__(self, status: Status | None) -> None:
+    On a terminal: a spinner with the text and its `progress` suffix (elapsed time), updated in place.
+    Elsewhere (CI logs, pipes): a line only when the text itself changes, plus a heartbeat every
+    HEARTBEAT seconds, so a long wait does not print one line per second.
+    """
+
+    HEARTBEAT = 30.0
+
+    def __init__(self, status: Status | None, clock: Callable[[], float] = time.monotonic) -> None:
         self._status = status
+        self._clock = clock
         self._last = ""
+        self._printed_at = clock()
 
-    def update(self, text: str) -> None:
-        if text == self._last:
-            return
-        self._last = text
+    def update(self, text: str, progress: str = "") -> None:
         if self._status is not None:
-            self._status.update(text)
-        else:
-            console.print(f"... {text}")
+            self._status.update(f"{text} {progress}".rstrip())
+            return
+        now = self._clock()
+        if text != self._last or now - self._printed_at >= self.HEARTBEAT:
+            console.print(f"... {text} {progress}".rstrip())
+            self._last = text
+            self._printed_at = now
 
 
 @contextlib.contextmanager

@@ -453,19 +453,13 @@ def stop(cfg: Config, timeout: float | None = None) -> bool:
         return False
     limit = cfg.vm.stop_timeout if timeout is None else timeout
     powered_off = False
-    try:
-        qmp(p.qmp_socket, "system_powerdown")
-        wait_until(
-            lambda _d: Probe(_pid_gone(pid), "powered off" if _pid_gone(pid) else "guest shutting down"),
-            what=f"VM (pid {pid}) to power off (ACPI)",
-            timeout=limit,
-            interval=0.5,
-        )
-        powered_off = True
-    except WaitTimeout:
-        ui.warn(f"the guest did not power off within {limit:.0f}s; killing qemu (pid {pid})")
-    except VMError as exc:
-        ui.warn(f"{exc}; killing qemu (pid {pid})")
+    if limit > 0:
+        try:
+            powered_off = _acpi_power_off(p, pid, limit)
+            if not powered_off:
+                ui.warn(f"the guest did not power off within {limit:.0f}s; killing qemu (pid {pid})")
+        except VMError as exc:
+            ui.warn(f"{exc}; killing qemu (pid {pid})")
     if not powered_off:
         _kill(pid)
     for path in (p.pidfile, p.qmp_socket):
@@ -475,6 +469,31 @@ def stop(cfg: Config, timeout: float | None = None) -> bool:
         record["stopped_at"] = time.time()
         p.vm_record.write_text(json.dumps(record, indent=2) + "\n")
     ui.ok(f"VM stopped ({'ACPI power-off' if powered_off else 'killed'}, pid {pid})")
+    return True
+
+
+#: A power-button press that arrives before the guest's systemd-logind runs is lost: press again this often.
+ACPI_REPEAT = 10.0
+
+
+def _acpi_power_off(p: StatePaths, pid: int, limit: float) -> bool:
+    """Press the ACPI power button (QMP system_powerdown) until qemu exits or `limit` passes."""
+    pressed = [time.monotonic()]
+    qmp(p.qmp_socket, "system_powerdown")
+
+    def probe(_d: object) -> Probe[None]:
+        if _pid_gone(pid):
+            return Probe(True, "powered off")
+        if time.monotonic() - pressed[-1] >= ACPI_REPEAT:
+            with contextlib.suppress(VMError):  # qemu may be exiting right now
+                qmp(p.qmp_socket, "system_powerdown")
+            pressed.append(time.monotonic())
+        return Probe(False, f"guest shutting down (power button pressed {len(pressed)}x)")
+
+    try:
+        wait_until(probe, what=f"VM (pid {pid}) to power off (ACPI)", timeout=limit, interval=0.5)
+    except WaitTimeout:
+        return False
     return True
 
 
@@ -567,7 +586,7 @@ VM_FILES = ("seed_iso", "user_data", "disk", "pidfile", "serial_log", "qmp_socke
 def destroy(cfg: Config) -> list[Path]:
     """`inv vm.destroy`: stop the VM, delete its disk, seed ISO, keys and records. Returns what was removed."""
     p = paths(cfg)
-    stop(cfg)
+    stop(cfg, timeout=0)  # the disk is deleted next: no point in a graceful guest shutdown
     removed = []
     for name in VM_FILES:
         path: Path = getattr(p, name)

@@ -66,7 +66,7 @@ def wait_until(
     with ui.live(f"waiting for {what}") as line:
         while True:
             last = probe(deadline)
-            line.update(f"waiting for {what}: {last.state} ({deadline.elapsed():.0f}s/{timeout:.0f}s)")
+            line.update(f"waiting for {what}: {last.state}", f"({deadline.elapsed():.0f}s/{timeout:.0f}s)")
             if last.done:
                 ui.ok(f"{what}: {last.state} after {deadline.elapsed():.1f}s")
                 return last

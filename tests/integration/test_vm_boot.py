@@ -93,7 +93,7 @@ def booted(vm_env: Any) -> dict[str, Any]:
 def test_run_and_check_pass(booted: dict[str, Any]) -> None:
     assert "VM started" in booted["run"].stderr
     assert booted["record"]["accel"] == "tcg" and booted["record"]["direct_kernel_boot"] is True
-    assert "cloud-init: done" in booted["check"].stderr
+    assert "cloud-init: finished" in booted["check"].stderr
     assert booted["timings"]["cloud_init"] == "done"
     assert booted["timings"]["ssh_ready_s"] > 0
 

@@ -87,3 +87,13 @@ def test_cli_env_override_is_typed(run_inv, tmp_path: Path) -> None:  # type: ig
     result = run_inv("iso", env={"INVOKE_VM_CPUS": "many"})
     assert result.returncode != 0
     assert "vm.cpus" in result.stderr or "many" in result.stderr
+
+
+def test_false_in_a_boolean_env_var_is_refused_not_read_as_true(run_inv, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    result = run_inv("iso", env={"INVOKE_PROVISION_NOMAD": "false"})
+    assert result.returncode != 0
+    assert "INVOKE_PROVISION_NOMAD='false' would mean true" in result.stderr
+    assert not (tmp_path / "state" / "seed.iso").exists()
+    off = run_inv("iso", env={"INVOKE_PROVISION_NOMAD": "0"})
+    assert off.returncode == 0, off.stderr
+    assert b"NOMAD_VERSION" not in (tmp_path / "state" / "user-data").read_bytes()

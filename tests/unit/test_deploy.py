@@ -380,15 +380,28 @@ def test_up_twice_deploys_the_real_job_specs_then_changes_nothing(
 ) -> None:  # fmt: skip
     """`inv up`'s sequence with the VM steps recorded (they boot a real VM in the vm tier) and the Nomad
     steps real against the double, deploying the real nomad/*.nomad.hcl (the double reads them)."""
-    from infra import remote, seed, stack, vm
+    import contextlib
+
+    from infra import build, remote, seed, stack, vm
 
     calls: list[str] = []
     monkeypatch.setattr(seed, "build", lambda cfg, ssh_key=None: calls.append("iso"))
     monkeypatch.setattr(vm, "run", lambda cfg: calls.append("vm.run"))
     monkeypatch.setattr(remote, "check", lambda cfg, alive=None: calls.append("vm.check"))
+    # The image build runs for real in tests/integration/test_app_image.py; here it is recorded.
+    monkeypatch.setattr(build, "_vm_engine", lambda cfg: contextlib.nullcontext("vm-engine"))
+
+    def fake_build(cfg: Any, target: Any, builder: Any = None) -> build.BuildResult:
+        calls.append(f"build in {target}")
+        return build.BuildResult("infra-lab/app:0123456789ab", "0123456789ab", True, 0.0)
+
+    monkeypatch.setattr(build, "build", fake_build)
     cfg = make_cfg()
     stack.up(cfg, client=client)
-    assert calls == ["iso", "vm.run", "vm.check"]
+    # First run: nothing deployed yet, so the app is built from app/ (in the VM) and that image shipped.
+    assert calls == ["iso", "vm.run", "vm.check", "build in vm-engine"]
+    app_task = next(t for t in double.jobs["app"]["TaskGroups"][0]["Tasks"] if t["Name"] == "app")
+    assert app_task["Config"]["image"] == "infra-lab/app:0123456789ab"
     assert set(double.jobs) == {"datastorage", "app", "ingress"}
     assert all(j["Status"] == "running" and j["Stable"] for j in double.jobs.values())
     assert double.vars["nomad/jobs/app"]["Items"] == double.vars["nomad/jobs/datastorage"]["Items"]
@@ -396,8 +409,9 @@ def test_up_twice_deploys_the_real_job_specs_then_changes_nothing(
     assert registers == 3
     capsys.readouterr()
 
-    stack.up(cfg, client=client)  # the second run: every step satisfied, nothing registered
+    stack.up(cfg, client=client)  # the second run: every step satisfied, nothing registered or built
     assert double.count("^/v1/jobs$", "POST") == registers
+    assert calls.count("build in vm-engine") == 1
     err = capsys.readouterr().err
     for job in ("datastorage", "app", "ingress"):
         assert f"{job}: unchanged (version 0), nothing to do" in err

@@ -287,3 +287,12 @@ def test_superseded_hashicorp_key_is_refused(tmp_path: Path, monkeypatch) -> Non
 def test_not_a_key_block() -> None:
     with pytest.raises(ValidationError, match="not an ASCII-armored OpenPGP public key block"):
         pgp.dearmor("hello", "x.asc")
+
+
+def test_registry_mirror_goes_to_docker_daemon_json(make_cfg) -> None:  # type: ignore[no-untyped-def]
+    doc = userdata(make_cfg(provision={"registry_mirror": "https://mirror.gcr.io"}))
+    daemon = files_by_path(doc)["/etc/docker/daemon.json"]
+    assert yaml.safe_load(daemon["content"]) == {"registry-mirrors": ["https://mirror.gcr.io"]}
+    assert "/etc/docker/daemon.json" not in files_by_path(userdata(make_cfg()))
+    with pytest.raises(ValidationError, match=r"provision\.registry_mirror: 'mirror\.gcr\.io' is not an https://"):
+        seed.render(make_cfg(provision={"registry_mirror": "mirror.gcr.io"}), KEY)

@@ -1,0 +1,247 @@
+"""infra.remote against a real OpenSSH server on loopback (tests/servers/sshd.py) standing in for the VM.
+
+The "guest" is this machine: `cloud-init` and `systemctl` are fakes put first on the session PATH (sshd
+SetEnv), cloud-init's run dir and output log are files in tmp_path. So SSH, the fabric connection, the
+known_hosts handling and every failure message are real; only what cloud-init answers is scripted.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from servers import sshd
+
+from infra import config, remote
+from infra.errors import VMError, WaitTimeout
+
+
+@pytest.fixture
+def guest(tmp_path: Path) -> Iterator[tuple[sshd.SSHServer, Path]]:
+    fakebin = tmp_path / "fakebin"
+    fakebin.mkdir()
+    server = sshd.started(env={"PATH": f"{fakebin}:/usr/local/bin:/usr/bin:/bin"})
+    try:
+        yield server, fakebin
+    finally:
+        sshd.cleanup(server)
+
+
+def fake(fakebin: Path, name: str, script: str) -> None:
+    path = fakebin / name
+    path.write_text("#!/bin/sh\n" + script)
+    path.chmod(0o755)
+
+
+@pytest.fixture
+def cfg_for(
+    make_cfg: Callable[..., config.Config], guest: tuple[sshd.SSHServer, Path]
+) -> Callable[..., config.Config]:
+    server, _ = guest
+
+    def make(**vm: object) -> config.Config:
+        ports = {"ssh": {"host": server.port, "guest": 22}}
+        return make_cfg(
+            ssh={"user": server.user, "private_key": str(server.client_key)},
+            vm={"ports": {**config.read_defaults()["vm"]["ports"], **ports}, **vm},
+            provision={"nomad": False, "docker": False},
+        )
+
+    return make
+
+
+@pytest.fixture
+def cloud_init_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    run = tmp_path / "run-cloud-init"
+    run.mkdir()
+    log = tmp_path / "cloud-init-output.log"
+    monkeypatch.setattr(remote, "CLOUD_INIT_RUN", str(run))
+    monkeypatch.setattr(remote, "CLOUD_INIT_LOG", str(log))
+    return run, log
+
+
+def test_wait_ssh_logs_in_and_remembers_the_host_key(cfg_for: Callable[..., config.Config]) -> None:
+    cfg = cfg_for()
+    conn = remote.wait_ssh(cfg, timeout=30)
+    try:
+        assert remote.sh(conn, "echo hello").stdout.strip() == "hello"
+    finally:
+        conn.close()
+    known = (cfg.project.state_dir / "ssh" / "known_hosts").read_text()
+    assert f"[127.0.0.1]:{cfg.vm.ports['ssh'].host} ssh-ed25519 " in known
+    remote.wait_ssh(cfg, timeout=30).close()  # the remembered key matches
+
+
+def test_changed_host_key_is_an_error(cfg_for: Callable[..., config.Config]) -> None:
+    cfg = cfg_for()
+    known = cfg.project.state_dir / "ssh" / "known_hosts"
+    known.parent.mkdir(parents=True)
+    other = "AAAAC3NzaC1lZDI1NTE5AAAAIDmSGSaGPS93jhw+4Q8bO/Dp7R+WIUbU7/BE2bI4kTCj"
+    known.write_text(f"[127.0.0.1]:{cfg.vm.ports['ssh'].host} ssh-ed25519 {other}\n")
+    with pytest.raises(VMError, match=r"host key of 127\.0\.0\.1:\d+ changed"):
+        remote.wait_ssh(cfg, timeout=30)
+
+
+def test_wrong_key_times_out_with_the_reason(cfg_for: Callable[..., config.Config], tmp_path: Path) -> None:
+    from infra import keys
+    from infra.state import StatePaths
+
+    stranger = keys.ensure_generated(StatePaths(tmp_path / "stranger")).private_path
+    cfg = cfg_for()
+    cfg = config.load(
+        {
+            "project": {"state_dir": str(cfg.project.state_dir)},
+            "ssh": {"user": cfg.ssh.user, "private_key": str(stranger)},
+            "vm": {"ports": {n: {"host": p.host, "guest": p.guest} for n, p in cfg.vm.ports.items()}},
+        }
+    )
+    with pytest.raises(WaitTimeout) as err:
+        remote.wait_ssh(cfg, timeout=3)
+    assert "AuthenticationException" in str(err.value)
+
+
+def test_missing_private_key_is_named(make_cfg: Callable[..., config.Config], tmp_path: Path) -> None:
+    cfg = make_cfg(ssh={"private_key": str(tmp_path / "nope")})
+    with pytest.raises(Exception, match="nope not found"):
+        remote.connection(cfg)
+
+
+def test_cloud_init_wait_follows_the_stages(
+    cfg_for: Callable[..., config.Config],
+    guest: tuple[sshd.SSHServer, Path],
+    cloud_init_dirs: tuple[Path, Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _, fakebin = guest
+    run, _ = cloud_init_dirs
+    (run / "status.json").write_text(
+        json.dumps({"v1": {"stage": "modules:config", "init": {"finished": 1.0}}})
+    )
+    fake(fakebin, "cloud-init", 'echo "status: done"\n')
+
+    def finish() -> None:
+        time.sleep(2)
+        (run / "result.json").write_text("{}")
+
+    thread = threading.Thread(target=finish)
+    thread.start()
+    conn = remote.wait_ssh(cfg_for(), timeout=30)
+    try:
+        assert remote.wait_cloud_init(cfg_for(), conn, timeout=30) == "done"
+    finally:
+        conn.close()
+        thread.join()
+    err = capsys.readouterr().err
+    assert "running modules:config" in err and "cloud-init: finished" in err
+
+
+def test_cloud_init_error_shows_the_log(
+    cfg_for: Callable[..., config.Config],
+    guest: tuple[sshd.SSHServer, Path],
+    cloud_init_dirs: tuple[Path, Path],
+) -> None:
+    _, fakebin = guest
+    run, log = cloud_init_dirs
+    (run / "result.json").write_text("{}")
+    log.write_text(
+        "Cloud-init v. 22.4.2 running 'modules:config'\n*** update-locale: Error: invalid locale\nok\n"
+    )
+    fake(
+        fakebin,
+        "cloud-init",
+        "echo 'status: error'\necho \"detail: ('locale', ProcessExecutionError)\"\nexit 1\n",
+    )
+    cfg = cfg_for()
+    conn = remote.wait_ssh(cfg, timeout=30)
+    try:
+        with pytest.raises(VMError) as err:
+            remote.wait_cloud_init(cfg, conn, timeout=30)
+    finally:
+        conn.close()
+    text = str(err.value)
+    assert "cloud-init failed (status: error, exit 1)" in text
+    assert "update-locale: Error: invalid locale" in text  # the relevant line of the output log
+    assert "cloud-init analyze" in text  # where to look next
+
+
+def test_cloud_init_recoverable_errors_are_a_warning(
+    cfg_for: Callable[..., config.Config],
+    guest: tuple[sshd.SSHServer, Path],
+    cloud_init_dirs: tuple[Path, Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _, fakebin = guest
+    run, _ = cloud_init_dirs
+    (run / "result.json").write_text("{}")
+    fake(fakebin, "cloud-init", "echo 'status: done'\necho 'extended_status: degraded done'\nexit 2\n")
+    cfg = cfg_for()
+    conn = remote.wait_ssh(cfg, timeout=30)
+    try:
+        assert remote.wait_cloud_init(cfg, conn, timeout=30) == "done"
+    finally:
+        conn.close()
+    err = capsys.readouterr().err
+    assert "recoverable errors (exit 2)" in err and "degraded done" in err
+
+
+def test_cloud_init_that_never_finishes_times_out_with_state(
+    cfg_for: Callable[..., config.Config],
+    guest: tuple[sshd.SSHServer, Path],
+    cloud_init_dirs: tuple[Path, Path],
+) -> None:
+    run, _ = cloud_init_dirs
+    (run / "status.json").write_text(json.dumps({"v1": {"stage": "modules:final"}}))
+    cfg = cfg_for()
+    conn = remote.wait_ssh(cfg, timeout=30)
+    try:
+        with pytest.raises(WaitTimeout, match="last state: running modules:final"):
+            remote.wait_cloud_init(cfg, conn, timeout=2)
+    finally:
+        conn.close()
+
+
+def test_inactive_service_fails_with_its_state(
+    cfg_for: Callable[..., config.Config],
+    guest: tuple[sshd.SSHServer, Path],
+    cloud_init_dirs: tuple[Path, Path],
+    make_cfg: Callable[..., config.Config],
+) -> None:
+    _, fakebin = guest
+    fake(fakebin, "systemctl", 'if [ "$2" = docker ]; then echo failed; exit 3; fi\necho active\n')
+    base = cfg_for()
+    cfg = config.load(
+        {
+            "project": {"state_dir": str(base.project.state_dir)},
+            "ssh": {"user": base.ssh.user, "private_key": base.ssh.private_key},
+            "provision": {"docker": True, "nomad": True},
+            "vm": {"ports": {n: {"host": p.host, "guest": p.guest} for n, p in base.vm.ports.items()}},
+        }
+    )
+    conn = remote.wait_ssh(cfg, timeout=30)
+    try:
+        with pytest.raises(VMError) as err:
+            remote.check_services(cfg, conn)
+    finally:
+        conn.close()
+    assert "service(s) not active: docker (failed)" in str(err.value)
+    assert "nomad" not in str(err.value).split("\n")[0]  # nomad answered active
+
+
+def test_stage_parsing() -> None:
+    assert remote._stage("{}") == "not started"
+    assert remote._stage('{"v1": {"stage": "init-network"}}') == "running init-network"
+    assert remote._stage('{"v1": {"stage": null, "init": {"finished": 2.0}}}') == "running (finished: init)"
+    assert "unreadable" in remote._stage("garbage")
+
+
+def test_ssh_command_uses_the_project_key_and_loopback(cfg_for: Callable[..., config.Config]) -> None:
+    cfg = cfg_for()
+    argv = remote.ssh_command(cfg, "uptime")
+    assert argv[0] == "ssh" and argv[-2:] == ["--", "uptime"]
+    assert f"{cfg.ssh.user}@127.0.0.1" in argv
+    assert "IdentitiesOnly=yes" in argv and "StrictHostKeyChecking=accept-new" in argv
+    assert argv[argv.index("-i") + 1] == cfg.ssh.private_key
