@@ -167,7 +167,11 @@ def compose(cfg: Config, public_key: str) -> dict[str, Any]:
     if cfg.provision.docker and cfg.provision.registry_mirror:
         daemon = {"registry-mirrors": [cfg.provision.registry_mirror]}
         files.append(
-            {"path": "/etc/docker/daemon.json", "permissions": "0644", "content": json.dumps(daemon, indent=2)}
+            {
+                "path": "/etc/docker/daemon.json",
+                "permissions": "0644",
+                "content": json.dumps(daemon, indent=2),
+            }
         )
 
     packages = [*doc.get("packages", []), *cfg.provision.packages]

@@ -294,5 +294,7 @@ def test_registry_mirror_goes_to_docker_daemon_json(make_cfg) -> None:  # type: 
     daemon = files_by_path(doc)["/etc/docker/daemon.json"]
     assert yaml.safe_load(daemon["content"]) == {"registry-mirrors": ["https://mirror.gcr.io"]}
     assert "/etc/docker/daemon.json" not in files_by_path(userdata(make_cfg()))
-    with pytest.raises(ValidationError, match=r"provision\.registry_mirror: 'mirror\.gcr\.io' is not an https://"):
+    with pytest.raises(
+        ValidationError, match=r"provision\.registry_mirror: 'mirror\.gcr\.io' is not an https://"
+    ):
         seed.render(make_cfg(provision={"registry_mirror": "mirror.gcr.io"}), KEY)
