@@ -18,9 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from infra import ROOT
+from infra.datafile import load_yaml
 from infra.errors import ConfigError, TemplateError
 
 DEFAULTS_FILE = ROOT / "invoke.yaml"
@@ -143,12 +142,7 @@ _ENUMS = {
 
 def read_defaults(path: Path = DEFAULTS_FILE) -> dict[str, Any]:
     """invoke.yaml as a dict; a YAML error names file:line:column."""
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise TemplateError(f"{where}: invalid YAML: {exc.problem}") from exc
+    data = load_yaml(path)
     if not isinstance(data, dict):
         raise TemplateError(f"{path}: expected a mapping at the top level")
     return data

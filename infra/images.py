@@ -26,10 +26,10 @@ from typing import Any
 from urllib.parse import urlparse
 
 import requests
-import yaml
 
 from infra import ROOT, ui
 from infra.config import Config
+from infra.datafile import load_yaml
 from infra.errors import ConfigError, ImageError, TemplateError
 
 CATALOGUE = ROOT / "vm" / "images.yaml"
@@ -57,12 +57,7 @@ class ImageSource:
 
 
 def load_catalogue(path: Path = CATALOGUE) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise TemplateError(f"{where}: invalid YAML: {exc.problem}") from exc
+    data = load_yaml(path)
     if not isinstance(data, dict) or not isinstance(data.get("images"), dict):
         raise TemplateError(f"{path}: expected a mapping with an `images:` mapping")
     return data

@@ -36,6 +36,7 @@ import yaml
 
 from infra import ROOT, keys, pgp, ui
 from infra.config import Config
+from infra.datafile import load_yaml
 from infra.errors import TemplateError, ValidationError
 from infra.state import StatePaths
 
@@ -72,23 +73,6 @@ class SeedResult:
 
 
 # ---------------------------------------------------------------------------------------------- loading --
-def load_yaml(path: Path) -> Any:
-    """Parse a YAML data file; a syntax error names file:line:column."""
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise TemplateError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    try:
-        return yaml.safe_load(text)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise TemplateError(
-            f"{where}: malformed YAML: {exc.problem}" + (f" ({exc.context})" if exc.context else ""),
-            hint="fix the template; nothing was written",
-        ) from exc
-
-
 def _parts(cfg: Config) -> list[Path]:
     names = ["base.yaml"]
     if cfg.provision.docker:

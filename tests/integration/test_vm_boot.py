@@ -44,17 +44,6 @@ def listening(pid: int) -> set[tuple[str, int]]:
     return found
 
 
-def non_loopback_ipv4() -> str | None:
-    """An address of this machine that is not 127.0.0.0/8 (where a wrongly bound forward would answer)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect(("10.255.255.255", 1))  # no packet is sent; picks the outgoing interface
-            ip = str(s.getsockname()[0])
-        except OSError:
-            return None
-    return None if ip.startswith("127.") else ip
-
-
 def process_state(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -134,10 +123,8 @@ def test_forwards_answer_on_loopback_only(vm_env: Any, booted: dict[str, Any]) -
     with socket.create_connection(("127.0.0.1", ssh_port), timeout=10) as s:
         s.settimeout(30)
         assert s.recv(64).startswith(b"SSH-2.0-")  # the guest's sshd answers through the forward
-    other = non_loopback_ipv4()
-    if other is not None:
-        with pytest.raises(OSError):
-            socket.create_connection((other, ssh_port), timeout=3).close()
+    # "Not bound elsewhere" is proven by the socket table above (the qemu pid's listening sockets are
+    # exactly 127.0.0.1:<forwards>); no connection is attempted to a non-loopback address.
 
 
 def test_status_reports_the_running_vm(vm_env: Any, booted: dict[str, Any]) -> None:
