@@ -130,11 +130,15 @@ class ReadinessProbe:
         started = time.monotonic()
         st = ClusterState()
         try:
+            # Every request is bounded by the deadline: a server that accepts and never answers must not
+            # hold `inv nomad.wait` past its --timeout.
             if self.node_id is None:
-                me = self.client.agent_self(retries=0)
+                me = self.client.agent_self(retries=0, timeout=deadline.remaining() + 1)
                 self.node_id = str(((me.get("stats") or {}).get("client") or {}).get("node_id") or "")
             wait = max(0.1, min(BLOCK_SECONDS, deadline.remaining()))
-            res = self.client.nodes(index=self.index or None, wait=wait, retries=0)
+            res = self.client.nodes(
+                index=self.index or None, wait=wait, retries=0, timeout=deadline.remaining() + 2
+            )
         except NomadTLSError:
             raise  # a CA or certificate problem does not heal by waiting
         except NomadUnreachable as exc:

@@ -213,8 +213,10 @@ class Client:
         index: int | None = None,
         wait: float | None = None,
         retries: int | None = None,
+        timeout: float | None = None,
     ) -> Result:
-        """One API call. `index`/`wait` make it a blocking query; `retries` overrides settings.retries."""
+        """One API call. `index`/`wait` make it a blocking query; `retries` overrides settings.retries;
+        `timeout` caps the connect and read timeouts (a wait with a deadline must not outlive it)."""
         s = self.settings
         query: dict[str, Any] = {}
         if s.namespace:
@@ -229,6 +231,10 @@ class Client:
             query["wait"] = f"{int(wait * 1000)}ms"
             # the server may hold the request for wait + wait/16 jitter
             read_timeout += wait + wait / JITTER_FRACTION
+        connect_timeout = s.connect_timeout
+        if timeout is not None:
+            read_timeout = min(read_timeout, max(0.5, timeout))
+            connect_timeout = min(connect_timeout, max(0.5, timeout))
         url = s.addr + path
         attempts = 1 + max(0, s.retries if retries is None else retries)
         delay = 0.5
@@ -242,7 +248,7 @@ class Client:
                     url,
                     params=query,
                     json=json,
-                    timeout=(s.connect_timeout, read_timeout),
+                    timeout=(connect_timeout, read_timeout),
                     verify=self.verify,
                     cert=self.cert,
                 )

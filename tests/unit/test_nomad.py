@@ -274,3 +274,24 @@ def test_agent_health_returns_the_body_of_a_500(double: Any) -> None:
     d = double().start()
     health = client_for(d).agent_health()
     assert health["server"] == {"ok": False, "message": "No cluster leader"}
+
+
+def test_wait_keeps_its_deadline_against_a_server_that_never_answers() -> None:
+    """A port that accepts connections but never answers (a wedged proxy, a half-started agent) must not
+    hold nomad.wait past its timeout: every request is capped by the deadline."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    port = listener.getsockname()[1]
+    try:
+        client = Client(Settings(addr=f"http://127.0.0.1:{port}", read_timeout=30.0, retries=0))
+        started = time.monotonic()
+        with pytest.raises(WaitTimeout) as err:
+            cluster.wait_ready(client, timeout=2)
+        elapsed = time.monotonic() - started
+    finally:
+        listener.close()
+    assert elapsed < 6, f"nomad.wait took {elapsed:.1f}s with a 2s timeout"
+    assert "did not answer" in str(err.value)
