@@ -50,7 +50,7 @@ from rich.markup import escape
 
 from infra import ROOT, ui
 from infra.config import Config
-from infra.errors import InfraError, PreflightError
+from infra.errors import InfraError, PreflightError, root_cause
 from infra.state import StatePaths
 
 #: Seconds each network check may take (connect and read); the checks run concurrently.
@@ -307,13 +307,13 @@ def check_url(target: UrlTarget, timeout: float = NET_TIMEOUT) -> Finding:
     try:
         resp = requests.request(target.method, target.url, timeout=(timeout, timeout), allow_redirects=False)
     except requests.exceptions.SSLError as exc:
-        detail = f"{target.url}: TLS failed: {_root(exc)}"
+        detail = f"{target.url}: TLS failed: {root_cause(exc)}"
     except requests.exceptions.Timeout:
         detail = f"{target.url}: no answer within {timeout:.0f}s"
     except requests.exceptions.ConnectionError as exc:
-        detail = f"{target.url}: unreachable: {_root(exc)}"
+        detail = f"{target.url}: unreachable: {root_cause(exc)}"
     except requests.exceptions.RequestException as exc:
-        detail = f"{target.url}: {_root(exc)}"
+        detail = f"{target.url}: {root_cause(exc)}"
     else:
         took = time.monotonic() - started
         good = resp.status_code in target.ok_status if target.ok_status else resp.status_code < 400
@@ -322,15 +322,6 @@ def check_url(target: UrlTarget, timeout: float = NET_TIMEOUT) -> Finding:
         detail = f"{target.url}: HTTP {resp.status_code}"
     needed = f" (needed: {target.why})" if target.why else ""
     return Finding(target.name, False, detail + needed, seconds=time.monotonic() - started)
-
-
-def _root(exc: BaseException) -> str:
-    while exc.__cause__ is not None or exc.__context__ is not None:
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
-    text = str(exc)
-    # urllib3 wraps the interesting part: "...: Failed to resolve 'x' ([Errno -2] Name or service not known)"
-    m = re.search(r"\[Errno [-\d]+\] ([^)'\"]+)", text)
-    return m.group(1).strip() if m else (text.splitlines()[0][:200] if text else type(exc).__name__)
 
 
 # -------------------------------------------------------------------------------------------- base image --

@@ -93,3 +93,34 @@ class BuildError(InfraError):
 
 class PreflightError(InfraError):
     """A prerequisite of a long run (e2e) is missing."""
+
+
+def root_cause(exc: BaseException) -> str:
+    """The innermost reason of a requests/urllib3/socket error, short enough for one line:
+    "connection refused", "Name or service not known", "certificate verify failed: ...".
+    """
+    import re
+
+    seen = exc
+    while True:
+        nxt = seen.__cause__ or seen.__context__
+        if nxt is None and seen.args and isinstance(seen.args[0], BaseException):
+            nxt = seen.args[0]
+        if nxt is None or nxt is seen:
+            break
+        seen = nxt
+    verify_message = getattr(seen, "verify_message", None)  # ssl.SSLCertVerificationError
+    if verify_message:
+        return f"certificate verify failed: {verify_message}"
+    reason = getattr(seen, "reason", None)
+    text = str(reason or seen)
+    if "Errno 111" in text or "Connection refused" in text:
+        return "connection refused"
+    m = re.search(r"certificate verify failed: ([^()'\"]+)", text)
+    if m:
+        return f"certificate verify failed: {m.group(1).strip()}"
+    # urllib3 wraps the interesting part: "...: Failed to resolve 'x' ([Errno -2] Name or service not known)"
+    m = re.search(r"\[Errno [-\d]+\] ([^)'\"]+)", text)
+    if m:
+        return m.group(1).strip()
+    return text.splitlines()[0][:300] if text else type(seen).__name__

@@ -30,7 +30,7 @@ import requests
 from infra import ROOT, ui
 from infra.config import Config
 from infra.datafile import load_yaml
-from infra.errors import ConfigError, ImageError, TemplateError
+from infra.errors import ConfigError, ImageError, TemplateError, root_cause
 
 CATALOGUE = ROOT / "vm" / "images.yaml"
 ALGOS = ("sha256", "sha512")
@@ -273,7 +273,7 @@ def _download_once(url: str, part: Path, http: requests.Session) -> bool:
     try:
         resp = http.get(url, headers=headers, stream=True, timeout=(15, 60))
     except (requests.ConnectionError, requests.Timeout) as exc:
-        raise _Retry(type(exc).__name__) from exc
+        raise _Retry(root_cause(exc)) from exc
     with resp:
         if resp.status_code == 404:
             return False

@@ -19,7 +19,6 @@ NOMAD_REGION): configuration overrides the environment; without either, the VM's
 from __future__ import annotations
 
 import os
-import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from urllib.parse import quote
 import requests
 
 from infra.config import Config
-from infra.errors import NomadError
+from infra.errors import NomadError, root_cause
 
 #: Nomad servers cap a blocking query at 10 minutes (MaxQueryTime) and add up to wait/16 of jitter.
 MAX_WAIT = 600.0
@@ -254,7 +253,7 @@ class Client:
                 )
             except requests.exceptions.SSLError as exc:  # a subclass of ConnectionError: never retried
                 raise NomadTLSError(
-                    f"TLS to {s.addr} failed: {_root_cause(exc)}",
+                    f"TLS to {s.addr} failed: {root_cause(exc)}",
                     hint="set NOMAD_CACERT (or nomad.cacert) to the CA that signed the Nomad server's "
                     "certificate; verification is never switched off",
                 ) from exc
@@ -264,7 +263,7 @@ class Client:
                     delay = min(delay * 2, 8.0)
                     continue
                 raise NomadUnreachable(
-                    f"cannot reach Nomad at {s.addr} ({s.source}): {_root_cause(exc)}",
+                    f"cannot reach Nomad at {s.addr} ({s.source}): {root_cause(exc)}",
                     hint="is the VM running and Nomad started? `inv vm.status`, `inv vm.logs`; "
                     "for another cluster set NOMAD_ADDR",
                 ) from exc
@@ -405,26 +404,3 @@ class Client:
 
 def _q(value: str, safe: str = "") -> str:
     return quote(value, safe=safe)
-
-
-def _root_cause(exc: BaseException) -> str:
-    """The innermost reason of a requests/urllib3 error, e.g. "[Errno 111] Connection refused"."""
-    seen = exc
-    while True:
-        nxt = seen.__cause__ or seen.__context__
-        if nxt is None and seen.args and isinstance(seen.args[0], BaseException):
-            nxt = seen.args[0]
-        if nxt is None or nxt is seen:
-            break
-        seen = nxt
-    verify_message = getattr(seen, "verify_message", None)  # ssl.SSLCertVerificationError
-    if verify_message:
-        return f"certificate verify failed: {verify_message}"
-    reason = getattr(seen, "reason", None)
-    text = str(reason or seen)
-    if "Errno 111" in text or "Connection refused" in text:
-        return "connection refused"
-    m = re.search(r"certificate verify failed: ([^()'\"]+)", text)
-    if m:
-        return f"certificate verify failed: {m.group(1).strip()}"
-    return text[:300]

@@ -137,7 +137,7 @@ def test_closed_local_port_is_unreachable() -> None:
     found = e2e.check_url(e2e.UrlTarget("registry", f"http://127.0.0.1:{port}/v2/", "image pulls"), 2)
     assert not found.ok
     assert (
-        f"http://127.0.0.1:{port}/v2/: unreachable: Connection refused (needed: image pulls)" == found.detail
+        f"http://127.0.0.1:{port}/v2/: unreachable: connection refused (needed: image pulls)" == found.detail
     )
 
 
@@ -268,7 +268,7 @@ def test_preflight_lists_everything_missing_in_one_message_within_seconds(
         "qemu: qemu-system-",
         "acceleration: vm.accel is tcg",
         f"ports: taken on 127.0.0.1: {port} (vm.ports.app)",
-        f"container registry: http://127.0.0.1:{closed}/v2/: unreachable: Connection refused",
+        f"container registry: http://127.0.0.1:{closed}/v2/: unreachable: connection refused",
         f"HashiCorp apt repository: https://127.0.0.1:{silent_server}/gpg: no answer within 1s",
         "base image: not cached",
         "hint: nothing was started",
