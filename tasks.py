@@ -82,36 +82,18 @@ def vm_stop(c: Context, timeout: int = -1) -> None:
 @domain_errors
 def vm_status(c: Context, json: bool = False) -> None:
     """Is the VM running? pid, forwarded ports, acceleration, uptime, cloud-init state."""
-    import json as json_mod
+    from infra import vm
 
-    from infra import ui, vm
-
-    info = vm.status(cfg(c))
-    if json:
-        ui.out(json_mod.dumps(info, sort_keys=True))
-    elif not info["running"]:
-        ui.info(f"VM: not running (state dir {info['state_dir']}; disk {info['disk'] or 'none'})")
-    else:
-        ui.info(
-            f"VM: running, pid {info['pid']}, {info['arch']}, accel {info['accel']}, up {info['uptime_s']}s"
-        )
-        for name, port in info["ports"].items():
-            ui.info(f"    {name:<18} 127.0.0.1:{port['host']} -> guest {port['guest']}")
-        ui.info(f"    cloud-init: {info['cloud_init']}")
+    vm.show_status(cfg(c), as_json=json)
 
 
 @task(name="ssh", help={"command": "run this command instead of an interactive shell"})
 @domain_errors
 def vm_ssh(c: Context, command: str = "") -> None:
     """Open an interactive SSH session in the VM with the project key."""
-    import subprocess
+    from infra import vm
 
-    from infra import remote, vm
-
-    config = cfg(c)
-    if vm.running_pid(vm.paths(config)) is None:
-        raise Exit("error: the VM is not running (inv vm.run)", code=1)
-    code = subprocess.call(remote.ssh_command(config, command))
+    code = vm.ssh(cfg(c), command)
     if code:
         raise Exit(code=code)
 
@@ -131,17 +113,9 @@ def vm_logs(c: Context, lines: int = 50, follow: bool = False) -> None:
 @domain_errors
 def vm_check(c: Context) -> None:
     """Over SSH (fabric): cloud-init finished, enabled services active; shows log lines on failure."""
-    import json
+    from infra import vm
 
-    from infra import remote, ui, vm
-
-    config = cfg(c)
-    p = vm.paths(config)
-    if vm.running_pid(p) is None:
-        raise Exit("error: the VM is not running (inv vm.run)", code=1)
-    started = vm.load_record(p).get("started_at")
-    report = remote.check(config, alive=lambda: vm.running_pid(p) is not None, started_at=started)
-    ui.out(json.dumps(report.as_dict(), sort_keys=True))
+    vm.check(cfg(c))
 
 
 @task(name="destroy")

@@ -609,3 +609,48 @@ __all__ = [
     "Launch", "check_ports", "clear_stale", "destroy", "follow", "logs_path", "port_free",
     "port_owner", "qmp", "run", "running_pid", "status", "stop", "tail",
 ]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------- task-level verbs --
+def _require_running(cfg: Config) -> StatePaths:
+    p = paths(cfg)
+    if running_pid(p) is None:
+        raise VMError("the VM is not running", hint="start it with `inv vm.run` (or `inv up`)")
+    return p
+
+
+def show_status(cfg: Config, *, as_json: bool = False) -> dict[str, Any]:
+    """`inv vm.status`: the status dict, printed as a few lines (or as JSON on stdout)."""
+    info = status(cfg)
+    if as_json:
+        ui.out(json.dumps(info, sort_keys=True))
+    elif not info["running"]:
+        ui.info(f"VM: not running (state dir {info['state_dir']}; disk {info['disk'] or 'none'})")
+    else:
+        ui.info(
+            f"VM: running, pid {info['pid']}, {info['arch']}, accel {info['accel']}, up {info['uptime_s']}s"
+        )
+        for name, port in info["ports"].items():
+            ui.info(f"    {name:<18} 127.0.0.1:{port['host']} -> guest {port['guest']}")
+        ui.info(f"    cloud-init: {info['cloud_init']}")
+    return info
+
+
+def ssh(cfg: Config, command: str = "") -> int:
+    """`inv vm.ssh`: OpenSSH with the project key (interactive, or one command); its exit code."""
+    from infra import remote
+
+    _require_running(cfg)
+    return subprocess.call(remote.ssh_command(cfg, command))
+
+
+def check(cfg: Config) -> Any:
+    """`inv vm.check`: the fabric checks of infra.remote against the running VM; JSON timings on stdout."""
+    from infra import remote
+
+    p = _require_running(cfg)
+    report = remote.check(
+        cfg, alive=lambda: running_pid(p) is not None, started_at=load_record(p).get("started_at")
+    )
+    ui.out(json.dumps(report.as_dict(), sort_keys=True))
+    return report
