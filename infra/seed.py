@@ -375,3 +375,20 @@ def build(cfg: Config, ssh_key: str | None = None) -> SeedResult:
     )
     ui.out(f"{state.seed_iso} sha256:{sha}")
     return SeedResult(path=state.seed_iso, sha256=sha, instance_id=seed.instance_id, changed=changed)
+
+
+def previous_key(state: StatePaths) -> str | None:
+    """The key authorized by the last seed this project wrote (from its user-data copy), if any."""
+    try:
+        doc = yaml.safe_load(state.user_data.read_bytes())
+        key = doc["users"][0]["ssh_authorized_keys"][0]
+    except (OSError, yaml.YAMLError, KeyError, IndexError, TypeError):
+        return None
+    return key if isinstance(key, str) else None
+
+
+def refresh(cfg: Config) -> SeedResult:
+    """`inv vm.run`'s seed: rebuilt from the current configuration (a no-op when nothing changed), keeping
+    the key of the previous seed when ssh.public_key is not set — so `inv iso --ssh-key K` survives."""
+    key = None if cfg.ssh.public_key else previous_key(StatePaths(cfg.project.state_dir))
+    return build(cfg, ssh_key=key)

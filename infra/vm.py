@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import io
 import json
 import os
 import re
@@ -274,29 +273,11 @@ def ensure_overlay(disk: Path, base: Path, size_gb: int) -> bool:
 
 
 def _seed(cfg: Config, p: StatePaths) -> tuple[Path, str]:
-    """The seed ISO written by `inv iso` (built now when absent) and its instance-id."""
-    if p.seed_iso.is_file():
-        ui.skip(f"seed ISO: using {p.seed_iso} (run `inv iso` after changing the configuration)")
-        return p.seed_iso, _instance_id(p.seed_iso)
+    """The seed ISO for the current configuration (rewritten only when its bytes change) and its instance-id."""
     from infra import seed
 
-    result = seed.build(cfg)
+    result = seed.refresh(cfg)
     return result.path, result.instance_id
-
-
-def _instance_id(iso: Path) -> str:
-    import pycdlib
-
-    reader = pycdlib.PyCdlib()
-    try:
-        reader.open(str(iso))
-        out = io.BytesIO()
-        reader.get_file_from_iso_fp(out, rr_path="/meta-data")
-        reader.close()
-    except Exception:
-        return ""
-    match = re.search(r"instance-id:\s*(\S+)", out.getvalue().decode(errors="replace"))
-    return match.group(1) if match else ""
 
 
 def _direct_boot(cfg: Config) -> tuple[Path | None, Path | None, str]:

@@ -298,3 +298,17 @@ def test_registry_mirror_goes_to_docker_daemon_json(make_cfg) -> None:  # type: 
         ValidationError, match=r"provision\.registry_mirror: 'mirror\.gcr\.io' is not an https://"
     ):
         seed.render(make_cfg(provision={"registry_mirror": "mirror.gcr.io"}), KEY)
+
+
+def test_refresh_follows_config_but_keeps_the_key_given_to_inv_iso(make_cfg, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    pub = tmp_path / "mine.pub"
+    pub.write_text(KEY + "\n")
+    first = seed.build(make_cfg(), ssh_key=str(pub))  # inv iso --ssh-key mine.pub
+    again = seed.refresh(make_cfg())  # inv vm.run, config unchanged: same bytes
+    assert again.sha256 == first.sha256 and again.changed is False
+    changed = seed.refresh(make_cfg(provision={"hostname": "renamed"}))  # config changed since inv iso
+    assert changed.changed is True and changed.instance_id != first.instance_id
+    doc = yaml.safe_load(changed.path.with_name("user-data").read_bytes())
+    assert doc["hostname"] == "renamed"
+    assert doc["users"][0]["ssh_authorized_keys"] == [KEY]  # not replaced by a generated key
+    assert not (tmp_path / "state" / "ssh" / "id_ed25519").exists()
