@@ -86,15 +86,13 @@ class VMEnv:
             return None
 
 
-@pytest.fixture(scope="module")
-def vm_env(test_image: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[VMEnv]:
+def make_vm_env(test_image: dict[str, str], root: Path, provision: dict[str, Any]) -> VMEnv:
     """A -f config file: the test image with direct kernel boot, TCG, 2 vCPU / 2 GiB, free ports, tmp state."""
-    root = tmp_path_factory.mktemp("vm")
     free = _free_ports(len(VM_FORWARDS))
     ports = {name: {"host": free[i], "guest": guest} for i, (name, guest) in enumerate(VM_FORWARDS.items())}
     settings: dict[str, Any] = {
         "project": {"state_dir": str(root / "state")},
-        "provision": {"nomad": False, "docker": False, "hostname": "vmtest-1"},
+        "provision": provision,
         "vm": {
             "image": test_image["image"], "kernel": test_image["kernel"], "initrd": test_image["initrd"],
             "append": test_image["append"], "accel": "tcg", "cpus": 2, "memory_mb": 2048, "disk_gb": 4,
@@ -104,10 +102,32 @@ def vm_env(test_image: dict[str, str], tmp_path_factory: pytest.TempPathFactory)
     }  # fmt: skip
     config_file = root / "vm-test.yaml"
     config_file.write_text(yaml.safe_dump(settings))
-    env = VMEnv(root, config_file, root / "state", settings)
-    yield env
+    return VMEnv(root, config_file, root / "state", settings)
+
+
+def stop_by_pid(env: VMEnv) -> None:
+    """After the module: a VM that a failed test left running is stopped, by its pid."""
     pid = env.pid()
-    if pid is not None and Path(f"/proc/{pid}").exists():  # a test failed before vm.stop: stop by pid
+    if pid is not None and Path(f"/proc/{pid}").exists():
         env.inv("vm.stop", "--timeout", "10", timeout=60)
         if Path(f"/proc/{pid}/cmdline").exists() and b"qemu" in Path(f"/proc/{pid}/cmdline").read_bytes():
             os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def vm_env(test_image: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[VMEnv]:
+    """Docker and Nomad provisioning off: the base user-data only (boots in about a minute)."""
+    provision = {"nomad": False, "docker": False, "hostname": "vmtest-1"}
+    env = make_vm_env(test_image, tmp_path_factory.mktemp("vm"), provision)
+    yield env
+    stop_by_pid(env)
+
+
+@pytest.fixture(scope="module")
+def docker_vm_env(test_image: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[VMEnv]:
+    """The docker part of the user-data on: the guest installs docker.io (and gnupg, through
+    provision.packages) from Debian's mirror (~2 min)."""
+    provision = {"nomad": False, "docker": True, "hostname": "vmtest-2", "packages": ["gnupg"]}
+    env = make_vm_env(test_image, tmp_path_factory.mktemp("vmdocker"), provision)
+    yield env
+    stop_by_pid(env)
