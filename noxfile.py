@@ -7,6 +7,7 @@ reuse their virtualenvs. Expensive sessions are not in the default list.
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -42,8 +43,16 @@ def lint(session: nox.Session) -> None:
         session.error("lint: no workflow files under .github/workflows")
     shellcheck = shutil.which("shellcheck") or ""
     if not shellcheck:
-        session.warn("lint: shellcheck not found: the workflows' run: scripts are NOT shell-checked")
+        if os.environ.get("CI"):
+            session.error("lint: shellcheck not found (CI installs it: apt-get install shellcheck)")
+        session.warn(
+            "lint: shellcheck not found: the workflows' run: scripts and cloud-init scripts are NOT shell-checked"
+        )
     session.run("actionlint", "-no-color", "-pyflakes=", f"-shellcheck={shellcheck}", *workflows)
+    if shellcheck:
+        # The guest's provisioning scripts (POSIX sh, run by cloud-init).
+        scripts = sorted(str(p) for p in Path("cloud-init/files/scripts").glob("*.sh"))
+        session.run(shellcheck, "--shell=sh", "--severity=warning", *scripts, external=True)
 
 
 @nox.session(python=PYTHON)

@@ -312,3 +312,20 @@ def test_refresh_follows_config_but_keeps_the_key_given_to_inv_iso(make_cfg, tmp
     assert doc["hostname"] == "renamed"
     assert doc["users"][0]["ssh_authorized_keys"] == [KEY]  # not replaced by a generated key
     assert not (tmp_path / "state" / "ssh" / "id_ed25519").exists()
+
+
+def test_provisioning_wait_helper_is_bounded(tmp_path: Path) -> None:
+    """lib.sh's wait_for, run by the real sh: succeeds as soon as the command does, fails after its limit."""
+    lib = seed.FILES_DIR / "scripts" / "lib.sh"
+    marker = tmp_path / "up"
+    ok = subprocess.run(
+        ["sh", "-c", f". {lib}; (sleep 1; touch {marker}) & wait_for marker none.service 10 test -e {marker}"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    fail = subprocess.run(
+        ["sh", "-c", f". {lib}; wait_for 'the thing' none.service 2 false; echo rc=$?"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert "infra-lab: the thing did not answer within 2 s" in fail.stderr
+    assert fail.stdout.strip() == "rc=1"
