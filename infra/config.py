@@ -150,15 +150,16 @@ def read_defaults(path: Path = DEFAULTS_FILE) -> dict[str, Any]:
 
 def load(overrides: Mapping[str, Any] | None = None, *, root: Path = ROOT) -> Config:
     """Defaults from invoke.yaml merged with `overrides` (same nested shape), validated."""
-    merged = _merge(read_defaults(), dict(overrides or {}))
-    return build(merged, root=root)
+    defaults = read_defaults()
+    return build(_merge(defaults, dict(overrides or {})), root=root, defaults=defaults)
 
 
 def from_invoke(cfg: Mapping[str, Any]) -> Config:
     """Typed config from invoke's merged config (`ctx.config`)."""
-    _check_bool_env(read_defaults(), os.environ)
+    defaults = read_defaults()
+    _check_bool_env(defaults, os.environ)
     raw = {k: _plain(v) for k, v in cfg.items()}
-    return build(raw, root=ROOT)
+    return build(raw, root=ROOT, defaults=defaults)
 
 
 def _check_bool_env(defaults: Mapping[str, Any], environ: Mapping[str, str], prefix: str = "") -> None:
@@ -176,8 +177,9 @@ def _check_bool_env(defaults: Mapping[str, Any], environ: Mapping[str, str], pre
                 )
 
 
-def build(raw: Mapping[str, Any], *, root: Path = ROOT) -> Config:
-    defaults = read_defaults()
+def build(raw: Mapping[str, Any], *, root: Path = ROOT, defaults: Mapping[str, Any] | None = None) -> Config:
+    """Validate a merged config tree against the declared keys (invoke.yaml, read once by the caller)."""
+    defaults = defaults if defaults is not None else read_defaults()
     _check_keys(raw, defaults, prefix="", top=True)
     data = {k: raw[k] for k in defaults}
     for section in defaults:

@@ -7,6 +7,7 @@ package prints tracebacks at the user.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -99,8 +100,6 @@ def root_cause(exc: BaseException) -> str:
     """The innermost reason of a requests/urllib3/socket error, short enough for one line:
     "connection refused", "Name or service not known", "certificate verify failed: ...".
     """
-    import re
-
     seen = exc
     while True:
         nxt = seen.__cause__ or seen.__context__

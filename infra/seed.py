@@ -363,7 +363,7 @@ def build(cfg: Config, ssh_key: str | None = None) -> SeedResult:
     if changed:
         _atomic_write(state.seed_iso, data)
         _atomic_write(state.user_data, seed.user_data, 0o600)
-    if cfg.provision.nomad and embedded_hashicorp_key() is None:
+    if cfg.provision.nomad and not HASHICORP_KEY_FILE.exists():  # compose() checked it when present
         ui.warn(
             f"{HASHICORP_KEY_FILE.relative_to(ROOT)} is absent: the guest will fetch HashiCorp's key and "
             f"accept it only with fingerprint {pgp.HASHICORP_KEY_FPR}"
