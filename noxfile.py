@@ -1,4 +1,5 @@
-"""nox sessions: `nox -s lint tests vm` is the test command (README, .ci/run); `e2e` needs the internet.
+"""nox sessions: `nox -s lint unit component vm` is the test command (README, .ci/run); `e2e` needs the
+internet.
 
 Sessions install the project the way a user does (`pip install -e .[dev]`, pinned in pyproject.toml) and
 reuse their virtualenvs. Expensive sessions are not in the default list.
@@ -17,7 +18,7 @@ import nox
 nox.needs_version = ">=2025.2.9"
 nox.options.default_venv_backend = "uv|virtualenv"
 nox.options.reuse_existing_virtualenvs = True
-nox.options.sessions = ["lint", "tests"]
+nox.options.sessions = ["lint", "unit", "component"]
 
 PYTHON = "3.11"
 
@@ -56,17 +57,25 @@ def lint(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
-def tests(session: nox.Session) -> None:
-    """Unit and component tests (real tools where they run here; the Nomad API double where Nomad can't)."""
+def unit(session: nox.Session) -> None:
+    """tests/unit: pure Python, no processes or sockets (a guard fails any test that tries); seconds."""
     install(session)
-    session.run("pytest", "-m", "not vm and not e2e", *session.posargs)
+    session.run("pytest", "tests/unit", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def component(session: nox.Session) -> None:
+    """tests/component: real PostgreSQL, Tansu, sshd, dockerd, qemu (no boot), `inv` as a subprocess, and
+    the test double of Nomad's HTTP API; spread over the cores with pytest-xdist."""
+    install(session)
+    session.run("pytest", "tests/component", "-n", "auto", "--dist", "loadfile", *session.posargs)
 
 
 @nox.session(python=PYTHON, default=False)
 def vm(session: nox.Session) -> None:
-    """Boot a real VM under TCG from a Debian image built here (needs qemu, mmdebstrap; ~3 min)."""
+    """tests/vm: boot real VMs under TCG from a Debian image built here (needs qemu, mmdebstrap)."""
     install(session)
-    session.run("pytest", "-m", "vm", *session.posargs)
+    session.run("pytest", "tests/vm", *session.posargs)
 
 
 @nox.session(python=PYTHON, default=False)

@@ -6,8 +6,6 @@ so a test cannot silently stop testing anything when a spec changes) and written
 
 from __future__ import annotations
 
-import os
-import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,11 +14,15 @@ import pytest
 from infra import ROOT, speclint
 
 SPECS = ROOT / "nomad"
+
 DATA = "datastorage.nomad.hcl"
+
 APP = "service.nomad.hcl"
+
 INGRESS = "ingress.nomad.hcl"
 
 PG_IMAGE = "postgres:17.11-bookworm@sha256:051f7b7b3abdd564d5d1bd1e8c4b9c1b6e77087d1dd22020ede611c096a272e0"
+
 TRAEFIK_IMAGE = "traefik:v3.7.14@sha256:575fa15b135078fe5e50aa847987d96dbddd7b093c172429618404df73f3fa7c"
 
 PG_CHECK = """      check {
@@ -30,6 +32,7 @@ PG_CHECK = """      check {
         timeout  = "3s"
       }
 """
+
 TRAEFIK_RESOURCES = """      resources {
         cpu    = 200
         memory = 128
@@ -447,51 +450,6 @@ def test_cli_accepts_a_directory_and_rejects_missing_files(
     assert speclint.main(["--no-nomad", str(SPECS)]) == 0
     assert speclint.main(["--no-nomad", str(tmp_path / "nope.nomad.hcl")]) == 2
     assert "nope.nomad.hcl: no such file" in capsys.readouterr().err
-
-
-# ------------------------------------------------------------------------------ nomad fmt / validate --
-def _fake_nomad(directory: Path, fmt_exit: int, validate_exit: int) -> Path:
-    """A stand-in `nomad` executable (a test double: the real binary cannot be obtained here) that records
-    its arguments and answers fmt/validate with the given exit codes."""
-    script = directory / "nomad"
-    script.write_text(
-        "#!/bin/sh\n"
-        f'echo "$@" >> "{directory}/calls"\n'
-        f'if [ "$1" = fmt ]; then echo "$3"; exit {fmt_exit}; fi\n'
-        f'if [ "$1" = job ]; then echo "Job validation errors:" >&2; echo "1 error occurred" >&2; exit {validate_exit}; fi\n'
-        "exit 64\n",
-        encoding="utf-8",
-    )
-    script.chmod(script.stat().st_mode | stat.S_IXUSR)
-    return script
-
-
-def test_nomad_fmt_and_validate_run_per_file_when_nomad_is_on_path(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    _fake_nomad(bin_dir, fmt_exit=3, validate_exit=1)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    spec = SPECS / INGRESS
-
-    assert speclint.main([str(spec)]) == 1
-    out, err = capsys.readouterr()
-    assert out.splitlines() == [
-        f"nomad/{INGRESS}: nomad-fmt: nomad fmt -check exited 3 (reformat with: nomad fmt nomad/{INGRESS}): "
-        f"{spec}",
-        f"nomad/{INGRESS}: nomad-validate: nomad job validate exited 1: Job validation errors: | "
-        "1 error occurred",
-    ]
-    assert speclint.NOMAD_SKIPPED not in err
-    assert (bin_dir / "calls").read_text().splitlines() == [f"fmt -check {spec}", f"job validate {spec}"]
-
-
-def test_nomad_checks_report_success(tmp_path: Path) -> None:
-    _fake_nomad(tmp_path, fmt_exit=0, validate_exit=0)
-    findings, notes = speclint.nomad_checks([SPECS / APP], nomad=str(tmp_path / "nomad"))
-    assert findings == []
-    assert notes == [f"ok: nomad fmt -check and nomad job validate ran on {speclint._display(SPECS / APP)}"]
 
 
 def test_without_nomad_the_skip_is_said_not_silent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -388,7 +388,7 @@ def test_up_twice_deploys_the_real_job_specs_then_changes_nothing(
     monkeypatch.setattr(seed, "build", lambda cfg, ssh_key=None: calls.append("iso"))
     monkeypatch.setattr(vm, "run", lambda cfg: calls.append("vm.run"))
     monkeypatch.setattr(remote, "check", lambda cfg, alive=None: calls.append("vm.check"))
-    # The image build runs for real in tests/integration/test_app_image.py; here it is recorded.
+    # The image build runs for real in tests/component/test_app_image.py; here it is recorded.
     monkeypatch.setattr(build, "_vm_engine", lambda cfg: contextlib.nullcontext("vm-engine"))
 
     def fake_build(cfg: Any, target: Any, builder: Any = None) -> build.BuildResult:

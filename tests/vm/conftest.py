@@ -1,4 +1,4 @@
-"""Fixtures of the integration tier that start real servers (each stopped by PID at the end)."""
+"""Fixtures of the VM tier: a Debian test image built here, booted under TCG through the real `inv` CLI."""
 
 from __future__ import annotations
 
@@ -15,19 +15,8 @@ from typing import Any
 
 import pytest
 import yaml
-from servers import dockerd
 
 from infra import ROOT
-
-
-@pytest.fixture(scope="session")
-def docker_engine() -> Iterator[dockerd.DockerEngine]:
-    """A private dockerd (Debian's docker.io). If it cannot start, every test using it FAILS with the
-    dockerd log: a missing engine is a broken environment, not a reason to skip."""
-    engine = dockerd.started()
-    yield engine
-    dockerd.cleanup(engine)
-
 
 # ------------------------------------------------------------------------------------- VM tier (marker vm) --
 # A Debian 12 image built here from Debian's packages (scripts/build-test-image, cached by content key),

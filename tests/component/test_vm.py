@@ -1,0 +1,248 @@
+"""infra.vm: port checks, pidfile handling, and the lifecycle against the real qemu.
+
+The lifecycle tests start the real qemu-system-x86_64 on a blank disk (no OS: the VM sits in its
+firmware), which is enough to exercise launch, the pidfile, QMP, idempotent `run`, `stop` falling back to
+a kill when the guest ignores ACPI, and `destroy`. Booting a real guest is tests/vm.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from infra import config, vm
+from infra.config import Port
+from infra.errors import PortInUseError, VMError
+from infra.state import StatePaths
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+QEMU_MISSING = (
+    subprocess.run(["sh", "-c", "command -v qemu-system-x86_64"], capture_output=True).returncode != 0
+)
+
+needs_qemu = pytest.mark.skipif(
+    QEMU_MISSING, reason="qemu-system-x86_64 not installed (apt-get install qemu-system-x86)"
+)
+
+HOLDER = """
+import socket, sys, time
+s = socket.socket(); s.bind((sys.argv[1], int(sys.argv[2]))); s.listen()
+print("listening", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.fixture
+def port_holder() -> Iterator[Callable[..., tuple[int, int]]]:
+    """Start a process listening on a port; returns (port, pid). Stopped by pid afterwards."""
+    procs: list[subprocess.Popen[str]] = []
+
+    def hold(host: str = "127.0.0.1") -> tuple[int, int]:
+        port = free_port()
+        proc = subprocess.Popen(
+            [sys.executable, "-c", HOLDER, host, str(port)], stdout=subprocess.PIPE, text=True
+        )
+        procs.append(proc)
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "listening"
+        return port, proc.pid
+
+    yield hold
+    for proc in procs:
+        proc.kill()
+        proc.wait(10)
+
+
+def ports(**fixed: int) -> dict[str, dict[str, int]]:
+    guest = {"ssh": 22, "nomad": 4646, "app": 3000, "ingress": 8080, "traefik_dashboard": 8081}
+    guest |= {"kafka": 19092, "postgres": 5432}
+    return {name: {"host": fixed.get(name) or free_port(), "guest": g} for name, g in guest.items()}
+
+
+@pytest.fixture
+def blank_vm(make_cfg: Callable[..., config.Config], tmp_path: Path) -> Iterator[config.Config]:
+    """Config for a VM on a blank disk (it never boots an OS), with free ports; killed by pid afterwards."""
+    base = tmp_path / "blank.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "1G"], check=True)
+    cfg = make_cfg(
+        vm={"image": str(base), "accel": "tcg", "cpus": 1, "memory_mb": 128, "disk_gb": 2, "ports": ports()},
+        provision={"nomad": False, "docker": False},
+    )
+    yield cfg
+    pid = vm.running_pid(vm.paths(cfg))
+    if pid is not None:
+        os.kill(pid, 9)
+
+
+def listening_addresses(pid: int) -> set[tuple[str, int]]:
+    """(address, port) of the TCP sockets that `pid` listens on (via /proc: inode of each fd)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        target = os.readlink(fd)
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A" and fields[9] in inodes:
+            addr, port = fields[1].split(":")
+            ip = socket.inet_ntoa(bytes.fromhex(addr)[::-1])
+            found.add((ip, int(port, 16)))
+    return found
+
+
+def _overrides(cfg: config.Config) -> dict[str, dict[str, object]]:
+    d = config.as_dict(cfg)
+    return {
+        "project": {"state_dir": d["project"]["state_dir"], "cache_dir": d["project"]["cache_dir"]},
+        "provision": {"nomad": False, "docker": False},
+        "vm": {k: d["vm"][k] for k in ("image", "accel", "cpus", "memory_mb", "disk_gb")}
+        | {"ports": {n: dict(p) for n, p in d["vm"]["ports"].items()}},
+    }
+
+
+def test_taken_port_is_named_with_its_process(port_holder: Callable[..., tuple[int, int]]) -> None:
+    port, pid = port_holder()
+    forwards = {"ssh": Port(port, 22), "app": Port(free_port(), 3000)}
+    with pytest.raises(PortInUseError) as err:
+        vm.check_ports(forwards)
+    message = str(err.value)
+    assert f"host port {port} (vm.ports.ssh) is taken by pid {pid} (python" in message
+    assert "INVOKE_VM_PORTS_SSH_HOST" in message
+    assert "app" not in message.split("hint:")[0]
+
+
+def test_port_owner_on_all_interfaces(port_holder: Callable[..., tuple[int, int]]) -> None:
+    """A listener on 0.0.0.0 also blocks 127.0.0.1:<port>, and is found."""
+    port, pid = port_holder("0.0.0.0")  # noqa: S104 - the point of the test
+    assert not vm.port_free(port)
+    assert (vm.port_owner(port) or "").startswith(f"pid {pid} (python")
+
+
+def test_free_port_is_free() -> None:
+    port = free_port()
+    assert vm.port_free(port)
+    vm.check_ports({"ssh": Port(port, 22)})
+
+
+def test_inv_vm_run_refuses_a_taken_port(
+    run_inv: Callable[..., subprocess.CompletedProcess[str]],
+    port_holder: Callable[..., tuple[int, int]],
+    tmp_path: Path,
+) -> None:
+    port, pid = port_holder()
+    cfg_file = tmp_path / "vm.yaml"
+    cfg_file.write_text(json.dumps({"vm": {"accel": "tcg", "ports": ports(nomad=port)}}))
+    result = run_inv("-f", str(cfg_file), "vm.run")
+    assert result.returncode == 1, result.stderr
+    assert f"host port {port} (vm.ports.nomad) is taken by pid {pid}" in result.stderr
+    assert "nothing was started" in result.stderr
+    state = StatePaths(tmp_path / "state")
+    assert not state.pidfile.exists() and not state.disk.exists()
+
+
+def test_stale_pidfile_is_not_a_running_vm(tmp_path: Path) -> None:
+    state = StatePaths(tmp_path)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    state.pidfile.write_text(f"{dead.pid}\n")
+    state.qmp_socket.touch()
+    assert vm.running_pid(state) is None
+    assert vm.clear_stale(state) is True
+    assert not state.pidfile.exists() and not state.qmp_socket.exists()
+
+
+def test_direct_boot_needs_all_three(make_cfg: Callable[..., config.Config], tmp_path: Path) -> None:
+    kernel = tmp_path / "vmlinuz"
+    kernel.touch()
+    cfg = make_cfg(vm={"kernel": str(kernel), "accel": "tcg", "ports": ports()})
+    with pytest.raises(VMError, match=r"missing: vm\.initrd, vm\.append"):
+        vm.run(cfg)
+
+
+def test_missing_qemu_is_a_clear_error(make_cfg: Callable[..., config.Config]) -> None:
+    cfg = make_cfg(vm={"qemu": "qemu-system-nonexistent", "accel": "tcg", "ports": ports()})
+    with pytest.raises(VMError, match="'qemu-system-nonexistent' not found on PATH"):
+        vm.run(cfg)
+    assert not vm.paths(cfg).root.exists()
+
+
+@needs_qemu
+def test_overlay_on_base_resized_and_guarded(tmp_path: Path) -> None:
+    base = tmp_path / "base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "1G"], check=True)
+    disk = tmp_path / "state" / "disk.qcow2"
+    assert vm.ensure_overlay(disk, base, 3) is True
+    info = vm.image_info(disk)
+    assert info["virtual-size"] == 3 * vm.GIB
+    assert Path(info["full-backing-filename"]) == base.resolve()
+    assert info["backing-filename-format"] == "qcow2"
+    assert vm.ensure_overlay(disk, base, 3) is False  # kept
+    assert vm.ensure_overlay(disk, base, 5) is False
+    assert vm.image_info(disk)["virtual-size"] == 5 * vm.GIB  # grown, never shrunk
+    other = tmp_path / "other.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(other), "1G"], check=True)
+    with pytest.raises(VMError, match=r"vm\.destroy"):
+        vm.ensure_overlay(disk, other, 5)
+
+
+@needs_qemu
+def test_lifecycle_with_real_qemu(blank_vm: config.Config, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = blank_vm
+    state = vm.paths(cfg)
+    first = vm.run(cfg)
+    assert first.started
+    pid = first.record["pid"]
+    assert vm.running_pid(state) == pid
+    assert state.pidfile.read_text().strip() == str(pid)
+    assert state.qmp_socket.exists() and state.seed_iso.exists() and state.disk.exists()
+    assert json.loads(state.vm_record.read_text())["accel"] == "tcg"
+    assert "-cpu" in first.record["command"] and "host" not in first.record["command"]
+    expected = {("127.0.0.1", p.host) for p in cfg.vm.ports.values()}
+    assert listening_addresses(pid) == expected  # every forward, loopback only
+    assert vm.qmp(state.qmp_socket, "query-status")["running"] is True
+
+    again = vm.run(cfg)  # idempotent: reported, nothing changed
+    assert not again.started and again.record["pid"] == pid
+    assert "already running" in capsys.readouterr().err
+    assert vm.status(cfg, probe_guest=False)["pid"] == pid
+
+    t0 = time.monotonic()
+    assert vm.stop(cfg, timeout=2) is True  # firmware ignores ACPI power-off -> killed after 2 s
+    assert time.monotonic() - t0 < 15
+    assert vm.running_pid(state) is None
+    assert vm._proc_cmdline(pid) is None
+    assert not state.pidfile.exists() and not state.qmp_socket.exists()
+    assert "stopped_at" in json.loads(state.vm_record.read_text())
+
+    removed = vm.destroy(cfg)
+    assert state.disk in removed and state.seed_iso in removed
+    assert not state.root.exists()
+    assert Path(cfg.vm.image).exists()  # the base image is never touched
+
+
+@needs_qemu
+def test_qemu_failing_to_start_leaves_nothing(blank_vm: config.Config, tmp_path: Path) -> None:
+    fake = tmp_path / "qemu-system-x86_64"
+    fake.write_text("#!/bin/sh\necho 'qemu-system-x86_64: -accel tcg: simulated failure' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    cfg = config.load({**_overrides(blank_vm), "vm": {**_overrides(blank_vm)["vm"], "qemu": str(fake)}})
+    state = vm.paths(cfg)
+    with pytest.raises(VMError) as err:
+        vm.run(cfg)
+    assert "qemu failed to start (exit 1)" in str(err.value)
+    assert "simulated failure" in str(err.value)
+    assert not state.disk.exists() and not state.pidfile.exists()  # the fresh overlay was removed
