@@ -23,6 +23,14 @@ def cfg(c: Context) -> Config:
     return config_mod.from_invoke(c.config)
 
 
+def reach_cfg(c: Context) -> Config:
+    """The configuration with the forwards the running VM was launched with (vm.json), for tasks that talk
+    to it: a port moved for one `vm.run` stays where the VM answers."""
+    from infra import vm
+
+    return vm.reach(cfg(c))
+
+
 def domain_errors(fn: F) -> F:
     """Turn InfraError into invoke.Exit: a message and a non-zero code, no traceback."""
 
@@ -134,7 +142,7 @@ def nomad_wait(c: Context, timeout: int = 0) -> None:
     """Wait for a leader, this node ready and eligible, and a healthy docker driver."""
     from infra import cluster, nomad
 
-    config = cfg(c)
+    config = reach_cfg(c)
     cluster.wait_ready(nomad.Client.from_config(config), timeout=timeout or config.nomad.wait_timeout)
 
 
@@ -145,7 +153,7 @@ def deploy_data(c: Context, detach: bool = False) -> None:
     """Deploy Kafka + Postgres (nomad/datastorage.nomad.hcl) and follow the deployment."""
     from infra import deploy, nomad
 
-    config = cfg(c)
+    config = reach_cfg(c)
     deploy.deploy_data(config, nomad.Client.from_config(config), detach=detach)
 
 
@@ -167,7 +175,7 @@ def deploy_app(
     from infra import build as build_mod
     from infra import nomad
 
-    config = cfg(c)
+    config = reach_cfg(c)
     build_mod.ship(
         config, nomad.Client.from_config(config), build_image=build, image=image, local=local, detach=detach
     )
@@ -179,7 +187,7 @@ def deploy_ingress(c: Context, detach: bool = False) -> None:
     """Deploy Traefik (nomad/ingress.nomad.hcl) and follow the deployment."""
     from infra import deploy, nomad
 
-    config = cfg(c)
+    config = reach_cfg(c)
     deploy.deploy_ingress(config, nomad.Client.from_config(config), detach=detach)
 
 
@@ -193,7 +201,7 @@ def purge(c: Context, job: list[str] | None = None) -> None:
     """Stop and purge the project's jobs (data on host volumes survives); waits until allocations stop."""
     from infra import deploy, nomad
 
-    config = cfg(c)
+    config = reach_cfg(c)
     jobs = list(job or []) or list(reversed(deploy.project_jobs(config)))
     deploy.purge(nomad.Client.from_config(config), jobs, timeout=config.deploy.timeout)
 
@@ -213,7 +221,7 @@ def down(c: Context) -> None:
     """Purge the jobs and stop the VM."""
     from infra import stack
 
-    stack.down(cfg(c))
+    stack.down(reach_cfg(c))
 
 
 @task(help={"json": "print the status as JSON on stdout"})
@@ -224,7 +232,7 @@ def status(c: Context, json: bool = False) -> None:
 
     from infra import stack, ui
 
-    report = stack.status(cfg(c))
+    report = stack.status(reach_cfg(c))
     if json:
         ui.out(json_mod.dumps(report, indent=2, default=str))
 

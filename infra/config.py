@@ -82,6 +82,7 @@ class VMConfig:
     ssh_timeout: int
     cloud_init_timeout: int
     stop_timeout: int
+    lock_timeout: int
 
 
 @dataclass(frozen=True)

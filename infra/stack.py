@@ -11,8 +11,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from infra import cluster, deploy, ui
+from infra import cluster, deploy, nomad, ui
 from infra.config import Config
+from infra.errors import ConfigError
 from infra.nomad import Client, NomadAPIError, NomadUnreachable
 from infra.state import StatePaths
 
@@ -21,10 +22,13 @@ def up(cfg: Config, *, client: Client | None = None) -> None:
     from infra import remote, seed, vm
 
     started = time.monotonic()
+    if client is None:
+        _check_provisioned(cfg)
     ui.step("iso: seed ISO")
     seed.build(cfg)
     ui.step("vm.run: boot the VM")
     vm.run(cfg)
+    cfg = vm.reach(cfg)  # an already running VM keeps the forwards it was launched with
     ui.step("vm.check: cloud-init finished, services active")
     p = vm.paths(cfg)
     remote.check(cfg, alive=lambda: vm.running_pid(p) is not None)
@@ -35,6 +39,24 @@ def up(cfg: Config, *, client: Client | None = None) -> None:
     ui.ok(f"up: everything is running ({time.monotonic() - started:.1f}s)")
     for line in url_lines(cfg):
         ui.info(line)
+
+
+def _check_provisioned(cfg: Config) -> None:
+    """`up` deploys onto the VM's own Nomad: refuse at once when the configuration leaves it out, instead of
+    booting and then waiting nomad.wait_timeout for a Nomad (or docker driver) that will never come."""
+    if nomad.settings(cfg).source != "default":
+        return  # NOMAD_ADDR / nomad.addr: the jobs go to that cluster
+    reasons = []
+    if not cfg.provision.nomad:
+        reasons.append("provision.nomad is off, so Nomad is not installed in the VM")
+    if not cfg.provision.docker:
+        reasons.append("provision.docker is off, so the VM's Nomad would have no Docker to run the jobs")
+    if reasons:
+        raise ConfigError(
+            f"`inv up` deploys onto the VM's own Nomad, but {'; and '.join(reasons)}; nothing was started",
+            hint="turn it on (INVOKE_PROVISION_NOMAD=1 INVOKE_PROVISION_DOCKER=1), point NOMAD_ADDR at a "
+            "cluster, or boot the VM alone with `inv vm.run vm.check`",
+        )
 
 
 def deploy_all(cfg: Config, client: Client) -> list[deploy.DeployResult]:
