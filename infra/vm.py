@@ -382,13 +382,13 @@ def _run(cfg: Config, p: StatePaths) -> Launch:
     check_ports(cfg.vm.ports)
     base = images.ensure(cfg, arch)
     check_image(base, "base image")
+    disk_existed = p.disk.exists()
+    if disk_existed:
+        check_image(p.disk, "VM disk (overlay)", fmt="qcow2")
     p.root.mkdir(parents=True, exist_ok=True)
     iso, instance_id = _seed(cfg, p)
     firmware = qemu.find_firmware(binary) if arch == "aarch64" and kernel is None else None
 
-    disk_existed = p.disk.exists()
-    if disk_existed:
-        check_image(p.disk, "VM disk (overlay)", fmt="qcow2")
     try:
         if ensure_overlay(p.disk, base, cfg.vm.disk_gb):
             p.known_hosts.unlink(missing_ok=True)  # a new disk has new SSH host keys
