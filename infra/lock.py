@@ -66,14 +66,28 @@ def _try_lock(path: Path) -> int | None:
 def state_lock(state: StatePaths, what: str, timeout: float) -> Iterator[None]:
     """Hold the state dir's lifecycle lock for `what` (e.g. "vm.run"); wait up to `timeout` for it."""
     created = [not state.root.exists()]
-    state.root.mkdir(parents=True, exist_ok=True)
     path = state.lock
-    fd = _try_lock(path)
+    if state.root.exists() and not state.root.is_dir():
+        raise VMError(
+            f"project.state_dir {state.root} is not a directory",
+            hint="point project.state_dir at a directory (it is created when missing)",
+        )
+    try:
+        state.root.mkdir(parents=True, exist_ok=True)
+        fd = _try_lock(path)
+    except OSError as exc:
+        raise VMError(
+            f"cannot lock the state dir {state.root} ({path.name}): {exc.strerror or exc}",
+            hint="project.state_dir must be a directory this user can write",
+        ) from exc
     if fd is None:
         got: list[int] = []
 
         def probe(_deadline: object) -> Probe[None]:
-            lock_fd = _try_lock(path) if state.root.is_dir() else None
+            try:
+                lock_fd = _try_lock(path) if state.root.is_dir() else None
+            except FileNotFoundError:  # the state dir went away between the check and the open
+                lock_fd = None
             if lock_fd is not None:
                 got.append(lock_fd)
                 return Probe(True, "acquired")

@@ -475,6 +475,8 @@ def _discard_launch(p: StatePaths, *, remove_disk: bool) -> None:
         _kill(pid)
     for path in (p.pidfile, p.qmp_socket):
         path.unlink(missing_ok=True)
+    if "stopped_at" not in load_record(p):  # written by this launch (or a crashed one): no VM runs
+        p.vm_record.unlink(missing_ok=True)
     if remove_disk:
         p.disk.unlink(missing_ok=True)
 

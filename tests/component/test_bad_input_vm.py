@@ -259,6 +259,8 @@ CASES = [
     Case("lock-held/stop", lock_held, ("vm.stop",), 2,
          r"^error: vm\.stop: the state dir .* is locked by pid \d+ \(vm\.run, for \d+s\); waited 1s",
          env={"INVOKE_VM_LOCK_TIMEOUT": "1"}, seconds=15),
+    Case("state-dir-is-a-file/run", lambda lab: lab.state.root.write_text("not a directory"), ("vm.run",), 1,
+         r"^error: .*(state dir|state_dir)"),
     # already right before issue 10, kept in the battery
     Case("not-running/ssh", no_setup, ("vm.ssh", "-c", "true"), 1, r"^error: the VM is not running$"),
     Case("not-running/check", no_setup, ("vm.check",), 1, r"^error: the VM is not running$"),
