@@ -343,7 +343,7 @@ def test_two_vm_runs_at_once_start_one_vm(lab: Lab) -> None:
 # ------------------------------------------------------------------------------------------------ item 9 --
 #: When Ctrl-C hits `inv vm.run`: as soon as a file appears in the state dir (+ a delay in seconds).
 INTERRUPT_POINTS = [("vm.lock", 0.0), ("vm.lock", 0.15), ("seed.iso", 0.0), ("disk.qcow2", 0.0),
-                    ("qemu.log", 0.0), ("qemu.log", 0.05), ("qemu.pid", 0.0)]  # fmt: skip
+                    ("qemu.log", 0.0), ("qemu.log", 0.05), ("qemu.pid", 0.0), ("vm.json", 0.0)]  # fmt: skip
 
 
 @pytest.mark.parametrize(
