@@ -26,6 +26,8 @@ from servers.postgres import PostgresServer
 
 from infra import ROOT
 
+pytestmark = pytest.mark.tools("initdb")
+
 AppFactory = Callable[..., AppProcess]
 
 
