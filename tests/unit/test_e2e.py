@@ -50,15 +50,6 @@ def run_lines(job: dict[str, Any]) -> list[str]:
     return [line.strip() for step in job["steps"] if "run" in step for line in str(step["run"]).splitlines()]
 
 
-def apt_packages(text: str) -> set[str]:
-    """Package names of `apt-get install` commands (continuation lines joined)."""
-    joined = re.sub(r"\\\n", " ", text)
-    names: set[str] = set()
-    for m in re.finditer(r"apt-get install ([^\n>|&]*)", joined):
-        names |= {w for w in m.group(1).split() if not w.startswith(("-", "$", '"'))}
-    return names
-
-
 # ============================================================================================== preflight ==
 def test_qemu_missing_from_path_is_named(make_cfg: Callable[..., Config], tmp_path: Path) -> None:
     cfg = make_cfg(vm={"arch": "x86_64"})
