@@ -24,7 +24,7 @@ PYTHON = "3.11"
 
 
 def install(session: nox.Session) -> None:
-    session.install("-c", "requirements/constraints.txt", "-e", ".[dev]")
+    session.install("-c", "requirements/constraints.txt", "-e", ".[dev]", "-r", "app/requirements.in")
 
 
 @nox.session(python=PYTHON)
