@@ -28,6 +28,8 @@ from servers.common import free_port
 from infra import ROOT
 from infra.state import StatePaths
 
+pytestmark = pytest.mark.tools("qemu-system-x86_64", "qemu-img")
+
 INV = str(Path(sys.executable).with_name("inv"))
 GUEST_PORTS = {"ssh": 22, "nomad": 4646, "app": 3000, "ingress": 8080, "traefik_dashboard": 8081,
                "kafka": 19092, "postgres": 5432}  # fmt: skip
@@ -154,8 +156,11 @@ def corrupt_overlay(lab: Lab) -> None:
 
 
 def corrupt_base(lab: Lab) -> None:
-    """A qcow2 whose data cluster was written, then cut off: `qemu-img check` reports errors."""
-    subprocess.run(["qemu-io", "-c", "write -P 0x5a 0 2M", str(lab.base)], check=True, capture_output=True)
+    """A qcow2 whose data clusters were cut off its end: `qemu-img check` reports errors."""
+    raw = lab.root / "data.raw"
+    raw.write_bytes(b"\x5a" * (2 << 20))
+    subprocess.run(["qemu-img", "convert", "-q", "-O", "qcow2", str(raw), str(lab.base)], check=True)
+    raw.unlink()
     size = lab.base.stat().st_size
     with lab.base.open("r+b") as f:
         f.truncate(size - 1024 * 1024)
