@@ -406,16 +406,17 @@ def _run(cfg: Config, p: StatePaths) -> Launch:
             firmware=firmware,
         )  # fmt: skip
         command = qemu.build_command(spec)
-        with _interrupts_deferred():  # qemu started => qemu recorded, or killed by the cleanup below
+        # From here on Ctrl-C waits: qemu started => qemu recorded and reported, or killed by the cleanup.
+        with _interrupts_deferred():
             pid = _launch(command, p)
             record = _record(cfg, pid, accel, reason, arch, base, p, iso, instance_id, kernel, command)
+            forwards = ", ".join(f"{n} 127.0.0.1:{f.host}->{f.guest}" for n, f in cfg.vm.ports.items())
+            ui.ok(f"VM started: pid {pid}, {accel} ({reason}), {cfg.vm.cpus} vCPU, {cfg.vm.memory_mb} MiB")
+            ui.info(f"    forwards: {forwards}")
+            ui.info(f"    serial log: {p.serial_log}  (inv vm.logs); next: inv vm.check")
     except BaseException:
         _discard_launch(p, remove_disk=not disk_existed)
         raise
-    forwards = ", ".join(f"{n} 127.0.0.1:{f.host}->{f.guest}" for n, f in cfg.vm.ports.items())
-    ui.ok(f"VM started: pid {pid}, {accel} ({reason}), {cfg.vm.cpus} vCPU, {cfg.vm.memory_mb} MiB")
-    ui.info(f"    forwards: {forwards}")
-    ui.info(f"    serial log: {p.serial_log}  (inv vm.logs); next: inv vm.check")
     return Launch(record, started=True)
 
 
