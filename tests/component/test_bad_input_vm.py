@@ -264,6 +264,9 @@ CASES = [
     Case("lock-held/stop", lock_held, ("vm.stop",), 2,
          r"^error: vm\.stop: the state dir .* is locked by pid \d+ \(vm\.run, for \d+s\); waited 1s",
          env={"INVOKE_VM_LOCK_TIMEOUT": "1"}, seconds=15),
+    Case("base-digest-mismatch/run", no_setup, ("vm.run",), 1,
+         r"^error: .*blank\.qcow2 does not match vm\.image_sha256: expected 0{{64}}, got [0-9a-f]{{64}}$",
+         env={"INVOKE_VM_IMAGE_SHA256": "0" * 64}),
     Case("state-dir-is-a-file/run", lambda lab: lab.state.root.write_text("not a directory"), ("vm.run",), 1,
          r"^error: .*(state dir|state_dir)"),
     # already right before issue 10, kept in the battery
