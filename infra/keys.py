@@ -101,6 +101,16 @@ def ensure_generated(state: StatePaths) -> KeyPair:
     Safe when several commands run at once: generation happens under an flock on the ssh directory, so
     exactly one keypair is made and every caller gets the same one (never a private key with another's
     public half)."""
+    try:
+        return _ensure_generated(state)
+    except OSError as exc:
+        raise SSHKeyError(
+            f"cannot keep the generated SSH key in {state.ssh_key.parent}: {exc.strerror or exc}",
+            hint="project.state_dir must be a directory this user can write",
+        ) from exc
+
+
+def _ensure_generated(state: StatePaths) -> KeyPair:
     private, public = state.ssh_key, state.ssh_pubkey
     ssh_dir = private.parent
     ssh_dir.mkdir(parents=True, exist_ok=True)

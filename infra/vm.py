@@ -456,6 +456,8 @@ def _interrupts_deferred() -> Iterator[None]:
         return
     caught: list[int] = []
     previous = signal.signal(signal.SIGINT, lambda signum, _frame: caught.append(signum))
+    if previous is None:  # a handler not installed from Python: restore the default
+        previous = signal.SIG_DFL
     try:
         yield
     except BaseException:
@@ -555,7 +557,6 @@ def _stop(cfg: Config, p: StatePaths, timeout: float | None) -> bool:
     record = load_record(p)
     if record:
         record["stopped_at"] = time.time()
-        record.pop("pid", None)  # the pid may be recycled by any process from now on
         p.vm_record.write_text(json.dumps(record, indent=2) + "\n")
     ui.ok(f"VM stopped ({'ACPI power-off' if powered_off else 'killed'}, pid {pid})")
     return True
