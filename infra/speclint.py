@@ -30,7 +30,7 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
 from infra import ROOT
 
 #: The agent config shipped by cloud-init: the host volumes jobs may mount.
-AGENT_CONFIG = ROOT / "cloud-init" / "files" / "nomad" / "10-project.hcl"
+AGENT_CONFIG = ROOT / "cloud-init" / "files" / "nomad" / "zz-infra-lab.hcl"
 SPEC_DIR = ROOT / "nomad"
 SPEC_GLOB = "*.nomad.hcl"
 

@@ -280,7 +280,7 @@ def test_a_host_volume_missing_from_the_agent_config_is_reported(tmp_path: Path)
     line = line_of(text, 'source    = "postgres-dat"')
     assert lint(path) == [
         f'{DATA}:{line}: datastorage/postgres: host-volume-exists: host volume "data" has source '
-        '"postgres-dat", which the agent config cloud-init/files/nomad/10-project.hcl does not declare as a '
+        '"postgres-dat", which the agent config cloud-init/files/nomad/zz-infra-lab.hcl does not declare as a '
         "host_volume (declared: kafka-data, postgres-data)"
     ]
 
