@@ -273,6 +273,10 @@ def test_ci_e2e_job_enables_kvm_caches_the_image_runs_nox_and_uploads_logs() -> 
     assert upload and "failure()" in upload[0]["if"]
     for path in ("serial.log", "e2e"):
         assert path in upload[0]["with"]["path"]
+    # The Nomad API recording is uploaded on every run, passed or not: the replay data from a real Nomad.
+    (recording,) = [s for s in upload if "nomad-exchanges" in str(s["with"]["path"])]
+    assert recording["if"] == "always()"
+    assert recording["with"]["path"] == f".state/e2e/{e2e.RECORDING_NAME}"
 
 
 def test_cd_builds_pushes_and_deploys_with_minimal_permissions() -> None:
