@@ -54,6 +54,8 @@ def lint(session: nox.Session) -> None:
         # The guest's provisioning scripts (POSIX sh, run by cloud-init).
         scripts = sorted(str(p) for p in Path("cloud-init/files/scripts").glob("*.sh"))
         session.run(shellcheck, "--shell=sh", "--severity=warning", *scripts, external=True)
+        # The host's shell scripts: setup, lock, the ./inv wrapper, the CI entry point.
+        session.run(shellcheck, "scripts/setup", "scripts/lock", "inv", ".ci/run", external=True)
 
 
 @nox.session(python=PYTHON)

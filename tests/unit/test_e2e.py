@@ -275,6 +275,10 @@ def test_ci_e2e_job_enables_kvm_caches_the_image_runs_nox_and_uploads_logs() -> 
     assert upload and "failure()" in upload[0]["if"]
     for path in ("serial.log", "e2e"):
         assert path in upload[0]["with"]["path"]
+    # The Nomad API recording is uploaded on every run, passed or not: the replay data from a real Nomad.
+    (recording,) = [s for s in upload if "nomad-exchanges" in str(s["with"]["path"])]
+    assert recording["if"] == "always()"
+    assert recording["with"]["path"] == f".state/e2e/{e2e.RECORDING_NAME}"
 
 
 def test_cd_builds_pushes_and_deploys_with_minimal_permissions() -> None:
@@ -286,3 +290,24 @@ def test_cd_builds_pushes_and_deploys_with_minimal_permissions() -> None:
     assert "inv deploy.app --image" in text
     for secret in ("NOMAD_ADDR", "NOMAD_TOKEN", "NOMAD_CACERT"):
         assert f"secrets.{secret}" in text
+
+
+def test_each_step_records_its_nomad_exchanges_under_its_name(make_cfg: Any, tmp_path: Path) -> None:
+    from infra.nomad_recording import Recorder
+
+    recorder = Recorder(tmp_path / "rec.jsonl")
+    runner = e2e.E2E(
+        make_cfg(), lambda args, *, timeout: None, e2e.Options(), e2e.Report(), recorder=recorder
+    )  # type: ignore[arg-type,return-value]
+    seen: list[str] = []
+    steps = [
+        e2e.Step(name, lambda: seen.append(recorder.scenario)) for name in ("inv up (from nothing)", "smoke")
+    ]
+    teardown = [e2e.Step("inv down", lambda: seen.append(recorder.scenario))]
+    assert e2e.run_plan(
+        [runner._tagged(s) for s in steps], [runner._tagged(s) for s in teardown], e2e.Report()
+    )
+    assert seen == ["inv up (from nothing)", "smoke", "inv down"]
+    untagged = e2e.E2E(make_cfg(), lambda args, *, timeout: None, e2e.Options(), e2e.Report())  # type: ignore[arg-type,return-value]
+    assert untagged._tagged(steps[0]) is steps[0]  # --no-record: steps run as they are
+    recorder.close()
