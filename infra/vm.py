@@ -304,6 +304,12 @@ def check_image(path: Path, what: str, fmt: str | None = None) -> None:
     if proc.returncode in _CHECK_OK:
         return
     lines = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
+    if 'Failed to get shared "write" lock' in proc.stderr:
+        raise VMError(
+            f"{what} {path} is in use by another process (qemu-img check could not lock it)",
+            details=lines,
+            hint="a qemu or qemu-img that this project did not start has it open; stop that process first",
+        )
     overlay = fmt == "qcow2"
     raise VMError(
         f"{what} {path} is corrupt or unreadable (qemu-img check exit {proc.returncode}): "

@@ -156,6 +156,23 @@ def corrupt_overlay(lab: Lab) -> None:
     lab.state.disk.write_bytes(b"QFI\xfb" + os.urandom(4096))
 
 
+def overlay_used_elsewhere(lab: Lab) -> None:
+    """The overlay is open in a qemu this project did not start (no -pidfile of ours): never booted twice."""
+    lab.state.root.mkdir(parents=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(lab.base),
+                    str(lab.state.disk), "2G"], check=True)  # fmt: skip
+    other = lab.root / "other.pid"
+    subprocess.run(
+        ["qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-m", "128", "-display", "none",
+         "-vga", "none", "-monitor", "none", "-drive", f"file={lab.state.disk},if=virtio,format=qcow2",
+         "-pidfile", str(other), "-daemonize"], check=True,
+    )  # fmt: skip
+    FOREIGN.append(int(other.read_text()))
+
+
+FOREIGN: list[int] = []
+
+
 def corrupt_base(lab: Lab) -> None:
     """A qcow2 whose data clusters were cut off its end: `qemu-img check` reports errors."""
     raw = lab.root / "data.raw"
@@ -236,6 +253,8 @@ CASES = [
     # item 10: images checked before booting; a fatal console line ends the SSH wait at once
     Case("corrupt-overlay/run", corrupt_overlay, ("vm.run",), 1,
          r"^error: VM disk \(overlay\) .*disk\.qcow2 is corrupt or unreadable \(qemu-img check"),
+    Case("overlay-in-use-elsewhere/run", overlay_used_elsewhere, ("vm.run",), 1,
+         r"^error: VM disk \(overlay\) .*disk\.qcow2 is in use by another process"),
     Case("corrupt-base/run", corrupt_base, ("vm.run",), 1,
          r"^error: base image .*blank\.qcow2 is corrupt or unreadable \(qemu-img check exit 2\)"),
     *[
@@ -297,6 +316,12 @@ def test_vm_fault(lab: Lab, case: Case) -> None:
             holder.kill()
             holder.wait(10)
         LOCK_HOLDERS.clear()
+        for pid in FOREIGN:  # the foreign qemu is the setup's, not a leftover of the command
+            with contextlib.suppress(psutil.NoSuchProcess):
+                foreign = psutil.Process(pid)
+                foreign.kill()
+                foreign.wait(10)
+        FOREIGN.clear()
     output = result.stderr + result.stdout
     pattern = case.message.format(
         pid=pids[0] if pids else "NONE", ssh=MOVED["ssh"]["host"], nomad=MOVED["nomad"]["host"]
