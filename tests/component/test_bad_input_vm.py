@@ -231,7 +231,8 @@ class Case:
     setup: Callable[[Lab], None]
     args: tuple[str, ...]
     code: int
-    message: str  # a regex one line of stderr must match ({pid} = the VM's pid, {ports} = MOVED)
+    message: str  # a regex one line of the output must match, after str.format: {pid} = the VM's pid,
+    # {ssh}/{nomad} = the MOVED forwards; literal braces are doubled
     env: dict[str, str] = field(default_factory=dict)
     seconds: float = 60  # the command must finish within this
     vm_survives: bool = False  # the VM is expected to keep running after the command (then stopped here)
