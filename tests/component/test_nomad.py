@@ -183,7 +183,7 @@ def test_acl_bad_token_is_403_with_a_hint_and_the_wait_stops_at_once(double: Any
 
 
 def test_token_namespace_and_region_are_sent(double: Any) -> None:
-    d = double(acl_token="tok").ready_now().start()
+    d = double(acl_token="tok", region="eu", namespaces=("prod",)).ready_now().start()
     client_for(d, token="tok", namespace="prod", region="eu").nodes()
     r = d.requests[-1]
     assert r.query == {"namespace": "prod", "region": "eu"}
