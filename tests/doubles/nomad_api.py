@@ -39,6 +39,7 @@ Task behaviour is chosen per task image or task name: `behaviour["img:tag"] = "d
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import heapq
 import itertools
@@ -110,7 +111,9 @@ _WHOLE_VAR = re.compile(r"^\$\{\s*var\.([A-Za-z_][\w-]*)\s*\}$")
 _INTERP = re.compile(r"(?<!\$)\$\{([^{}]*)\}")
 #: Names jobspec2 leaves for the client to interpolate at run time (jobspec2/parse.go: only `var.` and
 #: `local.` are HCL variables; `${NOMAD_*}`, `${attr.*}`, `${node.*}`, `${meta.*}`, `${env ...}` stay text).
-_RUNTIME = re.compile(r"^\s*(NOMAD_[\w]+|attr\.[\w.-]+|node\.[\w.-]+|meta\.[\w.-]+|env\[.*\]|[A-Z_][A-Z0-9_]*)\s*$")
+_RUNTIME = re.compile(
+    r"^\s*(NOMAD_[\w]+|attr\.[\w.-]+|node\.[\w.-]+|meta\.[\w.-]+|env\[.*\]|[A-Z_][A-Z0-9_]*)\s*$"
+)
 _REQUIRED = object()
 #: A few of jobspec2's functions (jobspec2/functions.go); the double names but does not evaluate them.
 _KNOWN_FUNCTIONS = {"format", "join", "split", "lower", "upper", "replace", "concat", "merge", "lookup",
@@ -153,7 +156,9 @@ class _Resolver:
 
     def var(self, name: str, expr: str) -> Any:
         if name not in self.values:
-            raise HCLParseError(_line_of(self.text, expr), f'Reference to undeclared input variable; "{name}"')
+            raise HCLParseError(
+                _line_of(self.text, expr), f'Reference to undeclared input variable; "{name}"'
+            )
         value = self.values[name]
         if value is _REQUIRED:
             raise HCLParseError(
@@ -224,9 +229,14 @@ def _attrs(body: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def _is_block_list(v: Any) -> bool:
-    return isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v) and any(
-        x.get("__is_block__") or any(isinstance(y, dict) and y.get("__is_block__") for y in x.values())
-        for x in v
+    return (
+        isinstance(v, list)
+        and bool(v)
+        and all(isinstance(x, dict) for x in v)
+        and any(
+            x.get("__is_block__") or any(isinstance(y, dict) and y.get("__is_block__") for y in x.values())
+            for x in v
+        )
     )
 
 
@@ -280,7 +290,10 @@ def parse_job_hcl(hcl: str, variables_text: str) -> tuple[dict[str, Any], list[s
                     "Resources": {"CPU": res.get("cpu", 100), "MemoryMB": res.get("memory", 300)},
                     # client/allocrunner/taskrunner: prestart tasks run to completion before main tasks
                     "Lifecycle": (
-                        {"Hook": resolve(life.get("hook", "")), "Sidecar": bool(resolve(life.get("sidecar", False)))}
+                        {
+                            "Hook": resolve(life.get("hook", "")),
+                            "Sidecar": bool(resolve(life.get("sidecar", False))),
+                        }
                         if life
                         else None
                     ),
@@ -377,7 +390,9 @@ def job_warnings(job: dict[str, Any]) -> list[str]:
             if t.get("ShutdownDelay"):
                 any_task_delay = True
             elif t.get("Services"):
-                out.append(f'task "{t["Name"]}" in group "{tg["Name"]}" defines services, but has no shutdown_delay set')
+                out.append(
+                    f'task "{t["Name"]}" in group "{tg["Name"]}" defines services, but has no shutdown_delay set'
+                )
         if unscoped and not tg.get("ShutdownDelay") and not any_task_delay:
             out.append(
                 f'group "{tg["Name"]}" defines services, but neither the group nor any of its tasks have '
@@ -491,6 +506,10 @@ class NomadAPIDouble:
         self.changes: list[tuple[float, str]] = []  # (monotonic time, what changed), for the benchmark
         self.errors: list[str] = []
         self.fail_next: list[tuple[str, int, str]] = []  # (path regex, status, body): one-shot faults
+        self.drop_answer: list[str] = []  # "METHOD path" regexes: applied, then the connection is cut
+        self.promote_bodies: list[Any] = []
+        self._task_lists: dict[str, list[dict[str, Any]]] = {}  # alloc ID -> its tasks (the job may be purged)
+        self.health_delay: dict[str, float] = {}  # task name or image -> extra seconds before healthy
         self.parse_calls: list[dict[str, Any]] = []
         self._closed = False
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
@@ -619,6 +638,14 @@ class NomadAPIDouble:
             self.node["ModifyIndex"] = self._bump("nodes", change=f"node {what}")
             self._unblock()
 
+    def set_job_status(self, job_id: str, status: str) -> None:
+        """A job status change (nomad/state/state_store.go setJobStatus): Status and ModifyIndex move,
+        JobModifyIndex (the registration) does not."""
+        with self.cond:
+            job = self.jobs[job_id]
+            job["Status"] = status
+            job["ModifyIndex"] = self._bump("jobs", change=f"job {job_id} {status}")
+
     def set_docker(self, state: str) -> None:
         """state: undetected | unhealthy | healthy"""
         with self.cond:
@@ -693,6 +720,17 @@ class NomadAPIDouble:
             self.errors.append(f"{request.method} {request.path}: {exc!r}")
             raise
         rec.status = resp.status_code
+        for regex in list(self.drop_answer):
+            if re.search(regex, f"{request.method} {request.path}"):
+                # the request was applied, its answer is lost on the way (a dropped connection, a proxy
+                # restart): the client sees "Connection aborted"/"RemoteDisconnected"
+                self.drop_answer.remove(regex)
+                rec.status = -1
+                sock = request.environ.get("werkzeug.socket")
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
+                return Response(b"", status=200)
         return resp
 
     def _json(self, body: Any, table: str | None = None) -> Response:
@@ -784,7 +822,9 @@ class NomadAPIDouble:
         self._region(request)
         if path in ("/v1/status/leader", "/v1/status/peers"):
             # nomad/status_endpoint.go Leader/Peers: authentication errors are thrown away, no ACL check
-            return self._json(self.leader if path.endswith("leader") else ([self.leader] if self.leader else []))
+            return self._json(
+                self.leader if path.endswith("leader") else ([self.leader] if self.leader else [])
+            )
         # capability per route: nomad/node_endpoint.go (AllowNodeRead), nomad/job_endpoint.go (read-job,
         # submit-job, list-jobs), nomad/deployment_endpoint.go (read-job; promote: submit-job or
         # promote-deployment), nomad/eval_endpoint.go + alloc_endpoint.go (read-job),
@@ -801,7 +841,12 @@ class NomadAPIDouble:
             ("GET", r"/v1/job/(?P<id>[^/]+)", ("read-job",), self._job),
             ("DELETE", r"/v1/job/(?P<id>[^/]+)", ("submit-job",), self._deregister),
             ("GET", r"/v1/deployment/(?P<id>[^/]+)", ("read-job",), self._deployment),
-            ("POST", r"/v1/deployment/promote/(?P<id>[^/]+)", ("submit-job", "promote-deployment"), self._promote),
+            (
+                "POST",
+                r"/v1/deployment/promote/(?P<id>[^/]+)",
+                ("submit-job", "promote-deployment"),
+                self._promote,
+            ),
             ("GET", r"/v1/evaluation/(?P<id>[^/]+)", ("read-job",), self._evaluation),
             ("GET", r"/v1/allocation/(?P<id>[^/]+)", ("read-job",), self._allocation),
             ("GET", r"/v1/var/(?P<id>.+)", ("variables:read",), self._var_get),
@@ -876,7 +921,8 @@ class NomadAPIDouble:
     def _namespace(self, request: Request, job: dict[str, Any]) -> None:
         """nomad/job_endpoint_validators.go (admission validator) and nomad/state/state_store.go upsertJob:
         a job in a namespace that does not exist -> 500 `job "x" is in nonexistent namespace "y"`."""
-        ns = job.get("Namespace") or request.args.get("namespace") or "default"
+        # command/agent/job_endpoint.go namespaceForJob: the query's namespace wins over the job's
+        ns = request.args.get("namespace") or job.get("Namespace") or "default"
         if ns not in self.namespaces:
             raise _HTTPError(500, f'job "{job.get("ID")}" is in nonexistent namespace "{ns}"')
 
@@ -1109,6 +1155,7 @@ class NomadAPIDouble:
             "ModifyTime": now_ns(),
         }  # fmt: skip
         self.allocs[alloc["ID"]] = alloc
+        self._task_lists[alloc["ID"]] = list(tg.get("Tasks") or [])
         if dep is not None:
             dep["TaskGroups"][tg["Name"]]["PlacedAllocs"] += 1
         tasks = tg.get("Tasks") or []
@@ -1130,9 +1177,13 @@ class NomadAPIDouble:
         T = self.timing
         self.at(T.alloc_start, lambda: self._alloc_setup(alloc, tasks))
         if behaviour == "ok":
+            extra = max(
+                [self.health_delay.get(t["Name"], 0.0) for t in tasks]
+                + [self.health_delay.get(str((t.get("Config") or {}).get("image", "")), 0.0) for t in tasks]
+            )
             self.at(T.alloc_start + T.alloc_running, lambda: self._alloc_running(alloc, tasks))
             self.at(
-                T.alloc_start + T.alloc_running + T.alloc_healthy,
+                T.alloc_start + T.alloc_running + T.alloc_healthy + extra,
                 lambda: self._alloc_health(alloc, dep, True),
             )
         else:
@@ -1144,17 +1195,11 @@ class NomadAPIDouble:
     def load_image(self, image: str) -> None:
         """An image built or loaded on the node (`docker build` / `docker load` in the VM)."""
         with self.cond:
-            self.images.setdefault(image, set())
+            self.images.setdefault(image, set())  # not reference-counted until a task uses it
             self.image_events.append(f"loaded {image}")
-            self._schedule_image_gc(image)
 
     def _alloc_tasks(self, alloc: dict[str, Any]) -> list[dict[str, Any]]:
-        for v in self.versions.get(alloc["JobID"], []):
-            if v["Version"] == alloc["JobVersion"]:
-                for tg in v["TaskGroups"]:
-                    if tg["Name"] == alloc["TaskGroup"]:
-                        return list(tg.get("Tasks") or [])
-        return []
+        return self._task_lists.get(alloc["ID"], [])
 
     def _use_image(self, alloc: dict[str, Any], task: dict[str, Any]) -> None:
         """drivers/docker/coordinator.go IncrementImageReference: the task holds a reference."""
@@ -1211,7 +1256,10 @@ class NomadAPIDouble:
                 return True
             if v.lower() in ("0", "f", "false"):
                 return False
-            raise _HTTPError(400, f"failed to parse {name} field to boolean: strconv.ParseBool: parsing {v!r}: invalid syntax")
+            raise _HTTPError(
+                400,
+                f"failed to parse {name} field to boolean: strconv.ParseBool: parsing {v!r}: invalid syntax",
+            )
 
         follow, plain = boolean("follow"), boolean("plain")
         kind = q.get("type", "")
@@ -1220,7 +1268,9 @@ class NomadAPIDouble:
         try:
             offset = int(q.get("offset", "0") or 0)
         except ValueError:
-            raise _HTTPError(400, f"error parsing offset: strconv.ParseInt: parsing {q.get('offset')!r}: invalid syntax") from None
+            raise _HTTPError(
+                400, f"error parsing offset: strconv.ParseInt: parsing {q.get('offset')!r}: invalid syntax"
+            ) from None
         origin = q.get("origin", "") or "start"
         if origin not in ("start", "end"):
             raise _HTTPError(400, "origin must be start or end")
@@ -1251,7 +1301,11 @@ class NomadAPIDouble:
                     if plain:
                         yield chunk
                     else:
-                        frame = {"Offset": pos + len(chunk), "Data": base64.b64encode(chunk).decode(), "File": name}
+                        frame = {
+                            "Offset": pos + len(chunk),
+                            "Data": base64.b64encode(chunk).decode(),
+                            "File": name,
+                        }
                         yield json.dumps(frame).encode()
                     pos += len(chunk)
                 elif not follow or self._closed:
@@ -1498,6 +1552,7 @@ class NomadAPIDouble:
             if not isinstance(body, dict) or body.get("DeploymentID") != id:
                 # command/agent/deployment_endpoint.go deploymentPromote
                 raise _HTTPError(400, "Deployment ID does not match")
+            self.promote_bodies.append(body)
             every = bool(body.get("All"))
             groups = set(body.get("Groups") or [])
             # nomad/state/state_store.go UpdateDeploymentPromotion: every group promoted (All: true, auto-promote
@@ -1514,12 +1569,16 @@ class NomadAPIDouble:
                     and (a.get("DeploymentStatus") or {}).get("Healthy") is True
                 )
                 if healthy < g["DesiredCanaries"]:
-                    problems.append(f'Task group "{name}" has {healthy}/{g["DesiredCanaries"]} healthy allocations')
+                    problems.append(
+                        f'Task group "{name}" has {healthy}/{g["DesiredCanaries"]} healthy allocations'
+                    )
             if problems:
                 n = len(problems)
                 raise _HTTPError(
                     500,
-                    f"{n} error{'s' if n > 1 else ''} occurred:\n" + "".join(f"\t* {p}\n" for p in problems) + "\n",
+                    f"{n} error{'s' if n > 1 else ''} occurred:\n"
+                    + "".join(f"\t* {p}\n" for p in problems)
+                    + "\n",
                 )
             ev = self._promote_now(dep, None if every else groups)
             idx = self._bump("deployments", change=f"deployment {id[:8]} promoted")
@@ -1544,8 +1603,15 @@ class NomadAPIDouble:
                     self._stop_alloc(a)
             for i in range(g["DesiredCanaries"], int(tg.get("Count", 1))):
                 self._place(job, tg, i, dep, ev)
-            if g["HealthyAllocs"] >= g["DesiredTotal"]:
-                dep.update(Status="successful", StatusDescription="Deployment completed successfully")
+        if all(
+            (not x["DesiredCanaries"] or x["Promoted"]) and x["HealthyAllocs"] >= x["DesiredTotal"]
+            for x in dep["TaskGroups"].values()
+        ):  # every group done, not only the one promoted
+            dep.update(Status="successful", StatusDescription="Deployment completed successfully")
+            job.update(Stable=True, Status="running")
+            for v in self.versions.get(dep["JobID"], []):
+                if v["Version"] == dep["JobVersion"]:
+                    v["Stable"] = True
         self._finish_eval(ev, DeploymentID=dep["ID"])
         return ev
 
@@ -1567,7 +1633,9 @@ class NomadAPIDouble:
             job = self.jobs.get(id)
             if job is None:
                 # nomad/job_endpoint.go Deregister: an unknown job is not an error; no evaluation
-                return self._json({"EvalID": "", "EvalCreateIndex": 0, "JobModifyIndex": 0, "Index": self.index})
+                return self._json(
+                    {"EvalID": "", "EvalCreateIndex": 0, "JobModifyIndex": 0, "Index": self.index}
+                )
             if purge:
                 del self.jobs[id]
                 self.versions.pop(id, None)
