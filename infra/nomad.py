@@ -278,7 +278,6 @@ class Client:
                     f"NOMAD_TOKEN goes to {s.addr} over plain http (readable on the network); "
                     "use https:// with NOMAD_CACERT for a remote cluster"
                 )
-        self.session.max_redirects = 0
         self.requests_made = 0
 
     @classmethod

@@ -508,7 +508,9 @@ class NomadAPIDouble:
         self.fail_next: list[tuple[str, int, str]] = []  # (path regex, status, body): one-shot faults
         self.drop_answer: list[str] = []  # "METHOD path" regexes: applied, then the connection is cut
         self.promote_bodies: list[Any] = []
-        self._task_lists: dict[str, list[dict[str, Any]]] = {}  # alloc ID -> its tasks (the job may be purged)
+        self._task_lists: dict[
+            str, list[dict[str, Any]]
+        ] = {}  # alloc ID -> its tasks (the job may be purged)
         self.health_delay: dict[str, float] = {}  # task name or image -> extra seconds before healthy
         self.parse_calls: list[dict[str, Any]] = []
         self._closed = False
