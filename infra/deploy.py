@@ -47,6 +47,8 @@ from infra.waits import Deadline, Probe, wait_until
 BLOCK_SECONDS = 60.0
 #: Key in the Nomad Variable (deploy.secrets_path) holding the generated Postgres password.
 POSTGRES_PASSWORD_KEY = "postgres_password"  # noqa: S105 - a key name, not a secret
+#: Largest job file read (the project's are a few KiB).
+MAX_JOB_FILE = 1024 * 1024
 #: HCL variable that carries the app image in nomad/service.nomad.hcl.
 IMAGE_VARIABLE = "image"
 
@@ -95,7 +97,20 @@ def read_job_file(path: Path) -> str:
             f"job file not found: {path}",
             hint="the job specs live in nomad/ (config deploy.*_job names them)",
         )
-    text = path.read_text()
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_JOB_FILE + 1)
+    except OSError as exc:
+        raise DeployError(f"cannot read job file {path}: {exc.strerror}") from exc
+    if len(data) > MAX_JOB_FILE:
+        raise DeployError(f"job file {path} is larger than {MAX_JOB_FILE // 1024} KiB: is it a job spec?")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DeployError(
+            f"job file {path} is not UTF-8 text (byte {exc.start}): is it a job spec?",
+            hint="a job spec is an HCL text file like nomad/service.nomad.hcl",
+        ) from None
     if not text.strip():
         raise DeployError(f"job file is empty: {path}")
     return text
@@ -118,7 +133,9 @@ def hcl_variables(variables: Mapping[str, str] | None) -> str:
 def job_id_of(path: Path) -> str:
     """The job's ID as written in the file (`job "name" {`), without asking Nomad; else the file stem."""
     if path.is_file():
-        m = re.search(r'^\s*job\s+"([^"]+)"\s*\{', path.read_text(), re.MULTILINE)
+        with path.open("rb") as f:
+            head = f.read(MAX_JOB_FILE).decode("utf-8", errors="replace")
+        m = re.search(r'^\s*job\s+"([^"]+)"\s*\{', head, re.MULTILINE)
         if m:
             return m.group(1)
     return path.name.split(".")[0]
