@@ -1,39 +1,52 @@
 """A STATEFUL TEST DOUBLE of Nomad's HTTP API — not Nomad, and not a mock of our client.
 
 A real Nomad cannot run on our machines (no binary obtainable), so the client and the deploy flow are
-tested against this double, served by pytest-httpserver (threaded, optionally TLS). Its responses follow
-the shapes in Nomad's API docs (website/content/api-docs/*.mdx in hashicorp/nomad; summarised with sources
-in /tmp/research/nomad-api.md): status/leader, agent/self, agent/health, nodes, node/:id, jobs/parse, jobs,
-job/:id, job/:id/plan, job/:id/allocations, job/:id/deployment, deployment/:id, deployment/promote/:id,
-evaluation/:id, allocation/:id, var/:path, DELETE job/:id?purge=true.
+tested against this double, served by pytest-httpserver (threaded, optionally TLS). It follows Nomad's
+SOURCE (hashicorp/nomad 2.0.6-dev, read 2026-11-30), not memory: next to each behaviour below, a comment
+names the file it follows. Endpoints: status/leader, agent/self, agent/health, nodes, node/:id,
+jobs/parse, jobs, job/:id, job/:id/plan, job/:id/allocations, job/:id/deployment, job/:id/evaluations,
+deployment/:id, deployment/promote/:id, evaluation/:id, allocation/:id, var/:path, DELETE job/:id,
+client/fs/logs/:alloc.
 
-What it models:
+What it models (sources at each place in the code):
 - one raft index; a per-table index (nodes, jobs, evals, deployments, allocs, vars) returned as
   X-Nomad-Index; BLOCKING QUERIES: `?index=N&wait=D` holds the request until the table's index passes N
-  or D elapses (the handler thread waits on a condition variable);
-- no leader: requests that need one are held for `rpc_hold` seconds (Nomad servers hold RPCs while no
-  leader is known) and then answered 500 "No cluster leader"; agent/self, agent/health, status/* answer;
+  or D elapses — D capped at 300 s, 300 s when absent, plus up to D/16 of jitter (nomad/rpc.go,
+  nomad/structs/structs.go);
+- no leader: RPC-backed requests are held for `rpc_hold` seconds and then answered 500 "No cluster
+  leader"; agent/self, agent/health, status/leader and jobs/parse (parsed in the agent) answer;
+- `?region=` other than the agent's: 500 "No path to region"; a job in a namespace that does not exist:
+  500 `job "x" is in nonexistent namespace "y"` (plan and register);
+- ACLs: per-endpoint capabilities (agent:read for agent/self, node:read, read-job, submit-job, parse-job,
+  list-jobs, variables read/write, read-logs|read-fs); 403 "Permission denied" / "ACL token not found";
+- jobs/parse with python-hcl2 (the same parser speclint uses): variables with defaults, `var.x` and
+  `${var.x}` interpolation, runtime `${NOMAD_*}`/`${attr.*}`... left as text, heredocs; not Strict, so
+  a value for an undeclared variable is dropped (its warning is kept in `parse_warnings`, as Nomad keeps
+  it to itself); lifecycle blocks, services and shutdown_delay are kept; what python-hcl2 cannot read or
+  the double cannot evaluate (functions) is a 400 "Failed to parse job: input.hcl:L,C: ...";
+- plan and register `Warnings` (services without shutdown_delay), merged as Nomad does;
+- register with EnforceIndex (the three messages of structs.Job.EnforceIndex); DELETE of an unknown job:
+  200 with no evaluation; deployments carrying JobModifyIndex (the job's ModifyIndex) AND
+  JobSpecModifyIndex (the registration); job allocations of the CURRENT job only (`all=true`: every one);
 - state that changes over time on a schedule (`at(seconds, fn)`; real clock): the leader appears, the
   node registers, becomes ready, the docker driver becomes healthy; allocations go pending -> running ->
-  healthy (or fail), deployments running -> successful / failed (+ auto-revert), canaries wait for
-  promotion; purge stops allocations and they turn `complete` a moment later;
+  healthy (or fail), prestart tasks run to completion first; deployments running -> successful / failed
+  (+ auto-revert), canaries wait for promotion (auto-promote only when every canary group is
+  auto_promote), promotion of named groups or All, checking each group's healthy canaries;
 - a scheduler: a group is placed only on a ready node whose driver is detected and healthy ("missing
   drivers" in FailedTGAllocs.ConstraintFiltered otherwise) and with enough memory ("memory" in
   DimensionExhausted), with a blocked evaluation;
-- ACLs: with `acl_token` set, no token -> 403 "Permission denied", a wrong one -> 403 "ACL token not found";
-- Variables with check-and-set (`?cas=`; 409 with the current variable on conflict);
-- plan diffs: "Added", "Edited", "None" against the registered version; EnforceIndex on register.
+- docker images on the node: with `pullable`, an image neither on the node nor in a registry fails to pull;
+  images are reference-counted by tasks and removed `image_delay` after the last one stops, unless
+  gc.image = false (`docker_gc`, or `gc_from_agent_config`);
+- Variables with check-and-set (`?cas=`; 409 with the current variable on conflict) and the window after
+  bootstrap where writes answer 500 "keyring has not been initialized yet";
+- task logs: framed JSON {File, Offset, Data} with `{}` heartbeats while following, or plain text.
 
-LIMITATION — jobs/parse: the double does not implement HCL2. It reads a small subset: `variable` blocks
-with `default`, one `job "name"` block, nested blocks `name "label" {` ... `}` (one per line, or an empty /
-single-attribute block on one line), attributes `key = value` with string, number, bool, `var.x`,
-`"${var.x}"` interpolation, one-line or multi-line lists of literals, `<<EOF` heredocs. Functions,
-locals, dynamic blocks and other expressions answer 400 like a parse error. Variables passed in that the
-file does not declare are a 400 too. Real job specs beyond that subset are exercised by the replay test
-and, for real, only against a real Nomad.
-
-Task behaviour is chosen per task image or task name: `behaviour["img:tag"] = "driver-failure"`, or
-"exit-1", or "ok" (default).
+Faults for tests: `fail_next` (one-shot status + body), `drop_answer` (the request is applied, then the
+connection is cut before the answer). Task behaviour per task image or task name:
+`behaviour["img:tag"] = "driver-failure"`, or "exit-1", or "ok" (default); `health_delay[name]` delays
+a task's health.
 """
 
 from __future__ import annotations
