@@ -692,6 +692,7 @@ def deploy_app(
     merged.update(variables or {})
     if chosen:
         merged[IMAGE_VARIABLE] = chosen
+    _check_writable(record_path)  # before registering: a record that cannot be written must not half-deploy
     result = deploy_job(
         client, cfg.deploy.app_job, variables=merged, detach=detach, timeout=cfg.deploy.timeout
     )
@@ -708,11 +709,31 @@ def _read_record(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def _check_writable(path: Path) -> None:
+    probe = path.with_name(f".{path.name}.probe")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise DeployError(
+            f"cannot write {path} (the record of the deployed image): {exc.strerror or exc}",
+            hint="project.state_dir must be a writable directory; nothing was deployed",
+        ) from None
+
+
 def _write_record(path: Path, data: Mapping[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise DeployError(
+            f"the job is deployed, but {path} could not be written: {exc.strerror or exc}",
+            hint="a later `inv up` redeploys the job file's default image; fix project.state_dir",
+        ) from None
 
 
 def deploy_ingress(cfg: Config, client: Client, *, detach: bool = False) -> DeployResult:

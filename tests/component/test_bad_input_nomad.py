@@ -150,6 +150,11 @@ def binary_job(w: World) -> dict[str, str]:
     return w.env()
 
 
+def state_under_a_file(w: World) -> dict[str, str]:
+    (w.tmp / "afile").write_text("")
+    return w.env(INVOKE_DEPLOY_APP_JOB=str(w.job), INVOKE_PROJECT_STATE_DIR=str(w.tmp / "afile" / "state"))
+
+
 @dataclass(frozen=True)
 class Case:
     id: str
@@ -212,6 +217,9 @@ CASES = [
     Case("connection-refused-times-out", ("nomad.wait", "--timeout", "2"),
          lambda w: w.env(NOMAD_ADDR=f"http://127.0.0.1:{free_port()}"), 2,
          r"^error: timed out after 2s waiting for Nomad", within=8),
+    Case("deploy-app-state-dir-not-a-directory", ("deploy.app", "--image", "web:2"), state_under_a_file, 1,
+         r"^error: cannot write .*/afile/state/deployed\.json \(the record of the deployed image\): Not a directory$",
+         output_has=("nothing was deployed",)),
     Case("logs-of-an-unknown-job", ("logs", "nope"), lambda w: w.env(), 1, r"^error: job nope is not registered$"),
     Case("purge-of-an-unknown-job-is-fine", ("purge", "-j", "nope"), lambda w: w.env(), 0, r"nope: not registered"),
 ]  # fmt: skip
