@@ -76,7 +76,10 @@ class NomadTLSError(NomadUnreachable):
 
 
 class NomadAnswerLost(NomadUnreachable):
-    """A write was sent (or may have been) but its answer never came: Nomad may have applied it."""
+    """A request was sent (or may have been) but its answer never came: Nomad may have applied it."""
+
+    #: True when the call ran out of time (not retried: a slow server stays slow).
+    timed_out = False
 
 
 class NomadAPIError(NomadError):
@@ -328,12 +331,12 @@ class Client:
                     content = self._read(resp, time.monotonic() + limit, method, path, limit)
                 finally:
                     resp.close()
-            except NomadAnswerLost as exc:
-                if method in IDEMPOTENT and attempt < attempts:
+            except NomadAnswerLost as exc:  # a dropped connection: only a read may be sent again
+                if method in IDEMPOTENT and not exc.timed_out and attempt < attempts:
                     self._sleep(delay)
                     delay = min(delay * 2, 8.0)
                     continue
-                raise exc from exc.__cause__
+                raise
             except NomadUnreachable as exc:  # nothing was sent: safe to retry, whatever the method
                 if attempt < attempts and not isinstance(exc, NomadTLSError) and exc.retryable:
                     self._sleep(delay)
@@ -389,11 +392,13 @@ class Client:
                 err.retryable = True
                 raise err from exc
             if isinstance(exc, requests.exceptions.Timeout):
-                raise NomadAnswerLost(
+                lost = NomadAnswerLost(
                     f"Nomad at {s.addr} did not answer {method} {path} within "
                     f"{time.monotonic() - started:.0f}s",
                     hint="raise nomad.read_timeout, or check the server's load",
-                ) from exc
+                )
+                lost.timed_out = True
+                raise lost from exc
             raise NomadAnswerLost(
                 f"Nomad at {s.addr} dropped {method} {path} before answering: {printable(root_cause(exc))}",
                 hint="the request may have reached Nomad; look at the server's log",
@@ -420,11 +425,13 @@ class Client:
         try:
             while True:
                 if time.monotonic() > deadline:
-                    raise NomadAnswerLost(
+                    lost = NomadAnswerLost(
                         f"Nomad at {self.settings.addr} did not finish answering {method} {path} within "
                         f"{limit:.0f}s ({size} bytes received)",
                         hint="raise nomad.read_timeout, or check the server's load",
                     )
+                    lost.timed_out = True
+                    raise lost
                 chunk = resp.raw.read1(65536, decode_content=True)
                 if not chunk:
                     return b"".join(chunks)
@@ -436,11 +443,13 @@ class Client:
                         hint=f"is {self.settings.addr} really a Nomad HTTP API?",
                     )
         except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise NomadAnswerLost(
+            lost = NomadAnswerLost(
                 f"Nomad at {self.settings.addr} broke off its answer to {method} {path}: "
                 f"{printable(root_cause(exc))}",
                 hint="the request may have reached Nomad; look at the server's log",
-            ) from exc
+            )
+            lost.timed_out = isinstance(exc, urllib3.exceptions.ReadTimeoutError | TimeoutError)
+            raise lost from exc
 
     def _decode(self, method: str, path: str, resp: requests.Response, content: bytes) -> Result:
         text = content.decode("utf-8", errors="replace")

@@ -321,6 +321,10 @@ def test_the_deadline_bounds_the_whole_request_not_each_read() -> None:
         elapsed = time.monotonic() - started
         assert elapsed < 5, f"a 3 s deadline took {elapsed:.1f}s"
         assert "did not finish answering GET /v1/status/leader within 3s" in str(info.value)
+        patient = Client(Settings(addr=f"http://127.0.0.1:{port}", retries=3), sleep=lambda s: None)
+        with pytest.raises(NomadUnreachable):
+            patient.request("GET", "/v1/status/leader", timeout=1)
+        assert patient.requests_made == 1  # a slow server stays slow: a timed-out read is not retried
         started = time.monotonic()
         with pytest.raises(WaitTimeout):
             cluster.wait_ready(client, timeout=3)
