@@ -347,3 +347,24 @@ def test_gc_settings_are_read_from_an_agent_config() -> None:
         180.0,
     )
     assert gc_from_agent_config("client {\n  enabled = true\n}\n") == (True, 180.0)  # the driver's defaults
+
+
+def test_the_project_agent_config_keeps_the_locally_built_app_image(make_cfg: Any) -> None:
+    """Issue 11 item 1 through the double: with the project's docker plugin settings, the app image built
+    in the VM is still there after its tasks stopped for longer than image_delay."""
+    (agent,) = sorted((ROOT / "cloud-init" / "files" / "nomad").glob("*.hcl"))
+    gc_image, delay = gc_from_agent_config(agent.read_text())
+    local = "infra-lab/app:0123456789ab"
+    with NomadAPIDouble(
+        pullable=lambda ref: not ref.startswith("infra-lab/"), docker_gc=(gc_image, 0.2)
+    ) as d:
+        d.ready_now()
+        c = client_for(d)
+        d.load_image(local)
+        cfg = make_cfg()
+        assert deploy.deploy_app(cfg, c, image=local).outcome == "deployed"
+        deploy.purge(c, ["app"], timeout=10)
+        time.sleep(0.5)  # longer than the (shortened) image_delay
+        assert local in d.images, d.image_events
+        assert deploy.deploy_app(cfg, c, image=local).outcome == "deployed"
+    assert not gc_image or delay >= 24 * 3600
