@@ -670,6 +670,7 @@ class NomadAPIDouble:
             self._unblock()
 
     def _unblock(self) -> None:
+        # nomad/blocked_evals.go: a node update unblocks evaluations waiting for capacity
         """A node change re-enqueues blocked evaluations (Nomad's blocked-evals tracker does the same)."""
         for ev in list(self.evals.values()):
             if ev["Status"] == "blocked":
@@ -749,6 +750,8 @@ class NomadAPIDouble:
         return resp
 
     def _json(self, body: Any, table: str | None = None) -> Response:
+        # command/agent/http.go setIndex / setKnownLeader / setLastContact: X-Nomad-Index,
+        # X-Nomad-KnownLeader, X-Nomad-LastContact on every query answer
         headers = {
             "X-Nomad-Index": str(self.tables[table] if table else self.index),
             "X-Nomad-KnownLeader": "true" if self.leader else "false",
@@ -771,6 +774,8 @@ class NomadAPIDouble:
         raise _HTTPError(403, "Permission denied")
 
     def _hold_for_leader(self) -> None:
+        # nomad/rpc.go forward: while no leader is known a server holds the RPC for
+        # RPCHoldTimeout, then fails it with structs.ErrNoLeader (500 "No cluster leader")
         end = time.monotonic() + self.rpc_hold
         with self.cond:
             while not self.leader and not self._closed:
@@ -890,6 +895,8 @@ class NomadAPIDouble:
         }  # fmt: skip
 
     def _health(self) -> Response:
+        # command/agent/agent_endpoint.go HealthRequest: {client, server: {ok, message}}, 500 when
+        # either is not ok
         client_ok = self.node is not None and self.node["Status"] == "ready"
         server_ok = bool(self.leader)
         body = {
@@ -900,6 +907,7 @@ class NomadAPIDouble:
         return Response(json.dumps(body), status=status, content_type="application/json")
 
     def _nodes(self, request: Request, body: Any) -> Response:
+        # nomad/node_endpoint.go List (node:read): structs.NodeListStub, no Attributes/Events
         self._block(request, "nodes")
         with self.cond:
             stubs = []
@@ -913,6 +921,7 @@ class NomadAPIDouble:
             return self._json(stubs, "nodes")
 
     def _node(self, request: Request, body: Any, id: str) -> Response:
+        # nomad/node_endpoint.go GetNode; command/agent/node_endpoint.go: 404 "node not found"
         self._block(request, "nodes")
         with self.cond:
             if not self.node or self.node["ID"] != id:
@@ -942,6 +951,7 @@ class NomadAPIDouble:
             raise _HTTPError(500, f'job "{job.get("ID")}" is in nonexistent namespace "{ns}"')
 
     def _jobs(self, request: Request, body: Any) -> Response:
+        # nomad/job_endpoint.go List: structs.JobListStub, filtered by ?prefix
         self._block(request, "jobs")
         with self.cond:
             prefix = request.args.get("prefix", "")
@@ -953,6 +963,7 @@ class NomadAPIDouble:
             return self._json(stubs, "jobs")
 
     def _job(self, request: Request, body: Any, id: str) -> Response:
+        # command/agent/job_endpoint.go jobQuery: 404 "job not found"
         self._block(request, "jobs")
         with self.cond:
             if id not in self.jobs:
@@ -960,6 +971,8 @@ class NomadAPIDouble:
             return self._json(copy.deepcopy(self.jobs[id]), "jobs")
 
     def _plan(self, request: Request, body: Any, id: str) -> Response:
+        # nomad/job_endpoint.go Plan: Diff (nomad/structs/diff.go: Added/Edited/None), the current
+        # JobModifyIndex (0 for a new job), FailedTGAllocs from a scheduler dry run
         job = body["Job"]
         self._namespace(request, job)
         with self.cond:
@@ -997,6 +1010,8 @@ class NomadAPIDouble:
             )
 
     def _register(self, request: Request, body: Any) -> Response:
+        # nomad/job_endpoint.go Register; an unchanged spec keeps its version
+        # (nomad/structs/structs.go SpecChanged) but still gets an evaluation
         job = copy.deepcopy(body["Job"])
         job_id = job["ID"]
         self._namespace(request, job)
@@ -1032,6 +1047,8 @@ class NomadAPIDouble:
             )  # fmt: skip
 
     def _store_version(self, job: dict[str, Any], current: dict[str, Any] | None) -> int:
+        # nomad/state/state_store.go upsertJobImpl: Version+1, ModifyIndex = JobModifyIndex =
+        # the raft index, CreateIndex kept from the existing job
         job_id = job["ID"]
         history = self.versions.setdefault(job_id, [])
         version = (history[-1]["Version"] + 1) if history else 0
@@ -1047,6 +1064,7 @@ class NomadAPIDouble:
     def _new_eval(
         self, job_id: str, trigger: str, job_modify_index: int, status: str = "pending"
     ) -> dict[str, Any]:
+        # nomad/structs/structs.go Evaluation (TriggeredBy job-register, deployment-watcher, ...)
         idx = self._bump("evals")
         ev = {
             "ID": str(uuid.uuid4()), "Namespace": "default", "Priority": 50, "Type": "service",
@@ -1067,6 +1085,8 @@ class NomadAPIDouble:
         ev["ModifyTime"] = now_ns()
 
     def _feasibility(self, job: dict[str, Any]) -> dict[str, Any]:
+        # scheduler/feasible/feasible.go DriverChecker: "missing drivers" in ConstraintFiltered;
+        # nomad/structs/funcs.go AllocsFit: "memory" in DimensionExhausted
         """FailedTGAllocs for groups that do not fit the node (drivers, memory)."""
         failed: dict[str, Any] = {}
         node = self.node
@@ -1097,6 +1117,8 @@ class NomadAPIDouble:
         return failed
 
     def _evaluate(self, eval_id: str, *, noop: bool = False) -> None:
+        # scheduler/generic_sched.go: place the groups, or record FailedTGAllocs and create a
+        # blocked evaluation (createBlockedEval)
         """The scheduler: place the job's current version, or record why it cannot."""
         ev = self.evals[eval_id]
         job = self.jobs.get(ev["JobID"])
@@ -1128,6 +1150,8 @@ class NomadAPIDouble:
         self._finish_eval(ev, DeploymentID=dep["ID"])
 
     def _new_deployment(self, job: dict[str, Any], *, has_previous: bool) -> dict[str, Any]:
+        # nomad/structs/deployment.go NewDeployment; a newer job version cancels a running
+        # deployment (DeploymentStatusDescriptionNewerJob)
         for d in self.deployments.values():  # a newer version cancels a running deployment
             if d["JobID"] == job["ID"] and d["Status"] == "running":
                 d.update(Status="cancelled", StatusDescription="Cancelled due to newer version of job")
@@ -1158,6 +1182,8 @@ class NomadAPIDouble:
     def _place(
         self, job: dict[str, Any], tg: dict[str, Any], i: int, dep: dict[str, Any] | None, ev: dict[str, Any]
     ) -> dict[str, Any]:
+        # scheduler/reconciler: canaries first, the rest after promotion; nomad/structs/structs.go
+        # Allocation (DesiredStatus run/stop, ClientStatus pending/running/complete/failed)
         idx = self._bump("allocs")
         alloc = {
             "ID": str(uuid.uuid4()), "EvalID": ev["ID"], "Name": f"{job['ID']}.{tg['Name']}[{i}]",
@@ -1347,6 +1373,7 @@ class NomadAPIDouble:
         alloc["ModifyTime"] = now_ns()
 
     def _alloc_setup(self, alloc: dict[str, Any], tasks: list[dict[str, Any]]) -> None:
+        # client/allocrunner/taskrunner: task events Received, Task Setup, Driver (image pull)
         if alloc["DesiredStatus"] != "run":
             return
         for t in tasks:
@@ -1393,6 +1420,8 @@ class NomadAPIDouble:
         how: str,
         dep: dict[str, Any] | None,
     ) -> None:
+        # nomad/structs/structs.go TaskEvent types (Driver Failure, Terminated, Restarting, Not
+        # Restarting, Sibling Task Failed) as client/allocrunner/taskrunner emits them
         if alloc["DesiredStatus"] != "run":
             return
         ts = alloc["TaskStates"][task]
@@ -1441,6 +1470,8 @@ class NomadAPIDouble:
         self._alloc_health(alloc, dep, False)
 
     def _alloc_health(self, alloc: dict[str, Any], dep: dict[str, Any] | None, healthy: bool) -> None:
+        # client/allochealth + nomad/deploymentwatcher: health counts per group; descriptions
+        # from nomad/structs/deployment.go (Successful, RunningNeedsPromotion)
         if alloc["DesiredStatus"] != "run" and healthy:
             return
         alloc["DeploymentStatus"] = {"Healthy": healthy, "Timestamp": "2026-11-25T09:00:04Z", "Canary": False,
@@ -1474,11 +1505,16 @@ class NomadAPIDouble:
             canary_groups = [x for x in dep["TaskGroups"].values() if x["DesiredCanaries"]]
             if all(x["AutoPromote"] and x["HealthyAllocs"] >= x["DesiredCanaries"] for x in canary_groups):
                 self._promote_now(dep)
+            elif all(x["AutoPromote"] for x in canary_groups):
+                dep["StatusDescription"] = "Deployment is running pending automatic promotion"
             else:
                 dep["StatusDescription"] = "Deployment is running but requires manual promotion"
         dep["ModifyIndex"] = self._bump("deployments", change=f"deployment {dep['ID'][:8]} {dep['Status']}")
 
     def _fail_deployment(self, dep: dict[str, Any], auto_revert: bool) -> None:
+        # nomad/deploymentwatcher/deployment_watcher.go: unhealthy allocations fail the
+        # deployment (DeploymentStatusDescriptionFailedAllocations); auto_revert registers the
+        # latest stable version again (DeploymentStatusDescriptionRollback)
         description = "Failed due to unhealthy allocations"
         job_id = dep["JobID"]
         stable = [
@@ -1497,6 +1533,8 @@ class NomadAPIDouble:
             self.at(self.timing.evaluate, lambda: self._evaluate(ev["ID"]))
 
     def _stop_alloc(self, alloc: dict[str, Any]) -> None:
+        # scheduler: old allocations get DesiredStatus stop; the client kills the tasks
+        # (Killing, Terminated, Killed events) and reports complete
         if alloc["DesiredStatus"] != "run":
             return
         alloc.update(DesiredStatus="stop", DesiredDescription="alloc is being updated due to job update")
@@ -1519,6 +1557,7 @@ class NomadAPIDouble:
         self.at(self.timing.alloc_stop, stopped)
 
     def _gc(self, alloc: dict[str, Any]) -> None:
+        # nomad/core_sched.go: terminal allocations are garbage-collected
         self.allocs.pop(alloc["ID"], None)
         self._bump("allocs", change=f"alloc {alloc['Name']} garbage-collected")
 
@@ -1537,6 +1576,7 @@ class NomadAPIDouble:
             return self._json(allocs, "allocs")
 
     def _allocation(self, request: Request, body: Any, id: str) -> Response:
+        # command/agent/alloc_endpoint.go: 404 "alloc not found"
         with self.cond:
             if id not in self.allocs:
                 raise _HTTPError(404, "alloc not found")
@@ -1544,6 +1584,7 @@ class NomadAPIDouble:
 
     # ---------------------------------------------------------------------------------- deployments --
     def _job_deployment(self, request: Request, body: Any, id: str) -> Response:
+        # nomad/job_endpoint.go LatestDeployment: the newest by CreateIndex, null when none
         self._block(request, "deployments")
         with self.cond:
             deps = [d for d in self.deployments.values() if d["JobID"] == id]
@@ -1551,6 +1592,7 @@ class NomadAPIDouble:
             return self._json(copy.deepcopy(latest), "deployments")
 
     def _deployment(self, request: Request, body: Any, id: str) -> Response:
+        # command/agent/deployment_endpoint.go: 404 "deployment not found"
         self._block(request, "deployments")
         with self.cond:
             if id not in self.deployments:
@@ -1631,11 +1673,13 @@ class NomadAPIDouble:
         return ev
 
     def _job_evals(self, request: Request, body: Any, id: str) -> Response:
+        # nomad/job_endpoint.go Evaluations
         self._block(request, "evals")
         with self.cond:
             return self._json([copy.deepcopy(e) for e in self.evals.values() if e["JobID"] == id], "evals")
 
     def _evaluation(self, request: Request, body: Any, id: str) -> Response:
+        # command/agent/eval_endpoint.go: 404 "eval not found"
         self._block(request, "evals")
         with self.cond:
             if id not in self.evals:
@@ -1643,6 +1687,8 @@ class NomadAPIDouble:
             return self._json(copy.deepcopy(self.evals[id]), "evals")
 
     def _deregister(self, request: Request, body: Any, id: str) -> Response:
+        # nomad/job_endpoint.go Deregister: stop (or purge) with a job-deregister evaluation;
+        # running deployments cancelled (DeploymentStatusDescriptionStoppedJob)
         purge = request.args.get("purge", "") in ("true", "1")
         with self.cond:
             job = self.jobs.get(id)
@@ -1672,12 +1718,15 @@ class NomadAPIDouble:
 
     # ------------------------------------------------------------------------------------ variables --
     def _var_get(self, request: Request, body: Any, id: str) -> Response:
+        # command/agent/variable_endpoint.go: 404 "variable not found"
         with self.cond:
             if id not in self.vars:
                 raise _HTTPError(404, "variable not found")
             return self._json(copy.deepcopy(self.vars[id]), "vars")
 
     def _var_put(self, request: Request, body: Any, id: str) -> Response:
+        # command/agent/variable_endpoint.go variableUpsert: ?cas=N check-and-set; a conflict
+        # answers 409 with the current variable (empty when it does not exist)
         if time.monotonic() < self._keyring_at:
             # nomad/variables_endpoint.go Apply -> encrypt -> nomad/encrypter.go activeCipherSet
             raise _HTTPError(500, "variable error: encrypt: keyring has not been initialized yet")
