@@ -224,7 +224,12 @@ def status(c: Context, json: bool = False) -> None:
 
     from infra import stack, ui
 
-    report = stack.status(cfg(c))
+    try:
+        report = stack.status(cfg(c))
+    except InfraError as exc:  # --json prints JSON whatever happens
+        if json:
+            ui.out(json_mod.dumps({"error": printable(exc.message), "hint": exc.hint or ""}, indent=2))
+        raise
     if json:
         ui.out(json_mod.dumps(report, indent=2, default=str))
     if report.get("error"):

@@ -114,8 +114,14 @@ def status(
         from infra import vm
 
         vm_info = vm.status(cfg, probe_guest=False)
-    client = client or Client.from_config(cfg)
-    report: dict[str, Any] = {"vm": vm_info, "nomad": {"addr": client.addr}, "jobs": []}
+    report: dict[str, Any] = {"vm": vm_info, "nomad": {"addr": cfg.nomad.addr or None}, "jobs": []}
+    try:
+        client = client or Client.from_config(cfg)
+    except NomadError as exc:  # a malformed NOMAD_ADDR or token: in the report too
+        report["nomad"].update(reachable=False, ready=False, error=exc.message, hint=exc.hint or "")
+        report["error"] = exc.message
+        return report
+    report["nomad"]["addr"] = client.addr
 
     if vm_info.get("running"):
         uptime = vm_info.get("uptime_s")
