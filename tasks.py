@@ -247,15 +247,19 @@ def status(c: Context, json: bool = False) -> None:
 @domain_errors
 def logs(c: Context, job: str, task: str = "", stderr: bool = False, follow: bool = False) -> None:
     """A job's task logs (newest allocation) through Nomad's API, like `nomad alloc logs`."""
+    import os
     import sys
 
     from infra import deploy, nomad
 
     config = cfg(c)
     client = nomad.Client.from_config(config)
-    for chunk in deploy.task_logs(client, job, task=task or None, stderr=stderr, follow=follow):
-        sys.stdout.buffer.write(chunk)
-        sys.stdout.buffer.flush()
+    try:
+        for chunk in deploy.task_logs(client, job, task=task or None, stderr=stderr, follow=follow):
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.buffer.flush()
+    except BrokenPipeError:  # `inv logs app | head`: the reader is gone, which is fine
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps Python's exit-time flush quiet
 
 
 ns = Collection(purge, up, down, status, logs)

@@ -619,8 +619,12 @@ class Client:
                         f"the log stream from {self.settings.addr} broke off: {printable(root_cause(exc))}"
                     ) from exc
                 if not chunk:
-                    if buf.strip():
-                        raise NomadError(f"Nomad API GET {path}: the log stream ended inside a frame")
+                    if (
+                        buf.strip()
+                    ):  # an error after the first frame comes as text (command/agent/http.go wrap)
+                        raise NomadError(
+                            f"Nomad API GET {path}: the log stream ended with: {printable(buf.strip(), limit=300)}"
+                        )
                     return
                 buf += chunk.decode("utf-8", errors="replace")
                 while True:

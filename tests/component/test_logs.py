@@ -140,3 +140,18 @@ def test_inv_logs_follow_streams_new_output_across_heartbeats(
     assert b"Traceback" not in err
     heartbeats = [r for r in deployed.requests if r.path.startswith("/v1/client/fs/logs/")]
     assert heartbeats and heartbeats[-1].query["follow"] == "true"
+
+
+def test_inv_logs_into_a_closed_pipe_is_quiet(deployed: NomadAPIDouble, tmp_path: Path) -> None:
+    deployed.write_log(newest_alloc(deployed), "server", "stdout", "x" * 2_000_000)
+    inv = str(Path(sys.executable).with_name("inv"))
+    result = subprocess.run(
+        ["sh", "-c", f"'{inv}' logs web | head -c 10"],
+        cwd=ROOT,
+        env=_env(deployed, tmp_path),
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.stdout == b"listening "
+    assert b"Traceback" not in result.stderr and b"Error" not in result.stderr, result.stderr
