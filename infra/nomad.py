@@ -31,6 +31,7 @@ import base64
 import ipaddress
 import json as json_mod
 import os
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -220,13 +221,33 @@ class Result:
     known_leader: bool | None = None
 
 
-def _hint_for(status: int, body: str, s: Settings) -> str | None:
+#: The ACL capability each endpoint needs (command/agent/agent_endpoint.go, nomad/node_endpoint.go,
+#: nomad/job_endpoint.go, nomad/deployment_endpoint.go, nomad/variables_endpoint.go, client/fs_endpoint.go).
+_CAPABILITIES = [
+    ("GET", r"/v1/agent/self", "agent:read"),
+    ("GET", r"/v1/nodes?(/.*)?", "node:read"),
+    ("POST", r"/v1/jobs/parse", "namespace capability parse-job (or submit-job)"),
+    ("GET", r"/v1/client/fs/logs/.*", "namespace capability read-logs"),
+    ("GET", r"/v1/var/.*", "variables read on the path"),
+    ("PUT", r"/v1/var/.*", "variables write on the path"),
+    ("GET", r"/v1/jobs", "namespace capability list-jobs"),
+    ("GET", r"/v1/(job|deployment|evaluation|allocation)/.*", "namespace capability read-job"),
+    ("*", r"/v1/(jobs|job/.*|deployment/promote/.*)", "namespace capability submit-job"),
+]
+
+
+def _hint_for(status: int, body: str, s: Settings, method: str = "", path: str = "") -> str | None:
     low = body.lower()
     if status == 403:
         token = "a token is set" if s.token else "no token is set"
+        needs = next(
+            (cap for m, rx, cap in _CAPABILITIES if m in (method, "*") and re.fullmatch(rx, path)), ""
+        )
         return (
-            f"Nomad refused the request ({token}): set NOMAD_TOKEN (or nomad.token) to an ACL token "
-            "allowed to do this; `nomad acl token self` shows what a token may do"
+            f"Nomad refused the request ({token}"
+            + (f"; {method} {path} needs {needs}" if needs else "")
+            + "): set NOMAD_TOKEN (or nomad.token) to an ACL token allowed to do this; "
+            "`nomad acl token self` shows what a token may do"
         )
     if "no path to region" in low:
         return (
@@ -326,9 +347,10 @@ class Client:
         delay = 0.5
         for attempt in range(1, attempts + 1):
             try:
+                deadline = time.monotonic() + limit  # for the whole call: headers and body
                 resp = self._send(method, path, query, json, limit)
                 try:
-                    content = self._read(resp, time.monotonic() + limit, method, path, limit)
+                    content = self._read(resp, deadline, method, path, limit)
                 finally:
                     resp.close()
             except NomadAnswerLost as exc:  # a dropped connection: only a read may be sent again
@@ -454,7 +476,7 @@ class Client:
     def _decode(self, method: str, path: str, resp: requests.Response, content: bytes) -> Result:
         text = content.decode("utf-8", errors="replace")
         if resp.status_code >= 400:
-            hint = _hint_for(resp.status_code, text, self.settings)
+            hint = _hint_for(resp.status_code, text, self.settings, method, path)
             cls = {404: NomadNotFound, 409: NomadConflict}.get(resp.status_code, NomadAPIError)
             raise cls(resp.status_code, method, path, text, hint=hint)
         try:

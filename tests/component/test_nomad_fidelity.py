@@ -170,8 +170,9 @@ def test_nonexistent_namespace_fails_at_once_with_a_hint(doubles: Any, web: Any)
 def test_agent_self_403_falls_back_to_picking_the_node(doubles: Any) -> None:
     d = doubles(acl_tokens={"deploy": DEPLOY_CAPS})
     c = client_for(d, token="deploy")
-    with pytest.raises(NomadAPIError, match="Permission denied"):
+    with pytest.raises(NomadAPIError, match="Permission denied") as info:
         c.agent_self()  # command/agent/agent_endpoint.go: agent:read
+    assert "GET /v1/agent/self needs agent:read" in str(info.value)
     st = cluster.wait_ready(c, timeout=5)
     assert st.ready and st.node_name == "nomad-1"
     assert cluster.is_ready(c).ready
