@@ -197,12 +197,7 @@ def deploy_job(
 
     ui.step(f"deploying job {job_id} from {path.name}: {_plan_summary(plan)}")
     modify_index = int(plan.get("JobModifyIndex") or 0)
-    try:
-        reg = client.register_job(job, modify_index=modify_index)
-    except NomadAnswerLost as exc:
-        reg = _registered_anyway(client, job_id, modify_index, exc)
-    except NomadAPIError as exc:
-        raise DeployError(f"job {job_id}: Nomad refused to register it: {exc.body}", hint=exc.hint) from exc
+    reg = _register(client, job, modify_index)
     _warn(job_id, reg.get("Warnings"), shown)
     eval_id = str(reg.get("EvalID") or "")
     if detach:
@@ -259,11 +254,37 @@ def _raise_if_blocked(client: Client, job: Mapping[str, Any]) -> None:
     _check_evaluation(job, {**latest, "Status": latest.get("Status", "blocked")})
 
 
+def _register(client: Client, job: Mapping[str, Any], modify_index: int) -> dict[str, Any]:
+    """POST /v1/jobs with EnforceIndex at the plan's JobModifyIndex. When the answer is lost, the job is read
+    back: registered (its JobModifyIndex moved) -> carry on; not registered -> send it once more, which
+    EnforceIndex makes safe (a second registration would fail "Enforcing job modify index ...",
+    nomad/structs/job.go)."""
+    job_id = str(job["ID"])
+    for attempt in (1, 2):
+        try:
+            return client.register_job(job, modify_index=modify_index)
+        except NomadAnswerLost as exc:
+            found = _registered_anyway(client, job_id, modify_index, exc)
+            if found is not None:
+                return found
+            if attempt == 2:
+                raise DeployError(
+                    f"job {job_id} was not registered: {exc.message}",
+                    hint="nothing changed in Nomad; deploy again when it answers",
+                ) from exc
+            ui.info(f"    {job_id}: the registration did not reach Nomad; sending it once more")
+        except NomadAPIError as exc:
+            raise DeployError(
+                f"job {job_id}: Nomad refused to register it: {exc.body}", hint=exc.hint
+            ) from exc
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 def _registered_anyway(
     client: Client, job_id: str, modify_index: int, lost: NomadAnswerLost
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """The register's answer was lost: did Nomad register it? A JobModifyIndex other than the plan's says
-    so; its evaluation is the job-register one at that index."""
+    so; its evaluation is the job-register one at that index. None: it did not."""
     try:
         current = client.job(job_id)
     except NomadError as exc:
@@ -274,10 +295,7 @@ def _registered_anyway(
         ) from exc
     index = int((current or {}).get("JobModifyIndex") or 0)
     if current is None or index == modify_index:
-        raise DeployError(
-            f"job {job_id} was not registered: {lost.message}",
-            hint="nothing changed in Nomad; deploy again when it answers",
-        ) from lost
+        return None
     evals = [
         e
         for e in client.job_evaluations(job_id)

@@ -115,6 +115,17 @@ def test_register_whose_answer_is_lost_is_not_resent_and_is_found_by_rereading(
     assert "the answer to the registration was lost, but Nomad has it" in capsys.readouterr().err
 
 
+def test_register_that_never_reached_nomad_is_sent_once_more_under_enforce_index(
+    doubles: Any, web: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    d = doubles()
+    d.drop_request.append("^POST /v1/jobs$")  # cut before Nomad applied anything
+    result = deploy.deploy_job(client_for(d, retries=3), web(), timeout=10)
+    assert result.outcome == "deployed" and result.version == 0
+    assert d.count("^/v1/jobs$", "POST") == 2 and len(d.versions["web"]) == 1
+    assert "the registration did not reach Nomad; sending it once more" in capsys.readouterr().err
+
+
 def test_register_lost_before_nomad_applied_it_says_so(doubles: Any, web: Any) -> None:
     d = doubles()
     d.drop_answer.append("^POST /v1/job/web/plan$")  # a POST: not resent, whatever it does

@@ -520,6 +520,7 @@ class NomadAPIDouble:
         self.errors: list[str] = []
         self.fail_next: list[tuple[str, int, str]] = []  # (path regex, status, body): one-shot faults
         self.drop_answer: list[str] = []  # "METHOD path" regexes: applied, then the connection is cut
+        self.drop_request: list[str] = []  # "METHOD path" regexes: the connection is cut, nothing applied
         self.promote_bodies: list[Any] = []
         self._task_lists: dict[
             str, list[dict[str, Any]]
@@ -728,6 +729,12 @@ class NomadAPIDouble:
     def _handle(self, request: Request) -> Response:
         rec = Request_(time.monotonic(), request.method, request.path, dict(request.args))
         self.requests.append(rec)
+        for regex in list(self.drop_request):
+            if re.search(regex, f"{request.method} {request.path}"):
+                self.drop_request.remove(regex)  # the connection breaks before Nomad sees the request
+                rec.status = -1
+                self._cut(request)
+                return Response(b"", status=200)
         try:
             resp = self._route(request)
         except _HTTPError as err:
@@ -742,12 +749,16 @@ class NomadAPIDouble:
                 # restart): the client sees "Connection aborted"/"RemoteDisconnected"
                 self.drop_answer.remove(regex)
                 rec.status = -1
-                sock = request.environ.get("werkzeug.socket")
-                if sock is not None:
-                    with contextlib.suppress(OSError):
-                        sock.shutdown(socket.SHUT_RDWR)
+                self._cut(request)
                 return Response(b"", status=200)
         return resp
+
+    @staticmethod
+    def _cut(request: Request) -> None:
+        sock = request.environ.get("werkzeug.socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def _json(self, body: Any, table: str | None = None) -> Response:
         # command/agent/http.go setIndex / setKnownLeader / setLastContact: X-Nomad-Index,
