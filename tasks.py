@@ -14,7 +14,7 @@ from invoke import Collection, Context, Exit, task
 
 from infra import config as config_mod
 from infra.config import Config
-from infra.errors import InfraError
+from infra.errors import InfraError, printable
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -38,8 +38,8 @@ def domain_errors(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except InfraError as exc:
-            raise Exit(f"error: {exc}", code=exc.exit_code) from exc
+        except InfraError as exc:  # printable(): server text may hold NULs or escape sequences
+            raise Exit(f"error: {printable(str(exc))}", code=exc.exit_code) from exc
         except KeyboardInterrupt:
             raise Exit("interrupted", code=130) from None
 
@@ -232,12 +232,45 @@ def status(c: Context, json: bool = False) -> None:
 
     from infra import stack, ui
 
-    report = stack.status(reach_cfg(c))
+    try:
+        report = stack.status(reach_cfg(c))
+    except InfraError as exc:  # --json prints JSON whatever happens
+        if json:
+            ui.out(json_mod.dumps({"error": printable(exc.message), "hint": exc.hint or ""}, indent=2))
+        raise
     if json:
         ui.out(json_mod.dumps(report, indent=2, default=str))
+    if report.get("error"):
+        hint = report["nomad"].get("hint")
+        raise Exit(f"error: {printable(report['error'])}" + (f"\nhint: {hint}" if hint else ""), code=1)
 
 
-ns = Collection(purge, up, down, status)
+@task(
+    help={
+        "task": "the task (default: the allocation's only task, or its only main task)",
+        "stderr": "show stderr instead of stdout",
+        "follow": "keep streaming new output (Ctrl-C to stop)",
+    }
+)
+@domain_errors
+def logs(c: Context, job: str, task: str = "", stderr: bool = False, follow: bool = False) -> None:
+    """A job's task logs (newest allocation) through Nomad's API, like `nomad alloc logs`."""
+    import os
+    import sys
+
+    from infra import deploy, nomad
+
+    config = reach_cfg(c)
+    client = nomad.Client.from_config(config)
+    try:
+        for chunk in deploy.task_logs(client, job, task=task or None, stderr=stderr, follow=follow):
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.buffer.flush()
+    except BrokenPipeError:  # `inv logs app | head`: the reader is gone, which is fine
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps Python's exit-time flush quiet
+
+
+ns = Collection(purge, up, down, status, logs)
 ns.add_collection(Collection("iso", iso_build))
 ns.add_collection(Collection("vm", vm_run, vm_stop, vm_status, vm_ssh, vm_logs, vm_check, vm_destroy))
 ns.add_collection(Collection("nomad", nomad_wait))

@@ -13,8 +13,8 @@ from typing import Any
 
 from infra import cluster, deploy, nomad, ui
 from infra.config import Config
-from infra.errors import ConfigError
-from infra.nomad import Client, NomadAPIError, NomadUnreachable
+from infra.errors import ConfigError, DeployError, NomadError
+from infra.nomad import Client, NomadUnreachable
 from infra.state import StatePaths
 
 
@@ -81,17 +81,34 @@ def deploy_all(cfg: Config, client: Client) -> list[deploy.DeployResult]:
 
 
 def down(cfg: Config, *, client: Client | None = None) -> None:
-    """Purge the project's jobs (when Nomad answers), then stop the VM."""
+    """Purge the project's jobs (when Nomad answers), then stop the VM — whatever the purge said.
+
+    Whether Nomad answers is asked of /v1/status/leader, which needs no ACL capability
+    (nomad/status_endpoint.go); /v1/agent/self would need agent:read, which a deploy token lacks."""
     from infra import vm
 
     client = client or Client.from_config(cfg)
+    failed: NomadError | None = None
     try:
-        client.agent_self(retries=0)
+        client.leader(retries=0)
     except NomadUnreachable:
         ui.skip(f"Nomad at {client.addr} is not answering: no jobs to purge")
+    except NomadError as exc:
+        failed = exc
     else:
-        deploy.purge(client, list(reversed(deploy.project_jobs(cfg))), timeout=cfg.deploy.timeout)
+        try:
+            deploy.purge(client, list(reversed(deploy.project_jobs(cfg))), timeout=cfg.deploy.timeout)
+        except NomadError as exc:
+            failed = exc
+    if failed is not None:
+        ui.warn(f"purge failed ({failed.message}); stopping the VM anyway")
     vm.stop(cfg)
+    if failed is not None:
+        raise DeployError(
+            f"the VM is stopped, but the jobs were not purged: {failed.message}",
+            hint=(failed.hint + "; " if failed.hint else "")
+            + "they start again with the VM: `inv purge` then",
+        ) from failed
 
 
 def url_lines(cfg: Config) -> list[str]:
@@ -118,8 +135,14 @@ def status(
         from infra import vm
 
         vm_info = vm.status(cfg, probe_guest=False)
-    client = client or Client.from_config(cfg)
-    report: dict[str, Any] = {"vm": vm_info, "nomad": {"addr": client.addr}, "jobs": []}
+    report: dict[str, Any] = {"vm": vm_info, "nomad": {"addr": cfg.nomad.addr or None}, "jobs": []}
+    try:
+        client = client or Client.from_config(cfg)
+    except NomadError as exc:  # a malformed NOMAD_ADDR or token: in the report too
+        report["nomad"].update(reachable=False, ready=False, error=exc.message, hint=exc.hint or "")
+        report["error"] = exc.message
+        return report
+    report["nomad"]["addr"] = client.addr
 
     if vm_info.get("running"):
         uptime = vm_info.get("uptime_s")
@@ -128,7 +151,13 @@ def status(
     else:
         ui.info("VM     not running")
 
-    st = cluster.is_ready(client)
+    try:
+        st = cluster.is_ready(client)
+    except NomadError as exc:  # a refused token, an answer that is not Nomad's: in the report, not lost
+        report["nomad"].update(reachable=True, ready=False, error=exc.message, hint=exc.hint or "")
+        report["error"] = exc.message
+        ui.info(f"Nomad  {client.addr}: {exc.message}")
+        return report
     leader = cluster.leader_address(client) if st.reachable else ""
     report["nomad"].update(reachable=st.reachable, leader=leader, node=st.node_name, ready=st.ready)
     if not st.reachable:
@@ -139,8 +168,12 @@ def status(
         for job_id in deploy.project_jobs(cfg):
             try:
                 s = deploy.job_summary(client, job_id)
-            except (NomadAPIError, NomadUnreachable) as exc:
+            except NomadError as exc:
                 ui.info(f"  {job_id:<12} ? ({exc.message})")
+                report["jobs"].append({"job_id": job_id, "error": exc.message})
+                if getattr(exc, "permanent", False):  # e.g. 403: the token may not read jobs
+                    report.setdefault("error", exc.message)
+                    report["nomad"].setdefault("hint", exc.hint or "")
                 continue
             report["jobs"].append(s.__dict__)
             if s.version is None:
