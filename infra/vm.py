@@ -403,7 +403,7 @@ def _run(cfg: Config, p: StatePaths) -> Launch:
             arch,
             host,
             probe=lambda: qemu.kvm_probe(qemu.ProbeBoot(binary, p.disk, kernel, initrd, append)),
-            cache=cfg.project.cache_dir / "kvm-probe.json",
+            cache=cfg.project.cache_dir / qemu.KVM_PROBE_CACHE,
         )
         spec = qemu.LaunchSpec(
             qemu=binary, arch=arch, accel=accel, cpus=cfg.vm.cpus, memory_mb=cfg.vm.memory_mb,
