@@ -15,14 +15,14 @@ from __future__ import annotations
 import shutil
 import signal
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
 from e2e import harness
-from e2e.harness import Finding, InvResult, PreflightFailed, Smoke, SubprocessInvoker, Timings
+from e2e.harness import Action, Finding, PreflightFailed, Smoke, Stack, SubprocessInvoker, Timings
 from infra import ui
 from infra.config import Config
 from infra.errors import InfraError
@@ -173,17 +173,6 @@ def preflight(e2e_run: Run, request: pytest.FixtureRequest) -> Preflight:
     return found
 
 
-@dataclass(frozen=True)
-class Action:
-    """One `inv` call of the bring-up or the teardown: a timing row named `name`, plus one row per phase
-    it announces ("==> step" lines) when `phases` names their prefix."""
-
-    name: str
-    args: list[str]
-    timeout: Callable[[Config], float]
-    phases: str = ""
-
-
 def bring_up(request: pytest.FixtureRequest) -> list[Action]:
     """What runs before the first check. A new step (e.g. baking an image) is one more Action here."""
     up_timeout = float(request.config.getoption("up_timeout"))
@@ -191,38 +180,14 @@ def bring_up(request: pytest.FixtureRequest) -> list[Action]:
 
 
 def teardown() -> list[Action]:
+    """What runs after the last check, after a failure, or after Ctrl-C/SIGTERM (unless --keep)."""
     return [Action("inv down", ["down"], lambda cfg: 900)]
-
-
-@dataclass
-class Stack:
-    """The running setup the tests check: `inv` as a user runs it, the smoke client, the config."""
-
-    cfg: Config
-    inv: SubprocessInvoker
-    smoke: Smoke
-    run: Run
-
-
-def run_action(stack: Stack, action: Action) -> InvResult:
-    if stack.run.proxy is not None:
-        stack.run.proxy.recorder.scenario = action.name
-    started = time.monotonic()
-    try:
-        result = stack.inv(action.args, timeout=action.timeout(stack.cfg))
-    finally:
-        stack.run.timings.add(action.name, time.monotonic() - started)
-    if action.phases:
-        for phase, seconds in result.phases():
-            stack.run.timings.add(f"{action.phases}: {phase}", seconds)
-    return result
 
 
 @pytest.fixture(scope="session")
 def stack(e2e_run: Run, preflight: Preflight, request: pytest.FixtureRequest) -> Iterator[Stack]:
     """The setup from nothing (`bring_up`), and after the last test, or a failure, or Ctrl-C/SIGTERM, its
-    teardown (diagnostics first when anything failed; then `teardown` and a check that nothing is left),
-    unless --keep."""
+    teardown (harness.running: diagnostics first when anything failed, `teardown`, nothing left)."""
     if preflight.failure is not None:
         pytest.fail(str(preflight.failure), pytrace=False)
     cfg, report_dir = e2e_run.cfg, e2e_run.cfg.e2e.report_dir
@@ -240,46 +205,23 @@ def stack(e2e_run: Run, preflight: Preflight, request: pytest.FixtureRequest) ->
         # config beats NOMAD_ADDR (infra/nomad.py settings), so INVOKE_NOMAD_ADDR reaches every task
         env["INVOKE_NOMAD_ADDR"] = e2e_run.proxy.url
     smoke = Smoke(smoke_cfg, kafka_bootstrap=request.config.getoption("kafka_bootstrap"))
-    running = Stack(cfg, SubprocessInvoker(cfg.root, report_dir / "logs", env=env), smoke, e2e_run)
-    failed = True
+    inv = SubprocessInvoker(cfg.root, report_dir / "logs", env=env)
+    recorder = e2e_run.proxy.recorder if e2e_run.proxy else None
+    setup = Stack(cfg, inv, smoke, e2e_run.timings, recorder)
     try:
-        for action in bring_up(request):
-            run_action(running, action)
-        failed = False
-        yield running
-        failed = request.session.testsfailed > 0
+        with harness.running(
+            setup,
+            bring_up(request),
+            teardown(),
+            keep=request.config.getoption("keep"),
+            failed=lambda: request.session.testsfailed > 0,
+            diagnose=lambda: harness.collect_diagnostics(cfg, smoke, report_dir / "diagnostics"),
+            verify_down=lambda: harness.nothing_left(cfg),
+        ):
+            yield setup
     finally:
-        with harness.signals_deferred():
-            _tear_down(running, failed=failed, keep=request.config.getoption("keep"))
-
-
-def _tear_down(stack: Stack, *, failed: bool, keep: bool) -> None:
-    """Diagnostics after a failure (while the VM runs), then every teardown action even if one fails, then
-    the check that nothing is left; the first error is raised at the end (a teardown error in the report)."""
-    errors: list[BaseException] = []
-    if failed:
-        try:
-            harness.collect_diagnostics(stack.cfg, stack.smoke, stack.cfg.e2e.report_dir / "diagnostics")
-        except Exception as exc:
-            errors.append(exc)
-    if keep:
-        ui.warn("--keep: the VM and jobs are left running; tear down with `inv down`")
-    else:
-        for action in teardown():
-            try:
-                run_action(stack, action)
-            except Exception as exc:
-                errors.append(exc)
-        started = time.monotonic()
-        try:
-            harness.nothing_left(stack.cfg)
-        except Exception as exc:
-            errors.append(exc)
-        stack.run.timings.add("nothing left after inv down", time.monotonic() - started)
-    if stack.run.proxy is not None:
-        stack.run.proxy.stop()
-        ui.info(
-            f"Nomad API recording: {stack.run.proxy.recorder.count} exchange(s) in {stack.run.proxy.recorder.path}"
-        )
-    if errors:
-        raise errors[0]
+        if e2e_run.proxy is not None:
+            e2e_run.proxy.stop()
+            ui.info(
+                f"Nomad API recording: {recorder.count if recorder else 0} exchange(s) in {e2e_run.proxy.recorder.path}"
+            )

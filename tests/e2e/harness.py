@@ -878,6 +878,110 @@ def nothing_left(cfg: Config) -> str:
     return "no qemu process, every forwarded port free"
 
 
+# ======================================================================================= bring-up, teardown ==
+@dataclass(frozen=True)
+class Action:
+    """One `inv` call of the bring-up or the teardown: a timing row named `name`, plus one row per phase
+    it announces ("==> step" lines) when `phases` names their prefix."""
+
+    name: str
+    args: list[str]
+    timeout: Callable[[Config], float]
+    phases: str = ""
+
+
+@dataclass
+class Stack:
+    """The running setup the tests check: `inv` as a user runs it, the smoke client, the config."""
+
+    cfg: Config
+    inv: Invoker
+    smoke: Smoke
+    timings: Timings
+    recorder: Recorder | None = None
+
+
+def run_action(stack: Stack, action: Action) -> InvResult:
+    """Run one Action; its Nomad API exchanges are recorded under its name, its time in the table."""
+    if stack.recorder is not None:
+        stack.recorder.scenario = action.name
+    started = time.monotonic()
+    try:
+        result = stack.inv(action.args, timeout=action.timeout(stack.cfg))
+    finally:
+        stack.timings.add(action.name, time.monotonic() - started)
+    if action.phases:
+        for phase, seconds in result.phases():
+            stack.timings.add(f"{action.phases}: {phase}", seconds)
+    return result
+
+
+@contextlib.contextmanager
+def running(
+    stack: Stack,
+    up: Sequence[Action],
+    down: Sequence[Action],
+    *,
+    keep: bool,
+    failed: Callable[[], bool],
+    diagnose: Callable[[], object],
+    verify_down: Callable[[], object],
+) -> Iterator[Stack]:
+    """`up` in order, then the caller's checks, then ALWAYS (a failed `up`, a failed check as `failed()`
+    says, an exception, Ctrl-C or SIGTERM as KeyboardInterrupt): `diagnose()` if anything failed, while the
+    VM still runs; every `down` action even if one fails; `verify_down()`. --keep (`keep`) skips `down`.
+    Signals during the teardown are noted, not acted on. A teardown error is raised after it all, unless
+    an exception is already on its way (which then carries on; the teardown error was printed)."""
+    ok = in_flight = False
+    try:
+        for action in up:
+            run_action(stack, action)
+        yield stack
+        ok = not failed()
+    except BaseException:
+        in_flight = True
+        raise
+    finally:
+        with signals_deferred():
+            errors = tear_down(stack, down, ok=ok, keep=keep, diagnose=diagnose, verify_down=verify_down)
+        if errors and not in_flight:
+            raise errors[0]
+
+
+def tear_down(
+    stack: Stack,
+    down: Sequence[Action],
+    *,
+    ok: bool,
+    keep: bool,
+    diagnose: Callable[[], object],
+    verify_down: Callable[[], object],
+) -> list[Exception]:
+    errors: list[Exception] = []
+    if not ok:
+        try:
+            diagnose()
+        except Exception as exc:
+            ui.warn(escape(f"collecting diagnostics failed: {type(exc).__name__}: {exc}"))
+    if keep:
+        ui.warn("--keep: the VM and jobs are left running; tear down with `inv down`")
+        return errors
+    for action in down:
+        try:
+            run_action(stack, action)
+        except Exception as exc:
+            ui.warn(escape(f"teardown: {action.name} failed: {exc}"))
+            errors.append(exc)
+    started = time.monotonic()
+    try:
+        verify_down()
+    except Exception as exc:
+        ui.warn(escape(f"teardown: {exc}"))
+        errors.append(exc)
+    stack.timings.add("nothing left after inv down", time.monotonic() - started)
+    return errors
+
+
 # ============================================================================================ diagnostics ==
 GUEST_DIAGNOSTICS = {
     "cloud-init-status.txt": "cloud-init status --long || true",

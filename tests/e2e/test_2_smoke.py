@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from e2e.conftest import Stack
-from e2e.harness import INGRESS_HOST
+from e2e.harness import INGRESS_HOST, Stack
 
 
 def test_nomad_answers(stack: Stack) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from e2e import harness
-from e2e.conftest import Stack
+from e2e.harness import Stack
 
 
 def test_second_up_changes_nothing(stack: Stack) -> None:
@@ -12,5 +12,5 @@ def test_second_up_changes_nothing(stack: Stack) -> None:
     result = stack.inv(["up"], timeout=harness.IDEMPOTENT_UP_LIMIT * 3)
     after = stack.smoke.snapshot()
     for phase, seconds in result.phases():
-        stack.run.timings.add(f"inv up (again): {phase}", seconds)
+        stack.timings.add(f"inv up (again): {phase}", seconds)
     harness.up_again_verdict(before, after, result)

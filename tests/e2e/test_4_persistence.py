@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from e2e import harness
-from e2e.conftest import Stack
+from e2e.harness import Stack
 
 
 def test_purge_data_job(stack: Stack) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from e2e.conftest import Stack
+from e2e.harness import Stack
 
 
 def test_vm_stop(stack: Stack) -> None:
