@@ -20,6 +20,9 @@ from servers import postgres, tansu
 from infra import ROOT, config
 
 INV = str(Path(sys.executable).with_name("inv"))
+#: tests/e2e runs `inv up` for real (`nox -s e2e`): collected only when named (`pytest tests/e2e`), never
+#: as part of `pytest tests`. Its helpers (tests/e2e/harness.py) are tested in the unit and component tiers.
+collect_ignore = ["e2e"]
 HOST_TOOLS = ROOT / "requirements" / "host-tools.txt"
 # Where a tool may live besides PATH (scripts/setup looks in the same places).
 EXTRA_DIRS = ("/usr/sbin", "/sbin", *sorted(str(p) for p in Path("/usr/lib/postgresql").glob("*/bin")))

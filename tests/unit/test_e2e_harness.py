@@ -115,6 +115,31 @@ def test_kvm_device_that_is_not_kvm(make_cfg: Callable[..., Config], tmp_path: P
     assert allowed.ok and allowed.detail.startswith("tcg (allowed by --allow-tcg; KVM:")
 
 
+def test_a_failed_kvm_verdict_of_inv_vm_run_fails_the_preflight(
+    make_cfg: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The verdict `inv vm.run` cached for this host boot, read through infra.qemu (not its file format)."""
+    from infra import qemu
+
+    cfg = make_cfg(vm={"accel": "kvm"})
+    monkeypatch.setattr(e2e, "kvm_problem", lambda device: None)  # as if /dev/kvm worked
+    verdicts = iter([(False, "no guest kernel progress within 20s"), None])
+    seen: list[Path] = []
+
+    def cached(cache: Path) -> tuple[bool, str] | None:
+        seen.append(cache)
+        return next(verdicts)
+
+    monkeypatch.setattr(qemu, "cached_kvm_verdict", cached)
+    found = e2e.check_accel(cfg, system="Linux")
+    assert not found.ok
+    assert found.detail == (
+        "KVM unusable: a probe boot of `inv vm.run` on this host failed: no guest kernel progress within 20s"
+    )
+    assert seen == [cfg.project.cache_dir / qemu.KVM_PROBE_CACHE]
+    assert e2e.check_accel(cfg, system="Linux").ok  # no verdict cached (and no qemu to probe with)
+
+
 def test_hvf_requested_on_linux(make_cfg: Callable[..., Config]) -> None:
     found = e2e.check_accel(make_cfg(vm={"accel": "hvf"}), system="Linux")
     assert not found.ok and "hvf" in found.detail
