@@ -473,6 +473,73 @@ def running(
     )
 
 
+PYTEST_SIGTERM_CONFTEST = textwrap.dedent(
+    """
+    import signal, sys
+    from pathlib import Path
+    import pytest
+    from e2e import harness as e2e
+    from infra import config
+
+    MARKER = Path(__file__).with_name("down")
+
+    def pytest_configure(config):
+        signal.signal(signal.SIGTERM, e2e.raise_interrupt)  # as tests/e2e/conftest.py installs it
+
+    @pytest.fixture(scope="session")
+    def stack():
+        def inv(args, *, timeout):
+            if args == ["down"]:
+                MARKER.write_text("torn down")
+            return e2e.InvResult(list(args), 0, 0.0, [])
+        cfg = config.load()
+        up = [e2e.Action("inv up", ["up"], lambda cfg: 10)]
+        down = [e2e.Action("inv down", ["down"], lambda cfg: 10)]
+        with e2e.running(e2e.Stack(cfg, inv, e2e.Smoke(cfg), e2e.Timings()), up, down, keep=False,
+                         failed=lambda: False, diagnose=lambda: None, verify_down=lambda: None) as s:
+            yield s
+    """
+)
+PYTEST_SIGTERM_TEST = textwrap.dedent(
+    """
+    import time
+    def test_first(stack):
+        pass
+    def test_slow(stack):
+        print("started", flush=True)
+        time.sleep(60)
+    def test_never(stack):
+        raise AssertionError("ran after SIGTERM")
+    """
+)
+
+
+def test_sigterm_in_a_pytest_run_tears_the_session_fixture_down(tmp_path: Path) -> None:
+    """The mechanism tests/e2e relies on: SIGTERM raised as KeyboardInterrupt (harness.raise_interrupt) stops
+    pytest, which still runs the session fixture's teardown (`inv down`), then exits 2 (interrupted)."""
+    (tmp_path / "conftest.py").write_text(PYTEST_SIGTERM_CONFTEST)
+    (tmp_path / "test_run.py").write_text(PYTEST_SIGTERM_TEST)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", str(tmp_path), "-x", "-s", "-p", "no:cacheprovider", "--rootdir", str(tmp_path)],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "started" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 2, out
+    assert "KeyboardInterrupt" in out and "SIGTERM" in out
+    assert "ran after SIGTERM" not in out
+    assert (tmp_path / "down").read_text() == "torn down"
+
+
 def test_teardown_when_the_stack_does_not_answer(e2e_cfg: Config, tmp_path: Path) -> None:
     inv = FakeInvoker()
     with pytest.raises(e2e.InfraError, match="cannot reach Nomad"), running(e2e_cfg, inv) as stack:
