@@ -881,13 +881,15 @@ def nothing_left(cfg: Config) -> str:
 # ======================================================================================= bring-up, teardown ==
 @dataclass(frozen=True)
 class Action:
-    """One `inv` call of the bring-up or the teardown: a timing row named `name`, plus one row per phase
-    it announces ("==> step" lines) when `phases` names their prefix."""
+    """One step of the bring-up or the teardown: an `inv` call (`args`, within `timeout(cfg)` seconds), or
+    a Python step (`call`, e.g. preparing a cached image). A timing row named `name`, plus one row per phase
+    an `inv` call announces ("==> step" lines) when `phases` names their prefix."""
 
     name: str
-    args: list[str]
-    timeout: Callable[[Config], float]
+    args: list[str] = field(default_factory=list)
+    timeout: Callable[[Config], float] = lambda cfg: 600
     phases: str = ""
+    call: Callable[[Stack], object] | None = None
 
 
 @dataclass
@@ -901,16 +903,18 @@ class Stack:
     recorder: Recorder | None = None
 
 
-def run_action(stack: Stack, action: Action) -> InvResult:
+def run_action(stack: Stack, action: Action) -> object:
     """Run one Action; its Nomad API exchanges are recorded under its name, its time in the table."""
     if stack.recorder is not None:
         stack.recorder.scenario = action.name
     started = time.monotonic()
     try:
-        result = stack.inv(action.args, timeout=action.timeout(stack.cfg))
+        result = (
+            action.call(stack) if action.call else stack.inv(action.args, timeout=action.timeout(stack.cfg))
+        )
     finally:
         stack.timings.add(action.name, time.monotonic() - started)
-    if action.phases:
+    if action.phases and isinstance(result, InvResult):
         for phase, seconds in result.phases():
             stack.timings.add(f"{action.phases}: {phase}", seconds)
     return result

@@ -268,7 +268,9 @@ def test_each_action_records_its_nomad_exchanges_under_its_name(
         return e2e.InvResult(list(args), 0, 1.0, [])
 
     stack = e2e.Stack(make_cfg(), inv, e2e.Smoke(make_cfg()), e2e.Timings(), recorder)
-    for action in (*UP, *DOWN):
+    bake = e2e.Action("bake", call=lambda stack: seen.append(f"python step under {recorder.scenario}"))
+    for action in (bake, *UP, *DOWN):
         e2e.run_action(stack, action)
-    assert seen == ["inv up (from nothing)", "inv down"]
+    assert seen == ["python step under bake", "inv up (from nothing)", "inv down"]
+    assert [name for name, _ in stack.timings.rows] == ["bake", "inv up (from nothing)", "inv down"]
     recorder.close()

@@ -70,6 +70,9 @@ def test_ci_e2e_job_enables_kvm_caches_the_image_runs_nox_and_uploads_logs() -> 
     assert "udevadm trigger" in text
     lines = run_lines(job)
     assert ".venv/bin/nox -s e2e" in lines
+    (image,) = [s for s in job["steps"] if s.get("id") == "image"]  # the cache key's source, a real file
+    script = str(image["run"]).split()[1]
+    assert script == "tests/e2e/harness.py" and (ROOT / script).is_file()
     cache = [s for s in job["steps"] if str(s.get("uses", "")).startswith("actions/cache@")]
     assert cache and "steps.image.outputs.key" in cache[0]["with"]["key"]
     upload = [s for s in job["steps"] if str(s.get("uses", "")).startswith("actions/upload-artifact@")]
