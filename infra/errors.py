@@ -92,10 +92,6 @@ class BuildError(InfraError):
     """Building or shipping the app image failed."""
 
 
-class PreflightError(InfraError):
-    """A prerequisite of a long run (e2e) is missing."""
-
-
 def printable(text: str, *, limit: int | None = None) -> str:
     """Text from outside (a server's answer, a log line) made safe for a terminal: control characters and
     escape sequences (NUL, ESC, CR, DEL, C1) are shown as \\xNN, tabs and newlines kept; cut at `limit`."""
