@@ -97,7 +97,8 @@ def e2e(session: nox.Session) -> None:
     e2e.report_dir (junit.xml, timings.md/json, logs/, diagnostics/, nomad-exchanges.jsonl).
     """
     flags = [a for a in session.posargs if a == "--allow-tcg"]
-    if all(importlib.util.find_spec(m) for m in ("pytest", "requests", "yaml", "rich", "invoke", "infra")):
+    # pytest, and what tests/conftest.py and the harness import (./scripts/setup --dev installs them all)
+    if all(importlib.util.find_spec(m) for m in ("pytest", "psycopg", "requests", "rich", "invoke", "infra")):
         session.run(sys.executable, *E2E_PYTEST, "--preflight-only", *flags, external=True)
     install(session)
     session.run("python", *E2E_PYTEST, *session.posargs)
