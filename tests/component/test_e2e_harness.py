@@ -775,6 +775,70 @@ def test_e2e_on_a_machine_without_prerequisites_fails_in_seconds_with_one_messag
     assert not (tmp_path / "state").exists()
 
 
+FAKE_E2E_PLUGIN = textwrap.dedent(
+    """
+    # Loaded with -p: the preflight passes and `inv` is a fake, so the wiring of tests/e2e/conftest.py runs.
+    import sys
+    from pathlib import Path
+    from e2e import harness
+
+    class FakeInv:
+        def __init__(self, root, log_dir, *, env=None):
+            self.log = Path(log_dir).parent / "fake-inv.txt"
+        def __call__(self, args, *, timeout):
+            with self.log.open("a") as f:
+                f.write(" ".join(args) + "\\n")
+            return harness.InvResult(list(args), 0, 1.0, [(0.0, "==> iso"), (0.25, "==> vm.run")])
+
+    def pytest_configure(config):
+        sys.modules["e2e.conftest"].SubprocessInvoker = FakeInv
+        harness.preflight = lambda cfg, allow_tcg=False: [
+            harness.Finding(name, True, "faked") for name in ("qemu", "acceleration", "ports")
+        ]
+    """
+)
+
+
+def test_e2e_wiring_bring_up_failure_diagnostics_teardown(tmp_path: Path) -> None:
+    """tests/e2e with its preflight passing and `inv` faked: `inv up` once, the first check fails (no Nomad
+    answers), -x stops, diagnostics are collected, `inv down` runs; JUnit and timings say so."""
+    (tmp_path / "plugin").mkdir()
+    (tmp_path / "plugin" / "fake_e2e.py").write_text(FAKE_E2E_PLUGIN)
+    report = tmp_path / "report"
+    ports = ("ssh", "nomad", "app", "ingress", "traefik_dashboard", "kafka", "postgres")
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(tmp_path / "plugin"), str(ROOT / "tests")]),
+        "INVOKE_PROJECT_STATE_DIR": str(tmp_path / "state"),
+        "INVOKE_E2E_REPORT_DIR": str(report),
+        "INVOKE_NOMAD_ADDR": f"http://127.0.0.1:{free_port()}",
+        "INVOKE_NOMAD_RETRIES": "0",
+        "INVOKE_NOMAD_CONNECT_TIMEOUT": "1",
+        **{f"INVOKE_VM_PORTS_{name.upper()}_HOST": str(free_port()) for name in ports},
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "tests/e2e", "-x", "-p", "no:cacheprovider", "-p", "fake_e2e"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    out = proc.stdout
+    assert proc.returncode == 1, out + proc.stderr
+    assert "1 failed, 1 passed" in out and "stopping after 1 failures" in out
+    assert "Nomad API and UI answer (call):" in out and "Traceback" not in out  # an InfraError, as text
+    assert (report / "fake-inv.txt").read_text().splitlines() == ["up", "down"]
+    assert "could not collect" in (report / "diagnostics" / "cloud-init-output.log").read_text()
+    phases = [row["phase"] for row in json.loads((report / "timings.json").read_text())]
+    assert phases == [
+        "preflight", "inv up (from nothing)", "inv up: iso", "inv up: vm.run", "Nomad API and UI answer",
+        "inv down", "nothing left after inv down", "e2e total",
+    ]  # fmt: skip
+    suite = ET.parse(report / "junit.xml").getroot().find("testsuite")  # noqa: S314 - ours
+    assert suite is not None
+    cases = {c.get("name"): c for c in suite.iter("testcase")}
+    assert list(cases) == ["test_prerequisites", "test_nomad_answers"]
+    assert cases["test_nomad_answers"].find("failure") is not None
+    assert (report / e2e.RECORDING_NAME).exists()  # the proxy ran in front of (an absent) Nomad
+
+
 def test_image_cache_command_prints_path_and_digest_key(tmp_path: Path) -> None:
     """What ci.yml's cache step reads from $GITHUB_OUTPUT: the cache directory and a key made of the digest
     pinned in vm/images.yaml."""
