@@ -12,9 +12,12 @@ from typing import Any, TypeVar
 
 from invoke import Collection, Context, Exit, task
 
+from infra import cli
 from infra import config as config_mod
 from infra.config import Config
 from infra.errors import InfraError
+
+cli.adopt()  # one `error:` line for invoke's own errors too, whichever `inv` script runs (infra/cli.py)
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -27,7 +27,7 @@ from urllib.parse import quote
 
 import requests
 
-from infra.config import Config
+from infra.config import Config, check_url
 from infra.errors import NomadError, root_cause
 
 #: Nomad servers cap a blocking query at 10 minutes (MaxQueryTime) and add up to wait/16 of jitter.
@@ -114,6 +114,7 @@ def settings(cfg: Config, env: Mapping[str, str] | None = None) -> Settings:
         addr = "http://" + addr
     if not addr.startswith(("http://", "https://")):
         raise NomadError(f"Nomad address {addr!r} ({source}) must start with http:// or https://")
+    check_url(addr, f"Nomad address ({source})")  # a bad host/port is an error here, not a traceback later
     if bool(values["client_cert"]) != bool(values["client_key"]):
         raise NomadError(
             "NOMAD_CLIENT_CERT and NOMAD_CLIENT_KEY (or nomad.client_cert/client_key) must be set together"
