@@ -164,7 +164,7 @@ def deploy_data(c: Context, detach: bool = False) -> None:
 )
 @domain_errors
 def deploy_app(
-    c: Context, build: bool = False, local: bool = False, image: str = "", detach: bool = False
+    c: Context, build: bool = False, local: bool = False, image: str | None = None, detach: bool = False
 ) -> None:
     """Deploy the app (nomad/service.nomad.hcl): canary -> promote, auto-revert; prints the image now live."""
     from infra import build as build_mod

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from infra import ui
+from infra import files, ui
 from infra.config import Config
 from infra.errors import DeployError, WaitTimeout
 from infra.nomad import Client, NomadAPIError, NomadConflict, NomadNotFound
@@ -82,13 +82,16 @@ class DeployResult:
 
 
 # ---------------------------------------------------------------------------------------- job files --
+_JOB_FILE_HINT = "the job specs live in nomad/ (config deploy.*_job names them)"
+
+
 def read_job_file(path: Path) -> str:
     if not path.is_file():
         raise DeployError(
             f"job file not found: {path}",
             hint="the job specs live in nomad/ (config deploy.*_job names them)",
         )
-    text = path.read_text()
+    text = files.read_text(path, "job file", error=DeployError, hint=_JOB_FILE_HINT)
     if not text.strip():
         raise DeployError(f"job file is empty: {path}")
     return text
@@ -111,7 +114,11 @@ def hcl_variables(variables: Mapping[str, str] | None) -> str:
 def job_id_of(path: Path) -> str:
     """The job's ID as written in the file (`job "name" {`), without asking Nomad; else the file stem."""
     if path.is_file():
-        m = re.search(r'^\s*job\s+"([^"]+)"\s*\{', path.read_text(), re.MULTILINE)
+        try:
+            text = files.read_text(path, "job file", error=DeployError)
+        except DeployError:  # read_job_file reports it when the job is deployed
+            text = ""
+        m = re.search(r'^\s*job\s+"([^"]+)"\s*\{', text, re.MULTILINE)
         if m:
             return m.group(1)
     return path.name.split(".")[0]
@@ -553,6 +560,7 @@ def ensure_postgres_password(cfg: Config, client: Client) -> None:
 
 # ---------------------------------------------------------------------------------- project's deploys --
 def deploy_data(cfg: Config, client: Client, *, detach: bool = False) -> DeployResult:
+    read_job_file(cfg.deploy.data_job)  # a bad job file stops here, before the secret is created
     ensure_postgres_password(cfg, client)
     return deploy_job(client, cfg.deploy.data_job, detach=detach, timeout=cfg.deploy.timeout)
 
@@ -571,7 +579,13 @@ def deploy_app(
     (<state>/deployed.json), else the job file's default. Reusing the last variables keeps `inv up`
     from rolling a `--build` image back to the default.
     """
-    record_path = StatePaths(cfg.project.state_dir).deployed
+    # the record is written after the deployment: prove it can be before anything is registered
+    record_path = StatePaths(files.writable_dir(cfg.project.state_dir, "project.state_dir")).deployed
+    if record_path.exists() and not record_path.is_file():
+        raise DeployError(
+            f"{record_path} (the record of the last deploy.app) is not a file; nothing was deployed",
+            hint=f"remove or rename {record_path}",
+        )
     merged: dict[str, str] = {}
     chosen = image or cfg.app.default_image
     if not chosen and not variables:
@@ -596,10 +610,8 @@ def _read_record(path: Path) -> dict[str, Any]:
 
 
 def _write_record(path: Path, data: Mapping[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    files.write_atomic(path, text.encode(), "record of the last deploy.app", error=DeployError)
 
 
 def deploy_ingress(cfg: Config, client: Client, *, detach: bool = False) -> DeployResult:

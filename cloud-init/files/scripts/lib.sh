@@ -16,3 +16,38 @@ wait_for() {
         sleep 1
     done
 }
+
+#   pin_key KEYFILE FINGERPRINT KEYRING
+# writes KEYRING (binary, for apt's signed-by) holding only the key FINGERPRINT, and only when KEYFILE holds
+# exactly that one primary key: a file with any other key beside it is refused, since apt would trust every
+# key in the keyring. The keyring is exported from a throwaway GNUPGHOME by fingerprint and checked again.
+pin_key() {
+    keyfile=$1 want=$2 keyring=$3
+    found=$(gpg --batch --show-keys --with-colons "$keyfile" 2>/dev/null | primary_fingerprints)
+    if [ "$found" != "$want" ]; then
+        echo "infra-lab: $keyfile holds key(s) [$(printf "%s" "$found" | tr "\n" " ")], expected exactly [$want]; refusing it" >&2
+        return 1
+    fi
+    home=$(mktemp -d) || return 1
+    if GNUPGHOME=$home gpg --batch --quiet --import "$keyfile" 2>/dev/null &&
+        GNUPGHOME=$home gpg --batch --export "$want" >"$keyring.tmp"; then
+        found=$(gpg --batch --show-keys --with-colons "$keyring.tmp" 2>/dev/null | primary_fingerprints)
+    else
+        found=""
+    fi
+    GNUPGHOME=$home gpgconf --kill all 2>/dev/null || true
+    rm -rf "$home"
+    if [ "$found" != "$want" ]; then
+        rm -f "$keyring.tmp"
+        echo "infra-lab: the exported keyring holds [$(printf "%s" "$found" | tr "\n" " ")], expected exactly [$want]; refusing it" >&2
+        return 1
+    fi
+    mv "$keyring.tmp" "$keyring"
+}
+
+# gpg --with-colons on stdin -> the fingerprint of each primary key (pub/sec), one per line
+primary_fingerprints() {
+    awk -F: '$1 == "pub" || $1 == "sec" { primary = 1; next }
+             $1 == "fpr" && primary { print $10 }
+             { primary = 0 }'
+}
