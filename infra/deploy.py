@@ -86,7 +86,7 @@ _JOB_FILE_HINT = "the job specs live in nomad/ (config deploy.*_job names them)"
 
 
 def read_job_file(path: Path) -> str:
-    if not path.is_file():
+    if not path.exists():
         raise DeployError(
             f"job file not found: {path}",
             hint="the job specs live in nomad/ (config deploy.*_job names them)",

@@ -27,7 +27,7 @@ from urllib.parse import urlparse
 
 import requests
 
-from infra import ROOT, ui
+from infra import ROOT, files, ui
 from infra.config import Config
 from infra.datafile import load_yaml
 from infra.errors import ConfigError, ImageError, TemplateError, root_cause, unresolved_host
@@ -171,6 +171,7 @@ def ensure(cfg: Config, arch: str, *, session: requests.Session | None = None) -
         )
         dest.unlink()
         _marker(dest).unlink(missing_ok=True)
+    files.writable_dir(cfg.project.cache_dir, "project.cache_dir")  # before a download, not half-way
     return fetch(source, dest, session=session)
 
 
