@@ -603,8 +603,8 @@ def deploy_app(
 
 def _read_record(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        data = json.loads(files.read_text(path, "record of the last deploy.app", error=DeployError))
+    except (DeployError, ValueError, RecursionError):  # absent or unreadable: as if never deployed
         return {}
     return data if isinstance(data, dict) else {}
 
