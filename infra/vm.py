@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from infra import images, qemu, ui
+from infra import files, images, qemu, ui
 from infra.config import Config, Port
 from infra.errors import PortInUseError, VMError, WaitTimeout
 from infra.state import StatePaths
@@ -330,6 +330,7 @@ def run(cfg: Config) -> Launch:
             f"state dir path too long for a unix socket: {p.qmp_socket}",
             hint="use a shorter project.state_dir",
         )
+    files.writable_dir(p.root, "project.state_dir")  # a file or read-only dir: say so before downloading
     check_ports(cfg.vm.ports)
     base = images.ensure(cfg, arch)
     p.root.mkdir(parents=True, exist_ok=True)
