@@ -30,6 +30,8 @@ from pytest_httpserver import HTTPServer
 from infra import ROOT, e2e
 from infra.config import Config, Port
 
+pytestmark = pytest.mark.tools("sshd", "ssh-keygen")
+
 
 def free_port() -> int:
     with socket.socket() as s:
