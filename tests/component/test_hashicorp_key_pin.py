@@ -46,18 +46,24 @@ def primaries(path: Path, home: Path) -> list[str]:
     ]
 
 
-def agents_left(before: set[int], within: float = 5.0) -> set[int]:
-    """gpg-agents started since `before` still alive after `within` s (gpgconf --kill is asynchronous)."""
+def agents_left(tmp_path: Path, within: float = 5.0) -> list[str]:
+    """gpg-agents of pin_key's throwaway home (made under TMPDIR=tmp_path) still alive after `within` s
+    (gpgconf --kill is asynchronous). The test's own `home` and other tests' agents do not count. A killed
+    agent may linger as a zombie where PID 1 of a container does not reap daemons: it has exited."""
+    own = str(tmp_path / "gnupg")
     deadline = time.monotonic() + within
-    while (left := gpg_agents() - before) and time.monotonic() < deadline:
+    while True:
+        left = [
+            " ".join(p.info["cmdline"] or [])
+            for p in psutil.process_iter(["name", "status", "cmdline"])
+            if (p.info.get("name") or "").startswith("gpg-agent")
+            and p.info.get("status") != psutil.STATUS_ZOMBIE
+            and str(tmp_path) in " ".join(p.info["cmdline"] or [])
+            and own not in " ".join(p.info["cmdline"] or [])
+        ]
+        if not left or time.monotonic() >= deadline:
+            return left
         time.sleep(0.1)
-    return left
-
-
-def gpg_agents() -> set[int]:
-    return {
-        p.pid for p in psutil.process_iter(["name"]) if (p.info.get("name") or "").startswith("gpg-agent")
-    }
 
 
 @pytest.fixture
@@ -72,8 +78,9 @@ def home(tmp_path: Path) -> Iterator[Path]:
 @pytest.fixture
 def one_block_with_both(home: Path) -> str:
     """Both keys in ONE armored block, as `gpg --armor --export` writes a keyring of two keys."""
-    gpg(home, "--import", stdin=PINNED + OTHER)
-    return gpg(home, "--armor", "--export", PINNED_FPR, OTHER_FPR)
+    both = gpg(home, "--armor", "--import-options", "import-export", "--import", stdin=PINNED + OTHER)
+    assert both.count("-----BEGIN PGP PUBLIC KEY BLOCK-----") == 1
+    return both
 
 
 def pin_key(tmp_path: Path, content: str) -> tuple[subprocess.CompletedProcess[str], Path]:
@@ -89,11 +96,10 @@ def pin_key(tmp_path: Path, content: str) -> tuple[subprocess.CompletedProcess[s
 
 
 def test_the_pinned_key_alone_becomes_a_keyring_of_exactly_that_key(tmp_path: Path, home: Path) -> None:
-    agents = gpg_agents()
     result, keyring = pin_key(tmp_path, PINNED)
 
     assert result.returncode == 0, result.stderr
-    assert agents_left(agents) == set()  # no agent left running for the throwaway home
+    assert agents_left(tmp_path) == []  # no agent left running for the throwaway home
     assert primaries(keyring, home) == [PINNED_FPR]
     assert not keyring.with_name(keyring.name + ".tmp").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [
@@ -125,11 +131,10 @@ def test_a_key_file_with_anything_but_the_pinned_key_is_refused(
         "garbage": "<html>Service Unavailable</html>\n",
         "empty": "",
     }[name]
-    agents = gpg_agents()
 
     result, keyring = pin_key(tmp_path, content)
 
-    assert agents_left(agents) == set()
+    assert agents_left(tmp_path) == []
     assert result.returncode == 1
     assert f"holds key(s) [{found}], expected exactly [{PINNED_FPR}]; refusing it" in result.stderr
     assert list(keyring.parent.iterdir()) == []  # neither the keyring nor its .tmp

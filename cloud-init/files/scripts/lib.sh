@@ -18,28 +18,29 @@ wait_for() {
 }
 
 #   pin_key KEYFILE FINGERPRINT KEYRING
-# writes KEYRING (binary, for apt's signed-by) holding only the key FINGERPRINT, and only when KEYFILE holds
-# exactly that one primary key: a file with any other key beside it is refused, since apt would trust every
-# key in the keyring. The keyring is exported from a throwaway GNUPGHOME by fingerprint and checked again.
+# writes KEYRING (binary, for apt's signed-by) only when KEYFILE holds exactly one primary key, FINGERPRINT:
+# a file with any other key beside it (in the same armored block or another) is refused, since apt would
+# trust every key in the keyring. The keyring is written by gpg itself (import-export: parsed and cleaned,
+# no keyring or agent involved) and checked again before it replaces the old one. gpg runs with a throwaway
+# GNUPGHOME, never ~/.gnupg.
 pin_key() {
     keyfile=$1 want=$2 keyring=$3
-    found=$(gpg --batch --show-keys --with-colons "$keyfile" 2>/dev/null | primary_fingerprints)
+    home=$(mktemp -d) || return 1
+    found=$(GNUPGHOME=$home gpg --batch --show-keys --with-colons "$keyfile" 2>/dev/null | primary_fingerprints)
     if [ "$found" != "$want" ]; then
         echo "infra-lab: $keyfile holds key(s) [$(printf "%s" "$found" | tr "\n" " ")], expected exactly [$want]; refusing it" >&2
-        return 1
-    fi
-    home=$(mktemp -d) || return 1
-    if GNUPGHOME=$home gpg --batch --quiet --import "$keyfile" 2>/dev/null &&
-        GNUPGHOME=$home gpg --batch --export "$want" >"$keyring.tmp"; then
-        found=$(gpg --batch --show-keys --with-colons "$keyring.tmp" 2>/dev/null | primary_fingerprints)
+    elif GNUPGHOME=$home gpg --batch --quiet --import-options import-export --import "$keyfile" >"$keyring.tmp" 2>/dev/null; then
+        found=$(GNUPGHOME=$home gpg --batch --show-keys --with-colons "$keyring.tmp" 2>/dev/null | primary_fingerprints)
+        if [ "$found" != "$want" ]; then
+            echo "infra-lab: the written keyring holds [$(printf "%s" "$found" | tr "\n" " ")], expected exactly [$want]; refusing it" >&2
+        fi
     else
         found=""
+        echo "infra-lab: gpg could not convert $keyfile into a keyring; refusing it" >&2
     fi
-    GNUPGHOME=$home gpgconf --kill all 2>/dev/null || true
     rm -rf "$home"
-    if [ "$found" != "$want" ]; then
+    if [ "$found" != "$want" ] || [ ! -s "$keyring.tmp" ]; then
         rm -f "$keyring.tmp"
-        echo "infra-lab: the exported keyring holds [$(printf "%s" "$found" | tr "\n" " ")], expected exactly [$want]; refusing it" >&2
         return 1
     fi
     mv "$keyring.tmp" "$keyring"
