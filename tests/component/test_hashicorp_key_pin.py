@@ -8,6 +8,7 @@ a throwaway key generated with `gpg --batch --quick-gen-key` for these tests.
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 import time
@@ -17,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from infra import seed
+from infra import pgp, seed
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 LIB = seed.FILES_DIR / "scripts" / "lib.sh"
@@ -77,10 +78,23 @@ def home(tmp_path: Path) -> Iterator[Path]:
 
 @pytest.fixture
 def one_block_with_both(home: Path) -> str:
-    """Both keys in ONE armored block, as `gpg --armor --export` writes a keyring of two keys."""
-    both = gpg(home, "--armor", "--import-options", "import-export", "--import", stdin=PINNED + OTHER)
-    assert both.count("-----BEGIN PGP PUBLIC KEY BLOCK-----") == 1
-    return both
+    """Both keys in ONE armored block (RFC 4880 §6.2, with its CRC-24), as `gpg --armor --export` writes a
+    keyring of two keys; gpg itself confirms it reads two keys from it."""
+    data = pgp.dearmor(PINNED, "pinned") + pgp.dearmor(OTHER, "other")
+    crc = 0xB704CE
+    for byte in data:
+        crc ^= byte << 16
+        for _ in range(8):
+            crc = (crc << 1) ^ (0x1864CFB if crc & 0x800000 else 0)
+    body = base64.b64encode(data).decode()
+    lines = [body[i : i + 64] for i in range(0, len(body), 64)]
+    crc_line = "=" + base64.b64encode((crc & 0xFFFFFF).to_bytes(3, "big")).decode()
+    block = "\n".join(["-----BEGIN PGP PUBLIC KEY BLOCK-----", "", *lines, crc_line,
+                       "-----END PGP PUBLIC KEY BLOCK-----", ""])  # fmt: skip
+    path = home / "both.asc"
+    path.write_text(block)
+    assert primaries(path, home) == [PINNED_FPR, OTHER_FPR]
+    return block
 
 
 def pin_key(tmp_path: Path, content: str) -> tuple[subprocess.CompletedProcess[str], Path]:
