@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -127,7 +128,9 @@ def _stage(method: Callable[..., Any]) -> Callable[..., Any]:
         except ParseError as exc:
             where = getattr(getattr(exc, "context", None), "name", "") or ""
             hint = f"inv --help {where}" if where else "inv --list"
-            raise Exit(f"error: {exc}\nhint: {hint} shows what it accepts", code=USAGE_EXIT) from None
+            # invoke names a flag by its repr: "Flag <Argument: image (i)> needed value..."
+            text = re.sub(r"<Argument: ([\w-]+)[^>]*>", lambda m: "--" + m.group(1).replace("_", "-"), str(exc))
+            raise Exit(f"error: {text}\nhint: {hint} shows what it accepts", code=USAGE_EXIT) from None
         except InfraError as exc:
             raise Exit(f"error: {exc}", code=exc.exit_code) from None
         except KeyboardInterrupt:

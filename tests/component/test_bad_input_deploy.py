@@ -72,6 +72,7 @@ class Case:
 APP = ("deploy.app", "--image", "web:2", "--detach")
 CASES = [
     Case("image-empty", ("deploy.app", "--image", ""), "invalid image reference ''"),
+    Case("image-flag-without-value", ("deploy.app", "--image"), "Flag --image needed value and was not given one", code=2),
     Case("image-blank", ("deploy.app", "--image", "  "), "invalid image reference ''"),
     Case("image-invalid", ("deploy.app", "--image", "Web App:latest"), "invalid image reference 'Web App:latest'"),  # worked
     Case("build-and-image", ("deploy.app", "--build", "--image", "web:2"), "--build and --image exclude each other"),  # worked
