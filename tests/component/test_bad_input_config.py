@@ -208,3 +208,24 @@ def test_cache_dir_that_cannot_hold_a_download_is_refused_before_downloading(
             images.ensure(cfg, "x86_64")
         assert files_under(cache) == []
     assert temp_leftovers(tmp_path) == []
+
+
+def test_inv_is_the_projects_program(run_inv: Callable[..., Any]) -> None:
+    """The installed `inv` is infra/cli.py's (pip installs it after invoke's script of the same name; nox
+    reinstalls the project to the same effect under uv), so even invoke's earliest errors are one line."""
+    result = run_inv("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("infra-lab (invoke) ")
+
+
+@pytest.mark.parametrize(("content", "phrase"), [(b"vm: null\n", "configuration key vm must be a mapping, got null"),
+                                                 (b"vm: [\n", ".invoke.yaml:2:1: malformed YAML")])  # fmt: skip
+def test_a_bad_user_config_file_is_one_error_line(
+    content: bytes, phrase: str, run_inv: Callable[..., Any], tmp_path: Path
+) -> None:
+    """~/.invoke.yaml is read before the task namespace is loaded: only the project's `inv` sees it."""
+    (tmp_path / ".invoke.yaml").write_bytes(content)
+    result = run_inv("iso", env={"HOME": str(tmp_path)})
+    assert result.returncode == 1
+    assert_one_error(result.stderr, phrase)
+    assert files_under(tmp_path / "state") == []
