@@ -129,7 +129,9 @@ def _stage(method: Callable[..., Any]) -> Callable[..., Any]:
             where = getattr(getattr(exc, "context", None), "name", "") or ""
             hint = f"inv --help {where}" if where else "inv --list"
             # invoke names a flag by its repr: "Flag <Argument: image (i)> needed value..."
-            text = re.sub(r"<Argument: ([\w-]+)[^>]*>", lambda m: "--" + m.group(1).replace("_", "-"), str(exc))
+            text = re.sub(
+                r"<Argument: ([\w-]+)[^>]*>", lambda m: "--" + m.group(1).replace("_", "-"), str(exc)
+            )
             raise Exit(f"error: {text}\nhint: {hint} shows what it accepts", code=USAGE_EXIT) from None
         except InfraError as exc:
             raise Exit(f"error: {exc}", code=exc.exit_code) from None
@@ -144,14 +146,28 @@ def _stage(method: Callable[..., Any]) -> Callable[..., Any]:
                 raise Exit(f"error: {message}\nhint: inv --help shows the options", code=USAGE_EXIT) from None
             if os.environ.get("INFRA_VERBOSE", "") not in ("", "0"):
                 traceback.print_exc()
-            text = " ".join(str(exc).split())[:500] or type(exc).__name__
             raise Exit(
-                f"error: unexpected {type(exc).__name__}: {text}\n"
+                f"error: unexpected {type(exc).__name__}: {_printable(exc)}\n"
                 "hint: this is a bug in infra-lab; INFRA_VERBOSE=1 shows the traceback",
                 code=1,
             ) from None
 
     return wrapper
+
+
+#: Variables whose values must never be printed, even inside an unexpected error's text.
+SECRET_VARIABLES = ("NOMAD_TOKEN", "INVOKE_NOMAD_TOKEN")
+
+
+def _printable(exc: BaseException) -> str:
+    """An unexpected error's text for one line: no secret values, no control characters (terminal escapes),
+    at most 500 characters."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    for var in SECRET_VARIABLES:
+        secret = os.environ.get(var, "").strip()
+        if secret:
+            text = text.replace(secret, "<redacted>").replace(repr(secret)[1:-1], "<redacted>")
+    return "".join(c if c.isprintable() else "\ufffd" for c in text)[:500]
 
 
 class Program(InvokeProgram):
