@@ -18,7 +18,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from infra import ROOT
 from infra.datafile import load_yaml
@@ -84,6 +83,7 @@ class VMConfig:
     ssh_timeout: int
     cloud_init_timeout: int
     stop_timeout: int
+    lock_timeout: int
 
 
 @dataclass(frozen=True)
@@ -409,31 +409,6 @@ def _check_values(data: Mapping[str, Any], *, state_dir: Path) -> None:
             f"configuration key project.state_dir is {str(state_dir)!r}: a comma is not allowed",
             hint="qemu reads commas in file options as option separators; choose a path without one",
         )
-    addr = data["nomad"]["addr"]
-    if addr:
-        check_url(addr, "configuration key nomad.addr")
-
-
-def check_url(addr: str, source: str) -> str:
-    """A Nomad address (`http[s]://host[:port]`, or `host:port` as the nomad CLI accepts): parsed, the port
-    in range; ConfigError naming `source` otherwise."""
-    url = addr if "://" in addr else "http://" + addr
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise ConfigError(
-            f"{source} {addr!r} is not a valid URL ({exc})",
-            hint="e.g. http://127.0.0.1:4646 or https://nomad.example.com:4646 (IPv6: http://[::1]:4646)",
-        ) from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(
-            f"{source} {addr!r} must be http:// or https:// with a host",
-            hint="e.g. http://127.0.0.1:4646",
-        )
-    if port == 0:
-        raise ConfigError(f"{source} {addr!r}: port 0 is not a port")
-    return url
 
 
 def as_dict(cfg: Config) -> dict[str, Any]:

@@ -11,6 +11,7 @@ would otherwise fail half-way.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -34,20 +35,21 @@ def read_text(
         with open(path, "rb") as f:
             data = f.read(limit + 1)
     except IsADirectoryError:
-        raise error(f"{what} {path}: is a directory, expected a file", hint=hint) from None
+        raise error(f"{what} {path} is a directory, expected a file", hint=hint) from None
     except OSError as exc:
         raise error(f"{what} {path}: {exc.strerror or exc}", hint=hint) from None
     if len(data) > limit:
-        raise error(f"{what} {path}: larger than {limit // 1024} KiB; is this the right file?", hint=hint)
-    nul = data.find(0)
-    if nul >= 0:
-        raise error(f"{what} {path}: binary data (a NUL byte at offset {nul}), expected text", hint=hint)
+        raise error(f"{what} {path} is larger than {limit // 1024} KiB; is this the right file?", hint=hint)
     try:
-        return data.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise error(
-            f"{what} {path}: not UTF-8 text (invalid byte at offset {exc.start})", hint=hint
+            f"{what} {path} is not UTF-8 text (invalid byte at offset {exc.start})", hint=hint
         ) from None
+    nul = text.find("\0")
+    if nul >= 0:
+        raise error(f"{what} {path} is binary (a NUL byte at offset {nul}), expected text", hint=hint)
+    return text
 
 
 def write_atomic(
@@ -79,18 +81,25 @@ def write_atomic(
         raise
 
 
+def probe_dir(path: Path) -> None:
+    """Create directory `path` if needed and a probe file in it: OSError when it cannot hold files."""
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path))
+    path.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(dir=path, prefix=".write-probe-")
+    os.close(fd)
+    os.unlink(probe)
+
+
 def writable_dir(path: Path, key: str) -> Path:
-    """Create the directory of configuration key `key` if needed and prove it writable (a probe file)."""
+    """The directory of configuration key `key`, created if needed and proven writable (a probe file)."""
     hint = f"set {key} to a writable directory (e.g. INVOKE_{key.replace('.', '_').upper()}=/path)"
     if path.exists() and not path.is_dir():
         raise ConfigError(f"configuration key {key}: {path} is not a directory", hint=hint)
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-probe-")
+        probe_dir(path)
     except OSError as exc:
         raise ConfigError(
             f"configuration key {key}: {path} is not writable ({exc.strerror or exc})", hint=hint
         ) from None
-    os.close(fd)
-    os.unlink(probe)
     return path

@@ -58,9 +58,9 @@ CASES = [
     Case("f-not-yaml-suffix", ("-f", "{tmp}/my.txt", "iso"), "expected a .yaml, .yml or .json file",
          files={"my.txt": b"vm: {}\n"}),
     Case("f-malformed", YAML_FILE, "my.yaml:2:1: malformed YAML", files={"my.yaml": b"vm: [\n"}),
-    Case("f-binary", YAML_FILE, "my.yaml: binary data", files={"my.yaml": b"\x7fELF\x02\x01\x01\x00\x00"}),
-    Case("f-not-utf8", YAML_FILE, "my.yaml: not UTF-8 text", files={"my.yaml": b"vm: {accel: t\xe9cg}\n"}),
-    Case("f-huge", YAML_FILE, "my.yaml: larger than 1024 KiB", files={"my.yaml": b"# x\n" * 300_000}),
+    Case("f-binary", YAML_FILE, "my.yaml is binary (a NUL byte at offset 7)", files={"my.yaml": b"\x7fELF\x02\x01\x01\x00\x00"}),
+    Case("f-not-utf8", YAML_FILE, "my.yaml is not UTF-8 text", files={"my.yaml": b"vm: {accel: t\xe9cg}\n"}),
+    Case("f-huge", YAML_FILE, "my.yaml is larger than 1024 KiB", files={"my.yaml": b"# x\n" * 300_000}),
     Case("f-deep", YAML_FILE, "my.yaml: malformed YAML: nested too deeply",
          files={"my.yaml": b"vm: " + b"[" * 50_000 + b"]" * 50_000 + b"\n"}),
     Case("f-python-tag", YAML_FILE, "my.yaml:1:5: malformed YAML: could not determine a constructor",
@@ -122,10 +122,10 @@ CASES = [
          env={"INVOKE_VM_ACCEL": "tcg"}),  # before any image download
     Case("up-state-dir-unwritable", ("up",), "project.state_dir: {tmp}/state is not writable", state="unwritable"),
     # -- the Nomad address (item 13)
-    Case("nomad-addr-bad-ipv6", ("nomad.wait", "--timeout", "1"), "Nomad address (NOMAD_ADDR) 'http://[::1' is not a valid URL",
+    Case("nomad-addr-bad-ipv6", ("nomad.wait", "--timeout", "1"), "Nomad address 'http://[::1' (NOMAD_ADDR) is not a valid URL",
          env={"NOMAD_ADDR": "http://[::1"}),
     Case("nomad-addr-port-range", ("nomad.wait", "--timeout", "1"), "Port out of range", env={"NOMAD_ADDR": "http://127.0.0.1:99999"}),
-    Case("nomad-addr-config-key", ("nomad.wait", "--timeout", "1"), "configuration key nomad.addr 'http://h:port' is not a valid URL",
+    Case("nomad-addr-config-key", ("nomad.wait", "--timeout", "1"), "Nomad address 'http://h:port' (config nomad.addr) is not a valid URL",
          env={"INVOKE_NOMAD_ADDR": "http://h:port"}),
     Case("nomad-addr-scheme", ("nomad.wait", "--timeout", "1"), "must start with http:// or https://",
          env={"NOMAD_ADDR": "ftp://127.0.0.1:4646"}),  # already worked

@@ -77,22 +77,22 @@ CASES = [
     Case("image-invalid", ("deploy.app", "--image", "Web App:latest"), "invalid image reference 'Web App:latest'"),  # worked
     Case("build-and-image", ("deploy.app", "--build", "--image", "web:2"), "--build and --image exclude each other"),  # worked
     Case("local-without-build", ("deploy.app", "--local"), "--local only applies with --build"),  # worked
-    Case("state-dir-unwritable", APP, "configuration key project.state_dir: {tmp}/state is not writable", state="unwritable"),
-    Case("state-dir-is-a-file", APP, "configuration key project.state_dir: {tmp}/state is not a directory", state="file"),
-    Case("record-is-a-directory", APP, "deployed.json (the record of the last deploy.app) is not a file; nothing was deployed",
+    Case("state-dir-unwritable", APP, "cannot write {tmp}/state/deployed.json (the record of the deployed image): ", state="unwritable"),
+    Case("state-dir-is-a-file", APP, "cannot write {tmp}/state/deployed.json (the record of the deployed image): Not a directory", state="file"),
+    Case("record-is-a-directory", APP, "deployed.json (the record of the deployed image): it is not a file",
          state="record-dir"),
-    Case("app-job-binary", APP, "job file {tmp}/jobs/app.nomad.hcl: binary data", jobs={"app": b"\x00\x01\x02HCL"}),
-    Case("app-job-not-utf8", APP, "app.nomad.hcl: not UTF-8 text", jobs={"app": b'job "w\xe9b" {}\n'}),
-    Case("app-job-huge", APP, "app.nomad.hcl: larger than 1024 KiB", jobs={"app": b"# padding\n" * 120_000}),
-    Case("app-job-directory", APP, "app.nomad.hcl: is a directory", jobs={"app": None}),
+    Case("app-job-binary", APP, "job file {tmp}/jobs/app.nomad.hcl is binary (a NUL byte at offset 0)", jobs={"app": b"\x00\x01\x02HCL"}),
+    Case("app-job-not-utf8", APP, "app.nomad.hcl is not UTF-8 text", jobs={"app": b'job "w\xe9b" {}\n'}),
+    Case("app-job-huge", APP, "app.nomad.hcl is larger than 1024 KiB", jobs={"app": b"# padding\n" * 120_000}),
+    Case("app-job-directory", APP, "app.nomad.hcl is a directory", jobs={"app": None}),
     Case("app-job-missing", APP, "job file not found: {tmp}/jobs/missing.nomad.hcl",
          env={"INVOKE_DEPLOY_APP_JOB": "{tmp}/jobs/missing.nomad.hcl"}),  # worked
     Case("app-job-empty", APP, "job file is empty", jobs={"app": b"\n\n"}),  # worked
-    Case("data-job-binary", ("deploy.data", "--detach"), "datastorage.nomad.hcl: binary data",
+    Case("data-job-binary", ("deploy.data", "--detach"), "datastorage.nomad.hcl is binary",
          jobs={"data": b"\x7fELF\x00"}),  # and no Postgres password variable created
-    Case("ingress-job-binary", ("deploy.ingress", "--detach"), "ingress.nomad.hcl: binary data",
+    Case("ingress-job-binary", ("deploy.ingress", "--detach"), "ingress.nomad.hcl is not UTF-8 text",
          jobs={"ingress": b"\xff\xfe\x00"}),
-    Case("nomad-addr-invalid", APP, "Nomad address (NOMAD_ADDR) 'http://[::1' is not a valid URL",
+    Case("nomad-addr-invalid", APP, "Nomad address 'http://[::1' (NOMAD_ADDR) is not a valid URL",
          env={"NOMAD_ADDR": "http://[::1"}),
 ]  # fmt: skip
 

@@ -14,9 +14,9 @@ from infra.errors import ConfigError, InfraError, SSHKeyError
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        (b"x" * 1025, r"larger than 1 KiB; is this the right file\?"),
-        (b"ssh-ed25519 \x00AAAA", r"binary data \(a NUL byte at offset 12\)"),
-        (b"caf\xe9", r"not UTF-8 text \(invalid byte at offset 3\)"),
+        (b"x" * 1025, r"is larger than 1 KiB; is this the right file\?"),
+        (b"ssh-ed25519 \x00AAAA", r"is binary \(a NUL byte at offset 12\)"),
+        (b"caf\xe9", r"is not UTF-8 text \(invalid byte at offset 3\)"),
     ],
 )
 def test_read_text_refuses_what_is_not_a_small_text_file(
@@ -24,12 +24,12 @@ def test_read_text_refuses_what_is_not_a_small_text_file(
 ) -> None:
     path = tmp_path / "key.pub"
     path.write_bytes(content)
-    with pytest.raises(SSHKeyError, match=rf"SSH key {path}: {message}"):
+    with pytest.raises(SSHKeyError, match=rf"SSH key {path} {message}"):
         files.read_text(path, "SSH key", error=SSHKeyError, limit=1024)
 
 
 def test_read_text_names_a_directory_and_a_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(InfraError, match=rf"job file {tmp_path}: is a directory, expected a file"):
+    with pytest.raises(InfraError, match=rf"job file {tmp_path} is a directory, expected a file"):
         files.read_text(tmp_path, "job file")
     with pytest.raises(InfraError, match="No such file or directory"):
         files.read_text(tmp_path / "nope", "job file")

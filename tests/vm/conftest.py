@@ -120,3 +120,11 @@ def docker_vm_env(test_image: dict[str, str], tmp_path_factory: pytest.TempPathF
     env = make_vm_env(test_image, tmp_path_factory.mktemp("vmdocker"), provision)
     yield env
     stop_by_pid(env)
+
+
+@pytest.fixture
+def fresh_vm_env(test_image: dict[str, str], tmp_path: Path) -> Iterator[VMEnv]:
+    """A VM env of its own for one test (provisioning off), stopped by pid afterwards."""
+    env = make_vm_env(test_image, tmp_path, {"nomad": False, "docker": False})
+    yield env
+    stop_by_pid(env)
