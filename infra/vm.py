@@ -38,7 +38,7 @@ from typing import Any
 
 import psutil
 
-from infra import files, images, qemu, ui
+from infra import images, qemu, ui
 from infra.config import Config, Port
 from infra.errors import PortInUseError, VMError, WaitTimeout
 from infra.lock import state_lock
@@ -385,7 +385,6 @@ def _run(cfg: Config, p: StatePaths) -> Launch:
             f"state dir path too long for a unix socket: {p.qmp_socket}",
             hint="use a shorter project.state_dir",
         )
-    files.writable_dir(p.root, "project.state_dir")  # a file or read-only dir: say so before downloading
     check_ports(cfg.vm.ports)
     base = images.ensure(cfg, arch)
     check_image(base, "base image")

@@ -118,7 +118,7 @@ CASES = [
     Case("state-dir-under-a-file", ("iso",), "project.state_dir: {tmp}/state/sub is not writable (Not a directory)",
          state="under-file"),
     Case("state-dir-unwritable", ("iso",), "project.state_dir: {tmp}/state is not writable", state="unwritable"),
-    Case("vm-run-state-dir-is-a-file", ("vm.run",), "project.state_dir: {tmp}/state is not a directory", state="file",
+    Case("vm-run-state-dir-is-a-file", ("vm.run",), "{tmp}/state is not a directory", state="file",
          env={"INVOKE_VM_ACCEL": "tcg"}),  # before any image download
     Case("up-state-dir-unwritable", ("up",), "project.state_dir: {tmp}/state is not writable", state="unwritable"),
     # -- the Nomad address (item 13)
