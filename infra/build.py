@@ -456,7 +456,7 @@ def ship(
     client: Any,
     *,
     build_image: bool = False,
-    image: str = "",
+    image: str | None = None,
     local: bool = False,
     detach: bool = False,
     engine: Callable[[Config], contextlib.AbstractContextManager[Any]] | None = None,
@@ -465,7 +465,7 @@ def ship(
     """`inv deploy.app [--build [--local] | --image REF]`: build (or take) the image, deploy it, report."""
     from infra import deploy
 
-    if build_image and image:
+    if build_image and image is not None:
         raise BuildError("--build and --image exclude each other", hint="--build makes the image from app/")
     if local and not build_image:
         raise BuildError("--local only applies with --build")
@@ -475,7 +475,7 @@ def ship(
             host = builder or LocalDocker(network=cfg.app.build_network)
             built = build(cfg, target, builder=host if local else None)
         ref = built.ref
-    elif image:
+    elif image is not None:  # `--image ''` is a mistake, not "the default image"
         ref = check_ref(image)
     else:
         ref = ""

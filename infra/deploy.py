@@ -25,6 +25,7 @@ silently as it does not parse Strict — jobspec2/types.variables.go) are shown 
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 import secrets
@@ -36,7 +37,7 @@ from typing import Any
 
 from rich.markup import escape as rich_escape
 
-from infra import ui
+from infra import files, ui
 from infra.config import Config
 from infra.errors import DeployError, NomadError, WaitTimeout, printable
 from infra.nomad import Client, NomadAnswerLost, NomadAPIError, NomadConflict, NomadNotFound
@@ -91,26 +92,16 @@ class DeployResult:
 
 
 # ---------------------------------------------------------------------------------------- job files --
+_JOB_FILE_HINT = "the job specs live in nomad/ (config deploy.*_job names them)"
+
+
 def read_job_file(path: Path) -> str:
-    if not path.is_file():
+    if not path.exists():
         raise DeployError(
             f"job file not found: {path}",
             hint="the job specs live in nomad/ (config deploy.*_job names them)",
         )
-    try:
-        with path.open("rb") as f:
-            data = f.read(MAX_JOB_FILE + 1)
-    except OSError as exc:
-        raise DeployError(f"cannot read job file {path}: {exc.strerror}") from exc
-    if len(data) > MAX_JOB_FILE:
-        raise DeployError(f"job file {path} is larger than {MAX_JOB_FILE // 1024} KiB: is it a job spec?")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DeployError(
-            f"job file {path} is not UTF-8 text (byte {exc.start}): is it a job spec?",
-            hint="a job spec is an HCL text file like nomad/service.nomad.hcl",
-        ) from None
+    text = files.read_text(path, "job file", error=DeployError, limit=MAX_JOB_FILE, hint=_JOB_FILE_HINT)
     if not text.strip():
         raise DeployError(f"job file is empty: {path}")
     return text
@@ -684,6 +675,7 @@ def ensure_postgres_password(cfg: Config, client: Client) -> None:
 
 # ---------------------------------------------------------------------------------- project's deploys --
 def deploy_data(cfg: Config, client: Client, *, detach: bool = False) -> DeployResult:
+    read_job_file(cfg.deploy.data_job)  # a bad job file stops here, before the secret is created
     ensure_postgres_password(cfg, client)
     return deploy_job(client, cfg.deploy.data_job, detach=detach, timeout=cfg.deploy.timeout)
 
@@ -721,18 +713,19 @@ def deploy_app(
 
 def _read_record(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        data = json.loads(files.read_text(path, "record of the last deploy.app", error=DeployError))
+    except (DeployError, ValueError, RecursionError):  # absent or unreadable: as if never deployed
         return {}
     return data if isinstance(data, dict) else {}
 
 
 def _check_writable(path: Path) -> None:
-    probe = path.with_name(f".{path.name}.probe")
+    """The record can be written after the deployment: its directory takes a file, and it is not a
+    directory itself (checked before registering, so a bad state dir never half-deploys)."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        probe.write_text("")
-        probe.unlink()
+        if path.exists() and not path.is_file():
+            raise IsADirectoryError(errno.EISDIR, "it is not a file")
+        files.probe_dir(path.parent)
     except OSError as exc:
         raise DeployError(
             f"cannot write {path} (the record of the deployed image): {exc.strerror or exc}",
@@ -741,15 +734,12 @@ def _check_writable(path: Path) -> None:
 
 
 def _write_record(path: Path, data: Mapping[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        tmp.replace(path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        files.write_atomic(path, text.encode(), "record of the deployed image", error=DeployError)
+    except DeployError as exc:
         raise DeployError(
-            f"the job is deployed, but {path} could not be written: {exc.strerror or exc}",
+            f"the job is deployed, but {exc.message}",
             hint="a later `inv up` redeploys the job file's default image; fix project.state_dir",
         ) from None
 
