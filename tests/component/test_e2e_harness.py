@@ -805,7 +805,10 @@ def test_e2e_wiring_bring_up_failure_diagnostics_teardown(tmp_path: Path) -> Non
     (tmp_path / "plugin").mkdir()
     (tmp_path / "plugin" / "fake_e2e.py").write_text(FAKE_E2E_PLUGIN)
     report = tmp_path / "report"
-    ports = ("ssh", "nomad", "app", "ingress", "traefik_dashboard", "kafka", "postgres")
+    ports = {
+        name: str(free_port())
+        for name in ("ssh", "nomad", "app", "ingress", "traefik_dashboard", "kafka", "postgres")
+    }
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(tmp_path / "plugin"), str(ROOT / "tests")]),
@@ -814,7 +817,10 @@ def test_e2e_wiring_bring_up_failure_diagnostics_teardown(tmp_path: Path) -> Non
         "INVOKE_NOMAD_ADDR": f"http://127.0.0.1:{free_port()}",
         "INVOKE_NOMAD_RETRIES": "0",
         "INVOKE_NOMAD_CONNECT_TIMEOUT": "1",
-        **{f"INVOKE_VM_PORTS_{name.upper()}_HOST": str(free_port()) for name in ports},
+        **{f"INVOKE_VM_PORTS_{name.upper()}_HOST": port for name, port in ports.items()},
+        "INVOKE_VM_PORTS_KAFKA_GUEST": ports[
+            "kafka"
+        ],  # Kafka advertises host port == guest port (config rule)
     }
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "tests/e2e", "-x", "-p", "no:cacheprovider", "-p", "fake_e2e"],
