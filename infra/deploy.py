@@ -1,4 +1,8 @@
-"""Deploy job specs through Nomad's API and follow them to the end (`inv deploy.*`, `inv purge`).
+"""The deploy engine: job specs through Nomad's API, followed to the end; promote, purge, task logs.
+
+It knows Nomad (through infra/nomad.py's Client) and nothing of this project: no configuration, no job
+names, no state directory. Which job gets which image, variables and secrets is infra/release.py's choice;
+it calls this module, never the reverse. Results are dataclasses (DeployResult, JobSummary).
 
 The flow for one HCL file, the same steps `nomad job run` takes:
 
@@ -14,8 +18,8 @@ The flow for one HCL file, the same steps `nomad job run` takes:
    healthy when the group does not auto-promote. On failure, the failing allocations' recent task events
    name job, group, task and reason (Levant's habit) and DeployError exits 1.
 
-Secrets: `ensure_secret` creates the Postgres password in Nomad Variables (random, never in the repo);
-the job spec reads it with a `nomadVar` template.
+Secrets: `ensure_secret` makes sure a Nomad Variable holds a key (a random value unless one is given,
+never printed), with check-and-set; a job spec reads it with a `nomadVar` template.
 
 Writes are never retried blindly: a register whose answer was lost is checked by re-reading the job
 (a changed JobModifyIndex means Nomad has it); a variable write by re-reading the variable. Nomad's
@@ -25,6 +29,7 @@ silently as it does not parse Strict — jobspec2/types.variables.go) are shown 
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import secrets
@@ -37,20 +42,14 @@ from typing import Any
 from rich.markup import escape as rich_escape
 
 from infra import ui
-from infra.config import Config
 from infra.errors import DeployError, NomadError, WaitTimeout, printable
-from infra.nomad import Client, NomadAnswerLost, NomadAPIError, NomadConflict, NomadNotFound
-from infra.state import StatePaths
+from infra.nomad import Client, NomadAnswerLost, NomadAPIError, NomadConflict, NomadNotFound, Result
 from infra.waits import Deadline, Probe, wait_until
 
 #: Longest single blocking query while following an evaluation or a deployment.
 BLOCK_SECONDS = 60.0
-#: Key in the Nomad Variable (deploy.secrets_path) holding the generated Postgres password.
-POSTGRES_PASSWORD_KEY = "postgres_password"  # noqa: S105 - a key name, not a secret
-#: Largest job file read (the project's are a few KiB).
+#: Largest job file read (job specs are a few KiB).
 MAX_JOB_FILE = 1024 * 1024
-#: HCL variable that carries the app image in nomad/service.nomad.hcl.
-IMAGE_VARIABLE = "image"
 
 TERMINAL_EVAL = ("complete", "failed", "canceled", "cancelled")
 TERMINAL_DEPLOYMENT = ("successful", "failed", "cancelled", "canceled")
@@ -139,15 +138,6 @@ def job_id_of(path: Path) -> str:
         if m:
             return m.group(1)
     return path.name.split(".")[0]
-
-
-def project_job_files(cfg: Config) -> list[Path]:
-    """In deploy order; purge goes the other way."""
-    return [cfg.deploy.data_job, cfg.deploy.app_job, cfg.deploy.ingress_job]
-
-
-def project_jobs(cfg: Config) -> list[str]:
-    return [job_id_of(p) for p in project_job_files(cfg)]
 
 
 def declared_variables(hcl: str) -> set[str]:
@@ -347,13 +337,10 @@ def follow_evaluation(
 ) -> dict[str, Any]:
     """Block until the evaluation is terminal; raise PlacementError when groups could not be placed."""
     job_id = str(job["ID"])
-    index = 0
+    read = _blocking(functools.partial(client.evaluation, eval_id), deadline)
 
     def probe(d: Deadline) -> Probe[dict[str, Any]]:
-        nonlocal index
-        res = client.evaluation(eval_id, index=index or None, wait=_block(deadline))
-        index = max(index, res.index)
-        ev = dict(res.body or {})
+        ev = dict(read() or {})
         status = str(ev.get("Status", "?"))
         done = status in TERMINAL_EVAL or status == "blocked"
         if done:
@@ -478,13 +465,10 @@ def follow_deployment(
     client: Client, job: Mapping[str, Any], dep_id: str, deadline: Deadline
 ) -> dict[str, Any]:
     job_id = str(job["ID"])
-    index = 0
+    read = _blocking(functools.partial(client.deployment, dep_id), deadline)
 
     def probe(d: Deadline) -> Probe[dict[str, Any]]:
-        nonlocal index
-        res = client.deployment(dep_id, index=index or None, wait=_block(deadline))
-        index = max(index, res.index)
-        dep = dict(res.body or {})
+        dep = dict(read() or {})
         status = str(dep.get("Status", "?"))
         groups = needs_promotion(dep)
         if groups:
@@ -527,13 +511,10 @@ def _check_deployment(client: Client, job: Mapping[str, Any], dep: Mapping[str, 
 
 def _wait_allocations_running(client: Client, job: Mapping[str, Any], deadline: Deadline) -> Any:
     job_id = str(job["ID"])
-    index = 0
+    read = _blocking(functools.partial(client.job_allocations, job_id), deadline)
 
     def probe(d: Deadline) -> Probe[list[dict[str, Any]]]:
-        nonlocal index
-        res = client.job_allocations(job_id, index=index or None, wait=_block(deadline))
-        index = max(index, res.index)
-        allocs = [a for a in res.body or [] if a.get("DesiredStatus") == "run"]
+        allocs = [a for a in read() or [] if a.get("DesiredStatus") == "run"]
         failed = [a for a in allocs if a.get("ClientStatus") in ("failed", "lost")]
         if failed:
             raise DeployError(
@@ -673,91 +654,6 @@ def ensure_secret(
     raise DeployError(f"Nomad Variable {path} keeps changing under us (check-and-set lost 3 times)")
 
 
-def ensure_postgres_password(cfg: Config, client: Client) -> None:
-    """The password in deploy.secrets_path, and a copy in nomad/jobs/<app job> (a task reads only its own
-    job's variables without an extra ACL policy; see nomad/service.nomad.hcl)."""
-    password = ensure_secret(client, cfg.deploy.secrets_path, POSTGRES_PASSWORD_KEY)
-    app_path = f"nomad/jobs/{job_id_of(cfg.deploy.app_job)}"
-    if app_path != cfg.deploy.secrets_path:
-        ensure_secret(client, app_path, POSTGRES_PASSWORD_KEY, value=password)
-
-
-# ---------------------------------------------------------------------------------- project's deploys --
-def deploy_data(cfg: Config, client: Client, *, detach: bool = False) -> DeployResult:
-    ensure_postgres_password(cfg, client)
-    return deploy_job(client, cfg.deploy.data_job, detach=detach, timeout=cfg.deploy.timeout)
-
-
-def deploy_app(
-    cfg: Config,
-    client: Client,
-    *,
-    image: str | None = None,
-    variables: Mapping[str, str] | None = None,
-    detach: bool = False,
-) -> DeployResult:
-    """Deploy nomad/service.nomad.hcl with HCL variable `image` (and any other `variables`).
-
-    Image: `image`, else app.default_image, else the variables of the last successful deploy.app
-    (<state>/deployed.json), else the job file's default. Reusing the last variables keeps `inv up`
-    from rolling a `--build` image back to the default.
-    """
-    record_path = StatePaths(cfg.project.state_dir).deployed
-    merged: dict[str, str] = {}
-    chosen = image or cfg.app.default_image
-    if not chosen and not variables:
-        merged.update(_read_record(record_path).get("variables") or {})
-    merged.update(variables or {})
-    if chosen:
-        merged[IMAGE_VARIABLE] = chosen
-    _check_writable(record_path)  # before registering: a record that cannot be written must not half-deploy
-    result = deploy_job(
-        client, cfg.deploy.app_job, variables=merged, detach=detach, timeout=cfg.deploy.timeout
-    )
-    if result.outcome == "deployed" or (result.outcome == "unchanged" and merged):
-        _write_record(record_path, {"job": result.job_id, "version": result.version, "variables": merged})
-    return result
-
-
-def _read_record(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _check_writable(path: Path) -> None:
-    probe = path.with_name(f".{path.name}.probe")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise DeployError(
-            f"cannot write {path} (the record of the deployed image): {exc.strerror or exc}",
-            hint="project.state_dir must be a writable directory; nothing was deployed",
-        ) from None
-
-
-def _write_record(path: Path, data: Mapping[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        tmp.replace(path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise DeployError(
-            f"the job is deployed, but {path} could not be written: {exc.strerror or exc}",
-            hint="a later `inv up` redeploys the job file's default image; fix project.state_dir",
-        ) from None
-
-
-def deploy_ingress(cfg: Config, client: Client, *, detach: bool = False) -> DeployResult:
-    return deploy_job(client, cfg.deploy.ingress_job, detach=detach, timeout=cfg.deploy.timeout)
-
-
 # ---------------------------------------------------------------------------------------------- purge --
 def purge(client: Client, jobs: Iterable[str], *, timeout: float = 300.0) -> list[str]:
     """Stop and purge each job, then wait until none of its allocations is still running. Idempotent."""
@@ -780,17 +676,14 @@ def purge(client: Client, jobs: Iterable[str], *, timeout: float = 300.0) -> lis
 
 
 def wait_allocations_gone(client: Client, job_id: str, *, timeout: float) -> None:
-    index = 0
-    deadline = Deadline(timeout)
+    read = _blocking(functools.partial(client.job_allocations, job_id), Deadline(timeout))
 
     def probe(d: Deadline) -> Probe[int]:
-        nonlocal index
         try:
-            res = client.job_allocations(job_id, index=index or None, wait=_block(deadline))
+            allocs = read()
         except NomadNotFound:
             return Probe(True, "no allocations", 0)
-        index = max(index, res.index)
-        live = [a for a in res.body or [] if a.get("ClientStatus") not in TERMINAL_ALLOC]
+        live = [a for a in allocs or [] if a.get("ClientStatus") not in TERMINAL_ALLOC]
         return Probe(not live, f"{len(live)} allocation(s) still running", len(live))
 
     wait_until(
@@ -834,9 +727,36 @@ def job_summary(client: Client, job_id: str) -> JobSummary:
     )
 
 
+def live_image(client: Client, job_id: str, task: str = "") -> str:
+    """The image of the job's main task as registered now (prestart/sidecar tasks are skipped)."""
+    job = client.job(job_id) or {}
+    for group in job.get("TaskGroups") or []:
+        for t in group.get("Tasks") or []:
+            if (t.get("Lifecycle") or {}).get("Hook") or (task and t.get("Name") != task):
+                continue
+            img = (t.get("Config") or {}).get("image")
+            if img:
+                return str(img)
+    return ""
+
+
 # ------------------------------------------------------------------------------------------ helpers --
 def _block(deadline: Deadline) -> float:
     return max(0.1, min(BLOCK_SECONDS, deadline.remaining()))
+
+
+def _blocking(fetch: Callable[..., Result], deadline: Deadline) -> Callable[[], Any]:
+    """Successive reads of one endpoint as blocking queries: each call passes the index of the last answer
+    (none the first time), so Nomad holds it until something changes; returns the body."""
+    index = 0
+
+    def read() -> Any:
+        nonlocal index
+        res = fetch(index=index or None, wait=_block(deadline))
+        index = max(index, res.index)
+        return res.body
+
+    return read
 
 
 def _wait(probe: Callable[[Deadline], Probe[Any]], what: str, deadline: Deadline) -> Any:

@@ -146,7 +146,7 @@ def check_accel(
 
     TCG alone is a failure for the e2e (a full `inv up` would take well over the CI budget) unless
     `allow_tcg`. A KVM that runs the probe but hangs a full kernel (seen on paravirtual hosts) cannot be
-    told apart in seconds; `vm.accel: auto` probes with a real boot and falls back (issue 3).
+    told apart in seconds; `vm.accel: auto` probes with a real boot and falls back.
     """
     system = system or platform.system()
     accel = cfg.vm.accel

@@ -1,4 +1,4 @@
-"""Bad inputs and faults of the VM lifecycle, through the real `inv` CLI (issue 10, items 7-12).
+"""Bad inputs and faults of the VM lifecycle, through the real `inv` CLI.
 
 A table of cases: each sets up a fault (a running VM on a blank disk where the case needs one: real qemu,
 no OS), runs one `inv` command, and asserts its exit code, its one-line message, how long it took, and that
@@ -290,7 +290,7 @@ CASES = [
          env={"INVOKE_VM_IMAGE_SHA256": "0" * 64}),
     Case("state-dir-is-a-file/run", lambda lab: lab.state.root.write_text("not a directory"), ("vm.run",), 1,
          r"^error: .*(state dir|state_dir)"),
-    # already right before issue 10, kept in the battery
+    # the VM is not running
     Case("not-running/ssh", no_setup, ("vm.ssh", "-c", "true"), 1, r"^error: the VM is not running$"),
     Case("not-running/check", no_setup, ("vm.check",), 1, r"^error: the VM is not running$"),
     Case("not-running/stop", no_setup, ("vm.stop",), 0, r"VM is not running$"),
