@@ -336,18 +336,16 @@ def follow_evaluation(
     client: Client, job: Mapping[str, Any], eval_id: str, deadline: Deadline
 ) -> dict[str, Any]:
     """Block until the evaluation is terminal; raise PlacementError when groups could not be placed."""
-    job_id = str(job["ID"])
-    read = _blocking(functools.partial(client.evaluation, eval_id), deadline)
 
-    def probe(d: Deadline) -> Probe[dict[str, Any]]:
-        ev = dict(read() or {})
-        status = str(ev.get("Status", "?"))
+    def judge(body: Any) -> tuple[bool, str]:
+        status = str((body or {}).get("Status", "?"))
         done = status in TERMINAL_EVAL or status == "blocked"
         if done:
-            _check_evaluation(job, ev)
-        return Probe(done, f"evaluation {eval_id[:8]} {status}", ev)
+            _check_evaluation(job, body)
+        return done, f"evaluation {eval_id[:8]} {status}"
 
-    return dict(_wait(probe, f"job {job_id}: scheduling", deadline))
+    fetch = functools.partial(client.evaluation, eval_id)
+    return dict(_follow(fetch, judge, what=f"job {job['ID']}: scheduling", deadline=deadline) or {})
 
 
 def _check_evaluation(job: Mapping[str, Any], ev: Mapping[str, Any]) -> None:
@@ -465,32 +463,31 @@ def follow_deployment(
     client: Client, job: Mapping[str, Any], dep_id: str, deadline: Deadline
 ) -> dict[str, Any]:
     job_id = str(job["ID"])
-    read = _blocking(functools.partial(client.deployment, dep_id), deadline)
 
-    def probe(d: Deadline) -> Probe[dict[str, Any]]:
-        dep = dict(read() or {})
-        status = str(dep.get("Status", "?"))
-        groups = needs_promotion(dep)
-        if groups:
-            try:
-                client.promote_deployment(dep_id, groups)
-            except NomadAnswerLost:
-                pass  # the next read shows whether it was promoted (and promotes again if not)
-            else:
-                ui.info(
-                    f"    {job_id}: canaries healthy, promoted {', '.join(groups)} in deployment {dep_id[:8]}"
-                )
-        state = f"deployment {dep_id[:8]} {status}: {_groups_line(dep)}"
-        done = status in TERMINAL_DEPLOYMENT
+    def judge(body: Any) -> tuple[bool, str]:
+        dep = dict(body or {})
+        _promote(client, job_id, dep_id, needs_promotion(dep))
+        done = dep.get("Status") in TERMINAL_DEPLOYMENT
         if done:
             _check_deployment(client, job, dep)
-        return Probe(done, state, dep)
+        return done, f"deployment {dep_id[:8]} {dep.get('Status', '?')}: {_groups_line(dep)}"
 
+    fetch = functools.partial(client.deployment, dep_id)
     try:
-        return dict(_wait(probe, f"job {job_id}: deployment", deadline))
+        return dict(_follow(fetch, judge, what=f"job {job_id}: deployment", deadline=deadline) or {})
     except WaitTimeout as exc:
         exc.details.extend(failure_details(client, job, {"ID": dep_id}))
         raise
+
+
+def _promote(client: Client, job_id: str, dep_id: str, groups: list[str]) -> None:
+    if not groups:
+        return
+    try:
+        client.promote_deployment(dep_id, groups)
+    except NomadAnswerLost:
+        return  # the next read shows whether it was promoted (and promotes again if not)
+    ui.info(f"    {job_id}: canaries healthy, promoted {', '.join(groups)} in deployment {dep_id[:8]}")
 
 
 def _check_deployment(client: Client, job: Mapping[str, Any], dep: Mapping[str, Any]) -> None:
@@ -511,10 +508,9 @@ def _check_deployment(client: Client, job: Mapping[str, Any], dep: Mapping[str, 
 
 def _wait_allocations_running(client: Client, job: Mapping[str, Any], deadline: Deadline) -> Any:
     job_id = str(job["ID"])
-    read = _blocking(functools.partial(client.job_allocations, job_id), deadline)
 
-    def probe(d: Deadline) -> Probe[list[dict[str, Any]]]:
-        allocs = [a for a in read() or [] if a.get("DesiredStatus") == "run"]
+    def judge(body: Any) -> tuple[bool, str]:
+        allocs = [a for a in body or [] if a.get("DesiredStatus") == "run"]
         failed = [a for a in allocs if a.get("ClientStatus") in ("failed", "lost")]
         if failed:
             raise DeployError(
@@ -522,10 +518,12 @@ def _wait_allocations_running(client: Client, job: Mapping[str, Any], deadline: 
                 details=_alloc_lines(job_id, failed),
             )
         running = [a for a in allocs if a.get("ClientStatus") == "running"]
-        done = bool(allocs) and len(running) == len(allocs)
-        return Probe(done, f"{len(running)}/{len(allocs)} allocations running", allocs)
+        return bool(allocs) and len(running) == len(
+            allocs
+        ), f"{len(running)}/{len(allocs)} allocations running"
 
-    _wait(probe, f"job {job_id}: allocations", deadline)
+    fetch = functools.partial(client.job_allocations, job_id)
+    _follow(fetch, judge, what=f"job {job_id}: allocations", deadline=deadline)
     current = client.job(job_id) or {}
     return current.get("Version")
 
@@ -676,21 +674,22 @@ def purge(client: Client, jobs: Iterable[str], *, timeout: float = 300.0) -> lis
 
 
 def wait_allocations_gone(client: Client, job_id: str, *, timeout: float) -> None:
-    read = _blocking(functools.partial(client.job_allocations, job_id), Deadline(timeout))
 
-    def probe(d: Deadline) -> Probe[int]:
+    def fetch(**blocking: Any) -> Result:
         try:
-            allocs = read()
-        except NomadNotFound:
-            return Probe(True, "no allocations", 0)
-        live = [a for a in allocs or [] if a.get("ClientStatus") not in TERMINAL_ALLOC]
-        return Probe(not live, f"{len(live)} allocation(s) still running", len(live))
+            return client.job_allocations(job_id, **blocking)
+        except NomadNotFound:  # the job and its allocations are gone
+            return Result([], 0)
 
-    wait_until(
-        probe,
+    def judge(body: Any) -> tuple[bool, str]:
+        live = [a for a in body or [] if a.get("ClientStatus") not in TERMINAL_ALLOC]
+        return not live, f"{len(live)} allocation(s) still running"
+
+    _follow(
+        fetch,
+        judge,
         what=f"job {job_id}: purged, allocations stopped",
-        timeout=timeout,
-        interval=0,
+        deadline=Deadline(timeout),
         hint="an allocation that does not stop usually has a task ignoring SIGTERM: `nomad alloc status`",
     )
 
@@ -745,29 +744,27 @@ def _block(deadline: Deadline) -> float:
     return max(0.1, min(BLOCK_SECONDS, deadline.remaining()))
 
 
-def _blocking(fetch: Callable[..., Result], deadline: Deadline) -> Callable[[], Any]:
-    """Successive reads of one endpoint as blocking queries: each call passes the index of the last answer
-    (none the first time), so Nomad holds it until something changes; returns the body."""
+def _follow(
+    fetch: Callable[..., Result],
+    judge: Callable[[Any], tuple[bool, str]],
+    *,
+    what: str,
+    deadline: Deadline,
+    hint: str = "raise deploy.timeout, or look at the task events with `nomad job status`",
+) -> Any:
+    """Read one endpoint as blocking queries until `judge(body)` says done (or raises); returns that body.
+    Each read passes the index of the last answer (none the first time), so Nomad holds it until something
+    changes; `judge` returns (done, the state for the live line)."""
     index = 0
 
-    def read() -> Any:
+    def probe(d: Deadline) -> Probe[Any]:
         nonlocal index
         res = fetch(index=index or None, wait=_block(deadline))
         index = max(index, res.index)
-        return res.body
+        done, state = judge(res.body)
+        return Probe(done, state, res.body)
 
-    return read
-
-
-def _wait(probe: Callable[[Deadline], Probe[Any]], what: str, deadline: Deadline) -> Any:
-    result = wait_until(
-        probe,
-        what=what,
-        timeout=max(0.1, deadline.remaining()),
-        interval=0,
-        hint="raise deploy.timeout, or look at the task events with `nomad job status`",
-    )
-    return result.value
+    return wait_until(probe, what=what, timeout=max(0.1, deadline.remaining()), interval=0, hint=hint).value
 
 
 # ------------------------------------------------------------------------------------------- logs --
