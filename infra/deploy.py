@@ -1,8 +1,9 @@
 """The deploy engine: job specs through Nomad's API, followed to the end; promote, purge, task logs.
 
-It knows Nomad (through infra/nomad.py's Client) and nothing of this project: no configuration, no job
-names, no state directory. Which job gets which image, variables and secrets is infra/release.py's choice;
-it calls this module, never the reverse. Results are dataclasses (DeployResult, JobSummary).
+It knows Nomad (through infra/nomad.py's Client) and nothing of this project: it reads no configuration,
+names no job and keeps no state (only its error hints name the `inv` verbs and settings a user reaches for).
+Which job gets which image, variables and secrets is infra/release.py's choice; it calls this module, never
+the reverse. Results are dataclasses (DeployResult, JobSummary).
 
 The flow for one HCL file, the same steps `nomad job run` takes:
 
