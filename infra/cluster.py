@@ -2,8 +2,8 @@
 
 Ready means: a leader is elected, THIS node (the client of the agent we talk to; any node when that agent
 is a server only) is `ready`, `eligible`, not draining, and its docker driver is Detected && Healthy. The
-last part is what the hand-made version missed: jobs submitted before the docker driver is fingerprinted
-fail with "missing drivers": the scheduler places a task only on a node whose driver is Detected &&
+last part matters on a fresh VM: jobs submitted before the docker driver is fingerprinted fail with
+"missing drivers": the scheduler places a task only on a node whose driver is Detected &&
 Healthy (scheduler/feasible/feasible.go DriverChecker.hasDrivers, FilterConstraintDrivers).
 
 The wait is one blocking query on GET /v1/nodes per state change: the server holds the request until the

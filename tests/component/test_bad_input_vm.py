@@ -240,7 +240,7 @@ class Case:
 
 
 CASES = [
-    # item 8: the VM is identified by its record and command line, not only by the pidfile's text
+    # the VM is identified by its record and command line, not only by the pidfile's text
     Case("garbage-pidfile/status", garbage_pidfile, ("vm.status",), 0, r"^VM: running, pid {pid}\b",
          vm_survives=True),
     Case("garbage-pidfile/stop", garbage_pidfile, ("vm.stop", "--timeout", "0"), 0,
@@ -251,7 +251,7 @@ CASES = [
          r"^VM: running, pid {pid}\b", vm_survives=True),
     Case("pidfile-and-record-lost/destroy", pidfile_and_record_lost, ("vm.destroy",), 0,
          r"VM destroyed: removed \d+ item"),
-    # item 10: images checked before booting; a fatal console line ends the SSH wait at once
+    # images checked before booting; a fatal console line ends the SSH wait at once
     Case("corrupt-overlay/run", corrupt_overlay, ("vm.run",), 1,
          r"^error: VM disk \(overlay\) .*disk\.qcow2 is corrupt or unreadable \(qemu-img check"),
     Case("overlay-in-use-elsewhere/run", overlay_used_elsewhere, ("vm.run",), 1,
@@ -268,20 +268,20 @@ CASES = [
             ("mount", "Failed to mount /dev/vda1 on /root"),
         )
     ],
-    # item 11: tasks that reach the VM use the forwards it was launched with
+    # tasks that reach the VM use the forwards it was launched with
     Case("moved-forward/check", moved_forwards, ("vm.check",), 2,
          r"^error: timed out after 2s waiting for SSH on 127\.0\.0\.1:{ssh}", env={"INVOKE_VM_SSH_TIMEOUT": "2"},
          seconds=30, vm_survives=True),
     Case("moved-forward/nomad.wait", moved_forwards, ("nomad.wait", "--timeout", "2"), 2,
          r"^error: timed out after 2s waiting for Nomad at http://127\.0\.0\.1:{nomad} ", seconds=30,
          vm_survives=True),
-    # item 12: `up` without Nomad says so at once; vm.status while the guest boots
+    # `up` without Nomad says so at once; vm.status while the guest boots
     Case("up-without-nomad", no_setup, ("up",), 1,
          r"^error: `inv up` deploys onto the VM's own Nomad, but provision\.nomad is off", seconds=15),
     Case("status-while-booting", running_vm, ("vm.status",), 0,
          r"^\s+cloud-init: unknown \(SSH not up yet\)$", vm_survives=True,
          absent=("Traceback", "SSHException", "No existing session")),
-    # item 7: a second lifecycle command waits for the lock, then names its holder
+    # a second lifecycle command waits for the lock, then names its holder
     Case("lock-held/stop", lock_held, ("vm.stop",), 2,
          r"^error: vm\.stop: the state dir .* is locked by pid \d+ \(vm\.run, for \d+s\); waited 1s",
          env={"INVOKE_VM_LOCK_TIMEOUT": "1"}, seconds=15),
