@@ -25,6 +25,9 @@ PYTHON = "3.11"
 
 def install(session: nox.Session) -> None:
     session.install("-c", "requirements/constraints.txt", "-e", ".[dev]", "-r", "app/requirements.in")
+    # The project's `inv` script (infra/cli.py) and invoke's share a name; uv installs wheels in parallel, so
+    # either may win. Reinstalling the project alone makes it ours, as pip's order (dependencies first) does.
+    session.install("--no-deps", "--force-reinstall", "-e", ".")
 
 
 @nox.session(python=PYTHON)

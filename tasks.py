@@ -12,9 +12,12 @@ from typing import Any, TypeVar
 
 from invoke import Collection, Context, Exit, task
 
+from infra import cli
 from infra import config as config_mod
 from infra.config import Config
 from infra.errors import InfraError, printable
+
+cli.adopt()  # one `error:` line for invoke's own errors too, whichever `inv` script runs (infra/cli.py)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -165,7 +168,7 @@ def deploy_data(c: Context, detach: bool = False) -> None:
 )
 @domain_errors
 def deploy_app(
-    c: Context, build: bool = False, local: bool = False, image: str = "", detach: bool = False
+    c: Context, build: bool = False, local: bool = False, image: str | None = None, detach: bool = False
 ) -> None:
     """Deploy the app (nomad/service.nomad.hcl): canary -> promote, auto-revert; prints the image now live."""
     from infra import nomad, release

@@ -42,7 +42,7 @@ from typing import Any
 
 from rich.markup import escape as rich_escape
 
-from infra import ui
+from infra import files, ui
 from infra.errors import DeployError, NomadError, WaitTimeout, printable
 from infra.nomad import Client, NomadAnswerLost, NomadAPIError, NomadConflict, NomadNotFound, Result
 from infra.waits import Deadline, Probe, wait_until
@@ -91,26 +91,16 @@ class DeployResult:
 
 
 # ---------------------------------------------------------------------------------------- job files --
+_JOB_FILE_HINT = "the job specs live in nomad/ (config deploy.*_job names them)"
+
+
 def read_job_file(path: Path) -> str:
-    if not path.is_file():
+    if not path.exists():
         raise DeployError(
             f"job file not found: {path}",
             hint="the job specs live in nomad/ (config deploy.*_job names them)",
         )
-    try:
-        with path.open("rb") as f:
-            data = f.read(MAX_JOB_FILE + 1)
-    except OSError as exc:
-        raise DeployError(f"cannot read job file {path}: {exc.strerror}") from exc
-    if len(data) > MAX_JOB_FILE:
-        raise DeployError(f"job file {path} is larger than {MAX_JOB_FILE // 1024} KiB: is it a job spec?")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DeployError(
-            f"job file {path} is not UTF-8 text (byte {exc.start}): is it a job spec?",
-            hint="a job spec is an HCL text file like nomad/service.nomad.hcl",
-        ) from None
+    text = files.read_text(path, "job file", error=DeployError, limit=MAX_JOB_FILE, hint=_JOB_FILE_HINT)
     if not text.strip():
         raise DeployError(f"job file is empty: {path}")
     return text

@@ -16,13 +16,14 @@ of this module; this module calls it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from infra import build, deploy, ui
+from infra import build, deploy, files, ui
 from infra.build import BuildResult, LocalDocker
 from infra.config import Config
 from infra.deploy import DeployResult
@@ -64,6 +65,7 @@ def ensure_postgres_password(cfg: Config, client: Client) -> None:
 
 # ------------------------------------------------------------------------------------------- deploys --
 def deploy_data(cfg: Config, client: Client, *, detach: bool = False) -> DeployResult:
+    deploy.read_job_file(cfg.deploy.data_job)  # a bad job file stops here, before the secret is created
     ensure_postgres_password(cfg, client)
     return deploy.deploy_job(client, cfg.deploy.data_job, detach=detach, timeout=cfg.deploy.timeout)
 
@@ -111,18 +113,19 @@ def image_chosen(cfg: Config) -> bool:
 
 def _read_record(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        data = json.loads(files.read_text(path, "record of the last deploy.app", error=DeployError))
+    except (DeployError, ValueError, RecursionError):  # absent or unreadable: as if never deployed
         return {}
     return data if isinstance(data, dict) else {}
 
 
 def _check_writable(path: Path) -> None:
-    probe = path.with_name(f".{path.name}.probe")
+    """The record can be written after the deployment: its directory takes a file, and it is not a
+    directory itself (checked before registering, so a bad state dir never half-deploys)."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        probe.write_text("")
-        probe.unlink()
+        if path.exists() and not path.is_file():
+            raise IsADirectoryError(errno.EISDIR, "it is not a file")
+        files.probe_dir(path.parent)
     except OSError as exc:
         raise DeployError(
             f"cannot write {path} (the record of the deployed image): {exc.strerror or exc}",
@@ -131,15 +134,12 @@ def _check_writable(path: Path) -> None:
 
 
 def _write_record(path: Path, data: Mapping[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        tmp.replace(path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        files.write_atomic(path, text.encode(), "record of the deployed image", error=DeployError)
+    except DeployError as exc:
         raise DeployError(
-            f"the job is deployed, but {path} could not be written: {exc.strerror or exc}",
+            f"the job is deployed, but {exc.message}",
             hint="a later `inv up` redeploys the job file's default image; fix project.state_dir",
         ) from None
 
@@ -166,7 +166,7 @@ def ship(
     client: Client,
     *,
     build_image: bool = False,
-    image: str = "",
+    image: str | None = None,
     local: bool = False,
     detach: bool = False,
     engine: Callable[[Config], contextlib.AbstractContextManager[Any]] | None = None,
@@ -174,7 +174,7 @@ def ship(
 ) -> ShipResult:
     """`inv deploy.app [--build [--local] | --image REF]`, the app step of `inv up` and the CD workflow:
     build (or take) the image, deploy it, report the image live. Neither: the image chosen before."""
-    if build_image and image:
+    if build_image and image is not None:
         raise BuildError("--build and --image exclude each other", hint="--build makes the image from app/")
     if local and not build_image:
         raise BuildError("--local only applies with --build")
@@ -182,7 +182,7 @@ def ship(
     if build_image:
         built = build.for_vm(cfg, local=local, engine=engine, builder=builder)
         ref = built.ref
-    elif image:
+    elif image is not None:  # `--image ''` is a mistake, not "the default image"
         ref = build.check_ref(image)
     else:
         ref = ""

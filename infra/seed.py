@@ -34,7 +34,7 @@ import jsonschema
 import pycdlib
 import yaml
 
-from infra import ROOT, keys, pgp, ui
+from infra import ROOT, files, keys, pgp, ui
 from infra.config import Config
 from infra.datafile import load_yaml
 from infra.errors import TemplateError, ValidationError
@@ -119,14 +119,11 @@ def compose(cfg: Config, public_key: str) -> dict[str, Any]:
     user["name"] = cfg.ssh.user
     user["ssh_authorized_keys"] = [public_key]
 
-    files = doc.setdefault("write_files", [])
-    for entry in files:
+    shipped = doc.setdefault("write_files", [])
+    for entry in shipped:
         if FROM_FILE in entry:
             src = FILES_DIR / entry.pop(FROM_FILE)
-            try:
-                entry["content"] = src.read_text()
-            except OSError as exc:
-                raise TemplateError(f"{src}: cannot read file shipped by user-data: {exc.strerror}") from exc
+            entry["content"] = files.read_text(src, "file shipped by user-data", error=TemplateError)
     # Values the provisioning scripts read (they are plain files, never templated): a shell env file.
     env = {"LOGIN_USER": cfg.ssh.user}
     if cfg.provision.nomad:
@@ -135,7 +132,7 @@ def compose(cfg: Config, public_key: str) -> dict[str, Any]:
             "HASHICORP_KEY_FPR": pgp.HASHICORP_KEY_FPR,
             "HASHICORP_KEY_URL": pgp.HASHICORP_KEY_URL,
         }
-    files.insert(
+    shipped.insert(
         0,
         {
             "path": PROVISION_ENV,
@@ -146,11 +143,11 @@ def compose(cfg: Config, public_key: str) -> dict[str, Any]:
     if cfg.provision.nomad:
         key = embedded_hashicorp_key()
         if key is not None:
-            files.append({"path": "/etc/infra-lab/hashicorp.asc", "permissions": "0644", "content": key})
+            shipped.append({"path": "/etc/infra-lab/hashicorp.asc", "permissions": "0644", "content": key})
 
     if cfg.provision.docker and cfg.provision.registry_mirror:
         daemon = {"registry-mirrors": [cfg.provision.registry_mirror]}
-        files.append(
+        shipped.append(
             {
                 "path": "/etc/docker/daemon.json",
                 "permissions": "0644",
@@ -169,7 +166,7 @@ def embedded_hashicorp_key() -> str | None:
     """cloud-init/keys/hashicorp.asc when present, after checking it is the pinned key."""
     if not HASHICORP_KEY_FILE.exists():
         return None
-    text = HASHICORP_KEY_FILE.read_text()
+    text = files.read_text(HASHICORP_KEY_FILE, "HashiCorp key file", error=ValidationError, limit=64 * 1024)
     pgp.check_fingerprint(text, pgp.HASHICORP_KEY_FPR, str(HASHICORP_KEY_FILE))
     return text
 
@@ -337,27 +334,29 @@ def iso_bytes(seed: Seed, epoch: float | None = None) -> bytes:
     return out.getvalue()
 
 
-def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.chmod(tmp, mode)
-    tmp.replace(path)
+def _same(path: Path, data: bytes) -> bool:
+    """`path` is a regular file holding exactly `data`."""
+    try:
+        return path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data
+    except OSError:
+        return False
 
 
 # ----------------------------------------------------------------------------------------------- build --
 def build(cfg: Config, ssh_key: str | None = None) -> SeedResult:
     """`inv iso`: render, validate, write <state>/seed.iso (+ the rendered user-data beside it)."""
     started = _time.monotonic()
-    state = StatePaths(cfg.project.state_dir)
+    state = StatePaths(files.writable_dir(cfg.project.state_dir, "project.state_dir"))
     pair = keys.resolve(ssh_key if ssh_key is not None else cfg.ssh.public_key, state)
     seed = render(cfg, pair.public)
     data = iso_bytes(seed)
     sha = hashlib.sha256(data).hexdigest()
-    changed = not (state.seed_iso.exists() and state.seed_iso.read_bytes() == data)
+    # both files, so a run that failed between the two writes is not "unchanged" next time; the user-data
+    # copy first, the ISO (what vm.run boots) last
+    changed = not (_same(state.seed_iso, data) and _same(state.user_data, seed.user_data))
     if changed:
-        _atomic_write(state.seed_iso, data)
-        _atomic_write(state.user_data, seed.user_data, 0o600)
+        files.write_atomic(state.user_data, seed.user_data, "rendered user-data", mode=0o600)
+        files.write_atomic(state.seed_iso, data, "seed ISO")
     if cfg.provision.nomad and not HASHICORP_KEY_FILE.exists():  # compose() checked it when present
         ui.warn(
             f"{HASHICORP_KEY_FILE.relative_to(ROOT)} is absent: the guest will fetch HashiCorp's key and "

@@ -73,8 +73,14 @@ def run_inv(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
     """Run the real `inv` CLI from the repository root with the state dir in tmp_path."""
 
     def run(
-        *args: str, env: dict[str, str] | None = None, timeout: float = 120
+        *args: str,
+        env: dict[str, str] | None = None,
+        timeout: float = 120,
+        program: tuple[str, ...] = (INV,),
+        **popen: Any,
     ) -> subprocess.CompletedProcess[str]:
+        """`program`: the command before `args` (default: the installed `inv` script); `popen`: more
+        subprocess.run arguments."""
         full_env = {
             **os.environ,
             "INVOKE_PROJECT_STATE_DIR": str(tmp_path / "state"),
@@ -82,8 +88,9 @@ def run_inv(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
             **(env or {}),
         }
         return subprocess.run(
-            [INV, *args], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout, check=False
-        )
+            [*program, *args], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout,
+            check=False, **popen,
+        )  # fmt: skip
 
     return run
 
