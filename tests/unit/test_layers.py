@@ -37,7 +37,7 @@ def reachable(module: str) -> set[str]:
 
 
 def test_the_engine_imports_only_the_nomad_client_and_generic_helpers() -> None:
-    assert imports_of("deploy") <= {"errors", "nomad", "ui", "waits"}
+    assert imports_of("deploy") <= {"errors", "files", "nomad", "ui", "waits"}
 
 
 @pytest.mark.parametrize("module", ["deploy", "build", "nomad", "cluster"])
