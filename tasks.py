@@ -49,10 +49,6 @@ def domain_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _not_yet(what: str) -> None:
-    raise Exit(f"error: {what} is not implemented yet", code=3)
-
-
 # ---------------------------------------------------------------------------------------------------- iso --
 @task(
     name="build",
@@ -154,10 +150,10 @@ def nomad_wait(c: Context, timeout: int = 0) -> None:
 @domain_errors
 def deploy_data(c: Context, detach: bool = False) -> None:
     """Deploy Kafka + Postgres (nomad/datastorage.nomad.hcl) and follow the deployment."""
-    from infra import deploy, nomad
+    from infra import nomad, release
 
     config = reach_cfg(c)
-    deploy.deploy_data(config, nomad.Client.from_config(config), detach=detach)
+    release.deploy_data(config, nomad.Client.from_config(config), detach=detach)
 
 
 @task(
@@ -175,11 +171,10 @@ def deploy_app(
     c: Context, build: bool = False, local: bool = False, image: str | None = None, detach: bool = False
 ) -> None:
     """Deploy the app (nomad/service.nomad.hcl): canary -> promote, auto-revert; prints the image now live."""
-    from infra import build as build_mod
-    from infra import nomad
+    from infra import nomad, release
 
     config = reach_cfg(c)
-    build_mod.ship(
+    release.ship(
         config, nomad.Client.from_config(config), build_image=build, image=image, local=local, detach=detach
     )
 
@@ -188,10 +183,10 @@ def deploy_app(
 @domain_errors
 def deploy_ingress(c: Context, detach: bool = False) -> None:
     """Deploy Traefik (nomad/ingress.nomad.hcl) and follow the deployment."""
-    from infra import deploy, nomad
+    from infra import nomad, release
 
     config = reach_cfg(c)
-    deploy.deploy_ingress(config, nomad.Client.from_config(config), detach=detach)
+    release.deploy_ingress(config, nomad.Client.from_config(config), detach=detach)
 
 
 # --------------------------------------------------------------------------------------------------- root --
@@ -202,11 +197,10 @@ def deploy_ingress(c: Context, detach: bool = False) -> None:
 @domain_errors
 def purge(c: Context, job: list[str] | None = None) -> None:
     """Stop and purge the project's jobs (data on host volumes survives); waits until allocations stop."""
-    from infra import deploy, nomad
+    from infra import nomad, release
 
     config = reach_cfg(c)
-    jobs = list(job or []) or list(reversed(deploy.project_jobs(config)))
-    deploy.purge(nomad.Client.from_config(config), jobs, timeout=config.deploy.timeout)
+    release.purge(config, nomad.Client.from_config(config), list(job or []))
 
 
 @task

@@ -85,10 +85,6 @@ class DeployError(InfraError):
     """A job failed to register, place or become healthy."""
 
 
-class SpecError(InfraError):
-    """A job spec broke a project rule."""
-
-
 class BuildError(InfraError):
     """Building or shipping the app image failed."""
 

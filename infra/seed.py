@@ -177,11 +177,6 @@ def network_config() -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------- validate --
-@contextlib.contextmanager
-def _nothing() -> Iterator[None]:
-    yield
-
-
 def _schema() -> dict[str, Any]:
     return json.loads(SCHEMA_FILE.read_text())  # type: ignore[no-any-return]
 

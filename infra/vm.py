@@ -322,7 +322,7 @@ def check_image(path: Path, what: str, fmt: str | None = None) -> None:
     )
 
 
-def _seed(cfg: Config, p: StatePaths) -> tuple[Path, str]:
+def _seed(cfg: Config) -> tuple[Path, str]:
     """The seed ISO for the current configuration (rewritten only when its bytes change) and its instance-id."""
     from infra import seed
 
@@ -392,7 +392,7 @@ def _run(cfg: Config, p: StatePaths) -> Launch:
     if disk_existed:
         check_image(p.disk, "VM disk (overlay)", fmt="qcow2")
     p.root.mkdir(parents=True, exist_ok=True)
-    iso, instance_id = _seed(cfg, p)
+    iso, instance_id = _seed(cfg)
     firmware = qemu.find_firmware(binary) if arch == "aarch64" and kernel is None else None
 
     try:

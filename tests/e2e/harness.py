@@ -719,7 +719,7 @@ class Smoke:
 
     def first_deploy_clean(self) -> str:
         """The app's first deployment (job version 0) succeeded without a retry: no failed, lost or restarted
-        allocation. This is the hand-made version's flaky first run, checked on every e2e."""
+        allocation. The first-run races of nomad/README.md, checked on every e2e."""
         app = job_ids(self.cfg)[1]
         client = self.nomad()
         deps = client.get(f"/v1/job/{app}/deployments") or []
