@@ -41,7 +41,7 @@ from typing import Any, Protocol, cast
 import requests
 from rich.markup import escape
 
-from infra import ROOT, deploy, images, qemu, remote, ui, vm
+from infra import ROOT, images, qemu, release, remote, ui, vm
 from infra.config import Config
 from infra.errors import InfraError, PortInUseError, root_cause
 from infra.nomad_recording import Recorder, RecordingProxy
@@ -605,8 +605,8 @@ def signals_deferred() -> Iterator[list[int]]:
 
 # ============================================================================================ smoke checks ==
 def job_ids(cfg: Config) -> list[str]:
-    """The project's job IDs in deploy order (data, app, ingress), as infra.deploy reads them."""
-    return [deploy.job_id_of(path) for path in deploy.project_job_files(cfg)]
+    """The project's job IDs in deploy order (data, app, ingress), as infra.release names them."""
+    return release.project_jobs(cfg)
 
 
 def poll(what: str, probe: Callable[[], tuple[bool, str]], timeout: float, interval: float = 2.0) -> str:
