@@ -49,6 +49,12 @@ def domain_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def option(ok: bool, message: str) -> None:
+    """A bad command-line value: one `error:` line and exit 2, before anything is touched."""
+    if not ok:
+        raise Exit(f"error: {message}", code=2)
+
+
 # ---------------------------------------------------------------------------------------------------- iso --
 @task(
     name="build",
@@ -82,7 +88,8 @@ def vm_stop(c: Context, timeout: int = -1) -> None:
     """Power the VM off (ACPI over QMP, then kill after vm.stop_timeout)."""
     from infra import vm
 
-    vm.stop(cfg(c), timeout=None if timeout < 0 else timeout)
+    option(timeout == -1 or timeout > 0, f"--timeout must be a positive number of seconds, not {timeout}")
+    vm.stop(cfg(c), timeout=None if timeout == -1 else timeout)
 
 
 @task(name="status", help={"json": "print the status as JSON on stdout"})
@@ -109,6 +116,7 @@ def vm_ssh(c: Context, command: str = "") -> None:
 @domain_errors
 def vm_logs(c: Context, lines: int = 50, follow: bool = False) -> None:
     """Show the tail of the VM's serial console log."""
+    option(lines >= 0, f"--lines must be 0 or more, not {lines}")
     from infra import ui, vm
 
     path = vm.logs_path(cfg(c))
@@ -141,6 +149,7 @@ def nomad_wait(c: Context, timeout: int = 0) -> None:
     """Wait for a leader, this node ready and eligible, and a healthy docker driver."""
     from infra import cluster, nomad
 
+    option(timeout >= 0, f"--timeout must be a positive number of seconds, not {timeout}")
     config = reach_cfg(c)
     cluster.wait_ready(nomad.Client.from_config(config), timeout=timeout or config.nomad.wait_timeout)
 
@@ -199,6 +208,7 @@ def purge(c: Context, job: list[str] | None = None) -> None:
     """Stop and purge the project's jobs (data on host volumes survives); waits until allocations stop."""
     from infra import nomad, release
 
+    option(all(j.strip() for j in job or []), "-j/--job needs a job name (an empty one was given)")
     config = reach_cfg(c)
     release.purge(config, nomad.Client.from_config(config), list(job or []))
 
