@@ -44,7 +44,6 @@ from infra.errors import BuildError, InfraError
 from infra.state import StatePaths
 
 APP_DIR = "app"
-BUILD_LOG = "build.log"  # in the state dir: the last build's full output
 BUILD_TIMEOUT = 1800.0
 TRANSFER_TIMEOUT = 900.0
 #: Docker's reference grammar, loosely: [registry[:port]/]path[:tag][@sha256:digest], lower-case path.
@@ -380,9 +379,9 @@ def build(
     src = source(root or cfg.root)
     ref = f"{cfg.app.image}:{src.tag}"
     check_ref(ref)
-    state = StatePaths(cfg.project.state_dir)
+    state = StatePaths.of(cfg)
     state.root.mkdir(parents=True, exist_ok=True)
-    log = state.root / BUILD_LOG
+    log = state.build_log
     if src.dirty:
         ui.warn(f"app/ has uncommitted changes: building {ref} from the work tree")
     if target.has_image(ref):

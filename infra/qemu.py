@@ -36,7 +36,6 @@ _ARCH_ALIASES = {"amd64": "x86_64", "x86_64": "x86_64", "arm64": "aarch64", "aar
 KVM_PROBE_MARKERS = re.compile(r"Run /init as init process|Freeing unused kernel|systemd\[1\]")
 KVM_PROBE_TIMEOUT = 20.0
 #: The KVM probe's verdict, cached per host boot in the cache directory (project.cache_dir).
-KVM_PROBE_CACHE = "kvm-probe.json"
 
 
 @dataclass(frozen=True)

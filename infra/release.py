@@ -88,7 +88,7 @@ def deploy_app(
     (<state>/deployed.json), else the job file's default. Reusing the last variables keeps `inv up`
     from rolling a `--build` image back to the default.
     """
-    record_path = StatePaths(cfg.project.state_dir).deployed
+    record_path = StatePaths.of(cfg).deployed
     merged: dict[str, str] = {}
     chosen = image or cfg.app.default_image
     if not chosen and not variables:
@@ -108,7 +108,7 @@ def deploy_app(
 def image_chosen(cfg: Config) -> bool:
     """Has an app image been chosen: app.default_image, or a record of the last deploy.app? (`inv up` builds
     app/ when not.)"""
-    return bool(cfg.app.default_image) or StatePaths(cfg.project.state_dir).deployed.exists()
+    return bool(cfg.app.default_image) or StatePaths.of(cfg).deployed.exists()
 
 
 def _read_record(path: Path) -> dict[str, Any]:

@@ -384,5 +384,5 @@ def previous_key(state: StatePaths) -> str | None:
 def refresh(cfg: Config) -> SeedResult:
     """`inv vm.run`'s seed: rebuilt from the current configuration (a no-op when nothing changed), keeping
     the key of the previous seed when ssh.public_key is not set — so `inv iso --ssh-key K` survives."""
-    key = None if cfg.ssh.public_key else previous_key(StatePaths(cfg.project.state_dir))
+    key = None if cfg.ssh.public_key else previous_key(StatePaths.of(cfg))
     return build(cfg, ssh_key=key)

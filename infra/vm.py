@@ -38,7 +38,7 @@ from typing import Any
 
 import psutil
 
-from infra import images, qemu, ui
+from infra import images, qemu, state, ui
 from infra.config import Config, Port
 from infra.errors import PortInUseError, VMError, WaitTimeout
 from infra.lock import state_lock
@@ -51,7 +51,7 @@ MAX_SOCKET_PATH = 100
 
 
 def paths(cfg: Config) -> StatePaths:
-    return StatePaths(cfg.project.state_dir)
+    return StatePaths.of(cfg)
 
 
 # ------------------------------------------------------------------------------------------- processes --
@@ -403,7 +403,7 @@ def _run(cfg: Config, p: StatePaths) -> Launch:
             arch,
             host,
             probe=lambda: qemu.kvm_probe(qemu.ProbeBoot(binary, p.disk, kernel, initrd, append)),
-            cache=cfg.project.cache_dir / qemu.KVM_PROBE_CACHE,
+            cache=cfg.project.cache_dir / state.KVM_PROBE_CACHE,
         )
         spec = qemu.LaunchSpec(
             qemu=binary, arch=arch, accel=accel, cpus=cfg.vm.cpus, memory_mb=cfg.vm.memory_mb,

@@ -152,7 +152,7 @@ class World:
         return release.ship(self.cfg, self.client, engine=engine, **kw)
 
     def record(self) -> dict[str, Any]:
-        data: dict[str, Any] = json.loads(StatePaths(self.cfg.project.state_dir).deployed.read_text())
+        data: dict[str, Any] = json.loads(StatePaths.of(self.cfg).deployed.read_text())
         return data
 
     def registrations(self) -> int:

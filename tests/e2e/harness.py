@@ -41,7 +41,7 @@ from typing import Any, Protocol, cast
 import requests
 from rich.markup import escape
 
-from infra import ROOT, images, qemu, release, remote, ui, vm
+from infra import ROOT, images, qemu, release, remote, state, ui, vm
 from infra.config import Config
 from infra.errors import InfraError, PortInUseError, root_cause
 from infra.nomad_recording import Recorder, RecordingProxy
@@ -165,7 +165,7 @@ def check_accel(
         return Finding("acceleration", False, f"vm.accel is hvf but this is {system}", hint="use kvm or auto")
     problem = kvm_problem(kvm_device)
     if problem is None:
-        verdict = qemu.cached_kvm_verdict(cfg.project.cache_dir / qemu.KVM_PROBE_CACHE)
+        verdict = qemu.cached_kvm_verdict(cfg.project.cache_dir / state.KVM_PROBE_CACHE)
         if verdict is not None and not verdict[0]:
             problem = f"a probe boot of `inv vm.run` on this host failed: {verdict[1]}"
     if problem is None and qemu_path and guest_arch(cfg) == "x86_64" == qemu.Platform.current().machine:
@@ -822,7 +822,7 @@ class Smoke:
     def snapshot(self) -> dict[str, Any]:
         """What a no-op `inv up` must leave alone: the qemu process, the seed ISO, every job's version,
         deployment and running allocations."""
-        paths = StatePaths(self.cfg.project.state_dir)
+        paths = StatePaths.of(self.cfg)
         snap: dict[str, Any] = {
             "qemu pid": paths.pidfile.read_text().strip() if paths.pidfile.exists() else None,
             "seed ISO": (
@@ -869,7 +869,7 @@ def up_again_verdict(before: Mapping[str, Any], after: Mapping[str, Any], result
 
 def nothing_left(cfg: Config) -> str:
     """After `inv down`: no qemu of ours (infra.vm.running_pid) and every forwarded port free."""
-    pid = vm.running_pid(StatePaths(cfg.project.state_dir))
+    pid = vm.running_pid(StatePaths.of(cfg))
     if pid is not None:
         raise SmokeFailed(f"qemu (pid {pid}) still runs after `inv down`")
     ports = check_ports(cfg)
@@ -1002,7 +1002,7 @@ def collect_diagnostics(cfg: Config, smoke: Smoke, out: Path) -> Path:
     that cannot be collected says why in its file."""
     out.mkdir(parents=True, exist_ok=True)
     ui.step(f"e2e: collecting diagnostics into {out}")
-    paths = StatePaths(cfg.project.state_dir)
+    paths = StatePaths.of(cfg)
     for f in (paths.serial_log, paths.qemu_log, paths.vm_record, paths.user_data):
         if f.is_file():
             shutil.copy2(f, out / f.name)

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from e2e import harness as e2e
 
-from infra import images
+from infra import images, state
 from infra.config import Config
 
 
@@ -136,7 +136,7 @@ def test_a_failed_kvm_verdict_of_inv_vm_run_fails_the_preflight(
     assert found.detail == (
         "KVM unusable: a probe boot of `inv vm.run` on this host failed: no guest kernel progress within 20s"
     )
-    assert seen == [cfg.project.cache_dir / qemu.KVM_PROBE_CACHE]
+    assert seen == [cfg.project.cache_dir / state.KVM_PROBE_CACHE]
     assert e2e.check_accel(cfg, system="Linux").ok  # no verdict cached (and no qemu to probe with)
 
 
