@@ -17,18 +17,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from servers.common import free_port
 
 from infra import config, vm
 from infra.config import Port
 from infra.errors import PortInUseError, VMError
 from infra.state import StatePaths
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 pytestmark = pytest.mark.tools("qemu-system-x86_64", "qemu-img")
 
