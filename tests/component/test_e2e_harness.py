@@ -29,6 +29,7 @@ import pytest
 import yaml
 from e2e import harness as e2e
 from pytest_httpserver import HTTPServer
+from servers import sshd as sshd_server
 from servers.common import free_port
 
 from infra import ROOT, images
@@ -241,35 +242,11 @@ def app_cfg(cfg: Config, port: int) -> Config:
 
 
 @pytest.fixture
-def sshd(tmp_path: Path) -> Iterator[tuple[int, Path, str]]:
-    """A real OpenSSH server on a free loopback port accepting one generated key for the current user;
-    stopped by PID. (port, private key, user)"""
-    import getpass
-
-    d = tmp_path / "sshd"
-    d.mkdir()
-    for name in ("host", "client"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
-    (d / "authorized_keys").write_text((d / "client.pub").read_text())
-    port = free_port()
-    (d / "sshd_config").write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host'}\nAuthorizedKeysFile {d / 'authorized_keys'}\n"
-        f"PidFile {d / 'sshd.pid'}\nStrictModes no\nUsePAM no\nPermitRootLogin prohibit-password\n"
-        "PasswordAuthentication no\n"
-    )
-    Path("/run/sshd").mkdir(exist_ok=True)  # privilege separation directory (Debian's unit creates it)
-    proc = subprocess.Popen(
-        ["/usr/sbin/sshd", "-D", "-e", "-f", str(d / "sshd_config")], stderr=subprocess.PIPE
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with socket.socket() as s, contextlib.suppress(OSError):
-            s.connect(("127.0.0.1", port))
-            break
-        time.sleep(0.05)
-    yield port, d / "client", getpass.getuser()
-    proc.terminate()
-    proc.wait(10)
+def sshd() -> Iterator[tuple[int, Path, str]]:
+    """The real OpenSSH server of tests/servers/sshd.py, for the current user: (port, private key, user)."""
+    server = sshd_server.started()
+    yield server.port, server.client_key, server.user
+    sshd_server.cleanup(server)
 
 
 # ================================================================================ the real inv subprocess ==
