@@ -218,7 +218,6 @@ def validate(doc: Mapping[str, Any], cfg: Config) -> None:
 
 
 _VERSION = re.compile(r"^\d+\.\d+\.\d+(\+ent)?$")
-_HOST_VOLUME_PATH = re.compile(r'host_volume\s+"([^"]+)"\s*\{[^}]*?path\s*=\s*"([^"]+)"', re.S)
 
 
 def _project_rules(doc: Mapping[str, Any], cfg: Config) -> list[str]:
@@ -243,17 +242,24 @@ def _project_rules(doc: Mapping[str, Any], cfg: Config) -> list[str]:
 
 
 def _host_volume_rule() -> list[str]:
-    """Every host_volume path of the agent config has a directory entry in host-volumes."""
-    agent = FILES_DIR / "nomad" / "zz-infra-lab.hcl"
+    """Every host_volume path of the agent config has a directory entry in host-volumes (the agent config
+    read by the job-spec reader, infra/speclint.py)."""
+    from infra import speclint
+
+    agent = speclint.AGENT_CONFIG
     listed = FILES_DIR / "nomad" / "host-volumes"
     dirs = {
         line.split()[0]
         for line in listed.read_text().splitlines()
         if line.strip() and not line.lstrip().startswith("#")
     }
+    try:
+        volumes = speclint.agent_host_volume_paths(agent)
+    except speclint.SpecSyntaxError as exc:
+        return [f"{agent}:{exc.line}: {exc.message}"]
     return [
         f"{agent}: host_volume {name!r} path {path} has no entry in {listed} (the client would refuse it)"
-        for name, path in _HOST_VOLUME_PATH.findall(agent.read_text())
+        for name, path in sorted(volumes.items())
         if path not in dirs
     ]
 

@@ -212,10 +212,19 @@ def _describe_syntax_error(exc: UnexpectedInput) -> str:
 
 
 # ------------------------------------------------------------------------------------------ agent config --
-def agent_host_volumes(agent_config: Path = AGENT_CONFIG) -> set[str]:
-    """Names of the host volumes the Nomad client declares (client { host_volume "NAME" { ... } })."""
+def agent_host_volume_paths(agent_config: Path = AGENT_CONFIG) -> dict[str, str]:
+    """The host volumes the Nomad client declares, name -> path (client { host_volume "NAME" { path } })."""
     root = parse(agent_config.read_text(encoding="utf-8"))
-    return {volume.name for client in root.children("client") for volume in client.children("host_volume")}
+    return {
+        volume.name: str(volume.get("path", ""))
+        for client in root.children("client")
+        for volume in client.children("host_volume")
+    }
+
+
+def agent_host_volumes(agent_config: Path = AGENT_CONFIG) -> set[str]:
+    """Names of the host volumes the Nomad client declares."""
+    return set(agent_host_volume_paths(agent_config))
 
 
 def check_agent_config(
