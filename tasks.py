@@ -88,7 +88,7 @@ def vm_stop(c: Context, timeout: int = -1) -> None:
     """Power the VM off (ACPI over QMP, then kill after vm.stop_timeout)."""
     from infra import vm
 
-    option(timeout == -1 or timeout > 0, f"--timeout must be a positive number of seconds, not {timeout}")
+    option(timeout >= -1, f"--timeout must be 0 (kill at once) or more seconds, not {timeout}")
     vm.stop(cfg(c), timeout=None if timeout == -1 else timeout)
 
 

@@ -13,8 +13,7 @@ from badinput import assert_one_error, files_under
 
 CASES = [
     (("nomad.wait", "--timeout", "-1"), "--timeout must be a positive number of seconds, not -1"),
-    (("vm.stop", "--timeout", "0"), "--timeout must be a positive number of seconds, not 0"),
-    (("vm.stop", "--timeout", "-7"), "--timeout must be a positive number of seconds, not -7"),
+    (("vm.stop", "--timeout", "-7"), "--timeout must be 0 (kill at once) or more seconds, not -7"),
     (("vm.logs", "--lines", "-5"), "--lines must be 0 or more, not -5"),
     (("purge", "-j", ""), "-j/--job needs a job name"),
     (("purge", "-j", "app", "-j", " "), "-j/--job needs a job name"),
