@@ -272,12 +272,22 @@ def ensure_overlay(disk: Path, base: Path, size_gb: int) -> bool:
     return True
 
 
-def _seed(cfg: Config, p: StatePaths) -> tuple[Path, str]:
-    """The seed ISO for the current configuration (rewritten only when its bytes change) and its instance-id."""
+def _seed(cfg: Config, p: StatePaths, baked: bool) -> tuple[Path, str]:
+    """The seed ISO for the current configuration (rewritten only when its bytes change) and its instance-id;
+    `baked`: for a baked image, which installs nothing."""
     from infra import seed
 
-    result = seed.refresh(cfg)
+    result = seed.refresh(cfg, baked=baked)
     return result.path, result.instance_id
+
+
+def _backing(disk: Path) -> Path | None:
+    """The image an existing overlay disk sits on (None: no disk, or no backing file)."""
+    if not disk.exists():
+        return None
+    info = image_info(disk)
+    backing = info.get("full-backing-filename") or info.get("backing-filename")
+    return Path(backing) if backing else None
 
 
 def _direct_boot(cfg: Config) -> tuple[Path | None, Path | None, str]:
@@ -332,11 +342,14 @@ def run(cfg: Config) -> Launch:
         )
     check_ports(cfg.vm.ports)
     base = images.ensure(cfg, arch)
+    from infra import bake
+
+    choice = bake.choose(cfg, arch, base, _backing(p.disk))  # vm.baked: a matching bake, or the base
     p.root.mkdir(parents=True, exist_ok=True)
-    iso, instance_id = _seed(cfg, p)
+    iso, instance_id = _seed(cfg, p, baked=choice.key is not None)
     firmware = qemu.find_firmware(binary) if arch == "aarch64" and kernel is None else None
 
-    created = ensure_overlay(p.disk, base, cfg.vm.disk_gb)
+    created = ensure_overlay(p.disk, choice.image, cfg.vm.disk_gb)
     if created:
         p.known_hosts.unlink(missing_ok=True)  # a new disk has new SSH host keys
     try:
@@ -368,7 +381,9 @@ def run(cfg: Config) -> Launch:
         "cpus": cfg.vm.cpus,
         "memory_mb": cfg.vm.memory_mb,
         "ports": {n: {"host": f.host, "guest": f.guest} for n, f in cfg.vm.ports.items()},
-        "image": str(base),
+        "image": str(choice.image),
+        "base_image": str(base),
+        "baked": choice.key,
         "disk": str(p.disk),
         "seed_iso": str(iso),
         "instance_id": instance_id,
@@ -378,6 +393,7 @@ def run(cfg: Config) -> Launch:
     p.vm_record.write_text(json.dumps(record, indent=2) + "\n")
     forwards = ", ".join(f"{n} 127.0.0.1:{f.host}->{f.guest}" for n, f in cfg.vm.ports.items())
     ui.ok(f"VM started: pid {pid}, {accel} ({reason}), {cfg.vm.cpus} vCPU, {cfg.vm.memory_mb} MiB")
+    ui.info(f"    image: {choice.reason}: {choice.image}")
     ui.info(f"    forwards: {forwards}")
     ui.info(f"    serial log: {p.serial_log}  (inv vm.logs); next: inv vm.check")
     return Launch(record, started=True)
@@ -510,6 +526,8 @@ def status(cfg: Config, *, probe_guest: bool = True) -> dict[str, Any]:
         "uptime_s": round(time.time() - started) if started else None,
         "ports": record.get("ports", {}),
         "instance_id": record.get("instance_id"),
+        "image": record.get("image"),
+        "baked": record.get("baked"),
         "serial_log": str(p.serial_log),
     }
     if probe_guest:
@@ -611,6 +629,8 @@ def show_status(cfg: Config, *, as_json: bool = False) -> dict[str, Any]:
         ui.info(
             f"VM: running, pid {info['pid']}, {info['arch']}, accel {info['accel']}, up {info['uptime_s']}s"
         )
+        which = f"baked {info['baked']}" if info.get("baked") else "base"
+        ui.info(f"    image: {which} ({info.get('image') or '?'})")
         for name, port in info["ports"].items():
             ui.info(f"    {name:<18} 127.0.0.1:{port['host']} -> guest {port['guest']}")
         ui.info(f"    cloud-init: {info['cloud_init']}")
