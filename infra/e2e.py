@@ -14,8 +14,12 @@ Three parts, each usable alone:
   table (each step, and each phase `inv up` announces: boot, cloud-init, Nomad ready, each deploy) written
   to `e2e.report_dir`.
 
+The run bakes first (`inv image.bake`: a no-op when the image cache holds the bake for the current key)
+and `inv up` boots that bake, so the timing table shows the bake and the boot apart.
+
 Run it as `python -m infra.e2e [--keep] [--allow-tcg] [--preflight-only]`; `python -m infra.e2e
-image-cache` prints the base image's cache path and key for CI's cache step.
+image-cache` / `bake-cache` print the base image's / the baked image's cache path and key for CI's cache
+steps.
 """
 
 from __future__ import annotations
@@ -1195,10 +1199,20 @@ class E2E:
             raise SmokeFailed(f"after `inv down` ports are still {ports.detail}")
         return "no qemu process, every forwarded port free"
 
+    def _booted_the_bake(self) -> str:
+        """`inv up` booted the bake the first step made (vm.baked auto), not the base image."""
+        record = json.loads(StatePaths(self.cfg.project.state_dir).vm_record.read_text())
+        if not record.get("baked"):
+            raise SmokeFailed(f"`inv up` booted {record.get('image')}, not a baked image")
+        return f"booted baked image {record['baked']}"
+
     def plan(self) -> tuple[list[Step], list[Step]]:
         s, inv = self.smoke, self.inv
         steps = [
+            Step("inv image.bake (once; cached by its key)", lambda: inv(["image.bake"], timeout=self.opts.up_timeout),
+                 "bake", "image.bake"),
             Step("inv up (from nothing)", self._up_first, "bring-up", "inv up (total)"),
+            Step("inv up booted the baked image", self._booted_the_bake, "bring-up"),
             Step("Nomad API and UI answer", s.nomad_answers, "smoke"),
             Step("every job running and healthy", s.jobs_healthy, "smoke"),
             Step("first app deployment without retries", s.first_deploy_clean, "smoke"),
@@ -1284,8 +1298,9 @@ def load_config() -> Config:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m infra.e2e", description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", nargs="?", default="run", choices=("run", "image-cache"),
-                        help="run: the e2e (default); image-cache: print the base image cache path and key (CI)")  # fmt: skip
+    parser.add_argument("command", nargs="?", default="run", choices=("run", "image-cache", "bake-cache"),
+                        help="run: the e2e (default); image-cache / bake-cache: print the base / baked image "
+                        "cache path and key (CI)")  # fmt: skip
     parser.add_argument("--keep", action="store_true", help="leave the VM and jobs running (no `inv down`)")
     parser.add_argument("--allow-tcg", action="store_true", help="accept TCG (software) acceleration")
     parser.add_argument("--preflight-only", action="store_true", help="check the prerequisites and stop")
@@ -1305,6 +1320,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         ui.out(f"path={src.path.parent}")  # the directory holding the file and its .verified marker
         ui.out(f"key={src.cache_key}")
+        return 0
+    if args.command == "bake-cache":
+        from infra import bake
+
+        try:
+            key, _inputs = bake.current_key(cfg)
+        except InfraError as exc:
+            ui.console.print(f"[red]error:[/red] {escape(str(exc))}")
+            return 1
+        ui.out(f"path={bake.bakes_dir(cfg)}")
+        ui.out(f"key=vm-bake-{key}")
         return 0
 
     opts = Options(args.keep, args.allow_tcg, args.preflight_only, args.kafka_bootstrap, args.up_timeout)

@@ -139,7 +139,7 @@ def test_a_stale_bake_never_boots(tmp_path: Path) -> None:
     make_bake(c)
     newer = cfg(tmp_path, provision={"nomad_version": "2.0.8"})
     assert bake.choose(newer, ARCH, tmp_path / "base.img", None).key is None
-    with pytest.raises(VMError, match="vm.baked is require, but no baked image matches"):
+    with pytest.raises(VMError, match=r"vm\.baked is require, but no baked image matches"):
         bake.choose(cfg(tmp_path, provision={"nomad_version": "2.0.8"}, vm={"baked": "require"}),
                     ARCH, tmp_path / "base.img", None)  # fmt: skip
 
@@ -166,5 +166,7 @@ def test_off_and_require(tmp_path: Path) -> None:
 
 
 def test_vm_baked_is_validated(tmp_path: Path) -> None:
-    with pytest.raises(config.ConfigError, match="vm.baked is 'always'; expected one of: auto, off, require"):
+    with pytest.raises(
+        config.ConfigError, match=r"vm\.baked is 'always'; expected one of: auto, off, require"
+    ):
         cfg(tmp_path, vm={"baked": "always"})

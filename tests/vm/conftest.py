@@ -80,7 +80,8 @@ def make_vm_env(test_image: dict[str, str], root: Path, provision: dict[str, Any
     free = _free_ports(len(VM_FORWARDS))
     ports = {name: {"host": free[i], "guest": guest} for i, (name, guest) in enumerate(VM_FORWARDS.items())}
     settings: dict[str, Any] = {
-        "project": {"state_dir": str(root / "state")},
+        # cache_dir: bakes (infra/bake.py) land in this test's own cache, never in the user's
+        "project": {"state_dir": str(root / "state"), "cache_dir": str(root / "cache")},
         "provision": provision,
         "vm": {
             "image": test_image["image"], "kernel": test_image["kernel"], "initrd": test_image["initrd"],
@@ -120,3 +121,9 @@ def docker_vm_env(test_image: dict[str, str], tmp_path_factory: pytest.TempPathF
     env = make_vm_env(test_image, tmp_path_factory.mktemp("vmdocker"), provision)
     yield env
     stop_by_pid(env)
+
+
+@pytest.fixture(scope="session")
+def boot_times() -> dict[str, float]:
+    """Seconds from launch to cloud-init done, per guest booted in this run (for the bake's comparison)."""
+    return {}

@@ -7,23 +7,28 @@ from __future__ import annotations
 
 import base64
 import json
+import re
+import subprocess
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from infra import ROOT, pgp, seed
+from infra import ROOT, pgp, remote, seed
 
 pytestmark = pytest.mark.vm
 
 
 @pytest.fixture(scope="module")
-def docker_booted(docker_vm_env: Any) -> dict[str, Any]:
+def docker_booted(docker_vm_env: Any, boot_times: dict[str, float]) -> dict[str, Any]:
     run = docker_vm_env.inv("vm.run")
     assert run.returncode == 0, run.stderr
     check = docker_vm_env.inv("vm.check")
     assert check.returncode == 0, f"vm.check failed:\n{check.stderr[-6000:]}"
     timings = json.loads(check.stdout.strip().splitlines()[-1])
     print(f"\ndocker-enabled guest: {timings}")
+    boot_times["docker part, unbaked"] = timings["cloud_init_done_s"]
     return {"check": check, "timings": timings}
 
 
@@ -100,6 +105,88 @@ def test_nomad_installer_refuses_a_key_with_the_wrong_fingerprint(
     )
     assert "hashicorp" not in left
     assert "no packages found matching nomad" in left
+
+
+# ------------------------------------------------------------------------------------- baked image (bake) --
+#: What apt prints while installing; the unbaked guest's cloud-init log has it, the baked guest's must not.
+INSTALL_LINES = re.compile(r"^(Setting up |Unpacking |Get:\d+ |Reading package lists)", re.M)
+PROBE_IMAGE = "infra-lab/bake-probe:1"
+
+
+@pytest.fixture(scope="module")
+def baked(docker_vm_env: Any, docker_booted: dict[str, Any], boot_times: dict[str, float]) -> dict[str, Any]:
+    """Bake THIS guest (`inv image.bake --from-vm`), then boot the bake: no second provisioning."""
+    before: dict[str, Any] = {
+        "install_lines": len(INSTALL_LINES.findall(ssh(docker_vm_env, f"sudo cat {remote.CLOUD_INIT_LOG}"))),
+        # a container image made in the guest (Docker Hub is unreachable here): one file, `docker import`ed
+        "probe_id": ssh(
+            docker_vm_env,
+            "mkdir -p /tmp/probe && echo baked > /tmp/probe/hello && "
+            f"tar -C /tmp/probe -c . | docker import - {PROBE_IMAGE} >/dev/null && "
+            f"docker image inspect --format '{{{{.Id}}}}' {PROBE_IMAGE}",
+        ).strip(),
+        "identity": ssh(docker_vm_env, "cat /etc/machine-id /etc/ssh/ssh_host_*_key.pub").splitlines(),
+    }
+    t0 = time.monotonic()
+    made = docker_vm_env.inv("image.bake", "--from-vm", timeout=900)
+    bake_s = time.monotonic() - t0
+    assert made.returncode == 0, f"image.bake failed:\n{made.stderr[-6000:]}"
+    run = docker_vm_env.inv("vm.run")
+    assert run.returncode == 0, run.stderr
+    check = docker_vm_env.inv("vm.check")
+    assert check.returncode == 0, f"vm.check of the baked guest failed:\n{check.stderr[-6000:]}"
+    timings = json.loads(check.stdout.strip().splitlines()[-1])
+    unbaked, now = boot_times["docker part, unbaked"], timings["cloud_init_done_s"]
+    bare = boot_times.get("base user-data")
+    print(
+        f"\nbake (--from-vm, generalize + power-off + qemu-img convert -c): {bake_s:.1f}s; "
+        f"time to cloud-init done: unbaked (docker part) {unbaked:.1f}s, baked {now:.1f}s, "
+        f"ratio baked/unbaked {now / unbaked:.2f}"
+        + (f"; bare base user-data {bare:.1f}s, ratio baked/bare {now / bare:.2f}" if bare else "")
+    )
+    path = Path(made.stdout.strip().splitlines()[-1])
+    return {"before": before, "path": path, "run": run, "check": check, "timings": timings,
+            "manifest": json.loads(path.with_suffix(".json").read_text())}  # fmt: skip
+
+
+def test_the_bake_is_a_compressed_standalone_qcow2_with_its_manifest(baked: dict[str, Any]) -> None:
+    path, manifest = baked["path"], baked["manifest"]
+    assert path.parent.name == "bakes" and path.stem == manifest["key"]
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(path)], capture_output=True,
+                                     text=True, check=True).stdout)  # fmt: skip
+    assert info["format"] == "qcow2" and "backing-filename" not in info  # flattened: boots without the base
+    assert manifest["size_bytes"] == path.stat().st_size
+    assert manifest["packages"]["docker.io"]  # dpkg-query's version of what cloud-init installed
+    assert any(line.startswith(f"{PROBE_IMAGE}@") for line in manifest["docker_images"])
+    assert manifest["inputs"]["base_image"].startswith("sha256:")
+
+
+def test_the_baked_guest_boots_from_the_bake_and_installs_nothing(
+    docker_vm_env: Any, baked: dict[str, Any]
+) -> None:
+    key = baked["manifest"]["key"]
+    assert f"image: baked image {key}" in baked["run"].stderr
+    assert baked["before"]["install_lines"] > 0  # the unbaked boot installed docker.io through apt
+    log = ssh(docker_vm_env, f"sudo cat {remote.CLOUD_INIT_LOG}")
+    assert "infra-lab: docker ready" in log  # the per-instance runcmd ran (offline)
+    assert INSTALL_LINES.findall(log) == [], log
+    status = json.loads(docker_vm_env.inv("vm.status", "--json", timeout=120).stdout)
+    assert status["baked"] == key and status["image"] == str(baked["path"])
+
+
+def test_the_baked_guest_has_docker_and_the_image_loaded_before_the_bake(
+    docker_vm_env: Any, baked: dict[str, Any]
+) -> None:
+    assert baked["timings"]["services"] == {"docker": "active"}
+    probe_id = ssh(docker_vm_env, f"docker image inspect --format '{{{{.Id}}}}' {PROBE_IMAGE}").strip()
+    assert probe_id == baked["before"]["probe_id"]
+
+
+def test_the_baked_guest_has_its_own_identity(docker_vm_env: Any, baked: dict[str, Any]) -> None:
+    now = ssh(docker_vm_env, "cat /etc/machine-id /etc/ssh/ssh_host_*_key.pub").splitlines()
+    machine_id, host_keys = now[0], now[1:]
+    assert len(machine_id) == 32 and machine_id != baked["before"]["identity"][0]
+    assert host_keys and not set(host_keys) & set(baked["before"]["identity"][1:])
 
 
 def test_destroy(docker_vm_env: Any, docker_booted: dict[str, Any]) -> None:
