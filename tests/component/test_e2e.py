@@ -670,6 +670,29 @@ def test_image_cache_command_prints_path_and_digest_key(tmp_path: Path) -> None:
     assert out == [f"path={tmp_path}/images/sha256-{digest[:16]}", f"key=vm-image-sha256-{digest}"]
 
 
+def test_bake_cache_command_prints_the_bakes_dir_and_the_content_key(tmp_path: Path) -> None:
+    """ci.yml's second cache step: the bakes directory and infra.bake's key for the CI configuration (the
+    registry mirror is part of the user-data, so part of the key)."""
+    from infra import bake, config
+
+    env = {**os.environ, "INVOKE_PROJECT_CACHE_DIR": str(tmp_path), "INVOKE_VM_ARCH": "x86_64",
+           "INVOKE_PROVISION_REGISTRY_MIRROR": "https://mirror.gcr.io"}  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "infra.e2e", "bake-cache"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True,
+    ).stdout.splitlines()  # fmt: skip
+    cfg = config.load({"project": {"cache_dir": str(tmp_path)}, "vm": {"arch": "x86_64"},
+                       "provision": {"registry_mirror": "https://mirror.gcr.io"}})  # fmt: skip
+    key, _inputs = bake.current_key(cfg)
+    assert out == [f"path={tmp_path}/bakes", f"key=vm-bake-{key}"]
+    assert (
+        key
+        != bake.current_key(config.load({"project": {"cache_dir": str(tmp_path)}, "vm": {"arch": "x86_64"}}))[
+            0
+        ]
+    )
+
+
 def test_actionlint_passes_on_our_workflows_and_fails_on_a_broken_one(tmp_path: Path) -> None:
     ok = subprocess.run(
         [actionlint(), "-no-color", "-shellcheck=", "-pyflakes=", *map(str, sorted(WORKFLOWS.glob("*.yml")))],
