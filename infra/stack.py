@@ -22,7 +22,7 @@ def up(cfg: Config, *, client: Client | None = None) -> None:
 
     started = time.monotonic()
     ui.step("iso: seed ISO")
-    seed.build(cfg)
+    seed.build(cfg, baked=vm.disk_is_baked(cfg))  # the seed vm.run boots with: a second `up` leaves it alone
     ui.step("vm.run: boot the VM")
     vm.run(cfg)
     ui.step("vm.check: cloud-init finished, services active")

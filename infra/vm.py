@@ -315,6 +315,12 @@ def load_record(p: StatePaths) -> dict[str, Any]:
     return record
 
 
+def disk_is_baked(cfg: Config) -> bool:
+    """The VM's existing disk was made on a baked image (its launch record says so): its seed is the baked one."""
+    p = paths(cfg)
+    return p.disk.exists() and bool(load_record(p).get("baked"))
+
+
 def run(cfg: Config) -> Launch:
     """`inv vm.run`: boot the VM daemonized; a no-op (reported) when it already runs."""
     p = paths(cfg)
