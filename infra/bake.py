@@ -294,20 +294,26 @@ def _convert(disk: Path, dest: Path) -> None:
             "qemu-img not found on PATH", hint="apt-get install qemu-utils (macOS: brew install qemu)"
         )
     tmp = dest.with_name(f".{dest.name}.part")
+    # zstd compresses about 10x faster than qcow2's default zlib (measured here: 2.5 s vs 27 s for the
+    # 479 MiB test image, 172 vs 176 MiB); a qemu built without zstd gets zlib.
+    error = ""
+    for extra in (["-o", "compression_type=zstd"], []):
+        tmp.unlink(missing_ok=True)
+        command = [tool, "convert", "-c", "-O", "qcow2", *extra, str(disk), str(tmp)]
+        try:
+            with ui.live(f"compressing the baked disk into {dest.name} (qemu-img convert -c)"):
+                proc = subprocess.run(
+                    command, capture_output=True, text=True, timeout=CONVERT_TIMEOUT, check=False
+                )
+        except subprocess.TimeoutExpired as exc:
+            tmp.unlink(missing_ok=True)
+            raise ImageError(f"qemu-img convert did not finish within {CONVERT_TIMEOUT}s") from exc
+        if proc.returncode == 0:
+            tmp.replace(dest)
+            return
+        error = proc.stderr.strip() or proc.stdout.strip()
     tmp.unlink(missing_ok=True)
-    command = [tool, "convert", "-c", "-O", "qcow2", str(disk), str(tmp)]
-    try:
-        with ui.live(f"compressing the baked disk into {dest.name} (qemu-img convert -c)"):
-            proc = subprocess.run(
-                command, capture_output=True, text=True, timeout=CONVERT_TIMEOUT, check=False
-            )
-    except subprocess.TimeoutExpired as exc:
-        tmp.unlink(missing_ok=True)
-        raise ImageError(f"qemu-img convert did not finish within {CONVERT_TIMEOUT}s") from exc
-    if proc.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        raise ImageError(f"qemu-img convert failed: {proc.stderr.strip() or proc.stdout.strip()}")
-    tmp.replace(dest)
+    raise ImageError(f"qemu-img convert failed: {error}")
 
 
 @contextlib.contextmanager
