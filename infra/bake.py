@@ -149,7 +149,11 @@ def base_digest(cfg: Config, arch: str) -> str:
 
 
 def job_images(cfg: Config) -> list[str]:
-    """The images the job specs pin by digest (pre-pulled by the bake when Nomad is provisioned)."""
+    """The images the job specs pin by digest (pre-pulled by the bake when Nomad is provisioned).
+
+    Nomad's docker driver starts a task from a local image without pulling when force_pull is off and
+    the tag is not "latest" (hashicorp/nomad drivers/docker/driver.go, createImage: ImageInspect first),
+    so a pre-pulled pin deploys without Docker Hub."""
     if not (cfg.provision.nomad and cfg.provision.docker):
         return []  # without Nomad no job runs in the guest: nothing to pre-pull
     refs: set[str] = set()

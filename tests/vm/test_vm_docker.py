@@ -109,24 +109,24 @@ def test_nomad_installer_refuses_a_key_with_the_wrong_fingerprint(
 
 # ------------------------------------------------------------------------------------- baked image (bake) --
 #: What apt prints while installing; the unbaked guest's cloud-init log has it, the baked guest's must not.
-INSTALL_LINES = re.compile(r"^(Setting up |Unpacking |Get:\d+ |Reading package lists)", re.M)
+INSTALL_LINES = re.compile(r"^(Setting up |Unpacking |Get:[0-9]+ |Reading package lists)", re.M)
 PROBE_IMAGE = "infra-lab/bake-probe:1"
+
+
+#: machine-id, SSH host keys, and the container image made before the bake (Docker Hub is unreachable here:
+#: a one-file image, `docker import`ed in the guest).
+IDENTITY = f"cat /etc/machine-id /etc/ssh/ssh_host_*_key.pub; docker image inspect --format 'image {{{{.Id}}}}' {PROBE_IMAGE}"
 
 
 @pytest.fixture(scope="module")
 def baked(docker_vm_env: Any, docker_booted: dict[str, Any], boot_times: dict[str, float]) -> dict[str, Any]:
     """Bake THIS guest (`inv image.bake --from-vm`), then boot the bake: no second provisioning."""
-    before: dict[str, Any] = {
-        "install_lines": len(INSTALL_LINES.findall(ssh(docker_vm_env, f"sudo cat {remote.CLOUD_INIT_LOG}"))),
-        # a container image made in the guest (Docker Hub is unreachable here): one file, `docker import`ed
-        "probe_id": ssh(
-            docker_vm_env,
-            "mkdir -p /tmp/probe && echo baked > /tmp/probe/hello && "
-            f"tar -C /tmp/probe -c . | docker import - {PROBE_IMAGE} >/dev/null && "
-            f"docker image inspect --format '{{{{.Id}}}}' {PROBE_IMAGE}",
-        ).strip(),
-        "identity": ssh(docker_vm_env, "cat /etc/machine-id /etc/ssh/ssh_host_*_key.pub").splitlines(),
-    }
+    before = ssh(
+        docker_vm_env,
+        f"sudo grep -cE '{INSTALL_LINES.pattern}' {remote.CLOUD_INIT_LOG}; mkdir -p /tmp/probe && "
+        f"echo baked > /tmp/probe/hello && tar -C /tmp/probe -c . | docker import - {PROBE_IMAGE} >/dev/null; "
+        + IDENTITY,
+    ).splitlines()
     t0 = time.monotonic()
     made = docker_vm_env.inv("image.bake", "--from-vm", timeout=900)
     bake_s = time.monotonic() - t0
@@ -136,16 +136,15 @@ def baked(docker_vm_env: Any, docker_booted: dict[str, Any], boot_times: dict[st
     check = docker_vm_env.inv("vm.check")
     assert check.returncode == 0, f"vm.check of the baked guest failed:\n{check.stderr[-6000:]}"
     timings = json.loads(check.stdout.strip().splitlines()[-1])
+    boot_times["docker part, baked"] = timings["cloud_init_done_s"]
     unbaked, now = boot_times["docker part, unbaked"], timings["cloud_init_done_s"]
-    bare = boot_times.get("base user-data")
-    print(
-        f"\nbake (--from-vm, generalize + power-off + qemu-img convert -c): {bake_s:.1f}s; "
-        f"time to cloud-init done: unbaked (docker part) {unbaked:.1f}s, baked {now:.1f}s, "
-        f"ratio baked/unbaked {now / unbaked:.2f}"
-        + (f"; bare base user-data {bare:.1f}s, ratio baked/bare {now / bare:.2f}" if bare else "")
-    )
+    print(f"\nbake (--from-vm: generalize, power off, compress): {bake_s:.1f}s; cloud-init done: unbaked "
+          f"{unbaked:.1f}s, baked {now:.1f}s, ratio {now / unbaked:.2f}")  # fmt: skip
+    after = ssh(docker_vm_env, f"sudo cat {remote.CLOUD_INIT_LOG}; echo '---'; " + IDENTITY)
+    log, _, identity = after.rpartition("---\n")
     path = Path(made.stdout.strip().splitlines()[-1])
-    return {"before": before, "path": path, "run": run, "check": check, "timings": timings,
+    return {"install_lines_before": int(before[0]), "identity_before": before[1:], "identity": identity.splitlines(),
+            "log": log, "path": path, "run": run, "check": check, "timings": timings,
             "manifest": json.loads(path.with_suffix(".json").read_text())}  # fmt: skip
 
 
@@ -166,27 +165,25 @@ def test_the_baked_guest_boots_from_the_bake_and_installs_nothing(
 ) -> None:
     key = baked["manifest"]["key"]
     assert f"image: baked image {key}" in baked["run"].stderr
-    assert baked["before"]["install_lines"] > 0  # the unbaked boot installed docker.io through apt
-    log = ssh(docker_vm_env, f"sudo cat {remote.CLOUD_INIT_LOG}")
-    assert "infra-lab: docker ready" in log  # the per-instance runcmd ran (offline)
-    assert INSTALL_LINES.findall(log) == [], log
-    status = json.loads(docker_vm_env.inv("vm.status", "--json", timeout=120).stdout)
-    assert status["baked"] == key and status["image"] == str(baked["path"])
+    assert baked["install_lines_before"] > 0  # the unbaked boot installed docker.io through apt
+    assert "infra-lab: docker ready" in baked["log"]  # the per-instance runcmd ran (offline)
+    assert INSTALL_LINES.findall(baked["log"]) == [], baked["log"]
+    status = docker_vm_env.inv("vm.status", timeout=120)
+    assert status.returncode == 0 and f"image: baked {key} ({baked['path']})" in status.stderr
 
 
-def test_the_baked_guest_has_docker_and_the_image_loaded_before_the_bake(
-    docker_vm_env: Any, baked: dict[str, Any]
-) -> None:
+def test_the_baked_guest_has_docker_and_the_image_loaded_before_the_bake(baked: dict[str, Any]) -> None:
     assert baked["timings"]["services"] == {"docker": "active"}
-    probe_id = ssh(docker_vm_env, f"docker image inspect --format '{{{{.Id}}}}' {PROBE_IMAGE}").strip()
-    assert probe_id == baked["before"]["probe_id"]
+    probe = [line for line in baked["identity"] if line.startswith("image sha256:")]
+    assert probe and probe == [line for line in baked["identity_before"] if line.startswith("image ")]
 
 
-def test_the_baked_guest_has_its_own_identity(docker_vm_env: Any, baked: dict[str, Any]) -> None:
-    now = ssh(docker_vm_env, "cat /etc/machine-id /etc/ssh/ssh_host_*_key.pub").splitlines()
-    machine_id, host_keys = now[0], now[1:]
-    assert len(machine_id) == 32 and machine_id != baked["before"]["identity"][0]
-    assert host_keys and not set(host_keys) & set(baked["before"]["identity"][1:])
+def test_the_baked_guest_has_its_own_identity(baked: dict[str, Any]) -> None:
+    machine_id, before_id = baked["identity"][0], baked["identity_before"][0]
+    host_keys = {line for line in baked["identity"] if line.startswith("ssh-")}
+    before_keys = {line for line in baked["identity_before"] if line.startswith("ssh-")}
+    assert len(machine_id) == 32 and len(before_id) == 32 and machine_id != before_id
+    assert host_keys and before_keys and not host_keys & before_keys
 
 
 def test_destroy(docker_vm_env: Any, docker_booted: dict[str, Any]) -> None:
