@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from infra import ROOT, bake, config, seed
-from infra.errors import VMError
+from infra.errors import SpecError, VMError
 
 ARCH = "x86_64"
 DIGEST = "sha256:" + "ab" * 32
@@ -170,3 +170,15 @@ def test_vm_baked_is_validated(tmp_path: Path) -> None:
         config.ConfigError, match=r"vm\.baked is 'always'; expected one of: auto, off, require"
     ):
         cfg(tmp_path, vm={"baked": "always"})
+
+
+def test_an_image_the_key_cannot_resolve_is_an_error_naming_file_and_line(tmp_path: Path) -> None:
+    spec = tmp_path / "ingress.nomad.hcl"
+    text = (ROOT / "nomad" / "ingress.nomad.hcl").read_text()
+    assert "image              = var.traefik_image" in text
+    spec.write_text(text.replace("image              = var.traefik_image", 'image = "${var.nowhere}"'))
+    line = next(i for i, ln in enumerate(spec.read_text().splitlines(), 1) if "var.nowhere" in ln)
+    with pytest.raises(
+        SpecError, match=rf'ingress\.nomad\.hcl:{line}: ingress/traefik/traefik: image .*"nowhere"'
+    ):
+        bake.key_inputs(cfg(tmp_path, deploy={"ingress_job": str(spec)}), ARCH, DIGEST)
