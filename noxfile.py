@@ -24,7 +24,7 @@ PYTHON = "3.11"
 
 
 def install(session: nox.Session) -> None:
-    session.install("-c", "requirements/constraints.txt", "-e", ".[dev]")
+    session.install("-c", "requirements/constraints.txt", "-e", ".[dev]", "-r", "app/requirements.in")
 
 
 @nox.session(python=PYTHON)
@@ -54,6 +54,8 @@ def lint(session: nox.Session) -> None:
         # The guest's provisioning scripts (POSIX sh, run by cloud-init).
         scripts = sorted(str(p) for p in Path("cloud-init/files/scripts").glob("*.sh"))
         session.run(shellcheck, "--shell=sh", "--severity=warning", *scripts, external=True)
+        # The host's shell scripts: setup, lock, the ./inv wrapper, the CI entry point.
+        session.run(shellcheck, "scripts/setup", "scripts/lock", "inv", ".ci/run", external=True)
 
 
 @nox.session(python=PYTHON)
@@ -75,7 +77,8 @@ def component(session: nox.Session) -> None:
 def vm(session: nox.Session) -> None:
     """tests/vm: boot real VMs under TCG from a Debian image built here (needs qemu, mmdebstrap)."""
     install(session)
-    session.run("pytest", "tests/vm", *session.posargs)
+    # The two guests (base user-data; docker part) boot side by side: one pytest-xdist worker per module.
+    session.run("pytest", "tests/vm", "-n", "2", "--dist", "loadfile", *session.posargs)
 
 
 @nox.session(python=PYTHON, default=False)

@@ -284,7 +284,7 @@ def _inventory(conn: Any, docker: bool) -> tuple[dict[str, str], list[str]]:
     pulled: list[str] = []
     if docker:
         fmt = "{{.Repository}}:{{.Tag}}@{{.Digest}} {{.ID}}"
-        pulled = sorted(_sh(conn, f"sudo -n docker image ls --digests --format '{fmt}'", "docker image ls")
+        pulled = sorted(_sh(conn, f"sudo -n docker image ls --digests --no-trunc --format '{fmt}'", "docker image ls")
                         .split("\n"))  # fmt: skip
         pulled = [line for line in pulled if line.strip()]
     return packages, pulled
@@ -365,7 +365,7 @@ def bake(cfg: Config, *, from_vm: bool = False, force: bool = False, keep: bool 
     ui.step(f"baking {key} from {'the running VM' if from_vm else 'a throwaway VM'} (base {base.name})")
     with _work_vm(cfg, from_vm, keep) as work:
         p = vm.paths(work)
-        report = remote.check(work, alive=lambda: vm.running_pid(p) is not None,
+        remote.check(work, alive=lambda: vm.running_pid(p) is not None,
                               started_at=vm.load_record(p).get("started_at"))  # fmt: skip
         provisioned = time.monotonic()
         conn = remote.wait_ssh(work)
@@ -413,7 +413,6 @@ def bake(cfg: Config, *, from_vm: bool = False, force: bool = False, keep: bool 
             "compress": round(time.monotonic() - converting, 1),
             "total": total,
         },
-        "cloud_init_done_s": report.as_dict().get("cloud_init_done_s"),
     }
     tmp = target.manifest.with_name(f".{target.manifest.name}.tmp")
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

@@ -13,6 +13,11 @@ Three parts, each usable alone:
 - **The report** (`Report`): a JUnit XML file (one testcase per preflight check and per step) and a timing
   table (each step, and each phase `inv up` announces: boot, cloud-init, Nomad ready, each deploy) written
   to `e2e.report_dir`.
+- **The Nomad API recording** (`start_recording`): every `inv` the e2e runs, and its own checks, reach Nomad
+  through a recording proxy on 127.0.0.1 (infra/nomad_recording.py), which writes each exchange, secrets
+  redacted and tagged with its step, to `<report_dir>/nomad-exchanges.jsonl`. `scripts/recording-to-replay`
+  turns that into replay fixture scenarios: Nomad's own answers instead of hand-written contract data.
+  `--no-record` talks to Nomad directly.
 
 The run bakes first (`inv image.bake`: a no-op when the image cache holds the bake for the current key)
 and `inv up` boots that bake, so the timing table shows the bake and the boot apart.
@@ -55,6 +60,7 @@ from rich.markup import escape
 from infra import ROOT, ui
 from infra.config import Config
 from infra.errors import InfraError, PreflightError, root_cause
+from infra.nomad_recording import Recorder, RecordingProxy
 from infra.state import StatePaths
 
 #: Seconds each network check may take (connect and read); the checks run concurrently.
@@ -78,6 +84,8 @@ CHECK_STEPS = ("vm.check", "nomad.wait")
 IDLE_WORDS = ("unchanged", "already", "nothing to do", "up to date")
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+#: The Nomad API recording, in e2e.report_dir.
+RECORDING_NAME = "nomad-exchanges.jsonl"
 
 
 # ================================================================================================ preflight ==
@@ -1114,19 +1122,28 @@ class Options:
     kafka_bootstrap: str = ""
     #: seconds for the first `inv up` (TCG on a slow machine needs far more)
     up_timeout: float = 1800
+    #: record every Nomad API exchange (through a proxy) into the report
+    record: bool = True
 
 
 class E2E:
     """Builds the plan (the README's steps, each with an automated check) and runs it."""
 
     def __init__(
-        self, cfg: Config, invoker: Invoker, opts: Options, report: Report, smoke: Smoke | None = None
+        self,
+        cfg: Config,
+        invoker: Invoker,
+        opts: Options,
+        report: Report,
+        smoke: Smoke | None = None,
+        recorder: Recorder | None = None,
     ) -> None:
         self.cfg = cfg
         self.inv = invoker
         self.opts = opts
         self.report = report
         self.smoke = smoke or Smoke(cfg, kafka_bootstrap=opts.kafka_bootstrap)
+        self.recorder = recorder
 
     def _up_first(self) -> InvResult:
         result = self.inv(["up"], timeout=self.opts.up_timeout)
@@ -1201,7 +1218,11 @@ class E2E:
 
     def _booted_the_bake(self) -> str:
         """`inv up` booted the bake the first step made (vm.baked auto), not the base image."""
-        record = json.loads(StatePaths(self.cfg.project.state_dir).vm_record.read_text())
+        path = StatePaths(self.cfg.project.state_dir).vm_record
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise SmokeFailed(f"no launch record of the VM after `inv up`: {path}: {exc}") from exc
         if not record.get("baked"):
             raise SmokeFailed(f"`inv up` booted {record.get('image')}, not a baked image")
         return f"booted baked image {record['baked']}"
@@ -1245,8 +1266,24 @@ class E2E:
     def run(self) -> bool:
         steps, teardown = self.plan()
         return run_plan(
-            steps, teardown, self.report, keep=self.opts.keep, on_failure=self.collect_diagnostics
+            [self._tagged(s) for s in steps],
+            [self._tagged(s) for s in teardown],
+            self.report,
+            keep=self.opts.keep,
+            on_failure=self._tagged(Step("diagnostics", self.collect_diagnostics)).run,
         )
+
+    def _tagged(self, step: Step) -> Step:
+        """The step, with the Nomad API exchanges it causes recorded under its name (one step at a time)."""
+        recorder = self.recorder
+        if recorder is None:
+            return step
+
+        def run() -> Any:
+            recorder.scenario = step.name
+            return step.run()
+
+        return dataclasses.replace(step, run=run)
 
     def collect_diagnostics(self) -> Path:
         """Evidence for a failed run, gathered while the VM still runs: serial console, qemu log, cloud-init
@@ -1283,6 +1320,25 @@ class E2E:
         return out
 
 
+# ============================================================================================== recording ==
+def start_recording(cfg: Config) -> tuple[RecordingProxy, Config]:
+    """A recording proxy in front of the Nomad API `inv` would use (nomad.* config, NOMAD_* environment, or
+    the VM's forward), and `cfg` pointing at it. The caller stops the proxy (which closes the recording)."""
+    from infra import nomad  # the same resolution as every task's client
+
+    s = nomad.settings(cfg)
+    recorder = Recorder(cfg.e2e.report_dir / RECORDING_NAME)
+    proxy = RecordingProxy(
+        s.addr,
+        recorder,
+        verify=s.cacert or True,
+        cert=(s.client_cert, s.client_key) if s.client_cert else None,
+        connect_timeout=s.connect_timeout,
+    ).start()
+    recorded = dataclasses.replace(cfg, nomad=dataclasses.replace(cfg.nomad, addr=proxy.url))
+    return proxy, recorded
+
+
 # ==================================================================================================== main ==
 def load_config() -> Config:
     """The same merged configuration `inv` sees (invoke.yaml, ~/.invoke.yaml, /etc/invoke.yaml, INVOKE_*)."""
@@ -1306,6 +1362,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--preflight-only", action="store_true", help="check the prerequisites and stop")
     parser.add_argument("--kafka-bootstrap", default="", help="bootstrap server inside the Kafka container")
     parser.add_argument("--up-timeout", type=float, default=1800, help="seconds for the first `inv up`")
+    parser.add_argument("--no-record", action="store_true",
+                        help=f"talk to Nomad directly, without recording the API exchanges ({RECORDING_NAME})")  # fmt: skip
     args = parser.parse_args(argv)
     try:
         cfg = load_config()
@@ -1333,10 +1391,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         ui.out(f"key=vm-bake-{key}")
         return 0
 
-    opts = Options(args.keep, args.allow_tcg, args.preflight_only, args.kafka_bootstrap, args.up_timeout)
+    opts = Options(
+        args.keep,
+        args.allow_tcg,
+        args.preflight_only,
+        args.kafka_bootstrap,
+        args.up_timeout,
+        not args.no_record,
+    )
     report = Report()
     report_dir = cfg.e2e.report_dir
     started = time.monotonic()
+    proxy: RecordingProxy | None = None
     try:
         ui.step("e2e: preflight")
         try:
@@ -1358,12 +1424,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             ui.info("e2e: running inv with vm.accel=kvm (INVOKE_VM_ACCEL)")
         for stale in ("logs", "diagnostics"):  # of an earlier run: this report must not mix them in
             shutil.rmtree(report_dir / stale, ignore_errors=True)
+        (report_dir / RECORDING_NAME).unlink(missing_ok=True)
+        smoke_cfg = cfg
+        if opts.record:
+            try:
+                proxy, smoke_cfg = start_recording(cfg)
+            except InfraError as exc:
+                ui.console.print(f"[red]error:[/red] {escape(str(exc))}")
+                return 1
+            # config beats NOMAD_ADDR (infra/nomad.py settings), so INVOKE_NOMAD_ADDR reaches every task
+            env["INVOKE_NOMAD_ADDR"] = proxy.url
+            ui.info(
+                f"e2e: Nomad API {proxy.upstream} recorded through {proxy.url} into {proxy.recorder.path}"
+            )
         invoker = SubprocessInvoker(cfg.root, report_dir / "logs", env=env)
-        ok = E2E(cfg, invoker, opts, report).run()
+        smoke = Smoke(smoke_cfg, kafka_bootstrap=opts.kafka_bootstrap)
+        ok = E2E(cfg, invoker, opts, report, smoke, proxy.recorder if proxy else None).run()
     except (KeyboardInterrupt, Interrupted) as exc:
         ui.warn(f"interrupted ({exc or 'SIGINT'}); teardown ran unless --keep")
         return 130
     finally:
+        if proxy is not None:
+            proxy.stop()
+            ui.info(f"Nomad API recording: {proxy.recorder.count} exchange(s) in {proxy.recorder.path}")
         report.timings.append(("e2e total", time.monotonic() - started))
         junit, table = report.write(report_dir)
         ui.info(escape(report.timing_table()))

@@ -275,7 +275,7 @@ def _project_rules(doc: Mapping[str, Any], cfg: Config) -> list[str]:
 
 def _host_volume_rule() -> list[str]:
     """Every host_volume path of the agent config has a directory entry in host-volumes."""
-    agent = FILES_DIR / "nomad" / "10-project.hcl"
+    agent = FILES_DIR / "nomad" / "zz-infra-lab.hcl"
     listed = FILES_DIR / "nomad" / "host-volumes"
     dirs = {
         line.split()[0]

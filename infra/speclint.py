@@ -1,6 +1,8 @@
-"""Project rules for the Nomad job specs (nomad/*.nomad.hcl), checked on every `nox -s lint`.
+"""Project rules for the Nomad job specs (nomad/*.nomad.hcl) and the agent config, checked on every `nox -s lint`.
 
-Each spec is parsed with python-hcl2 and checked against named rules; every finding reads
+Each spec is parsed with python-hcl2 and checked against named rules; so is the Nomad agent config that
+cloud-init ships (cloud-init/files/nomad/zz-infra-lab.hcl) and where it lands in /etc/nomad.d. Every
+finding reads
 
     <file>:<line>: <job>/<group>/<task>: <rule>: <message>
 
@@ -31,7 +33,14 @@ from infra import ROOT
 from infra.errors import SpecError
 
 #: The agent config shipped by cloud-init: the host volumes jobs may mount.
-AGENT_CONFIG = ROOT / "cloud-init" / "files" / "nomad" / "10-project.hcl"
+AGENT_CONFIG = ROOT / "cloud-init" / "files" / "nomad" / "zz-infra-lab.hcl"
+#: cloud-init parts (write_files ... from_file: <path under FILES_DIR>) and the files they ship.
+PARTS_DIR = ROOT / "cloud-init" / "parts"
+FILES_DIR = ROOT / "cloud-init" / "files"
+#: The directory the packaged nomad.service loads (`nomad agent -config /etc/nomad.d`) and the file the
+#: package puts there (hashicorp/nomad .release/linux/package/etc/nomad.d/nomad.hcl).
+AGENT_CONFIG_DIR = "/etc/nomad.d"
+PACKAGE_AGENT_CONFIG = "nomad.hcl"
 SPEC_DIR = ROOT / "nomad"
 SPEC_GLOB = "*.nomad.hcl"
 
@@ -47,13 +56,30 @@ RULES: dict[str, str] = {
     "host-volume-exists": "every host volume's source is a host_volume in the agent config",
     "resources-set": "every task sets resources.cpu and resources.memory",
     "update-auto-revert": "service jobs set update.auto_revert = true (job or group level)",
+    "shutdown-delay": "groups with services set shutdown_delay (Nomad warns otherwise; Traefik needs the time)",
+    "canary-routing": "a Traefik-routed service of a group with canaries has canary_tags without traefik.enable=true",
+    "restart-mode": 'service groups restart with mode = "delay" (a dependency gap must not fail the allocation)',
+    "network-mode": "no bridge/CNI networking (the VM installs no CNI plugins)",
+    "docker-gc-image": "the agent's docker plugin keeps images (gc.image = false): the app image is built locally",
+    "docker-volumes": "the agent's docker plugin does not enable volumes (host bind mounts of any path)",
+    "agent-config-order": "the agent config lands in /etc/nomad.d under a name that sorts after nomad.hcl",
+    "cni-path": "the agent config sets no cni_path unless a cloud-init part installs CNI plugins",
     "nomad-fmt": "`nomad fmt -check` accepts the file",
     "nomad-validate": "`nomad job validate` accepts the file",
 }
 
 NOMAD_SKIPPED = "skipped: nomad not found on PATH (nomad fmt/validate)"
 
+#: Rules that need a `nomad` binary (counted apart in the summary line).
+NOMAD_RULES = ("nomad-fmt", "nomad-validate")
+#: Traefik's Nomad provider routes only instances tagged so (exposedByDefault=false, ingress job).
+TRAEFIK_ENABLE = "traefik.enable=true"
+#: Debian/Ubuntu package of the CNI plugins (installs /usr/lib/cni).
+CNI_PACKAGE = "containernetworking-plugins"
+
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _VAR_REF = re.compile(r"\$\{\s*var\.([A-Za-z_][A-Za-z0-9_-]*)\s*\}")
 _INTERPOLATION = re.compile(r"\$\{[^}]*\}")
 _OPTIONS = SerializationOptions(with_comments=False, strip_string_quotes=True, explicit_blocks=False)
@@ -193,6 +219,122 @@ def agent_host_volumes(agent_config: Path = AGENT_CONFIG) -> set[str]:
     return {volume.name for client in root.children("client") for volume in client.children("host_volume")}
 
 
+def check_agent_config(
+    agent_config: Path = AGENT_CONFIG, *, parts_dir: Path = PARTS_DIR, files_dir: Path = FILES_DIR
+) -> list[Finding]:
+    """The agent config's own rules, and where cloud-init installs it (the parts that ship it)."""
+    display = _display(agent_config)
+    try:
+        root = parse(agent_config.read_text(encoding="utf-8"))
+    except OSError as exc:
+        return [Finding(display, None, "", "hcl-syntax", f"cannot read: {exc.strerror or exc}")]
+    except SpecSyntaxError as exc:
+        return [Finding(display, exc.line, "", "hcl-syntax", exc.message)]
+    findings: list[Finding] = []
+    docker = next((p for p in root.children("plugin") if p.name == "docker"), None)
+    config = docker.child("config") if docker is not None else None
+    gc = config.child("gc") if config is not None else None
+    # Defaults: gc { image = true, image_delay = "3m" }, volumes { enabled = false }
+    # (hashicorp/nomad drivers/docker/config.go, configSpec).
+    if gc is None or gc.get("image", True) is not False:
+        line = gc.line_of("image") if gc is not None else (config or docker or root).line
+        findings.append(
+            Finding(
+                display,
+                line,
+                'plugin "docker"',
+                "docker-gc-image",
+                f"gc.image = {_show(gc.get('image') if gc is not None else None)} (default true, image_delay "
+                '"3m"): the docker driver deletes an image 3 minutes after its last task stops, the locally '
+                "built app image included, which no registry can give back; set gc { image = false }",
+            )
+        )
+    volumes = config.child("volumes") if config is not None else None
+    if volumes is not None and volumes.get("enabled") is True:
+        findings.append(
+            Finding(
+                display,
+                volumes.line_of("enabled"),
+                'plugin "docker"',
+                "docker-volumes",
+                "volumes.enabled = true lets any job bind-mount any host path (/ included) through "
+                "config.volumes or mount, and nothing here needs it: templates render into the task's own "
+                "directories and host volumes are Nomad volumes; remove the volumes block",
+            )
+        )
+    findings += _check_cni_path(root, display, parts_dir)
+    findings += _check_install_name(agent_config, display, parts_dir, files_dir)
+    return findings
+
+
+def _parts(parts_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
+    from infra.datafile import load_yaml
+
+    loaded = []
+    for part in sorted(parts_dir.glob("*.yaml")):
+        doc = load_yaml(part)
+        loaded.append((part, doc if isinstance(doc, dict) else {}))
+    return loaded
+
+
+def _check_cni_path(root: Block, display: str, parts_dir: Path) -> list[Finding]:
+    client = root.child("client")
+    if client is None or "cni_path" not in client.attrs:
+        return []
+    if any(CNI_PACKAGE in (doc.get("packages") or []) for _, doc in _parts(parts_dir)):
+        return []
+    return [
+        Finding(
+            display,
+            client.line_of("cni_path"),
+            "client",
+            "cni-path",
+            f"cni_path = {_show(client.get('cni_path'))}, but no cloud-init part installs CNI plugins "
+            f"({CNI_PACKAGE}); remove it (no job uses bridge networking) or install the package",
+        )
+    ]
+
+
+def _check_install_name(agent_config: Path, display: str, parts_dir: Path, files_dir: Path) -> list[Finding]:
+    # `nomad agent -config /etc/nomad.d` loads the directory's *.hcl files sorted by name (Go's
+    # sort.Strings: byte order) and merges each over the ones before, so the last file wins on a key
+    # both set (hashicorp/nomad command/agent/config.go, LoadConfigDir).
+    target = agent_config.resolve()
+    for part, doc in _parts(parts_dir):
+        for item in doc.get("write_files") or []:
+            source = item.get("from_file") if isinstance(item, dict) else None
+            if not source or (files_dir / str(source)).resolve() != target:
+                continue
+            path = str(item.get("path", ""))
+            directory, _, name = path.rpartition("/")
+            if directory == AGENT_CONFIG_DIR and name.endswith(".hcl") and name > PACKAGE_AGENT_CONFIG:
+                return []
+            text = part.read_text(encoding="utf-8")
+            line = next((n for n, row in enumerate(text.splitlines(), 1) if path and path in row), None)
+            if directory != AGENT_CONFIG_DIR or not name.endswith(".hcl"):
+                problem = f"is installed as {path}, which Nomad never reads; install it as {AGENT_CONFIG_DIR}/<name>.hcl"
+            else:
+                problem = (
+                    f"is installed as {path}, which sorts before {PACKAGE_AGENT_CONFIG}: Nomad merges "
+                    f"{AGENT_CONFIG_DIR}/*.hcl in name order and the later file wins, so the package's "
+                    f"{PACKAGE_AGENT_CONFIG} would override it; name it to sort after {PACKAGE_AGENT_CONFIG} "
+                    "(e.g. zz-infra-lab.hcl; digits sort before letters)"
+                )
+            return [
+                Finding(_display(part), line, "write_files", "agent-config-order", f"{display} {problem}")
+            ]
+    return [
+        Finding(
+            display,
+            None,
+            "",
+            "agent-config-order",
+            f"no cloud-init part ships this file (write_files from_file under {_display(files_dir)}); "
+            f"cannot tell where it lands in {AGENT_CONFIG_DIR}",
+        )
+    ]
+
+
 # ----------------------------------------------------------------------------------------------- checks --
 class _Spec:
     """The rules applied to one parsed spec file."""
@@ -230,7 +372,137 @@ class _Spec:
             where = f"{job.name}/{group.name}"
             if job_type == "service":
                 self.check_auto_revert(job, group, where)
+                self.check_restart_mode(group, where)
             self.check_group(group, where)
+            self.check_shutdown_delay(group, where)
+            self.check_canary_routing(job, group, where)
+            self.check_network_mode(group, where)
+
+    def check_restart_mode(self, group: Block, where: str) -> None:
+        # Nomad's default for service jobs: 2 attempts in 30m, delay 15s, mode "fail"
+        # (nomad/structs/structs.go, DefaultServiceJobRestartPolicy). A task's restart block overrides
+        # the group's field by field.
+        restart = group.child("restart")
+        if restart is None:
+            self.report(
+                group.line,
+                where,
+                "restart-mode",
+                'no restart block; Nomad\'s default for service jobs (2 attempts in 30m, mode "fail") fails the '
+                'allocation when a dependency is away for a while; set restart { mode = "delay" }',
+            )
+        elif restart.get("mode") != "delay":
+            self.report(
+                restart.line_of("mode"),
+                where,
+                "restart-mode",
+                f'restart.mode = {_show(restart.get("mode"))}; set mode = "delay" so a task that exits while a '
+                "dependency is away is restarted after a pause instead of failing the allocation",
+            )
+        for task in group.children("task"):
+            override = task.child("restart")
+            if override is not None and "mode" in override.attrs and override.get("mode") != "delay":
+                self.report(
+                    override.line_of("mode"),
+                    f"{where}/{task.name}",
+                    "restart-mode",
+                    f'restart.mode = {_show(override.get("mode"))} overrides the group\'s; set mode = "delay" '
+                    "or leave it to the group",
+                )
+
+    def check_shutdown_delay(self, group: Block, where: str) -> None:
+        # Mirrors Nomad's own submit-time warnings (nomad/structs/structs.go,
+        # generateTaskGroupServiceShutdownDelayWarnings), with the same wording.
+        why = (
+            " (Nomad warns on every submit); set shutdown_delay so the service is deregistered, and Traefik "
+            "stops routing to it, before the task is killed"
+        )
+        tasks = {task.name: task for task in group.children("task")}
+        referenced: dict[str, Block] = {}
+        unscoped: Block | None = None
+        for service in group.children("service"):
+            task_name = service.get("task")
+            if task_name:
+                referenced[str(task_name)] = service
+            elif unscoped is None:
+                unscoped = service
+        any_task_delay = False
+        for name, task in tasks.items():
+            delay = _seconds(task.get("shutdown_delay"))
+            if name in referenced and not delay:
+                self.report(
+                    referenced[name].line_of("task"),
+                    where,
+                    "shutdown-delay",
+                    f'group "{group.name}" references task "{name}" in a service definition, but the task has '
+                    "no shutdown_delay set" + why,
+                )
+            if delay:
+                any_task_delay = True
+            elif task.children("service"):
+                self.report(
+                    task.line,
+                    f"{where}/{name}",
+                    "shutdown-delay",
+                    f'task "{name}" in group "{group.name}" defines services, but has no shutdown_delay set'
+                    + why,
+                )
+        if unscoped is not None and not _seconds(group.get("shutdown_delay")) and not any_task_delay:
+            self.report(
+                group.line_of("shutdown_delay"),
+                where,
+                "shutdown-delay",
+                f'group "{group.name}" defines services, but neither the group nor any of its tasks have '
+                "shutdown_delay set" + why,
+            )
+
+    def check_canary_routing(self, job: Block, group: Block, where: str) -> None:
+        # Nomad registers a canary's services with canary_tags when that list is not empty, else with
+        # tags (client/serviceregistration/nsd/nsd.go), before any task starts (group services:
+        # client/allocrunner/group_service_hook.go, Prerun). Traefik's Nomad provider routes every
+        # instance tagged traefik.enable=true and ignores check health (traefik
+        # pkg/provider/nomad/nomad.go, fetchService).
+        canaries = 0
+        for update in (group.child("update"), job.child("update")):
+            if update is not None and "canary" in update.attrs:
+                canaries = int(update.get("canary") or 0)
+                break
+        if canaries <= 0:
+            return
+        services = [(s, where) for s in group.children("service")]
+        services += [(s, f"{where}/{t.name}") for t in group.children("task") for s in t.children("service")]
+        for service, owner in services:
+            if TRAEFIK_ENABLE not in [str(tag) for tag in _as_list(service.get("tags"))]:
+                continue
+            name = service.get("name") or "(unnamed)"
+            canary_tags = [str(tag) for tag in _as_list(service.get("canary_tags"))]
+            if not canary_tags:
+                problem = "has no canary_tags, so a canary registers with the same tags"
+            elif TRAEFIK_ENABLE in canary_tags:
+                problem = f"has {TRAEFIK_ENABLE} in its canary_tags"
+            else:
+                continue
+            self.report(
+                service.line_of("canary_tags") if canary_tags else service.line,
+                owner,
+                "canary-routing",
+                f'service "{name}" is routed by Traefik and the group rolls out canaries, but it {problem}: '
+                "Traefik would send traffic to a canary before it is healthy (from before its prestart tasks "
+                f"run); set canary_tags without {TRAEFIK_ENABLE}",
+            )
+
+    def check_network_mode(self, group: Block, where: str) -> None:
+        for network in group.children("network"):
+            mode = str(network.get("mode", "host"))
+            if mode == "bridge" or mode.startswith("cni/"):
+                self.report(
+                    network.line_of("mode"),
+                    where,
+                    "network-mode",
+                    f'network mode "{mode}" needs CNI plugins, which the VM does not install (and the agent '
+                    'config sets no cni_path); use Docker\'s own port mapping (mode "host", the default) like '
+                    "the other jobs",
+                )
 
     def check_auto_revert(self, job: Block, group: Block, where: str) -> None:
         # A group's update block overrides the job's field by field.
@@ -498,38 +770,59 @@ def check_files(
 
 
 # ---------------------------------------------------------------------------------------- nomad binary --
-def nomad_checks(paths: Sequence[Path], nomad: str | None = None) -> tuple[list[Finding], list[str]]:
-    """`nomad fmt -check` and `nomad job validate` per file: (findings, notes). No binary: one note."""
+_FMT = ("nomad-fmt", ("fmt", "-check"))
+_JOB_VALIDATE = ("nomad-validate", ("job", "validate"))
+_CONFIG_VALIDATE = ("nomad-validate", ("config", "validate"))
+#: What `nomad job validate` prints before Nomad's submit-time warnings (command/meta.go, FormatWarnings).
+_WARNINGS_HEADER = "Job Warnings:"
+
+
+def nomad_checks(
+    paths: Sequence[Path], nomad: str | None = None, *, agent_config: Path | None = None
+) -> tuple[list[Finding], list[str]]:
+    """`nomad fmt -check` and `nomad job validate` per spec, `nomad fmt -check` and `nomad config validate` on
+    the agent config: (findings, notes). No binary: one note saying so.
+
+    `nomad job validate` asks the agent at NOMAD_ADDR when one answers and validates locally otherwise
+    (command/job_validate.go); either way it prints Nomad's warnings (e.g. a missing shutdown_delay),
+    which count as findings here although Nomad exits 0."""
     binary = nomad or shutil.which("nomad")
     if binary is None:
         return [], [NOMAD_SKIPPED]
+    targets: list[tuple[Path, tuple[tuple[str, tuple[str, ...]], ...]]] = [
+        (path, (_FMT, _JOB_VALIDATE)) for path in paths
+    ]
+    if agent_config is not None:
+        targets.append((agent_config, (_FMT, _CONFIG_VALIDATE)))
     findings: list[Finding] = []
     notes: list[str] = []
-    for path in paths:
+    for path, checks in targets:
         display = _display(path)
-        for rule, command in (("nomad-fmt", ["fmt", "-check"]), ("nomad-validate", ["job", "validate"])):
-            shown = "nomad " + " ".join(command)
-            try:
-                done = subprocess.run(
-                    [binary, *command, str(path)],
-                    capture_output=True,
-                    text=True,
-                    timeout=_NOMAD_TIMEOUT,
-                    check=False,
-                )
-            except subprocess.TimeoutExpired:
-                findings.append(
-                    Finding(display, None, "", rule, f"{shown} timed out after {_NOMAD_TIMEOUT}s")
-                )
-                continue
-            if done.returncode != 0:
-                message = f"{shown} exited {done.returncode}"
-                if rule == "nomad-fmt":
-                    message += f" (reformat with: nomad fmt {display})"
-                output = _tail(done.stdout + done.stderr)
-                findings.append(Finding(display, None, "", rule, message + (f": {output}" if output else "")))
-        notes.append(f"ok: nomad fmt -check and nomad job validate ran on {display}")
+        for rule, command in checks:
+            findings += _run_nomad(binary, rule, command, path, display)
+        notes.append(f"ok: {' and '.join('nomad ' + ' '.join(c) for _, c in checks)} ran on {display}")
     return findings, notes
+
+
+def _run_nomad(binary: str, rule: str, command: Sequence[str], path: Path, display: str) -> list[Finding]:
+    shown = "nomad " + " ".join(command)
+    try:
+        done = subprocess.run(
+            [binary, *command, str(path)], capture_output=True, text=True, timeout=_NOMAD_TIMEOUT, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return [Finding(display, None, "", rule, f"{shown} timed out after {_NOMAD_TIMEOUT}s")]
+    output = done.stdout + done.stderr
+    if done.returncode != 0:
+        message = f"{shown} exited {done.returncode}"
+        if rule == "nomad-fmt":
+            message += f" (reformat with: nomad fmt {display})"
+        tail = _tail(output)
+        return [Finding(display, None, "", rule, message + (f": {tail}" if tail else ""))]
+    if _WARNINGS_HEADER in output:
+        warnings = _tail(output.split(_WARNINGS_HEADER, 1)[1].split("Job validation successful", 1)[0])
+        return [Finding(display, None, "", rule, f"{shown} passed with warnings: {warnings}")]
+    return []
 
 
 # ----------------------------------------------------------------------------------------------- helpers --
@@ -545,6 +838,19 @@ def _show(value: Any) -> str:
 
 def _names(names: Iterable[str]) -> str:
     return ", ".join(sorted(names)) or "none"
+
+
+def _seconds(value: Any) -> float:
+    """A Go duration ("10s", "1m30s", "500ms") or a number of nanoseconds, in seconds; 0 when unset or bad."""
+    if value is None or isinstance(value, bool):
+        return 0.0
+    if isinstance(value, (int, float)):
+        return float(value) / 1e9
+    text = str(value).strip()
+    parts = _DURATION_PART.findall(text)
+    if not parts or "".join(number + unit for number, unit in parts) != text:
+        return 0.0
+    return sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -612,10 +918,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     findings = check_files(paths, agent_config=args.agent_config, local_images=args.local_image)
+    findings += check_agent_config(args.agent_config)
     if args.no_nomad:
         notes = ["skipped: nomad fmt/validate (--no-nomad)"]
     else:
-        nomad_findings, notes = nomad_checks(paths)
+        nomad_findings, notes = nomad_checks(paths, agent_config=args.agent_config)
         findings += nomad_findings
 
     for finding in findings:
@@ -626,7 +933,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if findings:
         print(f"speclint: {len(findings)} problem(s) in {files}", file=sys.stderr)
         return 1
-    print(f"speclint: ok ({len(paths)} spec(s): {files}; {len(RULES) - 2} rules)", file=sys.stderr)
+    checked = f"{len(paths)} spec(s): {files}; agent config {_display(args.agent_config)}"
+    print(f"speclint: ok ({checked}; {len(RULES) - len(NOMAD_RULES)} rules)", file=sys.stderr)
     return 0
 
 

@@ -1,7 +1,7 @@
 # Kafka (single-node KRaft) and Postgres on Nomad host volumes.
 #
 # Data lives in the host volumes `postgres-data` and `kafka-data`, declared in the agent config
-# (cloud-init/files/nomad/10-project.hcl). Stopping or purging this job leaves them alone; a new
+# (cloud-init/files/nomad/zz-infra-lab.hcl). Stopping or purging this job leaves them alone; a new
 # allocation on the same node mounts the same directories again.
 #
 # The Postgres password is read from the Nomad Variable nomad/jobs/datastorage (key
@@ -88,6 +88,12 @@ job "datastorage" {
       mode     = "delay"
     }
 
+    # On stop, the service is deregistered first and the task killed this much later
+    # (client/allocrunner/group_service_hook.go), so consumers see it gone before connections drop.
+    # Nomad warns on every submit of a group with services and no shutdown_delay
+    # (nomad/structs/structs.go). Short: it adds to the gap a redeploy leaves.
+    shutdown_delay = "5s"
+
     # Native Nomad checks only know http and tcp (pg_isready needs Consul script checks), so this
     # proves the port accepts connections; consumers run pg_isready in their prestart task.
     service {
@@ -133,6 +139,9 @@ job "datastorage" {
 
       # The password only seeds an EMPTY data directory (initdb); later changes of the variable do
       # not change the role's password, so restarting on change would only cause downtime.
+      # `nomadVar` blocks until the variable exists (consul-template template/nomad_funcs.go,
+      # EnableBlocking): without it the task waits, its events saying "Missing: nomad.var.block(...)";
+      # it never starts with an empty POSTGRES_PASSWORD. `inv deploy.data` writes it before submitting.
       template {
         destination = "secrets/postgres.env"
         env         = true
@@ -182,6 +191,9 @@ job "datastorage" {
       delay    = "15s"
       mode     = "delay"
     }
+
+    # See the postgres group.
+    shutdown_delay = "5s"
 
     # The runtime image has no curl/wget/nc, and native checks cannot run scripts: a tcp check on
     # the listener other jobs use. Consumers prove readiness with kafka-broker-api-versions.sh.

@@ -63,6 +63,10 @@ job "ingress" {
       mode     = "delay"
     }
 
+    # Deregister first, stop 5 s later (client/allocrunner/group_service_hook.go); Nomad warns on
+    # every submit of a group with services and no shutdown_delay (nomad/structs/structs.go).
+    shutdown_delay = "5s"
+
     # Traefik's own registration carries no traefik.* tags, so it never routes to itself.
     service {
       name     = "traefik"

@@ -9,7 +9,8 @@
 #
 # Host access: the app has a DYNAMIC host port (a static 3000 would leave no room for the canary
 # next to the running allocation on a one-node cluster). Traefik (ingress job) answers on guest
-# port 3000 and routes to whatever instances are registered.
+# port 3000 and routes to the registered instances tagged traefik.enable=true: never a canary (see
+# canary_tags below).
 
 variable "image" {
   description = "App image. Built locally by `inv deploy.app --build` (tag = git commit), so it has no registry digest."
@@ -84,14 +85,25 @@ job "app" {
       }
     }
 
-    # Fail the allocation after a few quick attempts: the deployment then sees it unhealthy and
-    # auto_revert brings back the last good version instead of crash-looping a broken one.
+    # Never fail the allocation over a restart: a datastorage redeploy leaves Postgres and Kafka
+    # unregistered for ~20 s, and an app (or prestart wait) that exits in that window must be
+    # restarted, not failed and rescheduled. "delay": after `attempts` restarts within `interval`,
+    # wait for the interval to end and go on (client/allocrunner/taskrunner/restarts/restarts.go).
+    # A broken version is still caught: its check never passes, so the canary is unhealthy at
+    # healthy_deadline and auto_revert brings back the last good version.
     restart {
-      attempts = 2
+      attempts = 5
       interval = "5m"
-      delay    = "10s"
-      mode     = "fail"
+      delay    = "15s"
+      mode     = "delay"
     }
+
+    # On stop, Nomad deregisters the group's services first, then waits this long before killing
+    # the tasks (client/allocrunner/group_service_hook.go, preKillLocked). Traefik polls Nomad every
+    # 5 s (ingress job, refreshInterval): 10 s lets it drop the old instance while that instance
+    # still answers, so a promotion costs no 502s. Nomad warns on every submit of a group with
+    # services but no shutdown_delay (nomad/structs/structs.go).
+    shutdown_delay = "10s"
 
     service {
       name     = "app"
@@ -112,6 +124,16 @@ job "app" {
         "traefik.http.services.app.loadbalancer.server.port=${NOMAD_HOST_PORT_http}",
       ]
 
+      # A canary registers with these tags instead (client/serviceregistration/nsd/nsd.go), and
+      # with the normal tags once promoted (group_service_hook.go, Update). Without
+      # traefik.enable=true Traefik never routes to it: group services are registered before any
+      # task starts, prestart waits included, and Traefik's Nomad provider does not look at check
+      # health (traefik pkg/provider/nomad/nomad.go, fetchService filters on the enable tag only).
+      # A Traefik load-balancer health check would not help either: a new server counts as up
+      # until its first check (pkg/server/service/loadbalancer/wrr/wrr.go, Add). Nomad uses
+      # canary_tags only when the list is not empty, hence the marker tag.
+      canary_tags = ["canary"]
+
       check {
         name     = "app-healthz"
         type     = "http"
@@ -122,8 +144,9 @@ job "app" {
     }
 
     # Prestart: block until Postgres accepts connections. The address comes from service
-    # discovery; before the service is registered the lookup renders nothing, so the template is
-    # guarded with `with` and the script re-reads the file on every round instead of trusting it.
+    # discovery; before the service is registered `nomadService` renders an empty list (unlike
+    # `nomadVar`, it does not block), so the template is guarded with `with` and the script
+    # re-reads the file on every round instead of trusting it.
     task "wait-for-postgres" {
       driver = "docker"
 
@@ -272,14 +295,31 @@ job "app" {
       }
 
       # Connection settings from service discovery, rendered before the app starts (the prestart
-      # tasks have seen both services by then). Every lookup is guarded: a service that is briefly
-      # deregistered yields missing variables (the app fails fast and restarts on the next
-      # render), never half-written addresses. Restart on change: the app reads its env once.
+      # tasks have seen both services by then). Restart on change: the app reads its env once.
+      #
+      # `nomadVar` BLOCKS until nomad/jobs/app exists (consul-template template/nomad_funcs.go:
+      # EnableBlocking): the task does not start before `inv deploy.data` wrote it, and the task's
+      # events say "Missing: nomad.var.block(nomad/jobs/app@...)". It never renders empty.
+      # `nomadService` does render an empty list for a service that is not registered, so those
+      # lookups are guarded: a missing service yields missing variables, never half an address.
+      #
+      # wait: after the first render, a change is rendered only once the data has been stable for
+      # `min` (at the latest `max` after the first change; consul-template manager/runner.go,
+      # quiescence). A datastorage redeploy deregisters Postgres and Kafka for ~20 s: when they come
+      # back on the same address the rendered file is unchanged and the app is NOT restarted (it
+      # answers /healthz with 503 naming what is down and recovers on its own); a new address (Kafka's
+      # dynamic port) restarts it once, after the data settled.
       template {
         destination = "secrets/app.env"
         env         = true
         change_mode = "restart"
-        data        = <<-EOT
+
+        wait {
+          min = "30s"
+          max = "90s"
+        }
+
+        data = <<-EOT
         PGUSER=${var.postgres_user}
         PGDATABASE=${var.postgres_db}
         {{- with nomadVar "nomad/jobs/app" }}{{ $password := .postgres_password }}

@@ -1,9 +1,13 @@
 """Shared fixtures: config in a temporary state dir, the real `inv` CLI, and real servers started
-for a module and stopped by PID (tests/servers/). Tier-specific fixtures live in the tier's conftest.py."""
+for a module and stopped by PID (tests/servers/). Tier-specific fixtures live in the tier's conftest.py.
+
+Host tools: a test that runs one is marked `@pytest.mark.tools("sudo", ...)`; where a tool is missing the
+test FAILS (never skips) naming the tool and the package of requirements/host-tools.txt that provides it."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -16,6 +20,37 @@ from servers import postgres, tansu
 from infra import ROOT, config
 
 INV = str(Path(sys.executable).with_name("inv"))
+HOST_TOOLS = ROOT / "requirements" / "host-tools.txt"
+# Where a tool may live besides PATH (scripts/setup looks in the same places).
+EXTRA_DIRS = ("/usr/sbin", "/sbin", *sorted(str(p) for p in Path("/usr/lib/postgresql").glob("*/bin")))
+
+
+def host_tool_packages() -> dict[str, str]:
+    """tool -> Debian package, from requirements/host-tools.txt (the list scripts/setup installs)."""
+    packages: dict[str, str] = {}
+    for line in HOST_TOOLS.read_text(encoding="utf-8").splitlines():
+        fields = line.split()
+        if fields and not fields[0].startswith("#") and fields[0] != "-":
+            packages.setdefault(fields[0], fields[1])
+    return packages
+
+
+def find_tool(name: str) -> str | None:
+    return shutil.which(name) or shutil.which(name, path=os.pathsep.join(EXTRA_DIRS))
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    packages = host_tool_packages()
+    for mark in item.iter_markers("tools"):
+        for tool in mark.args:
+            if tool not in packages:
+                pytest.fail(f"tools marker names {tool!r}, which requirements/host-tools.txt does not list")
+            if find_tool(tool) is None:
+                pytest.fail(
+                    f"host tool {tool!r} is missing: install package {packages[tool]!r} "
+                    "(./scripts/setup --system --dev installs every tool the tests use)",
+                    pytrace=False,
+                )
 
 
 @pytest.fixture

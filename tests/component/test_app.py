@@ -7,10 +7,8 @@ Each test gives its app instance its own database and topic, so instances do not
 from __future__ import annotations
 
 import json
-import re
 import threading
 import time
-import tomllib
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,8 +21,6 @@ from confluent_kafka.admin import AdminClient
 from servers import tansu
 from servers.app import AppProcess
 from servers.postgres import PostgresServer
-
-from infra import ROOT
 
 AppFactory = Callable[..., AppProcess]
 
@@ -101,21 +97,6 @@ def consume_all(broker: tansu.TansuBroker, topic: str, want: int, timeout: float
     finally:
         consumer.close()
     return messages
-
-
-# ------------------------------------------------------------------------------------------------------
-def test_requirements_pins_match_the_dev_extras() -> None:
-    """app/requirements.txt (the image) and pyproject's dev extras (these tests) pin the same versions."""
-    pins = dict(re.findall(r"^([a-z0-9-]+)==([^\s\\]+)", (ROOT / "app/requirements.txt").read_text(), re.M))
-    dev = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["dev"]
-    dev_pins = dict(d.split("==") for d in dev)
-    assert {"confluent-kafka", "psycopg", "psycopg-binary", "waitress"} <= pins.keys()
-    for name in ("confluent-kafka", "psycopg", "psycopg-binary", "waitress"):
-        assert dev_pins.get(name) == pins[name], name
-    # every pin carries hashes: the Dockerfile installs with --require-hashes
-    text = (ROOT / "app/requirements.txt").read_text()
-    for name in pins:
-        assert re.search(rf"^{name}=={re.escape(pins[name])} \\\n\s+--hash=sha256:[0-9a-f]{{64}}", text, re.M)
 
 
 def test_start_creates_table_and_topic_then_healthz_is_200(make_app: AppFactory, pg: PostgresServer,

@@ -23,7 +23,10 @@ from servers.tansu import TansuBroker
 
 from infra import ROOT, build, config
 
-pytestmark = pytest.mark.docker
+pytestmark = [
+    pytest.mark.docker,
+    pytest.mark.tools("dockerd", "docker", "mmdebstrap", "initdb", "sshd", "ssh-keygen"),
+]
 
 
 @pytest.fixture(scope="module")

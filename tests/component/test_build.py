@@ -24,6 +24,8 @@ from infra import build, config, nomad
 from infra.errors import BuildError, DeployError
 from infra.state import StatePaths
 
+pytestmark = pytest.mark.tools("git", "ssh-keygen")
+
 JOB_HCL = """\
 variable "image" {
   default = "infra-lab/app:dev"

@@ -30,6 +30,8 @@ from pytest_httpserver import HTTPServer
 from infra import ROOT, e2e
 from infra.config import Config, Port
 
+pytestmark = pytest.mark.tools("sshd", "ssh-keygen")
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -104,14 +106,18 @@ SIGTERM_SCRIPT = textwrap.dedent(
 class FakeInvoker:
     """Stands in for the `inv` subprocesses: records the commands, answers like `inv` would."""
 
-    def __init__(self, fail: Sequence[str] = ()) -> None:
+    def __init__(self, fail: Sequence[str] = (), state_dir: Path | None = None) -> None:
         self.calls: list[list[str]] = []
         self.fail = set(fail)
+        self.state_dir = state_dir  # `up` writes a launch record there, as vm.run does (booted from a bake)
 
     def __call__(self, args: Sequence[str], *, timeout: float) -> e2e.InvResult:
         self.calls.append(list(args))
         if args[0] in self.fail:
             raise e2e.InvCommandFailed(f"`inv {' '.join(args)}` exited 1")
+        if args[0] == "up" and self.state_dir is not None:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            (self.state_dir / "vm.json").write_text('{"baked": "0123456789abcdef"}')
         lines = [(0.0, "==> iso"), (0.1, "--  seed ISO up to date"), (0.2, "==> vm.run"), (5.0, "ok  booted")]
         return e2e.InvResult(list(args), 0, 7.5, lines)
 
@@ -442,10 +448,13 @@ def test_sigterm_mid_step_still_tears_down(tmp_path: Path) -> None:
 
 
 def test_driver_tears_down_when_the_stack_does_not_answer(e2e_cfg: Config, tmp_path: Path) -> None:
-    inv, report = FakeInvoker(), e2e.Report()
+    inv, report = FakeInvoker(state_dir=e2e_cfg.project.state_dir), e2e.Report()
     ok = e2e.E2E(e2e_cfg, inv, e2e.Options(), report).run()
     assert not ok
-    assert inv.calls == [["up"], ["down"]]
+    assert inv.calls == [["image.bake"], ["up"], ["down"]]  # baked once, then booted from the bake
+    assert next(r for r in report.records if r.name == "inv up booted the baked image").status == "passed"
+    phases = [phase for phase, _seconds in report.timings]  # the bake and the boot timed apart
+    assert phases.index("image.bake") < phases.index("inv up: vm.run")
     failed = [r for r in report.records if r.status != "passed"]
     assert failed[0].name == "Nomad API and UI answer" and "cannot reach Nomad" in failed[0].message
     # inv up's announced phases land in the timing table
@@ -458,7 +467,7 @@ def test_driver_tears_down_when_the_stack_does_not_answer(e2e_cfg: Config, tmp_p
 
 
 def test_driver_with_keep_never_runs_inv_down(e2e_cfg: Config) -> None:
-    inv = FakeInvoker()
+    inv = FakeInvoker(state_dir=e2e_cfg.project.state_dir)
     assert not e2e.E2E(e2e_cfg, inv, e2e.Options(keep=True), e2e.Report()).run()
     assert ["down"] not in inv.calls
 
@@ -466,8 +475,9 @@ def test_driver_with_keep_never_runs_inv_down(e2e_cfg: Config) -> None:
 def test_driver_tears_down_when_inv_up_fails(e2e_cfg: Config) -> None:
     inv, report = FakeInvoker(fail=["up"]), e2e.Report()
     assert not e2e.E2E(e2e_cfg, inv, e2e.Options(), report).run()
-    assert inv.calls == [["up"], ["down"]]
-    assert report.records[0].status == "failed" and "exited 1" in report.records[0].message
+    assert inv.calls == [["image.bake"], ["up"], ["down"]]
+    assert report.records[0].name.startswith("inv image.bake") and report.records[0].status == "passed"
+    assert report.records[1].status == "failed" and "exited 1" in report.records[1].message
 
 
 def test_second_up_that_changes_nothing_passes(e2e_cfg: Config) -> None:

@@ -20,6 +20,8 @@ import pytest
 from infra import qemu
 from infra.config import Port
 
+pytestmark = pytest.mark.tools("qemu-system-x86_64", "qemu-img")
+
 FORWARDS = {
     "ssh": Port(2222, 22),
     "nomad": Port(4646, 4646),
@@ -69,7 +71,6 @@ def wait_gone(pid: int, seconds: float) -> bool:
     return False
 
 
-@pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 not installed (apt-get install qemu-system-x86)")
 def test_command_line_is_accepted_by_real_qemu(tmp_path: Path) -> None:
     """The real qemu parses our command line, daemonizes, writes the pidfile, answers QMP, binds loopback."""
     assert QEMU is not None

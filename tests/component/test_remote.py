@@ -19,6 +19,8 @@ from servers import sshd
 from infra import config, remote
 from infra.errors import VMError, WaitTimeout
 
+pytestmark = pytest.mark.tools("sshd", "ssh-keygen", "sudo")
+
 
 @pytest.fixture
 def guest(tmp_path: Path) -> Iterator[tuple[sshd.SSHServer, Path]]:

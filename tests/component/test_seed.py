@@ -13,12 +13,12 @@ import yaml
 from infra import pgp, seed
 from infra.errors import ValidationError
 
+pytestmark = pytest.mark.tools("cloud-init", "blkid", "gpg")
+
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBPkFsOzBkaGc663XawP6l6Ir0RQXYvFAyRrdwGFAdIT test@example"
 
 
 def test_rendered_user_data_passes_debians_cloud_init_schema(make_cfg, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    if shutil.which("cloud-init") is None:
-        pytest.fail("cloud-init is not installed: .ci/run installs Debian's cloud-init for this check")
     path = tmp_path / "user-data"
     path.write_bytes(seed.render(make_cfg(), KEY).user_data)
     result = subprocess.run(
@@ -37,8 +37,6 @@ def test_two_builds_identical_and_blkid_reports_cidata(make_cfg, tmp_path: Path)
     assert second.path.read_bytes() == data1
     third = seed.build(make_cfg())
     assert third.changed is False
-    if shutil.which("blkid") is None:
-        pytest.fail("blkid (util-linux) missing")
     out = subprocess.run(["blkid", str(second.path)], capture_output=True, text=True, check=True).stdout
     assert 'LABEL="cidata"' in out and 'TYPE="iso9660"' in out
 
@@ -84,11 +82,10 @@ def test_superseded_hashicorp_key_is_refused(tmp_path: Path, monkeypatch) -> Non
     old = Path(__file__).parent.parent / "fixtures" / "hashicorp-2023-superseded.asc"
     key = pgp.primary_key(pgp.dearmor(old.read_text(), "old"), "old")
     assert key.fingerprint == "798AEC654E5C15428C8E42EEAA16FCBCA621E701"  # what gpg --show-keys prints
-    if shutil.which("gpg"):
-        colons = subprocess.run(
-            ["gpg", "--show-keys", "--with-colons", str(old)], capture_output=True, text=True, check=True
-        ).stdout
-        assert f"fpr:::::::::{key.fingerprint}:" in colons
+    colons = subprocess.run(
+        ["gpg", "--show-keys", "--with-colons", str(old)], capture_output=True, text=True, check=True
+    ).stdout
+    assert f"fpr:::::::::{key.fingerprint}:" in colons
     fake = tmp_path / "hashicorp.asc"
     shutil.copy(old, fake)
     monkeypatch.setattr(seed, "HASHICORP_KEY_FILE", fake)

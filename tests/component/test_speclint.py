@@ -21,6 +21,8 @@ APP = "service.nomad.hcl"
 
 INGRESS = "ingress.nomad.hcl"
 
+AGENT = "cloud-init/files/nomad/zz-infra-lab.hcl"
+
 
 # ------------------------------------------------------------------------------ nomad fmt / validate --
 @pytest.fixture(autouse=True)
@@ -30,15 +32,26 @@ def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     yield tmp_path
 
 
-def _fake_nomad(directory: Path, fmt_exit: int, validate_exit: int) -> Path:
+def _fake_nomad(
+    directory: Path, fmt_exit: int, validate_exit: int, config_exit: int = 0, job_warning: str = ""
+) -> Path:
     """A stand-in `nomad` executable (a test double: the real binary cannot be obtained here) that records
-    its arguments and answers fmt/validate with the given exit codes."""
+    its arguments and answers fmt / job validate / config validate with the given exit codes. With
+    `job_warning`, a passing `job validate` prints it the way Nomad prints warnings (command/meta.go
+    FormatWarnings, then "Job validation successful")."""
     script = directory / "nomad"
+    warn = (
+        f"if [ {validate_exit} = 0 ]; then printf 'Job Warnings:\\n1 warning:\\n\\n* {job_warning}\\n\\n"
+        "Job validation successful\\n'; exit 0; fi\n"
+        if job_warning
+        else ""
+    )
     script.write_text(
         "#!/bin/sh\n"
         f'echo "$@" >> "{directory}/calls"\n'
         f'if [ "$1" = fmt ]; then echo "$3"; exit {fmt_exit}; fi\n'
-        f'if [ "$1" = job ]; then echo "Job validation errors:" >&2; echo "1 error occurred" >&2; exit {validate_exit}; fi\n'
+        f'if [ "$1" = job ]; then {warn}echo "Job validation errors:" >&2; echo "1 error occurred" >&2; exit {validate_exit}; fi\n'
+        f'if [ "$1" = config ]; then echo "Configuration is valid!"; exit {config_exit}; fi\n'
         "exit 64\n",
         encoding="utf-8",
     )
@@ -62,13 +75,47 @@ def test_nomad_fmt_and_validate_run_per_file_when_nomad_is_on_path(
         f"{spec}",
         f"nomad/{INGRESS}: nomad-validate: nomad job validate exited 1: Job validation errors: | "
         "1 error occurred",
+        f"{AGENT}: nomad-fmt: nomad fmt -check exited 3 (reformat with: nomad fmt {AGENT}): "
+        f"{speclint.AGENT_CONFIG}",
     ]
     assert speclint.NOMAD_SKIPPED not in err
-    assert (bin_dir / "calls").read_text().splitlines() == [f"fmt -check {spec}", f"job validate {spec}"]
+    agent = speclint.AGENT_CONFIG
+    assert (bin_dir / "calls").read_text().splitlines() == [
+        f"fmt -check {spec}",
+        f"job validate {spec}",
+        f"fmt -check {agent}",
+        f"config validate {agent}",
+    ]
 
 
 def test_nomad_checks_report_success(tmp_path: Path) -> None:
     _fake_nomad(tmp_path, fmt_exit=0, validate_exit=0)
-    findings, notes = speclint.nomad_checks([SPECS / APP], nomad=str(tmp_path / "nomad"))
+    findings, notes = speclint.nomad_checks(
+        [SPECS / APP], nomad=str(tmp_path / "nomad"), agent_config=speclint.AGENT_CONFIG
+    )
     assert findings == []
-    assert notes == [f"ok: nomad fmt -check and nomad job validate ran on {speclint._display(SPECS / APP)}"]
+    assert notes == [
+        f"ok: nomad fmt -check and nomad job validate ran on {speclint._display(SPECS / APP)}",
+        f"ok: nomad fmt -check and nomad config validate ran on {speclint._display(speclint.AGENT_CONFIG)}",
+    ]
+
+
+def test_nomad_warnings_are_findings_although_nomad_exits_0(tmp_path: Path) -> None:
+    # Nomad's own wording for a group with services and no shutdown_delay (nomad/structs/structs.go).
+    warning = (
+        'group "app" defines services, but neither the group nor any of its tasks have shutdown_delay set'
+    )
+    _fake_nomad(tmp_path, fmt_exit=0, validate_exit=0, job_warning=warning)
+    findings, _ = speclint.nomad_checks([SPECS / APP], nomad=str(tmp_path / "nomad"))
+    assert [str(f) for f in findings] == [
+        f"nomad/{APP}: nomad-validate: nomad job validate passed with warnings: 1 warning: | * {warning}"
+    ]
+
+
+def test_an_invalid_agent_config_is_reported(tmp_path: Path) -> None:
+    _fake_nomad(tmp_path, fmt_exit=0, validate_exit=0, config_exit=1)
+    findings, _ = speclint.nomad_checks([], nomad=str(tmp_path / "nomad"), agent_config=speclint.AGENT_CONFIG)
+    agent = speclint._display(speclint.AGENT_CONFIG)
+    assert [str(f) for f in findings] == [
+        f"{agent}: nomad-validate: nomad config validate exited 1: Configuration is valid!"
+    ]

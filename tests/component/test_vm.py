@@ -30,13 +30,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-QEMU_MISSING = (
-    subprocess.run(["sh", "-c", "command -v qemu-system-x86_64"], capture_output=True).returncode != 0
-)
-
-needs_qemu = pytest.mark.skipif(
-    QEMU_MISSING, reason="qemu-system-x86_64 not installed (apt-get install qemu-system-x86)"
-)
+pytestmark = pytest.mark.tools("qemu-system-x86_64", "qemu-img")
 
 HOLDER = """
 import socket, sys, time
@@ -180,7 +174,6 @@ def test_missing_qemu_is_a_clear_error(make_cfg: Callable[..., config.Config]) -
     assert not vm.paths(cfg).root.exists()
 
 
-@needs_qemu
 def test_overlay_on_base_resized_and_guarded(tmp_path: Path) -> None:
     base = tmp_path / "base.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "1G"], check=True)
@@ -199,7 +192,6 @@ def test_overlay_on_base_resized_and_guarded(tmp_path: Path) -> None:
         vm.ensure_overlay(disk, other, 5)
 
 
-@needs_qemu
 def test_lifecycle_with_real_qemu(blank_vm: config.Config, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = blank_vm
     state = vm.paths(cfg)
@@ -234,7 +226,6 @@ def test_lifecycle_with_real_qemu(blank_vm: config.Config, capsys: pytest.Captur
     assert Path(cfg.vm.image).exists()  # the base image is never touched
 
 
-@needs_qemu
 def test_qemu_failing_to_start_leaves_nothing(blank_vm: config.Config, tmp_path: Path) -> None:
     fake = tmp_path / "qemu-system-x86_64"
     fake.write_text("#!/bin/sh\necho 'qemu-system-x86_64: -accel tcg: simulated failure' >&2\nexit 1\n")

@@ -50,15 +50,6 @@ def run_lines(job: dict[str, Any]) -> list[str]:
     return [line.strip() for step in job["steps"] if "run" in step for line in str(step["run"]).splitlines()]
 
 
-def apt_packages(text: str) -> set[str]:
-    """Package names of `apt-get install` commands (continuation lines joined)."""
-    joined = re.sub(r"\\\n", " ", text)
-    names: set[str] = set()
-    for m in re.finditer(r"apt-get install ([^\n>|&]*)", joined):
-        names |= {w for w in m.group(1).split() if not w.startswith(("-", "$", '"'))}
-    return names
-
-
 # ============================================================================================== preflight ==
 def test_qemu_missing_from_path_is_named(make_cfg: Callable[..., Config], tmp_path: Path) -> None:
     cfg = make_cfg(vm={"arch": "x86_64"})
@@ -240,19 +231,30 @@ def test_every_action_is_pinned_by_commit_sha() -> None:
             assert re.fullmatch(r"[\w.-]+/[\w./-]+@[0-9a-f]{40}", ref), f"{wf.name}: {ref} not pinned by SHA"
 
 
-def test_ci_test_job_runs_exactly_the_readme_command_after_the_same_setup() -> None:
+def readme_commands() -> tuple[str, str]:
+    """The README's two commands: the setup line of the quick start and the test command."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```sh\n(.*?)```", text, re.S)
+    setup = next(
+        line for block in blocks for line in block.splitlines() if line.startswith("./scripts/setup")
+    )
+    test = next(
+        line for block in blocks for line in block.splitlines() if line.startswith(".venv/bin/nox -s lint")
+    )
+    return setup.split("#")[0].strip(), test.strip()
+
+
+def test_ci_runs_exactly_the_readme_commands() -> None:
+    setup, test = readme_commands()
+    assert setup == "./scripts/setup --system --dev" and test == ".venv/bin/nox -s lint unit component vm"
+    ci_run = (ROOT / ".ci" / "run").read_text()
+    commands = [
+        line for line in ci_run.splitlines() if line and not line.startswith(("#", "set ", "cd ", "#!"))
+    ]
+    assert commands == [setup, test]
     ci = load_workflow("ci.yml")
     assert set(ci[True]) >= {"push", "pull_request"}  # YAML 1.1 reads the key `on` as True
-    job = ci["jobs"]["test"]
-    lines = run_lines(job)
-    assert lines[-1] == ".venv/bin/nox -s lint tests vm"
-    assert "./scripts/setup" in lines
-    ci_run = (ROOT / ".ci" / "run").read_text()
-    assert ".venv/bin/nox -s lint tests vm" in ci_run
-    wanted = apt_packages(ci_run)
-    assert wanted, "no apt-get install found in .ci/run"
-    have = apt_packages("\n".join(str(s.get("run", "")) for s in job["steps"]))
-    assert wanted <= have, f"ci.yml's test job lacks .ci/run's packages: {sorted(wanted - have)}"
+    assert run_lines(ci["jobs"]["test"])[-2:] == [setup, test]
 
 
 def test_ci_e2e_job_enables_kvm_caches_the_image_runs_nox_and_uploads_logs() -> None:
@@ -269,10 +271,20 @@ def test_ci_e2e_job_enables_kvm_caches_the_image_runs_nox_and_uploads_logs() -> 
     assert ".venv/bin/nox -s e2e" in lines
     cache = [s for s in job["steps"] if str(s.get("uses", "")).startswith("actions/cache@")]
     assert cache and "steps.image.outputs.key" in cache[0]["with"]["key"]
+    # the baked image, cached by infra.bake's content key (python -m infra.e2e bake-cache)
+    assert len(cache) == 2 and cache[1]["with"] == {
+        "path": "${{ steps.bake.outputs.path }}",
+        "key": "${{ steps.bake.outputs.key }}",
+    }
+    assert '.venv/bin/python -m infra.e2e bake-cache >> "$GITHUB_OUTPUT"' in lines
     upload = [s for s in job["steps"] if str(s.get("uses", "")).startswith("actions/upload-artifact@")]
     assert upload and "failure()" in upload[0]["if"]
     for path in ("serial.log", "e2e"):
         assert path in upload[0]["with"]["path"]
+    # The Nomad API recording is uploaded on every run, passed or not: the replay data from a real Nomad.
+    (recording,) = [s for s in upload if "nomad-exchanges" in str(s["with"]["path"])]
+    assert recording["if"] == "always()"
+    assert recording["with"]["path"] == f".state/e2e/{e2e.RECORDING_NAME}"
 
 
 def test_cd_builds_pushes_and_deploys_with_minimal_permissions() -> None:
@@ -284,3 +296,24 @@ def test_cd_builds_pushes_and_deploys_with_minimal_permissions() -> None:
     assert "inv deploy.app --image" in text
     for secret in ("NOMAD_ADDR", "NOMAD_TOKEN", "NOMAD_CACERT"):
         assert f"secrets.{secret}" in text
+
+
+def test_each_step_records_its_nomad_exchanges_under_its_name(make_cfg: Any, tmp_path: Path) -> None:
+    from infra.nomad_recording import Recorder
+
+    recorder = Recorder(tmp_path / "rec.jsonl")
+    runner = e2e.E2E(
+        make_cfg(), lambda args, *, timeout: None, e2e.Options(), e2e.Report(), recorder=recorder
+    )  # type: ignore[arg-type,return-value]
+    seen: list[str] = []
+    steps = [
+        e2e.Step(name, lambda: seen.append(recorder.scenario)) for name in ("inv up (from nothing)", "smoke")
+    ]
+    teardown = [e2e.Step("inv down", lambda: seen.append(recorder.scenario))]
+    assert e2e.run_plan(
+        [runner._tagged(s) for s in steps], [runner._tagged(s) for s in teardown], e2e.Report()
+    )
+    assert seen == ["inv up (from nothing)", "smoke", "inv down"]
+    untagged = e2e.E2E(make_cfg(), lambda args, *, timeout: None, e2e.Options(), e2e.Report())  # type: ignore[arg-type,return-value]
+    assert untagged._tagged(steps[0]) is steps[0]  # --no-record: steps run as they are
+    recorder.close()

@@ -61,9 +61,9 @@ def test_full_install_pins_nomad_and_ships_agent_config_and_volumes(make_cfg) ->
     env = files["/etc/infra-lab/provision.env"]["content"]
     assert "NOMAD_VERSION=2.0.7\n" in env
     assert f"HASHICORP_KEY_FPR={pgp.HASHICORP_KEY_FPR}\n" in env
-    agent = files["/etc/nomad.d/10-project.hcl"]
+    agent = files["/etc/nomad.d/zz-infra-lab.hcl"]
     assert agent["defer"] is True
-    shipped = (seed.FILES_DIR / "nomad" / "10-project.hcl").read_text()
+    shipped = (seed.FILES_DIR / "nomad" / "zz-infra-lab.hcl").read_text()
     assert agent["content"] == shipped
     assert 'host_volume "postgres-data"' in shipped and "bootstrap_expect = 1" in shipped
     assert (

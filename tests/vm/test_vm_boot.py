@@ -18,7 +18,11 @@ from typing import Any
 
 import pytest
 
-pytestmark = [pytest.mark.vm, pytest.mark.timeout(900)]
+pytestmark = [
+    pytest.mark.vm,
+    pytest.mark.timeout(900),
+    pytest.mark.tools("qemu-system-x86_64", "qemu-img", "mmdebstrap", "mke2fs", "ssh"),
+]
 
 
 def listening(pid: int) -> set[tuple[str, int]]:

@@ -17,7 +17,10 @@ import pytest
 
 from infra import ROOT, pgp, remote, seed
 
-pytestmark = pytest.mark.vm
+pytestmark = [
+    pytest.mark.vm,
+    pytest.mark.tools("qemu-system-x86_64", "qemu-img", "mmdebstrap", "mke2fs", "ssh"),
+]
 
 
 @pytest.fixture(scope="module")
