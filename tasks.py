@@ -14,13 +14,21 @@ from invoke import Collection, Context, Exit, task
 
 from infra import config as config_mod
 from infra.config import Config
-from infra.errors import InfraError
+from infra.errors import InfraError, printable
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def cfg(c: Context) -> Config:
     return config_mod.from_invoke(c.config)
+
+
+def reach_cfg(c: Context) -> Config:
+    """The configuration with the forwards the running VM was launched with (vm.json), for tasks that talk
+    to it: a port moved for one `vm.run` stays where the VM answers."""
+    from infra import vm
+
+    return vm.reach(cfg(c))
 
 
 def domain_errors(fn: F) -> F:
@@ -30,8 +38,8 @@ def domain_errors(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except InfraError as exc:
-            raise Exit(f"error: {exc}", code=exc.exit_code) from exc
+        except InfraError as exc:  # printable(): server text may hold NULs or escape sequences
+            raise Exit(f"error: {printable(str(exc))}", code=exc.exit_code) from exc
         except KeyboardInterrupt:
             raise Exit("interrupted", code=130) from None
 
@@ -170,7 +178,7 @@ def nomad_wait(c: Context, timeout: int = 0) -> None:
     """Wait for a leader, this node ready and eligible, and a healthy docker driver."""
     from infra import cluster, nomad
 
-    config = cfg(c)
+    config = reach_cfg(c)
     cluster.wait_ready(nomad.Client.from_config(config), timeout=timeout or config.nomad.wait_timeout)
 
 
@@ -181,7 +189,7 @@ def deploy_data(c: Context, detach: bool = False) -> None:
     """Deploy Kafka + Postgres (nomad/datastorage.nomad.hcl) and follow the deployment."""
     from infra import deploy, nomad
 
-    config = cfg(c)
+    config = reach_cfg(c)
     deploy.deploy_data(config, nomad.Client.from_config(config), detach=detach)
 
 
@@ -203,7 +211,7 @@ def deploy_app(
     from infra import build as build_mod
     from infra import nomad
 
-    config = cfg(c)
+    config = reach_cfg(c)
     build_mod.ship(
         config, nomad.Client.from_config(config), build_image=build, image=image, local=local, detach=detach
     )
@@ -215,7 +223,7 @@ def deploy_ingress(c: Context, detach: bool = False) -> None:
     """Deploy Traefik (nomad/ingress.nomad.hcl) and follow the deployment."""
     from infra import deploy, nomad
 
-    config = cfg(c)
+    config = reach_cfg(c)
     deploy.deploy_ingress(config, nomad.Client.from_config(config), detach=detach)
 
 
@@ -229,7 +237,7 @@ def purge(c: Context, job: list[str] | None = None) -> None:
     """Stop and purge the project's jobs (data on host volumes survives); waits until allocations stop."""
     from infra import deploy, nomad
 
-    config = cfg(c)
+    config = reach_cfg(c)
     jobs = list(job or []) or list(reversed(deploy.project_jobs(config)))
     deploy.purge(nomad.Client.from_config(config), jobs, timeout=config.deploy.timeout)
 
@@ -249,7 +257,7 @@ def down(c: Context) -> None:
     """Purge the jobs and stop the VM."""
     from infra import stack
 
-    stack.down(cfg(c))
+    stack.down(reach_cfg(c))
 
 
 @task(help={"json": "print the status as JSON on stdout"})
@@ -260,12 +268,45 @@ def status(c: Context, json: bool = False) -> None:
 
     from infra import stack, ui
 
-    report = stack.status(cfg(c))
+    try:
+        report = stack.status(reach_cfg(c))
+    except InfraError as exc:  # --json prints JSON whatever happens
+        if json:
+            ui.out(json_mod.dumps({"error": printable(exc.message), "hint": exc.hint or ""}, indent=2))
+        raise
     if json:
         ui.out(json_mod.dumps(report, indent=2, default=str))
+    if report.get("error"):
+        hint = report["nomad"].get("hint")
+        raise Exit(f"error: {printable(report['error'])}" + (f"\nhint: {hint}" if hint else ""), code=1)
 
 
-ns = Collection(purge, up, down, status)
+@task(
+    help={
+        "task": "the task (default: the allocation's only task, or its only main task)",
+        "stderr": "show stderr instead of stdout",
+        "follow": "keep streaming new output (Ctrl-C to stop)",
+    }
+)
+@domain_errors
+def logs(c: Context, job: str, task: str = "", stderr: bool = False, follow: bool = False) -> None:
+    """A job's task logs (newest allocation) through Nomad's API, like `nomad alloc logs`."""
+    import os
+    import sys
+
+    from infra import deploy, nomad
+
+    config = reach_cfg(c)
+    client = nomad.Client.from_config(config)
+    try:
+        for chunk in deploy.task_logs(client, job, task=task or None, stderr=stderr, follow=follow):
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.buffer.flush()
+    except BrokenPipeError:  # `inv logs app | head`: the reader is gone, which is fine
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps Python's exit-time flush quiet
+
+
+ns = Collection(purge, up, down, status, logs)
 ns.add_collection(Collection("iso", iso_build))
 ns.add_collection(Collection("vm", vm_run, vm_stop, vm_status, vm_ssh, vm_logs, vm_check, vm_destroy))
 ns.add_collection(Collection("image", image_bake, image_list, image_prune))

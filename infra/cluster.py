@@ -8,7 +8,12 @@ fail with "missing drivers" (see FIELD-NOTES.md).
 The wait is one blocking query on GET /v1/nodes per state change: the server holds the request until the
 node table changes. While there is no leader, Nomad servers hold requests that need one for a short while
 (RPC hold) and then answer 500 "No cluster leader"; while the VM boots the port refuses connections.
-Both are states shown on the live line, not errors.
+Both are states shown on the live line, not errors. What waiting cannot heal stops the wait at once with
+Nomad's text and a hint: a refused token, "No path to region", a nonexistent namespace, TLS errors.
+
+Which node is "this node" comes from GET /v1/agent/self, which needs `agent:read`
+(command/agent/agent_endpoint.go); a token without it (a namespace-scoped deploy token) gets a 403 there,
+and the node is then picked from the node list instead.
 """
 
 from __future__ import annotations
@@ -133,11 +138,11 @@ class ReadinessProbe:
             # Every request is bounded by the deadline: a server that accepts and never answers must not
             # hold `inv nomad.wait` past its --timeout.
             if self.node_id is None:
-                me = self.client.agent_self(retries=0, timeout=deadline.remaining() + 1)
-                self.node_id = str(((me.get("stats") or {}).get("client") or {}).get("node_id") or "")
+                self.node_id = own_node_id(self.client, timeout=max(0.5, deadline.remaining()))
             wait = max(0.1, min(BLOCK_SECONDS, deadline.remaining()))
+            # the client shortens `wait` so that Nomad's jitter (wait/16) still fits the deadline
             res = self.client.nodes(
-                index=self.index or None, wait=wait, retries=0, timeout=deadline.remaining() + 2
+                index=self.index or None, wait=wait, retries=0, timeout=max(0.5, deadline.remaining())
             )
         except NomadTLSError:
             raise  # a CA or certificate problem does not heal by waiting
@@ -151,7 +156,7 @@ class ReadinessProbe:
                 st.reachable = True
                 st.problem = "Nomad API up; no cluster leader yet"
                 return st
-            if exc.status in (400, 401, 403, 404):
+            if exc.permanent:
                 raise  # a wrong token/region/namespace does not heal by waiting
             self._pause(started, RETRY_PAUSE)
             st.problem = f"Nomad API answered HTTP {exc.status}: {exc.body[:120]}"
@@ -223,12 +228,23 @@ def _node_events(client: Client, st: ClusterState) -> list[str]:
     return lines
 
 
+def own_node_id(client: Client, **kw: Any) -> str:
+    """The node ID of the agent we talk to ("" when it runs no client, or the token may not ask)."""
+    try:
+        me = client.agent_self(retries=0, **kw)
+    except NomadAPIError as exc:
+        if exc.status == 403:  # no agent:read (command/agent/agent_endpoint.go AgentSelfRequest)
+            return ""
+        raise
+    return str(((me.get("stats") or {}).get("client") or {}).get("node_id") or "")
+
+
 def is_ready(client: Client) -> ClusterState:
-    """One quick non-blocking look (for `inv status` and `inv up`'s skip check)."""
+    """One quick non-blocking look (for `inv status` and `inv up`'s skip check). Raises NomadAPIError
+    when waiting would not help (403, no path to region, ...)."""
     st = ClusterState()
     try:
-        me = client.agent_self(retries=0)
-        node_id = str(((me.get("stats") or {}).get("client") or {}).get("node_id") or "")
+        node_id = own_node_id(client)
         res = client.nodes(retries=0)
     except NomadUnreachable as exc:
         st.problem = f"unreachable: {exc.message}"
@@ -236,7 +252,7 @@ def is_ready(client: Client) -> ClusterState:
     except NomadAPIError as exc:
         st.reachable = True
         st.problem = "no cluster leader" if exc.no_leader else f"HTTP {exc.status}: {exc.body[:120]}"
-        if exc.status == 403:
+        if exc.permanent:
             raise
         return st
     st.reachable = True

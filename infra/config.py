@@ -83,6 +83,7 @@ class VMConfig:
     cloud_init_timeout: int
     stop_timeout: int
     baked: str
+    lock_timeout: int
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,11 @@ The flow for one HCL file, the same steps `nomad job run` takes:
 
 Secrets: `ensure_secret` creates the Postgres password in Nomad Variables (random, never in the repo);
 the job spec reads it with a `nomadVar` template.
+
+Writes are never retried blindly: a register whose answer was lost is checked by re-reading the job
+(a changed JobModifyIndex means Nomad has it); a variable write by re-reading the variable. Nomad's
+warnings (plan and register `Warnings`; variables the file does not declare, which /v1/jobs/parse drops
+silently as it does not parse Strict — jobspec2/types.variables.go) are shown to the user.
 """
 
 from __future__ import annotations
@@ -24,15 +29,17 @@ import json
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape as rich_escape
+
 from infra import ui
 from infra.config import Config
-from infra.errors import DeployError, WaitTimeout
-from infra.nomad import Client, NomadAPIError, NomadConflict, NomadNotFound
+from infra.errors import DeployError, NomadError, WaitTimeout, printable
+from infra.nomad import Client, NomadAnswerLost, NomadAPIError, NomadConflict, NomadNotFound
 from infra.state import StatePaths
 from infra.waits import Deadline, Probe, wait_until
 
@@ -40,6 +47,8 @@ from infra.waits import Deadline, Probe, wait_until
 BLOCK_SECONDS = 60.0
 #: Key in the Nomad Variable (deploy.secrets_path) holding the generated Postgres password.
 POSTGRES_PASSWORD_KEY = "postgres_password"  # noqa: S105 - a key name, not a secret
+#: Largest job file read (the project's are a few KiB).
+MAX_JOB_FILE = 1024 * 1024
 #: HCL variable that carries the app image in nomad/service.nomad.hcl.
 IMAGE_VARIABLE = "image"
 
@@ -88,7 +97,20 @@ def read_job_file(path: Path) -> str:
             f"job file not found: {path}",
             hint="the job specs live in nomad/ (config deploy.*_job names them)",
         )
-    text = path.read_text()
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_JOB_FILE + 1)
+    except OSError as exc:
+        raise DeployError(f"cannot read job file {path}: {exc.strerror}") from exc
+    if len(data) > MAX_JOB_FILE:
+        raise DeployError(f"job file {path} is larger than {MAX_JOB_FILE // 1024} KiB: is it a job spec?")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DeployError(
+            f"job file {path} is not UTF-8 text (byte {exc.start}): is it a job spec?",
+            hint="a job spec is an HCL text file like nomad/service.nomad.hcl",
+        ) from None
     if not text.strip():
         raise DeployError(f"job file is empty: {path}")
     return text
@@ -111,7 +133,9 @@ def hcl_variables(variables: Mapping[str, str] | None) -> str:
 def job_id_of(path: Path) -> str:
     """The job's ID as written in the file (`job "name" {`), without asking Nomad; else the file stem."""
     if path.is_file():
-        m = re.search(r'^\s*job\s+"([^"]+)"\s*\{', path.read_text(), re.MULTILINE)
+        with path.open("rb") as f:
+            head = f.read(MAX_JOB_FILE).decode("utf-8", errors="replace")
+        m = re.search(r'^\s*job\s+"([^"]+)"\s*\{', head, re.MULTILINE)
         if m:
             return m.group(1)
     return path.name.split(".")[0]
@@ -126,18 +150,27 @@ def project_jobs(cfg: Config) -> list[str]:
     return [job_id_of(p) for p in project_job_files(cfg)]
 
 
+def declared_variables(hcl: str) -> set[str]:
+    """Names of the `variable "name" {` blocks of a job file (what jobspec2 would accept values for)."""
+    return set(re.findall(r'^\s*variable\s+"([^"]+)"\s*\{', hcl, re.MULTILINE))
+
+
 def parse(client: Client, path: Path, variables: Mapping[str, str] | None = None) -> dict[str, Any]:
     hcl = read_job_file(path)
+    # /v1/jobs/parse is not Strict: a value for an undeclared variable is dropped with a warning Nomad
+    # never returns (command/agent/job_endpoint.go JobsParseRequest, jobspec2/types.variables.go)
+    for name in sorted(set(variables or {}) - declared_variables(hcl)):
+        ui.warn(f"{path}: variable {name!r} is not declared in the job file; Nomad ignores the value given")
     try:
         job = client.parse_job(hcl, hcl_variables(variables))
     except NomadAPIError as exc:
-        if exc.status in (400, 500):
+        if exc.status == 400:  # command/agent/job_endpoint.go: 400 "Failed to parse job: ..."
             # Nomad names the HCL "input.hcl" in its diagnostics; put the real path back.
             raise DeployError(
                 f"{path}: Nomad could not parse the job: {exc.body.replace('input.hcl', str(path))}",
                 hint="`nomad fmt -check` / `nomad job validate` show the same; check the variables passed",
             ) from exc
-        raise
+        raise  # 403, 500 "No cluster leader", ...: say what it is (NomadAPIError's message and hint)
     if not isinstance(job, dict) or not job.get("ID"):
         raise DeployError(f"{path}: /v1/jobs/parse returned no job ID: {str(job)[:200]}")
     return job
@@ -157,18 +190,15 @@ def deploy_job(
     job = parse(client, path, variables)
     job_id = str(job["ID"])
     plan = client.plan_job(job)
-    _warn(job_id, plan.get("Warnings"))
+    shown = _warn(job_id, plan.get("Warnings"))
     diff = plan.get("Diff") or {}
     if diff.get("Type") == "None":
         return _unchanged(client, job_id, timeout, started)
 
     ui.step(f"deploying job {job_id} from {path.name}: {_plan_summary(plan)}")
-    modify_index = plan.get("JobModifyIndex")
-    try:
-        reg = client.register_job(job, modify_index=int(modify_index) if modify_index is not None else None)
-    except NomadAPIError as exc:
-        raise DeployError(f"job {job_id}: Nomad refused to register it: {exc.body}", hint=exc.hint) from exc
-    _warn(job_id, reg.get("Warnings"))
+    modify_index = int(plan.get("JobModifyIndex") or 0)
+    reg = _register(client, job, modify_index)
+    _warn(job_id, reg.get("Warnings"), shown)
     eval_id = str(reg.get("EvalID") or "")
     if detach:
         ui.ok(f"{job_id}: registered (evaluation {eval_id[:8]}); not following it (--detach)")
@@ -224,10 +254,81 @@ def _raise_if_blocked(client: Client, job: Mapping[str, Any]) -> None:
     _check_evaluation(job, {**latest, "Status": latest.get("Status", "blocked")})
 
 
-def _warn(job_id: str, warnings: Any) -> None:
-    if warnings:
-        for line in str(warnings).strip().splitlines():
-            ui.warn(f"{job_id}: {line.strip()}")
+def _register(client: Client, job: Mapping[str, Any], modify_index: int) -> dict[str, Any]:
+    """POST /v1/jobs with EnforceIndex at the plan's JobModifyIndex. When the answer is lost, the job is read
+    back: registered (its JobModifyIndex moved) -> carry on; not registered -> send it once more, which
+    EnforceIndex makes safe (a second registration would fail "Enforcing job modify index ...",
+    nomad/structs/job.go)."""
+    job_id = str(job["ID"])
+    for attempt in (1, 2):
+        try:
+            return client.register_job(job, modify_index=modify_index)
+        except NomadAnswerLost as exc:
+            found = _registered_anyway(client, job_id, modify_index, exc)
+            if found is not None:
+                return found
+            if attempt == 2:
+                raise DeployError(
+                    f"job {job_id} was not registered: {exc.message}",
+                    hint="nothing changed in Nomad; deploy again when it answers",
+                ) from exc
+            ui.info(f"    {job_id}: the registration did not reach Nomad; sending it once more")
+        except NomadAPIError as exc:
+            raise DeployError(
+                f"job {job_id}: Nomad refused to register it: {exc.body}", hint=exc.hint
+            ) from exc
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _registered_anyway(
+    client: Client, job_id: str, modify_index: int, lost: NomadAnswerLost
+) -> dict[str, Any] | None:
+    """The register's answer was lost: did Nomad register it? A JobModifyIndex other than the plan's says
+    so; its evaluation is the job-register one at that index. None: it did not."""
+    try:
+        current = client.job(job_id)
+    except NomadError as exc:
+        raise DeployError(
+            f"job {job_id}: the answer to its registration was lost ({lost.message}) and the job cannot be "
+            f"read back: {exc.message}",
+            hint="look at `nomad job status` and deploy again",
+        ) from exc
+    index = int((current or {}).get("JobModifyIndex") or 0)
+    if current is None or index == modify_index:
+        return None
+    evals = [
+        e
+        for e in client.job_evaluations(job_id)
+        if int(e.get("JobModifyIndex") or 0) == index and e.get("TriggeredBy") == "job-register"
+    ]
+    latest = max(evals, key=lambda e: int(e.get("CreateIndex") or 0)) if evals else {}
+    ui.info(
+        f"    {job_id}: the answer to the registration was lost, but Nomad has it (JobModifyIndex {index})"
+    )
+    return {"EvalID": latest.get("ID", ""), "JobModifyIndex": index, "Warnings": ""}
+
+
+def warning_lines(warnings: Any) -> list[str]:
+    """Nomad's merged warnings ("2 warnings:\n\n* a\n* b", helper/warning.go) as one line each."""
+    lines = []
+    for line in str(warnings or "").splitlines():
+        line = line.strip()
+        if not line or re.fullmatch(r"\d+ warnings?:", line):
+            continue
+        lines.append(printable(line.removeprefix("* ")))
+    return lines
+
+
+def _warn(job_id: str, warnings: Any, shown: Iterable[str] = ()) -> list[str]:
+    """Show each warning once; returns those shown (plan and register carry the same ones)."""
+    seen = set(shown)
+    out = list(seen)
+    for line in warning_lines(warnings):
+        if line not in seen:
+            ui.warn(f"{job_id}: {rich_escape(line)}")
+            seen.add(line)
+            out.append(line)
+    return out
 
 
 def _plan_summary(plan: Mapping[str, Any]) -> str:
@@ -331,9 +432,11 @@ def _placement_hint(failed: Mapping[str, Any]) -> str:
 
 # ---------------------------------------------------------------------------------------- deployment --
 def _find_deployment(client: Client, job_id: str, reg: Mapping[str, Any]) -> str:
-    """When the evaluation does not name it: the job's latest deployment, if made for this registration."""
+    """When the evaluation does not name it: the job's latest deployment, if made for this registration.
+    The registration's index is the deployment's JobSpecModifyIndex; its JobModifyIndex is the job's
+    ModifyIndex, which any status change moves (nomad/structs/deployment.go NewDeployment)."""
     dep = client.job_deployment(job_id).body
-    if dep and int(dep.get("JobModifyIndex") or -1) == int(reg.get("JobModifyIndex") or -2):
+    if dep and int(dep.get("JobSpecModifyIndex") or -1) == int(reg.get("JobModifyIndex") or -2):
         return str(dep["ID"])
     return ""
 
@@ -351,19 +454,24 @@ def _groups_line(dep: Mapping[str, Any]) -> str:
     return "; ".join(parts)
 
 
-def needs_promotion(dep: Mapping[str, Any]) -> bool:
-    """Canaries placed and healthy in a group that does not auto-promote (Nomad CLI's rule)."""
+def needs_promotion(dep: Mapping[str, Any]) -> list[str]:
+    """The groups to promote now, by name: those whose canaries are all healthy and not promoted yet.
+
+    None while every group with canaries is auto_promote: Nomad promotes those itself, all together
+    (nomad/deploymentwatcher/deployment_watcher.go autoPromoteDeployment). Otherwise Nomad never
+    auto-promotes, so each group is promoted as soon as its canaries are healthy — named, never
+    `All: true`, which fails while any group's canaries are not healthy yet (nomad/state/state_store.go
+    UpdateDeploymentPromotion)."""
     if dep.get("Status") != "running":
-        return False
-    waiting = False
-    for g in (dep.get("TaskGroups") or {}).values():
-        canaries = int(g.get("DesiredCanaries") or 0)
-        if canaries == 0 or g.get("Promoted") or g.get("AutoPromote"):
-            continue
-        if int(g.get("HealthyAllocs") or 0) < canaries:
-            return False
-        waiting = True
-    return waiting
+        return []
+    canary = {n: g for n, g in (dep.get("TaskGroups") or {}).items() if int(g.get("DesiredCanaries") or 0)}
+    if all(g.get("AutoPromote") for g in canary.values()):
+        return []
+    return sorted(
+        n
+        for n, g in canary.items()
+        if not g.get("Promoted") and int(g.get("HealthyAllocs") or 0) >= int(g["DesiredCanaries"])
+    )
 
 
 def follow_deployment(
@@ -371,18 +479,23 @@ def follow_deployment(
 ) -> dict[str, Any]:
     job_id = str(job["ID"])
     index = 0
-    promoted = False
 
     def probe(d: Deadline) -> Probe[dict[str, Any]]:
-        nonlocal index, promoted
+        nonlocal index
         res = client.deployment(dep_id, index=index or None, wait=_block(deadline))
         index = max(index, res.index)
         dep = dict(res.body or {})
         status = str(dep.get("Status", "?"))
-        if not promoted and needs_promotion(dep):
-            client.promote_deployment(dep_id)
-            promoted = True
-            ui.info(f"    {job_id}: canaries healthy, promoted deployment {dep_id[:8]}")
+        groups = needs_promotion(dep)
+        if groups:
+            try:
+                client.promote_deployment(dep_id, groups)
+            except NomadAnswerLost:
+                pass  # the next read shows whether it was promoted (and promotes again if not)
+            else:
+                ui.info(
+                    f"    {job_id}: canaries healthy, promoted {', '.join(groups)} in deployment {dep_id[:8]}"
+                )
         state = f"deployment {dep_id[:8]} {status}: {_groups_line(dep)}"
         done = status in TERMINAL_DEPLOYMENT
         if done:
@@ -516,14 +629,23 @@ def ensure_secret(
     *,
     generate: Callable[[], str] = lambda: secrets.token_urlsafe(24),
     value: str | None = None,
+    keyring_wait: float = 60.0,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> str:
     """Make sure the Nomad Variable `path` has `key` and return its value (never printed).
 
     Missing: set it to `value`, or a fresh random one. With `value` given, an existing different value
     is replaced (used to keep copies in step). Check-and-set: cas=0 creates only, an update applies only
     at the ModifyIndex read, so two concurrent runs never overwrite each other (the loser re-reads).
+
+    Right after a cluster bootstraps, a write can answer 500 "keyring has not been initialized yet"
+    (nomad/encrypter.go): retried for up to `keyring_wait` seconds. A write whose answer was lost is not
+    resent: the next read shows whether it landed (check-and-set keeps a resend from doing harm anyway).
     """
-    for _ in range(3):
+    conflicts = 0
+    keyring_deadline = time.monotonic() + keyring_wait
+    pause = 0.5
+    while conflicts < 3:
         var = client.var_get(path)
         items = dict((var or {}).get("Items") or {})
         current = items.get(key)
@@ -534,8 +656,17 @@ def ensure_secret(
         try:
             client.var_put(path, items, cas=cas)
         except NomadConflict:
-            continue  # someone else wrote it in between: look again
+            conflicts += 1
+            continue  # someone else wrote it in between (or our lost write landed): look again
+        except NomadAnswerLost:
+            conflicts += 1
+            continue  # did it land? the next read says
         except NomadAPIError as exc:
+            if "keyring has not been initialized" in exc.body and time.monotonic() < keyring_deadline:
+                ui.debug(f"Nomad's keyring is not ready yet; writing {path} again in {pause:.1f}s")
+                sleep(pause)
+                pause = min(pause * 2, 4.0)
+                continue
             raise DeployError(f"cannot write Nomad Variable {path}: {exc.body}", hint=exc.hint) from exc
         ui.ok(f"{'updated' if current else 'created'} {key} in Nomad Variable {path}")
         return str(items[key])
@@ -579,6 +710,7 @@ def deploy_app(
     merged.update(variables or {})
     if chosen:
         merged[IMAGE_VARIABLE] = chosen
+    _check_writable(record_path)  # before registering: a record that cannot be written must not half-deploy
     result = deploy_job(
         client, cfg.deploy.app_job, variables=merged, detach=detach, timeout=cfg.deploy.timeout
     )
@@ -595,11 +727,31 @@ def _read_record(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def _check_writable(path: Path) -> None:
+    probe = path.with_name(f".{path.name}.probe")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise DeployError(
+            f"cannot write {path} (the record of the deployed image): {exc.strerror or exc}",
+            hint="project.state_dir must be a writable directory; nothing was deployed",
+        ) from None
+
+
 def _write_record(path: Path, data: Mapping[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise DeployError(
+            f"the job is deployed, but {path} could not be written: {exc.strerror or exc}",
+            hint="a later `inv up` redeploys the job file's default image; fix project.state_dir",
+        ) from None
 
 
 def deploy_ingress(cfg: Config, client: Client, *, detach: bool = False) -> DeployResult:
@@ -619,6 +771,9 @@ def purge(client: Client, jobs: Iterable[str], *, timeout: float = 300.0) -> lis
         except NomadNotFound:
             ui.skip(f"{job_id}: not registered")
             continue
+        except NomadAnswerLost:
+            if client.job(job_id) is not None:  # the DELETE did not land: say so (not resent blindly)
+                raise
         purged.append(job_id)
         wait_allocations_gone(client, job_id, timeout=timeout)
     return purged
@@ -693,3 +848,43 @@ def _wait(probe: Callable[[Deadline], Probe[Any]], what: str, deadline: Deadline
         hint="raise deploy.timeout, or look at the task events with `nomad job status`",
     )
     return result.value
+
+
+# ------------------------------------------------------------------------------------------- logs --
+def task_logs(
+    client: Client, job_id: str, *, task: str | None = None, stderr: bool = False, follow: bool = False
+) -> Iterator[bytes]:
+    """A task's stdout (or stderr) in the job's newest allocation, as Nomad streams it (`inv logs`).
+    Without `task`: the allocation's only task, or its only main task (not a lifecycle hook)."""
+    job = client.job(job_id)
+    if job is None:
+        raise DeployError(f"job {job_id} is not registered", hint="`inv status` lists the project's jobs")
+    allocs = list(client.job_allocations(job_id).body or [])
+    if not allocs:
+        raise DeployError(f"job {job_id} has no allocations yet", hint="`inv status` shows its deployment")
+    alloc = max(allocs, key=lambda a: int(a.get("CreateIndex") or 0))
+    group: dict[str, Any] = next(
+        (g for g in job.get("TaskGroups") or [] if g.get("Name") == alloc.get("TaskGroup")), {}
+    )
+    names = [str(t.get("Name")) for t in group.get("Tasks") or []] or sorted(alloc.get("TaskStates") or {})
+    if task is None:
+        main = [str(t.get("Name")) for t in group.get("Tasks") or [] if not t.get("Lifecycle")]
+        if len(names) == 1 or len(main) == 1:
+            task = names[0] if len(names) == 1 else main[0]
+        else:
+            raise DeployError(
+                f"job {job_id}'s allocation {str(alloc.get('ID', ''))[:8]} runs tasks {', '.join(names)}: "
+                "name one with --task"
+            )
+    elif names and task not in names:
+        raise DeployError(
+            f"job {job_id} has no task {task!r} in group {alloc.get('TaskGroup')}; its tasks: {', '.join(names)}"
+        )
+    ui.debug(f"logs of job {job_id}, allocation {str(alloc.get('ID', ''))[:8]}, task {task}")
+    try:
+        yield from client.logs(str(alloc["ID"]), task, stderr=stderr, follow=follow)
+    except NomadAPIError as exc:
+        raise DeployError(
+            f"job {job_id}, task {task} (allocation {str(alloc.get('ID', ''))[:8]}): no logs: {exc.body}",
+            hint=exc.hint,
+        ) from exc

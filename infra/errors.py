@@ -96,6 +96,22 @@ class PreflightError(InfraError):
     """A prerequisite of a long run (e2e) is missing."""
 
 
+def printable(text: str, *, limit: int | None = None) -> str:
+    """Text from outside (a server's answer, a log line) made safe for a terminal: control characters and
+    escape sequences (NUL, ESC, CR, DEL, C1) are shown as \\xNN, tabs and newlines kept; cut at `limit`."""
+    out = "".join(
+        ch
+        if ch in "\n\t" or (ch.isprintable() and ch != "\x7f")
+        else f"\\x{ord(ch):02x}"
+        if ord(ch) < 256
+        else "?"
+        for ch in text
+    )
+    if limit is not None and len(out) > limit:
+        out = out[:limit] + "…"
+    return out
+
+
 def root_cause(exc: BaseException) -> str:
     """The innermost reason of a requests/urllib3/socket error, short enough for one line:
     "connection refused", "Name or service not known", "certificate verify failed: ...".

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import fcntl
 import os
 import struct
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,33 +96,68 @@ def resolve(configured: str, state: StatePaths) -> KeyPair:
 
 
 def ensure_generated(state: StatePaths) -> KeyPair:
-    """Generate <state>/ssh/id_ed25519 once (0600) and reuse it afterwards."""
-    private, public = state.ssh_key, state.ssh_pubkey
-    if private.exists() and public.exists():
-        mode = private.stat().st_mode & 0o777
-        if mode & 0o077:
-            os.chmod(private, 0o600)
-        return KeyPair(validate_public_key(public.read_text(), str(public)), private, str(public))
-    private.parent.mkdir(parents=True, exist_ok=True)
-    os.chmod(private.parent, 0o700)
-    key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-    )
-    pub = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    line = pub.decode() + " infra-lab"
-    _write_private(private, pem)
-    tmp = public.with_suffix(".pub.tmp")
-    tmp.write_text(line + "\n")
-    tmp.replace(public)
-    return KeyPair(line, private, str(public))
+    """Generate <state>/ssh/id_ed25519 once (0600, in a 0700 directory) and reuse it afterwards.
 
-
-def _write_private(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    Safe when several commands run at once: generation happens under an flock on the ssh directory, so
+    exactly one keypair is made and every caller gets the same one (never a private key with another's
+    public half)."""
     try:
-        os.write(fd, data)
+        return _ensure_generated(state)
+    except OSError as exc:
+        raise SSHKeyError(
+            f"cannot keep the generated SSH key in {state.ssh_key.parent}: {exc.strerror or exc}",
+            hint="project.state_dir must be a directory this user can write",
+        ) from exc
+
+
+def _ensure_generated(state: StatePaths) -> KeyPair:
+    private, public = state.ssh_key, state.ssh_pubkey
+    ssh_dir = private.parent
+    ssh_dir.mkdir(parents=True, exist_ok=True)
+    _tighten(ssh_dir, 0o700)
+    dir_fd = os.open(ssh_dir, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(dir_fd, fcntl.LOCK_EX)
+        if private.exists() and public.exists():
+            _tighten(private, 0o600)
+            return KeyPair(validate_public_key(public.read_text(), str(public)), private, str(public))
+        key = Ed25519PrivateKey.generate()
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        )
+        pub = key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+        line = pub.decode() + " infra-lab"
+        _write_atomic(private, pem, 0o600)
+        _write_atomic(public, (line + "\n").encode(), 0o644)
+        return KeyPair(line, private, str(public))
     finally:
+        os.close(dir_fd)  # releases the flock
+
+
+def _tighten(path: Path, mode: int) -> None:
+    """Drop group/other permissions beyond `mode` (a 0755 ssh dir or a 0644 key left by someone else)."""
+    if path.stat().st_mode & 0o777 & ~mode:
+        os.chmod(path, mode)
+
+
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Write via a fresh temp file (O_EXCL, mode set on the open fd) renamed over `path`; removed on failure.
+
+    A fresh name matters: reusing a fixed `<name>.tmp` would keep the mode (and owner) of a file someone
+    left there, since O_CREAT's mode applies only to files it creates."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        os.write(fd, data)
+        os.fsync(fd)
         os.close(fd)
-    tmp.replace(path)
+        fd = -1
+        os.replace(tmp, path)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

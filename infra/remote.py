@@ -27,7 +27,7 @@ from typing import Any
 from fabric import Config as FabricConfig
 from fabric import Connection
 from invoke.exceptions import CommandTimedOut, UnexpectedExit
-from paramiko.ssh_exception import BadHostKeyException
+from paramiko.ssh_exception import AuthenticationException, BadHostKeyException, SSHException
 
 from infra import ui
 from infra.config import Config
@@ -137,6 +137,7 @@ def wait_ssh(
             raise VMError(
                 "qemu exited while waiting for SSH", log=state.serial_log, details=_serial_tail(state, 20)
             )
+        _stop_on_fatal_console(state)
         conn = connection(cfg, timeout=5)
         try:
             conn.open()
@@ -168,6 +169,21 @@ def wait_ssh(
     return holder["conn"]
 
 
+def _stop_on_fatal_console(state: StatePaths) -> None:
+    """Raise at once when the serial console says the guest cannot boot (no point waiting for SSH)."""
+    from infra.vm import fatal_console_line
+
+    line = fatal_console_line(state.serial_log)
+    if line is not None:
+        raise VMError(
+            f"the guest cannot boot; its serial console says: {line}",
+            details=_serial_tail(state, 15),
+            log=state.serial_log,
+            hint="the disk image (or kernel) is broken: `inv vm.destroy` then `inv vm.run` starts from a fresh "
+            "overlay; a corrupt cached base image: delete it from project.cache_dir",
+        )
+
+
 def _serial_tail(state: StatePaths, lines: int) -> list[str]:
     from infra.vm import tail
 
@@ -182,7 +198,10 @@ def _status_word(output: str) -> str:
 def wait_cloud_init(cfg: Config, conn: Connection, timeout: float | None = None) -> str:
     """Wait for cloud-init to finish; returns its status. Raises VMError on failure (with log lines)."""
 
+    state = StatePaths(cfg.project.state_dir)
+
     def probe(_deadline: object) -> Probe[str]:
+        _stop_on_fatal_console(state)
         # `cat` of cloud-init's own state files, not `cloud-init status`: under TCG every `cloud-init status`
         # starts a Python interpreter in the guest, and polling with it slows the very boot we wait for.
         result = sh(conn, _stage_probe(), timeout=30)
@@ -304,7 +323,13 @@ def cloud_init_state(cfg: Config, timeout: float = 5) -> str:
     except SSHKeyError as exc:
         return f"unknown ({exc.message})"
     try:
-        conn.open()
+        try:
+            conn.open()
+        except (AuthenticationException, BadHostKeyException) as exc:
+            return f"unknown (SSH: {_describe(exc)})"
+        except (SSHException, OSError, EOFError):
+            # refused, reset, no banner, "No existing session": the guest's sshd is not answering yet
+            return "unknown (SSH not up yet)"
         return _status_word(sh(conn, "cloud-init status", timeout=timeout * 2).stdout)
     except (CommandTimedOut, UnexpectedExit, OSError, Exception) as exc:
         return f"unknown (SSH: {_describe(exc)})"

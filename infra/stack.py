@@ -11,9 +11,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from infra import cluster, deploy, ui
+from infra import cluster, deploy, nomad, ui
 from infra.config import Config
-from infra.nomad import Client, NomadAPIError, NomadUnreachable
+from infra.errors import ConfigError, DeployError, NomadError
+from infra.nomad import Client, NomadUnreachable
 from infra.state import StatePaths
 
 
@@ -21,10 +22,13 @@ def up(cfg: Config, *, client: Client | None = None) -> None:
     from infra import remote, seed, vm
 
     started = time.monotonic()
+    if client is None:
+        _check_provisioned(cfg)
     ui.step("iso: seed ISO")
     seed.build(cfg, baked=vm.disk_is_baked(cfg))  # the seed vm.run boots with: a second `up` leaves it alone
     ui.step("vm.run: boot the VM")
     vm.run(cfg)
+    cfg = vm.reach(cfg)  # an already running VM keeps the forwards it was launched with
     ui.step("vm.check: cloud-init finished, services active")
     p = vm.paths(cfg)
     remote.check(cfg, alive=lambda: vm.running_pid(p) is not None)
@@ -35,6 +39,24 @@ def up(cfg: Config, *, client: Client | None = None) -> None:
     ui.ok(f"up: everything is running ({time.monotonic() - started:.1f}s)")
     for line in url_lines(cfg):
         ui.info(line)
+
+
+def _check_provisioned(cfg: Config) -> None:
+    """`up` deploys onto the VM's own Nomad: refuse at once when the configuration leaves it out, instead of
+    booting and then waiting nomad.wait_timeout for a Nomad (or docker driver) that will never come."""
+    if nomad.settings(cfg).source != "default":
+        return  # NOMAD_ADDR / nomad.addr: the jobs go to that cluster
+    reasons = []
+    if not cfg.provision.nomad:
+        reasons.append("provision.nomad is off, so Nomad is not installed in the VM")
+    if not cfg.provision.docker:
+        reasons.append("provision.docker is off, so the VM's Nomad would have no Docker to run the jobs")
+    if reasons:
+        raise ConfigError(
+            f"`inv up` deploys onto the VM's own Nomad, but {'; and '.join(reasons)}; nothing was started",
+            hint="turn it on (INVOKE_PROVISION_NOMAD=1 INVOKE_PROVISION_DOCKER=1), point NOMAD_ADDR at a "
+            "cluster, or boot the VM alone with `inv vm.run vm.check`",
+        )
 
 
 def deploy_all(cfg: Config, client: Client) -> list[deploy.DeployResult]:
@@ -59,17 +81,34 @@ def deploy_all(cfg: Config, client: Client) -> list[deploy.DeployResult]:
 
 
 def down(cfg: Config, *, client: Client | None = None) -> None:
-    """Purge the project's jobs (when Nomad answers), then stop the VM."""
+    """Purge the project's jobs (when Nomad answers), then stop the VM — whatever the purge said.
+
+    Whether Nomad answers is asked of /v1/status/leader, which needs no ACL capability
+    (nomad/status_endpoint.go); /v1/agent/self would need agent:read, which a deploy token lacks."""
     from infra import vm
 
     client = client or Client.from_config(cfg)
+    failed: NomadError | None = None
     try:
-        client.agent_self(retries=0)
+        client.leader(retries=0)
     except NomadUnreachable:
         ui.skip(f"Nomad at {client.addr} is not answering: no jobs to purge")
+    except NomadError as exc:
+        failed = exc
     else:
-        deploy.purge(client, list(reversed(deploy.project_jobs(cfg))), timeout=cfg.deploy.timeout)
+        try:
+            deploy.purge(client, list(reversed(deploy.project_jobs(cfg))), timeout=cfg.deploy.timeout)
+        except NomadError as exc:
+            failed = exc
+    if failed is not None:
+        ui.warn(f"purge failed ({failed.message}); stopping the VM anyway")
     vm.stop(cfg)
+    if failed is not None:
+        raise DeployError(
+            f"the VM is stopped, but the jobs were not purged: {failed.message}",
+            hint=(failed.hint + "; " if failed.hint else "")
+            + "they start again with the VM: `inv purge` then",
+        ) from failed
 
 
 def url_lines(cfg: Config) -> list[str]:
@@ -96,8 +135,14 @@ def status(
         from infra import vm
 
         vm_info = vm.status(cfg, probe_guest=False)
-    client = client or Client.from_config(cfg)
-    report: dict[str, Any] = {"vm": vm_info, "nomad": {"addr": client.addr}, "jobs": []}
+    report: dict[str, Any] = {"vm": vm_info, "nomad": {"addr": cfg.nomad.addr or None}, "jobs": []}
+    try:
+        client = client or Client.from_config(cfg)
+    except NomadError as exc:  # a malformed NOMAD_ADDR or token: in the report too
+        report["nomad"].update(reachable=False, ready=False, error=exc.message, hint=exc.hint or "")
+        report["error"] = exc.message
+        return report
+    report["nomad"]["addr"] = client.addr
 
     if vm_info.get("running"):
         uptime = vm_info.get("uptime_s")
@@ -106,7 +151,13 @@ def status(
     else:
         ui.info("VM     not running")
 
-    st = cluster.is_ready(client)
+    try:
+        st = cluster.is_ready(client)
+    except NomadError as exc:  # a refused token, an answer that is not Nomad's: in the report, not lost
+        report["nomad"].update(reachable=True, ready=False, error=exc.message, hint=exc.hint or "")
+        report["error"] = exc.message
+        ui.info(f"Nomad  {client.addr}: {exc.message}")
+        return report
     leader = cluster.leader_address(client) if st.reachable else ""
     report["nomad"].update(reachable=st.reachable, leader=leader, node=st.node_name, ready=st.ready)
     if not st.reachable:
@@ -117,8 +168,12 @@ def status(
         for job_id in deploy.project_jobs(cfg):
             try:
                 s = deploy.job_summary(client, job_id)
-            except (NomadAPIError, NomadUnreachable) as exc:
+            except NomadError as exc:
                 ui.info(f"  {job_id:<12} ? ({exc.message})")
+                report["jobs"].append({"job_id": job_id, "error": exc.message})
+                if getattr(exc, "permanent", False):  # e.g. 403: the token may not read jobs
+                    report.setdefault("error", exc.message)
+                    report["nomad"].setdefault("hint", exc.hint or "")
                 continue
             report["jobs"].append(s.__dict__)
             if s.version is None:

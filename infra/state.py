@@ -22,6 +22,7 @@ SSH_DIR = "ssh"
 SSH_KEY = "id_ed25519"
 KNOWN_HOSTS = "known_hosts"
 DEPLOYED = "deployed.json"  # last image tag deployed by deploy.app
+LOCK = "vm.lock"  # flock'ed by VM lifecycle commands (run, stop, destroy): one at a time; names its holder
 
 
 @dataclass(frozen=True)
@@ -75,3 +76,7 @@ class StatePaths:
     @property
     def deployed(self) -> Path:
         return self.root / DEPLOYED
+
+    @property
+    def lock(self) -> Path:
+        return self.root / LOCK

@@ -2,8 +2,13 @@
 
 Everything the VM owns sits in the state dir under the names of `infra.state` (overlay disk, seed ISO,
 pidfile, serial log, QMP socket, qemu's own log, the `vm.json` launch record). The VM is found by its
-pidfile, checked against /proc (or `ps`) so that a recycled pid is never mistaken for it, and spoken to over
-its QMP socket — never by searching process names.
+pidfile or launch record, and accepted only when the process's command line carries our pidfile path (psutil),
+so that garbage in the pidfile or a recycled pid is never mistaken for it; it is spoken to over its QMP
+socket — never by searching process names.
+
+Lifecycle commands (run, stop, destroy) hold the state dir's lock (`infra.lock`), one at a time. A launch
+is never cut in half: Ctrl-C during it is deferred until qemu is up and recorded, and a failed or
+interrupted `run` kills the qemu it started before it deletes the overlay that qemu runs on.
 
 `run` is idempotent: a running VM is reported and left alone. Before launching it checks every host port,
 naming the port, its config key and the process holding it. `stop` asks the guest to power off (ACPI
@@ -14,7 +19,9 @@ naming the port, its config key and the process holding it. `stop` asks the gues
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
+import itertools
 import json
 import os
 import re
@@ -22,17 +29,24 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import psutil
 
 from infra import images, qemu, ui
 from infra.config import Config, Port
 from infra.errors import PortInUseError, VMError, WaitTimeout
+from infra.lock import state_lock
 from infra.state import StatePaths
 from infra.waits import Probe, wait_until
+
+if TYPE_CHECKING:
+    from infra.bake import Choice
 
 GIB = 1024**3
 #: unix socket paths longer than this do not fit sockaddr_un on Linux (108) / macOS (104).
@@ -46,49 +60,54 @@ def paths(cfg: Config) -> StatePaths:
 # ------------------------------------------------------------------------------------------- processes --
 
 
-def _proc_cmdline(pid: int) -> str | None:
-    """The process's command line ('' when unreadable), None when there is no such live process."""
-    proc = Path(f"/proc/{pid}")
-    if Path("/proc/self").exists():
-        try:
-            stat = (proc / "stat").read_text()
-            if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X"):
-                return None  # a zombie is dead for our purposes
-            return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except (OSError, IndexError):
+def _cmdline(pid: int) -> list[str] | None:
+    """The live process's argv ([] when unreadable), None when there is no such live process (a zombie is
+    dead for our purposes)."""
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
             return None
-    try:  # macOS and other systems without /proc
-        out = subprocess.run(
-            ["ps", "-o", "stat=,command=", "-p", str(pid)],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    if not out or out.startswith("Z"):
+        return proc.cmdline()
+    except (psutil.NoSuchProcess, ValueError):
         return None
-    return out.split(None, 1)[1] if " " in out else ""
+    except psutil.AccessDenied:
+        return []
+
+
+def _proc_cmdline(pid: int) -> str | None:
+    """The process's command line as one string ('' when unreadable), None when it is not alive."""
+    argv = _cmdline(pid)
+    return None if argv is None else " ".join(argv)
+
+
+def _is_ours(argv: list[str] | None, p: StatePaths) -> bool:
+    """A qemu launched for this state dir: its argv carries `-pidfile <our pidfile>` (a recycled pid does not)."""
+    pidfile = str(p.pidfile)
+    return argv is not None and any(a == "-pidfile" and b == pidfile for a, b in itertools.pairwise(argv))
 
 
 def read_pid(pidfile: Path) -> int | None:
     try:
         text = pidfile.read_text().strip()
-    except OSError:
+    except (OSError, UnicodeDecodeError):
         return None
     return int(text) if text.isdigit() else None
 
 
 def running_pid(p: StatePaths) -> int | None:
-    """The pid of OUR qemu: pidfile names a live process whose command line carries our pidfile path."""
-    pid = read_pid(p.pidfile)
-    if pid is None:
-        return None
-    cmdline = _proc_cmdline(pid)
-    if cmdline is None or str(p.pidfile) not in cmdline:
-        return None
-    return pid
+    """The pid of OUR qemu, or None. Candidates: the pidfile, then the launch record (vm.json), then any
+    process whose argv carries our pidfile path (a qemu whose pidfile was lost or never written); each is
+    accepted only when its command line says it is ours, so garbage in the pidfile or a recycled pid never
+    hides or impersonates the VM."""
+    recorded = load_record(p).get("pid")
+    for pid in (read_pid(p.pidfile), recorded if isinstance(recorded, int) else None):
+        if pid and _is_ours(_cmdline(pid), p):
+            return pid
+    for proc in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if _is_ours(proc.info["cmdline"], p) and proc.status() != psutil.STATUS_ZOMBIE:
+                return int(proc.pid)
+    return None
 
 
 def clear_stale(p: StatePaths) -> bool:
@@ -272,6 +291,40 @@ def ensure_overlay(disk: Path, base: Path, size_gb: int) -> bool:
     return True
 
 
+#: `qemu-img check` exit codes: 0 clean, 3 leaked clusters only (harmless), 63 format without checks (raw).
+_CHECK_OK = (0, 3, 63)
+
+
+def check_image(path: Path, what: str, fmt: str | None = None) -> None:
+    """Refuse to boot an image that `qemu-img check` finds corrupt or cannot read (names the file)."""
+    tool = shutil.which("qemu-img")
+    if tool is None:
+        raise VMError(
+            "qemu-img not found on PATH", hint="apt-get install qemu-utils (macOS: brew install qemu)"
+        )
+    args = [tool, "check", "-q", *(["-f", fmt] if fmt else []), str(path)]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False)
+    if proc.returncode in _CHECK_OK:
+        return
+    lines = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
+    if 'Failed to get shared "write" lock' in proc.stderr:
+        raise VMError(
+            f"{what} {path} is in use by another process (qemu-img check could not lock it)",
+            details=lines,
+            hint="a qemu or qemu-img that this project did not start has it open; stop that process first",
+        )
+    overlay = fmt == "qcow2"
+    raise VMError(
+        f"{what} {path} is corrupt or unreadable (qemu-img check exit {proc.returncode}): "
+        + (lines[0] if lines else "no details"),
+        details=lines[1:10],
+        hint="`inv vm.destroy` discards the VM's disk (the guest's data is lost), then `inv vm.run`"
+        if overlay
+        else "delete it (a cached image is downloaded and verified again by the next `inv vm.run`) "
+        "or point vm.image at a good one; nothing was started",
+    )
+
+
 def _seed(cfg: Config, p: StatePaths, baked: bool) -> tuple[Path, str]:
     """The seed ISO for the current configuration (rewritten only when its bytes change) and its instance-id;
     `baked`: for a baked image, which installs nothing."""
@@ -324,6 +377,11 @@ def disk_is_baked(cfg: Config) -> bool:
 def run(cfg: Config) -> Launch:
     """`inv vm.run`: boot the VM daemonized; a no-op (reported) when it already runs."""
     p = paths(cfg)
+    with state_lock(p, "vm.run", cfg.vm.lock_timeout):
+        return _run(cfg, p)
+
+
+def _run(cfg: Config, p: StatePaths) -> Launch:
     pid = running_pid(p)
     if pid is not None:
         record = load_record(p)
@@ -348,17 +406,22 @@ def run(cfg: Config) -> Launch:
         )
     check_ports(cfg.vm.ports)
     base = images.ensure(cfg, arch)
+    check_image(base, "base image")
+    disk_existed = p.disk.exists()
+    if disk_existed:
+        check_image(p.disk, "VM disk (overlay)", fmt="qcow2")
     from infra import bake
 
     choice = bake.choose(cfg, arch, base, _backing(p.disk))  # vm.baked: a matching bake, or the base
+    if choice.key is not None:
+        check_image(choice.image, "baked image", fmt="qcow2")
     p.root.mkdir(parents=True, exist_ok=True)
     iso, instance_id = _seed(cfg, p, baked=choice.key is not None)
     firmware = qemu.find_firmware(binary) if arch == "aarch64" and kernel is None else None
 
-    created = ensure_overlay(p.disk, choice.image, cfg.vm.disk_gb)
-    if created:
-        p.known_hosts.unlink(missing_ok=True)  # a new disk has new SSH host keys
     try:
+        if ensure_overlay(p.disk, choice.image, cfg.vm.disk_gb):
+            p.known_hosts.unlink(missing_ok=True)  # a new disk has new SSH host keys
         accel, reason = qemu.resolve_accel(
             cfg.vm.accel,
             arch,
@@ -373,11 +436,28 @@ def run(cfg: Config) -> Launch:
             firmware=firmware,
         )  # fmt: skip
         command = qemu.build_command(spec)
-        pid = _launch(command, p)
+        # From here on Ctrl-C waits: qemu started => qemu recorded and reported, or killed by the cleanup.
+        with _interrupts_deferred():
+            pid = _launch(command, p)
+            record = _record(
+                cfg, pid, accel, reason, arch, base, p, iso, instance_id, kernel, command, choice
+            )
+            forwards = ", ".join(f"{n} 127.0.0.1:{f.host}->{f.guest}" for n, f in cfg.vm.ports.items())
+            ui.ok(f"VM started: pid {pid}, {accel} ({reason}), {cfg.vm.cpus} vCPU, {cfg.vm.memory_mb} MiB")
+            ui.info(f"    image: {choice.reason}: {choice.image}")
+            ui.info(f"    forwards: {forwards}")
+            ui.info(f"    serial log: {p.serial_log}  (inv vm.logs); next: inv vm.check")
     except BaseException:
-        if created:
-            p.disk.unlink(missing_ok=True)
+        _discard_launch(p, remove_disk=not disk_existed)
         raise
+    return Launch(record, started=True)
+
+
+def _record(
+    cfg: Config, pid: int, accel: str, reason: str, arch: str, base: Path, p: StatePaths, iso: Path,
+    instance_id: str, kernel: Path | None, command: list[str], choice: Choice,
+) -> dict[str, Any]:  # fmt: skip
+    """Write vm.json, the launch record: what runs and how it was started (ports, accel, command)."""
     record = {
         "pid": pid,
         "started_at": time.time(),
@@ -396,13 +476,47 @@ def run(cfg: Config) -> Launch:
         "direct_kernel_boot": kernel is not None,
         "command": command,
     }
-    p.vm_record.write_text(json.dumps(record, indent=2) + "\n")
-    forwards = ", ".join(f"{n} 127.0.0.1:{f.host}->{f.guest}" for n, f in cfg.vm.ports.items())
-    ui.ok(f"VM started: pid {pid}, {accel} ({reason}), {cfg.vm.cpus} vCPU, {cfg.vm.memory_mb} MiB")
-    ui.info(f"    image: {choice.reason}: {choice.image}")
-    ui.info(f"    forwards: {forwards}")
-    ui.info(f"    serial log: {p.serial_log}  (inv vm.logs); next: inv vm.check")
-    return Launch(record, started=True)
+    tmp = p.vm_record.with_name(f".{p.vm_record.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(p.vm_record)
+    return record
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold back Ctrl-C (SIGINT) until the block ends, then raise KeyboardInterrupt: the launch between
+    starting qemu and recording it is never cut in half (qemu gets default signal handling: exec resets it)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: caught.append(signum))
+    if previous is None:  # a handler not installed from Python: restore the default
+        previous = signal.SIG_DFL
+    try:
+        yield
+    except BaseException:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            raise KeyboardInterrupt from None
+        raise
+    signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
+def _discard_launch(p: StatePaths, *, remove_disk: bool) -> None:
+    """After a failed or interrupted `run`: kill the qemu it launched (found by pidfile, record or command
+    line), then remove what that qemu used — never the other way round (a qemu on a deleted overlay)."""
+    pid = running_pid(p)
+    if pid is not None:
+        _kill(pid)
+    for path in (p.pidfile, p.qmp_socket):
+        path.unlink(missing_ok=True)
+    if "stopped_at" not in load_record(p):  # written by this launch (or a crashed one): no VM runs
+        p.vm_record.unlink(missing_ok=True)
+    if remove_disk:
+        p.disk.unlink(missing_ok=True)
 
 
 def _launch(command: list[str], p: StatePaths) -> int:
@@ -448,6 +562,14 @@ def _pid_gone(pid: int) -> bool:
 def stop(cfg: Config, timeout: float | None = None) -> bool:
     """`inv vm.stop`: ACPI power-off over QMP, wait, then SIGTERM/SIGKILL. True when a VM was stopped."""
     p = paths(cfg)
+    if not p.root.is_dir():
+        ui.skip("VM is not running")
+        return False
+    with state_lock(p, "vm.stop", cfg.vm.lock_timeout):
+        return _stop(cfg, p, timeout)
+
+
+def _stop(cfg: Config, p: StatePaths, timeout: float | None) -> bool:
     pid = running_pid(p)
     if pid is None:
         if clear_stale(p):
@@ -539,7 +661,7 @@ def status(cfg: Config, *, probe_guest: bool = True) -> dict[str, Any]:
     if probe_guest:
         from infra import remote
 
-        info["cloud_init"] = remote.cloud_init_state(cfg)
+        info["cloud_init"] = remote.cloud_init_state(reach(cfg))
     return info
 
 
@@ -555,6 +677,20 @@ def tail(path: Path, lines: int) -> list[str]:
     # strip ANSI colour codes of systemd's console output
     text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text).replace("\r", "")
     return text.splitlines()[-lines:] if lines > 0 else []
+
+
+#: Serial-console lines after which a guest never reaches SSH: waits stop at once instead of timing out.
+FATAL_CONSOLE = re.compile(
+    r"Kernel panic - not syncing.*|VFS: Unable to mount root fs.*|Failed to mount /dev/\S+.*"
+    r"|ALERT!.*does not exist.*|Dropping to a shell.*|^\(initramfs\).*|You are in emergency mode.*",
+    re.M,
+)
+
+
+def fatal_console_line(path: Path) -> str | None:
+    """The first line of the serial log that says the guest cannot boot, if any."""
+    match = FATAL_CONSOLE.search("\n".join(tail(path, 2000)))
+    return match.group(0).strip() if match else None
 
 
 def follow(path: Path, lines: int) -> Iterator[str]:
@@ -591,7 +727,15 @@ VM_FILES = ("seed_iso", "user_data", "disk", "pidfile", "serial_log", "qmp_socke
 def destroy(cfg: Config) -> list[Path]:
     """`inv vm.destroy`: stop the VM, delete its disk, seed ISO, keys and records. Returns what was removed."""
     p = paths(cfg)
-    stop(cfg, timeout=0)  # the disk is deleted next: no point in a graceful guest shutdown
+    if not p.root.is_dir():
+        ui.ok(f"VM destroyed: nothing to remove ({p.root} does not exist)")
+        return []
+    with state_lock(p, "vm.destroy", cfg.vm.lock_timeout):
+        return _destroy(cfg, p)
+
+
+def _destroy(cfg: Config, p: StatePaths) -> list[Path]:
+    _stop(cfg, p, timeout=0)  # the disk is deleted next: no point in a graceful guest shutdown
     removed = []
     for name in VM_FILES:
         path: Path = getattr(p, name)
@@ -602,6 +746,7 @@ def destroy(cfg: Config) -> list[Path]:
     if ssh_dir.exists():
         shutil.rmtree(ssh_dir)
         removed.append(ssh_dir)
+    p.lock.unlink(missing_ok=True)  # still held by us: a waiter notices the new file (infra.lock)
     with contextlib.suppress(OSError):
         p.root.rmdir()  # only when nothing else (another tool's files) is left in it
     ui.ok(
@@ -622,6 +767,22 @@ def _require_running(cfg: Config) -> StatePaths:
     if running_pid(p) is None:
         raise VMError("the VM is not running", hint="start it with `inv vm.run` (or `inv up`)")
     return p
+
+
+def reach(cfg: Config) -> Config:
+    """`cfg` with the forwards the running VM was launched with (vm.json), for every task that talks to it:
+    a port moved for one `vm.run` (INVOKE_VM_PORTS_SSH_HOST=2223) is where the VM answers until it stops."""
+    p = paths(cfg)
+    ports = load_record(p).get("ports")
+    if not isinstance(ports, dict) or running_pid(p) is None:
+        return cfg
+    try:
+        launched = {name: Port(int(f["host"]), int(f["guest"])) for name, f in ports.items()}
+    except (KeyError, TypeError, ValueError):
+        return cfg
+    if launched == cfg.vm.ports:
+        return cfg
+    return dataclasses.replace(cfg, vm=dataclasses.replace(cfg.vm, ports=launched))
 
 
 def show_status(cfg: Config, *, as_json: bool = False) -> dict[str, Any]:
@@ -648,7 +809,7 @@ def ssh(cfg: Config, command: str = "") -> int:
     from infra import remote
 
     _require_running(cfg)
-    return subprocess.call(remote.ssh_command(cfg, command))
+    return subprocess.call(remote.ssh_command(reach(cfg), command))
 
 
 def check(cfg: Config) -> Any:
@@ -657,7 +818,7 @@ def check(cfg: Config) -> Any:
 
     p = _require_running(cfg)
     report = remote.check(
-        cfg, alive=lambda: running_pid(p) is not None, started_at=load_record(p).get("started_at")
+        reach(cfg), alive=lambda: running_pid(p) is not None, started_at=load_record(p).get("started_at")
     )
     ui.out(json.dumps(report.as_dict(), sort_keys=True))
     return report

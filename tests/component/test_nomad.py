@@ -183,7 +183,7 @@ def test_acl_bad_token_is_403_with_a_hint_and_the_wait_stops_at_once(double: Any
 
 
 def test_token_namespace_and_region_are_sent(double: Any) -> None:
-    d = double(acl_token="tok").ready_now().start()
+    d = double(acl_token="tok", region="eu", namespaces=("prod",)).ready_now().start()
     client_for(d, token="tok", namespace="prod", region="eu").nodes()
     r = d.requests[-1]
     assert r.query == {"namespace": "prod", "region": "eu"}
@@ -259,3 +259,91 @@ def test_wait_keeps_its_deadline_against_a_server_that_never_answers() -> None:
         listener.close()
     assert elapsed < 6, f"nomad.wait took {elapsed:.1f}s with a 2s timeout"
     assert "did not answer" in str(err.value)
+
+
+# ------------------------------------------------------------------------------ issue 10: the transport --
+def test_token_is_never_sent_across_a_redirect() -> None:
+    """A Nomad address answering 307 to another origin must not get X-Nomad-Token sent there (requests
+    strips only Authorization on redirects)."""
+    from pytest_httpserver import HTTPServer
+
+    with HTTPServer(host="127.0.0.1") as first, HTTPServer(host="127.0.0.1") as other:
+        other.expect_request("/v1/status/leader").respond_with_json("10.0.0.9:4647")
+        first.expect_request("/v1/status/leader").respond_with_data(
+            "", status=307, headers={"Location": other.url_for("/v1/status/leader")}
+        )
+        c = Client(Settings(addr=first.url_for("").rstrip("/"), token="s3cr3t-token", retries=0))
+        with pytest.raises(NomadError) as info:
+            c.leader()
+        assert "HTTP 307, a redirect to http://127.0.0.1:" in str(info.value)
+        assert "not followed" in str(info.value) and "s3cr3t-token" not in str(info.value)
+        assert other.log == []  # the other origin saw nothing, so no token
+        assert first.log[0][0].headers.get("X-Nomad-Token") == "s3cr3t-token"
+
+
+def test_the_deadline_bounds_the_whole_request_not_each_read() -> None:
+    """Headers at once, then one byte a second: every read succeeds, so per-read timeouts never fire."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    port = listener.getsockname()[1]
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n"
+                )
+                for _ in range(200):
+                    if stop.wait(1.0):
+                        break
+                    try:
+                        conn.sendall(b" ")
+                    except OSError:
+                        break
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        client = Client(Settings(addr=f"http://127.0.0.1:{port}", read_timeout=30.0, retries=0))
+        started = time.monotonic()
+        with pytest.raises(NomadUnreachable) as info:
+            client.request("GET", "/v1/status/leader", timeout=3)
+        elapsed = time.monotonic() - started
+        assert elapsed < 5, f"a 3 s deadline took {elapsed:.1f}s"
+        assert "did not finish answering GET /v1/status/leader within 3s" in str(info.value)
+        patient = Client(Settings(addr=f"http://127.0.0.1:{port}", retries=3), sleep=lambda s: None)
+        with pytest.raises(NomadUnreachable):
+            patient.request("GET", "/v1/status/leader", timeout=1)
+        assert patient.requests_made == 1  # a slow server stays slow: a timed-out read is not retried
+        started = time.monotonic()
+        with pytest.raises(WaitTimeout):
+            cluster.wait_ready(client, timeout=3)
+        assert time.monotonic() - started < 6
+    finally:
+        stop.set()
+        listener.close()
+        thread.join(timeout=5)
+
+
+def test_raw_server_bytes_are_made_printable_in_errors() -> None:
+    from pytest_httpserver import HTTPServer
+
+    with HTTPServer(host="127.0.0.1") as server:
+        server.expect_request("/v1/status/leader").respond_with_data(
+            b"boom\x00\xff\x1b[2J\x1b]0;pwned\x07\rend", status=500, content_type="text/plain"
+        )
+        with pytest.raises(NomadAPIError) as info:
+            Client(Settings(addr=server.url_for("").rstrip("/"), retries=0)).leader()
+    text = str(info.value)
+    assert not any(ch in text for ch in "\x00\x1b\x07\r")
+    assert "boom\\x00\ufffd\\x1b[2J\\x1b]0;pwned\\x07\\x0dend" in text

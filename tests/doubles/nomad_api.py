@@ -1,47 +1,63 @@
 """A STATEFUL TEST DOUBLE of Nomad's HTTP API — not Nomad, and not a mock of our client.
 
 A real Nomad cannot run on our machines (no binary obtainable), so the client and the deploy flow are
-tested against this double, served by pytest-httpserver (threaded, optionally TLS). Its responses follow
-the shapes in Nomad's API docs (website/content/api-docs/*.mdx in hashicorp/nomad; summarised with sources
-in /tmp/research/nomad-api.md): status/leader, agent/self, agent/health, nodes, node/:id, jobs/parse, jobs,
-job/:id, job/:id/plan, job/:id/allocations, job/:id/deployment, deployment/:id, deployment/promote/:id,
-evaluation/:id, allocation/:id, var/:path, DELETE job/:id?purge=true.
+tested against this double, served by pytest-httpserver (threaded, optionally TLS). It follows Nomad's
+SOURCE (hashicorp/nomad 2.0.6-dev, read 2026-11-30), not memory: next to each behaviour below, a comment
+names the file it follows. Endpoints: status/leader, agent/self, agent/health, nodes, node/:id,
+jobs/parse, jobs, job/:id, job/:id/plan, job/:id/allocations, job/:id/deployment, job/:id/evaluations,
+deployment/:id, deployment/promote/:id, evaluation/:id, allocation/:id, var/:path, DELETE job/:id,
+client/fs/logs/:alloc.
 
-What it models:
+What it models (sources at each place in the code):
 - one raft index; a per-table index (nodes, jobs, evals, deployments, allocs, vars) returned as
   X-Nomad-Index; BLOCKING QUERIES: `?index=N&wait=D` holds the request until the table's index passes N
-  or D elapses (the handler thread waits on a condition variable);
-- no leader: requests that need one are held for `rpc_hold` seconds (Nomad servers hold RPCs while no
-  leader is known) and then answered 500 "No cluster leader"; agent/self, agent/health, status/* answer;
+  or D elapses — D capped at 300 s, 300 s when absent, plus up to D/16 of jitter (nomad/rpc.go,
+  nomad/structs/structs.go);
+- no leader: RPC-backed requests are held for `rpc_hold` seconds and then answered 500 "No cluster
+  leader"; agent/self, agent/health, status/leader and jobs/parse (parsed in the agent) answer;
+- `?region=` other than the agent's: 500 "No path to region"; a job in a namespace that does not exist:
+  500 `job "x" is in nonexistent namespace "y"` (plan and register);
+- ACLs: per-endpoint capabilities (agent:read for agent/self, node:read, read-job, submit-job, parse-job,
+  list-jobs, variables read/write, read-logs|read-fs); 403 "Permission denied" / "ACL token not found";
+- jobs/parse with python-hcl2 (the same parser speclint uses): variables with defaults, `var.x` and
+  `${var.x}` interpolation, runtime `${NOMAD_*}`/`${attr.*}`... left as text, heredocs; not Strict, so
+  a value for an undeclared variable is dropped (its warning is kept in `parse_warnings`, as Nomad keeps
+  it to itself); lifecycle blocks, services and shutdown_delay are kept; what python-hcl2 cannot read or
+  the double cannot evaluate (functions) is a 400 "Failed to parse job: input.hcl:L,C: ...";
+- plan and register `Warnings` (services without shutdown_delay), merged as Nomad does;
+- register with EnforceIndex (the three messages of structs.Job.EnforceIndex); DELETE of an unknown job:
+  200 with no evaluation; deployments carrying JobModifyIndex (the job's ModifyIndex) AND
+  JobSpecModifyIndex (the registration); job allocations of the CURRENT job only (`all=true`: every one);
 - state that changes over time on a schedule (`at(seconds, fn)`; real clock): the leader appears, the
   node registers, becomes ready, the docker driver becomes healthy; allocations go pending -> running ->
-  healthy (or fail), deployments running -> successful / failed (+ auto-revert), canaries wait for
-  promotion; purge stops allocations and they turn `complete` a moment later;
+  healthy (or fail), prestart tasks run to completion first; deployments running -> successful / failed
+  (+ auto-revert), canaries wait for promotion (auto-promote only when every canary group is
+  auto_promote), promotion of named groups or All, checking each group's healthy canaries;
 - a scheduler: a group is placed only on a ready node whose driver is detected and healthy ("missing
   drivers" in FailedTGAllocs.ConstraintFiltered otherwise) and with enough memory ("memory" in
   DimensionExhausted), with a blocked evaluation;
-- ACLs: with `acl_token` set, no token -> 403 "Permission denied", a wrong one -> 403 "ACL token not found";
-- Variables with check-and-set (`?cas=`; 409 with the current variable on conflict);
-- plan diffs: "Added", "Edited", "None" against the registered version; EnforceIndex on register.
+- docker images on the node: with `pullable`, an image neither on the node nor in a registry fails to pull;
+  images are reference-counted by tasks and removed `image_delay` after the last one stops, unless
+  gc.image = false (`docker_gc`, or `gc_from_agent_config`);
+- Variables with check-and-set (`?cas=`; 409 with the current variable on conflict) and the window after
+  bootstrap where writes answer 500 "keyring has not been initialized yet";
+- task logs: framed JSON {File, Offset, Data} with `{}` heartbeats while following, or plain text.
 
-LIMITATION — jobs/parse: the double does not implement HCL2. It reads a small subset: `variable` blocks
-with `default`, one `job "name"` block, nested blocks `name "label" {` ... `}` (one per line, or an empty /
-single-attribute block on one line), attributes `key = value` with string, number, bool, `var.x`,
-`"${var.x}"` interpolation, one-line or multi-line lists of literals, `<<EOF` heredocs. Functions,
-locals, dynamic blocks and other expressions answer 400 like a parse error. Variables passed in that the
-file does not declare are a 400 too. Real job specs beyond that subset are exercised by the replay test
-and, for real, only against a real Nomad.
-
-Task behaviour is chosen per task image or task name: `behaviour["img:tag"] = "driver-failure"`, or
-"exit-1", or "ok" (default).
+Faults for tests: `fail_next` (one-shot status + body), `drop_answer` (the request is applied, then the
+connection is cut before the answer). Task behaviour per task image or task name:
+`behaviour["img:tag"] = "driver-failure"`, or "exit-1", or "ok" (default); `health_delay[name]` delays
+a task's health.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import copy
 import heapq
 import itertools
 import json
+import random
 import re
 import socket
 import ssl
@@ -49,9 +65,10 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+import hcl2
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
@@ -90,228 +107,243 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class HCLSubsetError(Exception):
-    def __init__(self, line: int, message: str) -> None:
-        super().__init__(f"input.hcl:{line},1-2: {message}")
+class HCLParseError(Exception):
+    """A jobspec2 diagnostic: `input.hcl:LINE,COL: summary` (the agent names its input "input.hcl",
+    command/agent/job_endpoint.go JobsParseRequest: ParseConfig{Path: "input.hcl"})."""
+
+    def __init__(self, line: int, message: str, col: int = 1) -> None:
+        super().__init__(f"input.hcl:{line},{col}: {message}")
 
 
-@dataclass
-class Block:
-    type: str
-    labels: list[str]
-    attrs: dict[str, Any] = field(default_factory=dict)
-    blocks: list[Block] = field(default_factory=list)
-
-    def children(self, kind: str) -> list[Block]:
-        return [b for b in self.blocks if b.type == kind]
-
-    def child(self, kind: str) -> Block | None:
-        found = self.children(kind)
-        return found[0] if found else None
-
-
-_BLOCK = re.compile(r'^([A-Za-z_][\w-]*)((?:\s+"[^"]*")*)\s*\{\s*$')
-_ONE_LINE_BLOCK = re.compile(r'^([A-Za-z_][\w-]*)((?:\s+"[^"]*")*)\s*\{\s*(.*?)\s*\}\s*$')
-_ATTR = re.compile(r"^([A-Za-z_][\w-]*)\s*=\s*(.*?)\s*$")
-_INTERP = re.compile(r"\$\{\s*var\.([A-Za-z_][\w-]*)\s*\}")
+#: python-hcl2's serialization: blocks as lists of {label: body}, strings unquoted, heredocs raw (we strip
+#: their markers below, so escapes inside them stay literal as in HCL).
+_HCL_OPTIONS = hcl2.SerializationOptions(
+    with_comments=False, strip_string_quotes=True, explicit_blocks=True, preserve_heredocs=True
+)
+_WHOLE_VAR = re.compile(r"^\$\{\s*var\.([A-Za-z_][\w-]*)\s*\}$")
+_INTERP = re.compile(r"(?<!\$)\$\{([^{}]*)\}")
+#: Names jobspec2 leaves for the client to interpolate at run time (jobspec2/parse.go: only `var.` and
+#: `local.` are HCL variables; `${NOMAD_*}`, `${attr.*}`, `${node.*}`, `${meta.*}`, `${env ...}` stay text).
+_RUNTIME = re.compile(
+    r"^\s*(NOMAD_[\w]+|attr\.[\w.-]+|node\.[\w.-]+|meta\.[\w.-]+|env\[.*\]|[A-Z_][A-Z0-9_]*)\s*$"
+)
+_REQUIRED = object()
+#: A few of jobspec2's functions (jobspec2/functions.go); the double names but does not evaluate them.
+_KNOWN_FUNCTIONS = {"format", "join", "split", "lower", "upper", "replace", "concat", "merge", "lookup",
+                    "file", "jsonencode", "jsondecode", "base64encode", "trimspace", "coalesce", "length"}  # fmt: skip
 
 
-class HCLSubset:
-    """See the module docstring: a deliberately small reader, not HCL2."""
+def _hcl_load(text: str) -> dict[str, Any]:
+    try:
+        return dict(hcl2.loads(text, serialization_options=_HCL_OPTIONS))
+    except Exception as exc:  # lark's UnexpectedInput carries line/column
+        line = int(getattr(exc, "line", 1) or 1)
+        col = int(getattr(exc, "column", 1) or 1)
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise HCLParseError(line, f"Invalid expression; {first}", col) from None
 
-    def __init__(self, text: str, variables: dict[str, Any] | None = None) -> None:
-        self.lines = text.splitlines()
-        self.vars = variables or {}
-        self.pos = 0
 
-    def parse(self) -> Block:
-        root = Block("root", [])
-        stack = [root]
-        while self.pos < len(self.lines):
-            lineno = self.pos + 1
-            raw = self.lines[self.pos]
-            self.pos += 1
-            line = raw.strip()
-            if not line or line.startswith(("#", "//")):
-                continue
-            if line == "}":
-                if len(stack) == 1:
-                    raise HCLSubsetError(lineno, "Argument or block definition required: unexpected }")
-                stack.pop()
-                continue
-            m = _BLOCK.match(line)
-            if m:
-                blk = Block(m.group(1), re.findall(r'"([^"]*)"', m.group(2)))
-                stack[-1].blocks.append(blk)
-                stack.append(blk)
-                continue
-            m = _ONE_LINE_BLOCK.match(line)
-            if m:
-                blk = Block(m.group(1), re.findall(r'"([^"]*)"', m.group(2)))
-                inner = m.group(3)
-                if inner:
-                    am = _ATTR.match(inner)
-                    if not am:
-                        raise HCLSubsetError(lineno, f"Unsupported one-line block body: {inner}")
-                    blk.attrs[am.group(1)] = self.value(am.group(2), lineno)
-                stack[-1].blocks.append(blk)
-                continue
-            m = _ATTR.match(line)
-            if m:
-                key, rest = m.group(1), m.group(2)
-                if rest == "{":  # a map attribute (meta = {): keep it as a block
-                    blk = Block(key, [])
-                    stack[-1].blocks.append(blk)
-                    stack.append(blk)
-                    continue
-                stack[-1].attrs[key] = self.value(rest, lineno)
-                continue
-            raise HCLSubsetError(lineno, f"Invalid expression: {line[:60]}")
-        if len(stack) != 1:
-            raise HCLSubsetError(len(self.lines), "Unclosed configuration block")
-        return root
+def _line_of(text: str, needle: str) -> int:
+    pos = text.find(needle)
+    return text.count("\n", 0, pos) + 1 if pos >= 0 else 1
 
-    def value(self, text: str, lineno: int) -> Any:
-        text = re.sub(r"\s+(#|//).*$", "", text) if not text.startswith('"') else text
-        if text.startswith("<<"):
-            marker = text.lstrip("<-").strip()
-            body = []
-            while self.pos < len(self.lines) and self.lines[self.pos].strip() != marker:
-                body.append(self.lines[self.pos])
-                self.pos += 1
-            if self.pos >= len(self.lines):
-                raise HCLSubsetError(lineno, f"Unterminated template string (heredoc {marker})")
-            self.pos += 1
-            return "\n".join(body) + "\n"
-        if text.startswith("[") and not text.rstrip().endswith("]"):
-            while self.pos < len(self.lines):
-                item = self.lines[self.pos].strip()
-                self.pos += 1
-                if item.startswith(("#", "//")):
-                    continue
-                text += " " + item
-                if text.rstrip().endswith("]"):
-                    break
-        if text.startswith("["):
-            inner = text.strip()[1:-1].strip().rstrip(",")
-            if not inner:
-                return []
-            return [self.value(part.strip(), lineno) for part in _split_list(inner)]
-        if text.startswith('"'):
-            try:
-                s = json.loads(text)
-            except ValueError as exc:
-                raise HCLSubsetError(lineno, f"Invalid string: {text[:60]}") from exc
-            return _INTERP.sub(lambda mm: str(self.var(mm.group(1), lineno)), s)
-        if text in ("true", "false"):
-            return text == "true"
-        if re.fullmatch(r"-?\d+", text):
-            return int(text)
-        if re.fullmatch(r"-?\d+\.\d+", text):
-            return float(text)
-        if re.fullmatch(r"(string|number|bool|any)|(list|set|map)\((string|number|bool|any)\)", text):
-            return text  # a variable's type constraint
-        m = re.fullmatch(r"var\.([A-Za-z_][\w-]*)", text)
-        if m:
-            return self.var(m.group(1), lineno)
-        raise HCLSubsetError(lineno, f"Unsupported expression (the double reads an HCL subset): {text[:60]}")
 
-    def var(self, name: str, lineno: int) -> Any:
-        if name not in self.vars:
-            raise HCLSubsetError(lineno, f'Reference to undeclared input variable "{name}"')
-        value = self.vars[name]
+def _heredoc(value: str) -> str:
+    head, _, rest = value.partition("\n")
+    body = rest.rsplit("\n", 1)[0] if "\n" in rest else ""
+    lines = body.split("\n")
+    if head.startswith("<<-"):  # indented heredoc: strip the common leading whitespace
+        indents = [len(x) - len(x.lstrip()) for x in lines if x.strip()]
+        cut = min(indents) if indents else 0
+        lines = [x[cut:] for x in lines]
+    return "\n".join(lines) + "\n"
+
+
+class _Resolver:
+    """Evaluates what jobspec2 would: `var.X` references and `${var.X}` interpolation; everything else a
+    Nomad job spec may hold at run time is left as text (see _RUNTIME)."""
+
+    def __init__(self, text: str, values: dict[str, Any]) -> None:
+        self.text = text
+        self.values = values
+
+    def var(self, name: str, expr: str) -> Any:
+        if name not in self.values:
+            raise HCLParseError(
+                _line_of(self.text, expr), f'Reference to undeclared input variable; "{name}"'
+            )
+        value = self.values[name]
         if value is _REQUIRED:
-            raise HCLSubsetError(lineno, f'Missing required variable: "{name}" has no value')
+            raise HCLParseError(
+                _line_of(self.text, expr), f'Missing required variable; "{name}" has no default and no value'
+            )
         return value
 
+    def __call__(self, value: Any) -> Any:
+        if isinstance(value, list):
+            return [self(v) for v in value]
+        if isinstance(value, dict):
+            return {k: self(v) for k, v in value.items() if k != "__is_block__"}
+        if not isinstance(value, str):
+            return value
+        if value.startswith("<<") and "\n" in value:
+            value = _heredoc(value)
+        whole = _WHOLE_VAR.match(value)
+        if whole:  # `x = var.y` keeps y's type (number, bool, list)
+            return self.var(whole.group(1), value)
 
-_REQUIRED = object()
-
-
-def _split_list(inner: str) -> list[str]:
-    parts, cur, quoted = [], "", False
-    for ch in inner:
-        if ch == '"' and not cur.endswith("\\"):
-            quoted = not quoted
-        if ch == "," and not quoted:
-            parts.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    if cur.strip():
-        parts.append(cur)
-    return parts
-
-
-def parse_job_hcl(hcl: str, variables_text: str) -> dict[str, Any]:
-    """JobHCL + Variables (a var file) -> canonical-ish Job JSON, or HCLSubsetError."""
-    # Pass 1: declared variables and defaults (no var references allowed in defaults).
-    decl_root = HCLSubset(_only_variable_blocks(hcl)).parse()
-    declared: dict[str, Any] = {}
-    for v in decl_root.children("variable"):
-        declared[v.labels[0]] = v.attrs.get("default", _REQUIRED)
-    given = HCLSubset(variables_text).parse().attrs if variables_text.strip() else {}
-    for name in given:
-        if name not in declared:
-            raise HCLSubsetError(
-                1, f'Undeclared variable: a value was given for "{name}", which the job does not declare'
+        def sub(m: re.Match[str]) -> str:
+            inner = m.group(1).strip()
+            ref = re.fullmatch(r"var\.([A-Za-z_][\w-]*)", inner)
+            if ref:
+                v = self.var(ref.group(1), m.group(0))
+                return json.dumps(v) if isinstance(v, bool) else str(v)
+            if _RUNTIME.match(inner):
+                return m.group(0)
+            call = re.match(r"([a-z_][\w]*)\s*\(", inner)
+            if call and call.group(1) not in _KNOWN_FUNCTIONS:
+                raise HCLParseError(
+                    _line_of(self.text, inner),
+                    f'Call to unknown function; There is no function named "{call.group(1)}".',
+                )
+            raise HCLParseError(
+                _line_of(self.text, inner),
+                f"Unsupported expression in the test double (jobspec2 would evaluate it): {inner[:60]}",
             )
-    values = {**declared, **given}
-    root = HCLSubset(hcl, values).parse()
-    jobs = root.children("job")
-    if len(jobs) != 1 or not jobs[0].labels:
-        raise HCLSubsetError(1, 'expected exactly one job "name" block')
-    jb = jobs[0]
-    job_update = jb.child("update")
+
+        out = _INTERP.sub(sub, value)
+        return out.replace("$${", "${").replace("%%{", "%{")  # HCL template escapes
+
+
+def _blocks(body: dict[str, Any], kind: str) -> list[tuple[str, dict[str, Any]]]:
+    """Labelled blocks (`group "x" {}`) as (label, body); unlabelled ones (`update {}`) as ("", body)."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    for item in body.get(kind) or []:
+        if not isinstance(item, dict):
+            continue
+        if item.get("__is_block__") is True and not any(
+            isinstance(v, dict) and v.get("__is_block__") for v in item.values()
+        ):
+            out.append(("", item))
+        else:
+            for label, inner in item.items():
+                if isinstance(inner, dict):
+                    out.append((label, inner))
+    return out
+
+
+def _block(body: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    found = _blocks(body, kind)
+    return found[0][1] if found else None
+
+
+def _attrs(body: dict[str, Any] | None) -> dict[str, Any]:
+    return {k: v for k, v in (body or {}).items() if k != "__is_block__" and not _is_block_list(v)}
+
+
+def _is_block_list(v: Any) -> bool:
+    return (
+        isinstance(v, list)
+        and bool(v)
+        and all(isinstance(x, dict) for x in v)
+        and any(
+            x.get("__is_block__") or any(isinstance(y, dict) and y.get("__is_block__") for y in x.values())
+            for x in v
+        )
+    )
+
+
+def parse_job_hcl(hcl: str, variables_text: str) -> tuple[dict[str, Any], list[str]]:
+    """JobHCL + Variables (var-file content) -> (canonical-ish Job JSON, jobspec2 warnings), or HCLParseError.
+
+    Follows jobspec2/types.variables.go: a value for an undeclared variable is a WARNING unless the parse
+    is Strict — and the parse API (command/agent/job_endpoint.go JobsParseRequest) does not set Strict and
+    returns only the job, so such a value is silently dropped. The warnings are returned for tests to see.
+    """
+    if not hcl.strip():
+        raise HCLParseError(1, "Job spec is empty")
+    doc = _hcl_load(hcl)
+    declared: dict[str, Any] = {}
+    for name, body in _blocks(doc, "variable"):
+        declared[name] = body.get("default", _REQUIRED)
+    given = _hcl_load(variables_text) if variables_text.strip() else {}
+    warnings = []
+    plain = _Resolver(hcl, {})
+    values = {k: v if v is _REQUIRED else plain(v) for k, v in declared.items()}
+    for name, value in given.items():
+        if name not in declared:
+            warnings.append(
+                f'<value for var.{name}>: Undefined variable; A "{name}" variable was set but was not '
+                "declared in an input variable block"
+            )
+            continue
+        values[name] = value.replace("$${", "${").replace("%%{", "%{") if isinstance(value, str) else value
+    resolve = _Resolver(hcl, values)
+    jobs = _blocks(doc, "job")
+    if len(jobs) != 1 or not jobs[0][0]:
+        raise HCLParseError(1, 'Missing job block; expected exactly one job "name" block')
+    job_id, jb = jobs[0]
+    jattrs = resolve(_attrs(jb))
+    job_update = resolve(_attrs(_block(jb, "update")))
     groups = []
-    for g in jb.children("group"):
-        upd = {
-            **(job_update.attrs if job_update else {}),
-            **(g.child("update").attrs if g.child("update") else {}),
-        }
+    for gname, g in _blocks(jb, "group"):
+        gattrs = resolve(_attrs(g))
+        upd = {**job_update, **resolve(_attrs(_block(g, "update")))}
         tasks = []
-        for t in g.children("task"):
-            res = t.child("resources")
+        for tname, t in _blocks(g, "task"):
+            tattrs = resolve(_attrs(t))
+            res = resolve(_attrs(_block(t, "resources")))
+            life = _block(t, "lifecycle")
             tasks.append(
                 {
-                    "Name": t.labels[0],
-                    "Driver": t.attrs.get("driver", ""),
-                    "Config": dict(t.child("config").attrs) if t.child("config") else {},
-                    "Env": dict(t.child("env").attrs) if t.child("env") else None,
-                    "Resources": {
-                        "CPU": (res.attrs.get("cpu", 100) if res else 100),
-                        "MemoryMB": (res.attrs.get("memory", 300) if res else 300),
-                    },
+                    "Name": tname,
+                    "Driver": tattrs.get("driver", ""),
+                    "Config": resolve(_block(t, "config") or {}),
+                    "Env": resolve(_attrs(_block(t, "env"))) or None,
+                    "Resources": {"CPU": res.get("cpu", 100), "MemoryMB": res.get("memory", 300)},
+                    # client/allocrunner/taskrunner: prestart tasks run to completion before main tasks
+                    "Lifecycle": (
+                        {
+                            "Hook": resolve(life.get("hook", "")),
+                            "Sidecar": bool(resolve(life.get("sidecar", False))),
+                        }
+                        if life
+                        else None
+                    ),
+                    "ShutdownDelay": _duration_ns(tattrs.get("shutdown_delay")),
+                    "Services": [_service(n, resolve(s)) for n, s in _blocks(t, "service")] or None,
                     "Templates": [
                         {
-                            "EmbeddedTmpl": tp.attrs.get("data", ""),
-                            "DestPath": tp.attrs.get("destination", ""),
+                            "EmbeddedTmpl": resolve(tp.get("data", "")),
+                            "DestPath": resolve(tp.get("destination", "")),
                         }
-                        for tp in t.children("template")
+                        for _, tp in _blocks(t, "template")
                     ]
                     or None,
                 }
             )
         groups.append(
             {
-                "Name": g.labels[0],
-                "Count": g.attrs.get("count", 1),
-                "Update": _update(upd) if (upd or jb.attrs.get("type", "service") == "service") else None,
+                "Name": gname,
+                "Count": gattrs.get("count", 1),
+                "Update": _update(upd) if (upd or jattrs.get("type", "service") == "service") else None,
+                "ShutdownDelay": _duration_ns(gattrs.get("shutdown_delay")) or None,
+                "Services": [_service(n, resolve(s)) for n, s in _blocks(g, "service")] or None,
                 "Tasks": tasks,
             }
         )
-    return {
-        "ID": jb.labels[0],
-        "Name": jb.labels[0],
-        "Namespace": jb.attrs.get("namespace", "default"),
-        "Region": jb.attrs.get("region", "global"),
-        "Type": jb.attrs.get("type", "service"),
-        "Priority": jb.attrs.get("priority", 50),
-        "Datacenters": jb.attrs.get("datacenters", ["*"]),
-        "NodePool": jb.attrs.get("node_pool", "default"),
-        "Update": _update(job_update.attrs if job_update else {}),
+    job = {
+        "ID": job_id,
+        "Name": job_id,
+        "Namespace": jattrs.get("namespace", "default"),
+        "Region": jattrs.get("region", "global"),
+        "Type": jattrs.get("type", "service"),
+        "Priority": jattrs.get("priority", 50),
+        "Datacenters": jattrs.get("datacenters", ["*"]),
+        "NodePool": jattrs.get("node_pool", "default"),
+        "Update": _update(job_update),
         "TaskGroups": groups,
-        "Meta": dict(jb.child("meta").attrs) if jb.child("meta") else None,
+        "Meta": resolve(_attrs(_block(jb, "meta"))) or None,
         "Status": "",
         "Stop": False,
         "Stable": False,
@@ -321,20 +353,24 @@ def parse_job_hcl(hcl: str, variables_text: str) -> dict[str, Any]:
         "ModifyIndex": 0,
         "JobModifyIndex": 0,
     }
+    return job, warnings
 
 
-def _only_variable_blocks(hcl: str) -> str:
-    out, depth, keep = [], 0, False
-    for line in hcl.splitlines():
-        s = line.strip()
-        if depth == 0 and re.match(r'^variable\s+"[^"]+"\s*\{', s):
-            keep = True
-        out.append(line if keep else "")  # blank lines keep the line numbers of diagnostics
-        if not s.startswith(("#", "//")):
-            depth += s.count("{") - s.count("}")
-        if depth == 0:
-            keep = False
-    return "\n".join(out)
+def _service(name: str, body: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "Name": body.get("name", name),
+        "Provider": body.get("provider", "consul"),
+        "PortLabel": body.get("port", ""),
+        "TaskName": body.get("task", ""),
+        "Tags": body.get("tags"),
+        "CanaryTags": body.get("canary_tags"),
+    }
+
+
+def _duration_ns(value: Any) -> int:
+    if value in (None, ""):
+        return 0
+    return int(_duration(str(value)) * 1e9)
 
 
 def _update(attrs: dict[str, Any]) -> dict[str, Any]:
@@ -348,6 +384,56 @@ def _update(attrs: dict[str, Any]) -> dict[str, Any]:
         "AutoPromote": attrs.get("auto_promote", False),
         "Canary": attrs.get("canary", 0),
     }
+
+
+def job_warnings(job: dict[str, Any]) -> list[str]:
+    """nomad/structs/structs.go (TaskGroup).Warnings: services without a shutdown_delay (Nomad 2.0.1+)."""
+    out = []
+    for tg in job.get("TaskGroups") or []:
+        tasks = tg.get("Tasks") or []
+        referenced = {s["TaskName"] for s in tg.get("Services") or [] if s.get("TaskName")}
+        unscoped = any(not s.get("TaskName") for s in tg.get("Services") or [])
+        any_task_delay = False
+        for t in tasks:
+            if t["Name"] in referenced and not t.get("ShutdownDelay"):
+                out.append(
+                    f'group "{tg["Name"]}" references task "{t["Name"]}" in a service definition, but the '
+                    "task has no shutdown_delay set"
+                )
+            if t.get("ShutdownDelay"):
+                any_task_delay = True
+            elif t.get("Services"):
+                out.append(
+                    f'task "{t["Name"]}" in group "{tg["Name"]}" defines services, but has no shutdown_delay set'
+                )
+        if unscoped and not tg.get("ShutdownDelay") and not any_task_delay:
+            out.append(
+                f'group "{tg["Name"]}" defines services, but neither the group nor any of its tasks have '
+                "shutdown_delay set"
+            )
+    return out
+
+
+def merge_warnings(warnings: list[str]) -> str:
+    """helper/warning.go MergeMultierrorWarnings: "1 warning:\\n\\n* ..." (empty when none)."""
+    if not warnings:
+        return ""
+    head = "1 warning:" if len(warnings) == 1 else f"{len(warnings)} warnings:"
+    return head + "\n\n" + "\n".join(f"* {w}" for w in warnings) + "\n\n"
+
+
+def gc_from_agent_config(text: str) -> tuple[bool, float]:
+    """The docker plugin's image GC settings from an agent config (drivers/docker/config.go: `gc { image =
+    true, image_delay = "3m" }` are the defaults when the block or a field is missing)."""
+    doc = _hcl_load(text)
+    image, delay = True, 180.0
+    for label, plugin in _blocks(doc, "plugin"):
+        if label != "docker":
+            continue
+        gc = _block(_block(plugin, "config") or {}, "gc") or {}
+        image = bool(gc.get("image", image))
+        delay = _duration(str(gc.get("image_delay", "3m")))
+    return image, delay
 
 
 #: Fields of a stored job that are bookkeeping, not specification (ignored by the plan diff).
@@ -375,12 +461,44 @@ class NomadAPIDouble:
         timing: Timing | None = None,
         node_memory_mb: int = 3800,
         node_name: str = "nomad-1",
+        acl_tokens: dict[str, set[str]] | None = None,
+        jitter: str = "random",
+        namespaces: tuple[str, ...] = ("default",),
+        region: str = "global",
+        pullable: Callable[[str], bool] | None = None,
+        docker_gc: tuple[bool, float] = (True, 180.0),
+        keyring_delay: float = 0.0,
     ) -> None:
+        """`acl_token`: a management token (every capability). `acl_tokens`: more tokens, each with the
+        capabilities it grants: "agent:read", "node:read", and namespace capabilities as in acl/policy.go
+        ("read-job", "submit-job", "list-jobs", "parse-job", "read-logs", "variables:read"/"variables:write").
+        `jitter`: "random" (nomad/rpc.go blockingRPC adds RandomStagger(wait/16)), "max" or "none".
+        `pullable(image)`: whether the registry has an image; None = every image can be pulled. Images
+        `load_image`d are on the node and garbage-collected per `docker_gc` = (gc.image, image_delay seconds)
+        (drivers/docker/config.go defaults: true, 3m; `gc_from_agent_config` reads them from an agent config).
+        `keyring_delay`: seconds after the leader is elected during which variable writes fail with
+        "keyring has not been initialized yet" (nomad/encrypter.go activeCipherSet)."""
         self.port = free_port()
         self.server = HTTPServer(host="127.0.0.1", port=self.port, ssl_context=ssl_context, threaded=True)
         self.server.expect_request(re.compile(r"^/.*")).respond_with_handler(self._handle)
         self.scheme = "https" if ssl_context else "http"
         self.acl_token = acl_token
+        self.acl_tokens = dict(acl_tokens or {})
+        if acl_token is not None:
+            self.acl_tokens[acl_token] = {"*"}
+        self.jitter = jitter
+        self.namespaces = set(namespaces)
+        self.region = region
+        self.pullable = pullable
+        self.docker_gc_image, self.docker_image_delay = docker_gc
+        self.keyring_delay = keyring_delay
+        self._keyring_at = 0.0
+        self.images: dict[str, set[str]] = {}  # image on the node -> IDs of allocations using it
+        self.image_events: list[str] = []
+        self.logs: dict[tuple[str, str, str], bytearray] = {}  # (alloc, task, stdout|stderr) -> bytes
+        self.task_output: dict[str, tuple[str, str]] = {}  # task name -> (stdout, stderr) written at start
+        self.parse_warnings: list[list[str]] = []
+        self.heartbeat = 1.0  # client/fs_endpoint.go streamHeartbeatRate
         self.rpc_hold = rpc_hold
         self.timing = timing or Timing()
         self.node_memory_mb = node_memory_mb
@@ -401,6 +519,13 @@ class NomadAPIDouble:
         self.changes: list[tuple[float, str]] = []  # (monotonic time, what changed), for the benchmark
         self.errors: list[str] = []
         self.fail_next: list[tuple[str, int, str]] = []  # (path regex, status, body): one-shot faults
+        self.drop_answer: list[str] = []  # "METHOD path" regexes: applied, then the connection is cut
+        self.drop_request: list[str] = []  # "METHOD path" regexes: the connection is cut, nothing applied
+        self.promote_bodies: list[Any] = []
+        self._task_lists: dict[
+            str, list[dict[str, Any]]
+        ] = {}  # alloc ID -> its tasks (the job may be purged)
+        self.health_delay: dict[str, float] = {}  # task name or image -> extra seconds before healthy
         self.parse_calls: list[dict[str, Any]] = []
         self._closed = False
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
@@ -487,6 +612,7 @@ class NomadAPIDouble:
     def elect_leader(self) -> None:
         with self.cond:
             self.leader = LEADER_ADDR
+            self._keyring_at = time.monotonic() + self.keyring_delay
             self._bump("nodes", change="leader elected")
 
     def lose_leader(self) -> None:
@@ -528,6 +654,14 @@ class NomadAPIDouble:
             self.node["ModifyIndex"] = self._bump("nodes", change=f"node {what}")
             self._unblock()
 
+    def set_job_status(self, job_id: str, status: str) -> None:
+        """A job status change (nomad/state/state_store.go setJobStatus): Status and ModifyIndex move,
+        JobModifyIndex (the registration) does not."""
+        with self.cond:
+            job = self.jobs[job_id]
+            job["Status"] = status
+            job["ModifyIndex"] = self._bump("jobs", change=f"job {job_id} {status}")
+
     def set_docker(self, state: str) -> None:
         """state: undetected | unhealthy | healthy"""
         with self.cond:
@@ -537,6 +671,7 @@ class NomadAPIDouble:
             self._unblock()
 
     def _unblock(self) -> None:
+        # nomad/blocked_evals.go: a node update unblocks evaluations waiting for capacity
         """A node change re-enqueues blocked evaluations (Nomad's blocked-evals tracker does the same)."""
         for ev in list(self.evals.values()):
             if ev["Status"] == "blocked":
@@ -569,6 +704,7 @@ class NomadAPIDouble:
         """A settled single-node cluster: leader, node ready, docker healthy."""
         with self.cond:
             self.leader = LEADER_ADDR
+            self._keyring_at = time.monotonic() + self.keyring_delay
             self.register_node(status="ready", docker="healthy")
         return self
 
@@ -593,6 +729,12 @@ class NomadAPIDouble:
     def _handle(self, request: Request) -> Response:
         rec = Request_(time.monotonic(), request.method, request.path, dict(request.args))
         self.requests.append(rec)
+        for regex in list(self.drop_request):
+            if re.search(regex, f"{request.method} {request.path}"):
+                self.drop_request.remove(regex)  # the connection breaks before Nomad sees the request
+                rec.status = -1
+                self._cut(request)
+                return Response(b"", status=200)
         try:
             resp = self._route(request)
         except _HTTPError as err:
@@ -601,9 +743,26 @@ class NomadAPIDouble:
             self.errors.append(f"{request.method} {request.path}: {exc!r}")
             raise
         rec.status = resp.status_code
+        for regex in list(self.drop_answer):
+            if re.search(regex, f"{request.method} {request.path}"):
+                # the request was applied, its answer is lost on the way (a dropped connection, a proxy
+                # restart): the client sees "Connection aborted"/"RemoteDisconnected"
+                self.drop_answer.remove(regex)
+                rec.status = -1
+                self._cut(request)
+                return Response(b"", status=200)
         return resp
 
+    @staticmethod
+    def _cut(request: Request) -> None:
+        sock = request.environ.get("werkzeug.socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
     def _json(self, body: Any, table: str | None = None) -> Response:
+        # command/agent/http.go setIndex / setKnownLeader / setLastContact: X-Nomad-Index,
+        # X-Nomad-KnownLeader, X-Nomad-LastContact on every query answer
         headers = {
             "X-Nomad-Index": str(self.tables[table] if table else self.index),
             "X-Nomad-KnownLeader": "true" if self.leader else "false",
@@ -611,16 +770,23 @@ class NomadAPIDouble:
         }
         return Response(json.dumps(body), status=200, content_type="application/json", headers=headers)
 
-    def _acl(self, request: Request) -> None:
-        if self.acl_token is None:
+    def _acl(self, request: Request, *needed: str) -> None:
+        """ACL check for one endpoint: any of `needed` capabilities. command/agent/http.go maps
+        structs.ErrPermissionDenied / ErrTokenNotFound to 403 "Permission denied" / "ACL token not found";
+        the capabilities per endpoint are cited at each route in _route."""
+        if not self.acl_tokens:
             return
         token = request.headers.get("X-Nomad-Token", "")
-        if not token:
-            raise _HTTPError(403, "Permission denied")
-        if token != self.acl_token:
+        if token and token not in self.acl_tokens:
             raise _HTTPError(403, "ACL token not found")
+        caps = self.acl_tokens.get(token, set())  # no token: the anonymous policy (empty here)
+        if not needed or "*" in caps or any(n in caps for n in needed):
+            return
+        raise _HTTPError(403, "Permission denied")
 
     def _hold_for_leader(self) -> None:
+        # nomad/rpc.go forward: while no leader is known a server holds the RPC for
+        # RPCHoldTimeout, then fails it with structs.ErrNoLeader (500 "No cluster leader")
         end = time.monotonic() + self.rpc_hold
         with self.cond:
             while not self.leader and not self._closed:
@@ -629,16 +795,32 @@ class NomadAPIDouble:
                     raise _HTTPError(500, "No cluster leader")
                 self.cond.wait(rest)
 
+    def _region(self, request: Request) -> None:
+        """nomad/rpc.go forwardRegion/findRegionServer: a region with no known servers ->
+        structs.ErrNoRegionPath, answered 500 "No path to region" (command/agent/http.go wrap)."""
+        region = request.args.get("region", "")
+        if region and region != self.region:
+            raise _HTTPError(500, "No path to region")
+
     def _block(self, request: Request, table: str) -> None:
-        """Blocking query: hold while the table's index <= ?index, up to ?wait (default 5m, max 10m)."""
+        """Blocking query (nomad/rpc.go blockingRPC): hold while the table's index <= ?index, for ?wait
+        capped at 300 s (structs.MaxBlockingRPCQueryTime; 300 s when absent, DefaultBlockingRPCQueryTime),
+        plus jitter up to wait/16 (structs.JitterFraction, helper.RandomStagger)."""
         try:
             index = int(request.args.get("index", "0"))
         except ValueError:
-            raise _HTTPError(400, "Failed to parse index") from None
+            raise _HTTPError(400, "Invalid index") from None  # command/agent/http.go parseWait
         if index <= 0:
             return
-        wait = _duration(request.args.get("wait", "5m"))
-        end = time.monotonic() + min(wait, 600.0)
+        try:
+            wait = _duration(request.args.get("wait", "")) if request.args.get("wait") else 300.0
+        except ValueError:
+            raise _HTTPError(400, "Invalid wait time") from None
+        wait = min(wait, 300.0) if wait > 0 else 300.0
+        jitter = {"none": 0.0, "max": wait / 16}.get(self.jitter)
+        if jitter is None:
+            jitter = random.uniform(0, wait / 16)  # noqa: S311 - timing jitter, not a secret
+        end = time.monotonic() + wait + jitter
         with self.cond:
             while self.tables[table] <= index and not self._closed:
                 rest = end - time.monotonic()
@@ -654,37 +836,58 @@ class NomadAPIDouble:
                 raise _HTTPError(status, body)
         if path == "/v1/agent/health":
             return self._health()
-        self._acl(request)
-        if path == "/v1/status/leader":
-            return self._json(self.leader)
-        if path == "/v1/status/peers":
-            return self._json([self.leader] if self.leader else [])
         if path == "/v1/agent/self":
+            self._acl(request, "agent:read")  # command/agent/agent_endpoint.go: aclObj.AllowAgentRead()
             return self._json(self._agent_self())
-        self._hold_for_leader()
         body = _body(request)
-        routes: list[tuple[str, str, Callable[..., Response]]] = [
-            ("GET", r"/v1/nodes", self._nodes),
-            ("GET", r"/v1/node/(?P<id>[^/]+)", self._node),
-            ("POST", r"/v1/jobs/parse", self._parse),
-            ("GET", r"/v1/jobs", self._jobs),
-            ("POST", r"/v1/jobs", self._register),
-            ("POST", r"/v1/job/(?P<id>[^/]+)/plan", self._plan),
-            ("GET", r"/v1/job/(?P<id>[^/]+)/allocations", self._job_allocs),
-            ("GET", r"/v1/job/(?P<id>[^/]+)/deployment", self._job_deployment),
-            ("GET", r"/v1/job/(?P<id>[^/]+)/evaluations", self._job_evals),
-            ("GET", r"/v1/job/(?P<id>[^/]+)", self._job),
-            ("DELETE", r"/v1/job/(?P<id>[^/]+)", self._deregister),
-            ("GET", r"/v1/deployment/(?P<id>[^/]+)", self._deployment),
-            ("POST", r"/v1/deployment/promote/(?P<id>[^/]+)", self._promote),
-            ("GET", r"/v1/evaluation/(?P<id>[^/]+)", self._evaluation),
-            ("GET", r"/v1/allocation/(?P<id>[^/]+)", self._allocation),
-            ("GET", r"/v1/var/(?P<id>.+)", self._var_get),
-            ("PUT", r"/v1/var/(?P<id>.+)", self._var_put),
+        if path == "/v1/jobs/parse" and method in ("POST", "PUT"):
+            # command/agent/job_endpoint.go JobsParseRequest: parsed in the agent (no RPC, no leader);
+            # parse-job or submit-job in the namespace
+            self._acl(request, "parse-job", "submit-job")
+            return self._parse(request, body)
+        m = re.fullmatch(r"/v1/client/fs/logs/(?P<id>[^/]*)", path)
+        if m and method == "GET":
+            # client/fs_endpoint.go logs: read-logs or read-fs in the allocation's namespace
+            self._acl(request, "read-logs", "read-fs")
+            return self._logs(request, m.group("id"))
+        self._region(request)
+        if path in ("/v1/status/leader", "/v1/status/peers"):
+            # nomad/status_endpoint.go Leader/Peers: authentication errors are thrown away, no ACL check
+            return self._json(
+                self.leader if path.endswith("leader") else ([self.leader] if self.leader else [])
+            )
+        # capability per route: nomad/node_endpoint.go (AllowNodeRead), nomad/job_endpoint.go (read-job,
+        # submit-job, list-jobs), nomad/deployment_endpoint.go (read-job; promote: submit-job or
+        # promote-deployment), nomad/eval_endpoint.go + alloc_endpoint.go (read-job),
+        # nomad/variables_endpoint.go (variables read / write on the path)
+        routes: list[tuple[str, str, tuple[str, ...], Callable[..., Response]]] = [
+            ("GET", r"/v1/nodes", ("node:read",), self._nodes),
+            ("GET", r"/v1/node/(?P<id>[^/]+)", ("node:read",), self._node),
+            ("GET", r"/v1/jobs", ("list-jobs", "read-job"), self._jobs),
+            ("POST", r"/v1/jobs", ("submit-job",), self._register),
+            ("POST", r"/v1/job/(?P<id>[^/]+)/plan", ("submit-job",), self._plan),
+            ("GET", r"/v1/job/(?P<id>[^/]+)/allocations", ("read-job",), self._job_allocs),
+            ("GET", r"/v1/job/(?P<id>[^/]+)/deployment", ("read-job",), self._job_deployment),
+            ("GET", r"/v1/job/(?P<id>[^/]+)/evaluations", ("read-job",), self._job_evals),
+            ("GET", r"/v1/job/(?P<id>[^/]+)", ("read-job",), self._job),
+            ("DELETE", r"/v1/job/(?P<id>[^/]+)", ("submit-job",), self._deregister),
+            ("GET", r"/v1/deployment/(?P<id>[^/]+)", ("read-job",), self._deployment),
+            (
+                "POST",
+                r"/v1/deployment/promote/(?P<id>[^/]+)",
+                ("submit-job", "promote-deployment"),
+                self._promote,
+            ),
+            ("GET", r"/v1/evaluation/(?P<id>[^/]+)", ("read-job",), self._evaluation),
+            ("GET", r"/v1/allocation/(?P<id>[^/]+)", ("read-job",), self._allocation),
+            ("GET", r"/v1/var/(?P<id>.+)", ("variables:read",), self._var_get),
+            ("PUT", r"/v1/var/(?P<id>.+)", ("variables:write",), self._var_put),
         ]
-        for m_, regex, fn in routes:
+        for m_, regex, caps, fn in routes:
             mm = re.fullmatch(regex, path)
             if mm and m_ == method:
+                self._acl(request, *caps)
+                self._hold_for_leader()  # nomad/rpc.go forward: servers hold RPCs while no leader
                 return fn(request, body, **mm.groupdict())
         raise _HTTPError(404, "Invalid URL")
 
@@ -703,6 +906,8 @@ class NomadAPIDouble:
         }  # fmt: skip
 
     def _health(self) -> Response:
+        # command/agent/agent_endpoint.go HealthRequest: {client, server: {ok, message}}, 500 when
+        # either is not ok
         client_ok = self.node is not None and self.node["Status"] == "ready"
         server_ok = bool(self.leader)
         body = {
@@ -713,6 +918,7 @@ class NomadAPIDouble:
         return Response(json.dumps(body), status=status, content_type="application/json")
 
     def _nodes(self, request: Request, body: Any) -> Response:
+        # nomad/node_endpoint.go List (node:read): structs.NodeListStub, no Attributes/Events
         self._block(request, "nodes")
         with self.cond:
             stubs = []
@@ -726,6 +932,7 @@ class NomadAPIDouble:
             return self._json(stubs, "nodes")
 
     def _node(self, request: Request, body: Any, id: str) -> Response:
+        # nomad/node_endpoint.go GetNode; command/agent/node_endpoint.go: 404 "node not found"
         self._block(request, "nodes")
         with self.cond:
             if not self.node or self.node["ID"] != id:
@@ -734,16 +941,28 @@ class NomadAPIDouble:
 
     # ------------------------------------------------------------------------------------------ jobs --
     def _parse(self, request: Request, body: Any) -> Response:
+        """command/agent/job_endpoint.go JobsParseRequest: 400 "Job spec is empty", 400 "Failed to parse
+        job: <diagnostics>"; the answer is the bare Job (no Warnings field: jobspec2's warnings are dropped)."""
         self.parse_calls.append(body)
-        if not isinstance(body, dict) or "JobHCL" not in body:
-            raise _HTTPError(400, "Job HCL is required")
+        if not isinstance(body, dict) or not body.get("JobHCL"):
+            raise _HTTPError(400, "Job spec is empty")
         try:
-            job = parse_job_hcl(body["JobHCL"], body.get("Variables") or "")
-        except HCLSubsetError as exc:
-            raise _HTTPError(400, f"error parsing: {exc}") from None
+            job, warnings = parse_job_hcl(body["JobHCL"], body.get("Variables") or "")
+        except HCLParseError as exc:
+            raise _HTTPError(400, f"Failed to parse job: {exc}") from None
+        self.parse_warnings.append(warnings)
         return self._json(job)
 
+    def _namespace(self, request: Request, job: dict[str, Any]) -> None:
+        """nomad/job_endpoint_validators.go (admission validator) and nomad/state/state_store.go upsertJob:
+        a job in a namespace that does not exist -> 500 `job "x" is in nonexistent namespace "y"`."""
+        # command/agent/job_endpoint.go namespaceForJob: the query's namespace wins over the job's
+        ns = request.args.get("namespace") or job.get("Namespace") or "default"
+        if ns not in self.namespaces:
+            raise _HTTPError(500, f'job "{job.get("ID")}" is in nonexistent namespace "{ns}"')
+
     def _jobs(self, request: Request, body: Any) -> Response:
+        # nomad/job_endpoint.go List: structs.JobListStub, filtered by ?prefix
         self._block(request, "jobs")
         with self.cond:
             prefix = request.args.get("prefix", "")
@@ -755,6 +974,7 @@ class NomadAPIDouble:
             return self._json(stubs, "jobs")
 
     def _job(self, request: Request, body: Any, id: str) -> Response:
+        # command/agent/job_endpoint.go jobQuery: 404 "job not found"
         self._block(request, "jobs")
         with self.cond:
             if id not in self.jobs:
@@ -762,7 +982,10 @@ class NomadAPIDouble:
             return self._json(copy.deepcopy(self.jobs[id]), "jobs")
 
     def _plan(self, request: Request, body: Any, id: str) -> Response:
+        # nomad/job_endpoint.go Plan: Diff (nomad/structs/diff.go: Added/Edited/None), the current
+        # JobModifyIndex (0 for a new job), FailedTGAllocs from a scheduler dry run
         job = body["Job"]
+        self._namespace(request, job)
         with self.cond:
             current = self.jobs.get(id)
             if current is None:
@@ -788,7 +1011,7 @@ class NomadAPIDouble:
                 {
                     "Index": self.index,
                     "NextPeriodicLaunch": "0001-01-01T00:00:00Z",
-                    "Warnings": "",
+                    "Warnings": merge_warnings(job_warnings(job)),  # nomad/job_endpoint.go Plan
                     "Diff": {"Type": kind, "ID": id, "Fields": None, "Objects": None, "TaskGroups": groups},
                     "CreatedEvals": None,
                     "JobModifyIndex": current["JobModifyIndex"] if current else 0,
@@ -798,20 +1021,27 @@ class NomadAPIDouble:
             )
 
     def _register(self, request: Request, body: Any) -> Response:
+        # nomad/job_endpoint.go Register; an unchanged spec keeps its version
+        # (nomad/structs/structs.go SpecChanged) but still gets an evaluation
         job = copy.deepcopy(body["Job"])
         job_id = job["ID"]
+        self._namespace(request, job)
         with self.cond:
             current = self.jobs.get(job_id)
             if body.get("EnforceIndex"):
-                have = current["JobModifyIndex"] if current else 0
+                # nomad/structs/job.go (Job).EnforceIndex, called by nomad/job_endpoint.go Register; a plain
+                # error, so HTTP 500 (command/agent/http.go)
                 want = int(body.get("JobModifyIndex") or 0)
-                if have != want:
+                if current is not None and want == 0:
+                    raise _HTTPError(500, "Enforcing job modify index 0: job already exists")
+                if current is not None and want != current["JobModifyIndex"]:
                     raise _HTTPError(
                         500,
-                        f"Enforcing job modify index {want}: job exists with conflicting job modify index: {have}"
-                        if current
-                        else f"Enforcing job modify index {want}: job does not exist",
+                        f"Enforcing job modify index {want}: job exists with conflicting job modify index: "
+                        f"{current['JobModifyIndex']}",
                     )
+                if current is None and want != 0:
+                    raise _HTTPError(500, f"Enforcing job modify index {want}: job does not exist")
             unchanged = current is not None and not current.get("Stop") and _spec(current) == _spec(job)
             if unchanged:
                 assert current is not None
@@ -822,10 +1052,14 @@ class NomadAPIDouble:
             self.at(self.timing.evaluate, lambda: self._evaluate(ev["ID"], noop=unchanged))
             return self._json(
                 {"EvalID": ev["ID"], "EvalCreateIndex": ev["CreateIndex"], "JobModifyIndex": job_modify_index,
-                 "Warnings": "", "Index": ev["CreateIndex"], "LastContact": 0, "KnownLeader": True}
+                 # nomad/job_endpoint.go Register: reply.Warnings = MergeMultierrorWarnings(job warnings)
+                 "Warnings": merge_warnings(job_warnings(job)), "Index": ev["CreateIndex"], "LastContact": 0,
+                 "KnownLeader": True}
             )  # fmt: skip
 
     def _store_version(self, job: dict[str, Any], current: dict[str, Any] | None) -> int:
+        # nomad/state/state_store.go upsertJobImpl: Version+1, ModifyIndex = JobModifyIndex =
+        # the raft index, CreateIndex kept from the existing job
         job_id = job["ID"]
         history = self.versions.setdefault(job_id, [])
         version = (history[-1]["Version"] + 1) if history else 0
@@ -841,6 +1075,7 @@ class NomadAPIDouble:
     def _new_eval(
         self, job_id: str, trigger: str, job_modify_index: int, status: str = "pending"
     ) -> dict[str, Any]:
+        # nomad/structs/structs.go Evaluation (TriggeredBy job-register, deployment-watcher, ...)
         idx = self._bump("evals")
         ev = {
             "ID": str(uuid.uuid4()), "Namespace": "default", "Priority": 50, "Type": "service",
@@ -861,6 +1096,8 @@ class NomadAPIDouble:
         ev["ModifyTime"] = now_ns()
 
     def _feasibility(self, job: dict[str, Any]) -> dict[str, Any]:
+        # scheduler/feasible/feasible.go DriverChecker: "missing drivers" in ConstraintFiltered;
+        # nomad/structs/funcs.go AllocsFit: "memory" in DimensionExhausted
         """FailedTGAllocs for groups that do not fit the node (drivers, memory)."""
         failed: dict[str, Any] = {}
         node = self.node
@@ -891,6 +1128,8 @@ class NomadAPIDouble:
         return failed
 
     def _evaluate(self, eval_id: str, *, noop: bool = False) -> None:
+        # scheduler/generic_sched.go: place the groups, or record FailedTGAllocs and create a
+        # blocked evaluation (createBlockedEval)
         """The scheduler: place the job's current version, or record why it cannot."""
         ev = self.evals[eval_id]
         job = self.jobs.get(ev["JobID"])
@@ -922,6 +1161,8 @@ class NomadAPIDouble:
         self._finish_eval(ev, DeploymentID=dep["ID"])
 
     def _new_deployment(self, job: dict[str, Any], *, has_previous: bool) -> dict[str, Any]:
+        # nomad/structs/deployment.go NewDeployment; a newer job version cancels a running
+        # deployment (DeploymentStatusDescriptionNewerJob)
         for d in self.deployments.values():  # a newer version cancels a running deployment
             if d["JobID"] == job["ID"] and d["Status"] == "running":
                 d.update(Status="cancelled", StatusDescription="Cancelled due to newer version of job")
@@ -938,7 +1179,10 @@ class NomadAPIDouble:
             }  # fmt: skip
         dep = {
             "ID": str(uuid.uuid4()), "Namespace": "default", "JobID": job["ID"], "JobVersion": job["Version"],
-            "JobModifyIndex": job["JobModifyIndex"], "JobCreateIndex": job["CreateIndex"],
+            # nomad/structs/deployment.go NewDeployment: JobModifyIndex is the job's ModifyIndex (any change,
+            # status included), JobSpecModifyIndex its JobModifyIndex (the registration)
+            "JobModifyIndex": job["ModifyIndex"], "JobSpecModifyIndex": job["JobModifyIndex"],
+            "JobCreateIndex": job["CreateIndex"],
             "IsMultiregion": False, "TaskGroups": groups, "Status": "running",
             "StatusDescription": "Deployment is running", "CreateIndex": idx, "ModifyIndex": idx,
         }  # fmt: skip
@@ -949,17 +1193,21 @@ class NomadAPIDouble:
     def _place(
         self, job: dict[str, Any], tg: dict[str, Any], i: int, dep: dict[str, Any] | None, ev: dict[str, Any]
     ) -> dict[str, Any]:
+        # scheduler/reconciler: canaries first, the rest after promotion; nomad/structs/structs.go
+        # Allocation (DesiredStatus run/stop, ClientStatus pending/running/complete/failed)
         idx = self._bump("allocs")
         alloc = {
             "ID": str(uuid.uuid4()), "EvalID": ev["ID"], "Name": f"{job['ID']}.{tg['Name']}[{i}]",
             "Namespace": "default", "NodeID": NODE_ID, "NodeName": self.node_name, "JobID": job["ID"],
-            "JobType": job["Type"], "JobVersion": job["Version"], "TaskGroup": tg["Name"],
+            "JobType": job["Type"], "JobVersion": job["Version"], "JobCreateIndex": job["CreateIndex"],
+            "TaskGroup": tg["Name"],
             "DesiredStatus": "run", "DesiredDescription": "", "ClientStatus": "pending",
             "ClientDescription": "No tasks have started", "TaskStates": {}, "DeploymentStatus": None,
             "FollowupEvalID": "", "CreateIndex": idx, "ModifyIndex": idx, "CreateTime": now_ns(),
             "ModifyTime": now_ns(),
         }  # fmt: skip
         self.allocs[alloc["ID"]] = alloc
+        self._task_lists[alloc["ID"]] = list(tg.get("Tasks") or [])
         if dep is not None:
             dep["TaskGroups"][tg["Name"]]["PlacedAllocs"] += 1
         tasks = tg.get("Tasks") or []
@@ -968,6 +1216,10 @@ class NomadAPIDouble:
             b = self.behaviour.get(str((t.get("Config") or {}).get("image", ""))) or self.behaviour.get(
                 t["Name"]
             )
+            image = str((t.get("Config") or {}).get("image", ""))
+            if not b and image and self.pullable is not None and image not in self.images:
+                # drivers/docker/driver.go createImage: not on the node -> pull; the registry refuses
+                b = "" if self.pullable(image) else "pull-denied"
             if b:
                 behaviour = b
                 failing_task = t["Name"]
@@ -977,15 +1229,143 @@ class NomadAPIDouble:
         T = self.timing
         self.at(T.alloc_start, lambda: self._alloc_setup(alloc, tasks))
         if behaviour == "ok":
+            extra = max(
+                [self.health_delay.get(t["Name"], 0.0) for t in tasks]
+                + [self.health_delay.get(str((t.get("Config") or {}).get("image", "")), 0.0) for t in tasks]
+            )
             self.at(T.alloc_start + T.alloc_running, lambda: self._alloc_running(alloc, tasks))
             self.at(
-                T.alloc_start + T.alloc_running + T.alloc_healthy,
+                T.alloc_start + T.alloc_running + T.alloc_healthy + extra,
                 lambda: self._alloc_health(alloc, dep, True),
             )
         else:
             self.at(T.alloc_start + T.alloc_running,
                     lambda: self._alloc_fail(alloc, tasks, failing_task, behaviour, dep))  # fmt: skip
         return alloc
+
+    # ----------------------------------------------------------------------------- docker images --
+    def load_image(self, image: str) -> None:
+        """An image built or loaded on the node (`docker build` / `docker load` in the VM)."""
+        with self.cond:
+            self.images.setdefault(image, set())  # not reference-counted until a task uses it
+            self.image_events.append(f"loaded {image}")
+
+    def _alloc_tasks(self, alloc: dict[str, Any]) -> list[dict[str, Any]]:
+        return self._task_lists.get(alloc["ID"], [])
+
+    def _use_image(self, alloc: dict[str, Any], task: dict[str, Any]) -> None:
+        """drivers/docker/coordinator.go IncrementImageReference: the task holds a reference."""
+        image = str((task.get("Config") or {}).get("image", ""))
+        if image:
+            self.images.setdefault(image, set()).add(f"{alloc['ID']}/{task['Name']}")
+
+    def _release_image(self, alloc: dict[str, Any], task: dict[str, Any]) -> None:
+        """drivers/docker/coordinator.go RemoveImage: the last reference gone, the image is removed after
+        removeDelay (gc.image_delay) unless it is referenced again; never with gc.image = false."""
+        image = str((task.get("Config") or {}).get("image", ""))
+        refs = self.images.get(image)
+        if refs is None:
+            return
+        refs.discard(f"{alloc['ID']}/{task['Name']}")
+        self._schedule_image_gc(image)
+
+    def _schedule_image_gc(self, image: str) -> None:
+        if not self.docker_gc_image or self.images.get(image):
+            return
+
+        def remove() -> None:
+            if image in self.images and not self.images[image]:
+                del self.images[image]
+                self.image_events.append(f"removed {image}")
+
+        self.at(self.docker_image_delay, remove)
+
+    # ------------------------------------------------------------------------------------------ logs --
+    def write_log(self, alloc_id: str, task: str, kind: str, text: str | bytes) -> None:
+        with self.cond:
+            data = text.encode() if isinstance(text, str) else text
+            self.logs.setdefault((alloc_id, task, kind), bytearray()).extend(data)
+            self.cond.notify_all()
+
+    def _logs(self, request: Request, alloc_id: str) -> Response:
+        """GET /v1/client/fs/logs/:alloc — command/agent/fs_endpoint.go Logs (parameter checks, 400s) and
+        client/fs_endpoint.go logs (unknown allocation 404, unknown task 400, not started 404). Without
+        plain=true the body is a stream of JSON StreamFrames {Offset, Data (base64), File}
+        (client/lib/streamframer/framer.go; empty fields omitted, so a heartbeat is `{}`, sent every
+        second while following: streamHeartbeatRate)."""
+        q = request.args
+        if not alloc_id:
+            raise _HTTPError(400, "must provide a valid alloc id")
+        task = q.get("task", "")
+        if not task:
+            raise _HTTPError(400, "must provide task name")
+
+        def boolean(name: str) -> bool:
+            v = q.get(name, "")
+            if v == "":
+                return False
+            if v.lower() in ("1", "t", "true"):
+                return True
+            if v.lower() in ("0", "f", "false"):
+                return False
+            raise _HTTPError(
+                400,
+                f"failed to parse {name} field to boolean: strconv.ParseBool: parsing {v!r}: invalid syntax",
+            )
+
+        follow, plain = boolean("follow"), boolean("plain")
+        kind = q.get("type", "")
+        if kind not in ("stdout", "stderr"):
+            raise _HTTPError(400, "must provide log type (stdout/stderr)")
+        try:
+            offset = int(q.get("offset", "0") or 0)
+        except ValueError:
+            raise _HTTPError(
+                400, f"error parsing offset: strconv.ParseInt: parsing {q.get('offset')!r}: invalid syntax"
+            ) from None
+        origin = q.get("origin", "") or "start"
+        if origin not in ("start", "end"):
+            raise _HTTPError(400, "origin must be start or end")
+        with self.cond:
+            alloc = self.allocs.get(alloc_id)
+            if alloc is None:
+                raise _HTTPError(404, f'Unknown allocation "{alloc_id}"')
+            ts = alloc["TaskStates"].get(task)
+            if ts is None:
+                raise _HTTPError(400, f'unknown task name "{task}"')
+            if not ts.get("StartedAt"):
+                raise _HTTPError(404, f'task "{task}" not started yet. No logs available')
+            data = bytes(self.logs.get((alloc_id, task, kind), b""))
+        start = max(0, len(data) - offset) if origin == "end" else min(offset, len(data))
+        name = f"alloc/logs/{task}.{kind}.0"
+        if plain and not follow:
+            return Response(data[start:], status=200, content_type="text/plain")
+
+        def frames() -> Any:
+            pos = start
+            while True:
+                with self.cond:
+                    chunk = bytes(self.logs.get((alloc_id, task, kind), b""))[pos:]
+                    if not chunk and follow and not self._closed:
+                        self.cond.wait(self.heartbeat)
+                        chunk = bytes(self.logs.get((alloc_id, task, kind), b""))[pos:]
+                if chunk:
+                    if plain:
+                        yield chunk
+                    else:
+                        frame = {
+                            "Offset": pos + len(chunk),
+                            "Data": base64.b64encode(chunk).decode(),
+                            "File": name,
+                        }
+                        yield json.dumps(frame).encode()
+                    pos += len(chunk)
+                elif not follow or self._closed:
+                    return
+                elif not plain:
+                    yield b"{}"  # heartbeat
+
+        return Response(frames(), status=200, content_type="text/plain" if plain else "application/json")
 
     @staticmethod
     def _event(type_: str, display: str, **extra: Any) -> dict[str, Any]:
@@ -1004,6 +1384,7 @@ class NomadAPIDouble:
         alloc["ModifyTime"] = now_ns()
 
     def _alloc_setup(self, alloc: dict[str, Any], tasks: list[dict[str, Any]]) -> None:
+        # client/allocrunner/taskrunner: task events Received, Task Setup, Driver (image pull)
         if alloc["DesiredStatus"] != "run":
             return
         for t in tasks:
@@ -1024,6 +1405,17 @@ class NomadAPIDouble:
             ts = alloc["TaskStates"][t["Name"]]
             ts.update(State="running", StartedAt="2026-11-25T09:00:02Z")
             ts["Events"].append(self._event("Started", "Task started by client"))
+            self._use_image(alloc, t)
+            out, err = self.task_output.get(t["Name"], (f"{t['Name']}: started\n", ""))
+            self.write_log(alloc["ID"], t["Name"], "stdout", out)
+            self.write_log(alloc["ID"], t["Name"], "stderr", err)
+            life = t.get("Lifecycle") or {}
+            if life.get("Hook") == "prestart" and not life.get("Sidecar"):
+                # client/allocrunner/taskrunner (task_hook_coordinator.go): a prestart task that is not a
+                # sidecar runs to completion before the main tasks start; it ends dead, not failed
+                ts["Events"] += [self._event("Terminated", "Exit Code: 0", ExitCode=0)]
+                ts.update(State="dead", FinishedAt="2026-11-25T09:00:02Z")
+                self._release_image(alloc, t)
         alloc.update(ClientStatus="running", ClientDescription="Tasks are running")
         self._touch(alloc, f"alloc {alloc['Name']} running")
         job = self.jobs.get(alloc["JobID"])
@@ -1039,11 +1431,23 @@ class NomadAPIDouble:
         how: str,
         dep: dict[str, Any] | None,
     ) -> None:
+        # nomad/structs/structs.go TaskEvent types (Driver Failure, Terminated, Restarting, Not
+        # Restarting, Sibling Task Failed) as client/allocrunner/taskrunner emits them
         if alloc["DesiredStatus"] != "run":
             return
         ts = alloc["TaskStates"][task]
         image = next(((t.get("Config") or {}).get("image", "") for t in tasks if t["Name"] == task), "")
-        if how == "driver-failure":
+        if how == "pull-denied":
+            repo = image.split(":")[0]
+            err = (f"Failed to pull `{image}`: Error response from daemon: pull access denied for {repo}, "
+                   "repository does not exist or may require 'docker login': denied: requested access to the "
+                   "resource is denied")  # fmt: skip
+            ts["Events"] += [
+                self._event("Driver Failure", err, DriverError=err, FailsTask=True),
+                self._event("Not Restarting", "Error was unrecoverable", RestartReason="Error was unrecoverable",
+                            FailsTask=True),
+            ]  # fmt: skip
+        elif how == "driver-failure":
             err = (f"Failed to pull `{image}`: Error response from daemon: manifest for {image} not found: "
                    "manifest unknown: manifest unknown")  # fmt: skip
             ts["Events"] += [
@@ -1071,10 +1475,14 @@ class NomadAPIDouble:
                                                  FailedSibling=task))  # fmt: skip
                 ots.update(State="dead")
         alloc.update(ClientStatus="failed", ClientDescription="Failed tasks")
+        for t in tasks:
+            self._release_image(alloc, t)
         self._touch(alloc, f"alloc {alloc['Name']} failed")
         self._alloc_health(alloc, dep, False)
 
     def _alloc_health(self, alloc: dict[str, Any], dep: dict[str, Any] | None, healthy: bool) -> None:
+        # client/allochealth + nomad/deploymentwatcher: health counts per group; descriptions
+        # from nomad/structs/deployment.go (Successful, RunningNeedsPromotion)
         if alloc["DesiredStatus"] != "run" and healthy:
             return
         alloc["DeploymentStatus"] = {"Healthy": healthy, "Timestamp": "2026-11-25T09:00:04Z", "Canary": False,
@@ -1103,13 +1511,21 @@ class NomadAPIDouble:
                     v["Stable"] = True
         elif any(x["DesiredCanaries"] and not x["Promoted"] and x["HealthyAllocs"] >= x["DesiredCanaries"]
                  for x in dep["TaskGroups"].values()):  # fmt: skip
-            if all(x["AutoPromote"] for x in dep["TaskGroups"].values() if x["DesiredCanaries"]):
+            # nomad/deploymentwatcher/deployment_watcher.go autoPromoteDeployment: only when EVERY group with
+            # canaries is auto_promote and all its canaries are healthy (then All: true)
+            canary_groups = [x for x in dep["TaskGroups"].values() if x["DesiredCanaries"]]
+            if all(x["AutoPromote"] and x["HealthyAllocs"] >= x["DesiredCanaries"] for x in canary_groups):
                 self._promote_now(dep)
+            elif all(x["AutoPromote"] for x in canary_groups):
+                dep["StatusDescription"] = "Deployment is running pending automatic promotion"
             else:
                 dep["StatusDescription"] = "Deployment is running but requires manual promotion"
         dep["ModifyIndex"] = self._bump("deployments", change=f"deployment {dep['ID'][:8]} {dep['Status']}")
 
     def _fail_deployment(self, dep: dict[str, Any], auto_revert: bool) -> None:
+        # nomad/deploymentwatcher/deployment_watcher.go: unhealthy allocations fail the
+        # deployment (DeploymentStatusDescriptionFailedAllocations); auto_revert registers the
+        # latest stable version again (DeploymentStatusDescriptionRollback)
         description = "Failed due to unhealthy allocations"
         job_id = dep["JobID"]
         stable = [
@@ -1128,6 +1544,8 @@ class NomadAPIDouble:
             self.at(self.timing.evaluate, lambda: self._evaluate(ev["ID"]))
 
     def _stop_alloc(self, alloc: dict[str, Any]) -> None:
+        # scheduler: old allocations get DesiredStatus stop; the client kills the tasks
+        # (Killing, Terminated, Killed events) and reports complete
         if alloc["DesiredStatus"] != "run":
             return
         alloc.update(DesiredStatus="stop", DesiredDescription="alloc is being updated due to job update")
@@ -1142,22 +1560,34 @@ class NomadAPIDouble:
                     ts["State"] = "dead"
                 alloc.update(ClientStatus="complete", ClientDescription="All tasks have completed")
                 self._touch(alloc, f"alloc {alloc['Name']} complete")
+                for t in self._alloc_tasks(alloc):
+                    self._release_image(alloc, t)
             if self.timing.gc_after is not None:
                 self.at(self.timing.gc_after, lambda: self._gc(alloc))
 
         self.at(self.timing.alloc_stop, stopped)
 
     def _gc(self, alloc: dict[str, Any]) -> None:
+        # nomad/core_sched.go: terminal allocations are garbage-collected
         self.allocs.pop(alloc["ID"], None)
         self._bump("allocs", change=f"alloc {alloc['Name']} garbage-collected")
 
     def _job_allocs(self, request: Request, body: Any, id: str) -> Response:
+        """nomad/state/state_store.go AllocsByJob(anyCreateIndex=?all): without all=true, only allocations
+        of the CURRENT job (same CreateIndex); every allocation with the ID when the job is gone."""
         self._block(request, "allocs")
+        every = request.args.get("all", "") in ("true", "1")
         with self.cond:
-            allocs = [copy.deepcopy(a) for a in self.allocs.values() if a["JobID"] == id]
+            job = self.jobs.get(id)
+            allocs = [
+                copy.deepcopy(a)
+                for a in self.allocs.values()
+                if a["JobID"] == id and (every or job is None or a["JobCreateIndex"] == job["CreateIndex"])
+            ]
             return self._json(allocs, "allocs")
 
     def _allocation(self, request: Request, body: Any, id: str) -> Response:
+        # command/agent/alloc_endpoint.go: 404 "alloc not found"
         with self.cond:
             if id not in self.allocs:
                 raise _HTTPError(404, "alloc not found")
@@ -1165,6 +1595,7 @@ class NomadAPIDouble:
 
     # ---------------------------------------------------------------------------------- deployments --
     def _job_deployment(self, request: Request, body: Any, id: str) -> Response:
+        # nomad/job_endpoint.go LatestDeployment: the newest by CreateIndex, null when none
         self._block(request, "deployments")
         with self.cond:
             deps = [d for d in self.deployments.values() if d["JobID"] == id]
@@ -1172,6 +1603,7 @@ class NomadAPIDouble:
             return self._json(copy.deepcopy(latest), "deployments")
 
     def _deployment(self, request: Request, body: Any, id: str) -> Response:
+        # command/agent/deployment_endpoint.go: 404 "deployment not found"
         self._block(request, "deployments")
         with self.cond:
             if id not in self.deployments:
@@ -1184,20 +1616,49 @@ class NomadAPIDouble:
             if dep is None:
                 raise _HTTPError(404, "deployment not found")
             if dep["Status"] != "running":
-                raise _HTTPError(500, f"can't promote terminal deployment: status {dep['Status']!r}")
-            if not any(g["DesiredCanaries"] and not g["Promoted"] for g in dep["TaskGroups"].values()):
-                raise _HTTPError(500, "no canaries to promote")
-            ev = self._promote_now(dep)
+                raise _HTTPError(500, f"Deployment {id!r} has terminal status {dep['Status']!r}:")
+            if not isinstance(body, dict) or body.get("DeploymentID") != id:
+                # command/agent/deployment_endpoint.go deploymentPromote
+                raise _HTTPError(400, "Deployment ID does not match")
+            self.promote_bodies.append(body)
+            every = bool(body.get("All"))
+            groups = set(body.get("Groups") or [])
+            # nomad/state/state_store.go UpdateDeploymentPromotion: every group promoted (All: true, auto-promote
+            # groups included) must have all its canaries healthy, else a multierror (HTTP 500)
+            problems = []
+            for name, g in sorted(dep["TaskGroups"].items()):
+                if (not every and name not in groups) or not g["DesiredCanaries"]:
+                    continue
+                healthy = sum(
+                    1
+                    for a in self.allocs.values()
+                    if a["ID"] in g["PlacedCanaries"]
+                    and a["ClientStatus"] not in ("complete", "failed", "lost")
+                    and (a.get("DeploymentStatus") or {}).get("Healthy") is True
+                )
+                if healthy < g["DesiredCanaries"]:
+                    problems.append(
+                        f'Task group "{name}" has {healthy}/{g["DesiredCanaries"]} healthy allocations'
+                    )
+            if problems:
+                n = len(problems)
+                raise _HTTPError(
+                    500,
+                    f"{n} error{'s' if n > 1 else ''} occurred:\n"
+                    + "".join(f"\t* {p}\n" for p in problems)
+                    + "\n",
+                )
+            ev = self._promote_now(dep, None if every else groups)
             idx = self._bump("deployments", change=f"deployment {id[:8]} promoted")
             return self._json({"EvalID": ev["ID"], "EvalCreateIndex": ev["CreateIndex"],
                                "DeploymentModifyIndex": idx, "Index": idx})  # fmt: skip
 
-    def _promote_now(self, dep: dict[str, Any]) -> dict[str, Any]:
+    def _promote_now(self, dep: dict[str, Any], groups: set[str] | None = None) -> dict[str, Any]:
         job = self.jobs[dep["JobID"]]
         ev = self._new_eval(job["ID"], "deployment-watcher", job["JobModifyIndex"])
         for tg in job["TaskGroups"]:
             g = dep["TaskGroups"][tg["Name"]]
-            if not g["DesiredCanaries"] or g["Promoted"]:
+            if not g["DesiredCanaries"] or g["Promoted"] or (groups is not None and tg["Name"] not in groups):
                 continue
             g["Promoted"] = True
             dep["StatusDescription"] = "Deployment is running"
@@ -1210,17 +1671,26 @@ class NomadAPIDouble:
                     self._stop_alloc(a)
             for i in range(g["DesiredCanaries"], int(tg.get("Count", 1))):
                 self._place(job, tg, i, dep, ev)
-            if g["HealthyAllocs"] >= g["DesiredTotal"]:
-                dep.update(Status="successful", StatusDescription="Deployment completed successfully")
+        if all(
+            (not x["DesiredCanaries"] or x["Promoted"]) and x["HealthyAllocs"] >= x["DesiredTotal"]
+            for x in dep["TaskGroups"].values()
+        ):  # every group done, not only the one promoted
+            dep.update(Status="successful", StatusDescription="Deployment completed successfully")
+            job.update(Stable=True, Status="running")
+            for v in self.versions.get(dep["JobID"], []):
+                if v["Version"] == dep["JobVersion"]:
+                    v["Stable"] = True
         self._finish_eval(ev, DeploymentID=dep["ID"])
         return ev
 
     def _job_evals(self, request: Request, body: Any, id: str) -> Response:
+        # nomad/job_endpoint.go Evaluations
         self._block(request, "evals")
         with self.cond:
             return self._json([copy.deepcopy(e) for e in self.evals.values() if e["JobID"] == id], "evals")
 
     def _evaluation(self, request: Request, body: Any, id: str) -> Response:
+        # command/agent/eval_endpoint.go: 404 "eval not found"
         self._block(request, "evals")
         with self.cond:
             if id not in self.evals:
@@ -1228,11 +1698,16 @@ class NomadAPIDouble:
             return self._json(copy.deepcopy(self.evals[id]), "evals")
 
     def _deregister(self, request: Request, body: Any, id: str) -> Response:
+        # nomad/job_endpoint.go Deregister: stop (or purge) with a job-deregister evaluation;
+        # running deployments cancelled (DeploymentStatusDescriptionStoppedJob)
         purge = request.args.get("purge", "") in ("true", "1")
         with self.cond:
             job = self.jobs.get(id)
             if job is None:
-                raise _HTTPError(404, "job not found")
+                # nomad/job_endpoint.go Deregister: an unknown job is not an error; no evaluation
+                return self._json(
+                    {"EvalID": "", "EvalCreateIndex": 0, "JobModifyIndex": 0, "Index": self.index}
+                )
             if purge:
                 del self.jobs[id]
                 self.versions.pop(id, None)
@@ -1254,12 +1729,18 @@ class NomadAPIDouble:
 
     # ------------------------------------------------------------------------------------ variables --
     def _var_get(self, request: Request, body: Any, id: str) -> Response:
+        # command/agent/variable_endpoint.go: 404 "variable not found"
         with self.cond:
             if id not in self.vars:
                 raise _HTTPError(404, "variable not found")
             return self._json(copy.deepcopy(self.vars[id]), "vars")
 
     def _var_put(self, request: Request, body: Any, id: str) -> Response:
+        # command/agent/variable_endpoint.go variableUpsert: ?cas=N check-and-set; a conflict
+        # answers 409 with the current variable (empty when it does not exist)
+        if time.monotonic() < self._keyring_at:
+            # nomad/variables_endpoint.go Apply -> encrypt -> nomad/encrypter.go activeCipherSet
+            raise _HTTPError(500, "variable error: encrypt: keyring has not been initialized yet")
         with self.cond:
             current = self.vars.get(id)
             cas = request.args.get("cas")

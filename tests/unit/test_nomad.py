@@ -59,3 +59,58 @@ def test_settings_reject_half_a_client_cert_and_missing_files(make_cfg: Any) -> 
         settings(cfg, {"NOMAD_CACERT": "/nonexistent"})
     with pytest.raises(NomadError, match="must start with http"):
         settings(cfg, {"NOMAD_ADDR": "ftp://x"})
+
+
+# ------------------------------------------------------------------------------ issue 10: the token --
+@pytest.mark.parametrize(
+    "token", ["tok-secret\n", "tok-secret\r\n", "tok secret", "tok\x1b[2Jsecret", " tok-secret"]
+)
+def test_a_malformed_token_is_a_clean_error_without_the_token(make_cfg: Any, token: str) -> None:
+    from infra.nomad import Client, Settings
+
+    with pytest.raises(NomadError) as info:
+        settings(make_cfg(), {"NOMAD_TOKEN": token})
+    assert "NOMAD_TOKEN (or nomad.token) contains" in str(info.value)
+    assert "secret" not in str(info.value) and "tok" not in str(info.value).split("token")[0]
+    with pytest.raises(NomadError):
+        Client(Settings(addr="http://127.0.0.1:1", token=token))
+
+
+def test_token_over_plain_http_to_a_remote_host_is_warned_about(capsys: pytest.CaptureFixture[str]) -> None:
+    from infra.nomad import Client, Settings
+
+    for addr in (
+        "http://127.0.0.1:4646",
+        "http://localhost:4646",
+        "http://[::1]:4646",
+        "https://10.1.2.3:4646",
+    ):
+        Client(Settings(addr=addr, token="t"))
+        Client(Settings(addr=addr.replace("127.0.0.1", "10.1.2.3") if addr.startswith("https") else addr))
+    assert "plain http" not in capsys.readouterr().err
+    Client(Settings(addr="http://10.1.2.3:4646", token="t"))
+    Client(Settings(addr="http://nomad.example:4646", token="t"))
+    err = capsys.readouterr().err
+    assert err.count("NOMAD_TOKEN goes to http://") == 2 and "over plain http" in err
+    Client(Settings(addr="http://10.1.2.3:4646"))  # no token, nothing to leak
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    ("addr", "message"),
+    [
+        ("http://[::1", "is not a valid URL"),
+        ("http://127.0.0.1:99999", "is not a valid URL"),
+        ("ftp://x", "must start with http"),
+    ],
+)
+def test_bad_addresses_are_clean_errors(make_cfg: Any, addr: str, message: str) -> None:
+    with pytest.raises(NomadError, match=message):
+        settings(make_cfg(), {"NOMAD_ADDR": addr})
+
+
+def test_printable_escapes_control_characters_keeps_newlines_and_tabs() -> None:
+    from infra.errors import printable
+
+    assert printable("a\x00b\x1b[31mc\r\n\td\x7f\x9b") == "a\\x00b\\x1b[31mc\\x0d\n\td\\x7f\\x9b"
+    assert printable("x" * 10, limit=4) == "xxxx…"

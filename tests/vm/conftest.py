@@ -142,3 +142,11 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     for name, seconds in BOOT_TIMES.items():
         ratio = f"   (baked / this: {baked / seconds:.2f}x)" if baked and name != "docker part, baked" else ""
         terminalreporter.write_line(f"{name:<24} {seconds:7.1f} s{ratio}")
+
+
+@pytest.fixture
+def fresh_vm_env(test_image: dict[str, str], tmp_path: Path) -> Iterator[VMEnv]:
+    """A VM env of its own for one test (provisioning off), stopped by pid afterwards."""
+    env = make_vm_env(test_image, tmp_path, {"nomad": False, "docker": False})
+    yield env
+    stop_by_pid(env)

@@ -1,0 +1,157 @@
+"""`inv logs JOB [--task T] [--stderr] [--follow]` against the Nomad API double, which streams framed
+JSON ({File, Offset, Data (base64)}, `{}` heartbeats) as client/fs_endpoint.go does."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from doubles.nomad_api import NomadAPIDouble
+
+from infra import ROOT, deploy
+from infra.errors import DeployError
+from infra.nomad import Client, Settings
+
+JOB = """
+job "web" {
+  group "frontend" {
+    task "setup" {
+      driver = "docker"
+      lifecycle {
+        hook = "prestart"
+      }
+      config {
+        image = "busybox:1"
+      }
+    }
+    task "server" {
+      driver = "docker"
+      config {
+        image = "web:1"
+      }
+    }
+  }
+}
+"""
+
+
+@pytest.fixture
+def double() -> Iterator[NomadAPIDouble]:
+    d = NomadAPIDouble().ready_now().start()
+    d.heartbeat = 0.2
+    d.task_output["server"] = ("listening on :8080\n", "a warning\n")
+    yield d
+    d.stop()
+    assert not d.errors, d.errors
+
+
+@pytest.fixture
+def deployed(double: NomadAPIDouble, tmp_path: Path) -> NomadAPIDouble:
+    path = tmp_path / "web.nomad.hcl"
+    path.write_text(JOB)
+    deploy.deploy_job(Client(Settings(addr=double.url, retries=0)), path, timeout=10)
+    return double
+
+
+def newest_alloc(d: NomadAPIDouble) -> str:
+    return str(max(d.allocs.values(), key=lambda a: a["CreateIndex"])["ID"])
+
+
+def test_the_double_answers_framed_json(deployed: NomadAPIDouble) -> None:
+    alloc = newest_alloc(deployed)
+    body = requests.get(
+        f"{deployed.url}/v1/client/fs/logs/{alloc}", params={"task": "server", "type": "stdout"}, timeout=5
+    ).text
+    frame = json.loads(body)
+    assert frame["File"] == "alloc/logs/server.stdout.0" and frame["Offset"] == len("listening on :8080\n")
+    assert base64.b64decode(frame["Data"]) == b"listening on :8080\n"
+
+
+def test_task_logs_of_the_newest_allocation(deployed: NomadAPIDouble) -> None:
+    c = Client(Settings(addr=deployed.url, retries=0))
+    assert b"".join(deploy.task_logs(c, "web")) == b"listening on :8080\n"  # the only main task
+    assert b"".join(deploy.task_logs(c, "web", stderr=True)) == b"a warning\n"
+    assert b"".join(deploy.task_logs(c, "web", task="setup")) == b"setup: started\n"
+    deployed.write_log(newest_alloc(deployed), "server", "stdout", "second line\n")
+    assert b"".join(deploy.task_logs(c, "web")).endswith(b"second line\n")
+    with pytest.raises(
+        DeployError, match="job web has no task 'nope' in group frontend; its tasks: setup, server"
+    ):
+        list(deploy.task_logs(c, "web", task="nope"))
+    with pytest.raises(DeployError, match="job nope is not registered"):
+        list(deploy.task_logs(c, "nope"))
+
+
+def _env(d: NomadAPIDouble, tmp_path: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "NOMAD_ADDR": d.url,
+        "NOMAD_TOKEN": "",
+        "NOMAD_CACERT": "",
+        "INVOKE_PROJECT_STATE_DIR": str(tmp_path / "state"),
+    }
+
+
+def test_inv_logs(deployed: NomadAPIDouble, run_inv: Any) -> None:
+    env = {"NOMAD_ADDR": deployed.url, "NOMAD_TOKEN": "", "NOMAD_CACERT": ""}
+    out = run_inv("logs", "web", env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "listening on :8080\n"
+    err = run_inv("logs", "web", "--stderr", "--task", "server", env=env)
+    assert err.returncode == 0 and err.stdout == "a warning\n"
+    missing = run_inv("logs", "nope", env=env)
+    assert missing.returncode == 1 and missing.stderr.startswith("error: job nope is not registered")
+    assert "Traceback" not in missing.stderr
+
+
+def test_inv_logs_follow_streams_new_output_across_heartbeats(
+    deployed: NomadAPIDouble, tmp_path: Path
+) -> None:
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("inv")), "logs", "web", "--follow"],
+        cwd=ROOT,
+        env=_env(deployed, tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline().decode()
+        time.sleep(1.0)  # heartbeats `{}` go by meanwhile (every 0.2 s here)
+        deployed.write_log(newest_alloc(deployed), "server", "stdout", "later\n")
+        started = time.monotonic()
+        second = proc.stdout.readline().decode()
+        latency = time.monotonic() - started
+        assert proc.poll() is None  # still following
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=10)
+    assert (first, second) == ("listening on :8080\n", "later\n")
+    assert latency < 1.0
+    assert b"Traceback" not in err
+    heartbeats = [r for r in deployed.requests if r.path.startswith("/v1/client/fs/logs/")]
+    assert heartbeats and heartbeats[-1].query["follow"] == "true"
+
+
+def test_inv_logs_into_a_closed_pipe_is_quiet(deployed: NomadAPIDouble, tmp_path: Path) -> None:
+    deployed.write_log(newest_alloc(deployed), "server", "stdout", "x" * 2_000_000)
+    inv = str(Path(sys.executable).with_name("inv"))
+    result = subprocess.run(
+        ["sh", "-c", f"'{inv}' logs web | head -c 10"],
+        cwd=ROOT,
+        env=_env(deployed, tmp_path),
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.stdout == b"listening "
+    assert b"Traceback" not in result.stderr and b"Error" not in result.stderr, result.stderr

@@ -1,0 +1,382 @@
+"""Issue 11: what real Nomad does that the client and the deploy flow must survive, against the double
+(which follows Nomad's source; each behaviour there cites its file). One test per item; each failed before
+its fix.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from doubles.nomad_api import NomadAPIDouble, Timing, gc_from_agent_config
+
+from infra import ROOT, cluster, deploy, stack
+from infra.errors import DeployError
+from infra.nomad import Client, NomadAPIError, NomadUnreachable, Settings
+
+WEB = """
+variable "image" {
+  description = "the image"
+  type        = string
+  default     = "web:1"
+}
+
+job "web" {
+  datacenters = ["dc1"]
+  update {
+    max_parallel = 1
+    canary       = %(canary)d
+    auto_revert  = true
+  }
+
+  group "frontend" {
+    count = 1
+    service {
+      name     = "web"
+      provider = "nomad"
+    }
+    task "server" {
+      driver = "docker"
+      config {
+        image = var.image
+      }
+      resources {
+        memory = 64
+      }
+    }
+  }
+
+  group "backend" {
+    count = 1
+    update {
+      auto_promote = true
+    }
+    task "worker" {
+      driver = "docker"
+      config {
+        image = "${var.image}-worker"
+      }
+      resources {
+        memory = 64
+      }
+    }
+  }
+}
+"""
+
+#: A namespace-scoped deploy token: jobs, variables and node reads, but no agent:read (acl/policy.go).
+DEPLOY_CAPS = {"node:read", "read-job", "submit-job", "list-jobs", "parse-job", "variables:read",
+               "variables:write", "read-logs"}  # fmt: skip
+
+
+@pytest.fixture
+def doubles() -> Iterator[Callable[..., NomadAPIDouble]]:
+    made: list[NomadAPIDouble] = []
+
+    def make(**kw: Any) -> NomadAPIDouble:
+        d = NomadAPIDouble(**kw).ready_now().start()
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.stop()
+        assert not d.errors, d.errors
+
+
+def client_for(d: NomadAPIDouble, **kw: Any) -> Client:
+    kw.setdefault("retries", 0)
+    return Client(Settings(addr=d.url, read_timeout=5, **kw), sleep=lambda s: None)
+
+
+@pytest.fixture
+def web(tmp_path: Path) -> Callable[..., Path]:
+    def make(canary: int = 0) -> Path:
+        path = tmp_path / "web.nomad.hcl"
+        path.write_text(WEB % {"canary": canary})
+        return path
+
+    return make
+
+
+# ---------------------------------------------------------------------- 8: writes and lost answers --
+def test_register_whose_answer_is_lost_is_not_resent_and_is_found_by_rereading(
+    doubles: Any, web: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    d = doubles()
+    d.drop_answer.append("^POST /v1/jobs$")  # Nomad registers the job; the answer never arrives
+    c = client_for(d, retries=3)
+    result = deploy.deploy_job(c, web(), timeout=10)
+    assert result.outcome == "deployed" and result.version == 0
+    assert d.count("^/v1/jobs$", "POST") == 1  # not resent (a resend fails: "Enforcing job modify index")
+    assert "the answer to the registration was lost, but Nomad has it" in capsys.readouterr().err
+
+
+def test_register_that_never_reached_nomad_is_sent_once_more_under_enforce_index(
+    doubles: Any, web: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    d = doubles()
+    d.drop_request.append("^POST /v1/jobs$")  # cut before Nomad applied anything
+    result = deploy.deploy_job(client_for(d, retries=3), web(), timeout=10)
+    assert result.outcome == "deployed" and result.version == 0
+    assert d.count("^/v1/jobs$", "POST") == 2 and len(d.versions["web"]) == 1
+    assert "the registration did not reach Nomad; sending it once more" in capsys.readouterr().err
+
+
+def test_register_lost_before_nomad_applied_it_says_so(doubles: Any, web: Any) -> None:
+    d = doubles()
+    d.drop_answer.append("^POST /v1/job/web/plan$")  # a POST: not resent, whatever it does
+    with pytest.raises(NomadUnreachable, match="dropped POST /v1/job/web/plan before answering"):
+        deploy.deploy_job(client_for(d, retries=3), web(), timeout=10)
+    assert d.count("/v1/job/web/plan", "POST") == 1 and "web" not in d.jobs
+
+
+def test_reads_are_retried_after_a_lost_answer(doubles: Any) -> None:
+    d = doubles()
+    d.drop_answer.append("^GET /v1/status/leader$")
+    assert client_for(d, retries=2).leader() == "10.0.2.15:4647"
+    assert d.count("/v1/status/leader") == 2
+
+
+# --------------------------------------------------------------- 9: deployment of this registration --
+def test_find_deployment_matches_the_registration_by_job_spec_modify_index(doubles: Any, web: Any) -> None:
+    d = doubles(timing=Timing(evaluate=0.4))
+    c = client_for(d)
+    job = deploy.parse(c, web())
+    reg = c.register_job(job, modify_index=0)
+    d.set_job_status("web", "pending")  # a status change moves ModifyIndex before the scheduler runs
+    res = c.job_deployment("web")
+    while res.body is None:
+        res = c.job_deployment("web", index=res.index, wait=5)
+    dep = res.body
+    assert dep["JobSpecModifyIndex"] == reg["JobModifyIndex"] != dep["JobModifyIndex"]
+    assert deploy._find_deployment(c, "web", reg) == dep["ID"]
+
+
+# ----------------------------------------------------------- 10: errors that waiting does not heal --
+def test_nomad_wait_fails_at_once_on_no_path_to_region(doubles: Any) -> None:
+    d = doubles()
+    started = time.monotonic()
+    with pytest.raises(NomadAPIError) as info:
+        cluster.wait_ready(client_for(d, region="mars"), timeout=5)
+    assert time.monotonic() - started < 1.5
+    assert "HTTP 500: No path to region" in str(info.value)
+    assert "NOMAD_REGION" in str(info.value) and "'mars'" in str(info.value)
+
+
+def test_nonexistent_namespace_fails_at_once_with_a_hint(doubles: Any, web: Any) -> None:
+    d = doubles()
+    with pytest.raises(NomadAPIError) as info:
+        deploy.deploy_job(client_for(d, namespace="nope"), web(), timeout=5)
+    text = str(info.value)
+    assert 'job "web" is in nonexistent namespace "nope"' in text
+    assert "NOMAD_NAMESPACE" in text and "nomad namespace apply" in text
+    assert info.value.permanent and d.jobs == {}
+
+
+# --------------------------------------------------------------------- 11: no agent:read on a token --
+def test_agent_self_403_falls_back_to_picking_the_node(doubles: Any) -> None:
+    d = doubles(acl_tokens={"deploy": DEPLOY_CAPS})
+    c = client_for(d, token="deploy")
+    with pytest.raises(NomadAPIError, match="Permission denied") as info:
+        c.agent_self()  # command/agent/agent_endpoint.go: agent:read
+    assert "GET /v1/agent/self needs agent:read" in str(info.value)
+    st = cluster.wait_ready(c, timeout=5)
+    assert st.ready and st.node_name == "nomad-1"
+    assert cluster.is_ready(c).ready
+
+
+def test_down_with_a_deploy_token_purges_and_stops_the_vm(
+    doubles: Any, web: Any, make_cfg: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from infra import vm
+
+    d = doubles(acl_tokens={"deploy": DEPLOY_CAPS})
+    c = client_for(d, token="deploy")
+    path = web()
+    deploy.deploy_job(c, path, timeout=10)
+    stopped: list[bool] = []
+    monkeypatch.setattr(vm, "stop", lambda cfg: stopped.append(True))
+    stack.down(make_cfg(deploy={"ingress_job": str(path)}), client=c)
+    assert stopped == [True] and "web" not in d.jobs
+
+
+def test_down_stops_the_vm_even_when_the_purge_is_refused(
+    doubles: Any, web: Any, make_cfg: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from infra import vm
+
+    d = doubles(acl_token="admin", acl_tokens={"reader": {"node:read", "read-job"}})
+    path = web()
+    deploy.deploy_job(client_for(d, token="admin"), path, timeout=10)
+    stopped: list[bool] = []
+    monkeypatch.setattr(vm, "stop", lambda cfg: stopped.append(True))
+    with pytest.raises(DeployError) as info:
+        stack.down(make_cfg(deploy={"ingress_job": str(path)}), client=client_for(d, token="reader"))
+    assert stopped == [True]
+    assert "the VM is stopped, but the jobs were not purged" in str(info.value)
+    assert "Permission denied" in str(info.value) and "web" in d.jobs
+
+
+# ------------------------------------------------------------------------- 12: promote named groups --
+def test_promotion_names_the_groups_and_never_trips_on_an_auto_promote_group(doubles: Any, web: Any) -> None:
+    d = doubles()
+    c = client_for(d)
+    path = web(canary=1)
+    deploy.deploy_job(c, path, variables={"image": "web:1"}, timeout=10)
+    d.health_delay["web:2-worker"] = 0.8  # the auto-promote group's canary turns healthy later
+    result = deploy.deploy_job(c, path, variables={"image": "web:2"}, timeout=15)
+    assert result.outcome == "deployed"
+    bodies = list(d.promote_bodies)
+    assert bodies and all("All" not in b and b["Groups"] for b in bodies)
+    assert [g for b in bodies for g in b["Groups"]] == ["frontend", "backend"]
+    dep = d.deployments[result.deployment_id]
+    assert dep["Status"] == "successful" and all(g["Promoted"] for g in dep["TaskGroups"].values())
+
+
+# ----------------------------------------------------------------------- 13: jitter in the timeout --
+def test_a_blocking_wait_leaves_room_for_nomads_jitter(doubles: Any) -> None:
+    d = doubles(jitter="max")  # nomad/rpc.go: up to wait/16 more, here always all of it
+    c = client_for(d)
+    index = c.nodes().index
+    started = time.monotonic()
+    res = c.nodes(index=index, wait=4.8, timeout=4.9)  # 4.8 s + 0.3 s of jitter would not fit
+    elapsed = time.monotonic() - started
+    assert res.index == index and elapsed < 4.9
+    asked = [r.query["wait"] for r in d.requests if r.path == "/v1/nodes" and "wait" in r.query][-1]
+    assert int(asked.removesuffix("ms")) / 1000 * 17 / 16 < 4.9
+    d.at(0.3, lambda: d.set_node(Drain=False))
+    c.nodes(index=index, wait=900)  # Nomad caps a wait at 300 s (structs.MaxBlockingRPCQueryTime)
+    asked = [r.query["wait"] for r in d.requests if r.path == "/v1/nodes" and "wait" in r.query][-1]
+    assert asked == "300000ms"
+
+
+# ---------------------------------------------------------------------- 14: keyring not ready yet --
+def test_variable_write_is_retried_while_the_keyring_is_not_ready(doubles: Any) -> None:
+    d = doubles(keyring_delay=1.0)
+    sleeps: list[float] = []
+
+    def sleep(s: float) -> None:
+        sleeps.append(s)
+        time.sleep(s)
+
+    value = deploy.ensure_secret(client_for(d), "nomad/jobs/x", "k", sleep=sleep)
+    assert d.vars["nomad/jobs/x"]["Items"] == {"k": value}
+    statuses = [r.status for r in d.requests if r.method == "PUT"]
+    assert statuses[0] == 500 and statuses[-1] == 200 and sleeps
+
+
+def test_variable_write_keyring_error_gives_up_after_its_wait(doubles: Any) -> None:
+    d = doubles(keyring_delay=30)
+    with pytest.raises(DeployError, match="keyring has not been initialized yet"):
+        deploy.ensure_secret(client_for(d), "nomad/jobs/x", "k", keyring_wait=0.3, sleep=time.sleep)
+
+
+# ------------------------------------------------------------------------------- 15: Nomad's warnings --
+def test_plan_and_register_warnings_reach_the_user_once_each(
+    doubles: Any, web: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    d = doubles()
+    deploy.deploy_job(client_for(d), web(), timeout=10)
+    err = capsys.readouterr().err
+    line = (
+        'warning: web: group "frontend" defines services, but neither the group nor any of its tasks have '
+        "shutdown_delay set"
+    )
+    assert err.count(line) == 1, err
+    assert "1 warning:" not in err
+
+
+# ------------------------------------------------------------------- the double follows the source --
+def test_double_parse_needs_no_leader_and_delete_of_unknown_job_is_200(web: Any) -> None:
+    with NomadAPIDouble(rpc_hold=0.1) as d:  # no leader at all
+        c = client_for(d)
+        assert deploy.parse(c, web())["ID"] == "web"  # command/agent/job_endpoint.go: parsed in the agent
+        d.elect_leader()
+        answer = c.stop_job("nope")
+        assert (answer["EvalID"], answer["EvalCreateIndex"], answer["JobModifyIndex"]) == ("", 0, 0)
+        assert not d.evals
+
+
+def test_double_job_allocations_are_the_current_jobs_only(doubles: Any, web: Any) -> None:
+    d = doubles()
+    c = client_for(d)
+    path = web()
+    deploy.deploy_job(c, path, timeout=10)
+    deploy.purge(c, ["web"], timeout=10)
+    deploy.deploy_job(c, path, timeout=10)  # the same ID again: a new job (new CreateIndex)
+    current = c.job_allocations("web").body
+    every = c.job_allocations("web", all_=True).body
+    assert len(current) == 2 and len(every) == 4
+    assert {a["JobCreateIndex"] for a in current} == {d.jobs["web"]["CreateIndex"]}
+
+
+def test_double_keeps_prestart_tasks_and_runs_them_to_completion(doubles: Any) -> None:
+    d = doubles()
+    c = client_for(d)
+    deploy.deploy_job(c, ROOT / "nomad" / "service.nomad.hcl", variables={"image": "app:1"}, timeout=15)
+    tasks = {t["Name"]: t for t in d.jobs["app"]["TaskGroups"][0]["Tasks"]}
+    prestart = [n for n, t in tasks.items() if (t["Lifecycle"] or {}).get("Hook") == "prestart"]
+    assert prestart and "app" not in prestart
+    alloc = c.job_allocations("app").body[0]
+    states = alloc["TaskStates"]
+    assert all(states[n]["State"] == "dead" and not states[n]["Failed"] for n in prestart)
+    assert states["app"]["State"] == "running"
+
+
+def test_double_garbage_collects_a_local_image_unless_gc_image_is_false(web: Any) -> None:
+    """drivers/docker/coordinator.go: the image of the last stopped task is removed after image_delay,
+    then the next start must pull it; a locally built image cannot be pulled."""
+    local = "infra-lab/app:abc"
+    for gc, expect_failure in (((True, 0.3), True), ((False, 0.3), False)):
+        with NomadAPIDouble(
+            pullable=lambda ref: not ref.startswith("infra-lab/"), docker_gc=gc
+        ).ready_now() as d:
+            c = client_for(d)
+            d.load_image(local)
+            d.load_image(f"{local}-worker")
+            deploy.deploy_job(c, web(), variables={"image": local}, timeout=10)
+            deploy.purge(c, ["web"], timeout=10)
+            time.sleep(0.6)
+            assert (local not in d.images) is expect_failure, d.image_events
+            if expect_failure:
+                with pytest.raises(DeployError, match="pull access denied for infra-lab/app"):
+                    deploy.deploy_job(c, web(), variables={"image": local}, timeout=10)
+            else:
+                assert (
+                    deploy.deploy_job(c, web(), variables={"image": local}, timeout=10).outcome == "deployed"
+                )
+
+
+def test_gc_settings_are_read_from_an_agent_config() -> None:
+    assert gc_from_agent_config(
+        'plugin "docker" {\n  config {\n    gc {\n      image = false\n    }\n  }\n}\n'
+    ) == (
+        False,
+        180.0,
+    )
+    assert gc_from_agent_config("client {\n  enabled = true\n}\n") == (True, 180.0)  # the driver's defaults
+
+
+def test_the_project_agent_config_keeps_the_locally_built_app_image(make_cfg: Any) -> None:
+    """Issue 11 item 1 through the double: with the project's docker plugin settings, the app image built
+    in the VM is still there after its tasks stopped for longer than image_delay."""
+    (agent,) = sorted((ROOT / "cloud-init" / "files" / "nomad").glob("*.hcl"))
+    gc_image, delay = gc_from_agent_config(agent.read_text())
+    local = "infra-lab/app:0123456789ab"
+    with NomadAPIDouble(
+        pullable=lambda ref: not ref.startswith("infra-lab/"), docker_gc=(gc_image, 0.2)
+    ) as d:
+        d.ready_now()
+        c = client_for(d)
+        d.load_image(local)
+        cfg = make_cfg()
+        assert deploy.deploy_app(cfg, c, image=local).outcome == "deployed"
+        deploy.purge(c, ["app"], timeout=10)
+        time.sleep(0.5)  # longer than the (shortened) image_delay
+        assert local in d.images, d.image_events
+        assert deploy.deploy_app(cfg, c, image=local).outcome == "deployed"
+    assert not gc_image or delay >= 24 * 3600
