@@ -25,6 +25,9 @@ PYTHON = "3.11"
 
 def install(session: nox.Session) -> None:
     session.install("-c", "requirements/constraints.txt", "-e", ".[dev]", "-r", "app/requirements.in")
+    # The project's `inv` script (infra/cli.py) and invoke's share a name; uv installs wheels in parallel, so
+    # either may win. Reinstalling the project alone makes it ours, as pip's order (dependencies first) does.
+    session.install("--no-deps", "--force-reinstall", "-e", ".")
 
 
 @nox.session(python=PYTHON)
@@ -81,16 +84,24 @@ def vm(session: nox.Session) -> None:
     session.run("pytest", "tests/vm", "-n", "2", "--dist", "loadfile", *session.posargs)
 
 
+#: The e2e as pytest runs it: tests/e2e in file order, stopping at the first failure (the steps build on
+#: each other). JUnit goes to e2e.report_dir/junit.xml (tests/e2e/conftest.py) unless --junitxml says.
+E2E_PYTEST = ["-m", "pytest", "tests/e2e", "-x", "-p", "no:cacheprovider", "-o", "junit_suite_name=e2e"]
+
+
 @nox.session(python=PYTHON, default=False)
 def e2e(session: nox.Session) -> None:
-    """The full run: preflight -> inv up -> smoke checks -> inv down (`-- --keep` keeps it running).
+    """The full run (tests/e2e): preflight -> inv up -> smoke checks -> inv down (`-- --keep` keeps it running).
 
     Needs KVM and the internet (GitHub Actions). The preflight runs first, before the session's virtualenv
-    is even installed when nox's own Python can import the project (`.venv/bin/nox`), so a machine that
-    cannot run the e2e is told within seconds. Report: e2e.report_dir (JUnit XML + timing table).
+    is even installed when nox's own Python can import the project and pytest (`.venv/bin/nox` after
+    `./scripts/setup --dev`), so a machine that cannot run the e2e is told within seconds. Options after
+    `--` go to pytest (--keep, --allow-tcg, --preflight-only, ... from tests/e2e/conftest.py). Report:
+    e2e.report_dir (junit.xml, timings.md/json, logs/, diagnostics/, nomad-exchanges.jsonl).
     """
     flags = [a for a in session.posargs if a == "--allow-tcg"]
-    if all(importlib.util.find_spec(m) for m in ("requests", "yaml", "rich", "invoke")):
-        session.run(sys.executable, "-m", "infra.e2e", "--preflight-only", *flags, external=True)
+    # pytest, and what tests/conftest.py and the harness import (./scripts/setup --dev installs them all)
+    if all(importlib.util.find_spec(m) for m in ("pytest", "psycopg", "requests", "rich", "invoke", "infra")):
+        session.run(sys.executable, *E2E_PYTEST, "--preflight-only", *flags, external=True)
     install(session)
-    session.run("python", "-m", "infra.e2e", *session.posargs)
+    session.run("python", *E2E_PYTEST, *session.posargs)

@@ -12,9 +12,12 @@ from typing import Any, TypeVar
 
 from invoke import Collection, Context, Exit, task
 
+from infra import cli
 from infra import config as config_mod
 from infra.config import Config
 from infra.errors import InfraError, printable
+
+cli.adopt()  # one `error:` line for invoke's own errors too, whichever `inv` script runs (infra/cli.py)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -46,8 +49,10 @@ def domain_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _not_yet(what: str) -> None:
-    raise Exit(f"error: {what} is not implemented yet", code=3)
+def option(ok: bool, message: str) -> None:
+    """A bad command-line value: one `error:` line and exit 2, before anything is touched."""
+    if not ok:
+        raise Exit(f"error: {message}", code=2)
 
 
 # ---------------------------------------------------------------------------------------------------- iso --
@@ -83,7 +88,8 @@ def vm_stop(c: Context, timeout: int = -1) -> None:
     """Power the VM off (ACPI over QMP, then kill after vm.stop_timeout)."""
     from infra import vm
 
-    vm.stop(cfg(c), timeout=None if timeout < 0 else timeout)
+    option(timeout == -1 or timeout > 0, f"--timeout must be a positive number of seconds, not {timeout}")
+    vm.stop(cfg(c), timeout=None if timeout == -1 else timeout)
 
 
 @task(name="status", help={"json": "print the status as JSON on stdout"})
@@ -110,6 +116,7 @@ def vm_ssh(c: Context, command: str = "") -> None:
 @domain_errors
 def vm_logs(c: Context, lines: int = 50, follow: bool = False) -> None:
     """Show the tail of the VM's serial console log."""
+    option(lines >= 0, f"--lines must be 0 or more, not {lines}")
     from infra import ui, vm
 
     path = vm.logs_path(cfg(c))
@@ -178,6 +185,7 @@ def nomad_wait(c: Context, timeout: int = 0) -> None:
     """Wait for a leader, this node ready and eligible, and a healthy docker driver."""
     from infra import cluster, nomad
 
+    option(timeout >= 0, f"--timeout must be a positive number of seconds, not {timeout}")
     config = reach_cfg(c)
     cluster.wait_ready(nomad.Client.from_config(config), timeout=timeout or config.nomad.wait_timeout)
 
@@ -187,10 +195,10 @@ def nomad_wait(c: Context, timeout: int = 0) -> None:
 @domain_errors
 def deploy_data(c: Context, detach: bool = False) -> None:
     """Deploy Kafka + Postgres (nomad/datastorage.nomad.hcl) and follow the deployment."""
-    from infra import deploy, nomad
+    from infra import nomad, release
 
     config = reach_cfg(c)
-    deploy.deploy_data(config, nomad.Client.from_config(config), detach=detach)
+    release.deploy_data(config, nomad.Client.from_config(config), detach=detach)
 
 
 @task(
@@ -205,14 +213,13 @@ def deploy_data(c: Context, detach: bool = False) -> None:
 )
 @domain_errors
 def deploy_app(
-    c: Context, build: bool = False, local: bool = False, image: str = "", detach: bool = False
+    c: Context, build: bool = False, local: bool = False, image: str | None = None, detach: bool = False
 ) -> None:
     """Deploy the app (nomad/service.nomad.hcl): canary -> promote, auto-revert; prints the image now live."""
-    from infra import build as build_mod
-    from infra import nomad
+    from infra import nomad, release
 
     config = reach_cfg(c)
-    build_mod.ship(
+    release.ship(
         config, nomad.Client.from_config(config), build_image=build, image=image, local=local, detach=detach
     )
 
@@ -221,10 +228,10 @@ def deploy_app(
 @domain_errors
 def deploy_ingress(c: Context, detach: bool = False) -> None:
     """Deploy Traefik (nomad/ingress.nomad.hcl) and follow the deployment."""
-    from infra import deploy, nomad
+    from infra import nomad, release
 
     config = reach_cfg(c)
-    deploy.deploy_ingress(config, nomad.Client.from_config(config), detach=detach)
+    release.deploy_ingress(config, nomad.Client.from_config(config), detach=detach)
 
 
 # --------------------------------------------------------------------------------------------------- root --
@@ -235,11 +242,11 @@ def deploy_ingress(c: Context, detach: bool = False) -> None:
 @domain_errors
 def purge(c: Context, job: list[str] | None = None) -> None:
     """Stop and purge the project's jobs (data on host volumes survives); waits until allocations stop."""
-    from infra import deploy, nomad
+    from infra import nomad, release
 
+    option(all(j.strip() for j in job or []), "-j/--job needs a job name (an empty one was given)")
     config = reach_cfg(c)
-    jobs = list(job or []) or list(reversed(deploy.project_jobs(config)))
-    deploy.purge(nomad.Client.from_config(config), jobs, timeout=config.deploy.timeout)
+    release.purge(config, nomad.Client.from_config(config), list(job or []))
 
 
 @task

@@ -1,7 +1,8 @@
 """The demo app: a small HTTP service that proves the data path HTTP -> Postgres and Kafka.
 
     GET  /healthz   200 when Postgres and Kafka both answer, else 503 naming what is down
-    POST /events    store a JSON object in Postgres and produce it to the Kafka topic (201)
+    POST /events    store a JSON object in Postgres and produce it to the Kafka topic (201); 400 naming the
+                    field for what jsonb cannot hold (NUL, lone surrogates, NaN/Infinity, too deep)
     GET  /events    the newest stored events (?limit=N, 1..500, default 50)
 
 Configuration comes only from environment variables (the Nomad template renders them from service
@@ -33,7 +34,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -64,6 +67,9 @@ CREATE TABLE IF NOT EXISTS events (
 SCHEMA_LOCK_KEY = 0x6576656E7473  # "events"
 MAX_BODY = 64 * 1024
 MAX_LIMIT = 500
+#: Deepest nesting of arrays/objects accepted in an event (deeper is a 400, not a RecursionError).
+MAX_DEPTH = 100
+_DIGITS = re.compile(r"[0-9]{1,12}")  # ASCII digits only: "²".isdigit() is True but int("²") fails
 
 
 class ConfigurationError(Exception):
@@ -337,6 +343,49 @@ def _timed(fn: Callable[[], None]) -> dict[str, Any]:
     return {"ok": True, "ms": round((time.monotonic() - start) * 1000)}
 
 
+class BadEvent(ValueError):
+    """A client's event that JSON parsed but Postgres' jsonb cannot store: a 400 naming the field."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"field {field}: {problem}")
+        self.field = field
+
+
+def check_event(payload: Any) -> None:
+    """Refuse what jsonb cannot hold, naming the field: NUL characters and lone surrogates in strings or
+    keys, NaN/Infinity (also 1e999, which parses to infinity), nesting deeper than MAX_DEPTH. Iterative, so
+    no input can exhaust the stack."""
+    todo: list[tuple[Any, str, int]] = [(payload, "$", 0)]
+    while todo:
+        value, path, depth = todo.pop()
+        if depth > MAX_DEPTH:
+            raise BadEvent(path, f"nested deeper than {MAX_DEPTH} levels")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                child = f"{path}.{key}" if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key) else (
+                    f"{path}[{json.dumps(key)}]"
+                )  # fmt: skip
+                _check_text(key, child, "its name")
+                todo.append((item, child, depth + 1))
+        elif isinstance(value, list):
+            todo.extend((item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value))
+        elif isinstance(value, str):
+            _check_text(value, path, "the string")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise BadEvent(path, f"{value} is not a finite number (JSON has no NaN or Infinity)")
+
+
+def _check_text(text: str, path: str, what: str) -> None:
+    if "\x00" in text:
+        raise BadEvent(path, f"{what} contains a NUL character (\\u0000), which Postgres cannot store")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise BadEvent(
+            path, f"{what} contains a lone surrogate ({text[exc.start]!a}), which is not valid Unicode"
+        ) from None
+
+
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text[:300]
@@ -380,7 +429,7 @@ def make_wsgi(service: Service) -> Callable[[dict[str, Any], StartResponse], Ite
 
         query = parse_qs(environ.get("QUERY_STRING", ""))
         raw = query.get("limit", ["50"])[-1]
-        if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+        if not _DIGITS.fullmatch(raw) or not 1 <= int(raw) <= MAX_LIMIT:
             return 400, respond(
                 start, 400, {"error": f"limit must be an integer 1..{MAX_LIMIT}, got {raw!r}"}
             )
@@ -392,7 +441,7 @@ def make_wsgi(service: Service) -> Callable[[dict[str, Any], StartResponse], Ite
 
     def post_event(environ: dict[str, Any], start: StartResponse) -> tuple[int, list[bytes]]:
         length_raw = environ.get("CONTENT_LENGTH") or ""
-        if not length_raw.isdigit():
+        if not _DIGITS.fullmatch(length_raw):
             return 411, respond(start, 411, {"error": "a Content-Length header is required"})
         length = int(length_raw)
         if length > MAX_BODY:
@@ -401,10 +450,18 @@ def make_wsgi(service: Service) -> Callable[[dict[str, Any], StartResponse], Ite
             payload = json.loads(environ["wsgi.input"].read(length) or b"null")
         except ValueError as exc:
             return 400, respond(start, 400, {"error": f"body is not valid JSON: {exc}"})
+        except RecursionError:
+            return 400, respond(start, 400, {"error": f"body is nested deeper than {MAX_DEPTH} levels"})
         if not isinstance(payload, dict):
             return 400, respond(start, 400, {"error": "body must be a JSON object"})
         try:
+            check_event(payload)
+        except BadEvent as exc:
+            return 400, respond(start, 400, {"error": str(exc), "field": exc.field})
+        try:
             event = service.store(payload)
+        except psycopg.DataError as exc:  # the event's data (class 22), not Postgres' health
+            return 400, respond(start, 400, {"error": f"Postgres refused the event: {_one_line(exc)}"})
         except psycopg.Error as exc:
             return 503, respond(start, 503, {"error": f"postgres: {_one_line(exc)}", "down": ["postgres"]})
         except (KafkaException, KafkaDeliveryError, BufferError) as exc:

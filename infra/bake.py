@@ -16,7 +16,8 @@ provisioned — fast, identical, and without the network.
 5. power off, `qemu-img convert -c -O qcow2` (a standalone, compressed image) into
    `<cache>/bakes/<key>.qcow2` with the manifest `<key>.json` beside it.
 
-The key is a content hash of everything that went into the bake (`key_inputs`): the base image's digest,
+The key (infra/bakecache.py, which also decides what `vm.run` boots) is a content hash of everything that
+went into the bake (`key_inputs`): the base image's digest,
 the rendered user-data minus its per-instance parts (host name, login key), the Nomad version and the
 pinned job images. A changed input gives another key, so a stale bake never boots (`vm.baked`: auto
 boots a matching bake, off never, require refuses to boot without one). A VM booted from a bake gets a
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import shlex
 import shutil
@@ -35,24 +35,19 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from infra import images, qemu, seed, speclint, ui
+from infra import bakecache, images, qemu, ui
+from infra.bakecache import Bake, bakes_dir, content_key, find, key_inputs, locate
 from infra.config import Config, Port
 from infra.errors import ImageError, InfraError, VMError
 from infra.waits import Probe, wait_until
 
-#: Bump when what a bake contains changes in a way its inputs do not show (e.g. the generalization).
-FORMAT = 1
-BAKES_DIR = "bakes"
-DIGESTS = "digests.json"  # local base images without a pinned digest: hashed once per size + mtime
 CONVERT_TIMEOUT = 1800
 PULL_TIMEOUT = 1800
 NOMAD_READY_TIMEOUT = 300
 
-#: Run as root in the guest, just before it powers off. Every step is idempotent.
 GENERALIZE = r"""
 set -eu
 # Nomad: stopped, its state cleared, so every VM made from the bake gets its own node ID and cluster.
@@ -79,143 +74,6 @@ fstrim -a >/dev/null 2>&1 || true
 sync
 echo generalized
 """
-
-
-@dataclass(frozen=True)
-class Bake:
-    key: str
-    path: Path  # <cache>/bakes/<key>.qcow2
-    manifest: Path  # <cache>/bakes/<key>.json
-
-    def read_manifest(self) -> dict[str, Any]:
-        try:
-            data: dict[str, Any] = json.loads(self.manifest.read_text())
-        except (OSError, ValueError):
-            return {}
-        return data
-
-
-@dataclass(frozen=True)
-class Choice:
-    """The image `vm.run` boots: a bake (key set) or the base image (key None), and why."""
-
-    image: Path
-    key: str | None
-    reason: str
-
-
-# ------------------------------------------------------------------------------------------------- key --
-def bakes_dir(cfg: Config) -> Path:
-    return cfg.project.cache_dir / BAKES_DIR
-
-
-def _bake(cfg: Config, key: str) -> Bake:
-    directory = bakes_dir(cfg)
-    return Bake(key, directory / f"{key}.qcow2", directory / f"{key}.json")
-
-
-def find(cfg: Config, key: str) -> Bake | None:
-    """The bake for `key` when the cache holds it (image and manifest)."""
-    bake = _bake(cfg, key)
-    return bake if bake.path.is_file() and bake.manifest.is_file() else None
-
-
-def base_digest(cfg: Config, arch: str) -> str:
-    """'sha256:<hex>' of the base image: the pinned digest, else (a local file) its hash, remembered."""
-    source = images.source_for(cfg, arch)
-    if source.digest:
-        return f"{source.algo}:{source.digest}"
-    if source.path is None:  # pragma: no cover - source_for pins every download
-        raise ImageError(f"image {source.name} has neither a digest nor a local path")
-    path = source.path.resolve()
-    store = bakes_dir(cfg) / DIGESTS
-    try:
-        known: dict[str, Any] = json.loads(store.read_text())
-    except (OSError, ValueError):
-        known = {}
-    st = path.stat()
-    stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    entry = known.get(str(path))
-    if isinstance(entry, dict) and {k: entry.get(k) for k in stamp} == stamp and entry.get("sha256"):
-        return f"sha256:{entry['sha256']}"
-    with ui.live(f"hashing {path.name} (the base image's digest is part of the bake key)"):
-        digest = images.file_digest(path, "sha256")
-    known[str(path)] = {**stamp, "sha256": digest}
-    store.parent.mkdir(parents=True, exist_ok=True)
-    tmp = store.with_name(f".{store.name}.tmp")
-    tmp.write_text(json.dumps(known, indent=2, sort_keys=True) + "\n")
-    tmp.replace(store)
-    return f"sha256:{digest}"
-
-
-def job_images(cfg: Config) -> list[str]:
-    """The images the job specs pin by digest (pre-pulled by the bake when Nomad is provisioned).
-
-    Nomad's docker driver starts a task from a local image without pulling when force_pull is off and
-    the tag is not "latest" (hashicorp/nomad drivers/docker/driver.go, createImage: ImageInspect first),
-    so a pre-pulled pin deploys without Docker Hub."""
-    if not (cfg.provision.nomad and cfg.provision.docker):
-        return []  # without Nomad no job runs in the guest: nothing to pre-pull
-    refs: set[str] = set()
-    for path in (cfg.deploy.data_job, cfg.deploy.app_job, cfg.deploy.ingress_job):
-        refs.update(ref for ref in speclint.spec_images(path) if "@sha256:" in ref)
-    return sorted(refs)
-
-
-def key_inputs(cfg: Config, arch: str, base: str) -> dict[str, Any]:
-    """Everything a bake is made of, as data (the manifest records it; `content_key` hashes it)."""
-    user_data = seed.dump(seed.instance_neutral(cfg)).encode()
-    return {
-        "format": FORMAT,
-        "arch": arch,
-        "base_image": base,
-        "user_data_sha256": hashlib.sha256(user_data).hexdigest(),
-        "nomad_version": cfg.provision.nomad_version if cfg.provision.nomad else None,
-        "images": job_images(cfg),
-    }
-
-
-def content_key(inputs: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def current_key(cfg: Config, arch: str | None = None) -> tuple[str, dict[str, Any]]:
-    arch = arch or qemu.guest_arch(cfg.vm.arch, qemu.Platform.current())
-    inputs = key_inputs(cfg, arch, base_digest(cfg, arch))
-    return content_key(inputs), inputs
-
-
-# ----------------------------------------------------------------------------------------- vm.run's choice --
-def choose(cfg: Config, arch: str, base: Path, backing: Path | None) -> Choice:
-    """Which image `vm.run` boots, by `vm.baked`; `backing`: what an existing disk overlays (None: no disk)."""
-    if cfg.vm.baked == "off":
-        return Choice(base, None, "base image (vm.baked is off)")
-    key, _inputs = current_key(cfg, arch)
-    bake = find(cfg, key)
-    if backing is not None:  # an existing disk keeps the image it was made on
-        backing = backing.resolve()
-        if bake is not None and backing == bake.path.resolve():
-            return Choice(bake.path, key, f"baked image {key}")
-        if backing.parent == bakes_dir(cfg).resolve():
-            raise VMError(
-                f"the VM's disk is an overlay on the baked image {backing.name}, which the current "
-                f"configuration no longer matches (its key is {key})",
-                hint="`inv vm.destroy` to boot the current configuration (the guest's disk is lost)",
-            )
-        if cfg.vm.baked == "require":
-            raise VMError(
-                "vm.baked is require, but the VM's disk is an overlay on the base image",
-                hint="`inv vm.destroy`, then `inv vm.run` boots the bake (the guest's disk is lost)",
-            )
-        return Choice(base, None, "base image (the VM's existing disk was made on it)")
-    if bake is not None:
-        return Choice(bake.path, key, f"baked image {key}")
-    if cfg.vm.baked == "require":
-        raise VMError(
-            f"vm.baked is require, but no baked image matches this configuration (key {key})",
-            hint="`inv image.bake` makes one; `inv image.list` shows the cache",
-        )
-    return Choice(base, None, f"base image (no bake for key {key}: `inv image.bake` makes one)")
 
 
 # ------------------------------------------------------------------------------------------------ bake --
@@ -355,13 +213,13 @@ def bake(cfg: Config, *, from_vm: bool = False, force: bool = False, keep: bool 
     started = time.monotonic()
     arch = qemu.guest_arch(cfg.vm.arch, qemu.Platform.current())
     base = images.ensure(cfg, arch)
-    inputs = key_inputs(cfg, arch, base_digest(cfg, arch))
+    inputs = key_inputs(cfg, arch, bakecache.base_digest(cfg, arch))
     key = content_key(inputs)
     existing = find(cfg, key)
     if existing is not None and not force:
         ui.skip(f"baked image {key} is up to date: {existing.path} (--force to bake again)")
         return existing
-    target = _bake(cfg, key)
+    target = locate(cfg, key)
     ui.step(f"baking {key} from {'the running VM' if from_vm else 'a throwaway VM'} (base {base.name})")
     with _work_vm(cfg, from_vm, keep) as work:
         p = vm.paths(work)
@@ -435,10 +293,10 @@ def entries(cfg: Config) -> list[dict[str, Any]]:
     directory = bakes_dir(cfg)
     if not directory.is_dir():
         return []
-    current, _inputs = current_key(cfg)
+    current, _inputs = bakecache.current_key(cfg)
     found = []
     for image in sorted(directory.glob("*.qcow2")):
-        bake = _bake(cfg, image.stem)
+        bake = locate(cfg, image.stem)
         manifest = bake.read_manifest()
         found.append({
             "key": bake.key, "path": str(bake.path), "size_bytes": image.stat().st_size,
@@ -471,11 +329,13 @@ def prune(cfg: Config, *, everything: bool = False) -> list[Path]:
     if not directory.is_dir():
         ui.skip(f"no baked images in {directory}")
         return []
-    current, _inputs = current_key(cfg)
+    current, _inputs = bakecache.current_key(cfg)
     removed: list[Path] = []
     for path in sorted(directory.iterdir()):
         is_bake = (
-            path.suffix in (".qcow2", ".json") and path.name != DIGESTS and not path.name.startswith(".")
+            path.suffix in (".qcow2", ".json")
+            and path.name != bakecache.DIGESTS
+            and not path.name.startswith(".")
         )
         leftover = path.name.startswith(".") and path.name.endswith((".part", ".tmp"))
         if leftover or (is_bake and (everything or path.stem != current)):
@@ -486,5 +346,4 @@ def prune(cfg: Config, *, everything: bool = False) -> list[Path]:
     return removed
 
 
-__all__ = ["Bake", "Choice", "bake", "base_digest", "choose", "content_key", "current_key", "entries",
-           "find", "job_images", "key_inputs", "prune", "show", "work_config"]  # fmt: skip
+__all__ = ["bake", "entries", "prune", "show", "work_config"]  # fmt: skip

@@ -1,4 +1,4 @@
-"""Build the app image from `app/` and ship it: `inv deploy.app --build [--local]`, `--image REF`.
+"""Build the app image from `app/` (`inv deploy.app --build [--local]`); infra/release.py ships it.
 
 Tag: the git commit that last changed `app/` (12 hex digits), plus `-dirty-<8 hex>` when `app/` has
 uncommitted changes, the 8 hex being a hash of the files' content. So
@@ -17,9 +17,8 @@ Where it is built:
   is uploaded and `docker load`ed in the VM.
 Either way, an image that already exists in the VM under that tag is not built again.
 
-Then the deploy flow (infra/deploy.py: parse -> plan -> register -> follow the deployment, canary ->
-promote, auto-revert on failure; an unchanged job is a no-op) deploys it with the HCL variables
-`image` and `version`, and the version now live is reported (on failure: what Nomad rolled back to).
+This module makes images and names them; it does not deploy. infra/release.py `ship` deploys the image
+with the HCL variables `image` and `version` and reports the version now live.
 """
 
 from __future__ import annotations
@@ -37,16 +36,14 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any
 
 from infra import ui
 from infra.config import Config
-from infra.errors import BuildError, DeployError, InfraError
+from infra.errors import BuildError, InfraError
 from infra.state import StatePaths
-from infra.waits import Probe, wait_until
 
 APP_DIR = "app"
-BUILD_LOG = "build.log"  # in the state dir: the last build's full output
 BUILD_TIMEOUT = 1800.0
 TRANSFER_TIMEOUT = 900.0
 #: Docker's reference grammar, loosely: [registry[:port]/]path[:tag][@sha256:digest], lower-case path.
@@ -153,16 +150,6 @@ def version_of(ref: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ engines --
-class Engine(Protocol):
-    """A Docker engine we can build in / load into."""
-
-    where: str
-
-    def has_image(self, ref: str) -> bool: ...
-
-    def build(self, context: Path, ref: str, build_args: Mapping[str, str], log: Path) -> None: ...
-
-
 class _LogSink:
     """File-like: every chunk goes to the log file; build steps ("Step 3/14 : ...", BuildKit's "#5 [2/6]
     ...") show on the live line."""
@@ -392,9 +379,9 @@ def build(
     src = source(root or cfg.root)
     ref = f"{cfg.app.image}:{src.tag}"
     check_ref(ref)
-    state = StatePaths(cfg.project.state_dir)
+    state = StatePaths.of(cfg)
     state.root.mkdir(parents=True, exist_ok=True)
-    log = state.root / BUILD_LOG
+    log = state.build_log
     if src.dirty:
         ui.warn(f"app/ has uncommitted changes: building {ref} from the work tree")
     if target.has_image(ref):
@@ -419,16 +406,7 @@ def build(
     return BuildResult(ref, src.tag, True, seconds)
 
 
-# -------------------------------------------------------------------------------------- build + deploy --
-@dataclass(frozen=True)
-class ShipResult:
-    image: str  # the image now live
-    version: str
-    outcome: str  # "deployed" | "unchanged" | "registered"
-    job_version: int | None
-    build: BuildResult | None = None
-
-
+# ------------------------------------------------------------------------------------- build for the VM --
 @contextlib.contextmanager
 def _vm_engine(cfg: Config) -> Iterator[RemoteDocker]:
     from infra import remote
@@ -451,89 +429,15 @@ def _vm_engine(cfg: Config) -> Iterator[RemoteDocker]:
         conn.close()
 
 
-def ship(
+def for_vm(
     cfg: Config,
-    client: Any,
     *,
-    build_image: bool = False,
-    image: str = "",
     local: bool = False,
-    detach: bool = False,
     engine: Callable[[Config], contextlib.AbstractContextManager[Any]] | None = None,
     builder: LocalDocker | None = None,
-) -> ShipResult:
-    """`inv deploy.app [--build [--local] | --image REF]`: build (or take) the image, deploy it, report."""
-    from infra import deploy
-
-    if build_image and image:
-        raise BuildError("--build and --image exclude each other", hint="--build makes the image from app/")
-    if local and not build_image:
-        raise BuildError("--local only applies with --build")
-    built: BuildResult | None = None
-    if build_image:
-        with (engine or _vm_engine)(cfg) as target:
-            host = builder or LocalDocker(network=cfg.app.build_network)
-            built = build(cfg, target, builder=host if local else None)
-        ref = built.ref
-    elif image:
-        ref = check_ref(image)
-    else:
-        ref = ""
-    variables = {"version": version_of(ref)} if ref else None
-    job_id = deploy.job_id_of(cfg.deploy.app_job)
-    try:
-        result = deploy.deploy_app(cfg, client, image=ref or None, variables=variables, detach=detach)
-    except DeployError as exc:
-        exc.details.extend(rollback_report(client, job_id, ref))
-        raise
-    live = live_image(client, job_id) or ref
-    live_version = version_of(live) if live else "?"
-    if result.outcome == "unchanged":
-        ui.skip(f"{live} is already live (job {job_id} version {result.version}): nothing to deploy")
-    elif result.outcome == "registered":
-        ui.ok(f"{ref or live} registered as job {job_id} version {result.version} (--detach: not followed)")
-    else:
-        ui.ok(f"{live} is live: version {live_version} (job {job_id} version {result.version})")
-    ui.out(live)
-    return ShipResult(live, live_version, result.outcome, result.version, built)
-
-
-def live_image(client: Any, job_id: str, task: str = "") -> str:
-    """The image of the job's main task as registered now (prestart/sidecar tasks are skipped)."""
-    job = client.job(job_id) or {}
-    for group in job.get("TaskGroups") or []:
-        for t in group.get("Tasks") or []:
-            if (t.get("Lifecycle") or {}).get("Hook") or (task and t.get("Name") != task):
-                continue
-            img = (t.get("Config") or {}).get("image")
-            if img:
-                return str(img)
-    return ""
-
-
-def rollback_report(client: Any, job_id: str, attempted: str, timeout: float = 30.0) -> list[str]:
-    """After a failed deployment: which version is live now. With auto_revert Nomad registers the last
-    stable version again (a new job version); wait for that a little, then name its image."""
-    try:
-        failed = client.job_deployment(job_id).body or {}
-    except InfraError:
-        return []
-    failed_version = failed.get("JobVersion")
-    reverting = "rolling back to job version" in str(failed.get("StatusDescription") or "")
-
-    def probe(_d: object) -> Probe[dict[str, Any]]:
-        job = client.job(job_id) or {}
-        moved = failed_version is not None and int(job.get("Version", -1)) > int(failed_version)
-        return Probe(moved or not reverting, f"job version {job.get('Version')}", job)
-
-    try:
-        job = wait_until(probe, what=f"job {job_id}: auto-revert registered", timeout=timeout,
-                         interval=0.5).value or {}  # fmt: skip
-    except InfraError:
-        job = client.job(job_id) or {}
-    image = live_image(client, job_id)
-    if reverting and image and image != attempted:
-        return [f"rolled back: {image} (version {version_of(image)}) is live again as job version "
-                f"{job.get('Version')}; {attempted or 'the new version'} was not kept"]  # fmt: skip
-    return [f"no automatic rollback happened: job {job_id} version {job.get('Version')} with {image or '?'} "
-            "is registered; earlier allocations keep running where Nomad did not replace them"]  # fmt: skip
+) -> BuildResult:
+    """The app image from app/ where the VM's Nomad runs it: built in the VM's Docker, or (`local`) with the
+    host's Docker and loaded into the VM. `engine` opens the VM's engine (default: over SSH)."""
+    with (engine or _vm_engine)(cfg) as target:
+        host = builder or LocalDocker(network=cfg.app.build_network)
+        return build(cfg, target, builder=host if local else None)

@@ -2,8 +2,9 @@
 
 Ready means: a leader is elected, THIS node (the client of the agent we talk to; any node when that agent
 is a server only) is `ready`, `eligible`, not draining, and its docker driver is Detected && Healthy. The
-last part is what the hand-made version missed: jobs submitted before the docker driver is fingerprinted
-fail with "missing drivers" (see FIELD-NOTES.md).
+last part matters on a fresh VM: jobs submitted before the docker driver is fingerprinted fail with
+"missing drivers": the scheduler places a task only on a node whose driver is Detected &&
+Healthy (scheduler/feasible/feasible.go DriverChecker.hasDrivers, FilterConstraintDrivers).
 
 The wait is one blocking query on GET /v1/nodes per state change: the server holds the request until the
 node table changes. While there is no leader, Nomad servers hold requests that need one for a short while
@@ -20,10 +21,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from infra import ui
 from infra.nomad import Client, NomadAPIError, NomadTLSError, NomadUnreachable
 from infra.waits import Deadline, Probe, wait_until
 
@@ -51,8 +51,6 @@ class ClusterState:
     docker_healthy: bool = False
     docker_description: str = ""
     problem: str = ""
-    nodes_seen: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ready(self) -> bool:
@@ -169,7 +167,6 @@ class ReadinessProbe:
         else:
             self.index = res.index
         nodes = list(res.body or [])
-        st.nodes_seen = len(nodes)
         if not st.leader:
             st.problem = "Nomad API up; no known leader"
             return st
@@ -268,8 +265,3 @@ def leader_address(client: Client) -> str:
         return client.leader(retries=0)
     except (NomadAPIError, NomadUnreachable):
         return ""
-
-
-def announce(st: ClusterState, client: Client) -> None:
-    leader = leader_address(client)
-    ui.info(f"    leader {leader or '?'}; node {st.node_name or st.node_id[:8]} ready, docker driver healthy")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -151,6 +152,54 @@ def read_defaults(path: Path = DEFAULTS_FILE) -> dict[str, Any]:
     return data
 
 
+def read_layer(path: Path) -> dict[str, Any]:
+    """One configuration file as invoke loads it (invoke.yaml, an `inv -f` file, ~/.invoke.yaml), checked
+    before invoke merges it: readable UTF-8 YAML, a mapping, and every section where invoke.yaml has a
+    section (invoke cannot merge `vm: null` or `vm: [..]` into the `vm` mapping and raises)."""
+    data = load_yaml(path, error=ConfigError)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {path}: expected a mapping of configuration keys at the top level, "
+            f"got {_kind(data)}",
+            hint="the file has the shape of invoke.yaml, e.g. `vm: {accel: tcg}`",
+        )
+    defaults = data if path.resolve() == DEFAULTS_FILE.resolve() else read_defaults()
+    _check_shapes(data, defaults, "", path)
+    return data
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "true/false"}.get(
+        type(value), "a number" if isinstance(value, int | float) else type(value).__name__
+    )
+
+
+def _check_shapes(data: Mapping[str, Any], defaults: Mapping[str, Any], prefix: str, path: Path) -> None:
+    for key, value in data.items():
+        if not isinstance(key, str):
+            raise ConfigError(
+                f"config file {path}: key {key!r} under {prefix or 'the top level'} is not a name"
+            )
+        if key not in defaults:
+            continue  # an unknown key is reported (with a suggestion) when the config is built
+        if isinstance(defaults[key], dict):
+            if not isinstance(value, Mapping):
+                raise ConfigError(
+                    f"config file {path}: configuration key {prefix}{key} must be a mapping, got {_kind(value)}",
+                    hint=f"leave {prefix}{key} out to keep its defaults",
+                )
+            _check_shapes(value, defaults[key], f"{prefix}{key}.", path)
+        elif isinstance(value, Mapping):
+            raise ConfigError(
+                f"config file {path}: configuration key {prefix}{key} must be {_kind(defaults[key])}, "
+                "got a mapping"
+            )
+
+
 def load(overrides: Mapping[str, Any] | None = None, *, root: Path = ROOT) -> Config:
     """Defaults from invoke.yaml merged with `overrides` (same nested shape), validated."""
     defaults = read_defaults()
@@ -205,6 +254,7 @@ def build(raw: Mapping[str, Any], *, root: Path = ROOT, defaults: Mapping[str, A
     vm = dict(data["vm"])
     vm["ports"] = {name: Port(**spec) for name, spec in vm["ports"].items()}
     _check_ports(vm["ports"])
+    _check_values(data, state_dir=rel(project["state_dir"]))
     deploy = dict(data["deploy"])
     for key in ("data_job", "app_job", "ingress_job"):
         deploy[key] = rel(deploy[key])
@@ -310,6 +360,57 @@ def _check_ports(ports: Mapping[str, Port]) -> None:
                 f"both use host port {port.host}"
             )
         seen[port.host] = name
+
+
+#: Debian's adduser/useradd default NAME_REGEX: what cloud-init can create as the login user.
+_USER_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+#: RFC 1123 host name: dot-separated labels of letters, digits and inner hyphens.
+_HOST_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                        r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")  # fmt: skip
+
+
+def _check_values(data: Mapping[str, Any], *, state_dir: Path) -> None:
+    """Ranges and formats the types alone do not catch; each error names its key."""
+    minimum = {
+        "vm.cpus": 1, "vm.memory_mb": 1, "vm.disk_gb": 1, "vm.ssh_timeout": 1, "vm.cloud_init_timeout": 1,
+        "vm.stop_timeout": 0, "nomad.retries": 0, "nomad.wait_timeout": 1, "deploy.timeout": 1,
+    }  # fmt: skip
+    for key, low in minimum.items():
+        section, name = key.split(".")
+        value = data[section][name]
+        if not isinstance(value, int) or value < low:
+            what = "a whole number" if low == 0 else "a whole number >= 1"
+            raise ConfigError(f"configuration key {key} must be {what}, got {value!r}")
+    for key in ("nomad.connect_timeout", "nomad.read_timeout"):
+        section, name = key.split(".")
+        if not data[section][name] > 0:
+            raise ConfigError(
+                f"configuration key {key} must be a number of seconds > 0, got {data[section][name]!r}"
+            )
+    kafka = data["vm"]["ports"].get("kafka")
+    if kafka and data["provision"]["nomad"] and kafka["host"] != kafka["guest"]:  # Kafka runs on Nomad
+        raise ConfigError(
+            f"configuration keys vm.ports.kafka.host ({kafka['host']}) and vm.ports.kafka.guest "
+            f"({kafka['guest']}) must be equal",
+            hint="Kafka advertises its host listener as localhost:<guest port>; clients reconnect to that port",
+        )
+    user = data["ssh"]["user"]
+    if not _USER_NAME.match(user):
+        raise ConfigError(
+            f"configuration key ssh.user is {user!r}: not a valid user name",
+            hint="lower-case letters, digits, '_' and '-', starting with a letter or '_', at most 32",
+        )
+    host = data["provision"]["hostname"]
+    if not _HOST_NAME.match(host):
+        raise ConfigError(
+            f"configuration key provision.hostname is {host!r}: not a valid host name",
+            hint="letters, digits and '-' in dot-separated labels of at most 63 characters",
+        )
+    if "," in str(state_dir):
+        raise ConfigError(
+            f"configuration key project.state_dir is {str(state_dir)!r}: a comma is not allowed",
+            hint="qemu reads commas in file options as option separators; choose a path without one",
+        )
 
 
 def as_dict(cfg: Config) -> dict[str, Any]:

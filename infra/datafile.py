@@ -10,21 +10,23 @@ from typing import Any
 
 import yaml
 
-from infra.errors import TemplateError
+from infra import files
+from infra.errors import InfraError, TemplateError
 
 
-def load_yaml(path: Path) -> Any:
-    """Parse a YAML file; a syntax error names file:line:column, nothing else is returned."""
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise TemplateError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+def load_yaml(path: Path, *, error: type[InfraError] = TemplateError) -> Any:
+    """Parse a YAML file (read bounded, UTF-8 text only); a syntax error names file:line:column."""
+    text = files.read_text(path, "YAML file", error=error)
     try:
         return yaml.safe_load(text)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise TemplateError(
+        raise error(
             f"{where}: malformed YAML: {exc.problem}" + (f" ({exc.context})" if exc.context else ""),
             hint="fix the file; nothing was written",
-        ) from exc
+        ) from None
+    except RecursionError:
+        raise error(f"{path}: malformed YAML: nested too deeply") from None
+    except yaml.YAMLError as exc:  # e.g. a reader error on a control character, without a mark
+        raise error(f"{path}: malformed YAML: {' '.join(str(exc).split())}") from None

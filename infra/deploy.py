@@ -1,4 +1,9 @@
-"""Deploy job specs through Nomad's API and follow them to the end (`inv deploy.*`, `inv purge`).
+"""The deploy engine: job specs through Nomad's API, followed to the end; promote, purge, task logs.
+
+It knows Nomad (through infra/nomad.py's Client) and nothing of this project: it reads no configuration,
+names no job and keeps no state (only its error hints name the `inv` verbs and settings a user reaches for).
+Which job gets which image, variables and secrets is infra/release.py's choice; it calls this module, never
+the reverse. Results are dataclasses (DeployResult, JobSummary).
 
 The flow for one HCL file, the same steps `nomad job run` takes:
 
@@ -14,8 +19,8 @@ The flow for one HCL file, the same steps `nomad job run` takes:
    healthy when the group does not auto-promote. On failure, the failing allocations' recent task events
    name job, group, task and reason (Levant's habit) and DeployError exits 1.
 
-Secrets: `ensure_secret` creates the Postgres password in Nomad Variables (random, never in the repo);
-the job spec reads it with a `nomadVar` template.
+Secrets: `ensure_secret` makes sure a Nomad Variable holds a key (a random value unless one is given,
+never printed), with check-and-set; a job spec reads it with a `nomadVar` template.
 
 Writes are never retried blindly: a register whose answer was lost is checked by re-reading the job
 (a changed JobModifyIndex means Nomad has it); a variable write by re-reading the variable. Nomad's
@@ -25,6 +30,7 @@ silently as it does not parse Strict — jobspec2/types.variables.go) are shown 
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import secrets
@@ -36,21 +42,15 @@ from typing import Any
 
 from rich.markup import escape as rich_escape
 
-from infra import ui
-from infra.config import Config
+from infra import files, ui
 from infra.errors import DeployError, NomadError, WaitTimeout, printable
-from infra.nomad import Client, NomadAnswerLost, NomadAPIError, NomadConflict, NomadNotFound
-from infra.state import StatePaths
+from infra.nomad import Client, NomadAnswerLost, NomadAPIError, NomadConflict, NomadNotFound, Result
 from infra.waits import Deadline, Probe, wait_until
 
 #: Longest single blocking query while following an evaluation or a deployment.
 BLOCK_SECONDS = 60.0
-#: Key in the Nomad Variable (deploy.secrets_path) holding the generated Postgres password.
-POSTGRES_PASSWORD_KEY = "postgres_password"  # noqa: S105 - a key name, not a secret
-#: Largest job file read (the project's are a few KiB).
+#: Largest job file read (job specs are a few KiB).
 MAX_JOB_FILE = 1024 * 1024
-#: HCL variable that carries the app image in nomad/service.nomad.hcl.
-IMAGE_VARIABLE = "image"
 
 TERMINAL_EVAL = ("complete", "failed", "canceled", "cancelled")
 TERMINAL_DEPLOYMENT = ("successful", "failed", "cancelled", "canceled")
@@ -91,26 +91,16 @@ class DeployResult:
 
 
 # ---------------------------------------------------------------------------------------- job files --
+_JOB_FILE_HINT = "the job specs live in nomad/ (config deploy.*_job names them)"
+
+
 def read_job_file(path: Path) -> str:
-    if not path.is_file():
+    if not path.exists():
         raise DeployError(
             f"job file not found: {path}",
             hint="the job specs live in nomad/ (config deploy.*_job names them)",
         )
-    try:
-        with path.open("rb") as f:
-            data = f.read(MAX_JOB_FILE + 1)
-    except OSError as exc:
-        raise DeployError(f"cannot read job file {path}: {exc.strerror}") from exc
-    if len(data) > MAX_JOB_FILE:
-        raise DeployError(f"job file {path} is larger than {MAX_JOB_FILE // 1024} KiB: is it a job spec?")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DeployError(
-            f"job file {path} is not UTF-8 text (byte {exc.start}): is it a job spec?",
-            hint="a job spec is an HCL text file like nomad/service.nomad.hcl",
-        ) from None
+    text = files.read_text(path, "job file", error=DeployError, limit=MAX_JOB_FILE, hint=_JOB_FILE_HINT)
     if not text.strip():
         raise DeployError(f"job file is empty: {path}")
     return text
@@ -139,15 +129,6 @@ def job_id_of(path: Path) -> str:
         if m:
             return m.group(1)
     return path.name.split(".")[0]
-
-
-def project_job_files(cfg: Config) -> list[Path]:
-    """In deploy order; purge goes the other way."""
-    return [cfg.deploy.data_job, cfg.deploy.app_job, cfg.deploy.ingress_job]
-
-
-def project_jobs(cfg: Config) -> list[str]:
-    return [job_id_of(p) for p in project_job_files(cfg)]
 
 
 def declared_variables(hcl: str) -> set[str]:
@@ -346,21 +327,16 @@ def follow_evaluation(
     client: Client, job: Mapping[str, Any], eval_id: str, deadline: Deadline
 ) -> dict[str, Any]:
     """Block until the evaluation is terminal; raise PlacementError when groups could not be placed."""
-    job_id = str(job["ID"])
-    index = 0
 
-    def probe(d: Deadline) -> Probe[dict[str, Any]]:
-        nonlocal index
-        res = client.evaluation(eval_id, index=index or None, wait=_block(deadline))
-        index = max(index, res.index)
-        ev = dict(res.body or {})
-        status = str(ev.get("Status", "?"))
+    def judge(body: Any) -> tuple[bool, str]:
+        status = str((body or {}).get("Status", "?"))
         done = status in TERMINAL_EVAL or status == "blocked"
         if done:
-            _check_evaluation(job, ev)
-        return Probe(done, f"evaluation {eval_id[:8]} {status}", ev)
+            _check_evaluation(job, body)
+        return done, f"evaluation {eval_id[:8]} {status}"
 
-    return dict(_wait(probe, f"job {job_id}: scheduling", deadline))
+    fetch = functools.partial(client.evaluation, eval_id)
+    return dict(_follow(fetch, judge, what=f"job {job['ID']}: scheduling", deadline=deadline) or {})
 
 
 def _check_evaluation(job: Mapping[str, Any], ev: Mapping[str, Any]) -> None:
@@ -478,35 +454,31 @@ def follow_deployment(
     client: Client, job: Mapping[str, Any], dep_id: str, deadline: Deadline
 ) -> dict[str, Any]:
     job_id = str(job["ID"])
-    index = 0
 
-    def probe(d: Deadline) -> Probe[dict[str, Any]]:
-        nonlocal index
-        res = client.deployment(dep_id, index=index or None, wait=_block(deadline))
-        index = max(index, res.index)
-        dep = dict(res.body or {})
-        status = str(dep.get("Status", "?"))
-        groups = needs_promotion(dep)
-        if groups:
-            try:
-                client.promote_deployment(dep_id, groups)
-            except NomadAnswerLost:
-                pass  # the next read shows whether it was promoted (and promotes again if not)
-            else:
-                ui.info(
-                    f"    {job_id}: canaries healthy, promoted {', '.join(groups)} in deployment {dep_id[:8]}"
-                )
-        state = f"deployment {dep_id[:8]} {status}: {_groups_line(dep)}"
-        done = status in TERMINAL_DEPLOYMENT
+    def judge(body: Any) -> tuple[bool, str]:
+        dep = dict(body or {})
+        _promote(client, job_id, dep_id, needs_promotion(dep))
+        done = dep.get("Status") in TERMINAL_DEPLOYMENT
         if done:
             _check_deployment(client, job, dep)
-        return Probe(done, state, dep)
+        return done, f"deployment {dep_id[:8]} {dep.get('Status', '?')}: {_groups_line(dep)}"
 
+    fetch = functools.partial(client.deployment, dep_id)
     try:
-        return dict(_wait(probe, f"job {job_id}: deployment", deadline))
+        return dict(_follow(fetch, judge, what=f"job {job_id}: deployment", deadline=deadline) or {})
     except WaitTimeout as exc:
         exc.details.extend(failure_details(client, job, {"ID": dep_id}))
         raise
+
+
+def _promote(client: Client, job_id: str, dep_id: str, groups: list[str]) -> None:
+    if not groups:
+        return
+    try:
+        client.promote_deployment(dep_id, groups)
+    except NomadAnswerLost:
+        return  # the next read shows whether it was promoted (and promotes again if not)
+    ui.info(f"    {job_id}: canaries healthy, promoted {', '.join(groups)} in deployment {dep_id[:8]}")
 
 
 def _check_deployment(client: Client, job: Mapping[str, Any], dep: Mapping[str, Any]) -> None:
@@ -527,13 +499,9 @@ def _check_deployment(client: Client, job: Mapping[str, Any], dep: Mapping[str, 
 
 def _wait_allocations_running(client: Client, job: Mapping[str, Any], deadline: Deadline) -> Any:
     job_id = str(job["ID"])
-    index = 0
 
-    def probe(d: Deadline) -> Probe[list[dict[str, Any]]]:
-        nonlocal index
-        res = client.job_allocations(job_id, index=index or None, wait=_block(deadline))
-        index = max(index, res.index)
-        allocs = [a for a in res.body or [] if a.get("DesiredStatus") == "run"]
+    def judge(body: Any) -> tuple[bool, str]:
+        allocs = [a for a in body or [] if a.get("DesiredStatus") == "run"]
         failed = [a for a in allocs if a.get("ClientStatus") in ("failed", "lost")]
         if failed:
             raise DeployError(
@@ -541,10 +509,12 @@ def _wait_allocations_running(client: Client, job: Mapping[str, Any], deadline: 
                 details=_alloc_lines(job_id, failed),
             )
         running = [a for a in allocs if a.get("ClientStatus") == "running"]
-        done = bool(allocs) and len(running) == len(allocs)
-        return Probe(done, f"{len(running)}/{len(allocs)} allocations running", allocs)
+        return bool(allocs) and len(running) == len(
+            allocs
+        ), f"{len(running)}/{len(allocs)} allocations running"
 
-    _wait(probe, f"job {job_id}: allocations", deadline)
+    fetch = functools.partial(client.job_allocations, job_id)
+    _follow(fetch, judge, what=f"job {job_id}: allocations", deadline=deadline)
     current = client.job(job_id) or {}
     return current.get("Version")
 
@@ -673,91 +643,6 @@ def ensure_secret(
     raise DeployError(f"Nomad Variable {path} keeps changing under us (check-and-set lost 3 times)")
 
 
-def ensure_postgres_password(cfg: Config, client: Client) -> None:
-    """The password in deploy.secrets_path, and a copy in nomad/jobs/<app job> (a task reads only its own
-    job's variables without an extra ACL policy; see nomad/service.nomad.hcl)."""
-    password = ensure_secret(client, cfg.deploy.secrets_path, POSTGRES_PASSWORD_KEY)
-    app_path = f"nomad/jobs/{job_id_of(cfg.deploy.app_job)}"
-    if app_path != cfg.deploy.secrets_path:
-        ensure_secret(client, app_path, POSTGRES_PASSWORD_KEY, value=password)
-
-
-# ---------------------------------------------------------------------------------- project's deploys --
-def deploy_data(cfg: Config, client: Client, *, detach: bool = False) -> DeployResult:
-    ensure_postgres_password(cfg, client)
-    return deploy_job(client, cfg.deploy.data_job, detach=detach, timeout=cfg.deploy.timeout)
-
-
-def deploy_app(
-    cfg: Config,
-    client: Client,
-    *,
-    image: str | None = None,
-    variables: Mapping[str, str] | None = None,
-    detach: bool = False,
-) -> DeployResult:
-    """Deploy nomad/service.nomad.hcl with HCL variable `image` (and any other `variables`).
-
-    Image: `image`, else app.default_image, else the variables of the last successful deploy.app
-    (<state>/deployed.json), else the job file's default. Reusing the last variables keeps `inv up`
-    from rolling a `--build` image back to the default.
-    """
-    record_path = StatePaths(cfg.project.state_dir).deployed
-    merged: dict[str, str] = {}
-    chosen = image or cfg.app.default_image
-    if not chosen and not variables:
-        merged.update(_read_record(record_path).get("variables") or {})
-    merged.update(variables or {})
-    if chosen:
-        merged[IMAGE_VARIABLE] = chosen
-    _check_writable(record_path)  # before registering: a record that cannot be written must not half-deploy
-    result = deploy_job(
-        client, cfg.deploy.app_job, variables=merged, detach=detach, timeout=cfg.deploy.timeout
-    )
-    if result.outcome == "deployed" or (result.outcome == "unchanged" and merged):
-        _write_record(record_path, {"job": result.job_id, "version": result.version, "variables": merged})
-    return result
-
-
-def _read_record(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _check_writable(path: Path) -> None:
-    probe = path.with_name(f".{path.name}.probe")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise DeployError(
-            f"cannot write {path} (the record of the deployed image): {exc.strerror or exc}",
-            hint="project.state_dir must be a writable directory; nothing was deployed",
-        ) from None
-
-
-def _write_record(path: Path, data: Mapping[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        tmp.replace(path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise DeployError(
-            f"the job is deployed, but {path} could not be written: {exc.strerror or exc}",
-            hint="a later `inv up` redeploys the job file's default image; fix project.state_dir",
-        ) from None
-
-
-def deploy_ingress(cfg: Config, client: Client, *, detach: bool = False) -> DeployResult:
-    return deploy_job(client, cfg.deploy.ingress_job, detach=detach, timeout=cfg.deploy.timeout)
-
-
 # ---------------------------------------------------------------------------------------------- purge --
 def purge(client: Client, jobs: Iterable[str], *, timeout: float = 300.0) -> list[str]:
     """Stop and purge each job, then wait until none of its allocations is still running. Idempotent."""
@@ -780,24 +665,22 @@ def purge(client: Client, jobs: Iterable[str], *, timeout: float = 300.0) -> lis
 
 
 def wait_allocations_gone(client: Client, job_id: str, *, timeout: float) -> None:
-    index = 0
-    deadline = Deadline(timeout)
 
-    def probe(d: Deadline) -> Probe[int]:
-        nonlocal index
+    def fetch(**blocking: Any) -> Result:
         try:
-            res = client.job_allocations(job_id, index=index or None, wait=_block(deadline))
-        except NomadNotFound:
-            return Probe(True, "no allocations", 0)
-        index = max(index, res.index)
-        live = [a for a in res.body or [] if a.get("ClientStatus") not in TERMINAL_ALLOC]
-        return Probe(not live, f"{len(live)} allocation(s) still running", len(live))
+            return client.job_allocations(job_id, **blocking)
+        except NomadNotFound:  # the job and its allocations are gone
+            return Result([], 0)
 
-    wait_until(
-        probe,
+    def judge(body: Any) -> tuple[bool, str]:
+        live = [a for a in body or [] if a.get("ClientStatus") not in TERMINAL_ALLOC]
+        return not live, f"{len(live)} allocation(s) still running"
+
+    _follow(
+        fetch,
+        judge,
         what=f"job {job_id}: purged, allocations stopped",
-        timeout=timeout,
-        interval=0,
+        deadline=Deadline(timeout),
         hint="an allocation that does not stop usually has a task ignoring SIGTERM: `nomad alloc status`",
     )
 
@@ -834,20 +717,45 @@ def job_summary(client: Client, job_id: str) -> JobSummary:
     )
 
 
+def live_image(client: Client, job_id: str, task: str = "") -> str:
+    """The image of the job's main task as registered now (prestart/sidecar tasks are skipped)."""
+    job = client.job(job_id) or {}
+    for group in job.get("TaskGroups") or []:
+        for t in group.get("Tasks") or []:
+            if (t.get("Lifecycle") or {}).get("Hook") or (task and t.get("Name") != task):
+                continue
+            img = (t.get("Config") or {}).get("image")
+            if img:
+                return str(img)
+    return ""
+
+
 # ------------------------------------------------------------------------------------------ helpers --
 def _block(deadline: Deadline) -> float:
     return max(0.1, min(BLOCK_SECONDS, deadline.remaining()))
 
 
-def _wait(probe: Callable[[Deadline], Probe[Any]], what: str, deadline: Deadline) -> Any:
-    result = wait_until(
-        probe,
-        what=what,
-        timeout=max(0.1, deadline.remaining()),
-        interval=0,
-        hint="raise deploy.timeout, or look at the task events with `nomad job status`",
-    )
-    return result.value
+def _follow(
+    fetch: Callable[..., Result],
+    judge: Callable[[Any], tuple[bool, str]],
+    *,
+    what: str,
+    deadline: Deadline,
+    hint: str = "raise deploy.timeout, or look at the task events with `nomad job status`",
+) -> Any:
+    """Read one endpoint as blocking queries until `judge(body)` says done (or raises); returns that body.
+    Each read passes the index of the last answer (none the first time), so Nomad holds it until something
+    changes; `judge` returns (done, the state for the live line)."""
+    index = 0
+
+    def probe(d: Deadline) -> Probe[Any]:
+        nonlocal index
+        res = fetch(index=index or None, wait=_block(deadline))
+        index = max(index, res.index)
+        done, state = judge(res.body)
+        return Probe(done, state, res.body)
+
+    return wait_until(probe, what=what, timeout=max(0.1, deadline.remaining()), interval=0, hint=hint).value
 
 
 # ------------------------------------------------------------------------------------------- logs --

@@ -8,6 +8,7 @@ package prints tracebacks at the user.
 from __future__ import annotations
 
 import re
+import socket
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -84,16 +85,8 @@ class DeployError(InfraError):
     """A job failed to register, place or become healthy."""
 
 
-class SpecError(InfraError):
-    """A job spec broke a project rule."""
-
-
 class BuildError(InfraError):
     """Building or shipping the app image failed."""
-
-
-class PreflightError(InfraError):
-    """A prerequisite of a long run (e2e) is missing."""
 
 
 def printable(text: str, *, limit: int | None = None) -> str:
@@ -139,3 +132,25 @@ def root_cause(exc: BaseException) -> str:
     if m:
         return m.group(1).strip()
     return text.splitlines()[0][:300] if text else type(seen).__name__
+
+
+def unresolved_host(exc: BaseException) -> str | None:
+    """The host name whose DNS lookup failed somewhere in `exc`'s chain (requests -> urllib3 ->
+    socket.gaierror), or None when the failure was something else."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, socket.gaierror) or type(e).__name__ == "NameResolutionError":
+            m = re.search(r"Failed to resolve '([^']+)'", str(e))
+            return m.group(1) if m else (getattr(e, "host", None) or "the host")
+        todo.extend(
+            x
+            for x in (e.__cause__, e.__context__, getattr(e, "reason", None))
+            if isinstance(x, BaseException)
+        )
+        todo.extend(a for a in e.args if isinstance(a, BaseException))
+    return None

@@ -27,10 +27,10 @@ from urllib.parse import urlparse
 
 import requests
 
-from infra import ROOT, ui
+from infra import ROOT, files, ui
 from infra.config import Config
 from infra.datafile import load_yaml
-from infra.errors import ConfigError, ImageError, TemplateError, root_cause
+from infra.errors import ConfigError, ImageError, TemplateError, root_cause, unresolved_host
 
 CATALOGUE = ROOT / "vm" / "images.yaml"
 ALGOS = ("sha256", "sha512")
@@ -171,6 +171,7 @@ def ensure(cfg: Config, arch: str, *, session: requests.Session | None = None) -
         )
         dest.unlink()
         _marker(dest).unlink(missing_ok=True)
+    files.writable_dir(cfg.project.cache_dir, "project.cache_dir")  # before a download, not half-way
     return fetch(source, dest, session=session)
 
 
@@ -230,6 +231,10 @@ class _Retry(Exception):
     """A transient download failure (connection, 5xx, short body): try again, resuming."""
 
 
+class _Unresolvable(Exception):
+    """The URL's host name does not resolve (DNS): retrying the same URL will not help."""
+
+
 def _download(
     source: ImageSource,
     part: Path,
@@ -241,15 +246,27 @@ def _download(
 ) -> None:
     errors: list[str] = []
     for attempt in range(1, retries + 1):
+        unresolved: list[str] = []
         for url in source.urls:
             try:
                 if _download_once(url, part, http):
                     return
                 errors.append(f"{url}: 404 not found")
+            except _Unresolvable as exc:  # another mirror may resolve; this one will not by waiting
+                unresolved.append(str(exc))
+                errors.append(f"{url}: cannot resolve host {exc} (DNS name resolution failed)")
             except _Retry as exc:
                 errors.append(f"attempt {attempt}: {url}: {exc}")
                 break  # a transient failure: retry the same mirror after a pause
         else:
+            if len(unresolved) == len(source.urls):
+                raise ImageError(
+                    f"downloading image {source.name}: cannot resolve {', '.join(unresolved)} "
+                    "(DNS name resolution failed)",
+                    details=errors,
+                    hint="check this machine's DNS and network (/etc/resolv.conf, a proxy in HTTPS_PROXY); "
+                    + _partial_note(part),
+                )
             raise ImageError(
                 f"image {source.name} not found at any of its URLs",
                 details=errors,
@@ -262,8 +279,15 @@ def _download(
     raise ImageError(
         f"downloading image {source.name} failed after {retries} attempts",
         details=errors[-5:],
-        hint=f"check the network; the partial download {part} is kept and the next run resumes it",
+        hint=f"check the network; {_partial_note(part)}",
     )
+
+
+def _partial_note(part: Path) -> str:
+    """What the next run starts from: the partial download only when there is one."""
+    if part.is_file() and part.stat().st_size:
+        return f"the partial download {part} is kept and the next run resumes it"
+    return "nothing was downloaded"
 
 
 def _download_once(url: str, part: Path, http: requests.Session) -> bool:
@@ -273,6 +297,9 @@ def _download_once(url: str, part: Path, http: requests.Session) -> bool:
     try:
         resp = http.get(url, headers=headers, stream=True, timeout=(15, 60))
     except (requests.ConnectionError, requests.Timeout) as exc:
+        host = unresolved_host(exc)
+        if host:
+            raise _Unresolvable(host) from exc
         raise _Retry(root_cause(exc)) from exc
     with resp:
         if resp.status_code == 404:

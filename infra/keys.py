@@ -20,6 +20,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from infra import files
 from infra.errors import SSHKeyError
 from infra.state import StatePaths
 
@@ -29,6 +30,9 @@ ALLOWED_TYPES = frozenset(
         "sk-ssh-ed25519@openssh.com", "sk-ecdsa-sha2-nistp256@openssh.com",
     }
 )  # fmt: skip
+
+#: An authorized_keys line is < 1 KiB even for rsa-16384 with a long comment; bounded reads stop /dev/zero.
+MAX_PUBLIC_KEY = 16 * 1024
 
 
 @dataclass(frozen=True)
@@ -82,14 +86,14 @@ def resolve(configured: str, state: StatePaths) -> KeyPair:
         first = configured.strip().split(" ", 1)[0]
         looks_like_key = first.startswith(("ssh-", "ecdsa-", "sk-")) or "PRIVATE KEY" in configured
         if not looks_like_key:
-            try:
-                text = candidate.read_text()
-            except OSError as exc:
-                raise SSHKeyError(
-                    f"SSH public key file {candidate}: {exc.strerror or exc}",
-                    hint="set ssh.public_key (or --ssh-key) to an existing .pub file, or leave it empty "
-                    "to use a generated key",
-                ) from exc
+            text = files.read_text(
+                candidate,
+                "SSH public key file",
+                error=SSHKeyError,
+                limit=MAX_PUBLIC_KEY,
+                hint="set ssh.public_key (or --ssh-key) to an existing .pub file, or leave it empty "
+                "to use a generated key",
+            )
             return KeyPair(validate_public_key(text, str(candidate)), None, str(candidate))
         return KeyPair(validate_public_key(configured, "ssh.public_key"), None, "ssh.public_key")
     return ensure_generated(state)

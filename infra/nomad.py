@@ -578,9 +578,6 @@ class Client:
     def evaluation(self, eval_id: str, *, index: int | None = None, wait: float | None = None) -> Result:
         return self.request("GET", f"/v1/evaluation/{_q(eval_id)}", index=index, wait=wait)
 
-    def allocation(self, alloc_id: str) -> dict[str, Any]:
-        return dict(self.get(f"/v1/allocation/{_q(alloc_id)}"))
-
     def stop_job(self, job_id: str, *, purge: bool = True) -> dict[str, Any]:
         params = {"purge": "true"} if purge else None
         return dict(self.request("DELETE", f"/v1/job/{_q(job_id)}", params=params).body or {})

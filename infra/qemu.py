@@ -35,6 +35,7 @@ _ARCH_ALIASES = {"amd64": "x86_64", "x86_64": "x86_64", "arm64": "aarch64", "aar
 #: working KVM; never printed under the broken KVM of our CI hosts, which hangs before "Linux version").
 KVM_PROBE_MARKERS = re.compile(r"Run /init as init process|Freeing unused kernel|systemd\[1\]")
 KVM_PROBE_TIMEOUT = 20.0
+#: The KVM probe's verdict, cached per host boot in the cache directory (project.cache_dir).
 
 
 @dataclass(frozen=True)
@@ -303,20 +304,30 @@ def resolve_accel(
     return accel, reason
 
 
+def cached_kvm_verdict(cache: Path) -> tuple[bool, str] | None:
+    """(works, reason) of the KVM probe cached in `cache` for this host boot; None when there is none."""
+    boot_id = _boot_id()
+    if not boot_id or not cache.is_file():
+        return None
+    try:
+        cached = json.loads(cache.read_text())
+        if cached.get("boot_id") == boot_id:
+            return bool(cached["works"]), str(cached["reason"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return None
+
+
 def _auto_kvm(kvm_device: Path, probe: Callable[[], tuple[bool, str]], cache: Path | None) -> tuple[str, str]:
     if not kvm_device.exists():
         return "tcg", f"{kvm_device} does not exist"
     if not os.access(kvm_device, os.R_OK | os.W_OK):
         return "tcg", f"{kvm_device} is not readable and writable by this user (add yourself to group kvm)"
     boot_id = _boot_id()
-    if cache is not None and boot_id and cache.is_file():
-        try:
-            cached = json.loads(cache.read_text())
-            if cached.get("boot_id") == boot_id:
-                works, reason = bool(cached["works"]), str(cached["reason"])
-                return ("kvm" if works else "tcg"), f"KVM probe (cached for this host boot): {reason}"
-        except (ValueError, KeyError, TypeError):
-            pass
+    cached = cached_kvm_verdict(cache) if cache is not None else None
+    if cached is not None:
+        works, reason = cached
+        return ("kvm" if works else "tcg"), f"KVM probe (cached for this host boot): {reason}"
     with ui.live(f"probing KVM (a short boot under -accel kvm, at most {KVM_PROBE_TIMEOUT:.0f}s)"):
         works, reason = probe()
     if cache is not None and boot_id:

@@ -77,10 +77,7 @@ class CheckReport:
 
 
 def private_key(cfg: Config) -> Path:
-    if cfg.ssh.private_key:
-        path = Path(cfg.ssh.private_key).expanduser()
-    else:
-        path = StatePaths(cfg.project.state_dir).ssh_key
+    path = Path(cfg.ssh.private_key).expanduser() if cfg.ssh.private_key else StatePaths.of(cfg).ssh_key
     if not path.is_file():
         raise SSHKeyError(
             f"SSH private key {path} not found",
@@ -92,7 +89,7 @@ def private_key(cfg: Config) -> Path:
 
 def connection(cfg: Config, timeout: float = 10) -> Connection:
     """A fabric Connection to the VM (not yet opened): project key only, no agent, no ~/.ssh/config."""
-    state = StatePaths(cfg.project.state_dir)
+    state = StatePaths.of(cfg)
     known = state.known_hosts
     known.parent.mkdir(parents=True, exist_ok=True)
     known.touch(mode=0o600, exist_ok=True)
@@ -128,7 +125,7 @@ def wait_ssh(
     cfg: Config, timeout: float | None = None, alive: Callable[[], bool] | None = None
 ) -> Connection:
     """An open, working connection; raises WaitTimeout (with the serial log tail) or VMError."""
-    state = StatePaths(cfg.project.state_dir)
+    state = StatePaths.of(cfg)
     port = cfg.vm.ports["ssh"].host
     holder: dict[str, Connection] = {}
 
@@ -198,7 +195,7 @@ def _status_word(output: str) -> str:
 def wait_cloud_init(cfg: Config, conn: Connection, timeout: float | None = None) -> str:
     """Wait for cloud-init to finish; returns its status. Raises VMError on failure (with log lines)."""
 
-    state = StatePaths(cfg.project.state_dir)
+    state = StatePaths.of(cfg)
 
     def probe(_deadline: object) -> Probe[str]:
         _stop_on_fatal_console(state)
@@ -340,7 +337,7 @@ def cloud_init_state(cfg: Config, timeout: float = 5) -> str:
 
 def ssh_command(cfg: Config, command: str = "") -> list[str]:
     """The OpenSSH command line for an interactive session (`inv vm.ssh`)."""
-    state = StatePaths(cfg.project.state_dir)
+    state = StatePaths.of(cfg)
     state.known_hosts.parent.mkdir(parents=True, exist_ok=True)
     argv = [
         "ssh", "-i", str(private_key(cfg)), "-p", str(cfg.vm.ports["ssh"].host),

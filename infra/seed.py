@@ -34,7 +34,7 @@ import jsonschema
 import pycdlib
 import yaml
 
-from infra import ROOT, keys, pgp, ui
+from infra import ROOT, files, keys, pgp, ui
 from infra.config import Config
 from infra.datafile import load_yaml
 from infra.errors import TemplateError, ValidationError
@@ -104,7 +104,7 @@ def _merge(into: dict[str, Any], part: Mapping[str, Any], source: Path) -> None:
 #: once its package is installed.
 BAKED_KEYS = ("packages", "package_update", "package_upgrade")
 #: Per-instance parts of the user-data: they differ between VMs made from one bake, so the bake's content
-#: key leaves them out (infra/bake.py) and every boot of a bake applies them anew.
+#: key leaves them out (infra/bakecache.py) and every boot of a bake applies them anew.
 PER_INSTANCE_KEYS = ("hostname", "fqdn")
 
 
@@ -128,14 +128,11 @@ def compose(cfg: Config, public_key: str, *, baked: bool = False) -> dict[str, A
     user["name"] = cfg.ssh.user
     user["ssh_authorized_keys"] = [public_key]
 
-    files = doc.setdefault("write_files", [])
-    for entry in files:
+    shipped = doc.setdefault("write_files", [])
+    for entry in shipped:
         if FROM_FILE in entry:
             src = FILES_DIR / entry.pop(FROM_FILE)
-            try:
-                entry["content"] = src.read_text()
-            except OSError as exc:
-                raise TemplateError(f"{src}: cannot read file shipped by user-data: {exc.strerror}") from exc
+            entry["content"] = files.read_text(src, "file shipped by user-data", error=TemplateError)
     # Values the provisioning scripts read (they are plain files, never templated): a shell env file.
     env = {"LOGIN_USER": cfg.ssh.user}
     if cfg.provision.nomad:
@@ -144,7 +141,7 @@ def compose(cfg: Config, public_key: str, *, baked: bool = False) -> dict[str, A
             "HASHICORP_KEY_FPR": pgp.HASHICORP_KEY_FPR,
             "HASHICORP_KEY_URL": pgp.HASHICORP_KEY_URL,
         }
-    files.insert(
+    shipped.insert(
         0,
         {
             "path": PROVISION_ENV,
@@ -155,11 +152,11 @@ def compose(cfg: Config, public_key: str, *, baked: bool = False) -> dict[str, A
     if cfg.provision.nomad:
         key = embedded_hashicorp_key()
         if key is not None:
-            files.append({"path": "/etc/infra-lab/hashicorp.asc", "permissions": "0644", "content": key})
+            shipped.append({"path": "/etc/infra-lab/hashicorp.asc", "permissions": "0644", "content": key})
 
     if cfg.provision.docker and cfg.provision.registry_mirror:
         daemon = {"registry-mirrors": [cfg.provision.registry_mirror]}
-        files.append(
+        shipped.append(
             {
                 "path": "/etc/docker/daemon.json",
                 "permissions": "0644",
@@ -192,7 +189,7 @@ def embedded_hashicorp_key() -> str | None:
     """cloud-init/keys/hashicorp.asc when present, after checking it is the pinned key."""
     if not HASHICORP_KEY_FILE.exists():
         return None
-    text = HASHICORP_KEY_FILE.read_text()
+    text = files.read_text(HASHICORP_KEY_FILE, "HashiCorp key file", error=ValidationError, limit=64 * 1024)
     pgp.check_fingerprint(text, pgp.HASHICORP_KEY_FPR, str(HASHICORP_KEY_FILE))
     return text
 
@@ -203,11 +200,6 @@ def network_config() -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------- validate --
-@contextlib.contextmanager
-def _nothing() -> Iterator[None]:
-    yield
-
-
 def _schema() -> dict[str, Any]:
     return json.loads(SCHEMA_FILE.read_text())  # type: ignore[no-any-return]
 
@@ -249,7 +241,6 @@ def validate(doc: Mapping[str, Any], cfg: Config) -> None:
 
 
 _VERSION = re.compile(r"^\d+\.\d+\.\d+(\+ent)?$")
-_HOST_VOLUME_PATH = re.compile(r'host_volume\s+"([^"]+)"\s*\{[^}]*?path\s*=\s*"([^"]+)"', re.S)
 
 
 def _project_rules(doc: Mapping[str, Any], cfg: Config) -> list[str]:
@@ -274,17 +265,24 @@ def _project_rules(doc: Mapping[str, Any], cfg: Config) -> list[str]:
 
 
 def _host_volume_rule() -> list[str]:
-    """Every host_volume path of the agent config has a directory entry in host-volumes."""
-    agent = FILES_DIR / "nomad" / "zz-infra-lab.hcl"
+    """Every host_volume path of the agent config has a directory entry in host-volumes (the agent config
+    read by the job-spec reader, infra/speclint.py)."""
+    from infra import speclint
+
+    agent = speclint.AGENT_CONFIG
     listed = FILES_DIR / "nomad" / "host-volumes"
     dirs = {
         line.split()[0]
         for line in listed.read_text().splitlines()
         if line.strip() and not line.lstrip().startswith("#")
     }
+    try:
+        volumes = speclint.agent_host_volume_paths(agent)
+    except speclint.SpecSyntaxError as exc:
+        return [f"{agent}:{exc.line}: {exc.message}"]
     return [
         f"{agent}: host_volume {name!r} path {path} has no entry in {listed} (the client would refuse it)"
-        for name, path in _HOST_VOLUME_PATH.findall(agent.read_text())
+        for name, path in sorted(volumes.items())
         if path not in dirs
     ]
 
@@ -365,12 +363,12 @@ def iso_bytes(seed: Seed, epoch: float | None = None) -> bytes:
     return out.getvalue()
 
 
-def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.chmod(tmp, mode)
-    tmp.replace(path)
+def _same(path: Path, data: bytes) -> bool:
+    """`path` is a regular file holding exactly `data`."""
+    try:
+        return path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data
+    except OSError:
+        return False
 
 
 # ----------------------------------------------------------------------------------------------- build --
@@ -378,15 +376,17 @@ def build(cfg: Config, ssh_key: str | None = None, *, baked: bool = False) -> Se
     """`inv iso`: render, validate, write <state>/seed.iso (+ the rendered user-data beside it).
     `baked`: the seed for a baked image (infra/bake.py), which installs nothing."""
     started = _time.monotonic()
-    state = StatePaths(cfg.project.state_dir)
+    state = StatePaths(files.writable_dir(cfg.project.state_dir, "project.state_dir"))
     pair = keys.resolve(ssh_key if ssh_key is not None else cfg.ssh.public_key, state)
     seed = render(cfg, pair.public, baked=baked)
     data = iso_bytes(seed)
     sha = hashlib.sha256(data).hexdigest()
-    changed = not (state.seed_iso.exists() and state.seed_iso.read_bytes() == data)
+    # both files, so a run that failed between the two writes is not "unchanged" next time; the user-data
+    # copy first, the ISO (what vm.run boots) last
+    changed = not (_same(state.seed_iso, data) and _same(state.user_data, seed.user_data))
     if changed:
-        _atomic_write(state.seed_iso, data)
-        _atomic_write(state.user_data, seed.user_data, 0o600)
+        files.write_atomic(state.user_data, seed.user_data, "rendered user-data", mode=0o600)
+        files.write_atomic(state.seed_iso, data, "seed ISO")
     if cfg.provision.nomad and not HASHICORP_KEY_FILE.exists():  # compose() checked it when present
         ui.warn(
             f"{HASHICORP_KEY_FILE.relative_to(ROOT)} is absent: the guest will fetch HashiCorp's key and "
@@ -414,5 +414,5 @@ def previous_key(state: StatePaths) -> str | None:
 def refresh(cfg: Config, *, baked: bool = False) -> SeedResult:
     """`inv vm.run`'s seed: rebuilt from the current configuration (a no-op when nothing changed), keeping
     the key of the previous seed when ssh.public_key is not set — so `inv iso --ssh-key K` survives."""
-    key = None if cfg.ssh.public_key else previous_key(StatePaths(cfg.project.state_dir))
+    key = None if cfg.ssh.public_key else previous_key(StatePaths.of(cfg))
     return build(cfg, ssh_key=key, baked=baked)

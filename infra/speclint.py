@@ -30,7 +30,7 @@ from hcl2.utils import SerializationOptions
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
 from infra import ROOT
-from infra.errors import SpecError
+from infra.errors import TemplateError
 
 #: The agent config shipped by cloud-init: the host volumes jobs may mount.
 AGENT_CONFIG = ROOT / "cloud-init" / "files" / "nomad" / "zz-infra-lab.hcl"
@@ -213,10 +213,19 @@ def _describe_syntax_error(exc: UnexpectedInput) -> str:
 
 
 # ------------------------------------------------------------------------------------------ agent config --
-def agent_host_volumes(agent_config: Path = AGENT_CONFIG) -> set[str]:
-    """Names of the host volumes the Nomad client declares (client { host_volume "NAME" { ... } })."""
+def agent_host_volume_paths(agent_config: Path = AGENT_CONFIG) -> dict[str, str]:
+    """The host volumes the Nomad client declares, name -> path (client { host_volume "NAME" { path } })."""
     root = parse(agent_config.read_text(encoding="utf-8"))
-    return {volume.name for client in root.children("client") for volume in client.children("host_volume")}
+    return {
+        volume.name: str(volume.get("path", ""))
+        for client in root.children("client")
+        for volume in client.children("host_volume")
+    }
+
+
+def agent_host_volumes(agent_config: Path = AGENT_CONFIG) -> set[str]:
+    """Names of the host volumes the Nomad client declares."""
+    return set(agent_host_volume_paths(agent_config))
 
 
 def check_agent_config(
@@ -696,14 +705,14 @@ def image_problems(image: str, local_images: Iterable[str] = ()) -> list[str]:
 
 def spec_images(path: Path) -> list[str]:
     """Every task image of one spec, `${var.NAME}` resolved to the variable's default (what a fresh deploy
-    runs). Raises SpecError naming file:line when the file does not parse or an image cannot be resolved."""
+    runs). Raises TemplateError naming file:line when the file does not parse or an image cannot be resolved."""
     display = _display(path)
     try:
         root = parse(path.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise SpecError(f"{display}: cannot read: {exc.strerror or exc}") from exc
+        raise TemplateError(f"{display}: cannot read: {exc.strerror or exc}") from exc
     except SpecSyntaxError as exc:
-        raise SpecError(f"{display}:{exc.line or '?'}: {exc.message}") from exc
+        raise TemplateError(f"{display}:{exc.line or '?'}: {exc.message}") from exc
     spec = _Spec(display, root, set(), set(), "")
     found: list[str] = []
     for job in root.children("job"):
@@ -715,7 +724,7 @@ def spec_images(path: Path) -> list[str]:
                 value, _origin, problem = spec.resolve(config.get("image"))
                 if problem:
                     where = f"{display}:{config.line_of('image') or '?'}: {job.name}/{group.name}/{task.name}"
-                    raise SpecError(f"{where}: image {_show(config.get('image'))} {problem}")
+                    raise TemplateError(f"{where}: image {_show(config.get('image'))} {problem}")
                 found.append(str(value))
     return found
 

@@ -11,11 +11,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from infra import cluster, deploy, nomad, ui
+from infra import cluster, deploy, nomad, release, ui
 from infra.config import Config
 from infra.errors import ConfigError, DeployError, NomadError
 from infra.nomad import Client, NomadUnreachable
-from infra.state import StatePaths
 
 
 def up(cfg: Config, *, client: Client | None = None) -> None:
@@ -62,21 +61,13 @@ def _check_provisioned(cfg: Config) -> None:
 def deploy_all(cfg: Config, client: Client) -> list[deploy.DeployResult]:
     results = []
     ui.step("deploy.data: Postgres + Kafka")
-    results.append(deploy.deploy_data(cfg, client))
+    results.append(release.deploy_data(cfg, client))
     ui.step("deploy.app: the app")
-    if cfg.app.default_image or StatePaths(cfg.project.state_dir).deployed.exists():
-        # An image was chosen before (app.default_image, or the last deploy.app): keep it; unchanged -> no-op.
-        results.append(deploy.deploy_app(cfg, client))
-    else:
-        # First run: nothing to deploy yet but the source in app/. Build it in the VM and ship that.
-        from infra import build
-
-        shipped = build.ship(cfg, client, build_image=True)
-        results.append(
-            deploy.DeployResult(deploy.job_id_of(cfg.deploy.app_job), shipped.outcome, shipped.job_version)
-        )
+    # The image chosen before (app.default_image, or the last deploy.app) is kept: unchanged -> no-op. On the
+    # first run nothing is chosen yet but the source in app/: it is built in the VM and that image shipped.
+    results.append(release.ship(cfg, client, build_image=not release.image_chosen(cfg)).deployed)
     ui.step("deploy.ingress: Traefik")
-    results.append(deploy.deploy_ingress(cfg, client))
+    results.append(release.deploy_ingress(cfg, client))
     return results
 
 
@@ -97,7 +88,7 @@ def down(cfg: Config, *, client: Client | None = None) -> None:
         failed = exc
     else:
         try:
-            deploy.purge(client, list(reversed(deploy.project_jobs(cfg))), timeout=cfg.deploy.timeout)
+            release.purge(cfg, client)
         except NomadError as exc:
             failed = exc
     if failed is not None:
@@ -165,7 +156,7 @@ def status(
     else:
         ui.info(f"Nomad  {client.addr}: leader {leader or 'none'}; {st.describe()}")
         ui.info("Jobs")
-        for job_id in deploy.project_jobs(cfg):
+        for job_id in release.project_jobs(cfg):
             try:
                 s = deploy.job_summary(client, job_id)
             except NomadError as exc:

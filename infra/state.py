@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from infra.config import Config
 
 SEED_ISO = "seed.iso"
 USER_DATA = "user-data"  # the rendered copy that went into the ISO, for inspection
@@ -22,12 +26,22 @@ SSH_DIR = "ssh"
 SSH_KEY = "id_ed25519"
 KNOWN_HOSTS = "known_hosts"
 DEPLOYED = "deployed.json"  # last image tag deployed by deploy.app
+BUILD_LOG = "build.log"  # the last app image build's full output
 LOCK = "vm.lock"  # flock'ed by VM lifecycle commands (run, stop, destroy): one at a time; names its holder
+
+
+# In the image cache (project.cache_dir), not the state dir: outlives `vm.destroy`.
+KVM_PROBE_CACHE = "kvm-probe.json"  # the KVM probe's verdict for this host boot (infra/qemu.py)
 
 
 @dataclass(frozen=True)
 class StatePaths:
     root: Path
+
+    @classmethod
+    def of(cls, cfg: Config) -> StatePaths:
+        """The state directory of a configuration (project.state_dir)."""
+        return cls(cfg.project.state_dir)
 
     @property
     def seed_iso(self) -> Path:
@@ -80,3 +94,7 @@ class StatePaths:
     @property
     def lock(self) -> Path:
         return self.root / LOCK
+
+    @property
+    def build_log(self) -> Path:
+        return self.root / BUILD_LOG

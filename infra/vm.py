@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from infra import images, qemu, ui
+from infra import images, qemu, state, ui
 from infra.config import Config, Port
 from infra.errors import PortInUseError, VMError, WaitTimeout
 from infra.lock import state_lock
@@ -46,7 +46,7 @@ from infra.state import StatePaths
 from infra.waits import Probe, wait_until
 
 if TYPE_CHECKING:
-    from infra.bake import Choice
+    from infra.bakecache import Choice
 
 GIB = 1024**3
 #: unix socket paths longer than this do not fit sockaddr_un on Linux (108) / macOS (104).
@@ -54,7 +54,7 @@ MAX_SOCKET_PATH = 100
 
 
 def paths(cfg: Config) -> StatePaths:
-    return StatePaths(cfg.project.state_dir)
+    return StatePaths.of(cfg)
 
 
 # ------------------------------------------------------------------------------------------- processes --
@@ -325,7 +325,7 @@ def check_image(path: Path, what: str, fmt: str | None = None) -> None:
     )
 
 
-def _seed(cfg: Config, p: StatePaths, baked: bool) -> tuple[Path, str]:
+def _seed(cfg: Config, baked: bool) -> tuple[Path, str]:
     """The seed ISO for the current configuration (rewritten only when its bytes change) and its instance-id;
     `baked`: for a baked image, which installs nothing."""
     from infra import seed
@@ -410,13 +410,13 @@ def _run(cfg: Config, p: StatePaths) -> Launch:
     disk_existed = p.disk.exists()
     if disk_existed:
         check_image(p.disk, "VM disk (overlay)", fmt="qcow2")
-    from infra import bake
+    from infra import bakecache
 
-    choice = bake.choose(cfg, arch, base, _backing(p.disk))  # vm.baked: a matching bake, or the base
+    choice = bakecache.choose(cfg, arch, base, _backing(p.disk))  # vm.baked: a matching bake, or the base
     if choice.key is not None:
         check_image(choice.image, "baked image", fmt="qcow2")
     p.root.mkdir(parents=True, exist_ok=True)
-    iso, instance_id = _seed(cfg, p, baked=choice.key is not None)
+    iso, instance_id = _seed(cfg, baked=choice.key is not None)
     firmware = qemu.find_firmware(binary) if arch == "aarch64" and kernel is None else None
 
     try:
@@ -427,7 +427,7 @@ def _run(cfg: Config, p: StatePaths) -> Launch:
             arch,
             host,
             probe=lambda: qemu.kvm_probe(qemu.ProbeBoot(binary, p.disk, kernel, initrd, append)),
-            cache=cfg.project.cache_dir / "kvm-probe.json",
+            cache=cfg.project.cache_dir / state.KVM_PROBE_CACHE,
         )
         spec = qemu.LaunchSpec(
             qemu=binary, arch=arch, accel=accel, cpus=cfg.vm.cpus, memory_mb=cfg.vm.memory_mb,

@@ -20,6 +20,9 @@ from servers import postgres, tansu
 from infra import ROOT, config
 
 INV = str(Path(sys.executable).with_name("inv"))
+#: tests/e2e runs `inv up` for real (`nox -s e2e`): collected only when named (`pytest tests/e2e`), never
+#: as part of `pytest tests`. Its helpers (tests/e2e/harness.py) are tested in the unit and component tiers.
+collect_ignore = ["e2e"]
 HOST_TOOLS = ROOT / "requirements" / "host-tools.txt"
 # Where a tool may live besides PATH (scripts/setup looks in the same places).
 EXTRA_DIRS = ("/usr/sbin", "/sbin", *sorted(str(p) for p in Path("/usr/lib/postgresql").glob("*/bin")))
@@ -73,8 +76,14 @@ def run_inv(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
     """Run the real `inv` CLI from the repository root with the state dir in tmp_path."""
 
     def run(
-        *args: str, env: dict[str, str] | None = None, timeout: float = 120
+        *args: str,
+        env: dict[str, str] | None = None,
+        timeout: float = 120,
+        program: tuple[str, ...] = (INV,),
+        **popen: Any,
     ) -> subprocess.CompletedProcess[str]:
+        """`program`: the command before `args` (default: the installed `inv` script); `popen`: more
+        subprocess.run arguments."""
         full_env = {
             **os.environ,
             "INVOKE_PROJECT_STATE_DIR": str(tmp_path / "state"),
@@ -82,8 +91,9 @@ def run_inv(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
             **(env or {}),
         }
         return subprocess.run(
-            [INV, *args], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout, check=False
-        )
+            [*program, *args], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout,
+            check=False, **popen,
+        )  # fmt: skip
 
     return run
 

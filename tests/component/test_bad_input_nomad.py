@@ -1,4 +1,4 @@
-"""Bad input and faults at the Nomad client surface, table-driven (issue 10's battery, issue 11's errors).
+"""Bad input and faults at the Nomad client surface, table-driven.
 
 Each case runs the real `inv` CLI against the Nomad API double (or a hostile server) and asserts: the exit
 code, the one `error: ...` line (no traceback, no token in the output, server bytes made printable), the

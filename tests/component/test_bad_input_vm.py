@@ -1,4 +1,4 @@
-"""Bad inputs and faults of the VM lifecycle, through the real `inv` CLI (issue 10, items 7-12).
+"""Bad inputs and faults of the VM lifecycle, through the real `inv` CLI.
 
 A table of cases: each sets up a fault (a running VM on a blank disk where the case needs one: real qemu,
 no OS), runs one `inv` command, and asserts its exit code, its one-line message, how long it took, and that
@@ -240,7 +240,7 @@ class Case:
 
 
 CASES = [
-    # item 8: the VM is identified by its record and command line, not only by the pidfile's text
+    # the VM is identified by its record and command line, not only by the pidfile's text
     Case("garbage-pidfile/status", garbage_pidfile, ("vm.status",), 0, r"^VM: running, pid {pid}\b",
          vm_survives=True),
     Case("garbage-pidfile/stop", garbage_pidfile, ("vm.stop", "--timeout", "0"), 0,
@@ -251,7 +251,7 @@ CASES = [
          r"^VM: running, pid {pid}\b", vm_survives=True),
     Case("pidfile-and-record-lost/destroy", pidfile_and_record_lost, ("vm.destroy",), 0,
          r"VM destroyed: removed \d+ item"),
-    # item 10: images checked before booting; a fatal console line ends the SSH wait at once
+    # images checked before booting; a fatal console line ends the SSH wait at once
     Case("corrupt-overlay/run", corrupt_overlay, ("vm.run",), 1,
          r"^error: VM disk \(overlay\) .*disk\.qcow2 is corrupt or unreadable \(qemu-img check"),
     Case("overlay-in-use-elsewhere/run", overlay_used_elsewhere, ("vm.run",), 1,
@@ -268,20 +268,20 @@ CASES = [
             ("mount", "Failed to mount /dev/vda1 on /root"),
         )
     ],
-    # item 11: tasks that reach the VM use the forwards it was launched with
+    # tasks that reach the VM use the forwards it was launched with
     Case("moved-forward/check", moved_forwards, ("vm.check",), 2,
          r"^error: timed out after 2s waiting for SSH on 127\.0\.0\.1:{ssh}", env={"INVOKE_VM_SSH_TIMEOUT": "2"},
          seconds=30, vm_survives=True),
     Case("moved-forward/nomad.wait", moved_forwards, ("nomad.wait", "--timeout", "2"), 2,
          r"^error: timed out after 2s waiting for Nomad at http://127\.0\.0\.1:{nomad} ", seconds=30,
          vm_survives=True),
-    # item 12: `up` without Nomad says so at once; vm.status while the guest boots
+    # `up` without Nomad says so at once; vm.status while the guest boots
     Case("up-without-nomad", no_setup, ("up",), 1,
          r"^error: `inv up` deploys onto the VM's own Nomad, but provision\.nomad is off", seconds=15),
     Case("status-while-booting", running_vm, ("vm.status",), 0,
          r"^\s+cloud-init: unknown \(SSH not up yet\)$", vm_survives=True,
          absent=("Traceback", "SSHException", "No existing session")),
-    # item 7: a second lifecycle command waits for the lock, then names its holder
+    # a second lifecycle command waits for the lock, then names its holder
     Case("lock-held/stop", lock_held, ("vm.stop",), 2,
          r"^error: vm\.stop: the state dir .* is locked by pid \d+ \(vm\.run, for \d+s\); waited 1s",
          env={"INVOKE_VM_LOCK_TIMEOUT": "1"}, seconds=15),
@@ -290,7 +290,7 @@ CASES = [
          env={"INVOKE_VM_IMAGE_SHA256": "0" * 64}),
     Case("state-dir-is-a-file/run", lambda lab: lab.state.root.write_text("not a directory"), ("vm.run",), 1,
          r"^error: .*(state dir|state_dir)"),
-    # already right before issue 10, kept in the battery
+    # the VM is not running
     Case("not-running/ssh", no_setup, ("vm.ssh", "-c", "true"), 1, r"^error: the VM is not running$"),
     Case("not-running/check", no_setup, ("vm.check",), 1, r"^error: the VM is not running$"),
     Case("not-running/stop", no_setup, ("vm.stop",), 0, r"VM is not running$"),

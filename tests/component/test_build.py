@@ -1,4 +1,4 @@
-"""Build-and-deploy orchestration (infra/build.py): tags from a REAL temporary git repository, dirty
+"""Build-and-deploy (infra/build.py, infra/release.py): tags from a REAL temporary git repository, dirty
 detection, the build context, and `ship` (build -> deploy -> report) against the STATEFUL NOMAD API DOUBLE
 (tests/doubles/nomad_api.py: registrations, canary deployments, promotion, failing tasks, auto-revert).
 
@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from doubles.nomad_api import NomadAPIDouble, Timing
 
-from infra import build, config, nomad
+from infra import build, config, nomad, release
 from infra.errors import BuildError, DeployError
 from infra.state import StatePaths
 
@@ -144,15 +144,15 @@ class World:
     api: NomadAPIDouble
     repo: Path
 
-    def ship(self, **kw: Any) -> build.ShipResult:
+    def ship(self, **kw: Any) -> release.ShipResult:
         @contextlib.contextmanager
         def engine(_cfg: config.Config) -> Iterator[RecordingEngine]:
             yield self.vm
 
-        return build.ship(self.cfg, self.client, engine=engine, **kw)
+        return release.ship(self.cfg, self.client, engine=engine, **kw)
 
     def record(self) -> dict[str, Any]:
-        data: dict[str, Any] = json.loads(StatePaths(self.cfg.project.state_dir).deployed.read_text())
+        data: dict[str, Any] = json.loads(StatePaths.of(self.cfg).deployed.read_text())
         return data
 
     def registrations(self) -> int:
@@ -424,7 +424,7 @@ def test_build_without_a_reachable_vm_says_so(world: World, tmp_path: Path) -> N
     )
 
     with pytest.raises(BuildError) as info:
-        build.ship(cfg, world.client, build_image=True)
+        release.ship(cfg, world.client, build_image=True)
 
     assert "cannot reach the VM over SSH" in str(info.value) and "inv vm.run" in str(info.value)
     assert world.registrations() == 0

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from doubles.nomad_api import NomadAPIDouble, Timing
 
-from infra import deploy
+from infra import deploy, release
 from infra.errors import DeployError, WaitTimeout
 from infra.nomad import Client, Settings
 
@@ -295,13 +295,13 @@ def test_postgres_password_created_once_shared_with_the_app_never_printed(
     double: NomadAPIDouble, client: Client, make_cfg: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     cfg = make_cfg()
-    deploy.ensure_postgres_password(cfg, client)
+    release.ensure_postgres_password(cfg, client)
     data = double.vars["nomad/jobs/datastorage"]
     password = data["Items"]["postgres_password"]
     assert len(password) >= 24
     assert double.vars["nomad/jobs/app"]["Items"]["postgres_password"] == password
     index = data["ModifyIndex"]
-    deploy.ensure_postgres_password(cfg, client)  # idempotent
+    release.ensure_postgres_password(cfg, client)  # idempotent
     assert double.vars["nomad/jobs/datastorage"]["ModifyIndex"] == index
     out = capsys.readouterr()
     assert password not in out.err + out.out
@@ -440,9 +440,9 @@ def test_deploy_app_reuses_the_last_image_so_up_does_not_roll_it_back(
     double: NomadAPIDouble, client: Client, make_cfg: Any
 ) -> None:
     cfg = make_cfg()
-    built = deploy.deploy_app(cfg, client, image="infra-lab/app:abc123")
+    built = release.deploy_app(cfg, client, image="infra-lab/app:abc123")
     assert built.outcome == "deployed"
-    again = deploy.deploy_app(cfg, client)  # what `inv up` calls: no image given
+    again = release.deploy_app(cfg, client)  # what `inv up` calls: no image given
     assert again.outcome == "unchanged"
     task = next(t for t in double.jobs["app"]["TaskGroups"][0]["Tasks"] if t["Name"] == "app")
     assert task["Config"]["image"] == "infra-lab/app:abc123"

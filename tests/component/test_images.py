@@ -228,3 +228,57 @@ def test_ensure_detects_a_cached_file_corrupted_later(
     again = images.ensure(url_cfg, "x86_64")
     assert again.read_bytes() == PAYLOAD
     assert len(image_server.behaviour.requests) == 2
+
+
+# ----------------------------------------------------------------- DNS failures (issue 10, item 19) --
+UNRESOLVABLE = "https://no-such-host.invalid/image.qcow2"  # .invalid never resolves (RFC 6761)
+
+
+def test_dns_failure_is_named_at_once_not_retried_as_an_interrupted_download(tmp_path: Path) -> None:
+    src = images.ImageSource("test/x86_64", urls=(UNRESOLVABLE,), algo="sha256", digest=SHA256)
+    dest = tmp_path / "images" / "image.qcow2"
+    pauses: list[float] = []
+
+    with pytest.raises(ImageError) as failed:
+        images.fetch(src, dest, retries=5, backoff=1, sleep=pauses.append)
+
+    assert failed.value.message == (
+        "downloading image test/x86_64: cannot resolve no-such-host.invalid (DNS name resolution failed)"
+    )
+    assert pauses == []  # no "download interrupted; retry 1/4 in 1s" for a name that does not resolve
+    assert "interrupted" not in str(failed.value)
+    assert failed.value.hint is not None and "nothing was downloaded" in failed.value.hint
+    assert ".part" not in str(failed.value)  # the hint names no .part file, since none exists
+    assert list(dest.parent.iterdir()) == []
+
+
+def test_dns_failure_keeps_naming_an_existing_partial_download(tmp_path: Path) -> None:
+    src = images.ImageSource("test/x86_64", urls=(UNRESOLVABLE,), algo="sha256", digest=SHA256)
+    dest = tmp_path / "image.qcow2"
+    part = dest.with_name("image.qcow2.part")
+    part.write_bytes(PAYLOAD[:1000])  # from an earlier, interrupted run
+
+    with pytest.raises(ImageError, match="DNS name resolution failed") as failed:
+        images.fetch(src, dest, retries=5, backoff=0, sleep=lambda s: None)
+
+    assert failed.value.hint is not None and f"the partial download {part} is kept" in failed.value.hint
+    assert part.read_bytes() == PAYLOAD[:1000]
+
+
+def test_unresolvable_primary_falls_back_to_the_archive_url(
+    image_server: ImageServer, tmp_path: Path
+) -> None:
+    src = source(image_server, urls=(UNRESOLVABLE, f"{image_server.url}/image.qcow2"))
+    dest = tmp_path / "image.qcow2"
+    assert fetch(src, dest) == dest
+    assert dest.read_bytes() == PAYLOAD
+
+
+def test_interrupted_download_hint_names_the_part_only_when_it_exists(
+    image_server: ImageServer, tmp_path: Path
+) -> None:
+    image_server.behaviour.default = "503"  # never any byte
+    with pytest.raises(ImageError, match="failed after 4 attempts") as failed:
+        fetch(source(image_server), tmp_path / "image.qcow2")
+    assert failed.value.hint == "check the network; nothing was downloaded"
+    assert not (tmp_path / "image.qcow2.part").exists()

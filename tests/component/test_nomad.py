@@ -261,7 +261,7 @@ def test_wait_keeps_its_deadline_against_a_server_that_never_answers() -> None:
     assert "did not answer" in str(err.value)
 
 
-# ------------------------------------------------------------------------------ issue 10: the transport --
+# -------------------------------------------------------------------------------------------- the transport --
 def test_token_is_never_sent_across_a_redirect() -> None:
     """A Nomad address answering 307 to another origin must not get X-Nomad-Token sent there (requests
     strips only Authorization on redirects)."""

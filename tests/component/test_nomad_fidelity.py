@@ -1,4 +1,4 @@
-"""Issue 11: what real Nomad does that the client and the deploy flow must survive, against the double
+"""What real Nomad does that the client and the deploy flow must survive, against the double
 (which follows Nomad's source; each behaviour there cites its file). One test per item; each failed before
 its fix.
 """
@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from doubles.nomad_api import NomadAPIDouble, Timing, gc_from_agent_config
 
-from infra import ROOT, cluster, deploy, stack
+from infra import ROOT, cluster, deploy, release, stack
 from infra.errors import DeployError
 from infra.nomad import Client, NomadAPIError, NomadUnreachable, Settings
 
@@ -362,7 +362,7 @@ def test_gc_settings_are_read_from_an_agent_config() -> None:
 
 
 def test_the_project_agent_config_keeps_the_locally_built_app_image(make_cfg: Any) -> None:
-    """Issue 11 item 1 through the double: with the project's docker plugin settings, the app image built
+    """Through the double: with the project's docker plugin settings, the app image built
     in the VM is still there after its tasks stopped for longer than image_delay."""
     (agent,) = sorted((ROOT / "cloud-init" / "files" / "nomad").glob("*.hcl"))
     gc_image, delay = gc_from_agent_config(agent.read_text())
@@ -374,9 +374,9 @@ def test_the_project_agent_config_keeps_the_locally_built_app_image(make_cfg: An
         c = client_for(d)
         d.load_image(local)
         cfg = make_cfg()
-        assert deploy.deploy_app(cfg, c, image=local).outcome == "deployed"
+        assert release.deploy_app(cfg, c, image=local).outcome == "deployed"
         deploy.purge(c, ["app"], timeout=10)
         time.sleep(0.5)  # longer than the (shortened) image_delay
         assert local in d.images, d.image_events
-        assert deploy.deploy_app(cfg, c, image=local).outcome == "deployed"
+        assert release.deploy_app(cfg, c, image=local).outcome == "deployed"
     assert not gc_image or delay >= 24 * 3600

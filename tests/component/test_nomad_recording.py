@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 import requests
+from e2e import harness as e2e
 from pytest_httpserver import HTTPServer
 from test_replay import FIXTURE, ReplayServer, env_for
 from werkzeug import Response
 
-from infra import e2e
 from infra.nomad_recording import REDACTED, Recorder, RecordingProxy, read_recording, to_replay
 
 

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from servers.common import free_port
 
 from infra import qemu
 from infra.config import Port
@@ -49,12 +50,6 @@ def spec(tmp_path: Path, **kw: object) -> qemu.LaunchSpec:
 
 
 QEMU = shutil.which("qemu-system-x86_64")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_gone(pid: int, seconds: float) -> bool:

@@ -17,18 +17,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from servers.common import free_port
 
 from infra import config, vm
 from infra.config import Port
 from infra.errors import PortInUseError, VMError
 from infra.state import StatePaths
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 pytestmark = pytest.mark.tools("qemu-system-x86_64", "qemu-img")
 
@@ -63,7 +57,9 @@ def port_holder() -> Iterator[Callable[..., tuple[int, int]]]:
 def ports(**fixed: int) -> dict[str, dict[str, int]]:
     guest = {"ssh": 22, "nomad": 4646, "app": 3000, "ingress": 8080, "traefik_dashboard": 8081}
     guest |= {"kafka": 19092, "postgres": 5432}
-    return {name: {"host": fixed.get(name) or free_port(), "guest": g} for name, g in guest.items()}
+    hosts = {name: fixed.get(name) or free_port() for name in guest}
+    guest["kafka"] = hosts["kafka"]  # Kafka's host and guest port must match (config check, issue 10)
+    return {name: {"host": hosts[name], "guest": g} for name, g in guest.items()}
 
 
 @pytest.fixture

@@ -70,6 +70,7 @@ from typing import Any
 
 import hcl2
 from pytest_httpserver import HTTPServer
+from servers.common import free_port
 from werkzeug import Request, Response
 
 NODE_ID = "f7476465-4d6e-c0de-26d0-e383c49be941"
@@ -99,12 +100,6 @@ class Request_:
 
 def now_ns() -> int:
     return time.time_ns()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class HCLParseError(Exception):

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from infra import ROOT, config
@@ -68,3 +70,60 @@ def test_enum_and_port_range_and_duplicate_host_ports() -> None:
 def test_extra_port_forward_may_be_added() -> None:
     cfg = config.load({"vm": {"ports": {"grafana": {"host": 3001, "guest": 3001}}}})
     assert cfg.vm.ports["grafana"].guest == 3001
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"vm": {"cpus": 0}}, r"vm\.cpus must be a whole number >= 1, got 0"),
+        ({"vm": {"memory_mb": -1}}, r"vm\.memory_mb must be a whole number >= 1, got -1"),
+        ({"vm": {"disk_gb": 2.5}}, r"vm\.disk_gb must be a whole number >= 1, got 2\.5"),
+        ({"nomad": {"retries": -1}}, r"nomad\.retries must be a whole number, got -1"),
+        ({"nomad": {"connect_timeout": 0}}, r"nomad\.connect_timeout must be a number of seconds > 0"),
+        (
+            {"vm": {"ports": {"kafka": {"host": 19093, "guest": 19092}}}},
+            r"vm\.ports\.kafka\.host \(19093\) and",
+        ),
+        ({"ssh": {"user": "ops; rm"}}, r"ssh\.user is 'ops; rm': not a valid user name"),
+        (
+            {"provision": {"hostname": "nomad-1;x"}},
+            r"provision\.hostname is 'nomad-1;x': not a valid host name",
+        ),
+        ({"provision": {"hostname": "-lead"}}, r"provision\.hostname is '-lead'"),
+        ({"project": {"state_dir": "/tmp/a,b"}}, r"project\.state_dir is '/tmp/a,b': a comma is not allowed"),
+    ],
+)
+def test_values_out_of_range_or_malformed_name_their_key(overrides: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config.load(overrides)
+
+
+def test_values_at_the_edges_are_accepted() -> None:
+    cfg = config.load(
+        {
+            "vm": {
+                "cpus": 1,
+                "memory_mb": 1,
+                "disk_gb": 1,
+                "ports": {"kafka": {"host": 29092, "guest": 29092}},
+            },
+            "nomad": {"retries": 0},
+            "ssh": {"user": "_svc-1"},
+            "provision": {"hostname": "a.b-c.example"},
+        }
+    )
+    assert cfg.vm.cpus == 1 and cfg.nomad.retries == 0
+    # Kafka's forward only matters where Kafka runs (on Nomad)
+    assert config.load({"provision": {"nomad": False}, "vm": {"ports": {"kafka": {"host": 1, "guest": 2}}}})
+
+
+def test_a_config_layer_is_checked_before_invoke_merges_it(tmp_path: Path) -> None:
+    layer = tmp_path / "my.yaml"
+    layer.write_text("vm:\n  ports: [2222]\n")
+    with pytest.raises(ConfigError, match=r"configuration key vm\.ports must be a mapping, got a list"):
+        config.read_layer(layer)
+    layer.write_text("")
+    assert config.read_layer(layer) == {}
+    layer.write_text("run: {echo: true}\nvm: {accel: tcg}\n")  # invoke's own keys pass through
+    assert config.read_layer(layer) == {"run": {"echo": True}, "vm": {"accel": "tcg"}}
+    assert config.read_layer(config.DEFAULTS_FILE)["vm"]["cpus"] == 2

@@ -1,4 +1,4 @@
-"""infra.keys: the generated keypair's file modes and its generation under concurrency (issue 10, item 6)."""
+"""infra.keys: the generated keypair's file modes and its generation under concurrency."""
 
 from __future__ import annotations
 

@@ -61,7 +61,7 @@ def test_settings_reject_half_a_client_cert_and_missing_files(make_cfg: Any) -> 
         settings(cfg, {"NOMAD_ADDR": "ftp://x"})
 
 
-# ------------------------------------------------------------------------------ issue 10: the token --
+# ------------------------------------------------------------------------------------------------ the token --
 @pytest.mark.parametrize(
     "token", ["tok-secret\n", "tok-secret\r\n", "tok secret", "tok\x1b[2Jsecret", " tok-secret"]
 )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,6 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
+from servers.common import free_ports
 
 from infra import ROOT
 
@@ -27,19 +27,6 @@ from infra import ROOT
 INV = str(Path(sys.executable).with_name("inv"))
 VM_FORWARDS = {"ssh": 22, "nomad": 4646, "app": 3000, "ingress": 8080, "traefik_dashboard": 8081,
                "kafka": 19092, "postgres": 5432}  # fmt: skip
-
-
-def _free_ports(count: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(count):  # held together, so the ports are distinct
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 @pytest.fixture(scope="session")
@@ -77,7 +64,7 @@ class VMEnv:
 
 def make_vm_env(test_image: dict[str, str], root: Path, provision: dict[str, Any]) -> VMEnv:
     """A -f config file: the test image with direct kernel boot, TCG, 2 vCPU / 2 GiB, free ports, tmp state."""
-    free = _free_ports(len(VM_FORWARDS))
+    free = free_ports(len(VM_FORWARDS))
     ports = {name: {"host": free[i], "guest": guest} for i, (name, guest) in enumerate(VM_FORWARDS.items())}
     settings: dict[str, Any] = {
         # cache_dir: bakes (infra/bake.py) land in this test's own cache, never in the user's

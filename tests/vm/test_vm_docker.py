@@ -86,7 +86,7 @@ def test_nomad_installer_refuses_a_key_with_the_wrong_fingerprint(
     docker_vm_env: Any, docker_booted: dict[str, Any]
 ) -> None:
     """20-nomad-install.sh, in the guest, given the superseded 2023 HashiCorp key as the embedded key: gpg
-    reports its fingerprint, the script refuses, and no repository or keyring is configured."""
+    reports its fingerprint, the script refuses (lib.sh pin_key), and no repository or keyring is configured."""
     old_key = (ROOT / "tests" / "fixtures" / "hashicorp-2023-superseded.asc").read_bytes()
     script = (seed.FILES_DIR / "scripts" / "20-nomad-install.sh").read_bytes()
     env = f"NOMAD_VERSION=2.0.7\nHASHICORP_KEY_FPR={pgp.HASHICORP_KEY_FPR}\nHASHICORP_KEY_URL=https://invalid.invalid/gpg\n"
@@ -99,9 +99,13 @@ def test_nomad_installer_refuses_a_key_with_the_wrong_fingerprint(
     result = docker_vm_env.inv("vm.ssh", "--command", "sudo sh /tmp/20-nomad-install.sh", timeout=180)
     assert result.returncode == 1, result.stdout + result.stderr
     assert (
-        "HashiCorp key fingerprint is '798AEC654E5C15428C8E42EEAA16FCBCA621E701', "
-        f"expected '{pgp.HASHICORP_KEY_FPR}'; refusing to install"
+        "/etc/infra-lab/hashicorp.asc holds key(s) [798AEC654E5C15428C8E42EEAA16FCBCA621E701], "
+        f"expected exactly [{pgp.HASHICORP_KEY_FPR}]; refusing it"
     ) in result.stderr
+    assert (
+        f"HashiCorp's key is not exactly the pinned {pgp.HASHICORP_KEY_FPR}; refusing to install"
+        in result.stderr
+    )
     left = ssh(
         docker_vm_env,
         "ls /etc/apt/sources.list.d/ /usr/share/keyrings/; dpkg-query -W nomad 2>&1 || true",

@@ -1,5 +1,5 @@
 """A guest that cannot boot, for real: `inv vm.check` stops at the fatal console line instead of waiting out
-vm.ssh_timeout (issue 10, item 10).
+vm.ssh_timeout.
 
 The test image's own kernel boots under TCG on a blank disk: with an empty initrd the kernel panics at once
 (no root device); with the image's real initramfs it gives up waiting for `LABEL=rootfs` and drops to the

@@ -2,9 +2,11 @@
 # Install the pinned Nomad from HashiCorp's apt repository. Idempotent.
 # /etc/infra-lab/provision.env (written by cloud-init) sets NOMAD_VERSION, HASHICORP_KEY_FPR and, when the
 # seed embeds the key, the key itself is at /etc/infra-lab/hashicorp.asc. Without it the key is fetched;
-# either way its primary fingerprint must equal HASHICORP_KEY_FPR or nothing is installed.
+# either way it must hold exactly one key, with fingerprint HASHICORP_KEY_FPR (lib.sh pin_key), or nothing is
+# installed; only that key goes into apt's signed-by keyring.
 set -eu
 . /etc/infra-lab/provision.env
+. /usr/local/lib/infra-lab/lib.sh
 keyring=/usr/share/keyrings/hashicorp-archive-keyring.gpg
 if [ "$(dpkg-query -W -f '${Version}' nomad 2>/dev/null || true)" = "${NOMAD_VERSION}-1" ]; then
     echo "infra-lab: nomad ${NOMAD_VERSION} already installed"
@@ -16,12 +18,10 @@ if [ ! -s "$key" ]; then
     curl -fsSL --retry 5 --retry-connrefused -o /run/hashicorp.asc "$HASHICORP_KEY_URL"
     key=/run/hashicorp.asc
 fi
-fpr=$(gpg --show-keys --with-colons "$key" | awk -F: '$1 == "fpr" { print $10; exit }')
-if [ "$fpr" != "$HASHICORP_KEY_FPR" ]; then
-    echo "infra-lab: HashiCorp key fingerprint is '$fpr', expected '$HASHICORP_KEY_FPR'; refusing to install" >&2
+if ! pin_key "$key" "$HASHICORP_KEY_FPR" "$keyring"; then
+    echo "infra-lab: HashiCorp's key is not exactly the pinned $HASHICORP_KEY_FPR; refusing to install" >&2
     exit 1
 fi
-gpg --dearmor < "$key" > "$keyring.tmp" && mv "$keyring.tmp" "$keyring"
 . /etc/os-release
 echo "deb [signed-by=$keyring] https://apt.releases.hashicorp.com ${VERSION_CODENAME} main" \
     > /etc/apt/sources.list.d/hashicorp.list

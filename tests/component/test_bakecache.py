@@ -1,4 +1,4 @@
-"""infra/bake.py with real qemu-img / qemu (no OS boots): vm.run picks the bake by key, its seed installs
+"""infra/bakecache.py + infra/vm.py with real qemu-img / qemu (no OS boots): vm.run picks the bake by key, its seed installs
 nothing, a stale bake is refused; `inv image.list` / `inv image.prune` / `vm.baked: require` via the CLI.
 The bake itself (boot, generalize, compress) is proven in the VM tier (tests/vm/test_vm_docker.py)."""
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from infra import bake, config, vm
+from infra import bakecache, config, vm
 from infra.errors import VMError
 
 Inv = Callable[..., subprocess.CompletedProcess[str]]
@@ -42,10 +42,12 @@ def settings(tmp_path: Path, **provision: object) -> dict[str, object]:
     }  # fmt: skip
 
 
-def fake_bake(cfg: config.Config) -> bake.Bake:
+def fake_bake(cfg: config.Config) -> bakecache.Bake:
     """A bake in the cache for the configuration's current key (a blank qcow2 stands in for the image)."""
-    key, inputs = bake.current_key(cfg)
-    made = bake.Bake(key, qcow2(bake.bakes_dir(cfg) / f"{key}.qcow2"), bake.bakes_dir(cfg) / f"{key}.json")
+    key, inputs = bakecache.current_key(cfg)
+    made = bakecache.Bake(
+        key, qcow2(bakecache.bakes_dir(cfg) / f"{key}.qcow2"), bakecache.bakes_dir(cfg) / f"{key}.json"
+    )
     made.manifest.write_text(json.dumps({"key": key, "inputs": inputs, "created_at": "2026-11-30T00:00:00Z"}))
     return made
 
@@ -108,7 +110,7 @@ def test_image_list_and_prune(run_inv: Inv, tmp_path: Path) -> None:
     cfg_file.write_text(yaml.safe_dump(settings(tmp_path)))
     current = fake_bake(config.load(settings(tmp_path)))
     stale = fake_bake(config.load(settings(tmp_path, packages=["jq"])))
-    leftover = qcow2(bake.bakes_dir(config.load(settings(tmp_path))) / ".0123456789abcdef.qcow2.part")
+    leftover = qcow2(bakecache.bakes_dir(config.load(settings(tmp_path))) / ".0123456789abcdef.qcow2.part")
     assert current.key != stale.key
 
     listed = run_inv("-f", str(cfg_file), "image.list", "--json")

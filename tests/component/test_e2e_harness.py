@@ -1,8 +1,9 @@
-"""infra/e2e.py: the preflight's messages (each missing prerequisite made real: an empty PATH, a bound
-socket, a closed port, a TLS server that never answers), the teardown guarantee of the driver (a failing
-step, --keep, SIGTERM), the `inv` subprocess runner, the JUnit/timing report, and the workflows' shape.
+"""tests/e2e/harness.py with real processes and sockets: the preflight's messages (each missing prerequisite
+made real: an empty PATH, a bound socket, a closed port, a TLS server that never answers), the teardown on
+SIGTERM, the smoke checks against HTTP doubles and a real sshd, the `inv` subprocess runner, `nox -s e2e`'s
+pytest run failing fast where it cannot run (JUnit + timings written), CI's image-cache command, actionlint.
 
-The full e2e itself needs KVM and the internet; it runs in GitHub Actions (`nox -s e2e`).
+The full e2e itself (tests/e2e) needs KVM and the internet; it runs in GitHub Actions (`nox -s e2e`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
 import os
 import signal
 import socket
@@ -25,18 +27,16 @@ from typing import Any
 
 import pytest
 import yaml
+from e2e import harness as e2e
 from pytest_httpserver import HTTPServer
+from servers import sshd as sshd_server
+from servers.common import free_port
 
-from infra import ROOT, e2e
+from infra import ROOT, images
 from infra.config import Config, Port
+from infra.errors import WaitTimeout
 
 pytestmark = pytest.mark.tools("sshd", "ssh-keygen")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -85,18 +85,27 @@ def only_ports(cfg: Config, **guest_ports: int) -> Config:
 
 SIGTERM_SCRIPT = textwrap.dedent(
     """
-    import sys, time
+    import signal, sys, time
     from pathlib import Path
-    from infra import e2e
+    sys.path.insert(0, "tests")
+    from e2e import harness as e2e
+    from infra import config
     marker = Path(sys.argv[1])
-    def slow():
-        print("started", flush=True)
-        time.sleep(60)
-    def down():
-        marker.write_text("torn down")
+    signal.signal(signal.SIGTERM, e2e.raise_interrupt)  # as tests/e2e/conftest.py installs it
+    def inv(args, *, timeout):
+        if args == ["down"]:
+            marker.write_text("torn down")
+        return e2e.InvResult(list(args), 0, 0.0, [])
+    cfg = config.load()
+    stack = e2e.Stack(cfg, inv, e2e.Smoke(cfg), e2e.Timings())
+    up = [e2e.Action("inv up", ["up"], lambda cfg: 10)]
+    down = [e2e.Action("inv down", ["down"], lambda cfg: 10)]
     try:
-        e2e.run_plan([e2e.Step("slow", slow)], [e2e.Step("inv down", down)], e2e.Report())
-    except e2e.Interrupted as exc:
+        with e2e.running(stack, up, down, keep=False, failed=lambda: False, diagnose=lambda: None,
+                         verify_down=lambda: None):
+            print("started", flush=True)
+            time.sleep(60)
+    except KeyboardInterrupt as exc:
         print("interrupted", exc, flush=True)
         sys.exit(130)
     """
@@ -106,18 +115,14 @@ SIGTERM_SCRIPT = textwrap.dedent(
 class FakeInvoker:
     """Stands in for the `inv` subprocesses: records the commands, answers like `inv` would."""
 
-    def __init__(self, fail: Sequence[str] = (), state_dir: Path | None = None) -> None:
+    def __init__(self, fail: Sequence[str] = ()) -> None:
         self.calls: list[list[str]] = []
         self.fail = set(fail)
-        self.state_dir = state_dir  # `up` writes a launch record there, as vm.run does (booted from a bake)
 
     def __call__(self, args: Sequence[str], *, timeout: float) -> e2e.InvResult:
         self.calls.append(list(args))
         if args[0] in self.fail:
             raise e2e.InvCommandFailed(f"`inv {' '.join(args)}` exited 1")
-        if args[0] == "up" and self.state_dir is not None:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
-            (self.state_dir / "vm.json").write_text('{"baked": "0123456789abcdef"}')
         lines = [(0.0, "==> iso"), (0.1, "--  seed ISO up to date"), (0.2, "==> vm.run"), (5.0, "ok  booted")]
         return e2e.InvResult(list(args), 0, 7.5, lines)
 
@@ -168,9 +173,10 @@ IDLE_UP = [
 
 
 def up_again(cfg: Config, inv: FakeInvoker, snaps: list[dict[str, Any]]) -> str:
-    run = e2e.E2E(cfg, inv, e2e.Options(), e2e.Report())
-    run.snapshot = lambda: snaps.pop(0)  # type: ignore[method-assign]
-    return run._up_again()
+    """What tests/e2e/test_3_idempotency.py does, with the snapshots given."""
+    before = snaps.pop(0)
+    result = inv(["up"], timeout=60)
+    return e2e.up_again_verdict(before, snaps.pop(0), result)
 
 
 # ========================================================================================== smoke checks ==
@@ -236,35 +242,11 @@ def app_cfg(cfg: Config, port: int) -> Config:
 
 
 @pytest.fixture
-def sshd(tmp_path: Path) -> Iterator[tuple[int, Path, str]]:
-    """A real OpenSSH server on a free loopback port accepting one generated key for the current user;
-    stopped by PID. (port, private key, user)"""
-    import getpass
-
-    d = tmp_path / "sshd"
-    d.mkdir()
-    for name in ("host", "client"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
-    (d / "authorized_keys").write_text((d / "client.pub").read_text())
-    port = free_port()
-    (d / "sshd_config").write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host'}\nAuthorizedKeysFile {d / 'authorized_keys'}\n"
-        f"PidFile {d / 'sshd.pid'}\nStrictModes no\nUsePAM no\nPermitRootLogin prohibit-password\n"
-        "PasswordAuthentication no\n"
-    )
-    Path("/run/sshd").mkdir(exist_ok=True)  # privilege separation directory (Debian's unit creates it)
-    proc = subprocess.Popen(
-        ["/usr/sbin/sshd", "-D", "-e", "-f", str(d / "sshd_config")], stderr=subprocess.PIPE
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with socket.socket() as s, contextlib.suppress(OSError):
-            s.connect(("127.0.0.1", port))
-            break
-        time.sleep(0.05)
-    yield port, d / "client", getpass.getuser()
-    proc.terminate()
-    proc.wait(10)
+def sshd() -> Iterator[tuple[int, Path, str]]:
+    """The real OpenSSH server of tests/servers/sshd.py, for the current user: (port, private key, user)."""
+    server = sshd_server.started()
+    yield server.port, server.client_key, server.user
+    sshd_server.cleanup(server)
 
 
 # ================================================================================ the real inv subprocess ==
@@ -302,9 +284,9 @@ def test_port_taken_by_a_real_socket_names_port_key_and_owner(
     cfg = make_cfg(vm={"ports": {"app": {"host": port, "guest": 3000}}})
     found = e2e.check_ports(cfg)
     assert not found.ok
-    assert f"{port} (vm.ports.app)" in found.detail
-    assert f"held by pid {os.getpid()}" in found.detail  # found through /proc, the owner is this test
-    assert "inv down" in found.hint
+    # infra.vm.check_ports's words; the owner (found through /proc) is this test
+    assert f"host port {port} (vm.ports.app) is taken by pid {os.getpid()}" in found.detail
+    assert "inv down" in found.hint and "INVOKE_VM_PORTS_" in found.hint
 
 
 def test_ports_free(make_cfg: Callable[..., Config]) -> None:
@@ -359,15 +341,16 @@ def test_cached_image_with_right_checksum_needs_no_network(
     make_cfg: Callable[..., Config], tmp_path: Path
 ) -> None:
     cfg = make_cfg()
-    img = tmp_path / "cache" / "noble.img"
+    good = images.ImageSource(
+        "test", urls=("https://no-such-host.invalid/noble.img",), algo="sha256",
+        digest=hashlib.sha256(b"qcow2 bytes").hexdigest(),
+    )  # fmt: skip
+    img = e2e.image_path(cfg, good)  # where `inv vm.run` caches it (infra.images.cache_path)
     img.parent.mkdir(parents=True)
     img.write_bytes(b"qcow2 bytes")
-    good = e2e.ImageSource(
-        ("https://no-such-host.invalid/noble.img",), img, "sha256", hashlib.sha256(b"qcow2 bytes").hexdigest()
-    )
     assert e2e.check_image(cfg, source=good).ok
-    bad = e2e.ImageSource(good.urls, img, "sha256", "00" * 32)
-    found = e2e.check_image(cfg, source=bad, timeout=2)
+    img.write_bytes(b"corrupt")
+    found = e2e.check_image(cfg, source=good, timeout=2)
     assert not found.ok and "not cached" in found.detail and "no-such-host.invalid" in found.detail
 
 
@@ -375,7 +358,8 @@ def test_preflight_lists_everything_missing_in_one_message_within_seconds(
     make_cfg: Callable[..., Config], tmp_path: Path, listening: socket.socket, silent_server: int
 ) -> None:
     port = listening.getsockname()[1]
-    cfg = make_cfg(vm={"accel": "tcg", "ports": {"app": {"host": port, "guest": 3000}}})
+    tcg = make_cfg(vm={"accel": "tcg"})
+    cfg = dataclasses.replace(tcg, vm=dataclasses.replace(tcg.vm, ports={"app": Port(port, 3000)}))
     empty = tmp_path / "bin"
     empty.mkdir()
     closed = free_port()
@@ -383,7 +367,9 @@ def test_preflight_lists_everything_missing_in_one_message_within_seconds(
         e2e.UrlTarget("container registry", f"http://127.0.0.1:{closed}/v2/", "pulls", "GET", (200, 401)),
         e2e.UrlTarget("HashiCorp apt repository", f"https://127.0.0.1:{silent_server}/gpg", "Nomad"),
     ]
-    image = e2e.ImageSource((f"http://127.0.0.1:{closed}/img",), tmp_path / "nope.img", "sha256", "00" * 32)
+    image = images.ImageSource(
+        "test", urls=(f"http://127.0.0.1:{closed}/img",), algo="sha256", digest="00" * 32
+    )
     started = time.monotonic()
     with pytest.raises(e2e.PreflightFailed) as info:
         e2e.preflight(cfg, timeout=1.0, targets=targets, image=image, path=str(empty))
@@ -392,9 +378,9 @@ def test_preflight_lists_everything_missing_in_one_message_within_seconds(
     text = str(info.value)
     assert text.startswith("e2e preflight: 6 of 6 prerequisites missing, so the e2e cannot run here")
     for expected in (
-        "qemu: qemu-system-",
+        "qemu: qemu binary 'qemu-system-",
         "acceleration: vm.accel is tcg",
-        f"ports: taken on 127.0.0.1: {port} (vm.ports.app)",
+        f"ports: host port {port} (vm.ports.app) is taken",
         f"container registry: http://127.0.0.1:{closed}/v2/: unreachable: connection refused",
         f"HashiCorp apt repository: https://127.0.0.1:{silent_server}/gpg: no answer within 1s",
         "base image: not cached",
@@ -412,8 +398,8 @@ def test_preflight_passes_when_everything_is_there(
     cfg = only_ports(make_cfg(vm={"accel": "tcg"}), ssh=22, app=3000)
     bindir = tmp_path / "bin"
     bindir.mkdir()
-    (bindir / e2e.qemu_binary(cfg)).write_text("#!/bin/sh\n")
-    (bindir / e2e.qemu_binary(cfg)).chmod(0o755)
+    (bindir / f"qemu-system-{e2e.guest_arch(cfg)}").write_text("#!/bin/sh\n")
+    (bindir / f"qemu-system-{e2e.guest_arch(cfg)}").chmod(0o755)
     httpserver.expect_request("/v2/").respond_with_data("", status=401)
     httpserver.expect_request("/img", method="HEAD").respond_with_data("", status=200)
     findings = e2e.preflight(
@@ -421,7 +407,7 @@ def test_preflight_passes_when_everything_is_there(
         allow_tcg=True,
         timeout=2,
         targets=[e2e.UrlTarget("registry", httpserver.url_for("/v2/"), "pulls", "GET", (200, 401))],
-        image=e2e.ImageSource((httpserver.url_for("/img"),), tmp_path / "img", "sha256", "00" * 32),
+        image=images.ImageSource("test", urls=(httpserver.url_for("/img"),), algo="sha256", digest="00" * 32),
         path=str(bindir),
     )
     assert [f.name for f in findings] == ["qemu", "acceleration", "ports", "base image", "registry"]
@@ -447,37 +433,125 @@ def test_sigterm_mid_step_still_tears_down(tmp_path: Path) -> None:
     assert marker.read_text() == "torn down"
 
 
-def test_driver_tears_down_when_the_stack_does_not_answer(e2e_cfg: Config, tmp_path: Path) -> None:
-    inv, report = FakeInvoker(state_dir=e2e_cfg.project.state_dir), e2e.Report()
-    ok = e2e.E2E(e2e_cfg, inv, e2e.Options(), report).run()
-    assert not ok
-    assert inv.calls == [["image.bake"], ["up"], ["down"]]  # baked once, then booted from the bake
-    assert next(r for r in report.records if r.name == "inv up booted the baked image").status == "passed"
-    phases = [phase for phase, _seconds in report.timings]  # the bake and the boot timed apart
-    assert phases.index("image.bake") < phases.index("inv up: vm.run")
-    failed = [r for r in report.records if r.status != "passed"]
-    assert failed[0].name == "Nomad API and UI answer" and "cannot reach Nomad" in failed[0].message
+def running(
+    cfg: Config, inv: FakeInvoker, *, keep: bool = False
+) -> contextlib.AbstractContextManager[e2e.Stack]:
+    """tests/e2e/conftest.py's `stack` fixture, with FakeInvoker instead of the `inv` subprocesses."""
+    smoke = e2e.Smoke(cfg)
+    stack = e2e.Stack(cfg, inv, smoke, e2e.Timings())
+    return e2e.running(
+        stack,
+        [e2e.Action("inv up (from nothing)", ["up"], lambda cfg: 60, phases="inv up")],
+        [e2e.Action("inv down", ["down"], lambda cfg: 60)],
+        keep=keep,
+        failed=lambda: False,
+        diagnose=lambda: e2e.collect_diagnostics(cfg, smoke, cfg.e2e.report_dir / "diagnostics"),
+        verify_down=lambda: e2e.nothing_left(cfg),
+    )
+
+
+PYTEST_SIGTERM_CONFTEST = textwrap.dedent(
+    """
+    import signal, sys
+    from pathlib import Path
+    import pytest
+    from e2e import harness as e2e
+    from infra import config
+
+    MARKER = Path(__file__).with_name("down")
+
+    def pytest_configure(config):
+        signal.signal(signal.SIGTERM, e2e.raise_interrupt)  # as tests/e2e/conftest.py installs it
+
+    @pytest.fixture(scope="session")
+    def stack():
+        def inv(args, *, timeout):
+            if args == ["down"]:
+                MARKER.write_text("torn down")
+            return e2e.InvResult(list(args), 0, 0.0, [])
+        cfg = config.load()
+        up = [e2e.Action("inv up", ["up"], lambda cfg: 10)]
+        down = [e2e.Action("inv down", ["down"], lambda cfg: 10)]
+        with e2e.running(e2e.Stack(cfg, inv, e2e.Smoke(cfg), e2e.Timings()), up, down, keep=False,
+                         failed=lambda: False, diagnose=lambda: None, verify_down=lambda: None) as s:
+            yield s
+    """
+)
+PYTEST_SIGTERM_TEST = textwrap.dedent(
+    """
+    import time
+    def test_first(stack):
+        pass
+    def test_slow(stack):
+        print("started", flush=True)
+        time.sleep(60)
+    def test_never(stack):
+        raise AssertionError("ran after SIGTERM")
+    """
+)
+
+
+def test_sigterm_in_a_pytest_run_tears_the_session_fixture_down(tmp_path: Path) -> None:
+    """The mechanism tests/e2e relies on: SIGTERM raised as KeyboardInterrupt (harness.raise_interrupt) stops
+    pytest, which still runs the session fixture's teardown (`inv down`), then exits 2 (interrupted)."""
+    (tmp_path / "conftest.py").write_text(PYTEST_SIGTERM_CONFTEST)
+    (tmp_path / "test_run.py").write_text(PYTEST_SIGTERM_TEST)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", str(tmp_path), "-x", "-s", "-p", "no:cacheprovider", "--rootdir", str(tmp_path)],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "started" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 2, out
+    assert "KeyboardInterrupt" in out and "SIGTERM" in out
+    assert "ran after SIGTERM" not in out
+    assert (tmp_path / "down").read_text() == "torn down"
+
+
+def test_teardown_when_the_stack_does_not_answer(e2e_cfg: Config, tmp_path: Path) -> None:
+    inv = FakeInvoker()
+    with pytest.raises(e2e.InfraError, match="cannot reach Nomad"), running(e2e_cfg, inv) as stack:
+        stack.smoke.nomad_answers()
+    assert inv.calls == [["up"], ["down"]]
     # inv up's announced phases land in the timing table
-    assert ("inv up: iso", pytest.approx(0.2)) in report.timings
-    assert ("inv up: vm.run", pytest.approx(7.3)) in report.timings
+    assert ("inv up: iso", pytest.approx(0.2)) in stack.timings.rows
+    assert ("inv up: vm.run", pytest.approx(7.3)) in stack.timings.rows
     # diagnostics were attempted while "the VM" still ran, and say what could not be collected
     diag = tmp_path / "report" / "diagnostics"
     assert "could not collect" in (diag / "cloud-init-output.log").read_text()
-    assert "error" in (diag / "nomad.json").read_text()
+    assert "error" in json.loads((diag / "nomad.json").read_text())
 
 
-def test_driver_with_keep_never_runs_inv_down(e2e_cfg: Config) -> None:
-    inv = FakeInvoker(state_dir=e2e_cfg.project.state_dir)
-    assert not e2e.E2E(e2e_cfg, inv, e2e.Options(keep=True), e2e.Report()).run()
+def test_keep_never_runs_inv_down(e2e_cfg: Config) -> None:
+    inv = FakeInvoker()
+    with pytest.raises(e2e.InfraError), running(e2e_cfg, inv, keep=True) as stack:
+        stack.smoke.nomad_answers()
     assert ["down"] not in inv.calls
 
 
-def test_driver_tears_down_when_inv_up_fails(e2e_cfg: Config) -> None:
-    inv, report = FakeInvoker(fail=["up"]), e2e.Report()
-    assert not e2e.E2E(e2e_cfg, inv, e2e.Options(), report).run()
-    assert inv.calls == [["image.bake"], ["up"], ["down"]]
-    assert report.records[0].name.startswith("inv image.bake") and report.records[0].status == "passed"
-    assert report.records[1].status == "failed" and "exited 1" in report.records[1].message
+def test_teardown_when_inv_up_fails(e2e_cfg: Config) -> None:
+    inv = FakeInvoker(fail=["up"])
+    with pytest.raises(e2e.InvCommandFailed, match="exited 1"), running(e2e_cfg, inv):
+        pass
+    assert inv.calls == [["up"], ["down"]]
+
+
+def test_nothing_left_names_a_port_still_taken(e2e_cfg: Config, listening: socket.socket) -> None:
+    port = listening.getsockname()[1]
+    cfg = dataclasses.replace(e2e_cfg, vm=dataclasses.replace(e2e_cfg.vm, ports={"app": Port(port, 3000)}))
+    with pytest.raises(e2e.SmokeFailed, match=f"after `inv down` ports are still taken: host port {port}"):
+        e2e.nothing_left(cfg)
+    free = only_ports(e2e_cfg, ssh=22, app=3000)
+    assert e2e.nothing_left(free) == "no qemu process, every forwarded port free"
 
 
 def test_second_up_that_changes_nothing_passes(e2e_cfg: Config) -> None:
@@ -578,7 +652,9 @@ def test_app_event_round_trip_and_ingress_host_header(e2e_cfg: Config, httpserve
     assert smoke.post_event() == "stored id=1 topic=events offset=0"
     assert "ours present" in smoke.event_readable(timeout=5)
     stored.clear()
-    with pytest.raises(e2e.SmokeFailed, match="not true after 1s; last state: 0 events, ours missing"):
+    with pytest.raises(
+        WaitTimeout, match=r"timed out after 1s waiting for .*; last state: 0 events, ours missing"
+    ):
         smoke.event_readable(timeout=1)
 
 
@@ -595,9 +671,9 @@ def test_guest_run_over_real_ssh(make_cfg: Callable[..., Config], sshd: tuple[in
 
 def test_guest_run_without_ssh_server(make_cfg: Callable[..., Config], tmp_path: Path) -> None:
     port = free_port()
-    cfg = make_cfg(
-        ssh={"private_key": str(tmp_path / "nokey")}, vm={"ports": {"ssh": {"host": port, "guest": 22}}}
-    )
+    key = tmp_path / "key"
+    key.write_text("never read: nothing answers\n")
+    cfg = make_cfg(ssh={"private_key": str(key)}, vm={"ports": {"ssh": {"host": port, "guest": 22}}})
     with pytest.raises(e2e.SmokeFailed, match=f"SSH to ops@127.0.0.1:{port} failed"):
         e2e.guest_run(cfg, "true")
 
@@ -644,27 +720,106 @@ def test_default_inv_is_the_real_cli_next_to_this_python() -> None:
     assert "up" in out.stdout and "vm.run" in out.stdout
 
 
-def test_main_on_a_machine_without_prerequisites_exits_nonzero_quickly(tmp_path: Path) -> None:
-    """`python -m infra.e2e` as nox runs it, with qemu off PATH and an accel the e2e refuses."""
+def test_e2e_on_a_machine_without_prerequisites_fails_in_seconds_with_one_message(tmp_path: Path) -> None:
+    """tests/e2e as `nox -s e2e` runs it, with qemu off PATH and an accel the e2e refuses: one failed test
+    naming what is missing (no traceback), nothing started, the JUnit file and the timing table written."""
     env = {
         **os.environ,
         "PATH": str(tmp_path),
         "INVOKE_VM_ACCEL": "tcg",
         "INVOKE_PROJECT_CACHE_DIR": str(tmp_path / "cache"),
+        "INVOKE_PROJECT_STATE_DIR": str(tmp_path / "state"),
         "INVOKE_E2E_REPORT_DIR": str(tmp_path / "report"),
     }
     started = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "infra.e2e", "--preflight-only"],
+        [sys.executable, "-m", "pytest", "tests/e2e", "-x", "-p", "no:cacheprovider"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert time.monotonic() - started < 20
-    assert proc.returncode == 1
-    assert "prerequisites missing, so the e2e cannot run here" in proc.stderr
-    assert "qemu: qemu-system-" in proc.stderr and "vm.accel is tcg" in proc.stderr
-    tree = ET.parse(tmp_path / "report" / "junit.xml")  # noqa: S314 - our own file
-    suite = tree.getroot().find("testsuite")
-    assert suite is not None and int(suite.get("failures", "0")) >= 2
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "prerequisites missing, so the e2e cannot run here" in out
+    assert "qemu: qemu binary 'qemu-system-" in out and "vm.accel is tcg" in out
+    assert "Traceback" not in out and "inv up" not in out  # nothing was started
+    assert "1 failed" in out and "stopping after 1 failures" in out
+    suite = ET.parse(tmp_path / "report" / "junit.xml").getroot().find("testsuite")  # noqa: S314 - ours
+    assert suite is not None and (suite.get("tests"), suite.get("failures")) == ("1", "1")
+    props = {p.get("name"): p.get("value") for p in suite.iter("property")}
+    assert props["preflight: acceleration"].startswith("MISSING: vm.accel is tcg")
+    phases = [row["phase"] for row in json.loads((tmp_path / "report" / "timings.json").read_text())]
+    assert phases == ["preflight", "e2e total"]
+    assert not (tmp_path / "state").exists()
+
+
+FAKE_E2E_PLUGIN = textwrap.dedent(
+    """
+    # Loaded with -p: the preflight passes and `inv` is a fake, so the wiring of tests/e2e/conftest.py runs.
+    import sys
+    from pathlib import Path
+    from e2e import harness
+
+    class FakeInv:
+        def __init__(self, root, log_dir, *, env=None):
+            self.log = Path(log_dir).parent / "fake-inv.txt"
+        def __call__(self, args, *, timeout):
+            with self.log.open("a") as f:
+                f.write(" ".join(args) + "\\n")
+            return harness.InvResult(list(args), 0, 1.0, [(0.0, "==> iso"), (0.25, "==> vm.run")])
+
+    def pytest_configure(config):
+        sys.modules["e2e.conftest"].SubprocessInvoker = FakeInv
+        harness.preflight = lambda cfg, allow_tcg=False: [
+            harness.Finding(name, True, "faked") for name in ("qemu", "acceleration", "ports")
+        ]
+    """
+)
+
+
+def test_e2e_wiring_bring_up_failure_diagnostics_teardown(tmp_path: Path) -> None:
+    """tests/e2e with its preflight passing and `inv` faked: `inv up` once, the first check fails (no Nomad
+    answers), -x stops, diagnostics are collected, `inv down` runs; JUnit and timings say so."""
+    (tmp_path / "plugin").mkdir()
+    (tmp_path / "plugin" / "fake_e2e.py").write_text(FAKE_E2E_PLUGIN)
+    report = tmp_path / "report"
+    ports = {
+        name: str(free_port())
+        for name in ("ssh", "nomad", "app", "ingress", "traefik_dashboard", "kafka", "postgres")
+    }
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(tmp_path / "plugin"), str(ROOT / "tests")]),
+        "INVOKE_PROJECT_STATE_DIR": str(tmp_path / "state"),
+        "INVOKE_E2E_REPORT_DIR": str(report),
+        "INVOKE_NOMAD_ADDR": f"http://127.0.0.1:{free_port()}",
+        "INVOKE_NOMAD_RETRIES": "0",
+        "INVOKE_NOMAD_CONNECT_TIMEOUT": "1",
+        **{f"INVOKE_VM_PORTS_{name.upper()}_HOST": port for name, port in ports.items()},
+        "INVOKE_VM_PORTS_KAFKA_GUEST": ports[
+            "kafka"
+        ],  # Kafka advertises host port == guest port (config rule)
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "tests/e2e", "-x", "-p", "no:cacheprovider", "-p", "fake_e2e"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    out = proc.stdout
+    assert proc.returncode == 1, out + proc.stderr
+    assert "1 failed, 1 passed" in out and "stopping after 1 failures" in out
+    assert "Nomad API and UI answer (call):" in out and "Traceback" not in out  # an InfraError, as text
+    assert (report / "fake-inv.txt").read_text().splitlines() == ["image.bake", "up", "down"]
+    assert "could not collect" in (report / "diagnostics" / "cloud-init-output.log").read_text()
+    phases = [row["phase"] for row in json.loads((report / "timings.json").read_text())]
+    assert phases == [
+        "preflight", "inv image.bake (once; cached by its key)", "inv up (from nothing)", "inv up: iso", "inv up: vm.run", "Nomad API and UI answer",
+        "inv down", "nothing left after inv down", "e2e total",
+    ]  # fmt: skip
+    suite = ET.parse(report / "junit.xml").getroot().find("testsuite")  # noqa: S314 - ours
+    assert suite is not None
+    cases = {c.get("name"): c for c in suite.iter("testcase")}
+    assert list(cases) == ["test_prerequisites", "test_nomad_answers"]
+    assert cases["test_nomad_answers"].find("failure") is not None
+    assert (report / e2e.RECORDING_NAME).exists()  # the proxy ran in front of (an absent) Nomad
 
 
 def test_image_cache_command_prints_path_and_digest_key(tmp_path: Path) -> None:
@@ -674,7 +829,7 @@ def test_image_cache_command_prints_path_and_digest_key(tmp_path: Path) -> None:
     digest = catalogue["images"]["ubuntu-24.04"]["x86_64"]["sha256"]
     env = {**os.environ, "INVOKE_PROJECT_CACHE_DIR": str(tmp_path), "INVOKE_VM_ARCH": "x86_64"}
     out = subprocess.run(
-        [sys.executable, "-m", "infra.e2e", "image-cache"],
+        [sys.executable, "tests/e2e/harness.py", "image-cache"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True,
     ).stdout.splitlines()  # fmt: skip
     assert out == [f"path={tmp_path}/images/sha256-{digest[:16]}", f"key=vm-image-sha256-{digest}"]
@@ -683,24 +838,20 @@ def test_image_cache_command_prints_path_and_digest_key(tmp_path: Path) -> None:
 def test_bake_cache_command_prints_the_bakes_dir_and_the_content_key(tmp_path: Path) -> None:
     """ci.yml's second cache step: the bakes directory and infra.bake's key for the CI configuration (the
     registry mirror is part of the user-data, so part of the key)."""
-    from infra import bake, config
+    from infra import bakecache, config
 
     env = {**os.environ, "INVOKE_PROJECT_CACHE_DIR": str(tmp_path), "INVOKE_VM_ARCH": "x86_64",
            "INVOKE_PROVISION_REGISTRY_MIRROR": "https://mirror.gcr.io"}  # fmt: skip
     out = subprocess.run(
-        [sys.executable, "-m", "infra.e2e", "bake-cache"],
+        [sys.executable, "tests/e2e/harness.py", "bake-cache"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True,
     ).stdout.splitlines()  # fmt: skip
-    cfg = config.load({"project": {"cache_dir": str(tmp_path)}, "vm": {"arch": "x86_64"},
-                       "provision": {"registry_mirror": "https://mirror.gcr.io"}})  # fmt: skip
-    key, _inputs = bake.current_key(cfg)
-    assert out == [f"path={tmp_path}/bakes", f"key=vm-bake-{key}"]
-    assert (
-        key
-        != bake.current_key(config.load({"project": {"cache_dir": str(tmp_path)}, "vm": {"arch": "x86_64"}}))[
-            0
-        ]
+    base = {"project": {"cache_dir": str(tmp_path)}, "vm": {"arch": "x86_64"}}
+    key, _inputs = bakecache.current_key(
+        config.load({**base, "provision": {"registry_mirror": "https://mirror.gcr.io"}})
     )
+    assert out == [f"path={tmp_path}/bakes", f"key=vm-bake-{key}"]
+    assert key != bakecache.current_key(config.load(base))[0]
 
 
 def test_actionlint_passes_on_our_workflows_and_fails_on_a_broken_one(tmp_path: Path) -> None:
