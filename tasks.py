@@ -142,6 +142,42 @@ def vm_destroy(c: Context) -> None:
     vm.destroy(cfg(c))
 
 
+# -------------------------------------------------------------------------------------------------- image --
+@task(
+    name="bake",
+    help={
+        "force": "bake again even when a bake for the current key exists",
+        "from_vm": "bake the project's running VM (provisioned from the base image) instead of a throwaway VM; "
+        "its disk is generalized and removed, the next vm.run boots the bake",
+        "keep": "leave the throwaway VM (state dir <state>/bake) in place after the bake, to look around",
+    },
+)
+@domain_errors
+def image_bake(c: Context, force: bool = False, from_vm: bool = False, keep: bool = False) -> None:
+    """Bake the provisioned VM into a compressed qcow2 in the image cache, keyed by its inputs."""
+    from infra import bake
+
+    bake.bake(cfg(c), force=force, from_vm=from_vm, keep=keep)
+
+
+@task(name="list", help={"json": "print the list as JSON on stdout"})
+@domain_errors
+def image_list(c: Context, json: bool = False) -> None:
+    """Baked images in the cache: key, size, age, and which one matches the configuration."""
+    from infra import bake
+
+    bake.show(cfg(c), as_json=json)
+
+
+@task(name="prune", help={"all": "delete the current bake too"})
+@domain_errors
+def image_prune(c: Context, all: bool = False) -> None:
+    """Delete baked images that no longer match the configuration (and leftovers of interrupted bakes)."""
+    from infra import bake
+
+    bake.prune(cfg(c), everything=all)
+
+
 # -------------------------------------------------------------------------------------------------- nomad --
 @task(name="wait", help={"timeout": "seconds to wait (default: nomad.wait_timeout)"})
 @domain_errors
@@ -280,5 +316,6 @@ def logs(c: Context, job: str, task: str = "", stderr: bool = False, follow: boo
 ns = Collection(purge, up, down, status, logs)
 ns.add_collection(Collection("iso", iso_build))
 ns.add_collection(Collection("vm", vm_run, vm_stop, vm_status, vm_ssh, vm_logs, vm_check, vm_destroy))
+ns.add_collection(Collection("image", image_bake, image_list, image_prune))
 ns.add_collection(Collection("nomad", nomad_wait))
 ns.add_collection(Collection("deploy", deploy_data, deploy_app, deploy_ingress))

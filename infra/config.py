@@ -83,6 +83,7 @@ class VMConfig:
     ssh_timeout: int
     cloud_init_timeout: int
     stop_timeout: int
+    baked: str
     lock_timeout: int
 
 
@@ -139,6 +140,7 @@ class Config:
 _ENUMS = {
     "vm.accel": ("auto", "kvm", "hvf", "tcg"),
     "vm.arch": ("auto", "x86_64", "aarch64"),
+    "vm.baked": ("auto", "off", "require"),
 }
 
 

@@ -99,8 +99,17 @@ def _merge(into: dict[str, Any], part: Mapping[str, Any], source: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- compose --
-def compose(cfg: Config, public_key: str) -> dict[str, Any]:
-    """The user-data document as Python data."""
+#: What a baked image already carries (infra/bake.py): a seed for it leaves these out, so its first boot
+#: installs nothing and needs no network. The provisioning scripts stay: each is idempotent and offline
+#: once its package is installed.
+BAKED_KEYS = ("packages", "package_update", "package_upgrade")
+#: Per-instance parts of the user-data: they differ between VMs made from one bake, so the bake's content
+#: key leaves them out (infra/bakecache.py) and every boot of a bake applies them anew.
+PER_INSTANCE_KEYS = ("hostname", "fqdn")
+
+
+def compose(cfg: Config, public_key: str, *, baked: bool = False) -> dict[str, Any]:
+    """The user-data document as Python data; `baked`: for a baked image (without BAKED_KEYS)."""
     doc: dict[str, Any] = {}
     for path in _parts(cfg):
         part = load_yaml(path)
@@ -159,6 +168,20 @@ def compose(cfg: Config, public_key: str) -> dict[str, Any]:
     if packages:
         doc["packages"] = packages
         doc["package_update"] = True
+    if baked:
+        for key in BAKED_KEYS:
+            doc.pop(key, None)
+    return doc
+
+
+def instance_neutral(cfg: Config) -> dict[str, Any]:
+    """The full user-data minus its per-instance parts (host name, the login key): what a bake is made of."""
+    doc = compose(cfg, public_key="")
+    for key in PER_INSTANCE_KEYS:
+        doc.pop(key, None)
+    for user in doc.get("users", []):
+        if isinstance(user, dict):
+            user.pop("ssh_authorized_keys", None)
     return doc
 
 
@@ -282,8 +305,8 @@ def dump(data: Any) -> str:
     return yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=1000)
 
 
-def render(cfg: Config, public_key: str) -> Seed:
-    doc = compose(cfg, public_key)
+def render(cfg: Config, public_key: str, *, baked: bool = False) -> Seed:
+    doc = compose(cfg, public_key, baked=baked)
     validate(doc, cfg)
     user_data = ("#cloud-config\n" + dump(doc)).encode()
     net = dump(network_config()).encode()
@@ -349,12 +372,13 @@ def _same(path: Path, data: bytes) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------- build --
-def build(cfg: Config, ssh_key: str | None = None) -> SeedResult:
-    """`inv iso`: render, validate, write <state>/seed.iso (+ the rendered user-data beside it)."""
+def build(cfg: Config, ssh_key: str | None = None, *, baked: bool = False) -> SeedResult:
+    """`inv iso`: render, validate, write <state>/seed.iso (+ the rendered user-data beside it).
+    `baked`: the seed for a baked image (infra/bake.py), which installs nothing."""
     started = _time.monotonic()
     state = StatePaths(files.writable_dir(cfg.project.state_dir, "project.state_dir"))
     pair = keys.resolve(ssh_key if ssh_key is not None else cfg.ssh.public_key, state)
-    seed = render(cfg, pair.public)
+    seed = render(cfg, pair.public, baked=baked)
     data = iso_bytes(seed)
     sha = hashlib.sha256(data).hexdigest()
     # both files, so a run that failed between the two writes is not "unchanged" next time; the user-data
@@ -387,8 +411,8 @@ def previous_key(state: StatePaths) -> str | None:
     return key if isinstance(key, str) else None
 
 
-def refresh(cfg: Config) -> SeedResult:
+def refresh(cfg: Config, *, baked: bool = False) -> SeedResult:
     """`inv vm.run`'s seed: rebuilt from the current configuration (a no-op when nothing changed), keeping
     the key of the previous seed when ssh.public_key is not set — so `inv iso --ssh-key K` survives."""
     key = None if cfg.ssh.public_key else previous_key(StatePaths.of(cfg))
-    return build(cfg, ssh_key=key)
+    return build(cfg, ssh_key=key, baked=baked)

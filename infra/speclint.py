@@ -30,6 +30,7 @@ from hcl2.utils import SerializationOptions
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
 from infra import ROOT
+from infra.errors import TemplateError
 
 #: The agent config shipped by cloud-init: the host volumes jobs may mount.
 AGENT_CONFIG = ROOT / "cloud-init" / "files" / "nomad" / "zz-infra-lab.hcl"
@@ -700,6 +701,32 @@ def image_problems(image: str, local_images: Iterable[str] = ()) -> list[str]:
     elif not _DIGEST.match(digest):
         problems.append(f'has a malformed digest "{digest}"; expected sha256:<64 hex digits>')
     return problems
+
+
+def spec_images(path: Path) -> list[str]:
+    """Every task image of one spec, `${var.NAME}` resolved to the variable's default (what a fresh deploy
+    runs). Raises TemplateError naming file:line when the file does not parse or an image cannot be resolved."""
+    display = _display(path)
+    try:
+        root = parse(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise TemplateError(f"{display}: cannot read: {exc.strerror or exc}") from exc
+    except SpecSyntaxError as exc:
+        raise TemplateError(f"{display}:{exc.line or '?'}: {exc.message}") from exc
+    spec = _Spec(display, root, set(), set(), "")
+    found: list[str] = []
+    for job in root.children("job"):
+        for group in job.children("group"):
+            for task in group.children("task"):
+                config = task.child("config")
+                if config is None or "image" not in config.attrs:
+                    continue
+                value, _origin, problem = spec.resolve(config.get("image"))
+                if problem:
+                    where = f"{display}:{config.line_of('image') or '?'}: {job.name}/{group.name}/{task.name}"
+                    raise TemplateError(f"{where}: image {_show(config.get('image'))} {problem}")
+                found.append(str(value))
+    return found
 
 
 def default_local_images() -> set[str]:

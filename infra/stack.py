@@ -24,7 +24,7 @@ def up(cfg: Config, *, client: Client | None = None) -> None:
     if client is None:
         _check_provisioned(cfg)
     ui.step("iso: seed ISO")
-    seed.build(cfg)
+    seed.build(cfg, baked=vm.disk_is_baked(cfg))  # the seed vm.run boots with: a second `up` leaves it alone
     ui.step("vm.run: boot the VM")
     vm.run(cfg)
     cfg = vm.reach(cfg)  # an already running VM keeps the forwards it was launched with

@@ -34,7 +34,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
@@ -44,6 +44,9 @@ from infra.errors import PortInUseError, VMError, WaitTimeout
 from infra.lock import state_lock
 from infra.state import StatePaths
 from infra.waits import Probe, wait_until
+
+if TYPE_CHECKING:
+    from infra.bakecache import Choice
 
 GIB = 1024**3
 #: unix socket paths longer than this do not fit sockaddr_un on Linux (108) / macOS (104).
@@ -322,12 +325,22 @@ def check_image(path: Path, what: str, fmt: str | None = None) -> None:
     )
 
 
-def _seed(cfg: Config) -> tuple[Path, str]:
-    """The seed ISO for the current configuration (rewritten only when its bytes change) and its instance-id."""
+def _seed(cfg: Config, baked: bool) -> tuple[Path, str]:
+    """The seed ISO for the current configuration (rewritten only when its bytes change) and its instance-id;
+    `baked`: for a baked image, which installs nothing."""
     from infra import seed
 
-    result = seed.refresh(cfg)
+    result = seed.refresh(cfg, baked=baked)
     return result.path, result.instance_id
+
+
+def _backing(disk: Path) -> Path | None:
+    """The image an existing overlay disk sits on (None: no disk, or no backing file)."""
+    if not disk.exists():
+        return None
+    info = image_info(disk)
+    backing = info.get("full-backing-filename") or info.get("backing-filename")
+    return Path(backing) if backing else None
 
 
 def _direct_boot(cfg: Config) -> tuple[Path | None, Path | None, str]:
@@ -353,6 +366,12 @@ def load_record(p: StatePaths) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return record
+
+
+def disk_is_baked(cfg: Config) -> bool:
+    """The VM's existing disk was made on a baked image (its launch record says so): its seed is the baked one."""
+    p = paths(cfg)
+    return p.disk.exists() and bool(load_record(p).get("baked"))
 
 
 def run(cfg: Config) -> Launch:
@@ -391,12 +410,17 @@ def _run(cfg: Config, p: StatePaths) -> Launch:
     disk_existed = p.disk.exists()
     if disk_existed:
         check_image(p.disk, "VM disk (overlay)", fmt="qcow2")
+    from infra import bakecache
+
+    choice = bakecache.choose(cfg, arch, base, _backing(p.disk))  # vm.baked: a matching bake, or the base
+    if choice.key is not None:
+        check_image(choice.image, "baked image", fmt="qcow2")
     p.root.mkdir(parents=True, exist_ok=True)
-    iso, instance_id = _seed(cfg)
+    iso, instance_id = _seed(cfg, baked=choice.key is not None)
     firmware = qemu.find_firmware(binary) if arch == "aarch64" and kernel is None else None
 
     try:
-        if ensure_overlay(p.disk, base, cfg.vm.disk_gb):
+        if ensure_overlay(p.disk, choice.image, cfg.vm.disk_gb):
             p.known_hosts.unlink(missing_ok=True)  # a new disk has new SSH host keys
         accel, reason = qemu.resolve_accel(
             cfg.vm.accel,
@@ -415,9 +439,12 @@ def _run(cfg: Config, p: StatePaths) -> Launch:
         # From here on Ctrl-C waits: qemu started => qemu recorded and reported, or killed by the cleanup.
         with _interrupts_deferred():
             pid = _launch(command, p)
-            record = _record(cfg, pid, accel, reason, arch, base, p, iso, instance_id, kernel, command)
+            record = _record(
+                cfg, pid, accel, reason, arch, base, p, iso, instance_id, kernel, command, choice
+            )
             forwards = ", ".join(f"{n} 127.0.0.1:{f.host}->{f.guest}" for n, f in cfg.vm.ports.items())
             ui.ok(f"VM started: pid {pid}, {accel} ({reason}), {cfg.vm.cpus} vCPU, {cfg.vm.memory_mb} MiB")
+            ui.info(f"    image: {choice.reason}: {choice.image}")
             ui.info(f"    forwards: {forwards}")
             ui.info(f"    serial log: {p.serial_log}  (inv vm.logs); next: inv vm.check")
     except BaseException:
@@ -428,7 +455,7 @@ def _run(cfg: Config, p: StatePaths) -> Launch:
 
 def _record(
     cfg: Config, pid: int, accel: str, reason: str, arch: str, base: Path, p: StatePaths, iso: Path,
-    instance_id: str, kernel: Path | None, command: list[str],
+    instance_id: str, kernel: Path | None, command: list[str], choice: Choice,
 ) -> dict[str, Any]:  # fmt: skip
     """Write vm.json, the launch record: what runs and how it was started (ports, accel, command)."""
     record = {
@@ -440,7 +467,9 @@ def _record(
         "cpus": cfg.vm.cpus,
         "memory_mb": cfg.vm.memory_mb,
         "ports": {n: {"host": f.host, "guest": f.guest} for n, f in cfg.vm.ports.items()},
-        "image": str(base),
+        "image": str(choice.image),
+        "base_image": str(base),
+        "baked": choice.key,
         "disk": str(p.disk),
         "seed_iso": str(iso),
         "instance_id": instance_id,
@@ -625,6 +654,8 @@ def status(cfg: Config, *, probe_guest: bool = True) -> dict[str, Any]:
         "uptime_s": round(time.time() - started) if started else None,
         "ports": record.get("ports", {}),
         "instance_id": record.get("instance_id"),
+        "image": record.get("image"),
+        "baked": record.get("baked"),
         "serial_log": str(p.serial_log),
     }
     if probe_guest:
@@ -765,6 +796,8 @@ def show_status(cfg: Config, *, as_json: bool = False) -> dict[str, Any]:
         ui.info(
             f"VM: running, pid {info['pid']}, {info['arch']}, accel {info['accel']}, up {info['uptime_s']}s"
         )
+        which = f"baked {info['baked']}" if info.get("baked") else "base"
+        ui.info(f"    image: {which} ({info.get('image') or '?'})")
         for name, port in info["ports"].items():
             ui.info(f"    {name:<18} 127.0.0.1:{port['host']} -> guest {port['guest']}")
         ui.info(f"    cloud-init: {info['cloud_init']}")

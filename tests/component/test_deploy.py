@@ -399,7 +399,7 @@ def test_up_twice_deploys_the_real_job_specs_then_changes_nothing(
     from infra import build, remote, seed, stack, vm
 
     calls: list[str] = []
-    monkeypatch.setattr(seed, "build", lambda cfg, ssh_key=None: calls.append("iso"))
+    monkeypatch.setattr(seed, "build", lambda cfg, ssh_key=None, baked=False: calls.append("iso"))
     monkeypatch.setattr(vm, "run", lambda cfg: calls.append("vm.run"))
     monkeypatch.setattr(remote, "check", lambda cfg, alive=None: calls.append("vm.check"))
     # The image build runs for real in tests/component/test_app_image.py; here it is recorded.

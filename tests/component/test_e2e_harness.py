@@ -807,11 +807,11 @@ def test_e2e_wiring_bring_up_failure_diagnostics_teardown(tmp_path: Path) -> Non
     assert proc.returncode == 1, out + proc.stderr
     assert "1 failed, 1 passed" in out and "stopping after 1 failures" in out
     assert "Nomad API and UI answer (call):" in out and "Traceback" not in out  # an InfraError, as text
-    assert (report / "fake-inv.txt").read_text().splitlines() == ["up", "down"]
+    assert (report / "fake-inv.txt").read_text().splitlines() == ["image.bake", "up", "down"]
     assert "could not collect" in (report / "diagnostics" / "cloud-init-output.log").read_text()
     phases = [row["phase"] for row in json.loads((report / "timings.json").read_text())]
     assert phases == [
-        "preflight", "inv up (from nothing)", "inv up: iso", "inv up: vm.run", "Nomad API and UI answer",
+        "preflight", "inv image.bake (once; cached by its key)", "inv up (from nothing)", "inv up: iso", "inv up: vm.run", "Nomad API and UI answer",
         "inv down", "nothing left after inv down", "e2e total",
     ]  # fmt: skip
     suite = ET.parse(report / "junit.xml").getroot().find("testsuite")  # noqa: S314 - ours
@@ -833,6 +833,25 @@ def test_image_cache_command_prints_path_and_digest_key(tmp_path: Path) -> None:
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True,
     ).stdout.splitlines()  # fmt: skip
     assert out == [f"path={tmp_path}/images/sha256-{digest[:16]}", f"key=vm-image-sha256-{digest}"]
+
+
+def test_bake_cache_command_prints_the_bakes_dir_and_the_content_key(tmp_path: Path) -> None:
+    """ci.yml's second cache step: the bakes directory and infra.bake's key for the CI configuration (the
+    registry mirror is part of the user-data, so part of the key)."""
+    from infra import bakecache, config
+
+    env = {**os.environ, "INVOKE_PROJECT_CACHE_DIR": str(tmp_path), "INVOKE_VM_ARCH": "x86_64",
+           "INVOKE_PROVISION_REGISTRY_MIRROR": "https://mirror.gcr.io"}  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "tests/e2e/harness.py", "bake-cache"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True,
+    ).stdout.splitlines()  # fmt: skip
+    base = {"project": {"cache_dir": str(tmp_path)}, "vm": {"arch": "x86_64"}}
+    key, _inputs = bakecache.current_key(
+        config.load({**base, "provision": {"registry_mirror": "https://mirror.gcr.io"}})
+    )
+    assert out == [f"path={tmp_path}/bakes", f"key=vm-bake-{key}"]
+    assert key != bakecache.current_key(config.load(base))[0]
 
 
 def test_actionlint_passes_on_our_workflows_and_fails_on_a_broken_one(tmp_path: Path) -> None:

@@ -1070,7 +1070,23 @@ def image_cache_main() -> int:
     return 0
 
 
+def bake_cache_main() -> int:
+    """`python tests/e2e/harness.py bake-cache`: for CI's second cache step, the directory of the baked images
+    and a key made of infra.bake's content key (a changed input is a new key: a stale bake is not restored)."""
+    from infra import bakecache
+
+    try:
+        key, _inputs = bakecache.current_key(load_config())
+    except InfraError as exc:
+        ui.console.print(f"[red]error:[/red] {escape(str(exc))}")
+        return 1
+    ui.out(f"path={bakecache.bakes_dir(load_config())}")
+    ui.out(f"key=vm-bake-{key}")
+    return 0
+
+
 if __name__ == "__main__":
-    if sys.argv[1:] != ["image-cache"]:
-        sys.exit("usage: python tests/e2e/harness.py image-cache")
-    sys.exit(image_cache_main())
+    commands = {"image-cache": image_cache_main, "bake-cache": bake_cache_main}
+    if len(sys.argv) != 2 or sys.argv[1] not in commands:
+        sys.exit("usage: python tests/e2e/harness.py image-cache|bake-cache")
+    sys.exit(commands[sys.argv[1]]())

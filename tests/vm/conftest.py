@@ -67,7 +67,8 @@ def make_vm_env(test_image: dict[str, str], root: Path, provision: dict[str, Any
     free = free_ports(len(VM_FORWARDS))
     ports = {name: {"host": free[i], "guest": guest} for i, (name, guest) in enumerate(VM_FORWARDS.items())}
     settings: dict[str, Any] = {
-        "project": {"state_dir": str(root / "state")},
+        # cache_dir: bakes (infra/bake.py) land in this test's own cache, never in the user's
+        "project": {"state_dir": str(root / "state"), "cache_dir": str(root / "cache")},
         "provision": provision,
         "vm": {
             "image": test_image["image"], "kernel": test_image["kernel"], "initrd": test_image["initrd"],
@@ -107,6 +108,27 @@ def docker_vm_env(test_image: dict[str, str], tmp_path_factory: pytest.TempPathF
     env = make_vm_env(test_image, tmp_path_factory.mktemp("vmdocker"), provision)
     yield env
     stop_by_pid(env)
+
+
+#: Seconds from launch to cloud-init done, per guest booted in this run; printed at the end of the run.
+BOOT_TIMES: dict[str, float] = {}
+
+
+@pytest.fixture(scope="session")
+def boot_times() -> dict[str, float]:
+    """Launch -> cloud-init done per guest of this run (the bake compares its boot with the others)."""
+    return BOOT_TIMES
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The boots of this run side by side, with the baked guest's ratio to the others (not a timed test)."""
+    if not BOOT_TIMES:
+        return
+    terminalreporter.section("VM boots: launch -> cloud-init done")
+    baked = BOOT_TIMES.get("docker part, baked")
+    for name, seconds in BOOT_TIMES.items():
+        ratio = f"   (baked / this: {baked / seconds:.2f}x)" if baked and name != "docker part, baked" else ""
+        terminalreporter.write_line(f"{name:<24} {seconds:7.1f} s{ratio}")
 
 
 @pytest.fixture

@@ -67,7 +67,7 @@ def cmdline(pid: int) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def booted(vm_env: Any) -> dict[str, Any]:
+def booted(vm_env: Any, boot_times: dict[str, float]) -> dict[str, Any]:
     """iso -> vm.run -> vm.check through the CLI; timings and outputs for the tests below."""
     iso = vm_env.inv("iso")
     assert iso.returncode == 0, iso.stderr
@@ -80,6 +80,7 @@ def booted(vm_env: Any) -> dict[str, Any]:
     record = json.loads((vm_env.state_dir / "vm.json").read_text())
     timings = json.loads(check.stdout.strip().splitlines()[-1])
     print(f"\nvm.run + vm.check: {elapsed:.1f}s; {timings}")
+    boot_times["base user-data"] = timings["cloud_init_done_s"]
     return {"run": run, "check": check, "record": record, "timings": timings}
 
 
