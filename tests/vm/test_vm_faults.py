@@ -40,6 +40,8 @@ def test_a_disk_that_cannot_boot_ends_the_wait_at_once(
     if empty_initrd:
         (tmp_path / "empty.initrd").write_bytes(b"")
         env.settings["vm"]["initrd"] = str(tmp_path / "empty.initrd")
+    else:  # initramfs-tools waits `rootdelay` seconds (default 30) for the root device before giving up
+        env.settings["vm"]["append"] += " rootdelay=3"
     env.config_file.write_text(yaml.safe_dump(env.settings))
     run = env.inv("vm.run")
     assert run.returncode == 0, run.stderr
