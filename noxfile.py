@@ -73,7 +73,9 @@ def component(session: nox.Session) -> None:
     """tests/component: real PostgreSQL, Tansu, sshd, dockerd, qemu (no boot), `inv` as a subprocess, and
     the test double of Nomad's HTTP API; spread over the cores with pytest-xdist."""
     install(session)
-    session.run("pytest", "tests/component", "-n", "auto", "--dist", "loadfile", *session.posargs)
+    # Four workers on two cores: many tests wait on a deadline or a subprocess rather than compute.
+    # loadgroup keeps a module whose fixture is expensive (one dockerd) on one worker.
+    session.run("pytest", "tests/component", "-n", "4", "--dist", "loadgroup", *session.posargs)
 
 
 @nox.session(python=PYTHON, default=False)

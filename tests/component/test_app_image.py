@@ -25,6 +25,7 @@ from infra import ROOT, build, config
 
 pytestmark = [
     pytest.mark.docker,
+    pytest.mark.xdist_group("dockerd"),  # one private dockerd (session fixture) serves the whole module
     pytest.mark.tools("dockerd", "docker", "mmdebstrap", "initdb", "sshd", "ssh-keygen"),
 ]
 

@@ -283,7 +283,7 @@ CASES = [
          absent=("Traceback", "SSHException", "No existing session")),
     # a second lifecycle command waits for the lock, then names its holder
     Case("lock-held/stop", lock_held, ("vm.stop",), 2,
-         r"^error: vm\.stop: the state dir .* is locked by pid \d+ \(vm\.run, for \d+s\); waited 1s",
+         r"^error: vm\.stop: the state dir .* is locked by pid \d+ \(vm\.run, for \d+s\); waited \d+s",
          env={"INVOKE_VM_LOCK_TIMEOUT": "1"}, seconds=15),
     Case("base-digest-mismatch/run", no_setup, ("vm.run",), 1,
          r"^error: .*blank\.qcow2 does not match vm\.image_sha256: expected 0{{64}}, got [0-9a-f]{{64}}$",
