@@ -74,8 +74,8 @@ def component(session: nox.Session) -> None:
     the test double of Nomad's HTTP API; spread over the cores with pytest-xdist."""
     install(session)
     # Four workers on two cores: many tests wait on a deadline or a subprocess rather than compute.
-    # loadgroup keeps a module whose fixture is expensive (one dockerd) on one worker.
-    session.run("pytest", "tests/component", "-n", "4", "--dist", "loadgroup", *session.posargs)
+    # loadfile keeps each module on one worker: its module fixtures (PostgreSQL, one dockerd) start once.
+    session.run("pytest", "tests/component", "-n", "4", "--dist", "loadfile", *session.posargs)
 
 
 @nox.session(python=PYTHON, default=False)

@@ -25,7 +25,6 @@ from infra import ROOT, build, config
 
 pytestmark = [
     pytest.mark.docker,
-    pytest.mark.xdist_group("dockerd"),  # one private dockerd (session fixture) serves the whole module
     pytest.mark.tools("dockerd", "docker", "mmdebstrap", "initdb", "sshd", "ssh-keygen"),
 ]
 
@@ -194,14 +193,18 @@ def host_network_vm_engine(cfg: config.Config) -> Iterator[build.RemoteDocker]:
 
 
 def test_build_inside_the_vm_over_ssh(vm_like: config.Config, docker_engine: dockerd.DockerEngine) -> None:
+    # The uploaded context is `mktemp --tmpdir infra-lab-XXXXXXXX<suffix>` in the "VM" (here: this host's
+    # /tmp, which other tests share): compare what exists before and after.
+    listing = "ls /tmp | grep -E '^infra-lab-[A-Za-z0-9]{8}' || true"
     with host_network_vm_engine(vm_like) as engine:
+        before = set(engine._sh(listing).stdout.split())
         result = build.build(vm_like, engine, root=ROOT)
         again = build.build(vm_like, engine, root=ROOT)
-        leftovers = engine._sh("ls /tmp | grep -c '^infra-lab-' || true").stdout.strip()
+        leftovers = set(engine._sh(listing).stdout.split()) - before
 
     assert result.built and not again.built
     assert docker_engine.docker("image", "inspect", result.ref, check=False).returncode == 0
-    assert leftovers == "0"  # the uploaded context was removed
+    assert leftovers == set()  # the uploaded context was removed
     docker_engine.docker("image", "rm", result.ref)
 
 

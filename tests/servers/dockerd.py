@@ -170,14 +170,15 @@ def python_base(engine: DockerEngine) -> tuple[str, dict[str, float]]:
     timings: dict[str, float] = {}
     if not cached.exists():
         cached.parent.mkdir(parents=True, exist_ok=True)
-        partial = cached.with_suffix(".partial.tar")
+        # per process: two test workers building at once each publish a whole file (os.replace is atomic)
+        partial = cached.with_name(f".{cached.stem}.{os.getpid()}.partial.tar")
         started = time.monotonic()
         result = subprocess.run(_mmdebstrap_args(partial, cas), capture_output=True, text=True, timeout=900,
                                 check=False)  # fmt: skip
         if result.returncode != 0:
             partial.unlink(missing_ok=True)
             raise RuntimeError(f"mmdebstrap failed ({result.returncode}):\n{result.stderr[-4000:]}")
-        partial.rename(cached)
+        os.replace(partial, cached)
         timings["mmdebstrap"] = time.monotonic() - started
     started = time.monotonic()
     changes = ["ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", 'CMD ["python3"]']
