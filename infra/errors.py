@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 
@@ -134,9 +134,9 @@ def root_cause(exc: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(seen).__name__
 
 
-def unresolved_host(exc: BaseException) -> str | None:
-    """The host name whose DNS lookup failed somewhere in `exc`'s chain (requests -> urllib3 ->
-    socket.gaierror), or None when the failure was something else."""
+def causes(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and every exception behind it, each once: __cause__, __context__, a `reason` attribute
+    (urllib3) and exceptions passed as arguments (requests wraps urllib3's that way), depth first."""
     seen: set[int] = set()
     todo: list[BaseException] = [exc]
     while todo:
@@ -144,13 +144,20 @@ def unresolved_host(exc: BaseException) -> str | None:
         if id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, socket.gaierror) or type(e).__name__ == "NameResolutionError":
-            m = re.search(r"Failed to resolve '([^']+)'", str(e))
-            return m.group(1) if m else (getattr(e, "host", None) or "the host")
+        yield e
         todo.extend(
             x
             for x in (e.__cause__, e.__context__, getattr(e, "reason", None))
             if isinstance(x, BaseException)
         )
         todo.extend(a for a in e.args if isinstance(a, BaseException))
+
+
+def unresolved_host(exc: BaseException) -> str | None:
+    """The host name whose DNS lookup failed somewhere in `exc`'s chain (requests -> urllib3 ->
+    socket.gaierror), or None when the failure was something else."""
+    for e in causes(exc):
+        if isinstance(e, socket.gaierror) or type(e).__name__ == "NameResolutionError":
+            m = re.search(r"Failed to resolve '([^']+)'", str(e))
+            return m.group(1) if m else (getattr(e, "host", None) or "the host")
     return None

@@ -43,7 +43,7 @@ import urllib3
 
 from infra import ui
 from infra.config import Config
-from infra.errors import NomadError, printable, root_cause
+from infra.errors import NomadError, causes, printable, root_cause
 
 #: Nomad caps a blocking query at 300 s (nomad/structs/structs.go MaxBlockingRPCQueryTime) and adds up to
 #: wait/16 of jitter (structs.JitterFraction, applied in nomad/rpc.go blockingRPC).
@@ -671,23 +671,10 @@ def _connect_failed(exc: BaseException) -> bool:
     """Did the connection fail before anything was sent? (refused, DNS, connect timeout)"""
     if isinstance(exc, requests.exceptions.ConnectTimeout):
         return True
-    seen: set[int] = set()
-    stack: list[BaseException] = [exc]
-    while stack:
-        e = stack.pop()
-        if id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, urllib3.exceptions.NewConnectionError | urllib3.exceptions.ConnectTimeoutError):
-            return True
-        nxt = [
-            e.__cause__,
-            e.__context__,
-            getattr(e, "reason", None),
-            *(a for a in e.args if isinstance(a, BaseException)),
-        ]
-        stack.extend(x for x in nxt if isinstance(x, BaseException))
-    return False
+    return any(
+        isinstance(e, urllib3.exceptions.NewConnectionError | urllib3.exceptions.ConnectTimeoutError)
+        for e in causes(exc)
+    )
 
 
 def _q(value: str, safe: str = "") -> str:
