@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 from servers import postgres, tansu
 
 from infra import ROOT, config
@@ -96,6 +97,15 @@ def run_inv(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
         )  # fmt: skip
 
     return run
+
+
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory: pytest.TempPathFactory) -> tuple[trustme.CA, Path]:
+    """A throwaway certificate authority (trustme) and its PEM file, for TLS tests of the Nomad client."""
+    authority = trustme.CA()
+    path = tmp_path_factory.mktemp("tls") / "ca.pem"
+    authority.cert_pem.write_to_path(str(path))
+    return authority, path
 
 
 @pytest.fixture(scope="module")

@@ -41,12 +41,6 @@ def client_for(d: NomadAPIDouble, **kw: Any) -> Client:
 
 
 # ------------------------------------------------------------------------------------------------ TLS --
-@pytest.fixture(scope="module")
-def ca(tmp_path_factory: pytest.TempPathFactory) -> tuple[trustme.CA, Path]:
-    authority = trustme.CA()
-    path = tmp_path_factory.mktemp("tls") / "ca.pem"
-    authority.cert_pem.write_to_path(str(path))
-    return authority, path
 
 
 def server_ctx(authority: trustme.CA, *, require_client_cert: bool = False) -> ssl.SSLContext:

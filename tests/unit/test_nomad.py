@@ -10,19 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import trustme
 
 from infra.errors import NomadError
 from infra.nomad import settings
 
-
 # ------------------------------------------------------------------------------------------------ TLS --
-@pytest.fixture(scope="module")
-def ca(tmp_path_factory: pytest.TempPathFactory) -> tuple[trustme.CA, Path]:
-    authority = trustme.CA()
-    path = tmp_path_factory.mktemp("tls") / "ca.pem"
-    authority.cert_pem.write_to_path(str(path))
-    return authority, path
 
 
 # ------------------------------------------------------------------------------------------- settings --
