@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -192,7 +193,12 @@ program = Program(
 
 
 def main() -> None:
-    program.run()
+    try:
+        program.run()
+    finally:
+        # The command has finished and its outcome is decided: a Ctrl-C from here on could only interrupt
+        # the interpreter's shutdown (threading joins its threads) and print a traceback, so ignore it.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def adopt() -> None:
