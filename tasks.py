@@ -64,9 +64,9 @@ def option(ok: bool, message: str) -> None:
 @domain_errors
 def iso_build(c: Context, ssh_key: str = "") -> None:
     """Render cloud-init user-data and write the NoCloud seed ISO (label cidata) into the state dir."""
-    from infra import seed
+    from infra import seed, ui
 
-    seed.build(cfg(c), ssh_key=ssh_key or None)
+    ui.out(seed.build(cfg(c), ssh_key=ssh_key or None).line)
 
 
 # ----------------------------------------------------------------------------------------------------- vm --
@@ -74,9 +74,11 @@ def iso_build(c: Context, ssh_key: str = "") -> None:
 @domain_errors
 def vm_run(c: Context) -> None:
     """Boot the VM (qcow2 overlay on the cached base image + seed ISO); a no-op when it already runs."""
-    from infra import vm
+    from infra import machine, ui
 
-    vm.run(cfg(c))
+    booted = machine.run(cfg(c))
+    if booted.seed is not None:
+        ui.out(booted.seed.line)
 
 
 @task(
@@ -96,18 +98,24 @@ def vm_stop(c: Context, timeout: int = -1) -> None:
 @domain_errors
 def vm_status(c: Context, json: bool = False) -> None:
     """Is the VM running? pid, forwarded ports, acceleration, uptime, cloud-init state."""
-    from infra import vm
+    import json as json_mod
 
-    vm.show_status(cfg(c), as_json=json)
+    from infra import machine, ui
+
+    info = machine.status(cfg(c))
+    if json:
+        ui.out(json_mod.dumps(info, sort_keys=True))
+    else:
+        machine.describe(info)
 
 
 @task(name="ssh", help={"command": "run this command instead of an interactive shell"})
 @domain_errors
 def vm_ssh(c: Context, command: str = "") -> None:
     """Open an interactive SSH session in the VM with the project key."""
-    from infra import vm
+    from infra import machine
 
-    code = vm.ssh(cfg(c), command)
+    code = machine.ssh(cfg(c), command)
     if code:
         raise Exit(code=code)
 
@@ -117,10 +125,10 @@ def vm_ssh(c: Context, command: str = "") -> None:
 def vm_logs(c: Context, lines: int = 50, follow: bool = False) -> None:
     """Show the tail of the VM's serial console log."""
     option(lines >= 0, f"--lines must be 0 or more, not {lines}")
-    from infra import ui, vm
+    from infra import console, ui, vm
 
     path = vm.logs_path(cfg(c))
-    for line in vm.follow(path, lines) if follow else vm.tail(path, lines):
+    for line in console.follow(path, lines) if follow else console.tail(path, lines):
         ui.out(line)
 
 
@@ -128,9 +136,11 @@ def vm_logs(c: Context, lines: int = 50, follow: bool = False) -> None:
 @domain_errors
 def vm_check(c: Context) -> None:
     """Over SSH (fabric): cloud-init finished, enabled services active; shows log lines on failure."""
-    from infra import vm
+    import json as json_mod
 
-    vm.check(cfg(c))
+    from infra import machine, ui
+
+    ui.out(json_mod.dumps(machine.check(cfg(c)).as_dict(), sort_keys=True))
 
 
 @task(name="destroy")
@@ -155,18 +165,29 @@ def vm_destroy(c: Context) -> None:
 @domain_errors
 def image_bake(c: Context, force: bool = False, from_vm: bool = False, keep: bool = False) -> None:
     """Bake the provisioned VM into a compressed qcow2 in the image cache, keyed by its inputs."""
-    from infra import bake
+    from infra import bake, ui
 
-    bake.bake(cfg(c), force=force, from_vm=from_vm, keep=keep)
+    baked = bake.bake(cfg(c), force=force, from_vm=from_vm, keep=keep)
+    if baked.seed is not None:
+        ui.out(baked.seed.line)
+    if baked.made:
+        ui.out(str(baked.bake.path))
 
 
 @task(name="list", help={"json": "print the list as JSON on stdout"})
 @domain_errors
 def image_list(c: Context, json: bool = False) -> None:
     """Baked images in the cache: key, size, age, and which one matches the configuration."""
-    from infra import bake
+    import json as json_mod
 
-    bake.show(cfg(c), as_json=json)
+    from infra import bake, ui
+
+    config = cfg(c)
+    found = bake.entries(config)
+    if json:
+        ui.out(json_mod.dumps(found, indent=2))
+    else:
+        bake.show(config, found)
 
 
 @task(name="prune", help={"all": "delete the current bake too"})
@@ -216,12 +237,13 @@ def deploy_app(
     c: Context, build: bool = False, local: bool = False, image: str | None = None, detach: bool = False
 ) -> None:
     """Deploy the app (nomad/service.nomad.hcl): canary -> promote, auto-revert; prints the image now live."""
-    from infra import nomad, release
+    from infra import nomad, release, ui
 
     config = reach_cfg(c)
-    release.ship(
+    shipped = release.ship(
         config, nomad.Client.from_config(config), build_image=build, image=image, local=local, detach=detach
     )
+    ui.out(shipped.image)
 
 
 @task(name="ingress", help={"detach": "register the job and return without following the deployment"})
@@ -253,9 +275,11 @@ def purge(c: Context, job: list[str] | None = None) -> None:
 @domain_errors
 def up(c: Context) -> None:
     """Everything, idempotently: iso -> vm.run -> vm.check -> nomad.wait -> deploy data, app, ingress."""
-    from infra import stack
+    from infra import stack, ui
 
-    stack.up(cfg(c))
+    result = stack.up(cfg(c))
+    ui.out(result.seed.line)
+    ui.out(result.live)
 
 
 @task

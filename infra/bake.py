@@ -35,6 +35,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,8 @@ from infra import bakecache, images, qemu, ui
 from infra.bakecache import Bake, bakes_dir, content_key, find, key_inputs, locate
 from infra.config import Config, Port
 from infra.errors import ImageError, InfraError, VMError
+from infra.seed import SeedResult
+from infra.state import StatePaths
 from infra.waits import Probe, wait_until
 
 CONVERT_TIMEOUT = 1800
@@ -179,12 +182,13 @@ def _convert(disk: Path, dest: Path) -> None:
 
 
 @contextlib.contextmanager
-def _work_vm(cfg: Config, from_vm: bool, keep: bool) -> Iterator[Config]:
-    """The VM to bake: the project's running VM (`from_vm`), or a throwaway one, destroyed afterwards."""
-    from infra import vm
+def _work_vm(cfg: Config, from_vm: bool, keep: bool, seeds: list[SeedResult]) -> Iterator[Config]:
+    """The VM to bake: the project's running VM (`from_vm`), or a throwaway one, destroyed afterwards (the
+    seed made for it is appended to `seeds`)."""
+    from infra import machine, vm
 
     if from_vm:
-        p = vm.paths(cfg)
+        p = StatePaths.of(cfg)
         if vm.running_pid(p) is None:
             raise VMError("--from-vm: the VM is not running", hint="`inv vm.run` (or bake without --from-vm)")
         record = vm.load_record(p)
@@ -196,17 +200,28 @@ def _work_vm(cfg: Config, from_vm: bool, keep: bool) -> Iterator[Config]:
         yield cfg
         return
     work = work_config(cfg)
-    if vm.running_pid(vm.paths(work)) is not None or vm.paths(work).disk.exists():
+    if vm.running_pid(StatePaths.of(work)) is not None or StatePaths.of(work).disk.exists():
         vm.destroy(work)  # left over by an interrupted bake
     try:
-        vm.run(work)
+        booted = machine.run(work)
+        seeds.extend([booted.seed] if booted.seed else [])
         yield work
     finally:
         if not keep:
             vm.destroy(work)
 
 
-def bake(cfg: Config, *, from_vm: bool = False, force: bool = False, keep: bool = False) -> Bake:
+@dataclass(frozen=True)
+class Baked:
+    """What `bake` did: the bake, whether it was made now (False: the existing one is up to date), and the
+    seed of the throwaway VM it was made in (None: none was booted). tasks.py prints both on stdout."""
+
+    bake: Bake
+    made: bool
+    seed: SeedResult | None = None
+
+
+def bake(cfg: Config, *, from_vm: bool = False, force: bool = False, keep: bool = False) -> Baked:
     """`inv image.bake`: make (or find) the bake for the current configuration; see the module doc."""
     from infra import remote, vm
 
@@ -218,11 +233,12 @@ def bake(cfg: Config, *, from_vm: bool = False, force: bool = False, keep: bool 
     existing = find(cfg, key)
     if existing is not None and not force:
         ui.skip(f"baked image {key} is up to date: {existing.path} (--force to bake again)")
-        return existing
+        return Baked(existing, made=False)
     target = locate(cfg, key)
     ui.step(f"baking {key} from {'the running VM' if from_vm else 'a throwaway VM'} (base {base.name})")
-    with _work_vm(cfg, from_vm, keep) as work:
-        p = vm.paths(work)
+    seeds: list[SeedResult] = []
+    with _work_vm(cfg, from_vm, keep, seeds) as work:
+        p = StatePaths.of(work)
         remote.check(work, alive=lambda: vm.running_pid(p) is not None,
                               started_at=vm.load_record(p).get("started_at"))  # fmt: skip
         provisioned = time.monotonic()
@@ -279,8 +295,7 @@ def bake(cfg: Config, *, from_vm: bool = False, force: bool = False, keep: bool 
         f"baked image {key}: {target.path} ({_size(size)}, {len(packages)} packages, "
         f"{len(docker_images)} container images, {total:.0f}s)"
     )
-    ui.out(str(target.path))
-    return target
+    return Baked(target, made=True, seed=seeds[0] if seeds else None)
 
 
 # ------------------------------------------------------------------------------------------ list / prune --
@@ -307,19 +322,14 @@ def entries(cfg: Config) -> list[dict[str, Any]]:
     return sorted(found, key=lambda e: str(e["created_at"]), reverse=True)
 
 
-def show(cfg: Config, *, as_json: bool = False) -> list[dict[str, Any]]:
-    """`inv image.list`."""
-    found = entries(cfg)
-    if as_json:
-        ui.out(json.dumps(found, indent=2))
-        return found
+def show(cfg: Config, found: list[dict[str, Any]]) -> None:
+    """`inv image.list` on stderr: `entries` as lines (`--json`: tasks.py prints them on stdout)."""
     if not found:
         ui.info(f"no baked images in {bakes_dir(cfg)} (`inv image.bake` makes one)")
     for e in found:
         mark = "current" if e["current"] else "stale  "
         ui.info(f"{mark} {e['key']}  {_size(e['size_bytes']):>9}  {e['created_at']}  {e['packages']} packages, "
                 f"{e['docker_images']} container images  {e['path']}")  # fmt: skip
-    return found
 
 
 def prune(cfg: Config, *, everything: bool = False) -> list[Path]:

@@ -20,8 +20,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
-
+from infra import host
 from infra.errors import VMError, WaitTimeout
 from infra.state import StatePaths
 from infra.waits import Probe, wait_until
@@ -40,7 +39,7 @@ def holder(path: Path) -> str:
         pid, what, since = int(info["pid"]), str(info["what"]), float(info["since"])
     except (OSError, ValueError, KeyError, TypeError):
         return "another command (holder not recorded yet)"
-    alive = psutil.pid_exists(pid)
+    alive = host.alive(pid)
     return f"pid {pid} ({what}, for {time.time() - since:.0f}s)" + ("" if alive else ", exiting")
 
 

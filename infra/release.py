@@ -173,7 +173,8 @@ def ship(
     builder: LocalDocker | None = None,
 ) -> ShipResult:
     """`inv deploy.app [--build [--local] | --image REF]`, the app step of `inv up` and the CD workflow:
-    build (or take) the image, deploy it, report the image live. Neither: the image chosen before."""
+    build (or take) the image, deploy it, report the image live (`.image`, which tasks.py prints on stdout).
+    Neither: the image chosen before."""
     if build_image and image is not None:
         raise BuildError("--build and --image exclude each other", hint="--build makes the image from app/")
     if local and not build_image:
@@ -201,7 +202,6 @@ def ship(
         ui.ok(f"{ref or live} registered as job {job_id} version {result.version} (--detach: not followed)")
     else:
         ui.ok(f"{live} is live: version {live_version} (job {job_id} version {result.version})")
-    ui.out(live)
     return ShipResult(live, live_version, result, built)
 
 

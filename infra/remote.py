@@ -29,7 +29,7 @@ from fabric import Connection
 from invoke.exceptions import CommandTimedOut, UnexpectedExit
 from paramiko.ssh_exception import AuthenticationException, BadHostKeyException, SSHException
 
-from infra import ui
+from infra import console, ui
 from infra.config import Config
 from infra.errors import SSHKeyError, VMError
 from infra.state import StatePaths
@@ -168,9 +168,7 @@ def wait_ssh(
 
 def _stop_on_fatal_console(state: StatePaths) -> None:
     """Raise at once when the serial console says the guest cannot boot (no point waiting for SSH)."""
-    from infra.vm import fatal_console_line
-
-    line = fatal_console_line(state.serial_log)
+    line = console.fatal_console_line(state.serial_log)
     if line is not None:
         raise VMError(
             f"the guest cannot boot; its serial console says: {line}",
@@ -182,9 +180,7 @@ def _stop_on_fatal_console(state: StatePaths) -> None:
 
 
 def _serial_tail(state: StatePaths, lines: int) -> list[str]:
-    from infra.vm import tail
-
-    return [f"serial: {line}" for line in tail(state.serial_log, lines)]
+    return [f"serial: {line}" for line in console.tail(state.serial_log, lines)]
 
 
 def _status_word(output: str) -> str:

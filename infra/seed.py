@@ -71,6 +71,11 @@ class SeedResult:
     instance_id: str
     changed: bool
 
+    @property
+    def line(self) -> str:
+        """What `inv iso` (and `vm.run`, `up` when they make the seed) print on stdout: path and digest."""
+        return f"{self.path} sha256:{self.sha256}"
+
 
 # ---------------------------------------------------------------------------------------------- loading --
 def _parts(cfg: Config) -> list[Path]:
@@ -397,7 +402,6 @@ def build(cfg: Config, ssh_key: str | None = None, *, baked: bool = False) -> Se
         f"seed ISO {verb}: {state.seed_iso} ({len(data)} bytes, {seed.instance_id}, key from {pair.source}, "
         f"{(_time.monotonic() - started) * 1000:.0f} ms)"
     )
-    ui.out(f"{state.seed_iso} sha256:{sha}")
     return SeedResult(path=state.seed_iso, sha256=sha, instance_id=seed.instance_id, changed=changed)
 
 

@@ -9,35 +9,51 @@ not re-registered), so a second `inv up` finishes in seconds and changes nothing
 from __future__ import annotations
 
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from infra import cluster, deploy, nomad, release, ui
 from infra.config import Config
 from infra.errors import ConfigError, DeployError, NomadError
 from infra.nomad import Client, NomadUnreachable
+from infra.state import StatePaths
+
+if TYPE_CHECKING:
+    from infra.seed import SeedResult
 
 
-def up(cfg: Config, *, client: Client | None = None) -> None:
+@dataclass(frozen=True)
+class UpResult:
+    """What `up` made that `tasks.py` prints on stdout: the seed ISO (path + digest) and the app image live."""
+
+    seed: SeedResult
+    live: str
+
+
+def up(cfg: Config, *, client: Client | None = None) -> UpResult:
     from infra import remote, seed, vm
 
     started = time.monotonic()
     if client is None:
         _check_provisioned(cfg)
     ui.step("iso: seed ISO")
-    seed.build(cfg, baked=vm.disk_is_baked(cfg))  # the seed vm.run boots with: a second `up` leaves it alone
-    ui.step("vm.run: boot the VM")
-    vm.run(cfg)
+    with vm.preparing(cfg) as prepared:  # the VM's lock, checks, and whether it boots a bake
+        # made once, for the image the VM boots (a running VM: the one it runs); a second `up` leaves it alone
+        made = seed.build(cfg, baked=prepared.baked)
+        ui.step("vm.run: boot the VM")
+        vm.run(prepared, made)
     cfg = vm.reach(cfg)  # an already running VM keeps the forwards it was launched with
     ui.step("vm.check: cloud-init finished, services active")
-    p = vm.paths(cfg)
+    p = StatePaths.of(cfg)
     remote.check(cfg, alive=lambda: vm.running_pid(p) is not None)
     client = client or Client.from_config(cfg)
     ui.step("nomad.wait: leader, node ready, docker driver healthy")
     cluster.wait_ready(client, timeout=cfg.nomad.wait_timeout)
-    deploy_all(cfg, client)
+    shipped = deploy_all(cfg, client)
     ui.ok(f"up: everything is running ({time.monotonic() - started:.1f}s)")
     for line in url_lines(cfg):
         ui.info(line)
+    return UpResult(made, shipped.image)
 
 
 def _check_provisioned(cfg: Config) -> None:
@@ -58,17 +74,17 @@ def _check_provisioned(cfg: Config) -> None:
         )
 
 
-def deploy_all(cfg: Config, client: Client) -> list[deploy.DeployResult]:
-    results = []
+def deploy_all(cfg: Config, client: Client) -> release.ShipResult:
+    """deploy.data, deploy.app, deploy.ingress in that order; the app's ShipResult (its image is live)."""
     ui.step("deploy.data: Postgres + Kafka")
-    results.append(release.deploy_data(cfg, client))
+    release.deploy_data(cfg, client)
     ui.step("deploy.app: the app")
     # The image chosen before (app.default_image, or the last deploy.app) is kept: unchanged -> no-op. On the
     # first run nothing is chosen yet but the source in app/: it is built in the VM and that image shipped.
-    results.append(release.ship(cfg, client, build_image=not release.image_chosen(cfg)).deployed)
+    shipped = release.ship(cfg, client, build_image=not release.image_chosen(cfg))
     ui.step("deploy.ingress: Traefik")
-    results.append(release.deploy_ingress(cfg, client))
-    return results
+    release.deploy_ingress(cfg, client)
+    return shipped
 
 
 def down(cfg: Config, *, client: Client | None = None) -> None:
@@ -125,7 +141,7 @@ def status(
     if vm_info is None:
         from infra import vm
 
-        vm_info = vm.status(cfg, probe_guest=False)
+        vm_info = vm.status(cfg)
     report: dict[str, Any] = {"vm": vm_info, "nomad": {"addr": cfg.nomad.addr or None}, "jobs": []}
     try:
         client = client or Client.from_config(cfg)

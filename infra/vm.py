@@ -1,4 +1,4 @@
-"""The VM's lifecycle: run, stop, status, logs, ssh, destroy.
+"""The VM's lifecycle: run, stop, status, destroy.
 
 Everything the VM owns sits in the state dir under the names of `infra.state` (overlay disk, seed ISO,
 pidfile, serial log, QMP socket, qemu's own log, the `vm.json` launch record). The VM is found by its
@@ -14,33 +14,33 @@ interrupted `run` kills the qemu it started before it deletes the overlay that q
 naming the port, its config key and the process holding it. `stop` asks the guest to power off (ACPI
 `system_powerdown` over QMP), waits `vm.stop_timeout`, then kills; no pidfile or socket outlives qemu.
 `destroy` removes the VM's files but never the image cache.
+
+`run` boots the seed it is given: the caller makes it (`infra.machine` for `inv vm.run`, `infra.stack` for
+`inv up`) once `preparing` has told it whether the VM boots a baked image. Host processes and ports are
+`infra.host`, the monitor is `infra.qmp`, the serial log is `infra.console`; talking to the guest over SSH
+is `infra.remote` (through `infra.machine`), which this module does not import.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import itertools
 import json
 import os
-import re
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-import psutil
-
-from infra import images, qemu, state, ui
+from infra import console, host, images, qemu, qmp, state, ui
 from infra.config import Config, Port
-from infra.errors import PortInUseError, VMError, WaitTimeout
+from infra.errors import VMError, WaitTimeout
 from infra.lock import state_lock
 from infra.state import StatePaths
 from infra.waits import Probe, wait_until
@@ -53,31 +53,7 @@ GIB = 1024**3
 MAX_SOCKET_PATH = 100
 
 
-def paths(cfg: Config) -> StatePaths:
-    return StatePaths.of(cfg)
-
-
 # ------------------------------------------------------------------------------------------- processes --
-
-
-def _cmdline(pid: int) -> list[str] | None:
-    """The live process's argv ([] when unreadable), None when there is no such live process (a zombie is
-    dead for our purposes)."""
-    try:
-        proc = psutil.Process(pid)
-        if proc.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
-            return None
-        return proc.cmdline()
-    except (psutil.NoSuchProcess, ValueError):
-        return None
-    except psutil.AccessDenied:
-        return []
-
-
-def _proc_cmdline(pid: int) -> str | None:
-    """The process's command line as one string ('' when unreadable), None when it is not alive."""
-    argv = _cmdline(pid)
-    return None if argv is None else " ".join(argv)
 
 
 def _is_ours(argv: list[str] | None, p: StatePaths) -> bool:
@@ -101,13 +77,9 @@ def running_pid(p: StatePaths) -> int | None:
     hides or impersonates the VM."""
     recorded = load_record(p).get("pid")
     for pid in (read_pid(p.pidfile), recorded if isinstance(recorded, int) else None):
-        if pid and _is_ours(_cmdline(pid), p):
+        if pid and _is_ours(host.cmdline(pid), p):
             return pid
-    for proc in psutil.process_iter(["cmdline"]):
-        with contextlib.suppress(psutil.Error):
-            if _is_ours(proc.info["cmdline"], p) and proc.status() != psutil.STATUS_ZOMBIE:
-                return int(proc.pid)
-    return None
+    return host.find(lambda argv: _is_ours(argv, p))
 
 
 def clear_stale(p: StatePaths) -> bool:
@@ -120,123 +92,6 @@ def clear_stale(p: StatePaths) -> bool:
             path.unlink()
             removed = True
     return removed
-
-
-# ------------------------------------------------------------------------------------------------ ports --
-
-
-def _listening_inodes(port: int) -> set[str]:
-    inodes: set[str] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                inodes.add(fields[9])
-    return inodes
-
-
-def port_owner(port: int) -> str | None:
-    """'pid 1234 (nginx)' for the process listening on TCP `port`, when it can be found."""
-    inodes = _listening_inodes(port)
-    if inodes:
-        targets = {f"socket:[{i}]" for i in inodes}
-        for proc in Path("/proc").iterdir():
-            if not proc.name.isdigit():
-                continue
-            try:
-                for fd in (proc / "fd").iterdir():
-                    if os.readlink(fd) in targets:
-                        comm = (proc / "comm").read_text().strip()
-                        return f"pid {proc.name} ({comm})"
-            except OSError:
-                continue
-    lsof = shutil.which("lsof")
-    if lsof and not Path("/proc/self").exists():
-        out = subprocess.run(
-            [lsof, "-nP", f"-iTCP:{port}", "-sTCP:LISTEN", "-Fpc"],
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout
-        pid = re.search(r"^p(\d+)", out, re.M)
-        cmd = re.search(r"^c(.+)", out, re.M)
-        if pid:
-            return f"pid {pid.group(1)} ({cmd.group(1) if cmd else '?'})"
-    return None
-
-
-def port_free(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        # SO_REUSEADDR: a port in TIME_WAIT is free for qemu (which sets it too); a listener is not.
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as exc:
-            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
-                return False
-            raise
-    return True
-
-
-def check_ports(forwards: Mapping[str, Port]) -> None:
-    """Raise PortInUseError naming every taken host port, its config key and (when found) the process."""
-    taken = []
-    for name, port in forwards.items():
-        if not port_free(port.host):
-            owner = port_owner(port.host)
-            taken.append(
-                f"host port {port.host} (vm.ports.{name}) is taken" + (f" by {owner}" if owner else "")
-            )
-    if taken:
-        first = next(n for n, p in forwards.items() if not port_free(p.host))
-        raise PortInUseError(
-            "; ".join(taken),
-            hint=f"stop that process or move the forward, e.g. INVOKE_VM_PORTS_{first.upper()}_HOST=<free port> "
-            f"(or vm.ports.{first}.host in a -f YAML file); nothing was started",
-        )
-
-
-# -------------------------------------------------------------------------------------------------- QMP --
-
-
-def qmp(
-    socket_path: Path, command: str, arguments: Mapping[str, Any] | None = None, timeout: float = 5
-) -> Any:
-    """Run one QMP command; returns its `return` value. Raises VMError on errors."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        try:
-            s.connect(str(socket_path))
-        except OSError as exc:
-            raise VMError(f"cannot connect to QMP socket {socket_path}: {exc.strerror or exc}") from exc
-        reader = s.makefile("rb")
-
-        def receive() -> dict[str, Any]:
-            while True:
-                line = reader.readline()
-                if not line:
-                    raise VMError(f"QMP socket {socket_path} closed")
-                msg: dict[str, Any] = json.loads(line)
-                if "event" not in msg:
-                    return msg
-
-        def execute(name: str, args: Mapping[str, Any] | None = None) -> Any:
-            request: dict[str, Any] = {"execute": name}
-            if args:
-                request["arguments"] = dict(args)
-            s.sendall(json.dumps(request).encode() + b"\n")
-            reply = receive()
-            if "error" in reply:
-                raise VMError(f"QMP {name}: {reply['error'].get('desc', reply['error'])}")
-            return reply.get("return")
-
-        receive()  # the greeting
-        execute("qmp_capabilities")
-        return execute(command, arguments)
 
 
 # ---------------------------------------------------------------------------------------------- launch --
@@ -325,15 +180,6 @@ def check_image(path: Path, what: str, fmt: str | None = None) -> None:
     )
 
 
-def _seed(cfg: Config, baked: bool) -> tuple[Path, str]:
-    """The seed ISO for the current configuration (rewritten only when its bytes change) and its instance-id;
-    `baked`: for a baked image, which installs nothing."""
-    from infra import seed
-
-    result = seed.refresh(cfg, baked=baked)
-    return result.path, result.instance_id
-
-
 def _backing(disk: Path) -> Path | None:
     """The image an existing overlay disk sits on (None: no disk, or no backing file)."""
     if not disk.exists():
@@ -370,53 +216,121 @@ def load_record(p: StatePaths) -> dict[str, Any]:
 
 def disk_is_baked(cfg: Config) -> bool:
     """The VM's existing disk was made on a baked image (its launch record says so): its seed is the baked one."""
-    p = paths(cfg)
+    p = StatePaths.of(cfg)
     return p.disk.exists() and bool(load_record(p).get("baked"))
 
 
-def run(cfg: Config) -> Launch:
-    """`inv vm.run`: boot the VM daemonized; a no-op (reported) when it already runs."""
-    p = paths(cfg)
+class SeedISO(Protocol):
+    """The seed the VM boots with (infra.seed.SeedResult): made by the caller, for `Boot.baked`."""
+
+    @property
+    def path(self) -> Path: ...
+
+    @property
+    def instance_id(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class Running:
+    """What `preparing` found: the VM runs already (pid, launch record)."""
+
+    cfg: Config
+    pid: int
+    record: dict[str, Any]
+
+    @property
+    def baked(self) -> bool:
+        """Its disk was made on a baked image: its seed is the baked one."""
+        return disk_is_baked(self.cfg)
+
+
+@dataclass(frozen=True)
+class Boot:
+    """What `preparing` found: everything checked and chosen for a launch, short of the seed."""
+
+    cfg: Config
+    p: StatePaths
+    choice: Choice
+    platform: qemu.Platform
+    arch: str
+    binary: str
+    direct: tuple[Path | None, Path | None, str]
+    base: Path
+    disk_existed: bool
+
+    @property
+    def baked(self) -> bool:
+        """The VM boots a baked image: the caller makes the seed for it (infra.seed, `baked=`)."""
+        return self.choice.key is not None
+
+
+@contextlib.contextmanager
+def preparing(cfg: Config) -> Iterator[Running | Boot]:
+    """The first half of `inv vm.run`, holding the state dir's lock until the caller's `run` is done: is the
+    VM running already, else the host checks (qemu, ports, socket path), the base image and which image the
+    VM boots (a bake or the base: `.baked` says which seed the caller makes)."""
+    p = StatePaths.of(cfg)
     with state_lock(p, "vm.run", cfg.vm.lock_timeout):
-        return _run(cfg, p)
+        yield _prepare(cfg, p)
 
 
-def _run(cfg: Config, p: StatePaths) -> Launch:
+def _prepare(cfg: Config, p: StatePaths) -> Running | Boot:
     pid = running_pid(p)
     if pid is not None:
-        record = load_record(p)
-        ui.skip(f"VM already running (pid {pid}, accel {record.get('accel', '?')}); nothing changed")
+        return Running(cfg, pid, load_record(p))
+    if clear_stale(p):
+        ui.info(f"removed a stale pidfile/QMP socket of a qemu that no longer runs ({p.root})")
+
+    platform = qemu.Platform.current()
+    arch = qemu.guest_arch(cfg.vm.arch, platform)
+    binary = qemu.find_qemu(cfg.vm.qemu, arch)
+    direct = _direct_boot(cfg)
+    if len(str(p.qmp_socket)) > MAX_SOCKET_PATH:
+        raise VMError(
+            f"state dir path too long for a unix socket: {p.qmp_socket}",
+            hint="use a shorter project.state_dir",
+        )
+    host.check_ports(cfg.vm.ports)
+    base = images.ensure(cfg, arch)
+    check_image(base, "base image")
+    disk_existed = p.disk.exists()
+    if disk_existed:
+        check_image(p.disk, "VM disk (overlay)", fmt="qcow2")
+    from infra import bakecache  # its key reads the job specs (hcl2): loaded only when a VM is launched
+
+    choice = bakecache.choose(cfg, arch, base, _backing(p.disk))  # vm.baked: a matching bake, or the base
+    if choice.key is not None:
+        check_image(choice.image, "baked image", fmt="qcow2")
+    p.root.mkdir(parents=True, exist_ok=True)
+    return Boot(cfg, p, choice, platform, arch, binary, direct, base, disk_existed)
+
+
+def run(prepared: Running | Boot, seed: SeedISO | None) -> Launch:
+    """`inv vm.run`'s second half, inside `preparing`: boot the VM daemonized on `seed`, the seed ISO made
+    for `prepared.baked`; a no-op (reported) when the VM already runs (`seed` may then be None)."""
+    cfg = prepared.cfg
+    if isinstance(prepared, Running):
+        record = prepared.record
+        ui.skip(f"VM already running (pid {prepared.pid}, accel {record.get('accel', '?')}); nothing changed")
         wanted = {n: {"host": f.host, "guest": f.guest} for n, f in cfg.vm.ports.items()}
         if record.get("ports") and record["ports"] != wanted:
             ui.warn(
                 "the running VM has other port forwards than the configuration: `inv vm.stop` then `inv vm.run`"
             )
         return Launch(record, started=False)
-    if clear_stale(p):
-        ui.info(f"removed a stale pidfile/QMP socket of a qemu that no longer runs ({p.root})")
-
-    host = qemu.Platform.current()
-    arch = qemu.guest_arch(cfg.vm.arch, host)
-    binary = qemu.find_qemu(cfg.vm.qemu, arch)
-    kernel, initrd, append = _direct_boot(cfg)
-    if len(str(p.qmp_socket)) > MAX_SOCKET_PATH:
-        raise VMError(
-            f"state dir path too long for a unix socket: {p.qmp_socket}",
-            hint="use a shorter project.state_dir",
-        )
-    check_ports(cfg.vm.ports)
-    base = images.ensure(cfg, arch)
-    check_image(base, "base image")
-    disk_existed = p.disk.exists()
-    if disk_existed:
-        check_image(p.disk, "VM disk (overlay)", fmt="qcow2")
-    from infra import bakecache
-
-    choice = bakecache.choose(cfg, arch, base, _backing(p.disk))  # vm.baked: a matching bake, or the base
-    if choice.key is not None:
-        check_image(choice.image, "baked image", fmt="qcow2")
-    p.root.mkdir(parents=True, exist_ok=True)
-    iso, instance_id = _seed(cfg, baked=choice.key is not None)
+    if seed is None:
+        raise TypeError("vm.run: a VM to launch needs its seed")
+    p, choice, binary, arch, platform, base = (
+        prepared.p,
+        prepared.choice,
+        prepared.binary,
+        prepared.arch,
+        prepared.platform,
+        prepared.base,
+    )
+    disk_existed = prepared.disk_existed
+    kernel, initrd, append = prepared.direct
+    iso, instance_id = seed.path, seed.instance_id
     firmware = qemu.find_firmware(binary) if arch == "aarch64" and kernel is None else None
 
     try:
@@ -425,7 +339,7 @@ def _run(cfg: Config, p: StatePaths) -> Launch:
         accel, reason = qemu.resolve_accel(
             cfg.vm.accel,
             arch,
-            host,
+            platform,
             probe=lambda: qemu.kvm_probe(qemu.ProbeBoot(binary, p.disk, kernel, initrd, append)),
             cache=cfg.project.cache_dir / state.KVM_PROBE_CACHE,
         )
@@ -547,21 +461,19 @@ def _launch(command: list[str], p: StatePaths) -> int:
             f"qemu failed to start (exit {proc.returncode})", details=lines[-10:], log=p.qemu_log, hint=hint
         )
     pid = read_pid(p.pidfile)
-    if pid is None or _proc_cmdline(pid) is None:
-        raise VMError("qemu exited right after starting", log=p.qemu_log, details=tail(p.serial_log, 20))
+    if pid is None or not host.alive(pid):
+        raise VMError(
+            "qemu exited right after starting", log=p.qemu_log, details=console.tail(p.serial_log, 20)
+        )
     return pid
 
 
 # ------------------------------------------------------------------------------------------------ stop --
 
 
-def _pid_gone(pid: int) -> bool:
-    return _proc_cmdline(pid) is None
-
-
 def stop(cfg: Config, timeout: float | None = None) -> bool:
     """`inv vm.stop`: ACPI power-off over QMP, wait, then SIGTERM/SIGKILL. True when a VM was stopped."""
-    p = paths(cfg)
+    p = StatePaths.of(cfg)
     if not p.root.is_dir():
         ui.skip("VM is not running")
         return False
@@ -604,14 +516,14 @@ ACPI_REPEAT = 10.0
 def _acpi_power_off(p: StatePaths, pid: int, limit: float) -> bool:
     """Press the ACPI power button (QMP system_powerdown) until qemu exits or `limit` passes."""
     pressed = [time.monotonic()]
-    qmp(p.qmp_socket, "system_powerdown")
+    qmp.execute(p.qmp_socket, "system_powerdown")
 
     def probe(_d: object) -> Probe[None]:
-        if _pid_gone(pid):
+        if not host.alive(pid):
             return Probe(True, "powered off")
         if time.monotonic() - pressed[-1] >= ACPI_REPEAT:
             with contextlib.suppress(VMError):  # qemu may be exiting right now
-                qmp(p.qmp_socket, "system_powerdown")
+                qmp.execute(p.qmp_socket, "system_powerdown")
             pressed.append(time.monotonic())
         return Probe(False, f"guest shutting down (power button pressed {len(pressed)}x)")
 
@@ -623,23 +535,17 @@ def _acpi_power_off(p: StatePaths, pid: int, limit: float) -> bool:
 
 
 def _kill(pid: int) -> None:
-    for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-        end = time.monotonic() + grace
-        while time.monotonic() < end:
-            if _pid_gone(pid):
-                return
-            time.sleep(0.1)
-    raise VMError(f"qemu (pid {pid}) survived SIGKILL", hint=f"check `ps -p {pid}`")
+    if not host.kill(pid):
+        raise VMError(f"qemu (pid {pid}) survived SIGKILL", hint=f"check `ps -p {pid}`")
 
 
 # -------------------------------------------------------------------------------------- status / logs --
 
 
-def status(cfg: Config, *, probe_guest: bool = True) -> dict[str, Any]:
-    """Running? pid, forwards, acceleration, uptime, cloud-init state (asked over SSH, briefly)."""
-    p = paths(cfg)
+def status(cfg: Config) -> dict[str, Any]:
+    """Running? pid, forwards, acceleration, uptime, image (from the launch record; `infra.machine` adds the
+    guest's cloud-init state)."""
+    p = StatePaths.of(cfg)
     pid = running_pid(p)
     record = load_record(p)
     info: dict[str, Any] = {"running": pid is not None, "state_dir": str(p.root)}
@@ -658,60 +564,11 @@ def status(cfg: Config, *, probe_guest: bool = True) -> dict[str, Any]:
         "baked": record.get("baked"),
         "serial_log": str(p.serial_log),
     }
-    if probe_guest:
-        from infra import remote
-
-        info["cloud_init"] = remote.cloud_init_state(reach(cfg))
     return info
 
 
-def tail(path: Path, lines: int) -> list[str]:
-    try:
-        with path.open("rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - 256 * 1024))
-            text = f.read().decode(errors="replace")
-    except OSError:
-        return []
-    # strip ANSI colour codes of systemd's console output
-    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text).replace("\r", "")
-    return text.splitlines()[-lines:] if lines > 0 else []
-
-
-#: Serial-console lines after which a guest never reaches SSH: waits stop at once instead of timing out.
-FATAL_CONSOLE = re.compile(
-    r"Kernel panic - not syncing.*|VFS: Unable to mount root fs.*|Failed to mount /dev/\S+.*"
-    r"|ALERT!.*does not exist.*|Dropping to a shell.*|^\(initramfs\).*|You are in emergency mode.*",
-    re.M,
-)
-
-
-def fatal_console_line(path: Path) -> str | None:
-    """The first line of the serial log that says the guest cannot boot, if any."""
-    match = FATAL_CONSOLE.search("\n".join(tail(path, 2000)))
-    return match.group(0).strip() if match else None
-
-
-def follow(path: Path, lines: int) -> Iterator[str]:
-    """tail -f: the last `lines`, then new lines as they come (until the caller stops iterating)."""
-    yield from tail(path, lines)
-    with path.open("rb") as f:
-        f.seek(0, os.SEEK_END)
-        buf = b""
-        while True:
-            chunk = f.read()
-            if not chunk:
-                time.sleep(0.5)
-                continue
-            buf += chunk
-            *complete, buf = buf.split(b"\n")
-            for line in complete:
-                yield re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", line.decode(errors="replace")).replace("\r", "")
-
-
 def logs_path(cfg: Config) -> Path:
-    path = paths(cfg).serial_log
+    path = StatePaths.of(cfg).serial_log
     if not path.exists():
         raise VMError(f"no serial log at {path}", hint="the VM has not been started here: inv vm.run")
     return path
@@ -726,7 +583,7 @@ VM_FILES = ("seed_iso", "user_data", "disk", "pidfile", "serial_log", "qmp_socke
 
 def destroy(cfg: Config) -> list[Path]:
     """`inv vm.destroy`: stop the VM, delete its disk, seed ISO, keys and records. Returns what was removed."""
-    p = paths(cfg)
+    p = StatePaths.of(cfg)
     if not p.root.is_dir():
         ui.ok(f"VM destroyed: nothing to remove ({p.root} does not exist)")
         return []
@@ -755,24 +612,10 @@ def _destroy(cfg: Config, p: StatePaths) -> list[Path]:
     return removed
 
 
-__all__ = [
-    "Launch", "check_ports", "clear_stale", "destroy", "follow", "logs_path", "port_free",
-    "port_owner", "qmp", "run", "running_pid", "status", "stop", "tail",
-]  # fmt: skip
-
-
-# ----------------------------------------------------------------------------------- task-level verbs --
-def _require_running(cfg: Config) -> StatePaths:
-    p = paths(cfg)
-    if running_pid(p) is None:
-        raise VMError("the VM is not running", hint="start it with `inv vm.run` (or `inv up`)")
-    return p
-
-
 def reach(cfg: Config) -> Config:
     """`cfg` with the forwards the running VM was launched with (vm.json), for every task that talks to it:
     a port moved for one `vm.run` (INVOKE_VM_PORTS_SSH_HOST=2223) is where the VM answers until it stops."""
-    p = paths(cfg)
+    p = StatePaths.of(cfg)
     ports = load_record(p).get("ports")
     if not isinstance(ports, dict) or running_pid(p) is None:
         return cfg
@@ -785,40 +628,16 @@ def reach(cfg: Config) -> Config:
     return dataclasses.replace(cfg, vm=dataclasses.replace(cfg.vm, ports=launched))
 
 
-def show_status(cfg: Config, *, as_json: bool = False) -> dict[str, Any]:
-    """`inv vm.status`: the status dict, printed as a few lines (or as JSON on stdout)."""
-    info = status(cfg)
-    if as_json:
-        ui.out(json.dumps(info, sort_keys=True))
-    elif not info["running"]:
-        ui.info(f"VM: not running (state dir {info['state_dir']}; disk {info['disk'] or 'none'})")
-    else:
-        ui.info(
-            f"VM: running, pid {info['pid']}, {info['arch']}, accel {info['accel']}, up {info['uptime_s']}s"
-        )
-        which = f"baked {info['baked']}" if info.get("baked") else "base"
-        ui.info(f"    image: {which} ({info.get('image') or '?'})")
-        for name, port in info["ports"].items():
-            ui.info(f"    {name:<18} 127.0.0.1:{port['host']} -> guest {port['guest']}")
-        ui.info(f"    cloud-init: {info['cloud_init']}")
-    return info
+def require_running(cfg: Config) -> StatePaths:
+    """The state paths of the running VM; VMError when it does not run."""
+    p = StatePaths.of(cfg)
+    if running_pid(p) is None:
+        raise VMError("the VM is not running", hint="start it with `inv vm.run` (or `inv up`)")
+    return p
 
 
-def ssh(cfg: Config, command: str = "") -> int:
-    """`inv vm.ssh`: OpenSSH with the project key (interactive, or one command); its exit code."""
-    from infra import remote
-
-    _require_running(cfg)
-    return subprocess.call(remote.ssh_command(reach(cfg), command))
-
-
-def check(cfg: Config) -> Any:
-    """`inv vm.check`: the fabric checks of infra.remote against the running VM; JSON timings on stdout."""
-    from infra import remote
-
-    p = _require_running(cfg)
-    report = remote.check(
-        reach(cfg), alive=lambda: running_pid(p) is not None, started_at=load_record(p).get("started_at")
-    )
-    ui.out(json.dumps(report.as_dict(), sort_keys=True))
-    return report
+__all__ = [
+    "Boot", "Launch", "Running", "SeedISO", "check_image", "clear_stale", "destroy", "disk_is_baked",
+    "ensure_overlay", "image_info", "load_record", "logs_path", "preparing", "reach", "require_running",
+    "run", "running_pid", "status", "stop",
+]  # fmt: skip

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 
 import pytest
 from servers import dockerd
+from servers.common import free_port
 
 
 @pytest.fixture(scope="session")
@@ -15,3 +18,32 @@ def docker_engine() -> Iterator[dockerd.DockerEngine]:
     engine = dockerd.started()
     yield engine
     dockerd.cleanup(engine)
+
+
+#: A process that listens on a port until killed.
+HOLDER = """
+import socket, sys, time
+s = socket.socket(); s.bind((sys.argv[1], int(sys.argv[2]))); s.listen()
+print("listening", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.fixture
+def port_holder() -> Iterator[Callable[..., tuple[int, int]]]:
+    """Start a process listening on a port; returns (port, pid). Stopped by pid afterwards."""
+    procs: list[subprocess.Popen[str]] = []
+
+    def hold(host: str = "127.0.0.1") -> tuple[int, int]:
+        port = free_port()
+        proc = subprocess.Popen(
+            [sys.executable, "-c", HOLDER, host, str(port)], stdout=subprocess.PIPE, text=True
+        )
+        procs.append(proc)
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "listening"
+        return port, proc.pid
+
+    yield hold
+    for proc in procs:
+        proc.kill()
+        proc.wait(10)

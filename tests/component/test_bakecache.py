@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from infra import bakecache, config, vm
+from infra import bakecache, config, machine, vm
 from infra.errors import VMError
+from infra.state import StatePaths
 
 Inv = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -57,7 +58,7 @@ def blank(tmp_path: Path) -> Iterator[config.Config]:
     qcow2(tmp_path / "base.qcow2")
     cfg = config.load(settings(tmp_path))
     yield cfg
-    pid = vm.running_pid(vm.paths(cfg))
+    pid = vm.running_pid(StatePaths.of(cfg))
     if pid is not None:
         os.kill(pid, 9)
 
@@ -66,25 +67,31 @@ def test_vm_run_boots_the_matching_bake_with_a_seed_that_installs_nothing(
     blank: config.Config, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     made = fake_bake(blank)
-    launch = vm.run(blank)
+    booted = machine.run(blank)
+    launch = booted.launch
+    assert booted.seed is not None  # the seed made for the bake is the one the VM was launched with
+    assert (launch.record["seed_iso"], launch.record["instance_id"]) == (
+        str(booted.seed.path),
+        booted.seed.instance_id,
+    )
     assert launch.record["baked"] == made.key and launch.record["image"] == str(made.path)
     assert launch.record["base_image"] == str(tmp_path / "base.qcow2")
     assert f"image: baked image {made.key}" in capsys.readouterr().err
-    p = vm.paths(blank)
+    p = StatePaths.of(blank)
     assert vm.image_info(p.disk)["full-backing-filename"] == str(made.path.resolve())
     user_data = yaml.safe_load(p.user_data.read_text())
     assert "packages" not in user_data and "package_update" not in user_data  # nothing to install
     assert "/usr/local/lib/infra-lab/10-docker.sh" in user_data["runcmd"]  # the idempotent script stays
-    assert vm.status(blank, probe_guest=False)["baked"] == made.key
+    assert vm.status(blank)["baked"] == made.key
     vm.stop(blank, timeout=0)
 
     # the configuration moves on: the disk made on the old bake is refused, never booted
     moved = config.load(settings(tmp_path, packages=["jq"]))
     with pytest.raises(VMError, match="no longer matches") as err:
-        vm.run(moved)
+        machine.run(moved)
     assert "inv vm.destroy" in str(err.value) and vm.running_pid(p) is None
     vm.destroy(moved)
-    launch = vm.run(moved)  # a fresh disk on the base image: the full seed, packages and all
+    launch = machine.run(moved).launch  # a fresh disk on the base image: the full seed, packages and all
     assert launch.record["baked"] is None and launch.record["image"] == str(tmp_path / "base.qcow2")
     assert "docker.io" in yaml.safe_load(p.user_data.read_text())["packages"]
     vm.stop(blank, timeout=0)

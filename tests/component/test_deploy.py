@@ -11,6 +11,7 @@ import json
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -399,8 +400,19 @@ def test_up_twice_deploys_the_real_job_specs_then_changes_nothing(
     from infra import build, remote, seed, stack, vm
 
     calls: list[str] = []
-    monkeypatch.setattr(seed, "build", lambda cfg, ssh_key=None, baked=False: calls.append("iso"))
-    monkeypatch.setattr(vm, "run", lambda cfg: calls.append("vm.run"))
+    made = seed.SeedResult(Path("seed.iso"), "0" * 64, "iid-test", changed=True)
+
+    def fake_seed(cfg: Any, ssh_key: str | None = None, baked: bool = False) -> seed.SeedResult:
+        calls.append("iso")
+        return made
+
+    def fake_run(prepared: Any, iso: seed.SeedResult) -> None:
+        assert iso is made  # vm.run boots the seed `up` made: it does not make one again
+        calls.append("vm.run")
+
+    monkeypatch.setattr(seed, "build", fake_seed)
+    monkeypatch.setattr(vm, "preparing", lambda cfg: contextlib.nullcontext(SimpleNamespace(baked=False)))
+    monkeypatch.setattr(vm, "run", fake_run)
     monkeypatch.setattr(remote, "check", lambda cfg, alive=None: calls.append("vm.check"))
     # The image build runs for real in tests/component/test_app_image.py; here it is recorded.
     monkeypatch.setattr(build, "_vm_engine", lambda cfg: contextlib.nullcontext("vm-engine"))
@@ -411,7 +423,8 @@ def test_up_twice_deploys_the_real_job_specs_then_changes_nothing(
 
     monkeypatch.setattr(build, "build", fake_build)
     cfg = make_cfg()
-    stack.up(cfg, client=client)
+    result = stack.up(cfg, client=client)
+    assert (result.seed, result.live) == (made, "infra-lab/app:0123456789ab")  # what `inv up` prints
     # First run: nothing deployed yet, so the app is built from app/ (in the VM) and that image shipped.
     assert calls == ["iso", "vm.run", "vm.check", "build in vm-engine"]
     app_task = next(t for t in double.jobs["app"]["TaskGroups"][0]["Tasks"] if t["Name"] == "app")

@@ -284,7 +284,7 @@ def test_port_taken_by_a_real_socket_names_port_key_and_owner(
     cfg = make_cfg(vm={"ports": {"app": {"host": port, "guest": 3000}}})
     found = e2e.check_ports(cfg)
     assert not found.ok
-    # infra.vm.check_ports's words; the owner (found through /proc) is this test
+    # infra.host.check_ports's words; the owner (found by psutil) is this test
     assert f"host port {port} (vm.ports.app) is taken by pid {os.getpid()}" in found.detail
     assert "inv down" in found.hint and "INVOKE_VM_PORTS_" in found.hint
 

@@ -1,4 +1,5 @@
-"""infra.vm: port checks, pidfile handling, and the lifecycle against the real qemu.
+"""infra.vm (through infra.machine, which makes the seed): pidfile handling, and the lifecycle against the
+real qemu.
 
 The lifecycle tests start the real qemu-system-x86_64 on a blank disk (no OS: the VM sits in its
 firmware), which is enough to exercise launch, the pidfile, QMP, idempotent `run`, `stop` falling back to
@@ -11,7 +12,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,39 +19,11 @@ from pathlib import Path
 import pytest
 from servers.common import free_port
 
-from infra import config, vm
-from infra.config import Port
-from infra.errors import PortInUseError, VMError
+from infra import config, host, machine, qmp, vm
+from infra.errors import VMError
 from infra.state import StatePaths
 
 pytestmark = pytest.mark.tools("qemu-system-x86_64", "qemu-img")
-
-HOLDER = """
-import socket, sys, time
-s = socket.socket(); s.bind((sys.argv[1], int(sys.argv[2]))); s.listen()
-print("listening", flush=True)
-time.sleep(120)
-"""
-
-
-@pytest.fixture
-def port_holder() -> Iterator[Callable[..., tuple[int, int]]]:
-    """Start a process listening on a port; returns (port, pid). Stopped by pid afterwards."""
-    procs: list[subprocess.Popen[str]] = []
-
-    def hold(host: str = "127.0.0.1") -> tuple[int, int]:
-        port = free_port()
-        proc = subprocess.Popen(
-            [sys.executable, "-c", HOLDER, host, str(port)], stdout=subprocess.PIPE, text=True
-        )
-        procs.append(proc)
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "listening"
-        return port, proc.pid
-
-    yield hold
-    for proc in procs:
-        proc.kill()
-        proc.wait(10)
 
 
 def ports(**fixed: int) -> dict[str, dict[str, int]]:
@@ -72,7 +44,7 @@ def blank_vm(make_cfg: Callable[..., config.Config], tmp_path: Path) -> Iterator
         provision={"nomad": False, "docker": False},
     )
     yield cfg
-    pid = vm.running_pid(vm.paths(cfg))
+    pid = vm.running_pid(StatePaths.of(cfg))
     if pid is not None:
         os.kill(pid, 9)
 
@@ -102,30 +74,6 @@ def _overrides(cfg: config.Config) -> dict[str, dict[str, object]]:
         "vm": {k: d["vm"][k] for k in ("image", "accel", "cpus", "memory_mb", "disk_gb")}
         | {"ports": {n: dict(p) for n, p in d["vm"]["ports"].items()}},
     }
-
-
-def test_taken_port_is_named_with_its_process(port_holder: Callable[..., tuple[int, int]]) -> None:
-    port, pid = port_holder()
-    forwards = {"ssh": Port(port, 22), "app": Port(free_port(), 3000)}
-    with pytest.raises(PortInUseError) as err:
-        vm.check_ports(forwards)
-    message = str(err.value)
-    assert f"host port {port} (vm.ports.ssh) is taken by pid {pid} (python" in message
-    assert "INVOKE_VM_PORTS_SSH_HOST" in message
-    assert "app" not in message.split("hint:")[0]
-
-
-def test_port_owner_on_all_interfaces(port_holder: Callable[..., tuple[int, int]]) -> None:
-    """A listener on 0.0.0.0 also blocks 127.0.0.1:<port>, and is found."""
-    port, pid = port_holder("0.0.0.0")  # noqa: S104 - the point of the test
-    assert not vm.port_free(port)
-    assert (vm.port_owner(port) or "").startswith(f"pid {pid} (python")
-
-
-def test_free_port_is_free() -> None:
-    port = free_port()
-    assert vm.port_free(port)
-    vm.check_ports({"ssh": Port(port, 22)})
 
 
 def test_inv_vm_run_refuses_a_taken_port(
@@ -160,14 +108,14 @@ def test_direct_boot_needs_all_three(make_cfg: Callable[..., config.Config], tmp
     kernel.touch()
     cfg = make_cfg(vm={"kernel": str(kernel), "accel": "tcg", "ports": ports()})
     with pytest.raises(VMError, match=r"missing: vm\.initrd, vm\.append"):
-        vm.run(cfg)
+        machine.run(cfg)
 
 
 def test_missing_qemu_is_a_clear_error(make_cfg: Callable[..., config.Config]) -> None:
     cfg = make_cfg(vm={"qemu": "qemu-system-nonexistent", "accel": "tcg", "ports": ports()})
     with pytest.raises(VMError, match="'qemu-system-nonexistent' not found on PATH"):
-        vm.run(cfg)
-    assert not vm.paths(cfg).root.exists()
+        machine.run(cfg)
+    assert not StatePaths.of(cfg).root.exists()
 
 
 def test_overlay_on_base_resized_and_guarded(tmp_path: Path) -> None:
@@ -190,9 +138,10 @@ def test_overlay_on_base_resized_and_guarded(tmp_path: Path) -> None:
 
 def test_lifecycle_with_real_qemu(blank_vm: config.Config, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = blank_vm
-    state = vm.paths(cfg)
-    first = vm.run(cfg)
-    assert first.started
+    state = StatePaths.of(cfg)
+    booted = machine.run(cfg)
+    first = booted.launch
+    assert first.started and booted.seed is not None and booted.seed.path == state.seed_iso
     pid = first.record["pid"]
     assert vm.running_pid(state) == pid
     assert state.pidfile.read_text().strip() == str(pid)
@@ -201,18 +150,18 @@ def test_lifecycle_with_real_qemu(blank_vm: config.Config, capsys: pytest.Captur
     assert "-cpu" in first.record["command"] and "host" not in first.record["command"]
     expected = {("127.0.0.1", p.host) for p in cfg.vm.ports.values()}
     assert listening_addresses(pid) == expected  # every forward, loopback only
-    assert vm.qmp(state.qmp_socket, "query-status")["running"] is True
+    assert qmp.execute(state.qmp_socket, "query-status")["running"] is True
 
-    again = vm.run(cfg)  # idempotent: reported, nothing changed
-    assert not again.started and again.record["pid"] == pid
+    again = machine.run(cfg)  # idempotent: reported, nothing changed (the seed of a running VM neither)
+    assert not again.launch.started and again.launch.record["pid"] == pid and again.seed is None
     assert "already running" in capsys.readouterr().err
-    assert vm.status(cfg, probe_guest=False)["pid"] == pid
+    assert vm.status(cfg)["pid"] == pid
 
     t0 = time.monotonic()
     assert vm.stop(cfg, timeout=2) is True  # firmware ignores ACPI power-off -> killed after 2 s
     assert time.monotonic() - t0 < 15
     assert vm.running_pid(state) is None
-    assert vm._proc_cmdline(pid) is None
+    assert not host.alive(pid)
     assert not state.pidfile.exists() and not state.qmp_socket.exists()
     assert "stopped_at" in json.loads(state.vm_record.read_text())
 
@@ -227,9 +176,9 @@ def test_qemu_failing_to_start_leaves_nothing(blank_vm: config.Config, tmp_path:
     fake.write_text("#!/bin/sh\necho 'qemu-system-x86_64: -accel tcg: simulated failure' >&2\nexit 1\n")
     fake.chmod(0o755)
     cfg = config.load({**_overrides(blank_vm), "vm": {**_overrides(blank_vm)["vm"], "qemu": str(fake)}})
-    state = vm.paths(cfg)
+    state = StatePaths.of(cfg)
     with pytest.raises(VMError) as err:
-        vm.run(cfg)
+        machine.run(cfg)
     assert "qemu failed to start (exit 1)" in str(err.value)
     assert "simulated failure" in str(err.value)
     assert not state.disk.exists() and not state.pidfile.exists()  # the fresh overlay was removed

@@ -4,7 +4,7 @@
   concurrently with short timeouts, so a machine that cannot run the e2e (ours: no Docker Hub, no HashiCorp,
   no cloud images) fails within seconds with ONE message listing every missing prerequisite. A missing
   prerequisite is an error, and TCG-only acceleration is one too unless the caller opts in (`--allow-tcg`).
-  Ports, qemu, the base image, the KVM verdict of `inv vm.run` and HVF are asked of infra/ (vm, qemu, images).
+  Ports, qemu, the base image, the KVM verdict of `inv vm.run` and HVF are asked of infra/ (host, vm, qemu, images).
 - **Running inv** (`SubprocessInvoker`): the real `inv` CLI as a subprocess (the exact commands a user
   types), streamed, with a log per call and the phases `inv up` announces ("==> step" lines).
 - **Smoke checks** (`Smoke`): against the forwarded ports on 127.0.0.1, through the project's Nomad client
@@ -41,7 +41,7 @@ from typing import Any, Protocol, cast
 import requests
 from rich.markup import escape
 
-from infra import ROOT, images, qemu, release, remote, state, ui, vm
+from infra import ROOT, host, images, qemu, release, remote, state, ui, vm
 from infra.config import Config
 from infra.errors import InfraError, PortInUseError, root_cause
 from infra.nomad_recording import Recorder, RecordingProxy
@@ -238,9 +238,9 @@ def kvm_probe_guest(qemu_path: str, timeout: float) -> str | None:
 
 
 def check_ports(cfg: Config) -> Finding:
-    """Every configured forward's host port is free, as `inv vm.run` checks it (infra.vm.check_ports)."""
+    """Every configured forward's host port is free, as `inv vm.run` checks it (infra.host.check_ports)."""
     try:
-        vm.check_ports(cfg.vm.ports)
+        host.check_ports(cfg.vm.ports)
     except PortInUseError as exc:
         hint = "the e2e starts from nothing: `inv down` if it is this project's VM; else " + (exc.hint or "")
         return Finding("ports", False, exc.message, hint=hint)
