@@ -70,6 +70,7 @@ class SeedResult:
     sha256: str
     instance_id: str
     changed: bool
+    baked: bool = False  # made for a baked image (without BAKED_KEYS)
 
     @property
     def line(self) -> str:
@@ -402,7 +403,7 @@ def build(cfg: Config, ssh_key: str | None = None, *, baked: bool = False) -> Se
         f"seed ISO {verb}: {state.seed_iso} ({len(data)} bytes, {seed.instance_id}, key from {pair.source}, "
         f"{(_time.monotonic() - started) * 1000:.0f} ms)"
     )
-    return SeedResult(path=state.seed_iso, sha256=sha, instance_id=seed.instance_id, changed=changed)
+    return SeedResult(state.seed_iso, sha, seed.instance_id, changed, baked)
 
 
 def previous_key(state: StatePaths) -> str | None:

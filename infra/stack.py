@@ -37,10 +37,13 @@ def up(cfg: Config, *, client: Client | None = None) -> UpResult:
     if client is None:
         _check_provisioned(cfg)
     ui.step("iso: seed ISO")
-    with vm.preparing(cfg) as prepared:  # the VM's lock, checks, and whether it boots a bake
-        # made once, for the image the VM boots (a running VM: the one it runs); a second `up` leaves it alone
-        made = seed.build(cfg, baked=prepared.baked)
-        ui.step("vm.run: boot the VM")
+    # first, so that a bad input fails before any download; made once, for the image the VM boots (a running
+    # VM: the one it runs), and unchanged on a second `up`
+    made = seed.build(cfg, baked=vm.boots_baked(cfg))
+    ui.step("vm.run: boot the VM")
+    with vm.preparing(cfg) as prepared:  # the VM's lock, the host checks, which image it boots
+        if made.baked != prepared.baked:  # a bake was made (or removed) in between: the seed for the image
+            made = seed.build(cfg, baked=prepared.baked)
         vm.run(prepared, made)
     cfg = vm.reach(cfg)  # an already running VM keeps the forwards it was launched with
     ui.step("vm.check: cloud-init finished, services active")

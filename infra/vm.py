@@ -54,8 +54,6 @@ MAX_SOCKET_PATH = 100
 
 
 # ------------------------------------------------------------------------------------------- processes --
-
-
 def _is_ours(argv: list[str] | None, p: StatePaths) -> bool:
     """A qemu launched for this state dir: its argv carries `-pidfile <our pidfile>` (a recycled pid does not)."""
     pidfile = str(p.pidfile)
@@ -214,10 +212,18 @@ def load_record(p: StatePaths) -> dict[str, Any]:
     return record
 
 
-def disk_is_baked(cfg: Config) -> bool:
-    """The VM's existing disk was made on a baked image (its launch record says so): its seed is the baked one."""
+def boots_baked(cfg: Config) -> bool:
+    """Whether the VM boots a baked image, known before anything is checked or downloaded (for `inv up`, which
+    makes the seed first): an existing disk keeps the image it was made on (its launch record says which), a
+    new one gets the bake matching the configuration when there is one (vm.baked). `preparing` decides."""
     p = StatePaths.of(cfg)
-    return p.disk.exists() and bool(load_record(p).get("baked"))
+    if p.disk.exists():
+        return bool(load_record(p).get("baked"))
+    if cfg.vm.baked == "off":
+        return False
+    from infra import bakecache
+
+    return bakecache.find(cfg, bakecache.current_key(cfg)[0]) is not None
 
 
 class SeedISO(Protocol):
@@ -228,6 +234,9 @@ class SeedISO(Protocol):
 
     @property
     def instance_id(self) -> str: ...
+
+    @property
+    def baked(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -241,7 +250,7 @@ class Running:
     @property
     def baked(self) -> bool:
         """Its disk was made on a baked image: its seed is the baked one."""
-        return disk_is_baked(self.cfg)
+        return boots_baked(self.cfg)
 
 
 @dataclass(frozen=True)
@@ -318,34 +327,27 @@ def run(prepared: Running | Boot, seed: SeedISO | None) -> Launch:
                 "the running VM has other port forwards than the configuration: `inv vm.stop` then `inv vm.run`"
             )
         return Launch(record, started=False)
-    if seed is None:
-        raise TypeError("vm.run: a VM to launch needs its seed")
-    p, choice, binary, arch, platform, base = (
-        prepared.p,
-        prepared.choice,
-        prepared.binary,
-        prepared.arch,
-        prepared.platform,
-        prepared.base,
-    )
-    disk_existed = prepared.disk_existed
-    kernel, initrd, append = prepared.direct
-    iso, instance_id = seed.path, seed.instance_id
-    firmware = qemu.find_firmware(binary) if arch == "aarch64" and kernel is None else None
+    if seed is None or seed.baked != prepared.baked:
+        raise TypeError(
+            f"vm.run: the VM boots {prepared.choice.reason}; it needs a seed made for it, not {seed}"
+        )
+    b, p, choice = prepared, prepared.p, prepared.choice
+    kernel, initrd, append = b.direct
+    firmware = qemu.find_firmware(b.binary) if b.arch == "aarch64" and kernel is None else None
 
     try:
         if ensure_overlay(p.disk, choice.image, cfg.vm.disk_gb):
             p.known_hosts.unlink(missing_ok=True)  # a new disk has new SSH host keys
         accel, reason = qemu.resolve_accel(
             cfg.vm.accel,
-            arch,
-            platform,
-            probe=lambda: qemu.kvm_probe(qemu.ProbeBoot(binary, p.disk, kernel, initrd, append)),
+            b.arch,
+            b.platform,
+            probe=lambda: qemu.kvm_probe(qemu.ProbeBoot(b.binary, p.disk, kernel, initrd, append)),
             cache=cfg.project.cache_dir / state.KVM_PROBE_CACHE,
         )
         spec = qemu.LaunchSpec(
-            qemu=binary, arch=arch, accel=accel, cpus=cfg.vm.cpus, memory_mb=cfg.vm.memory_mb,
-            disk=p.disk, seed_iso=iso, pidfile=p.pidfile, serial_log=p.serial_log, qmp_socket=p.qmp_socket,
+            qemu=b.binary, arch=b.arch, accel=accel, cpus=cfg.vm.cpus, memory_mb=cfg.vm.memory_mb,
+            disk=p.disk, seed_iso=seed.path, pidfile=p.pidfile, serial_log=p.serial_log, qmp_socket=p.qmp_socket,
             forwards=cfg.vm.ports, name=cfg.project.name, kernel=kernel, initrd=initrd, append=append,
             firmware=firmware,
         )  # fmt: skip
@@ -353,41 +355,37 @@ def run(prepared: Running | Boot, seed: SeedISO | None) -> Launch:
         # From here on Ctrl-C waits: qemu started => qemu recorded and reported, or killed by the cleanup.
         with _interrupts_deferred():
             pid = _launch(command, p)
-            record = _record(
-                cfg, pid, accel, reason, arch, base, p, iso, instance_id, kernel, command, choice
-            )
+            record = _record(b, pid, accel, reason, seed, command)
             forwards = ", ".join(f"{n} 127.0.0.1:{f.host}->{f.guest}" for n, f in cfg.vm.ports.items())
             ui.ok(f"VM started: pid {pid}, {accel} ({reason}), {cfg.vm.cpus} vCPU, {cfg.vm.memory_mb} MiB")
             ui.info(f"    image: {choice.reason}: {choice.image}")
             ui.info(f"    forwards: {forwards}")
             ui.info(f"    serial log: {p.serial_log}  (inv vm.logs); next: inv vm.check")
     except BaseException:
-        _discard_launch(p, remove_disk=not disk_existed)
+        _discard_launch(p, remove_disk=not b.disk_existed)
         raise
     return Launch(record, started=True)
 
 
-def _record(
-    cfg: Config, pid: int, accel: str, reason: str, arch: str, base: Path, p: StatePaths, iso: Path,
-    instance_id: str, kernel: Path | None, command: list[str], choice: Choice,
-) -> dict[str, Any]:  # fmt: skip
+def _record(b: Boot, pid: int, accel: str, reason: str, seed: SeedISO, command: list[str]) -> dict[str, Any]:
     """Write vm.json, the launch record: what runs and how it was started (ports, accel, command)."""
+    cfg, p = b.cfg, b.p
     record = {
         "pid": pid,
         "started_at": time.time(),
         "accel": accel,
         "accel_reason": reason,
-        "arch": arch,
+        "arch": b.arch,
         "cpus": cfg.vm.cpus,
         "memory_mb": cfg.vm.memory_mb,
         "ports": {n: {"host": f.host, "guest": f.guest} for n, f in cfg.vm.ports.items()},
-        "image": str(choice.image),
-        "base_image": str(base),
-        "baked": choice.key,
+        "image": str(b.choice.image),
+        "base_image": str(b.base),
+        "baked": b.choice.key,
         "disk": str(p.disk),
-        "seed_iso": str(iso),
-        "instance_id": instance_id,
-        "direct_kernel_boot": kernel is not None,
+        "seed_iso": str(seed.path),
+        "instance_id": seed.instance_id,
+        "direct_kernel_boot": b.direct[0] is not None,
         "command": command,
     }
     tmp = p.vm_record.with_name(f".{p.vm_record.name}.tmp")
@@ -637,7 +635,7 @@ def require_running(cfg: Config) -> StatePaths:
 
 
 __all__ = [
-    "Boot", "Launch", "Running", "SeedISO", "check_image", "clear_stale", "destroy", "disk_is_baked",
+    "Boot", "Launch", "Running", "SeedISO", "boots_baked", "check_image", "clear_stale", "destroy",
     "ensure_overlay", "image_info", "load_record", "logs_path", "preparing", "reach", "require_running",
     "run", "running_pid", "status", "stop",
 ]  # fmt: skip

@@ -39,8 +39,23 @@ def settings(tmp_path: Path, **provision: object) -> dict[str, object]:
         "project": {"state_dir": str(tmp_path / "state"), "cache_dir": str(tmp_path / "cache")},
         "provision": {"nomad": False, "docker": True, **provision},
         "vm": {"image": str(tmp_path / "base.qcow2"), "accel": "tcg", "cpus": 1, "memory_mb": 128,
-               "disk_gb": 2, "ports": {"ssh": {"host": free_port(), "guest": 22}}},
+               "disk_gb": 2, "ports": ports()},
     }  # fmt: skip
+
+
+def ports() -> dict[str, dict[str, int]]:
+    """Every forward on a free host port: the defaults may be held by another VM on this host."""
+    guest = {
+        "ssh": 22,
+        "nomad": 4646,
+        "app": 3000,
+        "ingress": 8080,
+        "traefik_dashboard": 8081,
+        "postgres": 5432,
+    }
+    forwards = {name: {"host": free_port(), "guest": g} for name, g in guest.items()}
+    kafka = free_port()
+    return forwards | {"kafka": {"host": kafka, "guest": kafka}}  # Kafka's host and guest port must match
 
 
 def fake_bake(cfg: config.Config) -> bakecache.Bake:

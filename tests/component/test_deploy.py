@@ -400,7 +400,7 @@ def test_up_twice_deploys_the_real_job_specs_then_changes_nothing(
     from infra import build, remote, seed, stack, vm
 
     calls: list[str] = []
-    made = seed.SeedResult(Path("seed.iso"), "0" * 64, "iid-test", changed=True)
+    made = seed.SeedResult(Path("seed.iso"), "0" * 64, "iid-test", changed=True, baked=False)
 
     def fake_seed(cfg: Any, ssh_key: str | None = None, baked: bool = False) -> seed.SeedResult:
         calls.append("iso")
@@ -411,6 +411,7 @@ def test_up_twice_deploys_the_real_job_specs_then_changes_nothing(
         calls.append("vm.run")
 
     monkeypatch.setattr(seed, "build", fake_seed)
+    monkeypatch.setattr(vm, "boots_baked", lambda cfg: False)
     monkeypatch.setattr(vm, "preparing", lambda cfg: contextlib.nullcontext(SimpleNamespace(baked=False)))
     monkeypatch.setattr(vm, "run", fake_run)
     monkeypatch.setattr(remote, "check", lambda cfg, alive=None: calls.append("vm.check"))

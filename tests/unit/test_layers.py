@@ -1,6 +1,7 @@
-"""The deploy layering, read from the `import` statements of infra/ (module level and inside functions):
-the engine (infra/deploy.py) knows Nomad and nothing of the project, the release policy (infra/release.py)
-calls the engine and the image build, and nothing below calls back up."""
+"""The layering of infra/, read from its source (the `import` statements, module level and inside functions):
+no import cycle anywhere; the deploy engine (infra/deploy.py) knows Nomad and nothing of the project, the
+release policy (infra/release.py) calls the engine and the image build, nothing below calls back up; the VM
+layer flows one way (infra/machine.py over vm, seed, remote); only tasks.py writes to stdout."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import pytest
 from infra import ROOT
 
 PACKAGE = ROOT / "infra"
+
+
+MODULES = sorted(path.stem for path in PACKAGE.glob("*.py") if path.stem != "__init__")
 
 
 def imports_of(module: str) -> set[str]:
@@ -53,3 +57,115 @@ def test_the_release_policy_calls_the_engine_and_the_build() -> None:
 @pytest.mark.parametrize("module", ["deploy", "release", "build", "stack"])
 def test_no_import_cycle_through_the_deploy_modules(module: str) -> None:
     assert module not in reachable(module)
+
+
+# ----------------------------------------------------------------------------------------- no cycles --
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of `graph` (module -> the modules it imports) as [a, b, ..., a], or None."""
+    done: set[str] = set()
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        if node in path:
+            return [*path[path.index(node) :], node]
+        if node in done:
+            return None
+        for dep in sorted(graph.get(node, ())):
+            cycle = visit(dep, [*path, node])
+            if cycle:
+                return cycle
+        done.add(node)
+        return None
+
+    for start in sorted(graph):
+        cycle = visit(start, [])
+        if cycle:
+            return cycle
+    return None
+
+
+def test_the_cycle_finder_finds_a_cycle() -> None:
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def test_no_import_cycle_anywhere_in_infra() -> None:
+    """Over every module of infra/, imports inside functions included: a lazy import is still a dependency."""
+    graph = {module: imports_of(module) for module in MODULES}
+    assert {"vm", "remote", "machine", "host", "qmp", "console"} <= set(graph)
+    assert find_cycle(graph) is None
+
+
+def test_the_vm_layer_flows_one_way() -> None:
+    """vm (lifecycle) and remote (SSH) do not know each other, vm does not make the seed; machine composes them."""
+    assert not imports_of("vm") & {"remote", "seed", "machine", "stack"}
+    assert not reachable("remote") & {"vm", "machine", "seed"}
+    assert {"vm", "remote", "seed"} <= imports_of("machine")
+    for low in ("host", "qmp", "console"):
+        assert not reachable(low) & {"vm", "remote", "machine", "seed", "stack"}, low
+
+
+# ------------------------------------------------------------------------------ stdout: tasks.py only --
+#: Where writing to stdout is the point: ui.out is the one writer tasks.py calls; speclint's `main` is the
+#: entry point of `python -m infra.speclint` (a command of its own, run by `nox -s lint`), whose findings
+#: are its output.
+STDOUT_ALLOWED = {("ui", "out"), ("speclint", "main")}
+
+
+def stdout_writes(source: str) -> list[tuple[str, int, str]]:
+    """(enclosing function, line, call) for every write to stdout in `source`: `ui.out(...)`, `out(...)`
+    imported from infra.ui, `print(...)` without `file=` (or with file=sys.stdout), `sys.stdout.write`."""
+    tree = ast.parse(source)
+    out_names = {
+        alias.asname or alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module == "infra.ui"
+        for alias in node.names
+        if alias.name == "out"
+    }
+    found: list[tuple[str, int, str]] = []
+
+    def scan(node: ast.AST, function: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef):
+                scan(child, child.name if function == "<module>" else function)
+                continue
+            if isinstance(child, ast.Call):
+                text = ast.unparse(child.func)
+                to_stdout = any(
+                    k.arg == "file" and ast.unparse(k.value) == "sys.stdout" for k in child.keywords
+                ) or not any(k.arg == "file" for k in child.keywords)
+                if (
+                    text in {"ui.out", "sys.stdout.write", "sys.stdout.buffer.write", "sys.stdout.writelines"}
+                    or text in out_names
+                    or (text == "print" and to_stdout)
+                ):
+                    found.append((function, child.lineno, text))
+            scan(child, function)
+
+    scan(tree, "<module>")
+    return found
+
+
+def test_the_stdout_check_sees_every_kind_of_write() -> None:
+    source = (
+        "import sys\nfrom infra import ui\nfrom infra.ui import out as emit\n"
+        "def f():\n    ui.out('a')\n    print('b')\n    print('c', file=sys.stderr)\n"
+        "    def inner():\n        sys.stdout.write('d')\n    emit('e')\n"
+    )
+    assert stdout_writes(source) == [("f", 5, "ui.out"), ("f", 6, "print"), ("f", 9, "sys.stdout.write"),
+                                     ("f", 10, "emit")]  # fmt: skip
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_only_tasks_py_writes_to_stdout(module: str) -> None:
+    """Library code returns values; tasks.py prints them (infra/ui.py's `out` is the writer it calls)."""
+    writes = stdout_writes((PACKAGE / f"{module}.py").read_text())
+    assert [w for w in writes if (module, w[0]) not in STDOUT_ALLOWED] == []
+
+
+def test_tasks_py_prints_the_values() -> None:
+    """The check above is not vacuous: tasks.py is where the values are printed."""
+    writes = stdout_writes((ROOT / "tasks.py").read_text())
+    assert {"vm_run", "vm_check", "vm_status", "iso_build", "up", "deploy_app", "image_bake"} <= {
+        w[0] for w in writes
+    }
