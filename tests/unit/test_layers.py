@@ -6,6 +6,7 @@ layer flows one way (infra/machine.py over vm, seed, remote); only tasks.py writ
 from __future__ import annotations
 
 import ast
+import re
 
 import pytest
 
@@ -169,3 +170,22 @@ def test_tasks_py_prints_the_values() -> None:
     assert {"vm_run", "vm_check", "vm_status", "iso_build", "up", "deploy_app", "image_bake"} <= {
         w[0] for w in writes
     }
+
+
+# ------------------------------------------------------------------- ARCHITECTURE.md's module table --
+def table_order() -> list[str]:
+    """The modules of ARCHITECTURE.md's module table ("| `name.py` | owns | must not |"), top to bottom."""
+    text = (ROOT / "ARCHITECTURE.md").read_text()
+    section = text[text.index("## Modules") :]
+    section = section[: section.index("\n## ", 1)]
+    return [m.group(1) for m in re.finditer(r"^\| `(\w+)\.py` \| [^|]+ \| [^|]+ \|$", section, re.M)]
+
+
+def test_the_module_table_lists_every_module_once_with_owns_and_must_not() -> None:
+    assert sorted(table_order()) == MODULES
+
+
+def test_each_module_imports_only_modules_above_it_in_the_table() -> None:
+    order = table_order()
+    upward = {m: sorted(imports_of(m) - set(order[: order.index(m)])) for m in order}
+    assert {m: deps for m, deps in upward.items() if deps} == {}
