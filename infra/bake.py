@@ -182,9 +182,9 @@ def _convert(disk: Path, dest: Path) -> None:
 
 
 @contextlib.contextmanager
-def _work_vm(cfg: Config, from_vm: bool, keep: bool, seeds: list[SeedResult]) -> Iterator[Config]:
-    """The VM to bake: the project's running VM (`from_vm`), or a throwaway one, destroyed afterwards (the
-    seed made for it is appended to `seeds`)."""
+def _work_vm(cfg: Config, from_vm: bool, keep: bool) -> Iterator[tuple[Config, SeedResult | None]]:
+    """The VM to bake and the seed made for it: the project's running VM (`from_vm`; no seed made), or a
+    throwaway one, destroyed afterwards."""
     from infra import machine, vm
 
     if from_vm:
@@ -197,15 +197,13 @@ def _work_vm(cfg: Config, from_vm: bool, keep: bool, seeds: list[SeedResult]) ->
                 f"--from-vm: the VM was booted from the baked image {record['baked']}, not the base image",
                 hint="bake without --from-vm (a throwaway VM), or `inv vm.destroy` first",
             )
-        yield cfg
+        yield cfg, None
         return
     work = work_config(cfg)
     if vm.running_pid(StatePaths.of(work)) is not None or StatePaths.of(work).disk.exists():
         vm.destroy(work)  # left over by an interrupted bake
     try:
-        booted = machine.run(work)
-        seeds.extend([booted.seed] if booted.seed else [])
-        yield work
+        yield work, machine.run(work).seed
     finally:
         if not keep:
             vm.destroy(work)
@@ -236,8 +234,7 @@ def bake(cfg: Config, *, from_vm: bool = False, force: bool = False, keep: bool 
         return Baked(existing, made=False)
     target = locate(cfg, key)
     ui.step(f"baking {key} from {'the running VM' if from_vm else 'a throwaway VM'} (base {base.name})")
-    seeds: list[SeedResult] = []
-    with _work_vm(cfg, from_vm, keep, seeds) as work:
+    with _work_vm(cfg, from_vm, keep) as (work, seed):
         p = StatePaths.of(work)
         remote.check(work, alive=lambda: vm.running_pid(p) is not None,
                               started_at=vm.load_record(p).get("started_at"))  # fmt: skip
@@ -295,7 +292,7 @@ def bake(cfg: Config, *, from_vm: bool = False, force: bool = False, keep: bool 
         f"baked image {key}: {target.path} ({_size(size)}, {len(packages)} packages, "
         f"{len(docker_images)} container images, {total:.0f}s)"
     )
-    return Baked(target, made=True, seed=seeds[0] if seeds else None)
+    return Baked(target, made=True, seed=seed)
 
 
 # ------------------------------------------------------------------------------------------ list / prune --
