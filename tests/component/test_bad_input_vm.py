@@ -86,6 +86,8 @@ class Lab:
     def start_vm(self, config: Path | None = None) -> int:
         result = self.inv("vm.run", config=config)
         assert result.returncode == 0, result.stderr
+        # stdout: the seed it made, once (path + digest), as `inv iso` prints it
+        assert re.fullmatch(rf"{re.escape(str(self.state.seed_iso))} sha256:[0-9a-f]{{64}}\n", result.stdout)
         return int(json.loads(self.state.vm_record.read_text())["pid"])
 
     def leftovers(self) -> list[str]:
