@@ -6,24 +6,18 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import yaml
+from servers.common import vm_ports
 
 from infra import bakecache, config, vm
 from infra.errors import VMError
 
 Inv = Callable[..., subprocess.CompletedProcess[str]]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def qcow2(path: Path, size: str = "1G") -> Path:
@@ -38,7 +32,7 @@ def settings(tmp_path: Path, **provision: object) -> dict[str, object]:
         "project": {"state_dir": str(tmp_path / "state"), "cache_dir": str(tmp_path / "cache")},
         "provision": {"nomad": False, "docker": True, **provision},
         "vm": {"image": str(tmp_path / "base.qcow2"), "accel": "tcg", "cpus": 1, "memory_mb": 128,
-               "disk_gb": 2, "ports": {"ssh": {"host": free_port(), "guest": 22}}},
+               "disk_gb": 2, "ports": vm_ports()},
     }  # fmt: skip
 
 
