@@ -35,7 +35,9 @@ def install(session: nox.Session) -> None:
     purelib = session.run(
         "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", silent=True
     )  # fmt: skip
-    session.run("python", "-m", "compileall", "-q", "-j", "0", str(purelib).strip(), "infra", "tasks.py", "tests")
+    session.run(
+        "python", "-m", "compileall", "-q", "-j", "0", str(purelib).strip(), "infra", "tasks.py", "tests"
+    )
 
 
 @nox.session(python=PYTHON)
