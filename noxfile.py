@@ -28,6 +28,16 @@ def install(session: nox.Session) -> None:
     # The project's `inv` script (infra/cli.py) and invoke's share a name; uv installs wheels in parallel, so
     # either may win. Reinstalling the project alone makes it ours, as pip's order (dependencies first) does.
     session.install("--no-deps", "--force-reinstall", "-e", ".")
+    # Bytecode, written once here: uv installs none, PYTHONDONTWRITEBYTECODE may be set, and invoke turns
+    # writing off before it imports tasks.py (invoke/program.py: `sys.dont_write_bytecode = not --write-pyc`).
+    # Without .pyc files every `inv` a test runs compiles ~200 modules from source: 0.84 s of CPU for
+    # `inv iso` against 0.38 s with them (measured here). compileall skips files whose .pyc is current.
+    purelib = session.run(
+        "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", silent=True
+    )  # fmt: skip
+    session.run(
+        "python", "-m", "compileall", "-q", "-j", "0", str(purelib).strip(), "infra", "tasks.py", "tests"
+    )
 
 
 @nox.session(python=PYTHON)

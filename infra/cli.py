@@ -193,12 +193,22 @@ program = Program(
 
 
 def main() -> None:
+    outcome: list[str | int | None] = []  # the exit code, once the command has one
     try:
-        program.run()
-    finally:
-        # The command has finished and its outcome is decided: a Ctrl-C from here on could only interrupt
-        # the interpreter's shutdown (threading joins its threads) and print a traceback, so ignore it.
+        try:
+            program.run()
+            outcome.append(0)
+        except SystemExit as done:
+            outcome.append(done.code)
+            raise
+        finally:
+            # The command has finished and its outcome is decided: a Ctrl-C from here on could only
+            # interrupt the interpreter's shutdown (threading joins its threads) and print a traceback.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except KeyboardInterrupt:
+        # ... or one that arrived in the instant before that line took effect: the outcome stands.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        sys.exit(outcome[0] if outcome else 130)
 
 
 def adopt() -> None:

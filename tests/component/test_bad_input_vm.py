@@ -24,7 +24,7 @@ from typing import Any
 
 import psutil
 import pytest
-from servers.common import free_port
+from servers.common import vm_ports
 
 from infra import ROOT
 from infra.state import StatePaths
@@ -32,15 +32,9 @@ from infra.state import StatePaths
 pytestmark = pytest.mark.tools("qemu-system-x86_64", "qemu-img")
 
 INV = str(Path(sys.executable).with_name("inv"))
-GUEST_PORTS = {"ssh": 22, "nomad": 4646, "app": 3000, "ingress": 8080, "traefik_dashboard": 8081,
-               "kafka": 19092, "postgres": 5432}  # fmt: skip
 #: What a failed or interrupted command may never leave in the state dir (a VM that is not running);
 #: vm.json may stay as the record of a stopped VM (with stopped_at), never as one of a running VM.
 HALF_STATE = ("qemu.pid", "qmp.sock")
-
-
-def ports() -> dict[str, dict[str, int]]:
-    return {name: {"host": free_port(), "guest": guest} for name, guest in GUEST_PORTS.items()}
 
 
 def qemus_of(state_dir: Path) -> list[psutil.Process]:
@@ -122,7 +116,7 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
             "cpus": 1,
             "memory_mb": 128,
             "disk_gb": 2,
-            "ports": ports(),
+            "ports": vm_ports(),
         },
     }
     lab = Lab(tmp_path, base, tmp_path / "lab.yaml", StatePaths(state), settings)
@@ -201,7 +195,7 @@ def moved_forwards(lab: Lab) -> None:
     lab.start_vm(config=moved)
 
 
-MOVED = ports()
+MOVED = vm_ports()
 
 
 def lock_held(lab: Lab) -> None:

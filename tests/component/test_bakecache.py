@@ -6,25 +6,19 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import yaml
+from servers.common import vm_ports
 
 from infra import bakecache, config, machine, vm
 from infra.errors import VMError
 from infra.state import StatePaths
 
 Inv = Callable[..., subprocess.CompletedProcess[str]]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def qcow2(path: Path, size: str = "1G") -> Path:
@@ -39,23 +33,8 @@ def settings(tmp_path: Path, **provision: object) -> dict[str, object]:
         "project": {"state_dir": str(tmp_path / "state"), "cache_dir": str(tmp_path / "cache")},
         "provision": {"nomad": False, "docker": True, **provision},
         "vm": {"image": str(tmp_path / "base.qcow2"), "accel": "tcg", "cpus": 1, "memory_mb": 128,
-               "disk_gb": 2, "ports": ports()},
+               "disk_gb": 2, "ports": vm_ports()},
     }  # fmt: skip
-
-
-def ports() -> dict[str, dict[str, int]]:
-    """Every forward on a free host port: the defaults may be held by another VM on this host."""
-    guest = {
-        "ssh": 22,
-        "nomad": 4646,
-        "app": 3000,
-        "ingress": 8080,
-        "traefik_dashboard": 8081,
-        "postgres": 5432,
-    }
-    forwards = {name: {"host": free_port(), "guest": g} for name, g in guest.items()}
-    kafka = free_port()
-    return forwards | {"kafka": {"host": kafka, "guest": kafka}}  # Kafka's host and guest port must match
 
 
 def fake_bake(cfg: config.Config) -> bakecache.Bake:

@@ -30,7 +30,7 @@ import yaml
 from e2e import harness as e2e
 from pytest_httpserver import HTTPServer
 from servers import sshd as sshd_server
-from servers.common import free_port
+from servers.common import free_port, free_ports
 
 from infra import ROOT, images
 from infra.config import Config, Port
@@ -79,7 +79,8 @@ def silent_server() -> Iterator[int]:
 
 def only_ports(cfg: Config, **guest_ports: int) -> Config:
     """cfg with exactly these forwards, each on a free host port (the defaults may be busy here)."""
-    ports = {name: Port(free_port(), guest) for name, guest in guest_ports.items()}
+    hosts = free_ports(len(guest_ports))  # distinct: ports picked one by one may repeat
+    ports = {name: Port(host, guest) for host, (name, guest) in zip(hosts, guest_ports.items(), strict=True)}
     return dataclasses.replace(cfg, vm=dataclasses.replace(cfg.vm, ports=ports))
 
 
@@ -135,10 +136,10 @@ def e2e_cfg(make_cfg: Callable[..., Config], tmp_path: Path) -> Config:
         spec = tmp_path / f"{job}.nomad.hcl"
         spec.write_text(f'job "{job}" {{\n}}\n')
         specs[key] = str(spec)
-    nomad_port = free_port()
+    nomad_port, *hosts = free_ports(5)
     ports = {"ssh": 22, "nomad": 4646, "app": 3000, "ingress": 8080}
     return make_cfg(
-        vm={"ports": {n: {"host": free_port(), "guest": g} for n, g in ports.items()}},
+        vm={"ports": {n: {"host": h, "guest": g} for h, (n, g) in zip(hosts, ports.items(), strict=True)}},
         nomad={"addr": f"http://127.0.0.1:{nomad_port}", "retries": 0, "connect_timeout": 1},
         deploy=specs,
         e2e={"report_dir": str(tmp_path / "report")},
@@ -782,10 +783,8 @@ def test_e2e_wiring_bring_up_failure_diagnostics_teardown(tmp_path: Path) -> Non
     (tmp_path / "plugin").mkdir()
     (tmp_path / "plugin" / "fake_e2e.py").write_text(FAKE_E2E_PLUGIN)
     report = tmp_path / "report"
-    ports = {
-        name: str(free_port())
-        for name in ("ssh", "nomad", "app", "ingress", "traefik_dashboard", "kafka", "postgres")
-    }
+    names = ("ssh", "nomad", "app", "ingress", "traefik_dashboard", "kafka", "postgres")
+    ports = {name: str(port) for name, port in zip(names, free_ports(len(names)), strict=True)}
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(tmp_path / "plugin"), str(ROOT / "tests")]),

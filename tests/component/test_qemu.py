@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from launchspec import spec
-from servers.common import free_port
+from servers.common import free_ports
 
 from infra import qemu
 from infra.config import Port
@@ -49,7 +49,8 @@ def test_command_line_is_accepted_by_real_qemu(tmp_path: Path) -> None:
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "1G"], check=True)
     seed = tmp_path / "seed.iso"
     seed.write_bytes(b"\0" * 2048 * 16)
-    ports = {"ssh": Port(free_port(), 22), "app": Port(free_port(), 3000)}
+    ssh_port, app_port = free_ports(2)
+    ports = {"ssh": Port(ssh_port, 22), "app": Port(app_port, 3000)}
     cmd = qemu.build_command(
         spec(tmp_path, qemu=QEMU, disk=disk, seed_iso=seed, forwards=ports, cpus=1, memory_mb=128)
     )

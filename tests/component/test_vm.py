@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from servers.common import free_port
+from servers.common import vm_ports
 
 from infra import config, host, machine, qmp, vm
 from infra.errors import VMError
@@ -26,21 +26,20 @@ from infra.state import StatePaths
 pytestmark = pytest.mark.tools("qemu-system-x86_64", "qemu-img")
 
 
-def ports(**fixed: int) -> dict[str, dict[str, int]]:
-    guest = {"ssh": 22, "nomad": 4646, "app": 3000, "ingress": 8080, "traefik_dashboard": 8081}
-    guest |= {"kafka": 19092, "postgres": 5432}
-    hosts = {name: fixed.get(name) or free_port() for name in guest}
-    guest["kafka"] = hosts["kafka"]  # Kafka's host and guest port must match (config check, issue 10)
-    return {name: {"host": hosts[name], "guest": g} for name, g in guest.items()}
-
-
 @pytest.fixture
 def blank_vm(make_cfg: Callable[..., config.Config], tmp_path: Path) -> Iterator[config.Config]:
     """Config for a VM on a blank disk (it never boots an OS), with free ports; killed by pid afterwards."""
     base = tmp_path / "blank.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "1G"], check=True)
     cfg = make_cfg(
-        vm={"image": str(base), "accel": "tcg", "cpus": 1, "memory_mb": 128, "disk_gb": 2, "ports": ports()},
+        vm={
+            "image": str(base),
+            "accel": "tcg",
+            "cpus": 1,
+            "memory_mb": 128,
+            "disk_gb": 2,
+            "ports": vm_ports(),
+        },
         provision={"nomad": False, "docker": False},
     )
     yield cfg
@@ -83,7 +82,7 @@ def test_inv_vm_run_refuses_a_taken_port(
 ) -> None:
     port, pid = port_holder()
     cfg_file = tmp_path / "vm.yaml"
-    cfg_file.write_text(json.dumps({"vm": {"accel": "tcg", "ports": ports(nomad=port)}}))
+    cfg_file.write_text(json.dumps({"vm": {"accel": "tcg", "ports": vm_ports(nomad=port)}}))
     result = run_inv("-f", str(cfg_file), "vm.run")
     assert result.returncode == 1, result.stderr
     assert f"host port {port} (vm.ports.nomad) is taken by pid {pid}" in result.stderr
@@ -106,13 +105,13 @@ def test_stale_pidfile_is_not_a_running_vm(tmp_path: Path) -> None:
 def test_direct_boot_needs_all_three(make_cfg: Callable[..., config.Config], tmp_path: Path) -> None:
     kernel = tmp_path / "vmlinuz"
     kernel.touch()
-    cfg = make_cfg(vm={"kernel": str(kernel), "accel": "tcg", "ports": ports()})
+    cfg = make_cfg(vm={"kernel": str(kernel), "accel": "tcg", "ports": vm_ports()})
     with pytest.raises(VMError, match=r"missing: vm\.initrd, vm\.append"):
         machine.run(cfg)
 
 
 def test_missing_qemu_is_a_clear_error(make_cfg: Callable[..., config.Config]) -> None:
-    cfg = make_cfg(vm={"qemu": "qemu-system-nonexistent", "accel": "tcg", "ports": ports()})
+    cfg = make_cfg(vm={"qemu": "qemu-system-nonexistent", "accel": "tcg", "ports": vm_ports()})
     with pytest.raises(VMError, match="'qemu-system-nonexistent' not found on PATH"):
         machine.run(cfg)
     assert not StatePaths.of(cfg).root.exists()

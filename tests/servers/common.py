@@ -31,6 +31,21 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
+#: The VM's forwards and their guest ports (invoke.yaml's vm.ports).
+GUEST_PORTS = {"ssh": 22, "nomad": 4646, "app": 3000, "ingress": 8080, "traefik_dashboard": 8081,
+               "kafka": 19092, "postgres": 5432}  # fmt: skip
+
+
+def vm_ports(**fixed: int) -> dict[str, dict[str, int]]:
+    """`vm.ports` for a -f file: every forward on its own free host port (the defaults may be taken on this
+    machine, e.g. by the user's own VM), `fixed` host ports kept. Kafka's guest port is its host port, as
+    the configuration requires when the nomad part is on."""
+    spare = iter(free_ports(len(GUEST_PORTS)))
+    hosts = {name: fixed.get(name) or next(spare) for name in GUEST_PORTS}
+    guests = GUEST_PORTS | {"kafka": hosts["kafka"]}
+    return {name: {"host": hosts[name], "guest": guests[name]} for name in GUEST_PORTS}
+
+
 def port_open(port: int, host: str = "127.0.0.1", timeout: float = 0.5) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout):

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
-from servers.common import free_ports
+from servers.common import vm_ports
 
 from infra import ROOT
 
@@ -25,8 +25,6 @@ from infra import ROOT
 # qemu process is stopped by its pid at the end even when a test failed half-way.
 
 INV = str(Path(sys.executable).with_name("inv"))
-VM_FORWARDS = {"ssh": 22, "nomad": 4646, "app": 3000, "ingress": 8080, "traefik_dashboard": 8081,
-               "kafka": 19092, "postgres": 5432}  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -64,8 +62,7 @@ class VMEnv:
 
 def make_vm_env(test_image: dict[str, str], root: Path, provision: dict[str, Any]) -> VMEnv:
     """A -f config file: the test image with direct kernel boot, TCG, 2 vCPU / 2 GiB, free ports, tmp state."""
-    free = free_ports(len(VM_FORWARDS))
-    ports = {name: {"host": free[i], "guest": guest} for i, (name, guest) in enumerate(VM_FORWARDS.items())}
+    ports = vm_ports()
     settings: dict[str, Any] = {
         # cache_dir: bakes (infra/bake.py) land in this test's own cache, never in the user's
         "project": {"state_dir": str(root / "state"), "cache_dir": str(root / "cache")},
