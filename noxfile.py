@@ -1,5 +1,5 @@
-"""nox sessions: `nox -s lint unit component vm` is the test command (README, .ci/run); `e2e` needs the
-internet.
+"""nox sessions: `lint unit component vm` are the test tiers (scripts/test runs them all, the VM tier beside
+the others: the README's test command); `e2e` needs the internet.
 
 Sessions install the project the way a user does (`pip install -e .[dev]`, pinned in pyproject.toml) and
 reuse their virtualenvs. Expensive sessions are not in the default list.
@@ -92,7 +92,7 @@ def component(session: nox.Session) -> None:
 def vm(session: nox.Session) -> None:
     """tests/vm: boot real VMs under TCG from a Debian image built here (needs qemu, mmdebstrap)."""
     install(session)
-    # The two guests (base user-data; docker part) boot side by side: one pytest-xdist worker per module.
+    # One worker per module: the guest's chain (provision, bake, boot the bake) beside the boots that fail.
     session.run("pytest", "tests/vm", "-n", "2", "--dist", "loadfile", *session.posargs)
 
 

@@ -40,14 +40,14 @@ def readme_commands() -> tuple[str, str]:
         line for block in blocks for line in block.splitlines() if line.startswith("./scripts/setup")
     )
     test = next(
-        line for block in blocks for line in block.splitlines() if line.startswith(".venv/bin/nox -s lint")
+        line for block in blocks for line in block.splitlines() if line.startswith("./scripts/test")
     )
     return setup.split("#")[0].strip(), test.strip()
 
 
 def test_ci_runs_exactly_the_readme_commands() -> None:
     setup, test = readme_commands()
-    assert setup == "./scripts/setup --system --dev" and test == ".venv/bin/nox -s lint unit component vm"
+    assert setup == "./scripts/setup --system --dev" and test == "./scripts/test"
     ci_run = (ROOT / ".ci" / "run").read_text()
     commands = [
         line for line in ci_run.splitlines() if line and not line.startswith(("#", "set ", "cd ", "#!"))

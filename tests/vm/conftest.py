@@ -7,7 +7,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from infra import ROOT
 
 # ------------------------------------------------------------------------------------- VM tier (marker vm) --
 # A Debian 12 image built here from Debian's packages (scripts/build-test-image, cached by content key),
-# booted under TCG with direct kernel boot through the real `inv` CLI; Nomad and Docker provisioning off
+# booted under TCG with direct kernel boot through the real `inv` CLI; the nomad part of the user-data off
 # (HashiCorp's repository is unreachable here). Everything the VM writes lives in a tmp state dir; the
 # qemu process is stopped by its pid at the end even when a test failed half-way.
 
@@ -89,43 +89,57 @@ def stop_by_pid(env: VMEnv) -> None:
 
 
 @pytest.fixture(scope="module")
-def vm_env(test_image: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[VMEnv]:
-    """Docker and Nomad provisioning off: the base user-data only (boots in about a minute)."""
-    provision = {"nomad": False, "docker": False, "hostname": "vmtest-1"}
-    env = make_vm_env(test_image, tmp_path_factory.mktemp("vm"), provision)
+def guest_env(test_image: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[VMEnv]:
+    """The tier's one provisioned guest: the base user-data and the docker part (the guest installs
+    docker.io from Debian's mirror through cloud-init, ~2 min under TCG); gnupg through provision.packages
+    (the test image has it already: the nomad part's installer needs it)."""
+    provision = {"nomad": False, "docker": True, "hostname": "vmtest-guest", "packages": ["gnupg"]}
+    env = make_vm_env(test_image, tmp_path_factory.mktemp("guest"), provision)
     yield env
     stop_by_pid(env)
 
 
-@pytest.fixture(scope="module")
-def docker_vm_env(test_image: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[VMEnv]:
-    """The docker part of the user-data on: the guest installs docker.io (and gnupg, through
-    provision.packages) from Debian's mirror (~2 min)."""
-    provision = {"nomad": False, "docker": True, "hostname": "vmtest-2", "packages": ["gnupg"]}
-    env = make_vm_env(test_image, tmp_path_factory.mktemp("vmdocker"), provision)
-    yield env
-    stop_by_pid(env)
-
-
-#: Seconds from launch to cloud-init done, per guest booted in this run; printed at the end of the run.
+#: Seconds per step of this run, printed at the end: launch -> cloud-init done per guest boot, and the bake.
 BOOT_TIMES: dict[str, float] = {}
+UNBAKED, BAKED, BAKE = "docker part, unbaked", "docker part, baked", "image.bake --from-vm"
 
 
 @pytest.fixture(scope="session")
-def boot_times() -> dict[str, float]:
-    """Launch -> cloud-init done per guest of this run (the bake compares its boot with the others)."""
-    return BOOT_TIMES
+def record_time() -> Callable[[str, float], None]:
+    """Record a step's seconds (one of UNBAKED, BAKED, BAKE) for the summary at the end of the run."""
+
+    def record(step: str, seconds: float) -> None:
+        assert step in (UNBAKED, BAKED, BAKE), f"unknown step {step!r}"
+        BOOT_TIMES[step] = seconds
+
+    return record
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """In a pytest-xdist worker: hand this worker's times to the controller, which prints the summary."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["boot_times"] = json.dumps(BOOT_TIMES)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """In the xdist controller: collect a worker's times."""
+    BOOT_TIMES.update(json.loads(getattr(node, "workeroutput", {}).get("boot_times", "{}")))
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    """The boots of this run side by side, with the baked guest's ratio to the others (not a timed test)."""
+    """The steps of this run side by side, with the baked boot's ratio to the unbaked one (printed, not
+    asserted: a timing is a measurement, not a test)."""
     if not BOOT_TIMES:
         return
-    terminalreporter.section("VM boots: launch -> cloud-init done")
-    baked = BOOT_TIMES.get("docker part, baked")
+    terminalreporter.section("VM tier: launch -> cloud-init done, and the bake")
+    notes = {BAKE: "generalize, power off, compress; not a boot"}
+    if UNBAKED in BOOT_TIMES and BAKED in BOOT_TIMES:
+        notes[BAKED] = f"baked / unbaked: {BOOT_TIMES[BAKED] / BOOT_TIMES[UNBAKED]:.2f}x"
     for name, seconds in BOOT_TIMES.items():
-        ratio = f"   (baked / this: {baked / seconds:.2f}x)" if baked and name != "docker part, baked" else ""
-        terminalreporter.write_line(f"{name:<24} {seconds:7.1f} s{ratio}")
+        note = f"   ({notes[name]})" if name in notes else ""
+        terminalreporter.write_line(f"{name:<24} {seconds:7.1f} s{note}")
 
 
 @pytest.fixture
