@@ -1,6 +1,6 @@
 """infra/bakecache.py + infra/vm.py with real qemu-img / qemu (no OS boots): vm.run picks the bake by key, its seed installs
 nothing, a stale bake is refused; `inv image.list` / `inv image.prune` / `vm.baked: require` via the CLI.
-The bake itself (boot, generalize, compress) is proven in the VM tier (tests/vm/test_vm_docker.py)."""
+The bake itself (boot, generalize, compress) is proven in the VM tier (tests/vm/test_vm_guest.py)."""
 
 from __future__ import annotations
 

@@ -39,9 +39,7 @@ def readme_commands() -> tuple[str, str]:
     setup = next(
         line for block in blocks for line in block.splitlines() if line.startswith("./scripts/setup")
     )
-    test = next(
-        line for block in blocks for line in block.splitlines() if line.startswith("./scripts/test")
-    )
+    test = next(line for block in blocks for line in block.splitlines() if line.startswith("./scripts/test"))
     return setup.split("#")[0].strip(), test.strip()
 
 
