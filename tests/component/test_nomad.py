@@ -146,9 +146,11 @@ def test_nomad_wait_timeout_reports_last_state_and_where_to_look(double: Any) ->
     d.leader = "10.0.2.15:4647"
     d.register_node(status="ready", docker="undetected")
     with pytest.raises(WaitTimeout) as info:
-        cluster.wait_ready(client_for(d), timeout=0.6)
+        # 2.6 s: room for the first answers on a loaded machine (scripts/test runs this tier at low priority
+        # beside the VM tier; 0.6 s once left no answer at all within the deadline)
+        cluster.wait_ready(client_for(d), timeout=2.6)
     text = str(info.value)
-    assert "timed out after 1s waiting for Nomad" in text
+    assert "timed out after 3s waiting for Nomad" in text
     assert "last state: leader elected; node nomad-1 ready, eligible; docker driver not detected" in text
     assert "inv vm.logs" in text and "inv vm.check" in text
     assert "node event [Cluster] Node registered" in text
