@@ -24,7 +24,7 @@ from typing import Any
 
 import psutil
 import pytest
-from servers.common import vm_ports
+from servers.common import blank_vm_settings, vm_ports
 
 from infra import ROOT
 from infra.state import StatePaths
@@ -104,22 +104,15 @@ class Lab:
 
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[Lab]:
-    base = tmp_path / "blank.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "1G"], check=True)
     state = tmp_path / "state"
     settings = {
         "project": {"state_dir": str(state), "cache_dir": str(tmp_path / "cache")},
         "provision": {"nomad": False, "docker": False},
-        "vm": {
-            "image": str(base),
-            "accel": "tcg",
-            "cpus": 1,
-            "memory_mb": 128,
-            "disk_gb": 2,
-            "ports": vm_ports(),
-        },
+        "vm": blank_vm_settings(tmp_path),
     }
-    lab = Lab(tmp_path, base, tmp_path / "lab.yaml", StatePaths(state), settings)
+    lab = Lab(
+        tmp_path, Path(str(settings["vm"]["image"])), tmp_path / "lab.yaml", StatePaths(state), settings
+    )
     lab.write_config(lab.config)
     yield lab
     lab.kill_all()

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from servers.common import vm_ports
+from servers.common import blank_vm_settings, vm_ports
 
 from infra import config, host, machine, qmp, vm
 from infra.errors import VMError
@@ -29,19 +29,7 @@ pytestmark = pytest.mark.tools("qemu-system-x86_64", "qemu-img")
 @pytest.fixture
 def blank_vm(make_cfg: Callable[..., config.Config], tmp_path: Path) -> Iterator[config.Config]:
     """Config for a VM on a blank disk (it never boots an OS), with free ports; killed by pid afterwards."""
-    base = tmp_path / "blank.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "1G"], check=True)
-    cfg = make_cfg(
-        vm={
-            "image": str(base),
-            "accel": "tcg",
-            "cpus": 1,
-            "memory_mb": 128,
-            "disk_gb": 2,
-            "ports": vm_ports(),
-        },
-        provision={"nomad": False, "docker": False},
-    )
+    cfg = make_cfg(vm=blank_vm_settings(tmp_path), provision={"nomad": False, "docker": False})
     yield cfg
     pid = vm.running_pid(StatePaths.of(cfg))
     if pid is not None:

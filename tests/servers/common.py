@@ -46,6 +46,21 @@ def vm_ports(**fixed: int) -> dict[str, dict[str, int]]:
     return {name: {"host": hosts[name], "guest": guests[name]} for name in GUEST_PORTS}
 
 
+def blank_vm_settings(tmp_path: Path) -> dict[str, object]:
+    """`vm` settings of a VM that starts but never boots an OS: a blank 1 GiB qcow2 (made here), TCG, 1 vCPU,
+    128 MiB, every forward on a free port."""
+    image = tmp_path / "blank.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "1G"], check=True)
+    return {
+        "image": str(image),
+        "accel": "tcg",
+        "cpus": 1,
+        "memory_mb": 128,
+        "disk_gb": 2,
+        "ports": vm_ports(),
+    }
+
+
 def port_open(port: int, host: str = "127.0.0.1", timeout: float = 0.5) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout):
