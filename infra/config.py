@@ -84,6 +84,7 @@ class VMConfig:
     cloud_init_timeout: int
     stop_timeout: int
     baked: str
+    offline: bool
     lock_timeout: int
 
 

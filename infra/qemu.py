@@ -79,6 +79,7 @@ class LaunchSpec:
     append: str = ""
     firmware: Firmware | None = None
     daemonize: bool = True
+    offline: bool = False  # no route out of the guest (user networking's restrict=on); forwards still work
 
 
 def normalize_arch(machine: str) -> str:
@@ -92,12 +93,14 @@ def guest_arch(configured: str, host: Platform) -> str:
     return host.machine if configured == "auto" else normalize_arch(configured)
 
 
-def netdev(forwards: Mapping[str, Port]) -> str:
+def netdev(forwards: Mapping[str, Port], offline: bool = False) -> str:
     """One user-mode netdev with every forward. The host address is always 127.0.0.1: an empty host
     address would bind every interface. The guest address stays empty (= the guest's DHCP address,
-    10.0.2.15), so guest services must listen on it, not only on the guest's loopback."""
+    10.0.2.15), so guest services must listen on it, not only on the guest's loopback. `offline`:
+    restrict=on isolates the guest (no packet leaves for the host or beyond; DHCP and the forwards,
+    which the host opens, keep working)."""
     rules = [f"hostfwd=tcp:127.0.0.1:{p.host}-:{p.guest}" for p in forwards.values()]
-    return ",".join(["user", "id=net0", *rules])
+    return ",".join(["user", "id=net0", *(["restrict=on"] if offline else []), *rules])
 
 
 def build_command(spec: LaunchSpec) -> list[str]:
@@ -131,7 +134,7 @@ def build_command(spec: LaunchSpec) -> list[str]:
             "-drive", f"file={spec.seed_iso},if=none,id=cidata,format=raw,media=cdrom,readonly=on",
             "-device", "scsi-cd,bus=scsi0.0,drive=cidata",
         ]  # fmt: skip
-    cmd += ["-netdev", netdev(spec.forwards), "-device", "virtio-net-pci,netdev=net0"]
+    cmd += ["-netdev", netdev(spec.forwards, spec.offline), "-device", "virtio-net-pci,netdev=net0"]
     # Entropy for the guest: sshd host-key generation and Python start-up otherwise stall under TCG.
     cmd += ["-device", "virtio-rng-pci"]
     if spec.kernel is not None:

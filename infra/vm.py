@@ -349,7 +349,7 @@ def run(prepared: Running | Boot, seed: SeedISO | None) -> Launch:
             qemu=b.binary, arch=b.arch, accel=accel, cpus=cfg.vm.cpus, memory_mb=cfg.vm.memory_mb,
             disk=p.disk, seed_iso=seed.path, pidfile=p.pidfile, serial_log=p.serial_log, qmp_socket=p.qmp_socket,
             forwards=cfg.vm.ports, name=cfg.project.name, kernel=kernel, initrd=initrd, append=append,
-            firmware=firmware,
+            firmware=firmware, offline=cfg.vm.offline,
         )  # fmt: skip
         command = qemu.build_command(spec)
         # From here on Ctrl-C waits: qemu started => qemu recorded and reported, or killed by the cleanup.
@@ -359,7 +359,10 @@ def run(prepared: Running | Boot, seed: SeedISO | None) -> Launch:
             forwards = ", ".join(f"{n} 127.0.0.1:{f.host}->{f.guest}" for n, f in cfg.vm.ports.items())
             ui.ok(f"VM started: pid {pid}, {accel} ({reason}), {cfg.vm.cpus} vCPU, {cfg.vm.memory_mb} MiB")
             ui.info(f"    image: {choice.reason}: {choice.image}")
-            ui.info(f"    forwards: {forwards}")
+            ui.info(
+                f"    forwards: {forwards}"
+                + ("; offline: no route out of the guest" if cfg.vm.offline else "")
+            )
             ui.info(f"    serial log: {p.serial_log}  (inv vm.logs); next: inv vm.check")
     except BaseException:
         _discard_launch(p, remove_disk=not b.disk_existed)

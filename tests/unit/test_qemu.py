@@ -65,6 +65,14 @@ def test_one_netdev_with_every_forward_on_loopback_only(tmp_path: Path) -> None:
     assert "virtio-net-pci,netdev=net0" in option(cmd, "-device")
 
 
+def test_offline_isolates_the_guest_and_keeps_the_forwards(tmp_path: Path) -> None:
+    """vm.offline: user networking's restrict=on (no packet out of the guest); the forwards stay."""
+    (online,) = option(qemu.build_command(spec(tmp_path)), "-netdev")
+    (offline,) = option(qemu.build_command(spec(tmp_path, offline=True)), "-netdev")
+    assert "restrict=on" not in online.split(",")
+    assert offline.split(",") == ["user", "id=net0", "restrict=on", *online.split(",")[2:]]
+
+
 def test_kvm_uses_host_cpu(tmp_path: Path) -> None:
     cmd = qemu.build_command(spec(tmp_path, accel="kvm"))
     assert option(cmd, "-accel") == ["kvm"] and option(cmd, "-cpu") == ["host"]

@@ -1,5 +1,6 @@
 """One guest, its whole life, through the real `inv` CLI: iso -> vm.run -> vm.check -> the checks of the
-base user-data -> the docker part -> `inv image.bake --from-vm` -> a boot of the bake -> vm.stop -> vm.destroy.
+base user-data -> the docker part -> `inv image.bake --from-vm` -> a boot of the bake with no route out of
+the guest (`vm.offline`) -> vm.stop -> vm.destroy.
 
 The image is Debian 12 built here by scripts/build-test-image (Debian's packages only), booted under TCG with
 direct kernel boot, 2 vCPU / 2 GiB, on free ports. The user-data is the base part, the docker part (the guest
@@ -26,6 +27,7 @@ from typing import Any
 
 import psutil
 import pytest
+import yaml
 
 from infra import ROOT, pgp, remote, seed
 
@@ -252,6 +254,9 @@ def baked(
     made = guest_env.inv("image.bake", "--from-vm", timeout=900)
     bake_s = time.monotonic() - t0
     assert made.returncode == 0, f"image.bake failed:\n{made.stderr[-6000:]}"
+    # The bake boots with no route out of the guest (vm.offline): nothing it needs may come from the network.
+    guest_env.settings["vm"]["offline"] = True
+    guest_env.config_file.write_text(yaml.safe_dump(guest_env.settings))
     run = guest_env.inv("vm.run")
     assert run.returncode == 0, run.stderr
     check = guest_env.inv("vm.check")
@@ -289,6 +294,18 @@ def test_the_baked_guest_boots_from_the_bake_and_installs_nothing(
     assert INSTALL_LINES.findall(baked["log"]) == [], baked["log"]
     status = guest_env.inv("vm.status", timeout=120)
     assert status.returncode == 0 and f"image: baked {key} ({baked['path']})" in status.stderr
+
+
+def test_the_baked_guest_came_up_with_no_route_out(guest_env: Any, baked: dict[str, Any]) -> None:
+    """vm.offline: the mirror the unbaked guest installed docker.io from answers the host, not the guest."""
+    assert "offline: no route out of the guest" in baked["run"].stderr
+    mirror = socket.getaddrinfo("deb.debian.org", 80, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+    with socket.create_connection((mirror, 80), timeout=10):
+        pass  # the host reaches it
+    probe = (
+        f"timeout 10 bash -c 'echo > /dev/tcp/{mirror}/80' 2>/dev/null && echo reached || echo unreachable"
+    )
+    assert ssh(guest_env, probe).strip() == "unreachable"
 
 
 def test_the_baked_guest_has_docker_and_the_image_loaded_before_the_bake(baked: dict[str, Any]) -> None:
