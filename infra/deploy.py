@@ -490,11 +490,13 @@ def _check_deployment(client: Client, job: Mapping[str, Any], dep: Mapping[str, 
     revert = re.search(r"rolling back to job version (\d+)", description)
     if revert:
         message += f" (auto_revert: Nomad rolls job {job_id} back to version {revert.group(1)})"
-    raise DeployError(
+    error = DeployError(
         message,
         details=failure_details(client, job, dep),
         hint="the task events above say why; more in `nomad alloc logs <alloc>` / `nomad alloc status <alloc>`",
     )
+    error.deployment = dict(dep)
+    raise error
 
 
 def _wait_allocations_running(client: Client, job: Mapping[str, Any], deadline: Deadline) -> Any:

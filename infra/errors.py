@@ -11,6 +11,7 @@ import re
 import socket
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 
 class InfraError(Exception):
@@ -83,6 +84,9 @@ class NomadError(InfraError):
 
 class DeployError(InfraError):
     """A job failed to register, place or become healthy."""
+
+    #: The deployment that failed (Nomad's Deployment object), when a deployment failed.
+    deployment: dict[str, Any] | None = None
 
 
 class BuildError(InfraError):

@@ -192,7 +192,7 @@ def ship(
     try:
         result = deploy_app(cfg, client, image=ref or None, variables=variables, detach=detach)
     except DeployError as exc:
-        exc.details.extend(rollback_report(client, job_id, ref))
+        exc.details.extend(rollback_report(client, job_id, ref, failed=exc.deployment))
         raise
     live = deploy.live_image(client, job_id) or ref
     live_version = build.version_of(live) if live else "?"
@@ -205,13 +205,24 @@ def ship(
     return ShipResult(live, live_version, result, built)
 
 
-def rollback_report(client: Client, job_id: str, attempted: str, timeout: float = 30.0) -> list[str]:
-    """After a failed deployment: which version is live now. With auto_revert Nomad registers the last
-    stable version again (a new job version); wait for that a little, then name its image."""
-    try:
-        failed = client.job_deployment(job_id).body or {}
-    except InfraError:
-        return []
+def rollback_report(
+    client: Client,
+    job_id: str,
+    attempted: str,
+    timeout: float = 30.0,
+    failed: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """After a failed deployment (`failed`, as the deploy flow saw it): which version is live now. With
+    auto_revert Nomad registers the last stable version again (a new job version); wait for that a little,
+    then name its image. Not /v1/job/<id>/deployment when the failed one is known: that is the job's latest
+    deployment (command/agent/job_endpoint.go jobLatestDeployment -> nomad/job_endpoint.go Job.LatestDeployment
+    -> state LatestDeploymentByJobID), and
+    the revert's own deployment may already have replaced the failed one there."""
+    if failed is None:
+        try:
+            failed = client.job_deployment(job_id).body or {}
+        except InfraError:
+            return []
     failed_version = failed.get("JobVersion")
     reverting = "rolling back to job version" in str(failed.get("StatusDescription") or "")
 

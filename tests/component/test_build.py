@@ -12,6 +12,7 @@ import contextlib
 import json
 import subprocess
 import tarfile
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -356,6 +357,26 @@ def test_a_failing_canary_is_rolled_back_and_reported(world: World) -> None:
     job = world.client.job("app")
     assert job is not None and job["TaskGroups"][0]["Tasks"][0]["Config"]["image"] == good.image
     assert world.record()["variables"]["image"] == good.image  # the record keeps the last good image
+
+
+def test_the_rollback_report_reads_the_failed_deployment_not_the_latest(world: World) -> None:
+    """Nomad's /v1/job/<id>/deployment is the job's latest deployment; after an auto-revert that is soon the
+    revert's own. Read then (as once under load), it made the report say "no automatic rollback happened"."""
+    good = world.ship(build_image=True)
+    (world.repo / "app" / "events_service.py").write_text("raise SystemExit(1)\n")
+    commit_all(world.repo, "broken")
+    bad_ref = f"infra-lab/app:{app_commit(world.repo)[:12]}"
+    world.api.behaviour[bad_ref] = "exit-1"
+    with pytest.raises(DeployError) as info:
+        world.ship(build_image=True)
+    failed = info.value.deployment
+    assert failed is not None and "rolling back to job version 0" in failed["StatusDescription"]
+    deadline = time.monotonic() + 20
+    while (world.client.job_deployment("app").body or {}).get("ID") == failed["ID"]:
+        assert time.monotonic() < deadline, "the revert never got a deployment of its own"
+        time.sleep(0.05)
+    lines = release.rollback_report(world.client, "app", bad_ref, failed=failed)
+    assert lines and lines[0].startswith(f"rolled back: {good.image} "), lines
 
 
 def test_image_option_deploys_that_image_without_building(world: World) -> None:
