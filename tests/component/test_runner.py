@@ -47,11 +47,7 @@ def fake(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     nox = tmp_path / "nox"
     nox.write_text(FAKE_NOX.format(python=sys.executable))
     nox.chmod(0o755)
-    builder = tmp_path / "build-test-image"
-    builder.write_text(f"#!{sys.executable}\nimport os, sys\nfrom pathlib import Path\n"
-                       f"Path('{tmp_path}/prebuild').write_text(' '.join(sys.argv[1:]) + ' ' + str(os.getsid(0)))\n")  # fmt: skip
-    builder.chmod(0o755)
-    env = {**os.environ, "NOX": str(nox), "FAKE_DIR": str(tmp_path), "BUILD_TEST_IMAGE": str(builder)}
+    env = {**os.environ, "NOX": str(nox), "FAKE_DIR": str(tmp_path)}
     return tmp_path, env
 
 
@@ -74,8 +70,6 @@ def test_the_vm_tier_runs_beside_the_others_at_a_higher_priority(fake: tuple[Pat
     assert vm["sid"] != rest["sid"]  # sessions of their own: the signal goes to each whole process group
     if Path("/proc/self/autogroup").exists():  # Linux with autogroup scheduling, as here
         assert rest["autogroup"].endswith("nice 10") and vm["autogroup"].endswith("nice 0")
-    args, sid = (tmp_path / "prebuild").read_text().rsplit(" ", 1)  # the test image, built ahead
-    assert args == "--json" and int(sid) not in (vm["sid"], rest["sid"])
     assert "fake nox: session vm ran" in result.stdout  # the VM tier's log, printed at the end
     assert (tmp_path / "vm.log").read_text() == "fake nox: session vm ran\n"
     last = result.stderr.strip().splitlines()[-1]
@@ -112,12 +106,6 @@ def test_sigterm_reaches_both_runs_as_ctrl_c(fake: tuple[Path, dict[str, str]]) 
     assert proc.returncode == 130, err
     assert (tmp_path / "vm.sigint").exists() and (tmp_path / "lint-unit-component.sigint").exists()
     assert err.strip().splitlines()[-1].startswith("test: interrupted (SIGTERM): ")
-
-
-def test_no_prebuild_leaves_the_image_to_the_vm_tier(fake: tuple[Path, dict[str, str]]) -> None:
-    tmp_path, env = fake
-    assert run(tmp_path, env, "--no-prebuild").returncode == 0
-    assert not (tmp_path / "prebuild").exists()
 
 
 def test_without_nox_it_says_how_to_set_up(fake: tuple[Path, dict[str, str]]) -> None:
