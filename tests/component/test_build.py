@@ -339,21 +339,26 @@ def test_a_dirty_tree_deploys_a_dirty_tag(world: World) -> None:
     assert world.client.job("app") is not None
 
 
-def test_a_failing_canary_is_rolled_back_and_reported(world: World) -> None:
+def ship_a_failing_canary(world: World) -> tuple[Any, str, DeployError]:
+    """A good version shipped, then one whose task exits 1: (the good ship, the bad image, the error)."""
     good = world.ship(build_image=True)
     (world.repo / "app" / "events_service.py").write_text("raise SystemExit(1)\n")
     commit_all(world.repo, "broken")
     bad_ref = f"infra-lab/app:{app_commit(world.repo)[:12]}"
     world.api.behaviour[bad_ref] = "exit-1"
-
     with pytest.raises(DeployError) as info:
         world.ship(build_image=True)
+    return good, bad_ref, info.value
 
-    text = str(info.value)
+
+def test_a_failing_canary_is_rolled_back_and_reported(world: World) -> None:
+    good, _bad, error = ship_a_failing_canary(world)
+
+    text = str(error)
     assert "rolling back to job version 0" in text
     assert "Terminated: exit code 1" in text  # the failing task's events (deploy flow)
     assert f"rolled back: {good.image}" in text and "live again" in text
-    assert info.value.exit_code != 0
+    assert error.exit_code != 0
     job = world.client.job("app")
     assert job is not None and job["TaskGroups"][0]["Tasks"][0]["Config"]["image"] == good.image
     assert world.record()["variables"]["image"] == good.image  # the record keeps the last good image
@@ -362,14 +367,8 @@ def test_a_failing_canary_is_rolled_back_and_reported(world: World) -> None:
 def test_the_rollback_report_reads_the_failed_deployment_not_the_latest(world: World) -> None:
     """Nomad's /v1/job/<id>/deployment is the job's latest deployment; after an auto-revert that is soon the
     revert's own. Read then (as once under load), it made the report say "no automatic rollback happened"."""
-    good = world.ship(build_image=True)
-    (world.repo / "app" / "events_service.py").write_text("raise SystemExit(1)\n")
-    commit_all(world.repo, "broken")
-    bad_ref = f"infra-lab/app:{app_commit(world.repo)[:12]}"
-    world.api.behaviour[bad_ref] = "exit-1"
-    with pytest.raises(DeployError) as info:
-        world.ship(build_image=True)
-    failed = info.value.deployment
+    good, bad_ref, error = ship_a_failing_canary(world)
+    failed = error.deployment
     assert failed is not None and "rolling back to job version 0" in failed["StatusDescription"]
     deadline = time.monotonic() + 20
     while (world.client.job_deployment("app").body or {}).get("ID") == failed["ID"]:
