@@ -215,9 +215,9 @@ def rollback_report(
     """After a failed deployment (`failed`, as the deploy flow saw it): which version is live now. With
     auto_revert Nomad registers the last stable version again (a new job version); wait for that a little,
     then name its image. Not /v1/job/<id>/deployment when the failed one is known: that is the job's latest
-    deployment (command/agent/job_endpoint.go jobLatestDeployment -> nomad/job_endpoint.go Job.LatestDeployment
-    -> state LatestDeploymentByJobID), and
-    the revert's own deployment may already have replaced the failed one there."""
+    deployment (command/agent/job_endpoint.go jobLatestDeployment -> nomad/job_endpoint.go
+    Job.LatestDeployment -> state LatestDeploymentByJobID), and the revert's own deployment may already
+    have replaced the failed one there."""
     if failed is None:
         try:
             failed = client.job_deployment(job_id).body or {}

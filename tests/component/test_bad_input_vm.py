@@ -24,7 +24,7 @@ from typing import Any
 
 import psutil
 import pytest
-from servers.common import blank_vm_settings, vm_ports
+from servers.common import blank_vm_settings, processes_of, vm_ports
 
 from infra import ROOT
 from infra.state import StatePaths
@@ -35,18 +35,6 @@ INV = str(Path(sys.executable).with_name("inv"))
 #: What a failed or interrupted command may never leave in the state dir (a VM that is not running);
 #: vm.json may stay as the record of a stopped VM (with stopped_at), never as one of a running VM.
 HALF_STATE = ("qemu.pid", "qmp.sock")
-
-
-def qemus_of(state_dir: Path) -> list[psutil.Process]:
-    """Live processes whose command line names something in `state_dir` (qemu, qemu-img): found here
-    independently of infra.vm, so that a leftover the product cannot see is still caught."""
-    found = []
-    for proc in psutil.process_iter(["cmdline", "status"]):
-        cmdline = proc.info["cmdline"] or []
-        ours = proc.info["status"] != psutil.STATUS_ZOMBIE and any(str(state_dir) in a for a in cmdline)
-        if ours and proc.pid != os.getpid() and not any(arg.endswith("inv") for arg in cmdline[:2]):
-            found.append(proc)
-    return found
 
 
 @dataclass
@@ -87,7 +75,7 @@ class Lab:
     def leftovers(self) -> list[str]:
         """Temp files and the state of a VM that is not running."""
         left = [str(p) for p in self.root.rglob("*") if p.name.endswith((".tmp", ".part"))]
-        if not qemus_of(self.state.root):
+        if not processes_of(self.state.root):
             left += [name for name in HALF_STATE if (self.state.root / name).exists()]
             if self.state.vm_record.exists() and "stopped_at" not in self.state.vm_record.read_text():
                 left.append("vm.json of a VM that does not run")
@@ -95,7 +83,7 @@ class Lab:
 
     def kill_all(self) -> list[int]:
         """Kill (by pid) every process of this state dir; returns their pids."""
-        procs = qemus_of(self.state.root)
+        procs = processes_of(self.state.root)
         for proc in procs:
             proc.kill()
         psutil.wait_procs(procs, timeout=10)
@@ -297,7 +285,7 @@ def test_vm_fault(lab: Lab, case: Case) -> None:
     try:
         case.setup(lab)
         state_existed = lab.state.root.exists()
-        pids = [p.pid for p in qemus_of(lab.state.root)]
+        pids = [p.pid for p in processes_of(lab.state.root)]
         started = time.monotonic()
         result = lab.inv(*case.args, env=case.env, timeout=case.seconds + 60)
         took = time.monotonic() - started
@@ -323,12 +311,12 @@ def test_vm_fault(lab: Lab, case: Case) -> None:
     assert took < case.seconds, f"took {took:.1f}s (bound {case.seconds}s):\n{output}"
     for word in case.absent:
         assert word not in output, output
-    alive = [p.pid for p in qemus_of(lab.state.root)]
+    alive = [p.pid for p in processes_of(lab.state.root)]
     if case.vm_survives:
         assert alive == pids, f"the running VM was lost: before {pids}, after {alive}"
         stopped = lab.inv("vm.stop", "--timeout", "0")
         assert stopped.returncode == 0 and f"pid {pids[0]}" in stopped.stderr, stopped.stderr
-    assert qemus_of(lab.state.root) == [], "a qemu of this state dir is still running"
+    assert processes_of(lab.state.root) == [], "a qemu of this state dir is still running"
     assert lab.leftovers() == []
     if not state_existed:
         assert not lab.state.root.exists(), sorted(p.name for p in lab.state.root.iterdir())
@@ -350,7 +338,7 @@ def test_two_vm_runs_at_once_start_one_vm(lab: Lab) -> None:
     assert not any("Traceback" in err for err in errs), errs
     assert sum("VM started: pid" in err for err in errs) == 1, errs
     assert sum("VM already running" in err for err in errs) == 1, errs
-    qemus = qemus_of(lab.state.root)
+    qemus = processes_of(lab.state.root)
     assert len(qemus) == 1, [q.cmdline() for q in qemus]
     assert lab.state.pidfile.read_text().strip() == str(qemus[0].pid)
     assert lab.state.qmp_socket.is_socket()
@@ -361,7 +349,7 @@ def test_two_vm_runs_at_once_start_one_vm(lab: Lab) -> None:
     assert info["running"] is True and info["pid"] == qemus[0].pid
     stopped = lab.inv("vm.stop", "--timeout", "0")
     assert stopped.returncode == 0, stopped.stderr
-    assert qemus_of(lab.state.root) == [] and lab.leftovers() == []
+    assert processes_of(lab.state.root) == [] and lab.leftovers() == []
 
 
 # ------------------------------------------------------------------------------------------------ item 9 --
@@ -391,7 +379,7 @@ def test_ctrl_c_during_vm_run(lab: Lab, trigger: str, delay: float) -> None:
     _out, err = proc.communicate(timeout=60)
     assert "Traceback" not in err, err
     time.sleep(0.5)  # a daemonized qemu that escaped would be up by now
-    qemus = qemus_of(lab.state.root)
+    qemus = processes_of(lab.state.root)
     if qemus:
         # Ctrl-C came after the launch was complete and reported (vm.run's work was done; the signal may
         # still end the process on its way out): a whole VM that the user was told about.

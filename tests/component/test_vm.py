@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from servers.common import blank_vm_settings, vm_ports
+from servers.common import blank_vm_settings, listening, vm_ports
 
 from infra import config, host, machine, qmp, vm
 from infra.errors import VMError
@@ -34,23 +33,6 @@ def blank_vm(make_cfg: Callable[..., config.Config], tmp_path: Path) -> Iterator
     pid = vm.running_pid(StatePaths.of(cfg))
     if pid is not None:
         os.kill(pid, 9)
-
-
-def listening_addresses(pid: int) -> set[tuple[str, int]]:
-    """(address, port) of the TCP sockets that `pid` listens on (via /proc: inode of each fd)."""
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        target = os.readlink(fd)
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    found = set()
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if fields[3] == "0A" and fields[9] in inodes:
-            addr, port = fields[1].split(":")
-            ip = socket.inet_ntoa(bytes.fromhex(addr)[::-1])
-            found.add((ip, int(port, 16)))
-    return found
 
 
 def _overrides(cfg: config.Config) -> dict[str, dict[str, object]]:
@@ -136,7 +118,7 @@ def test_lifecycle_with_real_qemu(blank_vm: config.Config, capsys: pytest.Captur
     assert json.loads(state.vm_record.read_text())["accel"] == "tcg"
     assert "-cpu" in first.record["command"] and "host" not in first.record["command"]
     expected = {("127.0.0.1", p.host) for p in cfg.vm.ports.values()}
-    assert listening_addresses(pid) == expected  # every forward, loopback only
+    assert listening(pid) == expected  # every forward, loopback only
     assert qmp.execute(state.qmp_socket, "query-status")["running"] is True
 
     again = machine.run(cfg)  # idempotent: reported, nothing changed (the seed of a running VM neither)

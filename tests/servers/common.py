@@ -9,6 +9,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
@@ -59,6 +61,29 @@ def blank_vm_settings(tmp_path: Path) -> dict[str, object]:
         "disk_gb": 2,
         "ports": vm_ports(),
     }
+
+
+def listening(pid: int) -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket `pid` listens on, IPv4 and IPv6 (psutil reads the kernel's
+    tables): found independently of infra.host, so a test of the forwards does not trust the product."""
+    return {
+        (c.laddr.ip, c.laddr.port)
+        for c in psutil.Process(pid).net_connections(kind="tcp")
+        if c.status == psutil.CONN_LISTEN
+    }
+
+
+def processes_of(state_dir: Path) -> list[psutil.Process]:
+    """Live processes whose command line names something in `state_dir` (qemu, qemu-img), the `inv` that
+    made them and this process left out: found independently of infra.vm, so that a leftover the product
+    cannot see is still caught."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        cmdline = proc.info["cmdline"] or []
+        ours = proc.info["status"] != psutil.STATUS_ZOMBIE and any(str(state_dir) in a for a in cmdline)
+        if ours and proc.pid != os.getpid() and not any(arg.endswith("inv") for arg in cmdline[:2]):
+            found.append(proc)
+    return found
 
 
 def port_open(port: int, host: str = "127.0.0.1", timeout: float = 0.5) -> bool:

@@ -28,6 +28,7 @@ from typing import Any
 import psutil
 import pytest
 import yaml
+from servers.common import listening, processes_of
 
 from infra import ROOT, pgp, remote, seed
 
@@ -36,25 +37,6 @@ pytestmark = [
     pytest.mark.timeout(900),
     pytest.mark.tools("qemu-system-x86_64", "qemu-img", "mmdebstrap", "mke2fs", "ssh"),
 ]
-
-
-def listening(pid: int) -> set[tuple[str, int]]:
-    """(address, port) of every TCP socket `pid` listens on, IPv4 and IPv6 (psutil reads the kernel's tables)."""
-    return {
-        (c.laddr.ip, c.laddr.port)
-        for c in psutil.Process(pid).net_connections(kind="tcp")
-        if c.status == psutil.CONN_LISTEN
-    }
-
-
-def qemus_of(state_dir: Path) -> list[psutil.Process]:
-    """Live (not zombie) qemu processes whose command line names this state dir."""
-    found = []
-    for proc in psutil.process_iter(["cmdline", "status"]):
-        argv = " ".join(proc.info["cmdline"] or [])
-        if "qemu-system" in argv and str(state_dir) in argv and proc.info["status"] != psutil.STATUS_ZOMBIE:
-            found.append(proc)
-    return found
 
 
 def ssh(env: Any, command: str) -> str:
@@ -330,7 +312,7 @@ def test_stop_leaves_no_qemu_process(guest_env: Any, baked: dict[str, Any]) -> N
     assert result.returncode == 0, result.stderr
     assert "VM stopped (ACPI power-off" in result.stderr  # the guest shut itself down
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    assert qemus_of(guest_env.state_dir) == []
+    assert processes_of(guest_env.state_dir) == []
     assert not (guest_env.state_dir / "qemu.pid").exists()
     assert not (guest_env.state_dir / "qmp.sock").exists()
     again = guest_env.inv("vm.stop")
