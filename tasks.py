@@ -70,86 +70,114 @@ def iso_build(c: Context, ssh_key: str = "") -> None:
 
 
 # ----------------------------------------------------------------------------------------------------- vm --
-@task(name="run")
+NODE_HELP = "only this node (vm.nodes >= 3: nomad-1 .. nomad-N); default: every node"
+
+
+@task(name="run", help={"node": NODE_HELP})
 @domain_errors
-def vm_run(c: Context) -> None:
+def vm_run(c: Context, node: str = "") -> None:
     """Boot the VM (qcow2 overlay on the cached base image + seed ISO); a no-op when it already runs."""
     from infra import machine, ui
 
-    booted = machine.run(cfg(c))
-    if booted.seed is not None:
-        ui.out(booted.seed.line)
+    for booted in machine.run_nodes(cfg(c), node):
+        if booted.seed is not None:
+            ui.out(booted.seed.line)
 
 
 @task(
     name="stop",
-    help={"timeout": "seconds to wait for the ACPI power-off before killing (default vm.stop_timeout)"},
+    help={
+        "timeout": "seconds to wait for the ACPI power-off before killing (default vm.stop_timeout)",
+        "node": NODE_HELP,
+    },
 )
 @domain_errors
-def vm_stop(c: Context, timeout: int = -1) -> None:
+def vm_stop(c: Context, timeout: int = -1, node: str = "") -> None:
     """Power the VM off (ACPI over QMP, then kill after vm.stop_timeout)."""
-    from infra import vm
+    from infra import machine
 
     option(timeout >= -1, f"--timeout must be 0 (kill at once) or more seconds, not {timeout}")
-    vm.stop(cfg(c), timeout=None if timeout == -1 else timeout)
+    machine.stop_nodes(cfg(c), node, timeout=None if timeout == -1 else timeout)
 
 
-@task(name="status", help={"json": "print the status as JSON on stdout"})
+@task(name="status", help={"json": 'print the status as JSON on stdout: {"nodes": [...]}', "node": NODE_HELP})
 @domain_errors
-def vm_status(c: Context, json: bool = False) -> None:
-    """Is the VM running? pid, forwarded ports, acceleration, uptime, cloud-init state."""
+def vm_status(c: Context, json: bool = False, node: str = "") -> None:
+    """Is each node running? pid, cluster address, forwarded ports, acceleration, uptime, cloud-init state."""
     import json as json_mod
 
     from infra import machine, ui
 
-    info = machine.status(cfg(c))
+    info = machine.status_nodes(cfg(c), node)
     if json:
         ui.out(json_mod.dumps(info, sort_keys=True))
     else:
-        machine.describe(info)
+        machine.describe_nodes(info)
 
 
-@task(name="ssh", help={"command": "run this command instead of an interactive shell"})
+@task(
+    name="ssh",
+    help={
+        "command": "run this command instead of an interactive shell",
+        "node": "this node (default: the first)",
+    },
+)
 @domain_errors
-def vm_ssh(c: Context, command: str = "") -> None:
+def vm_ssh(c: Context, command: str = "", node: str = "") -> None:
     """Open an interactive SSH session in the VM with the project key."""
     from infra import machine
 
-    code = machine.ssh(cfg(c), command)
+    code = machine.ssh_node(cfg(c), command, node)
     if code:
         raise Exit(code=code)
 
 
-@task(name="logs", help={"lines": "how many lines to show (default 50)", "follow": "keep printing new lines"})
+@task(
+    name="logs",
+    help={
+        "lines": "how many lines to show (default 50)",
+        "follow": "keep printing new lines",
+        "node": NODE_HELP,
+    },
+)
 @domain_errors
-def vm_logs(c: Context, lines: int = 50, follow: bool = False) -> None:
-    """Show the tail of the VM's serial console log."""
+def vm_logs(c: Context, lines: int = 50, follow: bool = False, node: str = "") -> None:
+    """Show the tail of the VM's serial console log (several nodes: each line prefixed with its node)."""
     option(lines >= 0, f"--lines must be 0 or more, not {lines}")
-    from infra import console, ui, vm
+    from infra import console, machine, ui
 
-    path = vm.logs_path(cfg(c))
-    for line in console.follow(path, lines) if follow else console.tail(path, lines):
-        ui.out(line)
+    paths = machine.logs_paths(cfg(c), node)
+    option(not (follow and len(paths) > 1), "--follow follows one node's log: add --node NAME")
+    for name, path in paths:
+        prefix = f"{name}| " if len(paths) > 1 else ""
+        for line in console.follow(path, lines) if follow else console.tail(path, lines):
+            ui.out(prefix + line)
 
 
-@task(name="check")
+@task(name="check", help={"node": NODE_HELP})
 @domain_errors
-def vm_check(c: Context) -> None:
+def vm_check(c: Context, node: str = "") -> None:
     """Over SSH (fabric): cloud-init finished, enabled services active; shows log lines on failure."""
     import json as json_mod
 
-    from infra import machine, ui
+    from infra import machine, nodes, ui
 
-    ui.out(json_mod.dumps(machine.check(cfg(c)).as_dict(), sort_keys=True))
+    config = cfg(c)
+    reports = machine.check_nodes(config, node)
+    if not nodes.is_cluster(config):
+        ui.out(json_mod.dumps(reports[0][1].as_dict(), sort_keys=True))
+    else:
+        found = [{"name": name, **report.as_dict()} for name, report in reports]
+        ui.out(json_mod.dumps({"nodes": found}, sort_keys=True))
 
 
-@task(name="destroy")
+@task(name="destroy", help={"node": NODE_HELP})
 @domain_errors
-def vm_destroy(c: Context) -> None:
+def vm_destroy(c: Context, node: str = "") -> None:
     """Stop the VM and delete its disk, seed ISO and state (the image cache is kept)."""
-    from infra import vm
+    from infra import machine
 
-    vm.destroy(cfg(c))
+    machine.destroy_nodes(cfg(c), node)
 
 
 # -------------------------------------------------------------------------------------------------- image --

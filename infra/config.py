@@ -86,6 +86,22 @@ class VMConfig:
     baked: str
     offline: bool
     lock_timeout: int
+    nodes: int
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """One node of a local cluster (vm.nodes >= 3; infra/nodes.py derives it): its name, its address on the
+    private network, the Nomad servers' addresses, the switch it is plugged into and its NIC's MAC."""
+
+    name: str
+    index: int  # 1-based
+    address: str  # on the cluster network, without the prefix length
+    prefix: int
+    servers: tuple[str, ...]  # the cluster addresses of the Nomad servers (the first three nodes)
+    switch: Path  # the vde_switch's socket directory
+    mac: str  # the cluster NIC's
+    primary_mac: str  # the user-mode NIC's (internet, 127.0.0.1 forwards)
 
 
 @dataclass(frozen=True)
@@ -136,6 +152,7 @@ class Config:
     deploy: DeployConfig
     app: AppConfig
     e2e: E2EConfig
+    node: NodeConfig | None = None  # set on a node's own configuration in a cluster (infra/nodes.py)
 
 
 _ENUMS = {
@@ -388,6 +405,7 @@ def _check_values(data: Mapping[str, Any], *, state_dir: Path) -> None:
             raise ConfigError(
                 f"configuration key {key} must be a number of seconds > 0, got {data[section][name]!r}"
             )
+    _check_nodes(data["vm"])
     kafka = data["vm"]["ports"].get("kafka")
     if kafka and data["provision"]["nomad"] and kafka["host"] != kafka["guest"]:  # Kafka runs on Nomad
         raise ConfigError(
@@ -414,6 +432,33 @@ def _check_values(data: Mapping[str, Any], *, state_dir: Path) -> None:
         )
 
 
+#: Node k's forwards are node 1's host ports + NODE_PORT_STEP * (k - 1) (infra/nodes.py).
+NODE_PORT_STEP = 100
+MAX_NODES = 9
+
+
+def _check_nodes(vm: Mapping[str, Any]) -> None:
+    """vm.nodes: 1, or a cluster of 3..MAX_NODES whose offset forwards stay valid ports."""
+    nodes = vm["nodes"]
+    if not isinstance(nodes, int) or isinstance(nodes, bool) or not 1 <= nodes <= MAX_NODES:
+        raise ConfigError(
+            f"configuration key vm.nodes must be a whole number from 1 to {MAX_NODES}, got {nodes!r}"
+        )
+    if nodes == 2:
+        raise ConfigError(
+            "configuration key vm.nodes is 2: two Nomad servers cannot survive the loss of one (Raft needs a "
+            "majority, 2 of 2, to elect a leader), so a second node adds a failure without adding resilience",
+            hint="use vm.nodes: 1 (one VM) or 3 or more (three servers: any one may be lost)",
+        )
+    top = max(int(spec["host"]) for spec in vm["ports"].values()) if vm["ports"] else 0
+    if nodes > 1 and top + NODE_PORT_STEP * (nodes - 1) > 65535:
+        raise ConfigError(
+            f"configuration key vm.nodes is {nodes}: node {nodes}'s forwards (vm.ports + "
+            f"{NODE_PORT_STEP} per node) would pass port 65535",
+            hint="lower vm.ports.*.host or vm.nodes",
+        )
+
+
 def as_dict(cfg: Config) -> dict[str, Any]:
     """A JSON-friendly view (paths as strings), for status output and reports."""
 
@@ -430,6 +475,6 @@ def as_dict(cfg: Config) -> dict[str, Any]:
 
 
 __all__ = [
-    "AppConfig", "Config", "ConfigError", "DeployConfig", "E2EConfig", "NomadConfig", "Port",
+    "AppConfig", "Config", "ConfigError", "DeployConfig", "E2EConfig", "NodeConfig", "NomadConfig", "Port",
     "ProjectConfig", "ProvisionConfig", "SSHConfig", "VMConfig", "as_dict", "build", "from_invoke", "load",
 ]  # fmt: skip

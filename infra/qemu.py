@@ -59,6 +59,15 @@ class Firmware:
 
 
 @dataclass(frozen=True)
+class ClusterNIC:
+    """A second NIC on a host-local L2: a port of the vde_switch whose socket directory is `switch`."""
+
+    switch: Path
+    mac: str
+    primary_mac: str  # the user-mode NIC's, set with it: the guest's network-config tells them apart
+
+
+@dataclass(frozen=True)
 class LaunchSpec:
     """Everything the command line depends on; paths are absolute."""
 
@@ -80,6 +89,7 @@ class LaunchSpec:
     firmware: Firmware | None = None
     daemonize: bool = True
     offline: bool = False  # no route out of the guest (user networking's restrict=on); forwards still work
+    cluster_nic: ClusterNIC | None = None  # a local cluster's private network (vm.nodes >= 3)
 
 
 def normalize_arch(machine: str) -> str:
@@ -134,7 +144,15 @@ def build_command(spec: LaunchSpec) -> list[str]:
             "-drive", f"file={spec.seed_iso},if=none,id=cidata,format=raw,media=cdrom,readonly=on",
             "-device", "scsi-cd,bus=scsi0.0,drive=cidata",
         ]  # fmt: skip
-    cmd += ["-netdev", netdev(spec.forwards, spec.offline), "-device", "virtio-net-pci,netdev=net0"]
+    nic0 = "virtio-net-pci,netdev=net0" + (f",mac={spec.cluster_nic.primary_mac}" if spec.cluster_nic else "")
+    cmd += ["-netdev", netdev(spec.forwards, spec.offline), "-device", nic0]
+    if spec.cluster_nic is not None:
+        # The cluster NIC: a port of the vde_switch (unix sockets in the state dir; no tap, no bridge, no
+        # host address on it). The MAC is the one the seed's network-config matches for the static address.
+        cmd += [
+            "-netdev", f"vde,id=net1,sock={spec.cluster_nic.switch}",
+            "-device", f"virtio-net-pci,netdev=net1,mac={spec.cluster_nic.mac}",
+        ]  # fmt: skip
     # Entropy for the guest: sshd host-key generation and Python start-up otherwise stall under TCG.
     cmd += ["-device", "virtio-rng-pci"]
     if spec.kernel is not None:

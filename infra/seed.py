@@ -35,7 +35,7 @@ import pycdlib
 import yaml
 
 from infra import ROOT, files, keys, pgp, ui
-from infra.config import Config
+from infra.config import Config, NodeConfig
 from infra.datafile import load_yaml
 from infra.errors import TemplateError, ValidationError
 from infra.state import StatePaths
@@ -160,6 +160,19 @@ def compose(cfg: Config, public_key: str, *, baked: bool = False) -> dict[str, A
         if key is not None:
             shipped.append({"path": "/etc/infra-lab/hashicorp.asc", "permissions": "0644", "content": key})
 
+    if cfg.node is not None:
+        env["CLUSTER_ADDRESS"] = cfg.node.address
+        if cfg.provision.nomad:
+            env["NOMAD_SERVER"] = "true" if cfg.node.address in cfg.node.servers else "false"
+            shipped.append(
+                {
+                    "path": CLUSTER_AGENT_CONFIG,
+                    "permissions": "0644",
+                    "content": json.dumps(cluster_agent_config(cfg.node), indent=2) + "\n",
+                    "defer": True,
+                }
+            )
+
     if cfg.provision.docker and cfg.provision.registry_mirror:
         daemon = {"registry-mirrors": [cfg.provision.registry_mirror]}
         shipped.append(
@@ -200,9 +213,61 @@ def embedded_hashicorp_key() -> str | None:
     return text
 
 
-def network_config() -> dict[str, Any]:
-    """NoCloud network-config v2: DHCP on the first Ethernet device, whatever its name."""
-    return {"version": 2, "ethernets": {"primary": {"match": {"name": "e*"}, "dhcp4": True}}}
+def network_config(node: NodeConfig | None = None) -> dict[str, Any]:
+    """NoCloud network-config v2: DHCP on the first Ethernet device, whatever its name. A cluster node's
+    second NIC (matched by the MAC its qemu command line sets) gets its static cluster address, no gateway:
+    the private network leads nowhere but to the other nodes; the first NIC keeps the default route."""
+    if node is None:
+        return {"version": 2, "ethernets": {"primary": {"match": {"name": "e*"}, "dhcp4": True}}}
+    return {
+        "version": 2,
+        "ethernets": {
+            "primary": {"match": {"macaddress": node.primary_mac}, "dhcp4": True},
+            "cluster": {
+                "match": {"macaddress": node.mac},
+                "dhcp4": False,
+                "addresses": [f"{node.address}/{node.prefix}"],
+            },
+        },
+    }
+
+
+#: A cluster node's Nomad agent settings, as JSON (the agent reads *.json beside *.hcl). Its name sorts
+#: after zz-infra-lab.hcl and the package's nomad.hcl, so it wins where they overlap (command/agent/config.go,
+#: LoadConfigDir: sort.Strings(files), then result.Merge(config) per file; ServerConfig.Merge takes a
+#: later bootstrap_expect > 0; ClientConfig.Merge merges `meta` key by key).
+CLUSTER_AGENT_CONFIG = "/etc/nomad.d/zzz-cluster.json"
+#: Node meta naming the node whose host volumes hold the stateful jobs' data (nomad/datastorage.nomad.hcl
+#: is constrained to it): node 1 in a cluster; the one VM says the same in zz-infra-lab.hcl.
+DATA_NODE_META = "infra_lab_data"
+
+
+def cluster_agent_config(node: NodeConfig) -> dict[str, Any]:
+    """Raft over the private network: the first three nodes are servers expecting three, joining each
+    other by their cluster addresses; every agent advertises its cluster address, and jobs' ports and
+    services use the cluster NIC (chosen by address, whatever the guest names it), so an allocation on one
+    node reaches a service on another. Node meta names the node and says whether it holds the data."""
+    network = f"{'.'.join(node.address.split('.')[:3])}.0/{node.prefix}"
+    config: dict[str, Any] = {
+        # command/agent/config.go: AdvertiseAddrs {http, rpc, serf}
+        "advertise": {"http": node.address, "rpc": node.address, "serf": node.address},
+        "client": {
+            "enabled": True,
+            # ServerJoin.RetryJoin: a client finds the servers' RPC port (4647) by these addresses
+            "server_join": {"retry_join": [f"{a}:4647" for a in node.servers]},
+            # a go-sockaddr template (config.go: parseSingleInterfaceTemplate): the NIC on the cluster network
+            "network_interface": f'{{{{ GetAllInterfaces | include "network" "{network}" | attr "name" }}}}',
+            "meta": {"infra_lab_node": node.name, DATA_NODE_META: "true" if node.index == 1 else "false"},
+        },
+    }
+    if node.address in node.servers:
+        config["server"] = {
+            "enabled": True,
+            "bootstrap_expect": len(node.servers),
+            # the servers' Serf port (4648) on the cluster network
+            "server_join": {"retry_join": [f"{a}:4648" for a in node.servers]},
+        }
+    return config
 
 
 # --------------------------------------------------------------------------------------------- validate --
@@ -315,7 +380,7 @@ def render(cfg: Config, public_key: str, *, baked: bool = False) -> Seed:
     doc = compose(cfg, public_key, baked=baked)
     validate(doc, cfg)
     user_data = ("#cloud-config\n" + dump(doc)).encode()
-    net = dump(network_config()).encode()
+    net = dump(network_config(cfg.node)).encode()
     digest = hashlib.sha256(user_data + b"\0" + net).hexdigest()[:16]
     instance_id = f"iid-{cfg.project.name}-{digest}"
     meta = dump({"instance-id": instance_id, "local-hostname": cfg.provision.hostname}).encode()

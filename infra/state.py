@@ -28,6 +28,12 @@ KNOWN_HOSTS = "known_hosts"
 DEPLOYED = "deployed.json"  # last image tag deployed by deploy.app
 BUILD_LOG = "build.log"  # the last app image build's full output
 LOCK = "vm.lock"  # flock'ed by VM lifecycle commands (run, stop, destroy): one at a time; names its holder
+# A local cluster (vm.nodes >= 3): each node's own state dir (the names above) is <state>/nodes/<name>/;
+# the private network's switch (vde_switch) keeps its unix sockets in <state>/switch/ and its pid beside.
+NODES_DIR = "nodes"
+SWITCH_DIR = "switch"
+SWITCH_PIDFILE = "switch.pid"
+SWITCH_LOG = "switch.log"
 
 
 # In the image cache (project.cache_dir), not the state dir: outlives `vm.destroy`.
@@ -98,3 +104,23 @@ class StatePaths:
     @property
     def build_log(self) -> Path:
         return self.root / BUILD_LOG
+
+    def node(self, name: str) -> StatePaths:
+        """A cluster node's own state directory (vm.nodes >= 3): <state>/nodes/<name>."""
+        return StatePaths(self.root / NODES_DIR / name)
+
+    @property
+    def nodes_dir(self) -> Path:
+        return self.root / NODES_DIR
+
+    @property
+    def switch_dir(self) -> Path:
+        return self.root / SWITCH_DIR
+
+    @property
+    def switch_pidfile(self) -> Path:
+        return self.root / SWITCH_PIDFILE
+
+    @property
+    def switch_log(self) -> Path:
+        return self.root / SWITCH_LOG

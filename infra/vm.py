@@ -299,6 +299,20 @@ def _prepare(cfg: Config, p: StatePaths) -> Running | Boot:
             f"state dir path too long for a unix socket: {p.qmp_socket}",
             hint="use a shorter project.state_dir",
         )
+    if (
+        cfg.node is not None
+    ):  # a cluster node: the private network's switch must be up (infra.machine starts it)
+        control = cfg.node.switch / "ctl"
+        if len(str(control)) > MAX_SOCKET_PATH:
+            raise VMError(
+                f"state dir path too long for a unix socket: {control}",
+                hint="use a shorter project.state_dir",
+            )
+        if not control.exists():
+            raise VMError(
+                f"the cluster network switch is not running (no {control})",
+                hint="`inv vm.run` starts it with the nodes",
+            )
     host.check_ports(cfg.vm.ports)
     base = images.ensure(cfg, arch)
     check_image(base, "base image")
@@ -350,6 +364,7 @@ def run(prepared: Running | Boot, seed: SeedISO | None) -> Launch:
             disk=p.disk, seed_iso=seed.path, pidfile=p.pidfile, serial_log=p.serial_log, qmp_socket=p.qmp_socket,
             forwards=cfg.vm.ports, name=cfg.project.name, kernel=kernel, initrd=initrd, append=append,
             firmware=firmware, offline=cfg.vm.offline,
+            cluster_nic=qemu.ClusterNIC(cfg.node.switch, cfg.node.mac, cfg.node.primary_mac) if cfg.node is not None else None,
         )  # fmt: skip
         command = qemu.build_command(spec)
         # From here on Ctrl-C waits: qemu started => qemu recorded and reported, or killed by the cleanup.
@@ -357,7 +372,8 @@ def run(prepared: Running | Boot, seed: SeedISO | None) -> Launch:
             pid = _launch(command, p)
             record = _record(b, pid, accel, reason, seed, command)
             forwards = ", ".join(f"{n} 127.0.0.1:{f.host}->{f.guest}" for n, f in cfg.vm.ports.items())
-            ui.ok(f"VM started: pid {pid}, {accel} ({reason}), {cfg.vm.cpus} vCPU, {cfg.vm.memory_mb} MiB")
+            who = f"node {cfg.node.name} ({cfg.node.address})" if cfg.node is not None else "VM"
+            ui.ok(f"{who} started: pid {pid}, {accel} ({reason}), {cfg.vm.cpus} vCPU, {cfg.vm.memory_mb} MiB")
             ui.info(f"    image: {choice.reason}: {choice.image}")
             ui.info(
                 f"    forwards: {forwards}"
@@ -391,6 +407,8 @@ def _record(b: Boot, pid: int, accel: str, reason: str, seed: SeedISO, command: 
         "direct_kernel_boot": b.direct[0] is not None,
         "command": command,
     }
+    if cfg.node is not None:
+        record |= {"node": cfg.node.name, "cluster_address": cfg.node.address}
     tmp = p.vm_record.with_name(f".{p.vm_record.name}.tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     tmp.replace(p.vm_record)
@@ -550,6 +568,8 @@ def status(cfg: Config) -> dict[str, Any]:
     pid = running_pid(p)
     record = load_record(p)
     info: dict[str, Any] = {"running": pid is not None, "state_dir": str(p.root)}
+    if cfg.node is not None:
+        info |= {"name": cfg.node.name, "cluster_address": cfg.node.address}
     if pid is None:
         info["disk"] = str(p.disk) if p.disk.exists() else None
         return info

@@ -47,6 +47,14 @@ variable "kafka_host_port" {
 job "datastorage" {
   type = "service"
 
+  # Only on the node whose host volumes hold the data (node meta written by cloud-init: zz-infra-lab.hcl
+  # on the one VM, zzz-cluster.json on nomad-1 of a local cluster): when that node is lost, the
+  # allocations wait for it instead of starting Postgres and Kafka on an empty disk elsewhere.
+  constraint {
+    attribute = "${meta.infra_lab_data}"
+    value     = "true"
+  }
+
   # Stateful groups: one allocation each, replaced in place (no canary: it would mount the same
   # host volume next to the running instance, two writers on one data dir, and collide on static
   # ports). The first deploy pulls both images, which under TCG emulation alone can take minutes:

@@ -20,6 +20,13 @@ server {
 client {
   enabled = true
 
+  # This node holds the stateful jobs' host volumes: nomad/datastorage.nomad.hcl is constrained to it, so
+  # Postgres and Kafka never start on an empty disk elsewhere. In a local cluster (vm.nodes >= 3) each
+  # node's /etc/nomad.d/zzz-cluster.json overrides it: "true" on nomad-1 only (infra/seed.py).
+  meta {
+    infra_lab_data = "true"
+  }
+
   # No cni_path: no job uses bridge networking (Docker's own port mapping needs no CNI), and nothing
   # installs CNI plugins in the guest. A job with network { mode = "bridge" } would need the
   # containernetworking-plugins package and cni_path = "/usr/lib/cni"; speclint refuses bridge mode.
