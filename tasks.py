@@ -231,12 +231,20 @@ def image_prune(c: Context, all: bool = False) -> None:
 @task(name="wait", help={"timeout": "seconds to wait (default: nomad.wait_timeout)"})
 @domain_errors
 def nomad_wait(c: Context, timeout: int = 0) -> None:
-    """Wait for a leader, this node ready and eligible, and a healthy docker driver."""
-    from infra import cluster, nomad
+    """Wait for a leader, this node ready and eligible, and a healthy docker driver (vm.nodes >= 3: three
+    servers in the Raft configuration and every node ready)."""
+    from infra import cluster, nodes, nomad
 
     option(timeout >= 0, f"--timeout must be a positive number of seconds, not {timeout}")
     config = reach_cfg(c)
-    cluster.wait_ready(nomad.Client.from_config(config), timeout=timeout or config.nomad.wait_timeout)
+    client = nomad.Client.from_config(config)
+    if nodes.is_cluster(config):
+        servers = min(nodes.SERVERS, config.vm.nodes)
+        cluster.wait_nodes(
+            client, servers=servers, nodes=config.vm.nodes, timeout=timeout or config.nomad.wait_timeout
+        )
+    else:
+        cluster.wait_ready(client, timeout=timeout or config.nomad.wait_timeout)
 
 
 # ------------------------------------------------------------------------------------------------- deploy --

@@ -19,6 +19,7 @@ and the node is then picked from the node list instead.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -207,6 +208,113 @@ def wait_ready(
         details=details,
     )
     return result.value if result.value is not None else probe.last
+
+
+# ----------------------------------------------------------------- a local cluster (vm.nodes >= 3) --
+
+
+@dataclass
+class NodesState:
+    """A multi-node cluster as `inv nomad.wait` sees it: the Raft servers, the leader, each client node."""
+
+    reachable: bool = False
+    leader: str = ""
+    peers: list[str] = dataclasses.field(default_factory=list)
+    nodes: list[ClusterState] = dataclasses.field(default_factory=list)
+    problem: str = ""
+
+    def ready_nodes(self) -> list[ClusterState]:
+        return [n for n in self.nodes if n.ready]
+
+    def ready(self, servers: int, nodes: int) -> bool:
+        return bool(self.leader) and len(self.peers) >= servers and len(self.ready_nodes()) >= nodes
+
+    def describe(self, servers: int, nodes: int) -> str:
+        if self.problem:
+            return self.problem
+        waiting = [
+            f"{n.node_name or n.node_id[:8]}: {n.describe().split('; ', 1)[-1]}"
+            for n in self.nodes
+            if not n.ready
+        ]
+        return (
+            f"leader {self.leader or 'none'}; {len(self.peers)}/{servers} servers in the Raft configuration; "
+            f"{len(self.ready_nodes())}/{nodes} nodes ready" + (f" ({'; '.join(waiting)})" if waiting else "")
+        )
+
+
+class NodesProbe(ReadinessProbe):
+    """`wait_nodes`' probe: the Raft peers (GET /v1/status/peers) and every node (a blocking query on
+    GET /v1/nodes, whose stubs carry Status, SchedulingEligibility, Drain and Drivers)."""
+
+    def __init__(self, client: Client, *, servers: int, nodes: int, **kw: Any) -> None:
+        super().__init__(client, **kw)
+        self.servers = servers
+        self.expected = nodes
+        self.cluster = NodesState(problem="no answer yet")
+
+    def __call__(self, deadline: Deadline) -> Probe[ClusterState]:
+        st = self._look_all(deadline)
+        self.cluster = st
+        ready = st.ready(self.servers, self.expected)
+        summary = ClusterState(reachable=st.reachable, leader=bool(st.leader), problem=st.problem)
+        self.last = summary
+        return Probe(ready, st.describe(self.servers, self.expected), summary)
+
+    def _look_all(self, deadline: Deadline) -> NodesState:
+        started = time.monotonic()
+        st = NodesState()
+        try:
+            bound = max(0.5, deadline.remaining())
+            st.leader = self.client.leader(retries=0, timeout=bound)
+            st.peers = self.client.peers(retries=0, timeout=bound)
+            # block only while the Raft part is complete: a peer joining does not move the nodes' index
+            blocking = st.leader and len(st.peers) >= self.servers
+            wait = max(0.1, min(BLOCK_SECONDS, deadline.remaining())) if blocking else None
+            res = self.client.nodes(
+                index=(self.index or None) if blocking else None, wait=wait, retries=0,
+                timeout=max(0.5, deadline.remaining()),
+            )  # fmt: skip
+        except NomadTLSError:
+            raise
+        except NomadUnreachable as exc:
+            self._pause(started, 0.5)
+            st.problem = f"Nomad API not answering ({exc.message.split(': ', 1)[-1]})"
+            return st
+        except NomadAPIError as exc:
+            if exc.permanent:
+                raise
+            self._pause(started, RETRY_PAUSE if exc.no_leader else 1.0)
+            st.reachable = True
+            st.problem = (
+                "Nomad API up; no cluster leader yet"
+                if exc.no_leader
+                else f"HTTP {exc.status}: {exc.body[:120]}"
+            )
+            return st
+        st.reachable = True
+        self.index = 0 if res.index < self.index else res.index
+        st.nodes = [node_state(stub, ClusterState(leader=True)) for stub in list(res.body or [])]
+        if not (st.leader and len(st.peers) >= self.servers):
+            self._pause(started, 1.0)  # peers are polled: nothing to block on
+        return st
+
+
+def wait_nodes(
+    client: Client, *, servers: int, nodes: int, timeout: float, sleep: Callable[[float], None] = time.sleep
+) -> NodesState:
+    """`inv nomad.wait` for a cluster: a leader, `servers` servers in the Raft configuration and `nodes`
+    ready, eligible nodes with a healthy docker driver."""
+    probe = NodesProbe(client, servers=servers, nodes=nodes, sleep=sleep)
+    wait_until(
+        probe,
+        what=f"Nomad at {client.addr} (leader, {servers} servers, {nodes} nodes ready with docker)",
+        timeout=timeout,
+        interval=0,
+        hint=WAIT_HINT,
+        sleep=sleep,
+    )
+    return probe.cluster
 
 
 def _node_events(client: Client, st: ClusterState) -> list[str]:

@@ -505,6 +505,12 @@ class Client:
         """GET /v1/status/leader: "ip:port" of the leader, "" while there is none."""
         return str(self.get("/v1/status/leader", **kw) or "")
 
+    def peers(self, **kw: Any) -> list[str]:
+        """GET /v1/status/peers: the Raft configuration's server addresses ("ip:port"), as the leader sees
+        them (command/agent/status_endpoint.go StatusPeersRequest -> nomad/status_endpoint.go Status.Peers:
+        raft.GetConfiguration().Servers; no ACL check: "intentionally throwing away any auth error")."""
+        return [str(p) for p in self.get("/v1/status/peers", **kw) or []]
+
     def agent_self(self, **kw: Any) -> dict[str, Any]:
         return dict(self.get("/v1/agent/self", **kw) or {})
 

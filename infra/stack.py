@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from infra import cluster, deploy, nomad, release, ui
+from infra import cluster, deploy, nodes, nomad, release, ui
 from infra.config import Config
 from infra.errors import ConfigError, DeployError, NomadError
 from infra.nomad import Client, NomadUnreachable
@@ -36,6 +36,8 @@ def up(cfg: Config, *, client: Client | None = None) -> UpResult:
     started = time.monotonic()
     if client is None:
         _check_provisioned(cfg)
+    if nodes.is_cluster(cfg):
+        return _up_cluster(cfg, client, started)
     ui.step("iso: seed ISO")
     # first, so that a bad input fails before any download; made once, for the image the VM boots (a running
     # VM: the one it runs), and unchanged on a second `up`
@@ -57,6 +59,33 @@ def up(cfg: Config, *, client: Client | None = None) -> UpResult:
     for line in url_lines(cfg):
         ui.info(line)
     return UpResult(made, shipped.image)
+
+
+def _up_cluster(cfg: Config, client: Client | None, started: float) -> UpResult:
+    """`up` with vm.nodes >= 3: every node booted (side by side) and checked, then Nomad waited for with
+    three servers and every node ready, then the same deploys as on one VM (through node 1's forwards)."""
+    from infra import machine
+
+    ui.step(f"vm.run: boot {cfg.vm.nodes} nodes on the cluster network")
+    booted = machine.run_nodes(cfg)
+    ui.step("vm.check: cloud-init finished, services active, on every node")
+    machine.check_nodes(cfg)
+    client = client or Client.from_config(cfg)
+    servers = min(nodes.SERVERS, cfg.vm.nodes)
+    ui.step(f"nomad.wait: leader, {servers} servers, {cfg.vm.nodes} nodes ready with docker")
+    cluster.wait_nodes(client, servers=servers, nodes=cfg.vm.nodes, timeout=cfg.nomad.wait_timeout)
+    shipped = deploy_all(cfg, client)
+    ui.ok(f"up: everything is running on {cfg.vm.nodes} nodes ({time.monotonic() - started:.1f}s)")
+    for line in url_lines(cfg):
+        ui.info(line)
+    first = booted[0].seed
+    if first is None:  # node 1 ran already: its seed as it is
+        from infra import seed
+
+        first = seed.refresh(
+            nodes.node_config(cfg, 1), baked=booted[0].launch.record.get("baked") is not None
+        )
+    return UpResult(first, shipped.image)
 
 
 def _check_provisioned(cfg: Config) -> None:
@@ -112,13 +141,39 @@ def down(cfg: Config, *, client: Client | None = None) -> None:
             failed = exc
     if failed is not None:
         ui.warn(f"purge failed ({failed.message}); stopping the VM anyway")
-    vm.stop(cfg)
+    if nodes.is_cluster(cfg):
+        from infra import machine
+
+        machine.stop_nodes(cfg)
+    else:
+        vm.stop(cfg)
     if failed is not None:
         raise DeployError(
             f"the VM is stopped, but the jobs were not purged: {failed.message}",
             hint=(failed.hint + "; " if failed.hint else "")
             + "they start again with the VM: `inv purge` then",
         ) from failed
+
+
+def _cluster_lines(client: Client, report: dict[str, Any]) -> None:
+    """A cluster's Raft servers and client nodes, in the report and on screen."""
+    try:
+        peers = client.peers(retries=0)
+        stubs = list(client.nodes(retries=0).body or [])
+    except NomadError as exc:
+        ui.info(f"       servers/nodes: {exc.message}")
+        return
+    states = [cluster.node_state(stub, cluster.ClusterState(leader=True)) for stub in stubs]
+    report["nomad"]["peers"] = peers
+    report["nomad"]["nodes"] = [
+        {"name": n.node_name, "status": n.node_status, "eligibility": n.eligibility, "ready": n.ready}
+        for n in states
+    ]
+    ui.info(f"       servers (Raft): {', '.join(peers) or 'none'}")
+    for n in states:
+        ui.info(
+            f"       node {n.node_name:<10} {n.node_status:<12} {n.eligibility}{', ready' if n.ready else ''}"
+        )
 
 
 def url_lines(cfg: Config) -> list[str]:
@@ -141,6 +196,16 @@ def status(
     cfg: Config, *, client: Client | None = None, vm_info: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """One screen: VM, Nomad leader and node, each job's status and healthy allocations, the URLs."""
+    if vm_info is None and nodes.is_cluster(cfg):
+        from infra import vm
+
+        each = [vm.status(node) for node in nodes.all_nodes(cfg)]
+        vm_info = {"running": any(n["running"] for n in each), "nodes": each}
+        for n in each:
+            ui.info(
+                f"node   {n['name']} ({n['cluster_address']}): "
+                + (f"running (pid {n['pid']})" if n["running"] else "not running")
+            )
     if vm_info is None:
         from infra import vm
 
@@ -154,7 +219,9 @@ def status(
         return report
     report["nomad"]["addr"] = client.addr
 
-    if vm_info.get("running"):
+    if "nodes" in vm_info:
+        pass  # a cluster: one line per node above
+    elif vm_info.get("running"):
         uptime = vm_info.get("uptime_s")
         up_text = f", up {uptime // 60}m{uptime % 60:02d}s" if isinstance(uptime, int) else ""
         ui.info(f"VM     running (pid {vm_info.get('pid')}, accel {vm_info.get('accel', '?')}{up_text})")
@@ -174,6 +241,8 @@ def status(
         ui.info(f"Nomad  {client.addr}: {st.problem}")
     else:
         ui.info(f"Nomad  {client.addr}: leader {leader or 'none'}; {st.describe()}")
+        if nodes.is_cluster(cfg):
+            _cluster_lines(client, report)
         ui.info("Jobs")
         for job_id in release.project_jobs(cfg):
             try:

@@ -324,6 +324,7 @@ def parse_job_hcl(hcl: str, variables_text: str) -> tuple[dict[str, Any], list[s
                 "Update": _update(upd) if (upd or jattrs.get("type", "service") == "service") else None,
                 "ShutdownDelay": _duration_ns(gattrs.get("shutdown_delay")) or None,
                 "Services": [_service(n, resolve(s)) for n, s in _blocks(g, "service")] or None,
+                "Constraints": _constraints(g, resolve),
                 "Tasks": tasks,
             }
         )
@@ -339,6 +340,7 @@ def parse_job_hcl(hcl: str, variables_text: str) -> tuple[dict[str, Any], list[s
         "Update": _update(job_update),
         "TaskGroups": groups,
         "Meta": resolve(_attrs(_block(jb, "meta"))) or None,
+        "Constraints": _constraints(jb, resolve),
         "Status": "",
         "Stop": False,
         "Stable": False,
@@ -349,6 +351,17 @@ def parse_job_hcl(hcl: str, variables_text: str) -> tuple[dict[str, Any], list[s
         "JobModifyIndex": 0,
     }
     return job, warnings
+
+
+def _constraints(body: dict[str, Any], resolve: _Resolver) -> list[dict[str, str]] | None:
+    """`constraint { attribute, operator, value }` blocks as api.Constraint {LTarget, Operand, RTarget}
+    (jobspec2 decodes them into api.Constraint; the operator defaults to "=")."""
+    out = []
+    for _, c in _blocks(body, "constraint"):
+        a = resolve(_attrs(c))
+        out.append({"LTarget": str(a.get("attribute", "")), "RTarget": str(a.get("value", "")),
+                    "Operand": str(a.get("operator", "="))})  # fmt: skip
+    return out or None
 
 
 def _service(name: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -503,6 +516,9 @@ class NomadAPIDouble:
         self.tables = dict.fromkeys(self.TABLES, 1)
         self.leader = ""
         self.node: dict[str, Any] | None = None
+        # A cluster (`cluster(...)`): the Raft configuration's servers, and the client nodes beyond `node`
+        self.servers: list[str] = []
+        self.more_nodes: list[dict[str, Any]] = []
         self.jobs: dict[str, dict[str, Any]] = {}
         self.versions: dict[str, list[dict[str, Any]]] = {}
         self.evals: dict[str, dict[str, Any]] = {}
@@ -632,6 +648,8 @@ class NomadAPIDouble:
                 "StatusDescription": "",
                 "Drivers": {},
                 "Attributes": {"kernel.name": "linux", "unique.network.ip-address": "10.0.2.15"},
+                # client.meta of cloud-init/files/nomad/zz-infra-lab.hcl: this node holds the data
+                "Meta": {"infra_lab_data": "true"},
                 "NodeResources": {"Cpu": {"CpuShares": 4000}, "Memory": {"MemoryMB": self.node_memory_mb}},
                 "Events": [{"CreateIndex": 0, "Details": None, "Message": "Node registered",
                             "Subsystem": "Cluster", "Timestamp": "2026-11-25T09:00:00Z"}],
@@ -640,6 +658,115 @@ class NomadAPIDouble:
             }  # fmt: skip
             self._set_docker(docker)
             self._bump("nodes", change="node registered")
+
+    # ------------------------------------------------------------------- a cluster (vm.nodes >= 3) --
+    def all_nodes(self) -> list[dict[str, Any]]:
+        return ([self.node] if self.node else []) + self.more_nodes
+
+    def cluster(self, count: int = 3, *, servers: int = 3, subnet: str = "10.87.0") -> NomadAPIDouble:
+        """A settled local cluster as infra/nodes.py makes it: nomad-1 .. nomad-N at <subnet>.10+k, the first
+        `servers` of them in the Raft configuration (their RPC addresses, nomad/status_endpoint.go Peers),
+        nomad-1 the leader, every node ready with docker healthy; node meta as infra/seed.py writes it
+        (infra_lab_node, infra_lab_data "true" on nomad-1 only)."""
+        with self.cond:
+            self.register_node(status="ready", docker="healthy")
+            assert self.node is not None
+            self._cluster_identity(self.node, 1, subnet)
+            for k in range(2, count + 1):
+                node = copy.deepcopy(self.node)
+                node["ID"] = str(uuid.UUID(int=k))
+                self._cluster_identity(node, k, subnet)
+                self.more_nodes.append(node)
+            self.servers = [f"{subnet}.{10 + k}:4647" for k in range(1, servers + 1)]
+            self.leader = self.servers[0]
+            self._keyring_at = time.monotonic() + self.keyring_delay
+            self._bump("nodes", change=f"cluster of {count}")
+        return self
+
+    def _cluster_identity(self, node: dict[str, Any], k: int, subnet: str) -> None:
+        node.update(Name=f"nomad-{k}", Address=f"{subnet}.{10 + k}")
+        node["Attributes"] = dict(node["Attributes"], **{"unique.network.ip-address": f"{subnet}.{10 + k}"})
+        node["Meta"] = {"infra_lab_node": f"nomad-{k}", "infra_lab_data": "true" if k == 1 else "false"}
+
+    def node_named(self, name: str) -> dict[str, Any]:
+        return next(n for n in self.all_nodes() if n["Name"] == name)
+
+    def set_leader(self, address: str) -> None:
+        """A leader change (another server won the election), or "" (none)."""
+        with self.cond:
+            assert not address or address in self.servers, f"{address} is not a server"
+            self.leader = address
+            self._bump("nodes", change=f"leader {address or 'lost'}")
+
+    def lose_node(self, name: str) -> None:
+        """A node stops heartbeating: nomad/heartbeat.go invalidateHeartbeat sets it down (event "Node
+        heartbeat missed"); nomad/node_endpoint.go createNodeEvals makes an evaluation for each job with
+        allocations on it; the scheduler (scheduler/reconciler/reconcile_cluster.go computeStop, markStop with
+        AllocClientStatusLost and "alloc is lost since its node is down") marks those allocations lost and
+        computePlacements replaces them on a feasible node (constraints: scheduler/feasible/feasible.go
+        ConstraintChecker, resolveTarget for ${meta.*}); where none is feasible, a blocked evaluation."""
+        with self.cond:
+            node = self.node_named(name)
+            node["Status"] = "down"
+            node["Events"].append({"CreateIndex": self.index, "Details": None, "Message": "Node heartbeat missed",
+                                   "Subsystem": "Cluster", "Timestamp": "2026-11-25T09:10:00Z"})  # fmt: skip
+            node["ModifyIndex"] = self._bump("nodes", change=f"node {name} down")
+            lost = [a for a in self.allocs.values() if a["NodeID"] == node["ID"] and a["DesiredStatus"] == "run"
+                    and a["ClientStatus"] in ("pending", "running")]  # fmt: skip
+            for alloc in lost:
+                alloc.update(DesiredStatus="stop", ClientStatus="lost",
+                             DesiredDescription="alloc is lost since its node is down")  # fmt: skip
+                alloc["ModifyIndex"] = self._bump("allocs", change=f"alloc {alloc['Name']} lost")
+            for job_id in sorted({a["JobID"] for a in lost}):
+                job = self.jobs.get(job_id)
+                if job is None:
+                    continue
+                ev = self._new_eval(job_id, "node-update", job["JobModifyIndex"])
+                self._replace_lost(job, [a for a in lost if a["JobID"] == job_id], ev)
+
+    def return_node(self, name: str) -> None:
+        """The node heartbeats again (nomad/node_endpoint.go UpdateStatus: ready); blocked evaluations are
+        re-enqueued (nomad/blocked_evals.go)."""
+        with self.cond:
+            node = self.node_named(name)
+            node["Status"] = "ready"
+            node["ModifyIndex"] = self._bump("nodes", change=f"node {name} ready")
+            self._unblock()
+
+    def feasible_nodes(self, job: dict[str, Any], tg: dict[str, Any]) -> list[dict[str, Any]]:
+        """Ready nodes with the group's drivers healthy that meet the job's and group's constraints."""
+        drivers = {t.get("Driver") for t in tg.get("Tasks") or []}
+        constraints = (job.get("Constraints") or []) + (tg.get("Constraints") or [])
+        return [
+            n for n in self.all_nodes()
+            if n["Status"] == "ready"
+            and all((n["Drivers"].get(d) or {}).get("Healthy") for d in drivers)
+            and all(_meets(c, n) for c in constraints)
+        ]  # fmt: skip
+
+    def _replace_lost(self, job: dict[str, Any], lost: list[dict[str, Any]], ev: dict[str, Any]) -> None:
+        groups = {tg["Name"]: tg for tg in job["TaskGroups"]}
+        blocked: dict[str, Any] = {}
+        for alloc in lost:
+            tg = groups.get(alloc["TaskGroup"])
+            if tg is None:
+                continue
+            targets = self.feasible_nodes(job, tg)
+            if not targets:
+                filtered = {f"{c['LTarget']} {c['Operand']} {c['RTarget']}": 1
+                            for c in (job.get("Constraints") or []) + (tg.get("Constraints") or [])}  # fmt: skip
+                blocked[tg["Name"]] = {"NodesEvaluated": len(self.all_nodes()), "ConstraintFiltered": filtered or None,
+                                       "NodesAvailable": {"dc1": len([n for n in self.all_nodes() if n["Status"] == "ready"])}}  # fmt: skip
+                continue
+            index = int(alloc["Name"].rsplit("[", 1)[1].rstrip("]"))
+            new = self._place(job, tg, index, None, ev, node=targets[0])
+            new["PreviousAllocation"] = alloc["ID"]
+            alloc["NextAllocation"] = new["ID"]
+        if blocked:
+            later = self._new_eval(job["ID"], "queued-allocs", job["JobModifyIndex"], status="blocked")
+            self._finish_eval(ev, FailedTGAllocs=blocked, BlockedEval=later["ID"])
+        else:
+            self._finish_eval(ev)
 
     def set_node(self, **fields: Any) -> None:
         with self.cond:
@@ -847,10 +974,15 @@ class NomadAPIDouble:
             return self._logs(request, m.group("id"))
         self._region(request)
         if path in ("/v1/status/leader", "/v1/status/peers"):
-            # nomad/status_endpoint.go Leader/Peers: authentication errors are thrown away, no ACL check
-            return self._json(
-                self.leader if path.endswith("leader") else ([self.leader] if self.leader else [])
-            )
+            # nomad/status_endpoint.go Leader/Peers: authentication errors are thrown away, no ACL check.
+            # Peers is forwarded to the leader (s.srv.forward: "No cluster leader" without one) and lists
+            # raft.GetConfiguration().Servers: every server in the configuration, a down one included
+            # (it stays until autopilot removes it).
+            if path.endswith("leader"):
+                return self._json(self.leader)
+            if self.servers and not self.leader:
+                self._hold_for_leader()
+            return self._json(list(self.servers) if self.servers else ([self.leader] if self.leader else []))
         # capability per route: nomad/node_endpoint.go (AllowNodeRead), nomad/job_endpoint.go (read-job,
         # submit-job, list-jobs), nomad/deployment_endpoint.go (read-job; promote: submit-job or
         # promote-deployment), nomad/eval_endpoint.go + alloc_endpoint.go (read-job),
@@ -917,11 +1049,11 @@ class NomadAPIDouble:
         self._block(request, "nodes")
         with self.cond:
             stubs = []
-            if self.node:
+            for node in self.all_nodes():  # one node, or a cluster's (`cluster`)
                 stub = {
                     k: copy.deepcopy(v)
-                    for k, v in self.node.items()
-                    if k not in ("Attributes", "Events", "NodeResources")
+                    for k, v in node.items()
+                    if k not in ("Attributes", "Events", "NodeResources", "Meta")
                 }
                 stubs.append(stub)
             return self._json(stubs, "nodes")
@@ -930,9 +1062,10 @@ class NomadAPIDouble:
         # nomad/node_endpoint.go GetNode; command/agent/node_endpoint.go: 404 "node not found"
         self._block(request, "nodes")
         with self.cond:
-            if not self.node or self.node["ID"] != id:
+            found = next((n for n in self.all_nodes() if n["ID"] == id), None)
+            if found is None:
                 raise _HTTPError(404, "node not found")
-            return self._json(copy.deepcopy(self.node), "nodes")
+            return self._json(copy.deepcopy(found), "nodes")
 
     # ------------------------------------------------------------------------------------------ jobs --
     def _parse(self, request: Request, body: Any) -> Response:
@@ -1114,6 +1247,18 @@ class NomadAPIDouble:
                 metric.update(NodesFiltered=1, ConstraintFiltered={"missing drivers": 1})
                 failed[tg["Name"]] = metric
                 continue
+            unmet = [
+                c
+                for c in (job.get("Constraints") or []) + (tg.get("Constraints") or [])
+                if not _meets(c, node)
+            ]
+            if unmet:  # scheduler/feasible/feasible.go ConstraintChecker: the constraint's text as the key
+                c = unmet[0]
+                metric.update(
+                    NodesFiltered=1, ConstraintFiltered={f"{c['LTarget']} {c['Operand']} {c['RTarget']}": 1}
+                )
+                failed[tg["Name"]] = metric
+                continue
             memory = sum(int(t["Resources"]["MemoryMB"]) for t in tg.get("Tasks") or []) * int(
                 tg.get("Count", 1)
             )
@@ -1186,14 +1331,22 @@ class NomadAPIDouble:
 
     # ------------------------------------------------------------------------------------ allocations --
     def _place(
-        self, job: dict[str, Any], tg: dict[str, Any], i: int, dep: dict[str, Any] | None, ev: dict[str, Any]
+        self,
+        job: dict[str, Any],
+        tg: dict[str, Any],
+        i: int,
+        dep: dict[str, Any] | None,
+        ev: dict[str, Any],
+        *,
+        node: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         # scheduler/reconciler: canaries first, the rest after promotion; nomad/structs/structs.go
         # Allocation (DesiredStatus run/stop, ClientStatus pending/running/complete/failed)
         idx = self._bump("allocs")
         alloc = {
             "ID": str(uuid.uuid4()), "EvalID": ev["ID"], "Name": f"{job['ID']}.{tg['Name']}[{i}]",
-            "Namespace": "default", "NodeID": NODE_ID, "NodeName": self.node_name, "JobID": job["ID"],
+            "Namespace": "default", "NodeID": node["ID"] if node else NODE_ID,
+            "NodeName": node["Name"] if node else self.node_name, "JobID": job["ID"],
             "JobType": job["Type"], "JobVersion": job["Version"], "JobCreateIndex": job["CreateIndex"],
             "TaskGroup": tg["Name"],
             "DesiredStatus": "run", "DesiredDescription": "", "ClientStatus": "pending",
@@ -1756,6 +1909,33 @@ class NomadAPIDouble:
             }  # fmt: skip
             self.vars[id] = var
             return self._json(copy.deepcopy(var), "vars")
+
+
+def _meets(constraint: dict[str, str], node: dict[str, Any]) -> bool:
+    """scheduler/feasible/feasible.go meetsConstraint: resolveTarget on both sides (${meta.X} -> node.Meta,
+    ${attr.X} -> node.Attributes, ${node.unique.name} -> Name; a literal is itself), then the operand;
+    the double knows "=" / "==" / "is" and "!=" / "not" (checkConstraint), and an unresolved target fails."""
+
+    def resolve(target: str) -> tuple[str, bool]:
+        if not target.startswith("${"):
+            return target, True
+        if target == "${node.unique.name}":
+            return str(node.get("Name", "")), True
+        for prefix, table in (("${meta.", "Meta"), ("${attr.", "Attributes")):
+            if target.startswith(prefix):
+                key = target[len(prefix) : -1]
+                values = node.get(table) or {}
+                return str(values.get(key, "")), key in values
+        return "", False
+
+    left, lfound = resolve(constraint["LTarget"])
+    right, rfound = resolve(constraint["RTarget"])
+    operand = constraint.get("Operand") or "="
+    if operand in ("=", "==", "is"):
+        return lfound and rfound and left == right
+    if operand in ("!=", "not"):
+        return not (lfound and rfound and left == right)
+    raise AssertionError(f"the double does not model constraint operand {operand!r}")
 
 
 class _HTTPError(Exception):

@@ -1,0 +1,193 @@
+"""The Nomad side of a local cluster (vm.nodes: 3) against the Nomad double: `inv nomad.wait`'s wait for three
+servers in the Raft configuration and three ready nodes (infra/cluster.py wait_nodes), a leader change, and
+what the scheduler does when a node is lost: the app's allocation moves to another node, the stateful job,
+constrained to the node whose host volumes hold its data (node meta written by cloud-init, infra/seed.py),
+waits for that node instead of starting on an empty disk elsewhere, and comes back with it.
+
+The double models these from Nomad's source (cited where it does them: nomad/status_endpoint.go Peers,
+nomad/heartbeat.go invalidateHeartbeat, scheduler/reconciler/reconcile_cluster.go computeStop/markStop,
+scheduler/feasible/feasible.go resolveTarget/meetsConstraint). The real VMs of a cluster boot in the VM tier
+(tests/vm/test_vm_cluster.py); the real Nomad cluster runs in the e2e (tests/e2e/test_6_cluster.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from doubles.nomad_api import NomadAPIDouble, parse_job_hcl
+
+from infra import ROOT, cluster, config, deploy, nodes, seed
+from infra.errors import WaitTimeout
+from infra.nomad import Client, Settings
+from infra.waits import Probe, wait_until
+
+APP = """
+job "app" {
+  datacenters = ["*"]
+  group "app" {
+    count = 1
+    task "web" {
+      driver = "docker"
+      config {
+        image = "app:1"
+      }
+      resources {
+        cpu    = 100
+        memory = 128
+      }
+    }
+  }
+}
+"""
+#: The constraint of nomad/datastorage.nomad.hcl, in a small job (its own parse is checked below).
+DATA = """
+job "data" {
+  datacenters = ["*"]
+  constraint {
+    attribute = "${meta.infra_lab_data}"
+    value     = "true"
+  }
+  group "postgres" {
+    count = 1
+    task "postgres" {
+      driver = "docker"
+      config {
+        image = "postgres:17"
+      }
+      resources {
+        cpu    = 100
+        memory = 256
+      }
+    }
+  }
+}
+"""
+
+
+@pytest.fixture
+def cfg() -> config.Config:
+    return config.load({"vm": {"nodes": 3}})
+
+
+def meta_as_cloud_init_writes_it(double: NomadAPIDouble, cfg: config.Config) -> None:
+    """Each node of the double gets the client meta infra/seed.py ships in that node's zzz-cluster.json."""
+    for node_cfg in nodes.all_nodes(cfg):
+        assert node_cfg.node is not None
+        agent = seed.cluster_agent_config(node_cfg.node)
+        double.node_named(node_cfg.node.name)["Meta"] = agent["client"]["meta"]
+
+
+@pytest.fixture
+def double(cfg: config.Config) -> Iterator[NomadAPIDouble]:
+    d = NomadAPIDouble(rpc_hold=0.2).cluster(3).start()
+    meta_as_cloud_init_writes_it(d, cfg)
+    yield d
+    d.stop()
+    assert not d.errors, d.errors
+
+
+@pytest.fixture
+def client(double: NomadAPIDouble) -> Client:
+    return Client(Settings(addr=double.url, retries=0, read_timeout=5))
+
+
+def allocs_of(double: NomadAPIDouble, job: str) -> list[dict[str, object]]:
+    return [a for a in double.allocs.values() if a["JobID"] == job]
+
+
+def test_the_wait_returns_at_once_for_a_settled_three_server_cluster(
+    double: NomadAPIDouble, client: Client
+) -> None:
+    st = cluster.wait_nodes(client, servers=3, nodes=3, timeout=30)
+    assert st.leader == "10.87.0.11:4647"
+    assert st.peers == ["10.87.0.11:4647", "10.87.0.12:4647", "10.87.0.13:4647"]
+    assert sorted(n.node_name for n in st.ready_nodes()) == ["nomad-1", "nomad-2", "nomad-3"]
+    # one look: leader, peers, nodes, each asked once
+    assert [double.count(p) for p in ("^/v1/status/leader$", "^/v1/status/peers$", "^/v1/nodes$")] == [
+        1,
+        1,
+        1,
+    ]
+
+
+def test_the_wait_holds_until_the_third_server_joins_and_the_third_node_is_ready(
+    double: NomadAPIDouble, client: Client
+) -> None:
+    double.servers = double.servers[:2]
+    double.node_named("nomad-3")["Status"] = "initializing"
+    double.at(0.5, lambda: double.servers.append("10.87.0.13:4647"))
+    double.at(0.8, lambda: double.return_node("nomad-3"))
+    st = cluster.wait_nodes(client, servers=3, nodes=3, timeout=60)
+    assert len(st.peers) == 3 and len(st.ready_nodes()) == 3
+    assert double.count("^/v1/status/peers$") >= 2  # it looked again after the two-server answer
+
+
+def test_the_wait_times_out_naming_what_is_missing(double: NomadAPIDouble, client: Client) -> None:
+    double.lose_node("nomad-2")
+    with pytest.raises(WaitTimeout) as caught:
+        cluster.wait_nodes(client, servers=3, nodes=3, timeout=2)
+    message = str(caught.value)
+    assert "3/3 servers in the Raft configuration; 2/3 nodes ready" in message
+    assert "nomad-2: node nomad-2 down" in message
+
+
+def test_a_leader_change_keeps_the_cluster_answering(double: NomadAPIDouble, client: Client) -> None:
+    double.lose_node("nomad-1")
+    double.set_leader("")
+    double.at(0.5, lambda: double.set_leader("10.87.0.12:4647"))
+    st = cluster.wait_nodes(client, servers=3, nodes=2, timeout=60)
+    assert st.leader == "10.87.0.12:4647"
+    # the lost server stays in the Raft configuration (nomad/status_endpoint.go Peers lists every server)
+    assert len(st.peers) == 3
+    assert sorted(n.node_name for n in st.ready_nodes()) == ["nomad-2", "nomad-3"]
+
+
+def test_a_lost_node_moves_the_app_and_the_data_job_waits_for_its_own_node(
+    double: NomadAPIDouble, client: Client, tmp_path: Path
+) -> None:
+    for name, text in (("app", APP), ("data", DATA)):
+        path = tmp_path / f"{name}.nomad.hcl"
+        path.write_text(text)
+        assert deploy.deploy_job(client, path, variables={}, timeout=20).outcome == "deployed"
+    (app_alloc,) = allocs_of(double, "app")
+    (data_alloc,) = allocs_of(double, "data")
+    assert app_alloc["NodeName"] == data_alloc["NodeName"] == "nomad-1"
+
+    double.lose_node("nomad-1")
+    assert app_alloc["ClientStatus"] == "lost" and data_alloc["ClientStatus"] == "lost"
+    moved = [a for a in allocs_of(double, "app") if a["DesiredStatus"] == "run"]
+    assert [a["NodeName"] for a in moved] == ["nomad-2"]
+    assert moved[0]["PreviousAllocation"] == app_alloc["ID"]
+    # no other node holds the data: nothing placed, a blocked evaluation naming the constraint
+    assert [a for a in allocs_of(double, "data") if a["DesiredStatus"] == "run"] == []
+    evals = [e for e in double.evals.values() if e["JobID"] == "data" and e.get("FailedTGAllocs")]
+    assert evals and evals[-1]["FailedTGAllocs"]["postgres"]["ConstraintFiltered"] == {
+        "${meta.infra_lab_data} = true": 1
+    }
+
+    double.return_node("nomad-1")  # the node rejoins: the blocked evaluation places the data job on it
+    cluster.wait_nodes(client, servers=3, nodes=3, timeout=30)
+
+    def placed(_deadline: object) -> Probe[list[object]]:
+        found = [a["NodeName"] for a in allocs_of(double, "data") if a["DesiredStatus"] == "run"]
+        return Probe(bool(found), f"placed on {found}", found)
+
+    assert wait_until(placed, what="the data job placed again", timeout=60, interval=0.05).value == [
+        "nomad-1"
+    ]
+
+
+def test_the_real_data_job_carries_the_constraint_and_only_node_1_meets_it(cfg: config.Config) -> None:
+    job, _ = parse_job_hcl((ROOT / "nomad" / "datastorage.nomad.hcl").read_text(), "")
+    assert job["Constraints"] == [{"LTarget": "${meta.infra_lab_data}", "RTarget": "true", "Operand": "="}]
+    metas = {}
+    for node_cfg in nodes.all_nodes(cfg):
+        assert node_cfg.node is not None
+        metas[node_cfg.node.name] = seed.cluster_agent_config(node_cfg.node)["client"]["meta"][
+            "infra_lab_data"
+        ]
+    assert metas == {"nomad-1": "true", "nomad-2": "false", "nomad-3": "false"}
+    # the one VM says "true" in its agent config (the constraint holds there too)
+    assert 'infra_lab_data = "true"' in (seed.FILES_DIR / "nomad" / "zz-infra-lab.hcl").read_text()
