@@ -345,7 +345,7 @@ def test_two_vm_runs_at_once_start_one_vm(lab: Lab) -> None:
     assert json.loads(lab.state.vm_record.read_text())["pid"] == qemus[0].pid
     status = lab.inv("vm.status", "--json")
     assert status.returncode == 0, status.stderr
-    info = json.loads(status.stdout)
+    (info,) = json.loads(status.stdout)["nodes"]  # {"nodes": [...]}, one VM too
     assert info["running"] is True and info["pid"] == qemus[0].pid
     stopped = lab.inv("vm.stop", "--timeout", "0")
     assert stopped.returncode == 0, stopped.stderr

@@ -28,7 +28,7 @@ from servers.common import processes_of
 
 pytestmark = [
     pytest.mark.vm,
-    pytest.mark.timeout(900),
+    pytest.mark.timeout(1800),  # a safety net, not a bound: the module fixture boots and checks three guests
     pytest.mark.tools("qemu-system-x86_64", "qemu-img", "mmdebstrap", "mke2fs", "ssh", "vde_switch"),
 ]
 
@@ -40,7 +40,9 @@ NOMAD_PORTS = (4647, 4648)  # RPC (Raft) and Serf
 @pytest.fixture(scope="module")
 def cluster_env(test_image: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[VMEnv]:
     env = make_vm_env(test_image, tmp_path_factory.mktemp("cluster"), {"nomad": False, "docker": False})
-    env.settings["vm"] |= {"nodes": 3, "cpus": 1, "memory_mb": 512}
+    # generous waits for real events: three TCG guests beside the tier's others on two shared cores (a
+    # boot took 250 s to reach udev here under a load of 23)
+    env.settings["vm"] |= {"nodes": 3, "cpus": 1, "memory_mb": 512, "ssh_timeout": 900, "cloud_init_timeout": 900}
     env.config_file.write_text(yaml.safe_dump(env.settings))
     yield env
     # whatever a failed test left: stop every node and the switch by pid (vm.destroy does both), then
