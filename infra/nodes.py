@@ -26,6 +26,12 @@ SERVERS = 3
 EVERY_NODE_PORTS = ("ssh", "nomad")
 
 
+class UnknownNode(ConfigError):
+    """`--node NAME` names no node of the configuration: a bad command-line value (exit 2)."""
+
+    exit_code = 2
+
+
 def is_cluster(cfg: Config) -> bool:
     return cfg.vm.nodes > 1
 
@@ -101,7 +107,7 @@ def select(cfg: Config, name: str = "") -> list[Config]:
         return all_nodes(cfg)
     known = names(cfg)
     if name not in known:
-        raise ConfigError(
+        raise UnknownNode(
             f"--node {name!r} is not a node of this configuration (vm.nodes is {cfg.vm.nodes}): "
             f"known nodes are {', '.join(known)}",
             hint="leave --node out to act on every node",
@@ -115,6 +121,6 @@ def one(cfg: Config, name: str = "") -> Config:
 
 
 __all__ = [
-    "EVERY_NODE_PORTS", "PREFIX", "SERVERS", "SUBNET", "address_of", "all_nodes", "is_cluster", "mac_of",
-    "name_of", "names", "node_config", "one", "primary_mac_of", "select", "top",
+    "EVERY_NODE_PORTS", "PREFIX", "SERVERS", "SUBNET", "UnknownNode", "address_of", "all_nodes", "is_cluster",
+    "mac_of", "name_of", "names", "node_config", "one", "primary_mac_of", "select", "top",
 ]  # fmt: skip

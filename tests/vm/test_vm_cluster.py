@@ -42,7 +42,13 @@ def cluster_env(test_image: dict[str, str], tmp_path_factory: pytest.TempPathFac
     env = make_vm_env(test_image, tmp_path_factory.mktemp("cluster"), {"nomad": False, "docker": False})
     # generous waits for real events: three TCG guests beside the tier's others on two shared cores (a
     # boot took 250 s to reach udev here under a load of 23)
-    env.settings["vm"] |= {"nodes": 3, "cpus": 1, "memory_mb": 512, "ssh_timeout": 900, "cloud_init_timeout": 900}
+    env.settings["vm"] |= {
+        "nodes": 3,
+        "cpus": 1,
+        "memory_mb": 512,
+        "ssh_timeout": 900,
+        "cloud_init_timeout": 900,
+    }
     env.config_file.write_text(yaml.safe_dump(env.settings))
     yield env
     # whatever a failed test left: stop every node and the switch by pid (vm.destroy does both), then
@@ -54,7 +60,9 @@ def cluster_env(test_image: dict[str, str], tmp_path_factory: pytest.TempPathFac
 
 def ssh(env: VMEnv, node: str, command: str, timeout: float = 180) -> str:
     result = env.inv("vm.ssh", "--node", node, "--command", command, timeout=timeout)
-    assert result.returncode == 0, f"{node}: {command!r} failed ({result.returncode}):\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, (
+        f"{node}: {command!r} failed ({result.returncode}):\n{result.stderr[-3000:]}"
+    )
     return result.stdout
 
 
@@ -74,9 +82,9 @@ LISTEN = (
 PROBE = (
     "python3 -c 'import socket,sys\n"
     "for t in sys.argv[1:]:\n"
-    "    a, p = t.split(\":\")\n"
+    '    a, p = t.split(":")\n'
     "    try:\n"
-    "        socket.create_connection((a, int(p)), timeout=10).close(); print(t, \"ok\")\n"
+    '        socket.create_connection((a, int(p)), timeout=10).close(); print(t, "ok")\n'
     "    except OSError as e:\n"
     "        print(t, type(e).__name__)\n' {targets}"
 )
@@ -100,7 +108,9 @@ def cluster(cluster_env: VMEnv) -> dict[str, Any]:
     return {"run": run, "check": json.loads(check.stdout.strip().splitlines()[-1])}
 
 
-def test_three_nodes_boot_side_by_side_each_in_its_own_state_dir(cluster_env: VMEnv, cluster: dict[str, Any]) -> None:
+def test_three_nodes_boot_side_by_side_each_in_its_own_state_dir(
+    cluster_env: VMEnv, cluster: dict[str, Any]
+) -> None:
     assert [n["name"] for n in cluster["check"]["nodes"]] == list(NODES)
     assert all(n["cloud_init"] == "done" for n in cluster["check"]["nodes"])
     nodes = status(cluster_env)
@@ -120,7 +130,8 @@ def test_three_nodes_boot_side_by_side_each_in_its_own_state_dir(cluster_env: VM
     assert nodes["nomad-1"]["ports"] == ports
     for k, name in ((1, "nomad-2"), (2, "nomad-3")):
         assert nodes[name]["ports"] == {
-            key: {"host": ports[key]["host"] + 100 * k, "guest": ports[key]["guest"]} for key in ("ssh", "nomad")
+            key: {"host": ports[key]["host"] + 100 * k, "guest": ports[key]["guest"]}
+            for key in ("ssh", "nomad")
         }
 
 
@@ -132,10 +143,14 @@ def test_each_node_has_its_static_cluster_address(cluster_env: VMEnv, cluster: d
         assert "inet 10.0.2.15/24" in out, out  # the user-mode NIC (internet, forwards) stays
 
 
-def test_each_node_reaches_the_other_two_on_the_nomad_ports(cluster_env: VMEnv, cluster: dict[str, Any]) -> None:
+def test_each_node_reaches_the_other_two_on_the_nomad_ports(
+    cluster_env: VMEnv, cluster: dict[str, Any]
+) -> None:
     for name in NODES:
         others = [o for o in NODES if o != name]
-        assert probe(cluster_env, name, others) == {f"{ADDRESS[o]}:{p}": "ok" for o in others for p in NOMAD_PORTS}
+        assert probe(cluster_env, name, others) == {
+            f"{ADDRESS[o]}:{p}": "ok" for o in others for p in NOMAD_PORTS
+        }
 
 
 def iso_files(path: Path) -> dict[str, bytes]:
@@ -150,7 +165,9 @@ def iso_files(path: Path) -> dict[str, bytes]:
     return out
 
 
-def test_the_seeds_differ_only_in_node_identity_and_network(cluster_env: VMEnv, cluster: dict[str, Any]) -> None:
+def test_the_seeds_differ_only_in_node_identity_and_network(
+    cluster_env: VMEnv, cluster: dict[str, Any]
+) -> None:
     seeds = {n: iso_files(cluster_env.state_dir / "nodes" / n / "seed.iso") for n in NODES}
 
     def neutral(name: str) -> tuple[str, str, str]:
@@ -189,7 +206,9 @@ def test_the_network_is_host_local_unix_sockets(cluster_env: VMEnv, cluster: dic
         command = record["command"]
         assert f"vde,id=net1,sock={cluster_env.state_dir / 'switch'}" in command
         assert not [a for a in command if a.startswith(("tap", "bridge", "socket,mcast", "dgram"))]
-        listeners = {c.laddr.ip for c in psutil.Process(record["pid"]).net_connections("inet") if c.status == "LISTEN"}
+        listeners = {
+            c.laddr.ip for c in psutil.Process(record["pid"]).net_connections("inet") if c.status == "LISTEN"
+        }
         assert listeners == {"127.0.0.1"}
 
 
@@ -199,9 +218,10 @@ def test_stopping_one_node_leaves_the_other_two_running_and_reachable(
     before = status(cluster_env)
     stopped = cluster_env.inv("vm.stop", "--node", "nomad-2", timeout=300)
     assert stopped.returncode == 0, stopped.stderr
-    assert not psutil.pid_exists(before["nomad-2"]["pid"]) or psutil.Process(
-        before["nomad-2"]["pid"]
-    ).status() == psutil.STATUS_ZOMBIE
+    assert (
+        not psutil.pid_exists(before["nomad-2"]["pid"])
+        or psutil.Process(before["nomad-2"]["pid"]).status() == psutil.STATUS_ZOMBIE
+    )
     after = status(cluster_env)
     assert after["nomad-2"]["running"] is False
     for name in ("nomad-1", "nomad-3"):
@@ -229,7 +249,9 @@ def test_the_stopped_node_starts_again_and_rejoins(cluster_env: VMEnv, cluster: 
     assert {n: now[n]["pid"] for n in others} == others  # the other two were left alone
 
 
-def test_destroy_removes_every_node_and_leaves_no_process(cluster_env: VMEnv, cluster: dict[str, Any]) -> None:
+def test_destroy_removes_every_node_and_leaves_no_process(
+    cluster_env: VMEnv, cluster: dict[str, Any]
+) -> None:
     pids = [info["pid"] for info in status(cluster_env).values() if info["running"]]
     switch_pid = int((cluster_env.state_dir / "switch.pid").read_text())
     assert len(pids) == 3

@@ -117,7 +117,9 @@ def test_forwards_answer_on_loopback_only(guest_env: Any, booted: dict[str, Any]
 def test_status_reports_the_running_vm(guest_env: Any, booted: dict[str, Any]) -> None:
     result = guest_env.inv("vm.status", "--json", timeout=120)
     assert result.returncode == 0, result.stderr
-    (info,) = json.loads(result.stdout)["nodes"]  # one VM: one node, named by its host name, no cluster address
+    (info,) = json.loads(result.stdout)[
+        "nodes"
+    ]  # one VM: one node, named by its host name, no cluster address
     assert info["name"] == "vmtest-guest" and info["cluster_address"] is None
     assert info["running"] is True and info["pid"] == booted["record"]["pid"]
     assert info["accel"] == "tcg" and info["uptime_s"] > 0
