@@ -147,6 +147,10 @@ def compose(cfg: Config, public_key: str, *, baked: bool = False) -> dict[str, A
             "HASHICORP_KEY_FPR": pgp.HASHICORP_KEY_FPR,
             "HASHICORP_KEY_URL": pgp.HASHICORP_KEY_URL,
         }
+    if cfg.node is not None:  # a cluster node (infra/nodes.py): 40-nomad-start.sh reads NOMAD_SERVER
+        env["CLUSTER_ADDRESS"] = cfg.node.address
+        if cfg.provision.nomad:
+            env["NOMAD_SERVER"] = "true" if cfg.node.address in cfg.node.servers else "false"
     shipped.insert(
         0,
         {
@@ -160,18 +164,15 @@ def compose(cfg: Config, public_key: str, *, baked: bool = False) -> dict[str, A
         if key is not None:
             shipped.append({"path": "/etc/infra-lab/hashicorp.asc", "permissions": "0644", "content": key})
 
-    if cfg.node is not None:
-        env["CLUSTER_ADDRESS"] = cfg.node.address
-        if cfg.provision.nomad:
-            env["NOMAD_SERVER"] = "true" if cfg.node.address in cfg.node.servers else "false"
-            shipped.append(
-                {
-                    "path": CLUSTER_AGENT_CONFIG,
-                    "permissions": "0644",
-                    "content": json.dumps(cluster_agent_config(cfg.node), indent=2) + "\n",
-                    "defer": True,
-                }
-            )
+    if cfg.node is not None and cfg.provision.nomad:
+        shipped.append(
+            {
+                "path": CLUSTER_AGENT_CONFIG,
+                "permissions": "0644",
+                "content": json.dumps(cluster_agent_config(cfg.node), indent=2) + "\n",
+                "defer": True,
+            }
+        )
 
     if cfg.provision.docker and cfg.provision.registry_mirror:
         daemon = {"registry-mirrors": [cfg.provision.registry_mirror]}
