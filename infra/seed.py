@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import io
 import json
@@ -196,7 +197,9 @@ def compose(cfg: Config, public_key: str, *, baked: bool = False) -> dict[str, A
 
 def instance_neutral(cfg: Config) -> dict[str, Any]:
     """The full user-data minus its per-instance parts (host name, the login key): what a bake is made of."""
-    doc = compose(cfg, public_key="")
+    # a cluster node's identity (its address, its agent's cluster file) is per instance too: every node of a
+    # cluster boots the one bake of the configuration (40-nomad-start.sh clears a bake's pre-cluster state)
+    doc = compose(dataclasses.replace(cfg, node=None), public_key="")
     for key in PER_INSTANCE_KEYS:
         doc.pop(key, None)
     for user in doc.get("users", []):

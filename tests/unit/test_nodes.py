@@ -146,3 +146,12 @@ def test_the_cluster_file_sorts_after_the_agent_configs_it_overrides() -> None:
     """Nomad loads /etc/nomad.d in name order, later files winning (command/agent/config.go LoadConfigDir)."""
     name = Path(seed.CLUSTER_AGENT_CONFIG).name
     assert sorted([name, "nomad.hcl", "zz-infra-lab.hcl"])[-1] == name
+
+
+def test_every_node_boots_the_one_bake_of_the_configuration(make_cfg: MakeCfg) -> None:
+    """The bake's content key (infra/bakecache.py) hashes the instance-neutral user-data: a node's identity
+    (address, cluster agent file, host name) is left out, so `inv image.bake` serves every node."""
+    cfg = make_cfg(vm={"nodes": 3})
+    neutral = seed.dump(seed.instance_neutral(cfg))
+    assert [seed.dump(seed.instance_neutral(n)) for n in nodes.all_nodes(cfg)] == [neutral] * 3
+    assert seed.CLUSTER_AGENT_CONFIG not in neutral and "10.87.0." not in neutral
