@@ -154,4 +154,5 @@ def test_every_node_boots_the_one_bake_of_the_configuration(make_cfg: MakeCfg) -
     cfg = make_cfg(vm={"nodes": 3})
     neutral = seed.dump(seed.instance_neutral(cfg))
     assert [seed.dump(seed.instance_neutral(n)) for n in nodes.all_nodes(cfg)] == [neutral] * 3
-    assert seed.CLUSTER_AGENT_CONFIG not in neutral and "10.87.0." not in neutral
+    paths = [f["path"] for f in seed.instance_neutral(nodes.node_config(cfg, 1))["write_files"]]
+    assert seed.CLUSTER_AGENT_CONFIG not in paths and "10.87.0." not in neutral
