@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from infra import build, deploy, files, ui
+from infra import build, deploy, files, nodes, seed, ui
 from infra.build import BuildResult, LocalDocker
 from infra.config import Config
 from infra.deploy import DeployResult
@@ -71,7 +71,12 @@ def deploy_data(cfg: Config, client: Client, *, detach: bool = False) -> DeployR
 
 
 def deploy_ingress(cfg: Config, client: Client, *, detach: bool = False) -> DeployResult:
-    return deploy.deploy_job(client, cfg.deploy.ingress_job, detach=detach, timeout=cfg.deploy.timeout)
+    # A local cluster (vm.nodes >= 3): the entrypoints on host network "public", the user-mode NIC where the
+    # forwards arrive (each node's agent declares it, infra/seed.py); one VM: the job's default.
+    variables = {"host_network": seed.PUBLIC_HOST_NETWORK[0]} if nodes.is_cluster(cfg) else None
+    return deploy.deploy_job(
+        client, cfg.deploy.ingress_job, variables=variables, detach=detach, timeout=cfg.deploy.timeout
+    )
 
 
 def deploy_app(

@@ -246,31 +246,46 @@ CLUSTER_AGENT_CONFIG = "/etc/nomad.d/zzz-cluster.json"
 DATA_NODE_META = "infra_lab_data"
 
 
+#: The host-facing network of every node: the user-mode NIC (qemu's slirp network), where the 127.0.0.1
+#: forwards arrive. nomad/ingress.nomad.hcl puts its ports on it in a cluster (infra/release.py).
+PUBLIC_HOST_NETWORK = ("public", "10.0.2.0/24")
+
+
 def cluster_agent_config(node: NodeConfig) -> dict[str, Any]:
     """Raft over the private network: the first three nodes are servers expecting three, joining each
     other by their cluster addresses; every agent advertises its cluster address, and jobs' ports and
     services use the cluster NIC (chosen by address, whatever the guest names it), so an allocation on one
-    node reaches a service on another. Node meta names the node and says whether it holds the data."""
+    node reaches a service on another; the user-mode NIC is host network "public" (the forwards' side).
+    Node meta names the node and says whether it holds the data.
+
+    The shape is the agent's JSON as Nomad's own tests write it (command/agent/testdata/basic.json: every
+    block a list of one object, a labelled block {label: [{...}]}), parsed by command/agent/config_parse.go
+    ParseConfigFile (HCL1 decoding of JSON)."""
     network = f"{'.'.join(node.address.split('.')[:3])}.0/{node.prefix}"
+    name, cidr = PUBLIC_HOST_NETWORK
+    client: dict[str, Any] = {
+        "enabled": True,
+        # ServerJoin.RetryJoin: a client finds the servers' RPC port (4647) by these addresses
+        "server_join": [{"retry_join": [f"{a}:4647" for a in node.servers]}],
+        # a go-sockaddr template (config.go: parseSingleInterfaceTemplate): the NIC on the cluster network
+        "network_interface": f'{{{{ GetAllInterfaces | include "network" "{network}" | attr "name" }}}}',
+        "host_network": [{name: [{"cidr": cidr}]}],
+        "meta": [{"infra_lab_node": node.name, DATA_NODE_META: "true" if node.index == 1 else "false"}],
+    }
     config: dict[str, Any] = {
         # command/agent/config.go: AdvertiseAddrs {http, rpc, serf}
-        "advertise": {"http": node.address, "rpc": node.address, "serf": node.address},
-        "client": {
-            "enabled": True,
-            # ServerJoin.RetryJoin: a client finds the servers' RPC port (4647) by these addresses
-            "server_join": {"retry_join": [f"{a}:4647" for a in node.servers]},
-            # a go-sockaddr template (config.go: parseSingleInterfaceTemplate): the NIC on the cluster network
-            "network_interface": f'{{{{ GetAllInterfaces | include "network" "{network}" | attr "name" }}}}',
-            "meta": {"infra_lab_node": node.name, DATA_NODE_META: "true" if node.index == 1 else "false"},
-        },
+        "advertise": [{"http": node.address, "rpc": node.address, "serf": node.address}],
+        "client": [client],
     }
     if node.address in node.servers:
-        config["server"] = {
-            "enabled": True,
-            "bootstrap_expect": len(node.servers),
-            # the servers' Serf port (4648) on the cluster network
-            "server_join": {"retry_join": [f"{a}:4648" for a in node.servers]},
-        }
+        config["server"] = [
+            {
+                "enabled": True,
+                "bootstrap_expect": len(node.servers),
+                # the servers' Serf port (4648) on the cluster network
+                "server_join": [{"retry_join": [f"{a}:4648" for a in node.servers]}],
+            }
+        ]
     return config
 
 

@@ -22,6 +22,12 @@ variable "nomad_api_port" {
   default     = 4646
 }
 
+variable "host_network" {
+  description = "Host network of the entrypoints: default (one VM), or public (a local cluster: the user-mode NIC where the VM's forwards arrive, declared in each node's agent config) -- see infra/release.py."
+  type        = string
+  default     = "default"
+}
+
 job "ingress" {
   type = "service"
 
@@ -38,21 +44,25 @@ job "ingress" {
     count = 1
 
     # Static ports with Docker's port mapping (no CNI bridge needed): these are the guest ports the
-    # VM forwards.
+    # VM forwards. In a local cluster the jobs' default network is the cluster NIC, where the forwards do
+    # not arrive: there the entrypoints go on host network "public" (the user-mode NIC).
     network {
       port "app" {
-        static = 3000
-        to     = 3000
+        static       = 3000
+        to           = 3000
+        host_network = var.host_network
       }
 
       port "web" {
-        static = 8080
-        to     = 8080
+        static       = 8080
+        to           = 8080
+        host_network = var.host_network
       }
 
       port "dashboard" {
-        static = 8081
-        to     = 8081
+        static       = 8081
+        to           = 8081
+        host_network = var.host_network
       }
     }
 

@@ -76,7 +76,7 @@ def meta_as_cloud_init_writes_it(double: NomadAPIDouble, cfg: config.Config) -> 
     for node_cfg in nodes.all_nodes(cfg):
         assert node_cfg.node is not None
         agent = seed.cluster_agent_config(node_cfg.node)
-        double.node_named(node_cfg.node.name)["Meta"] = agent["client"]["meta"]
+        double.node_named(node_cfg.node.name)["Meta"] = agent["client"][0]["meta"][0]
 
 
 @pytest.fixture
@@ -185,9 +185,22 @@ def test_the_real_data_job_carries_the_constraint_and_only_node_1_meets_it(cfg: 
     metas = {}
     for node_cfg in nodes.all_nodes(cfg):
         assert node_cfg.node is not None
-        metas[node_cfg.node.name] = seed.cluster_agent_config(node_cfg.node)["client"]["meta"][
-            "infra_lab_data"
-        ]
+        (client,) = seed.cluster_agent_config(node_cfg.node)["client"]
+        metas[node_cfg.node.name] = client["meta"][0]["infra_lab_data"]
     assert metas == {"nomad-1": "true", "nomad-2": "false", "nomad-3": "false"}
     # the one VM says "true" in its agent config (the constraint holds there too)
     assert 'infra_lab_data = "true"' in (seed.FILES_DIR / "nomad" / "zz-infra-lab.hcl").read_text()
+
+
+def test_the_ingress_entrypoints_go_on_the_public_network_in_a_cluster_only(
+    double: NomadAPIDouble, client: Client, cfg: config.Config, tmp_path: Path
+) -> None:
+    """infra/release.py deploy_ingress: the variable host_network "public" in a cluster (each node's agent
+    declares it, infra/seed.py), the job's default ("default", what Nomad canonicalizes an empty one to:
+    nomad/structs/structs.go NetworkResource.Canonicalize) with one VM."""
+    from infra import release
+
+    release.deploy_ingress(cfg, client, detach=True)
+    assert double.parse_calls[-1]["Variables"] == 'host_network = "public"\n'
+    release.deploy_ingress(config.load(), client, detach=True)
+    assert double.parse_calls[-1]["Variables"] == ""

@@ -121,18 +121,22 @@ def test_the_first_three_nodes_are_servers_and_every_node_a_client(make_cfg: Mak
     assert agent_file(cfg) is None  # the top-level configuration is no node
     first, fourth = agent_file(nodes.node_config(cfg, 1)), agent_file(nodes.node_config(cfg, 4))
     assert first is not None and fourth is not None
-    assert first["server"] == {
+    # the agent's JSON in the shape of Nomad's own tests (command/agent/testdata/basic.json): blocks as
+    # lists of one object
+    assert first["server"] == [{
         "enabled": True, "bootstrap_expect": 3,
-        "server_join": {"retry_join": ["10.87.0.11:4648", "10.87.0.12:4648", "10.87.0.13:4648"]},
-    }  # fmt: skip
-    assert first["advertise"] == {"http": "10.87.0.11", "rpc": "10.87.0.11", "serf": "10.87.0.11"}
-    assert first["client"]["meta"] == {"infra_lab_node": "nomad-1", "infra_lab_data": "true"}
-    assert "server" not in fourth and fourth["client"]["meta"]["infra_lab_data"] == "false"
-    assert fourth["client"]["server_join"] == {
-        "retry_join": ["10.87.0.11:4647", "10.87.0.12:4647", "10.87.0.13:4647"]
-    }
+        "server_join": [{"retry_join": ["10.87.0.11:4648", "10.87.0.12:4648", "10.87.0.13:4648"]}],
+    }]  # fmt: skip
+    assert first["advertise"] == [{"http": "10.87.0.11", "rpc": "10.87.0.11", "serf": "10.87.0.11"}]
+    (client1,), (client4,) = first["client"], fourth["client"]
+    assert client1["meta"] == [{"infra_lab_node": "nomad-1", "infra_lab_data": "true"}]
+    assert "server" not in fourth and client4["meta"][0]["infra_lab_data"] == "false"
+    assert client4["server_join"] == [
+        {"retry_join": ["10.87.0.11:4647", "10.87.0.12:4647", "10.87.0.13:4647"]}
+    ]
+    assert client4["host_network"] == [{"public": [{"cidr": "10.0.2.0/24"}]}]
     assert (
-        fourth["client"]["network_interface"]
+        client4["network_interface"]
         == '{{ GetAllInterfaces | include "network" "10.87.0.0/24" | attr "name" }}'
     )
     env = {
