@@ -67,7 +67,11 @@ def ensure_postgres_password(cfg: Config, client: Client) -> None:
 def deploy_data(cfg: Config, client: Client, *, detach: bool = False) -> DeployResult:
     deploy.read_job_file(cfg.deploy.data_job)  # a bad job file stops here, before the secret is created
     ensure_postgres_password(cfg, client)
-    return deploy.deploy_job(client, cfg.deploy.data_job, detach=detach, timeout=cfg.deploy.timeout)
+    # a local cluster: Kafka's listener for host clients on the user-mode NIC (see deploy_ingress)
+    variables = {"host_network": seed.PUBLIC_HOST_NETWORK[0]} if nodes.is_cluster(cfg) else None
+    return deploy.deploy_job(
+        client, cfg.deploy.data_job, variables=variables, detach=detach, timeout=cfg.deploy.timeout
+    )
 
 
 def deploy_ingress(cfg: Config, client: Client, *, detach: bool = False) -> DeployResult:

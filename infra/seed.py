@@ -244,6 +244,9 @@ CLUSTER_AGENT_CONFIG = "/etc/nomad.d/zzz-cluster.json"
 #: Node meta naming the node whose host volumes hold the stateful jobs' data (nomad/datastorage.nomad.hcl
 #: is constrained to it): node 1 in a cluster; the one VM says the same in zz-infra-lab.hcl.
 DATA_NODE_META = "infra_lab_data"
+#: Node meta naming the entry point, the node the host's forwards of the ingress reach (nomad-1):
+#: nomad/ingress.nomad.hcl is constrained to it.
+ENTRY_NODE_META = "infra_lab_entry"
 
 
 #: The host-facing network of every node: the user-mode NIC (qemu's slirp network), where the 127.0.0.1
@@ -270,7 +273,13 @@ def cluster_agent_config(node: NodeConfig) -> dict[str, Any]:
         # a go-sockaddr template (config.go: parseSingleInterfaceTemplate): the NIC on the cluster network
         "network_interface": f'{{{{ GetAllInterfaces | include "network" "{network}" | attr "name" }}}}',
         "host_network": [{name: [{"cidr": cidr}]}],
-        "meta": [{"infra_lab_node": node.name, DATA_NODE_META: "true" if node.index == 1 else "false"}],
+        "meta": [
+            {
+                "infra_lab_node": node.name,
+                DATA_NODE_META: "true" if node.index == 1 else "false",
+                ENTRY_NODE_META: "true" if node.index == 1 else "false",
+            }
+        ],
     }
     config: dict[str, Any] = {
         # command/agent/config.go: AdvertiseAddrs {http, rpc, serf}

@@ -44,6 +44,12 @@ variable "kafka_host_port" {
   default     = 19092
 }
 
+variable "host_network" {
+  description = "Host network of the listener for host clients: default (one VM), or public (a local cluster: the user-mode NIC where the VM's forwards arrive) -- see infra/release.py."
+  type        = string
+  default     = "default"
+}
+
 job "datastorage" {
   type = "service"
 
@@ -182,8 +188,9 @@ job "datastorage" {
       # Kafka clients reconnect to the ADVERTISED address, so host, guest and container port must
       # be the same number.
       port "kafka_host" {
-        static = var.kafka_host_port
-        to     = var.kafka_host_port
+        static       = var.kafka_host_port
+        to           = var.kafka_host_port
+        host_network = var.host_network
       }
     }
 

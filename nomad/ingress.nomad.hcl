@@ -31,6 +31,13 @@ variable "host_network" {
 job "ingress" {
   type = "service"
 
+  # The stated entry point: the node the host's forwards of the entrypoints reach (node meta written by
+  # cloud-init: zz-infra-lab.hcl on the one VM, zzz-cluster.json on nomad-1 of a local cluster).
+  constraint {
+    attribute = "${meta.infra_lab_entry}"
+    value     = "true"
+  }
+
   update {
     max_parallel      = 1
     health_check      = "checks"

@@ -186,10 +186,20 @@ def test_the_real_data_job_carries_the_constraint_and_only_node_1_meets_it(cfg: 
     for node_cfg in nodes.all_nodes(cfg):
         assert node_cfg.node is not None
         (client,) = seed.cluster_agent_config(node_cfg.node)["client"]
-        metas[node_cfg.node.name] = client["meta"][0]["infra_lab_data"]
-    assert metas == {"nomad-1": "true", "nomad-2": "false", "nomad-3": "false"}
+        meta = client["meta"][0]
+        metas[node_cfg.node.name] = (meta["infra_lab_data"], meta["infra_lab_entry"])
+    assert metas == {
+        "nomad-1": ("true", "true"),
+        "nomad-2": ("false", "false"),
+        "nomad-3": ("false", "false"),
+    }
+    ingress, _ = parse_job_hcl((ROOT / "nomad" / "ingress.nomad.hcl").read_text(), "")
+    assert ingress["Constraints"] == [
+        {"LTarget": "${meta.infra_lab_entry}", "RTarget": "true", "Operand": "="}
+    ]
     # the one VM says "true" in its agent config (the constraint holds there too)
-    assert 'infra_lab_data = "true"' in (seed.FILES_DIR / "nomad" / "zz-infra-lab.hcl").read_text()
+    agent = (seed.FILES_DIR / "nomad" / "zz-infra-lab.hcl").read_text()
+    assert 'infra_lab_data  = "true"' in agent and 'infra_lab_entry = "true"' in agent
 
 
 def test_the_ingress_entrypoints_go_on_the_public_network_in_a_cluster_only(
@@ -202,5 +212,12 @@ def test_the_ingress_entrypoints_go_on_the_public_network_in_a_cluster_only(
 
     release.deploy_ingress(cfg, client, detach=True)
     assert double.parse_calls[-1]["Variables"] == 'host_network = "public"\n'
+
+    def placed(_deadline: object) -> Probe[list[object]]:
+        found = [a["NodeName"] for a in allocs_of(double, "ingress")]
+        return Probe(bool(found), f"placed on {found}", found)
+
+    # the entry point (meta infra_lab_entry)
+    assert wait_until(placed, what="Traefik placed", timeout=60, interval=0.05).value == ["nomad-1"]
     release.deploy_ingress(config.load(), client, detach=True)
     assert double.parse_calls[-1]["Variables"] == ""

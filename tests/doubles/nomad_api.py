@@ -649,7 +649,7 @@ class NomadAPIDouble:
                 "Drivers": {},
                 "Attributes": {"kernel.name": "linux", "unique.network.ip-address": "10.0.2.15"},
                 # client.meta of cloud-init/files/nomad/zz-infra-lab.hcl: this node holds the data
-                "Meta": {"infra_lab_data": "true"},
+                "Meta": {"infra_lab_data": "true", "infra_lab_entry": "true"},
                 "NodeResources": {"Cpu": {"CpuShares": 4000}, "Memory": {"MemoryMB": self.node_memory_mb}},
                 "Events": [{"CreateIndex": 0, "Details": None, "Message": "Node registered",
                             "Subsystem": "Cluster", "Timestamp": "2026-11-25T09:00:00Z"}],
@@ -686,7 +686,8 @@ class NomadAPIDouble:
     def _cluster_identity(self, node: dict[str, Any], k: int, subnet: str) -> None:
         node.update(Name=f"nomad-{k}", Address=f"{subnet}.{10 + k}")
         node["Attributes"] = dict(node["Attributes"], **{"unique.network.ip-address": f"{subnet}.{10 + k}"})
-        node["Meta"] = {"infra_lab_node": f"nomad-{k}", "infra_lab_data": "true" if k == 1 else "false"}
+        first = "true" if k == 1 else "false"
+        node["Meta"] = {"infra_lab_node": f"nomad-{k}", "infra_lab_data": first, "infra_lab_entry": first}
 
     def node_named(self, name: str) -> dict[str, Any]:
         return next(n for n in self.all_nodes() if n["Name"] == name)

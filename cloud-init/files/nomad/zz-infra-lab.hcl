@@ -23,8 +23,11 @@ client {
   # This node holds the stateful jobs' host volumes: nomad/datastorage.nomad.hcl is constrained to it, so
   # Postgres and Kafka never start on an empty disk elsewhere. In a local cluster (vm.nodes >= 3) each
   # node's /etc/nomad.d/zzz-cluster.json overrides it: "true" on nomad-1 only (infra/seed.py).
+  # It is also the entry point: the host's forwards of Traefik's entrypoints arrive here, so
+  # nomad/ingress.nomad.hcl is constrained to infra_lab_entry.
   meta {
-    infra_lab_data = "true"
+    infra_lab_data  = "true"
+    infra_lab_entry = "true"
   }
 
   # No cni_path: no job uses bridge networking (Docker's own port mapping needs no CNI), and nothing
