@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from infra import build, deploy, files, ui
+from infra import build, deploy, files, ingress, ui
 from infra.build import BuildResult, LocalDocker
 from infra.config import Config
 from infra.deploy import DeployResult
@@ -71,7 +71,17 @@ def deploy_data(cfg: Config, client: Client, *, detach: bool = False) -> DeployR
 
 
 def deploy_ingress(cfg: Config, client: Client, *, detach: bool = False) -> DeployResult:
-    return deploy.deploy_job(client, cfg.deploy.ingress_job, detach=detach, timeout=cfg.deploy.timeout)
+    """Traefik: first its TLS (the project CA's certificate, renewed when < 30 days remain, and the
+    redirect/ACME routers) in its Nomad Variable, then the job with the ACME resolvers' HCL variables."""
+    deploy.read_job_file(cfg.deploy.ingress_job)  # a bad job file stops here, before anything is written
+    ingress.publish(cfg, client)
+    return deploy.deploy_job(
+        client,
+        cfg.deploy.ingress_job,
+        variables=ingress.acme_variables(cfg),
+        detach=detach,
+        timeout=cfg.deploy.timeout,
+    )
 
 
 def deploy_app(

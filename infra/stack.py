@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from infra import cluster, deploy, nomad, release, ui
+from infra import cluster, deploy, ingress, nomad, release, ui
 from infra.config import Config
 from infra.errors import ConfigError, DeployError, NomadError
 from infra.nomad import Client, NomadUnreachable
@@ -134,6 +134,9 @@ def url_lines(cfg: Config) -> list[str]:
     ):
         if name in ports:
             urls.append("  " + fmt.format(ports[name].host))
+    https = ingress.https_url(cfg)
+    if https:  # the project CA signs it: `inv tls.ca` says how to trust it
+        urls.insert(1, f"  app via HTTPS     {https}  (CA: {ingress.ca_path(cfg)})")
     return urls
 
 
@@ -193,6 +196,7 @@ def status(
                     f"  {job_id:<12} {s.status:<8} v{s.version:<3} deployment {s.deployment:<10} "
                     f"{s.healthy}/{s.desired} healthy, {s.running} running"
                 )
+    report["https"] = {"url": ingress.https_url(cfg), "ca": str(ingress.ca_path(cfg))}
     ui.info("URLs")
     for line in url_lines(cfg):
         ui.info(line)
