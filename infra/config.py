@@ -164,8 +164,10 @@ _ENUMS = {
     "vm.baked": ("auto", "off", "require"),
 }
 
-#: ingress.acme.challenge -> the Traefik certificate resolver defined for it in nomad/ingress.nomad.hcl.
-ACME_CHALLENGES = ("tlsalpn", "http")
+#: ingress.acme.challenge -> the Traefik certificate resolver defined for it in nomad/ingress.nomad.hcl's
+#: arguments (speclint's acme-resolver rule checks they are defined there).
+ACME_RESOLVERS = {"tlsalpn": "acme-tlsalpn", "http": "acme-http"}
+ACME_CHALLENGES = tuple(ACME_RESOLVERS)
 
 
 def read_defaults(path: Path = DEFAULTS_FILE) -> dict[str, Any]:

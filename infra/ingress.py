@@ -22,14 +22,14 @@ from typing import Any
 import yaml
 
 from infra import deploy, tls
-from infra.config import Config
+from infra.config import ACME_RESOLVERS, Config
 from infra.nomad import Client
 from infra.state import StatePaths
 
 #: Item of the ingress job's Nomad Variable that the job's template renders as Traefik's dynamic config.
 DYNAMIC_KEY = "traefik_dynamic"
 #: ingress.acme.challenge -> certificate resolver (defined in nomad/ingress.nomad.hcl's arguments).
-RESOLVERS = {"tlsalpn": "acme-tlsalpn", "http": "acme-http"}
+RESOLVERS = ACME_RESOLVERS
 #: The HTTPS entrypoint (nomad/ingress.nomad.hcl) and the Nomad service that serves the app.
 HTTPS_ENTRYPOINT = "websecure"
 HTTP_ENTRYPOINT = "web"

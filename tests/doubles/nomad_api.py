@@ -445,7 +445,7 @@ def _spec(job: dict[str, Any]) -> dict[str, Any]:
 class NomadAPIDouble:
     """The double. Start with `start()` (or `start(after=0.5)` for connection refused while booting)."""
 
-    TABLES = ("nodes", "jobs", "evals", "deployments", "allocs", "vars")
+    TABLES = ("nodes", "jobs", "evals", "deployments", "allocs", "vars", "services")
 
     def __init__(
         self,
@@ -509,6 +509,7 @@ class NomadAPIDouble:
         self.deployments: dict[str, dict[str, Any]] = {}
         self.allocs: dict[str, dict[str, Any]] = {}
         self.vars: dict[str, dict[str, Any]] = {}
+        self.services: dict[str, dict[str, Any]] = {}  # service registration ID -> registration
         self.behaviour: dict[str, str] = {}
         self.requests: list[Request_] = []
         self.changes: list[tuple[float, str]] = []  # (monotonic time, what changed), for the benchmark
@@ -713,6 +714,107 @@ class NomadAPIDouble:
         self.at(docker, lambda: self.set_docker("healthy"))
         return self
 
+    # ------------------------------------------------------------------------- service registrations --
+    # Nomad's own service discovery (provider = "nomad"), as a Nomad client writes it and as Traefik's
+    # Nomad provider reads it (traefik pkg/provider/nomad/nomad.go getNomadServiceData: GET /v1/services,
+    # then GET /v1/service/<name>?filter=Tags contains "traefik.enable=true" per enabled name).
+    def register_service(
+        self,
+        name: str,
+        *,
+        address: str,
+        port: int,
+        tags: list[str],
+        canary_tags: list[str] | None = None,
+        canary: bool = False,
+        job_id: str = "app",
+        alloc_id: str | None = None,
+        task: str = "group-web",
+        port_label: str = "http",
+        namespace: str = "default",
+    ) -> str:
+        """Register one allocation's service as the client does (client/serviceregistration/nsd/nsd.go
+        generateNomadServiceRegistration): a canary with a non-empty `canary_tags` is registered with
+        those INSTEAD of `tags`. The ID is MakeAllocServiceID's (client/serviceregistration/id.go):
+        _nomad-task-<alloc>-<task or group-name>-<service>-<port label>. Returns the ID."""
+        alloc_id = alloc_id or str(uuid.uuid4())
+        service_id = f"_nomad-task-{alloc_id}-{task}-{name}-{port_label}"
+        chosen = list(canary_tags) if canary and canary_tags else list(tags)
+        with self.cond:
+            index = self._bump("services", change=f"service {name} registered")
+            self.services[service_id] = {
+                "ID": service_id, "ServiceName": name, "Namespace": namespace, "NodeID": NODE_ID,
+                "Datacenter": "dc1", "JobID": job_id, "AllocID": alloc_id, "Tags": chosen,
+                "Address": address, "Port": port, "CreateIndex": index, "ModifyIndex": index,
+                "_tags": list(tags),
+            }  # fmt: skip
+        return service_id
+
+    def promote_service(self, service_id: str) -> None:
+        """The allocation is no longer a canary: its client re-registers the service with the normal tags
+        (client/allocrunner/group_service_hook.go Update -> UpdateWorkload with Canary false, then
+        nsd.go generateNomadServiceRegistration)."""
+        with self.cond:
+            reg = self.services[service_id]
+            reg["Tags"] = list(reg["_tags"])
+            reg["ModifyIndex"] = self._bump("services", change=f"service {service_id} promoted")
+
+    def deregister_service(self, service_id: str) -> None:
+        """The allocation stops (group_service_hook.go deregister, before shutdown_delay) or
+        DELETE /v1/service/<name>/<id>: the registration is gone."""
+        with self.cond:
+            self.services.pop(service_id, None)
+            self._bump("services", change=f"service {service_id} deregistered")
+
+    @staticmethod
+    def _public(reg: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in reg.items() if not k.startswith("_")}
+
+    def _services_list(self, request: Request, body: Any) -> Response:
+        """GET /v1/services (command/agent/service_registration_endpoint.go
+        ServiceRegistrationListRequest; nomad/service_registration_endpoint.go List): one stub per
+        namespace with every service name and the UNION of its registrations' tags (serviceTagSet);
+        [] when the namespace has none."""
+        self._block(request, "services")
+        namespace = request.args.get("namespace") or "default"
+        with self.cond:
+            tags: dict[str, list[str]] = {}
+            for reg in self.services.values():
+                if reg["Namespace"] == namespace:
+                    union = tags.setdefault(reg["ServiceName"], [])
+                    union.extend(t for t in reg["Tags"] if t not in union)
+        stubs = [{"ServiceName": n, "Tags": t} for n, t in sorted(tags.items())]
+        return self._json([{"Namespace": namespace, "Services": stubs}] if stubs else [], "services")
+
+    def _service_get(self, request: Request, body: Any, name: str) -> Response:
+        """GET /v1/service/<name> (service_registration_endpoint.go serviceGetRequest; nomad/
+        service_registration_endpoint.go GetService): every registration of that name in the namespace,
+        through the paginator, which applies ?filter= (nomad/state/paginator/paginator.go NewPaginator:
+        a filter bexpr cannot read is a 400 "failed to read filter expression"). The one filter form
+        modelled is Traefik's: `Tags contains "<tag>"`."""
+        self._block(request, "services")
+        namespace = request.args.get("namespace") or "default"
+        wanted: str | None = None
+        expr = request.args.get("filter", "")
+        if expr:
+            m = re.fullmatch(r'\s*Tags\s+contains\s+"((?:[^"\\]|\\.)*)"\s*', expr)
+            if not m:
+                raise _HTTPError(400, f"failed to read result page: failed to read filter expression: {expr}")
+            wanted = json.loads(f'"{m.group(1)}"')
+        with self.cond:
+            regs = [
+                self._public(r)
+                for r in self.services.values()
+                if r["ServiceName"] == name and r["Namespace"] == namespace
+                and (wanted is None or wanted in r["Tags"])
+            ]  # fmt: skip
+        return self._json(regs, "services")
+
+    def _service_delete(self, request: Request, body: Any, name: str, id: str) -> Response:
+        """DELETE /v1/service/<name>/<id> (service_registration_endpoint.go serviceDeleteRequest)."""
+        self.deregister_service(id)
+        return self._json(None, "services")
+
     # ------------------------------------------------------------------------------------------ HTTP --
     def count(self, path_regex: str = ".*", method: str | None = None) -> int:
         return sum(
@@ -877,6 +979,11 @@ class NomadAPIDouble:
             ("GET", r"/v1/allocation/(?P<id>[^/]+)", ("read-job",), self._allocation),
             ("GET", r"/v1/var/(?P<id>.+)", ("variables:read",), self._var_get),
             ("PUT", r"/v1/var/(?P<id>.+)", ("variables:write",), self._var_put),
+            # acl/acl.go AllowServiceRegistrationReadList: read-job in the namespace (or a workload
+            # identity); the delete needs submit-job (nomad/service_registration_endpoint.go DeleteByID)
+            ("GET", r"/v1/services", ("read-job",), self._services_list),
+            ("GET", r"/v1/service/(?P<name>[^/]+)", ("read-job",), self._service_get),
+            ("DELETE", r"/v1/service/(?P<name>[^/]+)/(?P<id>[^/]+)", ("submit-job",), self._service_delete),
         ]
         for m_, regex, caps, fn in routes:
             mm = re.fullmatch(regex, path)
