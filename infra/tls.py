@@ -38,7 +38,9 @@ from infra.errors import InfraError
 from infra.state import StatePaths
 
 #: The names the leaf serves: every `*.localhost` resolves to loopback in browsers and curl (RFC 6761).
-DNS_NAMES = ("localhost", "*.localhost")
+#: `app.localhost` is named as well: OpenSSL (so curl and Python) and browsers do not match a wildcard
+#: directly under a single-label name (`*.localhost`, like `*.com`), so the wildcard alone serves no client.
+DNS_NAMES = ("localhost", "*.localhost", "app.localhost")
 IP_ADDRESSES = ("127.0.0.1", "::1")
 #: Re-issue when fewer than this remain (`inv up`, `inv deploy.ingress`).
 RENEW_BEFORE = dt.timedelta(days=30)
