@@ -5,8 +5,8 @@ Its own HTTPS listener gets a certificate from a throwaway CA (trustme), which t
 challenge without connecting back (our Traefik listens on a random loopback port, not 443);
 `PEBBLE_WFE_NONCEREJECT=0` turns off the random bad-nonce rejections Pebble adds by default, so an order
 count is not blurred by retries. The root that signs the issued certificates is served on the management
-port, `/roots/0` (pebble's wfe.go, handleRoots). Every order Pebble creates is logged by its web front
-end; `orders()` counts them from the log.
+port, `/roots/0` (Pebble prints that URL at start). Every order Pebble creates is logged
+(`Added order "<id>" to the db`), every issuance too; the tests count them from the log.
 """
 
 from __future__ import annotations
