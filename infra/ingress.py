@@ -54,7 +54,9 @@ def dynamic_config(cfg: Config, bundle: tls.Bundle) -> dict[str, Any]:
     conf: dict[str, Any] = {
         "tls": {
             # certFile/keyFile take a path or the PEM itself (traefik pkg/types FileOrContent)
-            "stores": {"default": {"defaultCertificate": {"certFile": bundle.cert_pem, "keyFile": bundle.key_pem}}},
+            "stores": {
+                "default": {"defaultCertificate": {"certFile": bundle.cert_pem, "keyFile": bundle.key_pem}}
+            },
             "options": {"default": {"minVersion": "VersionTLS12", "sniStrict": False}},
         }
     }

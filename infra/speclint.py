@@ -575,8 +575,10 @@ class _Spec:
         """The TLS parts of a Traefik task (one whose arguments define entrypoints): tls-entrypoint,
         acme-resolver, acme-storage. Traefik's flags are case-insensitive (paerser), so keys are lowered."""
         args = [str(a) for a in _as_list(config.get("args")) if str(a).startswith("--")]
-        flags = {a[2:].split("=", 1)[0].lower(): (a.split("=", 1) + [""])[1] for a in args}
-        entrypoints = {k.split(".")[1]: v for k, v in flags.items() if re.fullmatch(r"entrypoints\.[^.]+\.address", k)}
+        flags = {a[2:].split("=", 1)[0].lower(): [*a.split("=", 1), ""][1] for a in args}
+        entrypoints = {
+            k.split(".")[1]: v for k, v in flags.items() if re.fullmatch(r"entrypoints\.[^.]+\.address", k)
+        }
         if not entrypoints:
             return  # not Traefik
         line = config.line_of("args")

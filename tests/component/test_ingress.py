@@ -57,7 +57,11 @@ def app_service() -> tuple[str, list[str], list[str]]:
     root = speclint.parse(SERVICE_JOB.read_text(encoding="utf-8"))
     group = root.children("job")[0].children("group")[0]
     service = group.children("service")[0]
-    return str(service.get("name")), [str(t) for t in service.get("tags")], [str(t) for t in service.get("canary_tags")]
+    return (
+        str(service.get("name")),
+        [str(t) for t in service.get("tags")],
+        [str(t) for t in service.get("canary_tags")],
+    )
 
 
 def register(api: NomadAPIDouble, app: AppProcess, *, canary: bool = False) -> str:
@@ -85,7 +89,9 @@ class NameAdapter(HTTPAdapter):
 def https_get(url: str, name: str, verify: str | bool, path: str = "/healthz") -> requests.Response:
     with requests.Session() as session:
         session.mount("https://", NameAdapter(name))
-        return session.get(url + path, headers={"Host": name}, verify=verify, timeout=10, allow_redirects=False)
+        return session.get(
+            url + path, headers={"Host": name}, verify=verify, timeout=10, allow_redirects=False
+        )
 
 
 def served_by(proxy: traefik_server.Traefik, entrypoint: str = "web") -> str | None:
@@ -123,7 +129,9 @@ def database(pg: PostgresServer) -> str:
 
 
 @pytest.fixture
-def make_app(tmp_path: Path, pg: PostgresServer, kafka: tansu.TansuBroker, database: str) -> Iterator[Callable[[str], AppProcess]]:
+def make_app(
+    tmp_path: Path, pg: PostgresServer, kafka: tansu.TansuBroker, database: str
+) -> Iterator[Callable[[str], AppProcess]]:
     """Real app processes (one database and topic for the module, a version each); stopped by PID."""
     started: list[AppProcess] = []
 
@@ -190,7 +198,10 @@ def test_the_app_answers_through_traefik_over_http_and_https_with_the_project_ca
     url = proxy.url("websecure", "https")
     resp = https_get(url, HOST, verify=ca)
     assert resp.status_code == 200 and resp.json()["version"] == "v1"
-    assert https_get(url, "localhost", verify=ca).status_code in (200, 404)  # the certificate names localhost too
+    assert https_get(url, "localhost", verify=ca).status_code in (
+        200,
+        404,
+    )  # the certificate names localhost too
     with pytest.raises(requests.exceptions.SSLError, match="CERTIFICATE_VERIFY_FAILED"):
         https_get(url, HOST, verify=True)  # the system's trust store does not know the project CA
 
@@ -249,7 +260,11 @@ def test_a_deregistered_instance_stops_receiving_traffic(
     poll(lambda: {served_by(proxy) for _ in range(10)} == {"a", "b"}, "both instances get traffic", proxy)
 
     api.deregister_service(leaving)
-    poll(lambda: all(served_by(proxy) == "a" for _ in range(20)), "only the registered instance gets traffic", proxy)
+    poll(
+        lambda: all(served_by(proxy) == "a" for _ in range(20)),
+        "only the registered instance gets traffic",
+        proxy,
+    )
     seen = len(api.requests)
     poll(lambda: polls_after(api, seen) >= 2, "Traefik re-reads the app's registrations", proxy)
     assert [served_by(proxy) for _ in range(20)] == ["a"] * 20
@@ -263,7 +278,9 @@ def test_ping_and_dashboard_answer_on_their_entrypoint(
     assert (ping.status_code, ping.text) == (200, "OK")
     dashboard = requests.get(proxy.url("traefik") + "/dashboard/", timeout=10)
     assert dashboard.status_code == 200 and "<html" in dashboard.text.lower()
-    entrypoints = {e["name"] for e in requests.get(proxy.url("traefik") + "/api/entrypoints", timeout=10).json()}
+    entrypoints = {
+        e["name"] for e in requests.get(proxy.url("traefik") + "/api/entrypoints", timeout=10).json()
+    }
     assert entrypoints == {"app", "web", "websecure", "traefik"}
     # only there: /ping on the web entrypoint is routed like any request (no router: 404)
     assert requests.get(proxy.url("web") + "/ping", timeout=10).status_code == 404
@@ -279,8 +296,13 @@ def test_redirect_https_sends_plain_http_to_the_https_port(
     https_port = cfg.vm.ports["ingress_https"].host
 
     def redirected() -> bool:
-        resp = requests.get(proxy.url("web") + "/healthz", headers={"Host": HOST}, timeout=10, allow_redirects=False)
-        return resp.status_code in (301, 308) and resp.headers["Location"] == f"https://{HOST}:{https_port}/healthz"
+        resp = requests.get(
+            proxy.url("web") + "/healthz", headers={"Host": HOST}, timeout=10, allow_redirects=False
+        )
+        return (
+            resp.status_code in (301, 308)
+            and resp.headers["Location"] == f"https://{HOST}:{https_port}/healthz"
+        )
 
     poll(redirected, "plain HTTP on web is redirected to HTTPS", proxy)
     poll(lambda: https_get(proxy.url("websecure", "https"), HOST, verify=str(ingress.ca_path(cfg))).status_code == 200,

@@ -75,7 +75,9 @@ class Pebble:
 
     def root_pem(self) -> str:
         """The root that signs the certificates Pebble issues (management API /roots/0)."""
-        resp = requests.get(f"https://127.0.0.1:{self.management_port}/roots/0", verify=str(self.tls_ca), timeout=10)
+        resp = requests.get(
+            f"https://127.0.0.1:{self.management_port}/roots/0", verify=str(self.tls_ca), timeout=10
+        )
         resp.raise_for_status()
         return resp.text
 

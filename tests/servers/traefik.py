@@ -95,16 +95,21 @@ def host_args(
             continue
         arg = arg.replace("${NOMAD_SECRETS_DIR}", str(secrets_dir))
         for destination, volume in spec.mounts.items():  # a host volume's mount -> its stand-in
-            arg = re.sub(rf"=({re.escape(destination)})(/|$)", lambda mm, v=volume: f"={volumes[v]}{mm.group(2)}", arg)
+            arg = re.sub(
+                rf"=({re.escape(destination)})(/|$)", lambda mm, v=volume: f"={volumes[v]}{mm.group(2)}", arg
+            )
 
-        def var(mm: re.Match[str]) -> str:
-            expr = mm.group(1)
-            if not expr.startswith("var."):
-                raise AssertionError(f"unexpected interpolation {mm.group(0)} in {arg!r}: substitute it here, saying why")
-            return values[expr[4:]]
-
-        out.append(_INTERP.sub(var, arg))
+        out.append(_INTERP.sub(lambda mm, arg=arg: _variable(mm, arg, values), arg))
     return out
+
+
+def _variable(match: re.Match[str], arg: str, values: Mapping[str, str]) -> str:
+    expr = match.group(1)
+    if not expr.startswith("var."):
+        raise AssertionError(
+            f"unexpected interpolation {match.group(0)} in {arg!r}: substitute it here, saying why"
+        )
+    return values[expr[4:]]
 
 
 def render_template(data: str, variables: Mapping[str, Mapping[str, str]]) -> str:

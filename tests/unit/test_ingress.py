@@ -38,11 +38,15 @@ def test_by_default_only_the_project_certificate(make_cfg: Callable[..., Config]
 def test_redirect_https_routes_all_of_web_to_the_https_host_port(
     make_cfg: Callable[..., Config], bundle: tls.Bundle
 ) -> None:
-    cfg = make_cfg(ingress={"redirect_https": True}, vm={"ports": {"ingress_https": {"host": 9443, "guest": 8443}}})
+    cfg = make_cfg(
+        ingress={"redirect_https": True}, vm={"ports": {"ingress_https": {"host": 9443, "guest": 8443}}}
+    )
     http = dynamic(cfg, bundle)["http"]
     assert http["routers"]["redirect-to-https"]["entryPoints"] == ["web"]
     assert http["middlewares"]["redirect-to-https"]["redirectScheme"] == {
-        "scheme": "https", "port": "9443", "permanent": True
+        "scheme": "https",
+        "port": "9443",
+        "permanent": True,
     }
 
 
@@ -50,7 +54,11 @@ def test_redirect_https_routes_all_of_web_to_the_https_host_port(
 def test_acme_routes_the_public_names_with_the_resolver_of_the_challenge(
     make_cfg: Callable[..., Config], bundle: tls.Bundle, challenge: str
 ) -> None:
-    acme = {"email": "ops@example.org", "domains": ["app.example.org", "www.example.org"], "challenge": challenge}
+    acme = {
+        "email": "ops@example.org",
+        "domains": ["app.example.org", "www.example.org"],
+        "challenge": challenge,
+    }
     cfg = make_cfg(ingress={"acme": acme})
     router = dynamic(cfg, bundle)["http"]["routers"]["public"]
     assert router["rule"] == "Host(`app.example.org`) || Host(`www.example.org`)"
@@ -104,5 +112,8 @@ def test_bad_acme_settings_are_one_error_naming_the_key(
 
 
 def test_an_unknown_ingress_key_is_named(make_cfg: Callable[..., Config]) -> None:
-    with pytest.raises(ConfigError, match=r"unknown configuration key ingress\.acme\.emial \(did you mean ingress\.acme\.email\?\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown configuration key ingress\.acme\.emial \(did you mean ingress\.acme\.email\?\)",
+    ):
         make_cfg(ingress={"acme": {"emial": "x"}})

@@ -87,8 +87,8 @@ def test_loosened_key_modes_are_tightened_again(state: StatePaths) -> None:
     tls.ensure(state)
     files = tls.paths(state)
     os.chmod(files[tls.CA_KEY], 0o644)
-    os.chmod(files[tls.KEY], 0o666)
-    os.chmod(state.tls_dir, 0o755)
+    os.chmod(files[tls.KEY], 0o666)  # noqa: S103 - loosened on purpose
+    os.chmod(state.tls_dir, 0o755)  # noqa: S103 - loosened on purpose
     assert tls.ensure(state).issued == []
     assert mode(files[tls.CA_KEY]) == 0o600 and mode(files[tls.KEY]) == 0o600 and mode(state.tls_dir) == 0o700
 
