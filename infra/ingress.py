@@ -92,8 +92,22 @@ def dynamic_config(cfg: Config, bundle: tls.Bundle) -> dict[str, Any]:
     return conf
 
 
+class _BlockDumper(yaml.SafeDumper):
+    """PEM blocks as YAML literal blocks (`|`), as one would write them by hand."""
+
+
+_BlockDumper.add_representer(
+    str,
+    lambda dumper, value: dumper.represent_scalar(
+        "tag:yaml.org,2002:str", value, style="|" if "\n" in value else None
+    ),
+)
+
+
 def dynamic_yaml(cfg: Config, bundle: tls.Bundle) -> str:
-    return yaml.safe_dump(dynamic_config(cfg, bundle), sort_keys=True, default_flow_style=False)
+    return yaml.dump(
+        dynamic_config(cfg, bundle), Dumper=_BlockDumper, sort_keys=True, default_flow_style=False
+    )
 
 
 def acme_variables(cfg: Config) -> dict[str, str]:

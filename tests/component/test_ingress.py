@@ -15,6 +15,7 @@ traffic" is shown by counting which instance answered.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 import socket
@@ -30,6 +31,7 @@ from typing import Any
 import psycopg
 import pytest
 import requests
+import yaml
 from cryptography import x509
 from doubles.nomad_api import NomadAPIDouble
 from requests.adapters import HTTPAdapter
@@ -43,7 +45,8 @@ from infra import ROOT, ingress, speclint, tls
 from infra.config import Config
 from infra.nomad import Client
 
-pytestmark = pytest.mark.tools("traefik", "initdb")
+#: Traefik, and the app's PostgreSQL (the pg fixture runs Debian's initdb).
+TRAEFIK = pytest.mark.tools("traefik", "initdb")
 
 SERVICE_JOB = ROOT / "nomad" / "service.nomad.hcl"
 #: Generous: Traefik polls Nomad every refreshInterval (5 s in the job); a loaded machine can starve us.
@@ -184,6 +187,7 @@ def start_traefik(api: NomadAPIDouble) -> Iterator[Callable[..., traefik_server.
 
 
 # --------------------------------------------------------------------------------------------- tests --
+@TRAEFIK
 def test_the_app_answers_through_traefik_over_http_and_https_with_the_project_ca(
     cfg_for: Callable[..., Config], start_traefik: Callable[..., traefik_server.Traefik], api: NomadAPIDouble,
     make_app: Callable[[str], AppProcess],
@@ -230,6 +234,7 @@ def test_the_app_answers_through_traefik_over_http_and_https_with_the_project_ca
     assert "PRIVATE KEY" in api.vars[ingress.variable_path(cfg)]["Items"][ingress.DYNAMIC_KEY]
 
 
+@TRAEFIK
 def test_a_canary_gets_no_traffic_until_promoted(
     cfg_for: Callable[..., Config], start_traefik: Callable[..., traefik_server.Traefik], api: NomadAPIDouble,
     make_app: Callable[[str], AppProcess],
@@ -250,6 +255,7 @@ def test_a_canary_gets_no_traffic_until_promoted(
     assert set(answers) == {"stable", "canary"}, answers  # both in the load balancer now
 
 
+@TRAEFIK
 def test_a_deregistered_instance_stops_receiving_traffic(
     cfg_for: Callable[..., Config], start_traefik: Callable[..., traefik_server.Traefik], api: NomadAPIDouble,
     make_app: Callable[[str], AppProcess],
@@ -270,6 +276,7 @@ def test_a_deregistered_instance_stops_receiving_traffic(
     assert [served_by(proxy) for _ in range(20)] == ["a"] * 20
 
 
+@TRAEFIK
 def test_ping_and_dashboard_answer_on_their_entrypoint(
     cfg_for: Callable[..., Config], start_traefik: Callable[..., traefik_server.Traefik]
 ) -> None:
@@ -286,6 +293,7 @@ def test_ping_and_dashboard_answer_on_their_entrypoint(
     assert requests.get(proxy.url("web") + "/ping", timeout=10).status_code == 404
 
 
+@TRAEFIK
 def test_redirect_https_sends_plain_http_to_the_https_port(
     cfg_for: Callable[..., Config], start_traefik: Callable[..., traefik_server.Traefik], api: NomadAPIDouble,
     make_app: Callable[[str], AppProcess],
@@ -310,6 +318,7 @@ def test_redirect_https_sends_plain_http_to_the_https_port(
     assert served_by(proxy, "app") == "v1"  # the `app` entrypoint is not redirected
 
 
+@TRAEFIK
 @pytest.mark.tools("pebble")
 def test_lets_encrypt_against_pebble_orders_once_and_survives_a_restart(
     cfg_for: Callable[..., Config], start_traefik: Callable[..., traefik_server.Traefik], api: NomadAPIDouble,
@@ -375,3 +384,65 @@ def _orders(acme: pebble_server.Pebble) -> int:
     orders = len(re.findall(r'Added order "[^"]+" to the db', log))
     assert len(re.findall(r"Issued certificate serial \w+ for order", log)) == orders, log
     return orders
+
+
+# ------------------------------------------------------------------------------- the tasks (inv) --
+def test_inv_tls_ca_prints_the_ca_path_and_how_to_trust_it(
+    run_inv: Callable[..., Any], tmp_path: Path
+) -> None:
+    first = run_inv("tls.ca")
+    assert first.returncode == 0, first.stderr
+    lines = first.stdout.splitlines()
+    ca = Path(lines[0])
+    assert ca == tmp_path / "state" / "tls" / "ca.pem" and ca.is_file()
+    x509.load_pem_x509_certificate(ca.read_bytes())
+    text = "\n".join(lines[1:])
+    for needle in (f"curl --cacert {ca}", "update-ca-certificates", "security add-trusted-cert", "Firefox"):
+        assert needle in text
+    assert "PRIVATE" not in first.stdout + first.stderr
+    again = run_inv("tls.ca")
+    assert (
+        again.stdout == first.stdout
+        and ca.read_bytes() == (tmp_path / "state" / "tls" / "ca.pem").read_bytes()
+    )
+
+
+def test_inv_with_a_bad_acme_setting_is_one_error_line(run_inv: Callable[..., Any], tmp_path: Path) -> None:
+    bad = run_inv("tls.ca", env={"INVOKE_INGRESS_ACME_CHALLENGE": "dns"})
+    assert bad.returncode == 1
+    assert bad.stderr.splitlines()[0] == (
+        "error: configuration key ingress.acme.challenge is 'dns'; expected one of: tlsalpn, http"
+    )
+    assert "Traceback" not in bad.stderr and not (tmp_path / "state" / "tls").exists()
+
+
+def test_inv_deploy_ingress_renews_a_certificate_with_fewer_than_30_days_left(
+    run_inv: Callable[..., Any], api: NomadAPIDouble, tmp_path: Path
+) -> None:
+    """Through the real CLI and clock: a leaf made "368 days ago" (397-day lifetime: 29 days left) is
+    re-issued by `inv deploy.ingress`, and the new one reaches the Nomad Variable; a second run with 396
+    days left writes nothing."""
+    from infra.state import StatePaths
+
+    state = StatePaths(tmp_path / "state")
+    old = tls.ensure(state, now=lambda: dt.datetime.now(dt.UTC) - dt.timedelta(days=368))
+    env = {"NOMAD_ADDR": api.url, "NOMAD_TOKEN": "", "NOMAD_CACERT": "", "INVOKE_NOMAD_RETRIES": "0"}
+    first = run_inv("deploy.ingress", env=env, timeout=300)
+    assert first.returncode == 0, first.stderr
+    current = tls.ensure(state)
+    assert current.cert_pem != old.cert_pem and current.ca_pem == old.ca_pem
+    assert current.not_after - dt.datetime.now(dt.UTC) > dt.timedelta(days=390)
+    dynamic = yaml.safe_load(api.vars["nomad/jobs/ingress"]["Items"][ingress.DYNAMIC_KEY])
+    assert dynamic["tls"]["stores"]["default"]["defaultCertificate"] == {
+        "certFile": current.cert_pem,
+        "keyFile": current.key_pem,
+    }
+    job = api.jobs["ingress"]
+    args = job["TaskGroups"][0]["Tasks"][0]["Config"]["args"]
+    assert "--entrypoints.websecure.address=:8443" in args
+    index = api.vars["nomad/jobs/ingress"]["ModifyIndex"]
+
+    second = run_inv("deploy.ingress", env=env, timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert "unchanged" in second.stderr
+    assert api.vars["nomad/jobs/ingress"]["ModifyIndex"] == index
