@@ -44,6 +44,7 @@ from servers.postgres import PostgresServer
 from infra import ROOT, ingress, speclint, tls
 from infra.config import Config
 from infra.nomad import Client
+from infra.state import StatePaths
 
 #: Traefik, and the app's PostgreSQL (the pg fixture runs Debian's initdb).
 TRAEFIK = pytest.mark.tools("traefik", "initdb")
@@ -386,6 +387,30 @@ def _orders(acme: pebble_server.Pebble) -> int:
     return orders
 
 
+@TRAEFIK
+def test_the_e2e_https_check_passes_against_real_traefik_and_fails_with_another_ca(
+    cfg_for: Callable[..., Config], start_traefik: Callable[..., traefik_server.Traefik], api: NomadAPIDouble,
+    make_app: Callable[[str], AppProcess], make_cfg: Callable[..., Config], tmp_path: Path,
+) -> None:  # fmt: skip
+    """tests/e2e's smoke step (harness.Smoke.ingress_https_healthz) against this Traefik: it passes with the
+    project CA, and fails when the state dir holds a different CA than the one Traefik serves from."""
+    from e2e import harness
+
+    from infra.errors import WaitTimeout
+
+    proxy = start_traefik(cfg_for())
+    register(api, make_app("v1"))
+    poll(lambda: served_by(proxy) == "v1", "the app answers", proxy)
+    ports = {"ingress_https": {"host": proxy.ports["websecure"], "guest": 8443}}
+    smoke = harness.Smoke(make_cfg(vm={"ports": ports}))
+    assert smoke.ingress_https_healthz(timeout=60).endswith("refused without the project CA")
+
+    other = make_cfg(project={"state_dir": str(tmp_path / "other-state")}, vm={"ports": ports})
+    tls.ensure(StatePaths.of(other))  # a CA that did not sign what Traefik serves
+    with pytest.raises(WaitTimeout, match="CERTIFICATE_VERIFY_FAILED"):
+        harness.Smoke(other).ingress_https_healthz(timeout=3)
+
+
 # ------------------------------------------------------------------------------- the tasks (inv) --
 def test_inv_tls_ca_prints_the_ca_path_and_how_to_trust_it(
     run_inv: Callable[..., Any], tmp_path: Path
@@ -422,8 +447,6 @@ def test_inv_deploy_ingress_renews_a_certificate_with_fewer_than_30_days_left(
     """Through the real CLI and clock: a leaf made "368 days ago" (397-day lifetime: 29 days left) is
     re-issued by `inv deploy.ingress`, and the new one reaches the Nomad Variable; a second run with 396
     days left writes nothing."""
-    from infra.state import StatePaths
-
     state = StatePaths(tmp_path / "state")
     old = tls.ensure(state, now=lambda: dt.datetime.now(dt.UTC) - dt.timedelta(days=368))
     env = {"NOMAD_ADDR": api.url, "NOMAD_TOKEN": "", "NOMAD_CACERT": "", "INVOKE_NOMAD_RETRIES": "0"}
