@@ -106,14 +106,14 @@ def read_job_file(path: Path) -> str:
     return text
 
 
-_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+_VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 
 
 def hcl_variables(variables: Mapping[str, str] | None) -> str:
     """A var-file string for /v1/jobs/parse: `name = "value"` lines, values quoted as HCL strings."""
     lines = []
     for name, value in (variables or {}).items():
-        if not _VAR_NAME.match(name):
+        if not _VAR_NAME.fullmatch(name):
             raise DeployError(f"invalid HCL variable name {name!r}")
         quoted = json.dumps(str(value)).replace("${", "$${").replace("%{", "%%{")
         lines.append(f"{name} = {quoted}")
