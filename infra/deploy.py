@@ -747,13 +747,24 @@ def _follow(
 ) -> Any:
     """Read one endpoint as blocking queries until `judge(body)` says done (or raises); returns that body.
     Each read passes the index of the last answer (none the first time), so Nomad holds it until something
-    changes; `judge` returns (done, the state for the live line)."""
+    changes; `judge` returns (done, the state for the live line).
+
+    An index lower than the last one (a server restarted on older state, a snapshot restore, a new
+    cluster) starts over with a read that does not block: Nomad holds a query while the table's index is
+    <= the one passed (nomad/rpc.go blockingRPC: `queryMeta.Index <= MinQueryIndex` -> ws.WatchCtx until
+    MaxQueryTime; a restore only re-runs the query), so keeping the old index would make every read wait
+    out its whole `wait`. The reset is what the blocking-query guidance says ("Reset the index if it goes
+    backwards", the Consul/Nomad API docs' implementation details) and what infra/cluster.py does."""
     index = 0
 
     def probe(d: Deadline) -> Probe[Any]:
         nonlocal index
         res = fetch(index=index or None, wait=_block(deadline))
-        index = max(index, res.index)
+        if res.index < index:
+            ui.debug(f"{what}: X-Nomad-Index went back from {index} to {res.index}; reading afresh")
+            index = 0
+        else:
+            index = res.index
         done, state = judge(res.body)
         return Probe(done, state, res.body)
 

@@ -380,3 +380,26 @@ def test_the_project_agent_config_keeps_the_locally_built_app_image(make_cfg: An
         assert local in d.images, d.image_events
         assert release.deploy_app(cfg, c, image=local).outcome == "deployed"
     assert not gc_image or delay >= 24 * 3600
+
+
+# ------------------------------------------------------------- issue 23/8: an index that goes backwards --
+def test_follow_reads_afresh_when_the_index_goes_backwards(
+    doubles: Any, web: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nomad restarted on an older snapshot mid-deploy: every index falls. nomad/rpc.go blockingRPC holds
+    a query while the table's index <= the one passed, so a follower that keeps its old index waits out
+    every `wait`; deploy._follow resets it (as cluster.py does) and reads once without blocking."""
+    monkeypatch.setattr(deploy, "BLOCK_SECONDS", 1.0)  # the read in flight when the index falls waits this
+    d = doubles()
+    d.health_delay["server"] = 1.0  # the deployment is followed with blocking reads for a while
+    d.rewind_on.append((r"^GET /v1/deployment/[0-9a-f-]+\?.*\bindex=", 3))
+    result = deploy.deploy_job(client_for(d), web(), timeout=60)
+    assert result.outcome == "deployed" and not d.rewind_on, "the index was never rewound"
+    reads = [r for r in d.requests if r.path == f"/v1/deployment/{result.deployment_id}"]
+    blocking = [int(r.query["index"]) for r in reads if "index" in r.query]
+    fell = next(i for i, r in enumerate(reads) if "index" in r.query)  # the read that met the rewind
+    before = int(reads[fell].query["index"])
+    assert before > 3
+    # after it: one read without an index (the reset), then only indexes of the new, lower history
+    assert "index" not in reads[fell + 1].query, [r.query for r in reads]
+    assert [i for i in blocking if i >= before] == [before], blocking

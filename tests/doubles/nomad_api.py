@@ -44,7 +44,8 @@ What it models (sources at each place in the code):
 - task logs: framed JSON {File, Offset, Data} with `{}` heartbeats while following, or plain text.
 
 Faults for tests: `fail_next` (one-shot status + body), `drop_answer` (the request is applied, then the
-connection is cut before the answer). Task behaviour per task image or task name:
+connection is cut before the answer), `rewind`/`rewind_on` (every index goes back, as after a restore
+from an older snapshot). Task behaviour per task image or task name:
 `behaviour["img:tag"] = "driver-failure"`, or "exit-1", or "ok" (default); `health_delay[name]` delays
 a task's health.
 """
@@ -516,6 +517,8 @@ class NomadAPIDouble:
         self.fail_next: list[tuple[str, int, str]] = []  # (path regex, status, body): one-shot faults
         self.drop_answer: list[str] = []  # "METHOD path" regexes: applied, then the connection is cut
         self.drop_request: list[str] = []  # "METHOD path" regexes: the connection is cut, nothing applied
+        # (regex on "METHOD path?query", index): when such a request arrives, `rewind(index)` first (one-shot)
+        self.rewind_on: list[tuple[str, int]] = []
         self.promote_bodies: list[Any] = []
         self._task_lists: dict[
             str, list[dict[str, Any]]
@@ -602,6 +605,16 @@ class NomadAPIDouble:
                 self.changes.append((time.monotonic(), change))
             self.cond.notify_all()
             return self.index
+
+    def rewind(self, to: int) -> None:
+        """Every index goes back to `to` (at most), the objects kept: a server restarted on an older raft
+        snapshot, or a snapshot restore (nomad/fsm.go nomadFSM.Restore: a new state store with the snapshot's
+        indexes replaces the old one, whose Abandon() wakes the blocked queries; nomad/rpc.go blockingRPC
+        then re-runs each and, its index still <= the client's, blocks again until its wait ends)."""
+        with self.cond:
+            self.index = min(self.index, to)
+            self.tables = {t: min(v, to) for t, v in self.tables.items()}
+            self.changes.append((time.monotonic(), f"indexes rewound to {to}"))
 
     # ------------------------------------------------------------------------------------ cluster state --
     def elect_leader(self) -> None:
@@ -724,6 +737,11 @@ class NomadAPIDouble:
     def _handle(self, request: Request) -> Response:
         rec = Request_(time.monotonic(), request.method, request.path, dict(request.args))
         self.requests.append(rec)
+        query = request.query_string.decode()
+        for regex, to in list(self.rewind_on):
+            if re.search(regex, f"{request.method} {request.path}?{query}"):
+                self.rewind_on.remove((regex, to))
+                self.rewind(to)
         for regex in list(self.drop_request):
             if re.search(regex, f"{request.method} {request.path}"):
                 self.drop_request.remove(regex)  # the connection breaks before Nomad sees the request
