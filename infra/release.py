@@ -105,6 +105,12 @@ def deploy_app(
     return result
 
 
+def recorded_image(cfg: Config) -> str:
+    """The image the last deploy.app deployed (<state>/deployed.json), "" when none is recorded."""
+    variables = _read_record(StatePaths.of(cfg).deployed).get("variables")
+    return str(variables.get(IMAGE_VARIABLE) or "") if isinstance(variables, dict) else ""
+
+
 def image_chosen(cfg: Config) -> bool:
     """Has an app image been chosen: app.default_image, or a record of the last deploy.app? (`inv up` builds
     app/ when not.)"""
@@ -196,7 +202,8 @@ def ship(
     except DeployError as exc:
         exc.details.extend(rollback_report(client, job_id, ref, failed=exc.deployment))
         raise
-    live = deploy.live_image(client, job_id) or ref
+    # Nomad's word first; else the image this deploy asked for (after a no-op: the one recorded last time)
+    live = deploy.live_image(client, job_id) or ref or recorded_image(cfg)
     live_version = build.version_of(live) if live else "?"
     if result.outcome == "unchanged":
         ui.skip(f"{live} is already live (job {job_id} version {result.version}): nothing to deploy")

@@ -27,6 +27,9 @@ SSH_KEY = "id_ed25519"
 KNOWN_HOSTS = "known_hosts"
 DEPLOYED = "deployed.json"  # last image tag deployed by deploy.app
 BUILD_LOG = "build.log"  # the last app image build's full output
+VM_CHECKED = (
+    "vm-checked.json"  # the last good `vm.check` of the running VM's boot (qemu pid + start, boot id)
+)
 LOCK = "vm.lock"  # flock'ed by VM lifecycle commands (run, stop, destroy): one at a time; names its holder
 
 
@@ -90,6 +93,10 @@ class StatePaths:
     @property
     def deployed(self) -> Path:
         return self.root / DEPLOYED
+
+    @property
+    def vm_checked(self) -> Path:
+        return self.root / VM_CHECKED
 
     @property
     def lock(self) -> Path:

@@ -584,7 +584,7 @@ def logs_path(cfg: Config) -> Path:
 
 #: Files of the VM in the state dir. The image cache lives elsewhere (project.cache_dir) and is kept.
 VM_FILES = ("seed_iso", "user_data", "disk", "pidfile", "serial_log", "qmp_socket", "qemu_log", "vm_record",
-            "deployed")  # fmt: skip
+            "deployed", "vm_checked")  # fmt: skip
 
 
 def destroy(cfg: Config) -> list[Path]:
