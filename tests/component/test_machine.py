@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 import time
@@ -238,3 +239,45 @@ def test_second_up_does_not_ssh_but_asks_nomad(guest: Guest, capsys: pytest.Capt
         err = capsys.readouterr().err
         assert "not asked again" in err
         assert "registry.example/app:1 is already live (job app version 0)" in err
+
+
+def test_inv_up_on_a_checked_vm_neither_logs_in_nor_loads_ssh(
+    guest: Guest, run_inv: Callable[..., subprocess.CompletedProcess[str]], tmp_path: Path
+) -> None:
+    """The real CLI, as a subprocess: `inv up` on a VM whose boot was checked makes no SSH login and does
+    not even import fabric/paramiko (`python -X importtime` names every module imported)."""
+    guest.boot_qemu()
+    guest.finished()
+    machine.check(guest.cfg)  # the boot's check (in this process, where the guest's files are redirected)
+    settings = tmp_path / "guest.yaml"
+    cfg = guest.cfg
+    settings.write_text(
+        json.dumps(
+            {
+                "ssh": {"user": cfg.ssh.user, "private_key": cfg.ssh.private_key},
+                "vm": {
+                    "baked": "off",
+                    "ports": {n: {"host": f.host, "guest": f.guest} for n, f in cfg.vm.ports.items()},
+                },
+                "provision": {"nomad": False, "docker": False},
+            }
+        )
+    )
+    with NomadAPIDouble().ready_now() as api:
+        to_api = dataclasses.replace(cfg, nomad=dataclasses.replace(cfg.nomad, addr=api.url))
+        release.ship(to_api, nomad.Client.from_config(to_api), image="registry.example/app:1")
+        result = run_inv(
+            "-f", str(settings), "up", env={"NOMAD_ADDR": api.url},
+            program=(sys.executable, "-X", "importtime", str(Path(sys.executable).with_name("inv"))),
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert api.count("^/v1/node") >= 1  # nomad.wait asked Nomad about the node
+    assert guest.logins() == 1  # only the check above
+    loaded = {
+        m.split(".")[0]
+        for m in re.findall(r"^import time:\s+\d+ \|\s+\d+ \| +([\w.]+)$", result.stderr, re.M)
+    }
+    assert "infra" in loaded and not loaded & {"fabric", "paramiko"}
+    assert "not asked again" in result.stderr
+    assert "registry.example/app:1 is already live" in result.stderr
+    assert result.stdout.splitlines()[-1] == "registry.example/app:1"  # what `inv up` prints: the image live

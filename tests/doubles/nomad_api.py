@@ -465,6 +465,7 @@ class NomadAPIDouble:
         pullable: Callable[[str], bool] | None = None,
         docker_gc: tuple[bool, float] = (True, 180.0),
         keyring_delay: float = 0.0,
+        memo_parse: bool = False,
     ) -> None:
         """`acl_token`: a management token (every capability). `acl_tokens`: more tokens, each with the
         capabilities it grants: "agent:read", "node:read", and namespace capabilities as in acl/policy.go
@@ -474,7 +475,10 @@ class NomadAPIDouble:
         `load_image`d are on the node and garbage-collected per `docker_gc` = (gc.image, image_delay seconds)
         (drivers/docker/config.go defaults: true, 3m; `gc_from_agent_config` reads them from an agent config).
         `keyring_delay`: seconds after the leader is elected during which variable writes fail with
-        "keyring has not been initialized yet" (nomad/encrypter.go activeCipherSet)."""
+        "keyring has not been initialized yet" (nomad/encrypter.go activeCipherSet).
+        `memo_parse`: answer a jobs/parse seen before from memory (it is a pure function of JobHCL and
+        Variables): python-hcl2 takes about 0.1 s a job here where Nomad's Go parser takes milliseconds, so
+        a benchmark of our commands (scripts/bench-noop) would otherwise time the double's parser."""
         self.port = free_port()
         self.server = HTTPServer(host="127.0.0.1", port=self.port, ssl_context=ssl_context, threaded=True)
         self.server.expect_request(re.compile(r"^/.*")).respond_with_handler(self._handle)
@@ -489,6 +493,8 @@ class NomadAPIDouble:
         self.pullable = pullable
         self.docker_gc_image, self.docker_image_delay = docker_gc
         self.keyring_delay = keyring_delay
+        self.memo_parse = memo_parse
+        self._parsed: dict[tuple[str, str], tuple[dict[str, Any], list[str]]] = {}
         self._keyring_at = 0.0
         self.images: dict[str, set[str]] = {}  # image on the node -> IDs of allocations using it
         self.image_events: list[str] = []
@@ -975,10 +981,14 @@ class NomadAPIDouble:
         self.parse_calls.append(body)
         if not isinstance(body, dict) or not body.get("JobHCL"):
             raise _HTTPError(400, "Job spec is empty")
+        key = (str(body["JobHCL"]), str(body.get("Variables") or ""))
         try:
-            job, warnings = parse_job_hcl(body["JobHCL"], body.get("Variables") or "")
+            job, warnings = self._parsed.get(key) or parse_job_hcl(*key)
         except HCLParseError as exc:
             raise _HTTPError(400, f"Failed to parse job: {exc}") from None
+        if self.memo_parse:
+            self._parsed[key] = (job, warnings)
+            job = copy.deepcopy(job)
         self.parse_warnings.append(warnings)
         return self._json(job)
 
