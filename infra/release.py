@@ -115,6 +115,12 @@ def deploy_app(
     return result
 
 
+def recorded_image(cfg: Config) -> str:
+    """The image the last deploy.app deployed (<state>/deployed.json), "" when none is recorded."""
+    variables = _read_record(StatePaths.of(cfg).deployed).get("variables")
+    return str(variables.get(IMAGE_VARIABLE) or "") if isinstance(variables, dict) else ""
+
+
 def image_chosen(cfg: Config) -> bool:
     """Has an app image been chosen: app.default_image, or a record of the last deploy.app? (`inv up` builds
     app/ when not.)"""
@@ -201,10 +207,13 @@ def ship(
     job_id = deploy.job_id_of(cfg.deploy.app_job)
     try:
         result = deploy_app(cfg, client, image=ref or None, variables=variables, detach=detach)
+    except deploy.NotRegistered:
+        raise  # nothing of ours reached the job: there is no rollback to report
     except DeployError as exc:
         exc.details.extend(rollback_report(client, job_id, ref, failed=exc.deployment))
         raise
-    live = deploy.live_image(client, job_id) or ref
+    # Nomad's word first; else the image this deploy asked for (after a no-op: the one recorded last time)
+    live = deploy.live_image(client, job_id) or ref or recorded_image(cfg)
     live_version = build.version_of(live) if live else "?"
     if result.outcome == "unchanged":
         ui.skip(f"{live} is already live (job {job_id} version {result.version}): nothing to deploy")
@@ -226,8 +235,8 @@ def rollback_report(
     auto_revert Nomad registers the last stable version again (a new job version); wait for that a little,
     then name its image. Not /v1/job/<id>/deployment when the failed one is known: that is the job's latest
     deployment (command/agent/job_endpoint.go jobLatestDeployment -> nomad/job_endpoint.go
-    Job.LatestDeployment -> state LatestDeploymentByJobID), and the revert's own deployment may already
-    have replaced the failed one there."""
+    Job.LatestDeployment: state.DeploymentsByJobID, the highest CreateIndex), and the revert's own
+    deployment may already have replaced the failed one there."""
     if failed is None:
         try:
             failed = client.job_deployment(job_id).body or {}

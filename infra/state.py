@@ -28,6 +28,9 @@ KNOWN_HOSTS = "known_hosts"
 DEPLOYED = "deployed.json"  # last image tag deployed by deploy.app
 BUILD_LOG = "build.log"  # the last app image build's full output
 TLS_DIR = "tls"  # the project CA and Traefik's certificate for *.localhost (infra/tls.py); 0700, keys 0600
+VM_CHECKED = (
+    "vm-checked.json"  # the last good `vm.check` of the running VM's boot (qemu pid + start, boot id)
+)
 LOCK = "vm.lock"  # flock'ed by VM lifecycle commands (run, stop, destroy): one at a time; names its holder
 
 
@@ -91,6 +94,10 @@ class StatePaths:
     @property
     def deployed(self) -> Path:
         return self.root / DEPLOYED
+
+    @property
+    def vm_checked(self) -> Path:
+        return self.root / VM_CHECKED
 
     @property
     def lock(self) -> Path:

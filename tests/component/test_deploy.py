@@ -397,7 +397,7 @@ def test_up_twice_deploys_the_real_job_specs_then_changes_nothing(
     steps real against the double, deploying the real nomad/*.nomad.hcl (the double reads them)."""
     import contextlib
 
-    from infra import build, remote, seed, stack, vm
+    from infra import build, machine, seed, stack, vm
 
     calls: list[str] = []
     made = seed.SeedResult(Path("seed.iso"), "0" * 64, "iid-test", changed=True, baked=False)
@@ -414,7 +414,7 @@ def test_up_twice_deploys_the_real_job_specs_then_changes_nothing(
     monkeypatch.setattr(vm, "boots_baked", lambda cfg: False)
     monkeypatch.setattr(vm, "preparing", lambda cfg: contextlib.nullcontext(SimpleNamespace(baked=False)))
     monkeypatch.setattr(vm, "run", fake_run)
-    monkeypatch.setattr(remote, "check", lambda cfg, alive=None: calls.append("vm.check"))
+    monkeypatch.setattr(machine, "check_once", lambda cfg: calls.append("vm.check"))
     # The image build runs for real in tests/component/test_app_image.py; here it is recorded.
     monkeypatch.setattr(build, "_vm_engine", lambda cfg: contextlib.nullcontext("vm-engine"))
 

@@ -44,7 +44,9 @@ What it models (sources at each place in the code):
 - task logs: framed JSON {File, Offset, Data} with `{}` heartbeats while following, or plain text.
 
 Faults for tests: `fail_next` (one-shot status + body), `drop_answer` (the request is applied, then the
-connection is cut before the answer). Task behaviour per task image or task name:
+connection is cut before the answer), `before_next` (one-shot: run a change right before a matching
+request, e.g. `rewind` — every index goes back, as after a restore from an older snapshot — or `revert`).
+Task behaviour per task image or task name:
 `behaviour["img:tag"] = "driver-failure"`, or "exit-1", or "ok" (default); `health_delay[name]` delays
 a task's health.
 """
@@ -463,6 +465,7 @@ class NomadAPIDouble:
         pullable: Callable[[str], bool] | None = None,
         docker_gc: tuple[bool, float] = (True, 180.0),
         keyring_delay: float = 0.0,
+        memo_parse: bool = False,
     ) -> None:
         """`acl_token`: a management token (every capability). `acl_tokens`: more tokens, each with the
         capabilities it grants: "agent:read", "node:read", and namespace capabilities as in acl/policy.go
@@ -472,7 +475,10 @@ class NomadAPIDouble:
         `load_image`d are on the node and garbage-collected per `docker_gc` = (gc.image, image_delay seconds)
         (drivers/docker/config.go defaults: true, 3m; `gc_from_agent_config` reads them from an agent config).
         `keyring_delay`: seconds after the leader is elected during which variable writes fail with
-        "keyring has not been initialized yet" (nomad/encrypter.go activeCipherSet)."""
+        "keyring has not been initialized yet" (nomad/encrypter.go activeCipherSet).
+        `memo_parse`: answer a jobs/parse seen before from memory (it is a pure function of JobHCL and
+        Variables): python-hcl2 takes about 0.1 s a job here where Nomad's Go parser takes milliseconds, so
+        a benchmark of our commands (scripts/bench-noop) would otherwise time the double's parser."""
         self.port = free_port()
         self.server = HTTPServer(host="127.0.0.1", port=self.port, ssl_context=ssl_context, threaded=True)
         self.server.expect_request(re.compile(r"^/.*")).respond_with_handler(self._handle)
@@ -487,6 +493,8 @@ class NomadAPIDouble:
         self.pullable = pullable
         self.docker_gc_image, self.docker_image_delay = docker_gc
         self.keyring_delay = keyring_delay
+        self.memo_parse = memo_parse
+        self._parsed: dict[tuple[str, str], tuple[dict[str, Any], list[str]]] = {}
         self._keyring_at = 0.0
         self.images: dict[str, set[str]] = {}  # image on the node -> IDs of allocations using it
         self.image_events: list[str] = []
@@ -517,6 +525,9 @@ class NomadAPIDouble:
         self.fail_next: list[tuple[str, int, str]] = []  # (path regex, status, body): one-shot faults
         self.drop_answer: list[str] = []  # "METHOD path" regexes: applied, then the connection is cut
         self.drop_request: list[str] = []  # "METHOD path" regexes: the connection is cut, nothing applied
+        # (regex on "METHOD path?query", fn): when such a request arrives, fn() runs first (one-shot each):
+        # what another writer or the server did just before it (a revert, a snapshot restore)
+        self.before_next: list[tuple[str, Callable[[], None]]] = []
         self.promote_bodies: list[Any] = []
         self._task_lists: dict[
             str, list[dict[str, Any]]
@@ -603,6 +614,27 @@ class NomadAPIDouble:
                 self.changes.append((time.monotonic(), change))
             self.cond.notify_all()
             return self.index
+
+    def rewind(self, to: int) -> None:
+        """Every index goes back to `to` (at most), the objects kept: a server restarted on an older raft
+        snapshot, or a snapshot restore (nomad/fsm.go nomadFSM.Restore: a new state store with the snapshot's
+        indexes replaces the old one, whose Abandon() wakes the blocked queries; nomad/rpc.go blockingRPC
+        then re-runs each and, its index still <= the client's, blocks again until its wait ends)."""
+        with self.cond:
+            self.index = min(self.index, to)
+            self.tables = {t: min(v, to) for t, v in self.tables.items()}
+            self.changes.append((time.monotonic(), f"indexes rewound to {to}"))
+
+    def revert(self, job_id: str, version: int) -> None:
+        """Register an earlier version of a job again, as a new version (nomad/job_endpoint.go Revert ->
+        doRegister: the old job copied, Stable false, a job-register evaluation) — what `nomad job revert`
+        or another deployer does between someone's plan and their register."""
+        with self.cond:
+            target = next(v for v in self.versions[job_id] if v["Version"] == version)
+            revert = copy.deepcopy(target)
+            index = self._store_version(revert, self.jobs.get(job_id))
+            ev = self._new_eval(job_id, "job-register", index)
+            self.at(self.timing.evaluate, lambda: self._evaluate(ev["ID"]))
 
     # ------------------------------------------------------------------------------------ cluster state --
     def elect_leader(self) -> None:
@@ -826,6 +858,14 @@ class NomadAPIDouble:
     def _handle(self, request: Request) -> Response:
         rec = Request_(time.monotonic(), request.method, request.path, dict(request.args))
         self.requests.append(rec)
+        query = request.query_string.decode()
+        target = f"{request.method} {request.path}" + (f"?{query}" if query else "")
+        for regex, fn in list(self.before_next):
+            if re.search(regex, target):
+                self.before_next.remove((regex, fn))
+                with self.cond:
+                    fn()
+                break
         for regex in list(self.drop_request):
             if re.search(regex, f"{request.method} {request.path}"):
                 self.drop_request.remove(regex)  # the connection breaks before Nomad sees the request
@@ -1048,10 +1088,14 @@ class NomadAPIDouble:
         self.parse_calls.append(body)
         if not isinstance(body, dict) or not body.get("JobHCL"):
             raise _HTTPError(400, "Job spec is empty")
+        key = (str(body["JobHCL"]), str(body.get("Variables") or ""))
         try:
-            job, warnings = parse_job_hcl(body["JobHCL"], body.get("Variables") or "")
+            job, warnings = self._parsed.get(key) or parse_job_hcl(*key)
         except HCLParseError as exc:
             raise _HTTPError(400, f"Failed to parse job: {exc}") from None
+        if self.memo_parse:
+            self._parsed[key] = (job, warnings)
+            job = copy.deepcopy(job)
         self.parse_warnings.append(warnings)
         return self._json(job)
 
@@ -1513,8 +1557,8 @@ class NomadAPIDouble:
             self.write_log(alloc["ID"], t["Name"], "stderr", err)
             life = t.get("Lifecycle") or {}
             if life.get("Hook") == "prestart" and not life.get("Sidecar"):
-                # client/allocrunner/taskrunner (task_hook_coordinator.go): a prestart task that is not a
-                # sidecar runs to completion before the main tasks start; it ends dead, not failed
+                # client/allocrunner/tasklifecycle/coordinator.go (Coordinator.isPrestartDone): a prestart
+                # task that is not a sidecar runs to completion before the main tasks start; dead, not failed
                 ts["Events"] += [self._event("Terminated", "Exit Code: 0", ExitCode=0)]
                 ts.update(State="dead", FinishedAt="2026-11-25T09:00:02Z")
                 self._release_image(alloc, t)
