@@ -189,6 +189,7 @@ def start_traefik(api: NomadAPIDouble) -> Iterator[Callable[..., traefik_server.
 
 # --------------------------------------------------------------------------------------------- tests --
 @TRAEFIK
+@pytest.mark.tools("curl")
 def test_the_app_answers_through_traefik_over_http_and_https_with_the_project_ca(
     cfg_for: Callable[..., Config], start_traefik: Callable[..., traefik_server.Traefik], api: NomadAPIDouble,
     make_app: Callable[[str], AppProcess],
@@ -409,6 +410,25 @@ def test_the_e2e_https_check_passes_against_real_traefik_and_fails_with_another_
     tls.ensure(StatePaths.of(other))  # a CA that did not sign what Traefik serves
     with pytest.raises(WaitTimeout, match="CERTIFICATE_VERIFY_FAILED"):
         harness.Smoke(other).ingress_https_healthz(timeout=3)
+
+
+def test_the_double_lists_services_as_nomad_does(api: NomadAPIDouble) -> None:
+    """What Traefik's provider relies on (nomad/service_registration_endpoint.go List and GetService): one
+    stub per namespace with the union of the instances' tags; the `Tags contains` filter; a filter bexpr
+    cannot read is a 400; an empty namespace lists []."""
+    stable = api.register_service("app", address="127.0.0.1", port=1, tags=["traefik.enable=true", "x"])
+    api.register_service("app", address="127.0.0.1", port=2, tags=["traefik.enable=true"], canary_tags=["canary"],
+                         canary=True)  # fmt: skip
+    listed = requests.get(api.url + "/v1/services", timeout=10).json()
+    assert listed == [{"Namespace": "default",
+                       "Services": [{"ServiceName": "app", "Tags": ["traefik.enable=true", "x", "canary"]}]}]  # fmt: skip
+    enabled = requests.get(api.url + "/v1/service/app", params={"filter": 'Tags contains "traefik.enable=true"'},
+                           timeout=10).json()  # fmt: skip
+    assert [r["ID"] for r in enabled] == [stable] and enabled[0]["Port"] == 1
+    assert len(requests.get(api.url + "/v1/service/app", timeout=10).json()) == 2
+    bad = requests.get(api.url + "/v1/service/app", params={"filter": "Tags =="}, timeout=10)
+    assert bad.status_code == 400 and "failed to read filter expression" in bad.text
+    assert requests.get(api.url + "/v1/services", params={"namespace": "other"}, timeout=10).json() == []
 
 
 # ------------------------------------------------------------------------------- the tasks (inv) --
