@@ -34,7 +34,7 @@ from invoke.parser.argument import Argument
 from invoke.program import Program as InvokeProgram
 
 from infra import config as config_mod
-from infra.errors import ConfigError, InfraError
+from infra.errors import ConfigError, InfraError, printable, redact_urls
 
 USAGE_EXIT = 2
 #: -f file types; invoke would also run a `.py` file as configuration, which we do not offer.
@@ -135,7 +135,7 @@ def _stage(method: Callable[..., Any]) -> Callable[..., Any]:
             )
             raise Exit(f"error: {text}\nhint: {hint} shows what it accepts", code=USAGE_EXIT) from None
         except InfraError as exc:
-            raise Exit(f"error: {exc}", code=exc.exit_code) from None
+            raise Exit(f"error: {printable(str(exc))}", code=exc.exit_code) from None
         except KeyboardInterrupt:
             raise Exit("interrupted", code=130) from None
         except BrokenPipeError:  # `inv --list | head`: the reader left; say nothing more on that pipe
@@ -163,7 +163,7 @@ SECRET_VARIABLES = ("NOMAD_TOKEN", "INVOKE_NOMAD_TOKEN")
 def _printable(exc: BaseException) -> str:
     """An unexpected error's text for one line: no secret values, no control characters (terminal escapes),
     at most 500 characters."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = redact_urls(" ".join(str(exc).split())) or type(exc).__name__
     for var in SECRET_VARIABLES:
         secret = os.environ.get(var, "").strip()
         if secret:

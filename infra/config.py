@@ -364,10 +364,10 @@ def _check_ports(ports: Mapping[str, Port]) -> None:
 
 
 #: Debian's adduser/useradd default NAME_REGEX: what cloud-init can create as the login user.
-_USER_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+_USER_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 #: RFC 1123 host name: dot-separated labels of letters, digits and inner hyphens.
-_HOST_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-                        r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")  # fmt: skip
+_HOST_NAME = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                        r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")  # fmt: skip
 
 
 def _check_values(data: Mapping[str, Any], *, state_dir: Path) -> None:
@@ -396,13 +396,13 @@ def _check_values(data: Mapping[str, Any], *, state_dir: Path) -> None:
             hint="Kafka advertises its host listener as localhost:<guest port>; clients reconnect to that port",
         )
     user = data["ssh"]["user"]
-    if not _USER_NAME.match(user):
+    if not _USER_NAME.fullmatch(user):
         raise ConfigError(
             f"configuration key ssh.user is {user!r}: not a valid user name",
             hint="lower-case letters, digits, '_' and '-', starting with a letter or '_', at most 32",
         )
     host = data["provision"]["hostname"]
-    if not _HOST_NAME.match(host):
+    if not _HOST_NAME.fullmatch(host):
         raise ConfigError(
             f"configuration key provision.hostname is {host!r}: not a valid host name",
             hint="letters, digits and '-' in dot-separated labels of at most 63 characters",

@@ -64,10 +64,14 @@ def find(matches: Callable[[list[str]], bool]) -> int | None:
 
 
 def kill(pid: int, grace: float = 5.0) -> bool:
-    """SIGTERM, then SIGKILL, each given `grace` seconds; True when the process is gone."""
+    """SIGTERM, then SIGKILL, each given `grace` seconds; True when the process is gone. SIGTERM is
+    followed by SIGCONT (as systemd's stop does), so a process stopped with SIGSTOP gets to handle it
+    instead of holding it pending until SIGKILL."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
+            if sig == signal.SIGTERM:
+                os.kill(pid, signal.SIGCONT)
         end = time.monotonic() + grace
         while time.monotonic() < end:
             if not alive(pid):

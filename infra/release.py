@@ -197,6 +197,8 @@ def ship(
     job_id = deploy.job_id_of(cfg.deploy.app_job)
     try:
         result = deploy_app(cfg, client, image=ref or None, variables=variables, detach=detach)
+    except deploy.NotRegistered:
+        raise  # nothing of ours reached the job: there is no rollback to report
     except DeployError as exc:
         exc.details.extend(rollback_report(client, job_id, ref, failed=exc.deployment))
         raise
@@ -223,8 +225,8 @@ def rollback_report(
     auto_revert Nomad registers the last stable version again (a new job version); wait for that a little,
     then name its image. Not /v1/job/<id>/deployment when the failed one is known: that is the job's latest
     deployment (command/agent/job_endpoint.go jobLatestDeployment -> nomad/job_endpoint.go
-    Job.LatestDeployment -> state LatestDeploymentByJobID), and the revert's own deployment may already
-    have replaced the failed one there."""
+    Job.LatestDeployment: state.DeploymentsByJobID, the highest CreateIndex), and the revert's own
+    deployment may already have replaced the failed one there."""
     if failed is None:
         try:
             failed = client.job_deployment(job_id).body or {}

@@ -77,7 +77,7 @@ TRAEFIK_ENABLE = "traefik.enable=true"
 #: Debian/Ubuntu package of the CNI plugins (installs /usr/lib/cni).
 CNI_PACKAGE = "containernetworking-plugins"
 
-_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _VAR_REF = re.compile(r"\$\{\s*var\.([A-Za-z_][A-Za-z0-9_-]*)\s*\}")
@@ -698,7 +698,7 @@ def image_problems(image: str, local_images: Iterable[str] = ()) -> list[str]:
         return problems
     if not digest:
         problems.append(f"has no digest; pin it as {name}@sha256:<digest> (a tag can be re-pushed)")
-    elif not _DIGEST.match(digest):
+    elif not _DIGEST.fullmatch(digest):
         problems.append(f'has a malformed digest "{digest}"; expected sha256:<64 hex digits>')
     return problems
 

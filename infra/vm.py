@@ -475,7 +475,9 @@ def _launch(command: list[str], p: StatePaths) -> int:
 
 
 def stop(cfg: Config, timeout: float | None = None) -> bool:
-    """`inv vm.stop`: ACPI power-off over QMP, wait, then SIGTERM/SIGKILL. True when a VM was stopped."""
+    """`inv vm.stop`: ACPI power-off over QMP, wait, then SIGTERM/SIGKILL. True when a VM was stopped.
+    It always ends with the VM gone: a qemu that does not answer QMP (stopped, hung, a socket speaking
+    garbage) is killed, and only a process that survives SIGKILL is an error."""
     p = StatePaths.of(cfg)
     if not p.root.is_dir():
         ui.skip("VM is not running")
@@ -514,19 +516,22 @@ def _stop(cfg: Config, p: StatePaths, timeout: float | None) -> bool:
 
 #: A power-button press that arrives before the guest's systemd-logind runs is lost: press again this often.
 ACPI_REPEAT = 10.0
+#: Seconds a QMP exchange may take; qemu answers in milliseconds unless it is stopped (SIGSTOP) or hung.
+QMP_TIMEOUT = 5.0
 
 
 def _acpi_power_off(p: StatePaths, pid: int, limit: float) -> bool:
     """Press the ACPI power button (QMP system_powerdown) until qemu exits or `limit` passes."""
     pressed = [time.monotonic()]
-    qmp.execute(p.qmp_socket, "system_powerdown")
+    answer = min(QMP_TIMEOUT, limit)  # a stopped or hung qemu accepts the connection and never answers
+    qmp.execute(p.qmp_socket, "system_powerdown", timeout=answer)
 
     def probe(_d: object) -> Probe[None]:
         if not host.alive(pid):
             return Probe(True, "powered off")
         if time.monotonic() - pressed[-1] >= ACPI_REPEAT:
             with contextlib.suppress(VMError):  # qemu may be exiting right now
-                qmp.execute(p.qmp_socket, "system_powerdown")
+                qmp.execute(p.qmp_socket, "system_powerdown", timeout=answer)
             pressed.append(time.monotonic())
         return Probe(False, f"guest shutting down (power button pressed {len(pressed)}x)")
 

@@ -201,6 +201,15 @@ def no_setup(lab: Lab) -> None:
     pass
 
 
+def stopped_qemu(lab: Lab) -> None:
+    """A hung qemu: stopped with SIGSTOP, so its QMP socket accepts connections and never answers."""
+    pid = lab.start_vm()
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 60
+    while psutil.Process(pid).status() != psutil.STATUS_STOPPED and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 # ------------------------------------------------------------------------------------------------- table --
 @dataclass(frozen=True)
 class Case:
@@ -273,6 +282,11 @@ CASES = [
     Case("not-running/stop", no_setup, ("vm.stop",), 0, r"VM is not running$"),
     Case("not-running/destroy", no_setup, ("vm.destroy",), 0, r"VM destroyed: nothing to remove"),
     Case("not-running/logs", no_setup, ("vm.logs",), 1, r"^error: no serial log at .*serial\.log$"),
+    # a hung qemu (SIGSTOP): QMP does not answer, the VM is killed all the same (SIGTERM + SIGCONT, SIGKILL)
+    Case("stopped-qemu/stop", stopped_qemu, ("vm.stop",), 0, r"VM stopped \(killed, pid {pid}\)",
+         absent=("Traceback", "unexpected", "bug")),
+    Case("stopped-qemu/down", stopped_qemu, ("down",), 0, r"VM stopped \(killed, pid {pid}\)",
+         absent=("Traceback", "unexpected", "bug")),
     Case("missing-qemu/run", no_setup, ("vm.run",), 1,
          r"^error: qemu binary 'qemu-system-nonexistent' not found on PATH$",
          env={"INVOKE_VM_QEMU": "qemu-system-nonexistent"}),

@@ -44,7 +44,9 @@ What it models (sources at each place in the code):
 - task logs: framed JSON {File, Offset, Data} with `{}` heartbeats while following, or plain text.
 
 Faults for tests: `fail_next` (one-shot status + body), `drop_answer` (the request is applied, then the
-connection is cut before the answer). Task behaviour per task image or task name:
+connection is cut before the answer), `before_next` (one-shot: run a change right before a matching
+request, e.g. `rewind` — every index goes back, as after a restore from an older snapshot — or `revert`).
+Task behaviour per task image or task name:
 `behaviour["img:tag"] = "driver-failure"`, or "exit-1", or "ok" (default); `health_delay[name]` delays
 a task's health.
 """
@@ -522,6 +524,9 @@ class NomadAPIDouble:
         self.fail_next: list[tuple[str, int, str]] = []  # (path regex, status, body): one-shot faults
         self.drop_answer: list[str] = []  # "METHOD path" regexes: applied, then the connection is cut
         self.drop_request: list[str] = []  # "METHOD path" regexes: the connection is cut, nothing applied
+        # (regex on "METHOD path?query", fn): when such a request arrives, fn() runs first (one-shot each):
+        # what another writer or the server did just before it (a revert, a snapshot restore)
+        self.before_next: list[tuple[str, Callable[[], None]]] = []
         self.promote_bodies: list[Any] = []
         self._task_lists: dict[
             str, list[dict[str, Any]]
@@ -608,6 +613,27 @@ class NomadAPIDouble:
                 self.changes.append((time.monotonic(), change))
             self.cond.notify_all()
             return self.index
+
+    def rewind(self, to: int) -> None:
+        """Every index goes back to `to` (at most), the objects kept: a server restarted on an older raft
+        snapshot, or a snapshot restore (nomad/fsm.go nomadFSM.Restore: a new state store with the snapshot's
+        indexes replaces the old one, whose Abandon() wakes the blocked queries; nomad/rpc.go blockingRPC
+        then re-runs each and, its index still <= the client's, blocks again until its wait ends)."""
+        with self.cond:
+            self.index = min(self.index, to)
+            self.tables = {t: min(v, to) for t, v in self.tables.items()}
+            self.changes.append((time.monotonic(), f"indexes rewound to {to}"))
+
+    def revert(self, job_id: str, version: int) -> None:
+        """Register an earlier version of a job again, as a new version (nomad/job_endpoint.go Revert ->
+        doRegister: the old job copied, Stable false, a job-register evaluation) — what `nomad job revert`
+        or another deployer does between someone's plan and their register."""
+        with self.cond:
+            target = next(v for v in self.versions[job_id] if v["Version"] == version)
+            revert = copy.deepcopy(target)
+            index = self._store_version(revert, self.jobs.get(job_id))
+            ev = self._new_eval(job_id, "job-register", index)
+            self.at(self.timing.evaluate, lambda: self._evaluate(ev["ID"]))
 
     # ------------------------------------------------------------------------------------ cluster state --
     def elect_leader(self) -> None:
@@ -730,6 +756,14 @@ class NomadAPIDouble:
     def _handle(self, request: Request) -> Response:
         rec = Request_(time.monotonic(), request.method, request.path, dict(request.args))
         self.requests.append(rec)
+        query = request.query_string.decode()
+        target = f"{request.method} {request.path}" + (f"?{query}" if query else "")
+        for regex, fn in list(self.before_next):
+            if re.search(regex, target):
+                self.before_next.remove((regex, fn))
+                with self.cond:
+                    fn()
+                break
         for regex in list(self.drop_request):
             if re.search(regex, f"{request.method} {request.path}"):
                 self.drop_request.remove(regex)  # the connection breaks before Nomad sees the request
@@ -1416,8 +1450,8 @@ class NomadAPIDouble:
             self.write_log(alloc["ID"], t["Name"], "stderr", err)
             life = t.get("Lifecycle") or {}
             if life.get("Hook") == "prestart" and not life.get("Sidecar"):
-                # client/allocrunner/taskrunner (task_hook_coordinator.go): a prestart task that is not a
-                # sidecar runs to completion before the main tasks start; it ends dead, not failed
+                # client/allocrunner/tasklifecycle/coordinator.go (Coordinator.isPrestartDone): a prestart
+                # task that is not a sidecar runs to completion before the main tasks start; dead, not failed
                 ts["Events"] += [self._event("Terminated", "Exit Code: 0", ExitCode=0)]
                 ts.update(State="dead", FinishedAt="2026-11-25T09:00:02Z")
                 self._release_image(alloc, t)
