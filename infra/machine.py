@@ -103,8 +103,11 @@ def _remember(p: StatePaths, boot: dict[str, Any], report: remote.CheckReport) -
         "recoverable": report.recoverable,
         "services": report.services,
     }
-    files.write_atomic(p.vm_checked, (json.dumps(memo, indent=2) + "\n").encode(), "record of the VM check",
-                       error=VMError)  # fmt: skip
+    try:
+        files.write_atomic(p.vm_checked, (json.dumps(memo, indent=2) + "\n").encode(), "record of the VM check",
+                           error=VMError)  # fmt: skip
+    except VMError as exc:  # the check itself passed: only the next `inv up` logs in again
+        ui.warn(f"{exc.message}; the next `inv up` checks the VM again")
 
 
 def remembered(cfg: Config) -> dict[str, Any] | None:

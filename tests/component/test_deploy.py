@@ -450,6 +450,29 @@ def test_up_twice_deploys_the_real_job_specs_then_changes_nothing(
     assert all(a["ClientStatus"] == "complete" for a in double.allocs.values())
 
 
+def test_status_and_the_no_op_deploy_name_the_app_image_live(
+    double: NomadAPIDouble, client: Client, make_cfg: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`inv deploy.app --image REF`, then what `inv up` and `inv status` say: the no-op line names REF
+    (it once printed `--   is already live`), and status shows it (`--json`: app_image and each job's image)."""
+    from infra import stack
+
+    cfg = make_cfg()
+    release.ship(cfg, client, image="registry.example/app:1")
+    capsys.readouterr()
+    shipped = stack.deploy_all(cfg, client)  # `inv up`'s deploy steps
+    assert shipped.outcome == "unchanged" and shipped.image == "registry.example/app:1"
+    assert "-- registry.example/app:1 is already live (job app version 0)" in " ".join(
+        capsys.readouterr().err.split()
+    )
+    report = stack.status(cfg, client=client, vm_info={"running": False})
+    assert report["app_image"] == "registry.example/app:1"
+    app = next(j for j in report["jobs"] if j["job_id"] == "app")
+    assert app["image"] == "registry.example/app:1"
+    assert json.loads(json.dumps(report, default=str))["app_image"] == "registry.example/app:1"
+    assert "image registry.example/app:1" in capsys.readouterr().err
+
+
 def test_deploy_app_reuses_the_last_image_so_up_does_not_roll_it_back(
     double: NomadAPIDouble, client: Client, make_cfg: Any
 ) -> None:
