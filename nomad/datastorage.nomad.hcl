@@ -216,13 +216,20 @@ job "datastorage" {
       # Room for a controlled shutdown, so the next start does not have to recover the log.
       kill_timeout = "30s"
 
+      # The image's user, by number: apache/kafka's docker/jvm/Dockerfile creates it with
+      # `adduser -h /home/appuser -D --shell /bin/bash appuser` (no -u) on eclipse-temurin:21-jre-alpine,
+      # so busybox gives it the first free uid from 1000, and ends with `USER appuser`. Saying the uid
+      # here makes the process and the host volume's owner (cloud-init/files/nomad/host-volumes:
+      # 1000 1000) agree by construction rather than by that assumption.
+      user = "1000:1000"
+
       config {
         image              = var.kafka_image
         ports              = ["kafka", "kafka_host"]
         image_pull_timeout = "10m"
       }
 
-      # The image runs as uid 1000 (appuser); cloud-init creates the host directory with that owner.
+      # The task runs as uid 1000 (`user` above); cloud-init creates the host directory with that owner.
       volume_mount {
         volume      = "data"
         destination = "/var/lib/kafka/data"

@@ -295,6 +295,10 @@ GC_WHY = (
     '(default true, image_delay "3m"): the docker driver deletes an image 3 minutes after its last task stops, '
     "the locally built app image included, which no registry can give back; set gc { image = false }"
 )
+PULL_WHY = (
+    '(default "2m"): the docker driver cancels an image pull that shows no progress for that long, and a job\'s '
+    'image_pull_timeout does not extend it; set pull_activity_timeout = "10m" or more'
+)
 ORDER_WHY = (
     "which sorts before nomad.hcl: Nomad merges /etc/nomad.d/*.hcl in name order and the later file wins, so the "
     "package's nomad.hcl would override it; name it to sort after nomad.hcl (e.g. zz-infra-lab.hcl; digits sort "
@@ -311,6 +315,10 @@ AGENT_CASES = [
               "volumes.enabled = true lets any job bind-mount any host path (/ included) through config.volumes or "
               "mount, and nothing here needs it: templates render into the task's own directories and host volumes "
               "are Nomad volumes; remove the volumes block", 1),
+    AgentCase("docker-pull-activity", (('    pull_activity_timeout = "10m"\n', ""),), (), AGENT, "  config {",
+              'plugin "docker"', "pull_activity_timeout = (unset) " + PULL_WHY),
+    AgentCase("docker-pull-activity", (('pull_activity_timeout = "10m"', 'pull_activity_timeout = "5m"'),), (),
+              AGENT, 'pull_activity_timeout = "5m"', 'plugin "docker"', 'pull_activity_timeout = "5m" ' + PULL_WHY),
     AgentCase("cni-path", (("client {\n  enabled = true\n", 'client {\n  enabled = true\n  cni_path = "/usr/lib/cni"\n'),),
               (), AGENT, "\n  cni_path =", "client",
               'cni_path = "/usr/lib/cni", but no cloud-init part installs CNI plugins (containernetworking-plugins); '
