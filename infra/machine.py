@@ -35,11 +35,15 @@ def run(cfg: Config) -> Booted:
 def check(cfg: Config) -> remote.CheckReport:
     """`inv vm.check`: the checks of infra.remote against the running VM (its forwards, its start time)."""
     p = vm.require_running(cfg)
-    return remote.check(
-        vm.reach(cfg),
-        alive=lambda: vm.running_pid(p) is not None,
-        started_at=vm.load_record(p).get("started_at"),
-    )
+    vm.require_guest_running(p)  # a paused guest (io-error: a full host disk) is not a slow boot
+
+    def alive() -> bool:
+        if vm.running_pid(p) is None:
+            return False
+        vm.require_guest_running(p)
+        return True
+
+    return remote.check(vm.reach(cfg), alive=alive, started_at=vm.load_record(p).get("started_at"))
 
 
 def ssh(cfg: Config, command: str = "") -> int:
@@ -51,8 +55,10 @@ def ssh(cfg: Config, command: str = "") -> int:
 def status(cfg: Config) -> dict[str, Any]:
     """`inv vm.status`: the VM's status plus, when it runs, cloud-init's state (asked over SSH, briefly)."""
     info = vm.status(cfg)
-    if info["running"]:
+    if info["running"] and info.get("run_state") == "running":
         info["cloud_init"] = remote.cloud_init_state(vm.reach(cfg))
+    elif info["running"]:
+        info["cloud_init"] = f"unknown (the guest does not run: qemu run state {info.get('run_state')})"
     return info
 
 
@@ -61,7 +67,12 @@ def describe(info: dict[str, Any]) -> None:
     if not info["running"]:
         ui.info(f"VM: not running (state dir {info['state_dir']}; disk {info['disk'] or 'none'})")
         return
-    ui.info(f"VM: running, pid {info['pid']}, {info['arch']}, accel {info['accel']}, up {info['uptime_s']}s")
+    state = "running" if info.get("run_state") == "running" else f"qemu runs, guest {info.get('run_state')}"
+    ui.info(f"VM: {state}, pid {info['pid']}, {info['arch']}, accel {info['accel']}, up {info['uptime_s']}s")
+    if info.get("problem"):
+        ui.warn(info["problem"])
+        if info.get("hint"):
+            ui.info(f"    hint: {info['hint']}")
     which = f"baked {info['baked']}" if info.get("baked") else "base"
     ui.info(f"    image: {which} ({info.get('image') or '?'})")
     for name, port in info["ports"].items():
