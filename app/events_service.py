@@ -32,7 +32,9 @@ discovery):
 
 On start the app creates its table and topic if they are missing (idempotent; it tolerates both already
 existing and several replicas starting at once), retrying until STARTUP_TIMEOUT while Postgres or Kafka
-are not yet reachable, then exits 1 naming the one that never answered. Logs are JSON lines on stdout.
+are not yet reachable. Postgres that never answers makes it exit 1 naming it; Kafka that never answers does
+not: the app serves, /healthz and POST /events answer 503 naming kafka, and the health check creates the
+topic once the broker is back (a Kafka restart must not take the app down). Logs are JSON lines on stdout.
 
 A POST is written in a transaction that commits only after Kafka acknowledged the event, so a stored row
 always has its event on the topic (an event can still reach the topic without its row if the commit fails
@@ -247,13 +249,15 @@ class Service:
             log.info("topic exists", extra={"topic": self.s.kafka_topic})
 
     def initialise(self) -> None:
-        """Create table and topic, retrying while the dependencies are not reachable yet."""
-        steps: list[tuple[str, Callable[[], None]]] = [
-            ("postgres", self.ensure_schema),
-            ("kafka", self.ensure_topic),
+        """Create table and topic, retrying while the dependencies are not reachable yet. Without Postgres
+        the app cannot answer anything (RuntimeError); without Kafka it starts all the same (a warning):
+        check_kafka creates the topic once the broker answers."""
+        steps: list[tuple[str, Callable[[], None], bool]] = [
+            ("postgres", self.ensure_schema, True),
+            ("kafka", self.ensure_topic, False),
         ]
         deadline = time.monotonic() + self.s.startup_timeout
-        for name, step in steps:
+        for name, step, required in steps:
             attempt = 0
             while True:
                 attempt += 1
@@ -263,6 +267,12 @@ class Service:
                     break
                 except Exception as exc:
                     if time.monotonic() >= deadline:
+                        if not required:
+                            log.warning(
+                                "dependency not ready; serving without it (/healthz reports it down)",
+                                extra={"dependency": name, "attempts": attempt, "error": str(exc)},
+                            )
+                            break
                         raise RuntimeError(
                             f"{name} not ready after {self.s.startup_timeout:.0f}s: {exc}"
                         ) from exc

@@ -22,6 +22,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from servers import tansu
 from servers.app import AppProcess
+from servers.common import free_port
 from servers.postgres import PostgresServer
 
 AppFactory = Callable[..., AppProcess]
@@ -254,8 +255,6 @@ def test_missing_configuration_exits_2_naming_the_variable(tmp_path: Path, pg: P
 
 def test_startup_gives_up_naming_postgres(tmp_path: Path, pg: PostgresServer,
                                           kafka: tansu.TansuBroker) -> None:  # fmt: skip
-    from servers.common import free_port
-
     env = {**app_env(pg, kafka, "postgres"), "PGPORT": str(free_port()), "STARTUP_TIMEOUT": "3"}
     app = AppProcess(log=tmp_path / "app.log", env=env)
     app.start(wait=False)
@@ -352,3 +351,33 @@ def _still_open(sock: socket.socket) -> bool:
         return True
     except OSError:
         return False
+
+
+# ---------------------------------------------------------- issue 23/14: a Kafka restart keeps the app --
+def test_app_starts_and_serves_while_kafka_is_away(make_app: AppFactory, pg: PostgresServer,
+                                                   tmp_path: Path) -> None:  # fmt: skip
+    """Kafka does not answer when the app starts (restarting, longer than STARTUP_TIMEOUT): the app starts
+    all the same, reports kafka down, and works once the broker is back — no restart, no exit."""
+    broker = tansu.TansuBroker(tmp_path / "late-broker")
+    broker.root.mkdir()
+    broker.port = free_port()  # nobody listens there yet
+    database = new_database(pg)
+    app = make_app(env=app_env(pg, broker, database, STARTUP_TIMEOUT="3"), database=database)
+    try:
+        down = app.get("/healthz")
+        refused = app.post("/events", json={"n": 1})
+        broker.start()
+        deadline = time.monotonic() + 60
+        while app.get("/healthz").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        recovered = app.get("/healthz")
+        stored = app.post("/events", json={"n": 2})
+    finally:
+        tansu.cleanup(broker)
+    assert down.status_code == 503 and down.json()["down"] == ["kafka"], down.text
+    assert refused.status_code == 503 and refused.json()["down"] == ["kafka"], refused.text
+    assert recovered.status_code == 200, recovered.text
+    assert stored.status_code == 201, stored.text
+    assert app.proc is not None and app.proc.poll() is None  # the same process all along
+    warned = [e for e in app.logs() if e["msg"].startswith("dependency not ready; serving without it")]
+    assert warned and warned[0]["dependency"] == "kafka"
