@@ -115,14 +115,14 @@ def read_job_file(path: Path) -> str:
     return text
 
 
-_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+_VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 
 
 def hcl_variables(variables: Mapping[str, str] | None) -> str:
     """A var-file string for /v1/jobs/parse: `name = "value"` lines, values quoted as HCL strings."""
     lines = []
     for name, value in (variables or {}).items():
-        if not _VAR_NAME.match(name):
+        if not _VAR_NAME.fullmatch(name):
             raise DeployError(f"invalid HCL variable name {name!r}")
         quoted = json.dumps(str(value)).replace("${", "$${").replace("%{", "%%{")
         lines.append(f"{name} = {quoted}")
@@ -765,6 +765,7 @@ class JobSummary:
     healthy: int
     desired: int
     running: int
+    image: str = ""  # the main task's image as registered (`main_image`)
 
 
 def job_summary(client: Client, job_id: str) -> JobSummary:
@@ -784,12 +785,17 @@ def job_summary(client: Client, job_id: str) -> JobSummary:
         sum(int(g.get("HealthyAllocs") or 0) for g in groups),
         desired,
         running,
+        main_image(job),
     )
 
 
 def live_image(client: Client, job_id: str, task: str = "") -> str:
     """The image of the job's main task as registered now (prestart/sidecar tasks are skipped)."""
-    job = client.job(job_id) or {}
+    return main_image(client.job(job_id) or {}, task)
+
+
+def main_image(job: Mapping[str, Any], task: str = "") -> str:
+    """The image of a job's main task (prestart/sidecar tasks are skipped), "" when it names none."""
     for group in job.get("TaskGroups") or []:
         for t in group.get("Tasks") or []:
             if (t.get("Lifecycle") or {}).get("Hook") or (task and t.get("Name") != task):

@@ -40,6 +40,15 @@ def cmdline(pid: int) -> list[str] | None:
         return []
 
 
+def started(pid: int) -> float | None:
+    """When the live process `pid` started (epoch seconds, as the kernel keeps it), None when there is none:
+    with the pid, it names one process, never a later one given the same pid."""
+    try:
+        return float(psutil.Process(pid).create_time())
+    except (psutil.Error, ValueError):
+        return None
+
+
 def alive(pid: int) -> bool:
     """A live process (not a zombie) has this pid."""
     return cmdline(pid) is not None
@@ -130,4 +139,4 @@ def check_ports(forwards: Mapping[str, Port]) -> None:
         )
 
 
-__all__ = ["alive", "check_ports", "cmdline", "find", "kill", "port_free", "port_owner"]
+__all__ = ["alive", "check_ports", "cmdline", "find", "kill", "port_free", "port_owner", "started"]

@@ -246,7 +246,7 @@ def validate(doc: Mapping[str, Any], cfg: Config) -> None:
         )
 
 
-_VERSION = re.compile(r"^\d+\.\d+\.\d+(\+ent)?$")
+_VERSION = re.compile(r"\d+\.\d+\.\d+(\+ent)?")
 
 
 def _project_rules(doc: Mapping[str, Any], cfg: Config) -> list[str]:
@@ -259,10 +259,10 @@ def _project_rules(doc: Mapping[str, Any], cfg: Config) -> list[str]:
         if isinstance(item, str) and item.startswith("/usr/local/lib/infra-lab/") and item not in written:
             problems.append(f"runcmd[{i}]: script {item} is not written by write_files")
     mirror = cfg.provision.registry_mirror
-    if mirror and not re.match(r"^https://[A-Za-z0-9.-]+(:\d+)?/?$", mirror):
+    if mirror and not re.fullmatch(r"https://[A-Za-z0-9.-]+(:\d+)?/?", mirror):
         problems.append(f"provision.registry_mirror: {mirror!r} is not an https:// registry URL")
     if cfg.provision.nomad:
-        if not _VERSION.match(cfg.provision.nomad_version):
+        if not _VERSION.fullmatch(cfg.provision.nomad_version):
             problems.append(
                 f"provision.nomad_version: {cfg.provision.nomad_version!r} is not a pinned X.Y.Z version"
             )

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from infra import console, host, images, qemu, qmp, state, ui
+from infra import console, host, qemu, qmp, state, ui
 from infra.config import Config, Port
 from infra.errors import VMError, WaitTimeout
 from infra.lock import state_lock
@@ -300,6 +300,8 @@ def _prepare(cfg: Config, p: StatePaths) -> Running | Boot:
             hint="use a shorter project.state_dir",
         )
     host.check_ports(cfg.vm.ports)
+    from infra import images  # the download cache (requests): loaded only when a VM is launched
+
     base = images.ensure(cfg, arch)
     check_image(base, "base image")
     disk_existed = p.disk.exists()
@@ -654,7 +656,7 @@ def logs_path(cfg: Config) -> Path:
 
 #: Files of the VM in the state dir. The image cache lives elsewhere (project.cache_dir) and is kept.
 VM_FILES = ("seed_iso", "user_data", "disk", "pidfile", "serial_log", "qmp_socket", "qemu_log", "vm_record",
-            "deployed")  # fmt: skip
+            "deployed", "vm_checked")  # fmt: skip
 
 
 def destroy(cfg: Config) -> list[Path]:

@@ -117,14 +117,18 @@ job "app" {
       port     = "http"
 
       # Traefik's Nomad provider reads these tags (exposedByDefault=false: nothing without
-      # traefik.enable=true is routed). Two routers, one service: entrypoint `app` (guest port
-      # 3000) takes every request, entrypoint `web` (8080) routes by host name.
+      # traefik.enable=true is routed). Three routers, one service: entrypoint `app` (guest port
+      # 3000) takes every request, entrypoints `web` (8080) and `websecure` (8443) route by host name.
       tags = [
         "traefik.enable=true",
         "traefik.http.routers.app.rule=PathPrefix(`/`)",
         "traefik.http.routers.app.entrypoints=app",
         "traefik.http.routers.app-web.rule=Host(`app.localhost`)",
         "traefik.http.routers.app-web.entrypoints=web",
+        # HTTPS (entrypoint websecure, 8443): https://app.localhost:8443 with the project CA's certificate.
+        "traefik.http.routers.app-secure.rule=Host(`app.localhost`)",
+        "traefik.http.routers.app-secure.entrypoints=websecure",
+        "traefik.http.routers.app-secure.tls=true",
         # The registration already carries the host port; stated so nobody "fixes" it to 3000,
         # the container port, which is not published on the node.
         "traefik.http.services.app.loadbalancer.server.port=${NOMAD_HOST_PORT_http}",

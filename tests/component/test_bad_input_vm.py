@@ -1,9 +1,10 @@
 """Bad inputs and faults of the VM lifecycle, through the real `inv` CLI.
 
 A table of cases: each sets up a fault (a running VM on a blank disk where the case needs one: real qemu,
-no OS), runs one `inv` command, and asserts its exit code, its one-line message, how long it took, and that
-nothing was left behind — no qemu or qemu-img of this state dir, no pidfile/QMP socket/launch record of a
-VM that does not run, no temp files. Beside the table: two `inv vm.run` at once (the lock), and Ctrl-C
+no OS), runs one `inv` command, and asserts its exit code, its one-line message (a command that should stop at
+once but waits would end with another exit code and message: no duration is measured), and that nothing was
+left behind — no qemu or qemu-img of this state dir, no pidfile/QMP socket/launch record of a VM that does
+not run, no temp files. Beside the table: two `inv vm.run` at once (the lock), and Ctrl-C
 at several points of `inv vm.run`.
 """
 
@@ -222,7 +223,6 @@ class Case:
     message: str  # a regex one line of the output must match, after str.format: {pid} = the VM's pid,
     # {ssh}/{nomad} = the MOVED forwards; literal braces are doubled
     env: dict[str, str] = field(default_factory=dict)
-    seconds: float = 60  # the command must finish within this
     vm_survives: bool = False  # the VM is expected to keep running after the command (then stopped here)
     absent: tuple[str, ...] = ("Traceback",)  # never in the output
 
@@ -249,7 +249,7 @@ CASES = [
     *[
         Case(f"fatal-console/{name}", fatal_console(line), ("vm.check",), 1,
              rf"^error: the guest cannot boot; its serial console says: {re.escape(line.strip())}",
-             env={"INVOKE_VM_SSH_TIMEOUT": "120"}, seconds=20, vm_survives=True)
+             env={"INVOKE_VM_SSH_TIMEOUT": "120"}, vm_survives=True)
         for name, line in (
             ("panic", "Kernel panic - not syncing: VFS: Unable to mount root fs on unknown-block(0,0)"),
             ("initramfs", "(initramfs) "),
@@ -259,20 +259,20 @@ CASES = [
     # tasks that reach the VM use the forwards it was launched with
     Case("moved-forward/check", moved_forwards, ("vm.check",), 2,
          r"^error: timed out after 2s waiting for SSH on 127\.0\.0\.1:{ssh}", env={"INVOKE_VM_SSH_TIMEOUT": "2"},
-         seconds=30, vm_survives=True),
+         vm_survives=True),
     Case("moved-forward/nomad.wait", moved_forwards, ("nomad.wait", "--timeout", "2"), 2,
-         r"^error: timed out after 2s waiting for Nomad at http://127\.0\.0\.1:{nomad} ", seconds=30,
+         r"^error: timed out after 2s waiting for Nomad at http://127\.0\.0\.1:{nomad} ",
          vm_survives=True),
     # `up` without Nomad says so at once; vm.status while the guest boots
     Case("up-without-nomad", no_setup, ("up",), 1,
-         r"^error: `inv up` deploys onto the VM's own Nomad, but provision\.nomad is off", seconds=15),
+         r"^error: `inv up` deploys onto the VM's own Nomad, but provision\.nomad is off"),
     Case("status-while-booting", running_vm, ("vm.status",), 0,
          r"^\s+cloud-init: unknown \(SSH not up yet\)$", vm_survives=True,
          absent=("Traceback", "SSHException", "No existing session")),
     # a second lifecycle command waits for the lock, then names its holder
     Case("lock-held/stop", lock_held, ("vm.stop",), 2,
          r"^error: vm\.stop: the state dir .* is locked by pid \d+ \(vm\.run, for \d+s\); waited \d+s",
-         env={"INVOKE_VM_LOCK_TIMEOUT": "1"}, seconds=15),
+         env={"INVOKE_VM_LOCK_TIMEOUT": "1"}),
     Case("base-digest-mismatch/run", no_setup, ("vm.run",), 1,
          r"^error: .*blank\.qcow2 does not match vm\.image_sha256: expected 0{{64}}, got [0-9a-f]{{64}}$",
          env={"INVOKE_VM_IMAGE_SHA256": "0" * 64}),
@@ -302,9 +302,7 @@ def test_vm_fault(lab: Lab, case: Case) -> None:
         case.setup(lab)
         state_existed = lab.state.root.exists()
         pids = [p.pid for p in processes_of(lab.state.root)]
-        started = time.monotonic()
-        result = lab.inv(*case.args, env=case.env, timeout=case.seconds + 60)
-        took = time.monotonic() - started
+        result = lab.inv(*case.args, env=case.env, timeout=300)  # only ends a hang
     finally:
         for holder in LOCK_HOLDERS:
             holder.kill()
@@ -324,7 +322,6 @@ def test_vm_fault(lab: Lab, case: Case) -> None:
     assert any(re.search(pattern, line) for line in output.splitlines()), (
         f"no line matches {pattern!r}:\n{output}"
     )
-    assert took < case.seconds, f"took {took:.1f}s (bound {case.seconds}s):\n{output}"
     for word in case.absent:
         assert word not in output, output
     alive = [p.pid for p in processes_of(lab.state.root)]

@@ -138,7 +138,7 @@ SPEC_CASES = [
     Case("host-volume-exists", DATA, (('source    = "postgres-data"', 'source    = "postgres-dat"'),),
          'source    = "postgres-dat"', "datastorage/postgres",
          'host volume "data" has source "postgres-dat", which the agent config cloud-init/files/nomad/zz-infra-lab.hcl '
-         "does not declare as a host_volume (declared: kafka-data, postgres-data)"),
+         "does not declare as a host_volume (declared: kafka-data, postgres-data, traefik-acme)"),
     Case("resources-set", INGRESS, (("\n" + TRAEFIK_RESOURCES, ""),), 'task "traefik"', "ingress/traefik/traefik",
          "task has no resources block; Nomad's defaults (100 MHz CPU, 300 MB memory) OOM-kill anything JVM-sized"),
     Case("resources-set", DATA, (("        cpu    = 1000\n        memory = 1024\n", "        cpu    = 1000\n"),),
@@ -189,6 +189,42 @@ SPEC_CASES = [
          'mode = "bridge"', "datastorage/postgres",
          'network mode "bridge" needs CNI plugins, which the VM does not install (and the agent config sets no '
          'cni_path); use Docker\'s own port mapping (mode "host", the default) like the other jobs'),
+    # The TLS parts of the Traefik task (nomad/ingress.nomad.hcl's args; findings name the args line).
+    Case("tls-entrypoint", INGRESS, (('          "--entrypoints.websecure.address=:8443",\n', ""),),
+         "args = [", "ingress/traefik/traefik",
+         '--entrypoints.websecure.http.tls names entrypoint "websecure", which no --entrypoints.<name>.address '
+         "defines (defined: app, traefik, web)"),
+    Case("tls-entrypoint", INGRESS,
+         (('ports              = ["app", "web", "dashboard", "websecure"]',
+           'ports              = ["app", "web", "dashboard"]'),),
+         "args = [", "ingress/traefik/traefik",
+         'entrypoint "websecure" listens on ":8443", a port the task does not publish (config.ports maps container '
+         "ports: 3000, 8080, 8081)"),
+    Case("tls-entrypoint", INGRESS,
+         (("acme-http.acme.httpchallenge.entrypoint=web", "acme-http.acme.httpchallenge.entrypoint=plain"),),
+         "args = [", "ingress/traefik/traefik",
+         "--certificatesresolvers.acme-http.acme.httpchallenge.entrypoint names entrypoint \"plain\", which no "
+         "--entrypoints.<name>.address defines (defined: app, traefik, web, websecure)"),
+    Case("acme-resolver", INGRESS,
+         (('          "--certificatesresolvers.acme-http.acme.email=${var.acme_email}",\n'
+           '          "--certificatesresolvers.acme-http.acme.caserver=${var.acme_ca_server}",\n'
+           '          "--certificatesresolvers.acme-http.acme.storage=/acme/acme.json",\n'
+           '          "--certificatesresolvers.acme-http.acme.httpchallenge.entrypoint=web",\n', ""),),
+         "args = [", "ingress/traefik/traefik",
+         'certificate resolver "acme-http" (named by infra/ingress.py (ingress.acme.challenge)) is not defined: '
+         "no --certificatesresolvers.acme-http.acme.* argument (defined: acme-tlsalpn)"),
+    Case("acme-resolver", INGRESS,
+         (('"--certificatesresolvers.acme-tlsalpn.acme.tlschallenge=true",\n',
+           '"--certificatesresolvers.acme-tlsalpn.acme.tlschallenge=true",\n'
+           '          "--certificatesresolvers.acme-tlsalpn.acme.httpchallenge.entrypoint=web",\n'),),
+         "args = [", "ingress/traefik/traefik",
+         'certificate resolver "acme-tlsalpn" has 2 challenges (httpchallenge, tlschallenge); set exactly one'),
+    Case("acme-storage", INGRESS,
+         (("acme-tlsalpn.acme.storage=/acme/acme.json", "acme-tlsalpn.acme.storage=/etc/traefik/acme.json"),),
+         "args = [", "ingress/traefik/traefik",
+         'certificate resolver "acme-tlsalpn" keeps "/etc/traefik/acme.json" outside every host volume mount of '
+         "the task: a restart would lose the account and certificates and order again (Let's Encrypt rate "
+         "limits); mount a host volume there"),
 ]  # fmt: skip
 
 
@@ -379,7 +415,7 @@ def test_the_real_specs_pass_every_rule() -> None:
 
 
 def test_the_agent_config_declares_the_host_volumes_the_specs_use() -> None:
-    assert speclint.agent_host_volumes() == {"postgres-data", "kafka-data"}
+    assert speclint.agent_host_volumes() == {"postgres-data", "kafka-data", "traefik-acme"}
 
 
 def test_cli_passes_on_main_and_says_nomad_was_skipped(
@@ -538,7 +574,7 @@ def test_the_host_volumes_are_read_from_the_agent_config(tmp_path: Path) -> None
     ]
     assert findings[0].message == (
         'host volume "data" has source "kafka-data", which the agent config agent.hcl does not declare as a '
-        "host_volume (declared: postgres-data)"
+        "host_volume (declared: postgres-data, traefik-acme)"
     )
 
 

@@ -38,6 +38,13 @@ client {
     path      = "/opt/nomad/volumes/kafka"
     read_only = false
   }
+
+  # Traefik's acme.json: the ACME account and certificates survive a restart or a redeploy of the
+  # ingress job, so Let's Encrypt is not asked again (its rate limits).
+  host_volume "traefik-acme" {
+    path      = "/opt/nomad/volumes/traefik-acme"
+    read_only = false
+  }
 }
 
 plugin "docker" {
