@@ -63,6 +63,7 @@ RULES: dict[str, str] = {
     "network-mode": "no bridge/CNI networking (the VM installs no CNI plugins)",
     "docker-gc-image": "the agent's docker plugin keeps images (gc.image = false): the app image is built locally",
     "docker-volumes": "the agent's docker plugin does not enable volumes (host bind mounts of any path)",
+    "docker-pull-activity": "the agent's docker plugin sets pull_activity_timeout >= 10m (default 2m cancels slow pulls)",
     "agent-config-order": "the agent config lands in /etc/nomad.d under a name that sorts after nomad.hcl",
     "cni-path": "the agent config sets no cni_path unless a cloud-init part installs CNI plugins",
     "tls-entrypoint": "Traefik's TLS settings and challenges name entrypoints its arguments define, on a port the task publishes",
@@ -73,6 +74,9 @@ RULES: dict[str, str] = {
 }
 
 NOMAD_SKIPPED = "skipped: nomad not found on PATH (nomad fmt/validate)"
+#: Shortest pull_activity_timeout the agent config may set, in seconds (the longest image_pull_timeout of
+#: the job specs, 10m: a pull is then bounded by the job's own timeout, not cut short by inactivity).
+PULL_ACTIVITY_MIN = 600
 
 #: Rules that need a `nomad` binary (counted apart in the summary line).
 NOMAD_RULES = ("nomad-fmt", "nomad-validate")
@@ -260,6 +264,24 @@ def check_agent_config(
                 f"gc.image = {_show(gc.get('image') if gc is not None else None)} (default true, image_delay "
                 '"3m"): the docker driver deletes an image 3 minutes after its last task stops, the locally '
                 "built app image included, which no registry can give back; set gc { image = false }",
+            )
+        )
+    # pull_activity_timeout (default "2m", minimum 1m; drivers/docker/config.go configSpec and
+    # Driver.SetConfig) cancels a pull that shows no progress for that long, whatever the job's
+    # image_pull_timeout (which bounds the whole pull): under TCG a layer's extraction can be that slow.
+    activity = config.get("pull_activity_timeout") if config is not None else None
+    if _seconds(activity) < PULL_ACTIVITY_MIN:
+        findings.append(
+            Finding(
+                display,
+                config.line_of("pull_activity_timeout")
+                if config is not None and activity is not None
+                else (config or docker or root).line,
+                'plugin "docker"',
+                "docker-pull-activity",
+                f'pull_activity_timeout = {_show(activity)} (default "2m"): the docker driver cancels an image '
+                "pull that shows no progress for that long, and a job's image_pull_timeout does not extend it; "
+                f'set pull_activity_timeout = "{PULL_ACTIVITY_MIN // 60}m" or more',
             )
         )
     volumes = config.child("volumes") if config is not None else None

@@ -295,6 +295,7 @@ def parse_job_hcl(hcl: str, variables_text: str) -> tuple[dict[str, Any], list[s
                 {
                     "Name": tname,
                     "Driver": tattrs.get("driver", ""),
+                    "User": tattrs.get("user", ""),  # api/tasks.go Task.User
                     "Config": resolve(_block(t, "config") or {}),
                     "Env": resolve(_attrs(_block(t, "env"))) or None,
                     "Resources": {"CPU": res.get("cpu", 100), "MemoryMB": res.get("memory", 300)},
