@@ -129,7 +129,9 @@ def test_the_first_three_nodes_are_servers_and_every_node_a_client(make_cfg: Mak
     }]  # fmt: skip
     assert first["advertise"] == [{"http": "10.87.0.11", "rpc": "10.87.0.11", "serf": "10.87.0.11"}]
     (client1,), (client4,) = first["client"], fourth["client"]
-    assert client1["meta"] == [{"infra_lab_node": "nomad-1", "infra_lab_data": "true", "infra_lab_entry": "true"}]
+    assert client1["meta"] == [
+        {"infra_lab_node": "nomad-1", "infra_lab_data": "true", "infra_lab_entry": "true"}
+    ]
     assert "server" not in fourth and client4["meta"][0]["infra_lab_data"] == "false"
     assert client4["server_join"] == [
         {"retry_join": ["10.87.0.11:4647", "10.87.0.12:4647", "10.87.0.13:4647"]}
