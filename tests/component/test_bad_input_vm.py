@@ -421,7 +421,7 @@ def test_paused_guest_is_an_error_not_a_slow_boot(lab: Lab) -> None:
     assert "waiting for SSH" not in check.stderr  # it never started the wait
     status = lab.inv("vm.status", "--json")
     assert status.returncode == 0, status.stderr
-    info = json.loads(status.stdout)
+    (info,) = json.loads(status.stdout)["nodes"]  # {"nodes": [...]}, one VM too
     assert info["run_state"] == "paused" and "qemu run state paused" in info["problem"]
     assert [p.pid for p in processes_of(lab.state.root)] == [pid]  # neither command touched the VM
     assert lab.inv("vm.stop", "--timeout", "0").returncode == 0
