@@ -20,6 +20,10 @@ from infra.state import StatePaths
 #: vde_switch on unix sockets): no host interface has an address in it, nothing routes it off this host.
 SUBNET = "10.87.0"
 PREFIX = 24
+#: The host-facing network of every node: the user-mode NIC (qemu's slirp network), where the 127.0.0.1
+#: forwards arrive. Each node's agent declares it (infra/seed.py); infra/release.py puts the ingress's
+#: entrypoints and Kafka's host listener on it in a cluster.
+PUBLIC_HOST_NETWORK = ("public", "10.0.2.0/24")
 #: How many of the first nodes are Nomad servers: three tolerate the loss of one (Raft quorum 2 of 3).
 SERVERS = 3
 #: Forwards every node has (node 1 has all of vm.ports).
@@ -121,6 +125,6 @@ def one(cfg: Config, name: str = "") -> Config:
 
 
 __all__ = [
-    "EVERY_NODE_PORTS", "PREFIX", "SERVERS", "SUBNET", "UnknownNode", "address_of", "all_nodes", "is_cluster",
+    "EVERY_NODE_PORTS", "PREFIX", "PUBLIC_HOST_NETWORK", "SERVERS", "SUBNET", "UnknownNode", "address_of", "all_nodes", "is_cluster",
     "mac_of", "name_of", "names", "node_config", "one", "primary_mac_of", "select", "top",
 ]  # fmt: skip

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from infra import build, deploy, files, ingress, nodes, seed, ui
+from infra import build, deploy, files, ingress, nodes, ui
 from infra.build import BuildResult, LocalDocker
 from infra.config import Config
 from infra.deploy import DeployResult
@@ -68,7 +68,7 @@ def deploy_data(cfg: Config, client: Client, *, detach: bool = False) -> DeployR
     deploy.read_job_file(cfg.deploy.data_job)  # a bad job file stops here, before the secret is created
     ensure_postgres_password(cfg, client)
     # a local cluster: Kafka's listener for host clients on the user-mode NIC (see deploy_ingress)
-    variables = {"host_network": seed.PUBLIC_HOST_NETWORK[0]} if nodes.is_cluster(cfg) else None
+    variables = {"host_network": nodes.PUBLIC_HOST_NETWORK[0]} if nodes.is_cluster(cfg) else None
     return deploy.deploy_job(
         client, cfg.deploy.data_job, variables=variables, detach=detach, timeout=cfg.deploy.timeout
     )
@@ -83,7 +83,7 @@ def deploy_ingress(cfg: Config, client: Client, *, detach: bool = False) -> Depl
     ingress.publish(cfg, client)
     variables = ingress.acme_variables(cfg)
     if nodes.is_cluster(cfg):
-        variables["host_network"] = seed.PUBLIC_HOST_NETWORK[0]
+        variables["host_network"] = nodes.PUBLIC_HOST_NETWORK[0]
     return deploy.deploy_job(
         client,
         cfg.deploy.ingress_job,

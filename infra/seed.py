@@ -34,7 +34,7 @@ from typing import Any
 import pycdlib
 import yaml
 
-from infra import ROOT, files, keys, pgp, ui
+from infra import ROOT, files, keys, nodes, pgp, ui
 from infra.config import Config, NodeConfig
 from infra.datafile import load_yaml
 from infra.errors import TemplateError, ValidationError
@@ -248,9 +248,7 @@ DATA_NODE_META = "infra_lab_data"
 ENTRY_NODE_META = "infra_lab_entry"
 
 
-#: The host-facing network of every node: the user-mode NIC (qemu's slirp network), where the 127.0.0.1
-#: forwards arrive. nomad/ingress.nomad.hcl puts its ports on it in a cluster (infra/release.py).
-PUBLIC_HOST_NETWORK = ("public", "10.0.2.0/24")
+PUBLIC_HOST_NETWORK = nodes.PUBLIC_HOST_NETWORK
 
 
 def cluster_agent_config(node: NodeConfig) -> dict[str, Any]:
