@@ -185,6 +185,8 @@ def url_lines(cfg: Config) -> list[str]:
         ("postgres", "Postgres          127.0.0.1:{}"),
         ("kafka", "Kafka             localhost:{}"),
     ):
+        if name == "postgres" and nodes.is_cluster(cfg):
+            continue  # a cluster's Postgres port is on the cluster network only (README, local cluster)
         if name in ports:
             urls.append("  " + fmt.format(ports[name].host))
     https = ingress.https_url(cfg)

@@ -13,6 +13,7 @@ scheduler/feasible/feasible.go resolveTarget/meetsConstraint). The real VMs of a
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -224,3 +225,25 @@ def test_the_ingress_entrypoints_go_on_the_public_network_in_a_cluster_only(
         dataclasses.replace(cfg, vm=dataclasses.replace(cfg.vm, nodes=1)), client, detach=True
     )
     assert "host_network" not in double.parse_calls[-1]["Variables"]
+
+
+def test_status_shows_the_servers_the_nodes_and_the_leader(
+    double: NomadAPIDouble, client: Client, cfg: config.Config, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`inv status` on a cluster: each node's VM (none runs here), the Raft servers, every client node."""
+    from infra import stack
+
+    double.lose_node("nomad-3")
+    report = stack.status(cfg, client=client)
+    assert report["nomad"]["leader"] == "10.87.0.11:4647"
+    assert report["nomad"]["peers"] == ["10.87.0.11:4647", "10.87.0.12:4647", "10.87.0.13:4647"]
+    assert [(n["name"], n["status"], n["ready"]) for n in report["nomad"]["nodes"]] == [
+        ("nomad-1", "ready", True), ("nomad-2", "ready", True), ("nomad-3", "down", False),
+    ]  # fmt: skip
+    assert [n["name"] for n in report["vm"]["nodes"]] == ["nomad-1", "nomad-2", "nomad-3"]
+    err = capsys.readouterr().err
+    assert "leader 10.87.0.11:4647" in err
+    assert "servers (Raft): 10.87.0.11:4647, 10.87.0.12:4647, 10.87.0.13:4647" in err
+    assert "node   nomad-3 (10.87.0.13): not running" in err
+    assert re.search(r"node nomad-3\s+down\s+eligible$", err, re.M), err
+    assert "Postgres" not in err  # its port is on the cluster network: no host forward is served
