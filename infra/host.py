@@ -54,16 +54,22 @@ def find(matches: Callable[[list[str]], bool]) -> int | None:
     return None
 
 
-def kill(pid: int, grace: float = 5.0) -> bool:
+def kill(
+    pid: int,
+    grace: float = 5.0,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> bool:
     """SIGTERM, then SIGKILL, each given `grace` seconds; True when the process is gone."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
-        end = time.monotonic() + grace
-        while time.monotonic() < end:
+        end = clock() + grace
+        while clock() < end:
             if not alive(pid):
                 return True
-            time.sleep(0.1)
+            sleep(0.1)
     return False
 
 
