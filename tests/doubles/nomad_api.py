@@ -28,7 +28,8 @@ What it models (sources at each place in the code):
 - register with EnforceIndex (the three messages of structs.Job.EnforceIndex); DELETE of an unknown job:
   200 with no evaluation; deployments carrying JobModifyIndex (the job's ModifyIndex) AND
   JobSpecModifyIndex (the registration); job allocations of the CURRENT job only (`all=true`: every one);
-- state that changes over time on a schedule (`at(seconds, fn)`; real clock): the leader appears, the
+- state that changes over time on a schedule (`at(seconds, fn)`; real clock) or at the client's Nth request
+  to a path (`on_request`; no clock): the leader appears, the
   node registers, becomes ready, the docker driver becomes healthy; allocations go pending -> running ->
   healthy (or fail), prestart tasks run to completion first; deployments running -> successful / failed
   (+ auto-revert), canaries wait for promotion (auto-promote only when every canary group is
@@ -524,6 +525,7 @@ class NomadAPIDouble:
         self.parse_calls: list[dict[str, Any]] = []
         self._closed = False
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._request_hooks: list[tuple[str, int, Callable[[], None]]] = []
         self._seq = itertools.count()
         self._timer_cond = threading.Condition()
         self._timer_thread = threading.Thread(target=self._run_timers, daemon=True, name="nomad-double-clock")
@@ -574,6 +576,13 @@ class NomadAPIDouble:
         with self._timer_cond:
             heapq.heappush(self._timers, (time.monotonic() + delay, next(self._seq), fn))
             self._timer_cond.notify_all()
+
+    def on_request(self, path_regex: str, nth: int, fn: Callable[[], None]) -> None:
+        """Run `fn` (under the state lock) when the `nth` request whose path matches arrives, before it is
+        answered: a change tied to what the client did rather than to the clock, so a slow machine cannot
+        reorder it (a blocking query that arrives then sees the change at once)."""
+        with self.cond:
+            self._request_hooks.append((path_regex, nth, fn))
 
     def _run_timers(self) -> None:
         while not self._closed:
@@ -723,7 +732,12 @@ class NomadAPIDouble:
 
     def _handle(self, request: Request) -> Response:
         rec = Request_(time.monotonic(), request.method, request.path, dict(request.args))
-        self.requests.append(rec)
+        with self.cond:
+            self.requests.append(rec)
+            for hook in list(self._request_hooks):
+                if re.search(hook[0], request.path) and self.count(hook[0]) == hook[1]:
+                    self._request_hooks.remove(hook)
+                    hook[2]()
         for regex in list(self.drop_request):
             if re.search(regex, f"{request.method} {request.path}"):
                 self.drop_request.remove(regex)  # the connection breaks before Nomad sees the request
