@@ -536,9 +536,12 @@ class NomadAPIDouble:
     def url(self) -> str:
         return f"{self.scheme}://127.0.0.1:{self.port}"
 
-    def start(self, after: float = 0.0) -> NomadAPIDouble:
-        """Listen now, or after `after` seconds (connections are refused until then, like a booting VM)."""
+    def start(self, after: float = 0.0, *, listen: bool = True) -> NomadAPIDouble:
+        """Listen now, or after `after` seconds, or (`listen=False`) when `listen()` is called: connections
+        are refused until then, like a booting VM's."""
         self._timer_thread.start()
+        if not listen:
+            return self
         if after <= 0:
             self.server.start()
         else:
@@ -549,8 +552,12 @@ class NomadAPIDouble:
     def _start_later(self, after: float) -> None:
         time.sleep(after)
         if not self._closed:
-            self.server.start()
-            self.changes.append((time.monotonic(), "api up"))
+            self.listen()
+
+    def listen(self) -> None:
+        """Start answering (after `start(listen=False)`)."""
+        self.server.start()
+        self.changes.append((time.monotonic(), "api up"))
 
     def stop(self) -> None:
         with self.cond:
