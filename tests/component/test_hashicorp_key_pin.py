@@ -47,7 +47,7 @@ def primaries(path: Path, home: Path) -> list[str]:
     ]
 
 
-def agents_left(tmp_path: Path, within: float = 5.0) -> list[str]:
+def agents_left(tmp_path: Path, within: float = 60.0) -> list[str]:
     """gpg-agents of pin_key's throwaway home (made under TMPDIR=tmp_path) still alive after `within` s
     (gpgconf --kill is asynchronous). The test's own `home` and other tests' agents do not count. A killed
     agent may linger as a zombie where PID 1 of a container does not reap daemons: it has exited."""
