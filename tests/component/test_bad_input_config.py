@@ -166,7 +166,7 @@ def test_bad_config_input_is_one_error_line(
     with state_shape(case.state, state):
         before = files_under(tmp_path)
         result = run_inv(
-            *(_fill(a, tmp_path) for a in case.args), env=env, program=PROGRAMS[program], timeout=60
+            *(_fill(a, tmp_path) for a in case.args), env=env, program=PROGRAMS[program], timeout=300
         )
 
         after = files_under(tmp_path)

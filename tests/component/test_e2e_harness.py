@@ -175,7 +175,7 @@ IDLE_UP = [
 def up_again(cfg: Config, inv: FakeInvoker, snaps: list[dict[str, Any]]) -> str:
     """What tests/e2e/test_3_idempotency.py does, with the snapshots given."""
     before = snaps.pop(0)
-    result = inv(["up"], timeout=60)
+    result = inv(["up"], timeout=300)
     return e2e.up_again_verdict(before, snaps.pop(0), result)
 
 
@@ -678,7 +678,7 @@ def test_subprocess_invoker_streams_times_and_logs(tmp_path: Path) -> None:
     ticks = iter(range(100))  # a fake clock: one second per reading (at the start, per line, at the end)
     inv = e2e.SubprocessInvoker(ROOT, tmp_path / "logs", inv=[sys.executable, "-c", FAKE_INV], echo=False,
                                 clock=lambda: float(next(ticks)))  # fmt: skip
-    result = inv(["up"], timeout=60)
+    result = inv(["up"], timeout=300)
     # each line is timed as it arrives: boot at 1 s, its "ok" at 2 s, cloud-init at 3 s, its "--" at 4 s
     assert [t for t, _ in result.lines] == [1.0, 2.0, 3.0, 4.0]
     assert result.phases() == [("boot", 2.0), ("cloud-init", 2.0)] and result.seconds == 5.0
