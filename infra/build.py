@@ -49,9 +49,9 @@ TRANSFER_TIMEOUT = 900.0
 #: Docker's reference grammar, loosely: [registry[:port]/]path[:tag][@sha256:digest], lower-case path.
 IMAGE_REF = re.compile(
     # registry: a host with a dot or a port, or localhost (else the first part is a path component)
-    r"^(?:(?:[a-zA-Z0-9-]+(?:\.[a-zA-Z0-9-]+)+(?::[0-9]+)?|[a-zA-Z0-9-]+:[0-9]+|localhost)/)?"
+    r"(?:(?:[a-zA-Z0-9-]+(?:\.[a-zA-Z0-9-]+)+(?::[0-9]+)?|[a-zA-Z0-9-]+:[0-9]+|localhost)/)?"
     r"[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*"
-    r"(?::[\w][\w.-]{0,127})?(?:@sha256:[0-9a-f]{64})?$"
+    r"(?::[\w][\w.-]{0,127})?(?:@sha256:[0-9a-f]{64})?"
 )
 
 
@@ -132,7 +132,7 @@ def context_tarball(src: Source, dest: Path) -> Path:
 
 def check_ref(ref: str) -> str:
     ref = ref.strip()
-    if not ref or not IMAGE_REF.match(ref):
+    if not ref or not IMAGE_REF.fullmatch(ref):
         raise BuildError(
             f"invalid image reference {ref!r}",
             hint="expected [registry/]name[:tag][@sha256:digest], e.g. ghcr.io/me/app:1.2.3",

@@ -34,7 +34,7 @@ from invoke.parser.argument import Argument
 from invoke.program import Program as InvokeProgram
 
 from infra import config as config_mod
-from infra.errors import ConfigError, InfraError
+from infra.errors import ConfigError, InfraError, printable, redact_urls
 
 USAGE_EXIT = 2
 #: -f file types; invoke would also run a `.py` file as configuration, which we do not offer.
@@ -135,7 +135,7 @@ def _stage(method: Callable[..., Any]) -> Callable[..., Any]:
             )
             raise Exit(f"error: {text}\nhint: {hint} shows what it accepts", code=USAGE_EXIT) from None
         except InfraError as exc:
-            raise Exit(f"error: {exc}", code=exc.exit_code) from None
+            raise Exit(f"error: {printable(str(exc))}", code=exc.exit_code) from None
         except KeyboardInterrupt:
             raise Exit("interrupted", code=130) from None
         except BrokenPipeError:  # `inv --list | head`: the reader left; say nothing more on that pipe
@@ -163,7 +163,7 @@ SECRET_VARIABLES = ("NOMAD_TOKEN", "INVOKE_NOMAD_TOKEN")
 def _printable(exc: BaseException) -> str:
     """An unexpected error's text for one line: no secret values, no control characters (terminal escapes),
     at most 500 characters."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = redact_urls(" ".join(str(exc).split())) or type(exc).__name__
     for var in SECRET_VARIABLES:
         secret = os.environ.get(var, "").strip()
         if secret:
@@ -171,16 +171,26 @@ def _printable(exc: BaseException) -> str:
     return "".join(c if c.isprintable() else "\ufffd" for c in text)[:500]
 
 
+_staged_parse_collection = _stage(InvokeProgram.parse_collection)
+
+
 class Program(InvokeProgram):
     """invoke.Program whose every stage reports failures as one `error:` line (see the module docstring)."""
 
     create_config = _stage(InvokeProgram.create_config)
     parse_core = _stage(InvokeProgram.parse_core)
-    parse_collection = _stage(InvokeProgram.parse_collection)
     parse_tasks = _stage(InvokeProgram.parse_tasks)
     parse_cleanup = _stage(InvokeProgram.parse_cleanup)
     update_config = _stage(InvokeProgram.update_config)
     execute = _stage(InvokeProgram.execute)
+
+    def parse_collection(self) -> None:
+        # invoke has just turned .pyc writing off (invoke/program.py parse_core: `sys.dont_write_bytecode =
+        # not --write-pyc`), to keep a tasks.py directory clean; then every `inv` compiles the infra modules
+        # its task imports from source. The interpreter's own setting (-B, PYTHONDONTWRITEBYTECODE) decides.
+        if not sys.flags.dont_write_bytecode:
+            sys.dont_write_bytecode = False
+        _staged_parse_collection(self)
 
 
 program = Program(

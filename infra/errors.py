@@ -93,9 +93,39 @@ class BuildError(InfraError):
     """Building or shipping the app image failed."""
 
 
+#: What a hidden secret is shown as (also in the e2e's Nomad recordings, infra/nomad_recording.py).
+REDACTED = "<redacted>"
+#: A URL's userinfo (RFC 3986 3.2.1, `user:password@`): from `scheme://` to the last `@` before the
+#: authority ends (at /, ?, # or white space), so a password holding a raw `@` is hidden whole.
+_URL_USERINFO = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^/?#\s]*)@")
+
+
+def url_secrets(text: str) -> list[str]:
+    """The secrets inside URLs in `text`: each userinfo's password (or the whole userinfo when it has no
+    `:`, e.g. a token given as the user name)."""
+    found = (m.group("userinfo") for m in _URL_USERINFO.finditer(text))
+    return [userinfo.partition(":")[2] or userinfo for userinfo in found if userinfo]
+
+
+def redact_urls(text: str) -> str:
+    """`text` with every URL's userinfo hidden: `http://user:pw@host` -> `http://user:<redacted>@host`,
+    `https://TOKEN@host` -> `https://<redacted>@host`. The one redaction of URLs, for messages and the e2e's
+    recordings alike."""
+
+    def hide(m: re.Match[str]) -> str:
+        user, colon, _ = m.group("userinfo").partition(":")
+        if not m.group("userinfo"):
+            return m.group(0)
+        return m.group("head") + (f"{user}:{REDACTED}" if colon else REDACTED) + "@"
+
+    return _URL_USERINFO.sub(hide, text)
+
+
 def printable(text: str, *, limit: int | None = None) -> str:
-    """Text from outside (a server's answer, a log line) made safe for a terminal: control characters and
-    escape sequences (NUL, ESC, CR, DEL, C1) are shown as \\xNN, tabs and newlines kept; cut at `limit`."""
+    """Text from outside (a server's answer, a log line, a name the user gave) made safe for a terminal:
+    passwords inside URLs hidden (`redact_urls`), control characters and escape sequences (NUL, ESC, CR,
+    DEL, C1) shown as \\xNN, tabs and newlines kept; cut at `limit`."""
+    text = redact_urls(text)
     out = "".join(
         ch
         if ch in "\n\t" or (ch.isprintable() and ch != "\x7f")

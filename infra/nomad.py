@@ -302,6 +302,12 @@ class Client:
                     f"NOMAD_TOKEN goes to {s.addr} over plain http (readable on the network); "
                     "use https:// with NOMAD_CACERT for a remote cluster"
                 )
+        if urlsplit(s.addr).username is not None and not s.tls and not s.loopback:
+            # requests sends a URL's userinfo as HTTP Basic auth (requests/models.py, prepare_auth)
+            ui.warn(
+                f"the user name and password in {s.addr} go to Nomad as HTTP Basic auth over plain http "
+                "(readable on the network); use https:// with NOMAD_CACERT for a remote cluster"
+            )
         self.requests_made = 0
 
     @classmethod

@@ -31,7 +31,8 @@ from urllib.parse import parse_qsl, urlsplit
 
 import requests
 
-REDACTED = "<redacted>"
+from infra.errors import REDACTED, redact_urls, url_secrets
+
 #: Request headers worth keeping in a recording (the token only as REDACTED: it shows one was sent).
 RECORDED_REQUEST_HEADERS = ("X-Nomad-Token", "Content-Type")
 #: Response headers worth keeping: blocking-query index and leader state (what the replay server serves).
@@ -47,7 +48,6 @@ MIN_LEARNED = 8
 _SECRET_KEY = re.compile(
     r"(pass(word|wd|phrase)?|secret(_?id)?|token|private_?key|api_?key|credential)s?$", re.IGNORECASE
 )
-_URL_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]+:)(?P<password>[^@/\s]+)@")
 _JWT = re.compile(r"^eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$")
 #: Hop-by-hop headers (RFC 9110 7.6.1) and those the proxy sets itself.
 _HOP = frozenset(
@@ -87,12 +87,12 @@ def _redact(value: Any, learned: set[str], *, secret: bool) -> Any:
         return [_redact(item, learned, secret=secret) for item in value]
     if not isinstance(value, str) or not value:
         return value
-    if secret or _JWT.match(value):
+    if secret or _JWT.fullmatch(value):
         _learn(value, learned)
         return REDACTED
-    for match in _URL_PASSWORD.finditer(value):
-        _learn(match.group("password"), learned)
-    return _URL_PASSWORD.sub(lambda m: m.group("head") + REDACTED + "@", value)
+    for password in url_secrets(value):
+        _learn(password, learned)
+    return redact_urls(value)
 
 
 def _learn(secret: str, learned: set[str]) -> None:

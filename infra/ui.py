@@ -2,6 +2,11 @@
 
 All output goes to stderr through one rich Console so that stdout stays clean for values a script may
 capture (a path, a sha256, a URL). When stderr is not a terminal (CI, pipes) rich degrades to plain lines.
+
+Every message is text from outside as far as this module knows (a job ID a server chose, a state dir or a
+job name the user gave): each line is made printable (`errors.printable`: terminal escapes shown as \\xNN,
+passwords inside URLs hidden) and printed literally (rich markup such as `[red]` or `[/x]` in a name is
+shown as written, never interpreted); only this module's own prefixes are styled.
 """
 
 from __future__ import annotations
@@ -22,42 +27,55 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 from rich.status import Status
+from rich.text import Text
 
-console = Console(stderr=True, highlight=False, soft_wrap=True)
+from infra.errors import printable
+
+console = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 
 VERBOSE = os.environ.get("INFRA_VERBOSE", "") not in ("", "0")
 
 
+def literal(text: str, style: str = "") -> Text:
+    """`text` made printable (no escape sequence, no password in a URL), as rich text that is never parsed
+    as markup."""
+    return Text(printable(text), style=style)
+
+
+def _line(prefix: str, style: str, message: str) -> None:
+    console.print(Text.assemble((prefix, style), literal(message)) if prefix else literal(message, style))
+
+
 def info(message: str) -> None:
-    console.print(message)
+    _line("", "", message)
 
 
 def step(message: str) -> None:
     """A named step of a longer flow (e.g. `inv up`)."""
-    console.print(f"[bold]==>[/bold] {message}")
+    _line("==> ", "bold", message)
 
 
 def ok(message: str) -> None:
-    console.print(f"[green]ok[/green]  {message}")
+    _line("ok  ", "green", message)
 
 
 def skip(message: str) -> None:
     """A step that was already satisfied and did nothing."""
-    console.print(f"[cyan]--[/cyan]  {message}")
+    _line("--  ", "cyan", message)
 
 
 def warn(message: str) -> None:
-    console.print(f"[yellow]warning:[/yellow] {message}")
+    _line("warning: ", "yellow", message)
 
 
 def debug(message: str) -> None:
     if VERBOSE:
-        console.print(f"[dim]{message}[/dim]")
+        _line("", "dim", message)
 
 
 def out(value: str) -> None:
-    """A machine-readable result on stdout."""
-    sys.stdout.write(value + "\n")
+    """A machine-readable result on stdout (made printable too: it may be a terminal)."""
+    sys.stdout.write(printable(value) + "\n")
     sys.stdout.flush()
 
 
@@ -79,11 +97,11 @@ class LiveLine:
 
     def update(self, text: str, progress: str = "") -> None:
         if self._status is not None:
-            self._status.update(f"{text} {progress}".rstrip())
+            self._status.update(literal(f"{text} {progress}".rstrip()))
             return
         now = self._clock()
         if text != self._last or now - self._printed_at >= self.HEARTBEAT:
-            console.print(f"... {text} {progress}".rstrip())
+            console.print(literal(f"... {text} {progress}".rstrip()))
             self._last = text
             self._printed_at = now
 
@@ -91,7 +109,7 @@ class LiveLine:
 @contextlib.contextmanager
 def live(text: str) -> Iterator[LiveLine]:
     if console.is_terminal:
-        with console.status(text) as status:
+        with console.status(literal(text)) as status:
             yield LiveLine(status)
     else:
         line = LiveLine(None)
@@ -101,7 +119,7 @@ def live(text: str) -> Iterator[LiveLine]:
 
 def download_progress() -> Progress:
     return Progress(
-        TextColumn("[bold]{task.description}"),
+        TextColumn("{task.description}", style="bold", markup=False),  # a file name, printed literally
         BarColumn(),
         DownloadColumn(),
         TransferSpeedColumn(),

@@ -109,6 +109,10 @@ CASES = [
     Case("ports-taken-twice", ("iso",), "both use host port 2222", env={"INVOKE_VM_PORTS_NOMAD_HOST": "2222"}),  # worked
     Case("user-with-space", ("iso",), "ssh.user is 'my user': not a valid user name", env={"INVOKE_SSH_USER": "my user"}),
     Case("user-upper-case", ("iso",), "ssh.user is 'Ops': not a valid user name", env={"INVOKE_SSH_USER": "Ops"}),
+    # issue 23, item 5: full matches: a trailing newline is not a valid value
+    Case("user-trailing-newline", ("iso",), "ssh.user is 'ops\\n': not a valid user name", env={"INVOKE_SSH_USER": "ops\n"}),
+    Case("hostname-trailing-newline", ("iso",), "provision.hostname is 'web-1\\n': not a valid host name",
+         env={"INVOKE_PROVISION_HOSTNAME": "web-1\n"}),
     Case("hostname-semicolon", ("iso",), "provision.hostname is 'nomad;reboot': not a valid host name",
          env={"INVOKE_PROVISION_HOSTNAME": "nomad;reboot"}),
     Case("hostname-empty", ("iso",), "provision.hostname is '': not a valid host name", env={"INVOKE_PROVISION_HOSTNAME": ""}),

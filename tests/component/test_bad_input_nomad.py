@@ -236,6 +236,23 @@ CASES = [
          r"^error: cannot write .*/afile/state/deployed\.json \(the record of the deployed image\): Not a directory$",
          output_has=("nothing was deployed",)),
     Case("logs-of-an-unknown-job", ("logs", "nope"), lambda w: w.env(), 1, r"^error: job nope is not registered$"),
+    # issue 23, item 2: a password inside NOMAD_ADDR is never printed (errors, live lines, `inv status`)
+    Case("addr-password-not-in-the-error", ("nomad.wait", "--timeout", "2"),
+         lambda w: w.env(NOMAD_ADDR=f"http://ops:hunter2-secret@127.0.0.1:{free_port()}"), 2,
+         r"^error: timed out after 2s waiting for Nomad .*http://ops:<redacted>@127\.0\.0\.1:\d+"),
+    Case("addr-password-not-in-status", ("status",),
+         lambda w: w.env(NOMAD_ADDR=f"http://ops:hunter2-secret@127.0.0.1:{free_port()}"), 0,
+         r"Nomad  http://ops:<redacted>@127\.0\.0\.1:\d+: unreachable"),
+    Case("addr-password-not-in-status-json", ("status", "--json"),
+         lambda w: w.env(NOMAD_ADDR=f"http://ops:hunter2-secret@127.0.0.1:{free_port()}"), 0, r"",
+         stdout_json=lambda r: r["nomad"]["reachable"] is False),
+    Case("addr-password-with-an-at-sign", ("nomad.wait", "--timeout", "2"),
+         lambda w: w.env(NOMAD_ADDR=f"http://ops:p@ss-secret@127.0.0.1:{free_port()}"), 2,
+         r"^error: timed out after 2s .*http://ops:<redacted>@127\.0\.0\.1:\d+"),
+    Case("basic-auth-over-plain-http-warns", ("nomad.wait", "--timeout", "2"),
+         lambda w: w.env(NOMAD_ADDR="http://ops:hunter2-secret@nomad.invalid:4646"), 2, r"^error: ",
+         output_has=("warning: the user name and password in http://ops:<redacted>@nomad.invalid:4646 go to "
+                     "Nomad as HTTP Basic auth over plain http",)),
     Case("purge-of-an-unknown-job-is-fine", ("purge", "-j", "nope"), lambda w: w.env(), 0, r"nope: not registered"),
 ]  # fmt: skip
 
@@ -284,3 +301,28 @@ def test_bad_input(case: Case, world: World, run_inv: Any) -> None:
     state = world.tmp / "state"
     leftovers = [p.name for p in state.rglob("*")] if state.exists() else []
     assert not [n for n in leftovers if n.endswith((".tmp", ".part")) or n == "deployed.json"], leftovers
+
+
+def test_a_job_id_with_terminal_escapes_and_markup_is_printed_literally(world: World, run_inv: Any) -> None:
+    """Issue 23, item 3: the job ID comes back from /v1/jobs/parse and is printed on every line of the deploy
+    ("deploying", live lines, "ok"): escape sequences never reach the terminal raw, rich markup in it is
+    printed as written (no MarkupError, no colour), and so is a state dir whose name looks like markup."""
+    evil = "web\x1b[2J\x1b]0;pwned\x1b\\[red]x"  # no "/": Nomad's HTTP router would take it for a path
+    world.job.write_text(JOB.replace('job "web"', f'job "{evil}"'))
+    state = world.tmp / "st[/x]"
+    result = run_inv("deploy.ingress", env=world.env(INVOKE_PROJECT_STATE_DIR=str(state)), timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert evil in world.double.jobs  # the double registered the job under that very ID
+    out = result.stdout + result.stderr
+    assert "\x1b" not in out, repr(out)
+    assert "MarkupError" not in out and "Traceback" not in out
+    shown = "web\\x1b[2J\\x1b]0;pwned\\x1b\\[red]x"
+    lines = [line for line in result.stderr.splitlines() if shown in line]
+    assert len(lines) >= 2, result.stderr  # the deploy's lines name the job, each made printable, literally
+
+
+def test_purge_of_a_job_named_like_markup_prints_it_literally(world: World, run_inv: Any) -> None:
+    """`inv purge -j 'web[/x]'`: a name the user gave, printed as given (it once raised MarkupError)."""
+    result = run_inv("purge", "-j", "web[/x]", "-j", "[red]", env=world.env(), timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "web[/x]: not registered" in result.stderr and "[red]: not registered" in result.stderr

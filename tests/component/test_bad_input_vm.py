@@ -25,9 +25,11 @@ from typing import Any
 
 import psutil
 import pytest
+from badinput import assert_one_error
 from servers.common import blank_vm_settings, processes_of, vm_ports
+from servers.qmp import FakeQMP
 
-from infra import ROOT
+from infra import ROOT, qmp
 from infra.state import StatePaths
 
 pytestmark = pytest.mark.tools("qemu-system-x86_64", "qemu-img")
@@ -202,6 +204,15 @@ def no_setup(lab: Lab) -> None:
     pass
 
 
+def stopped_qemu(lab: Lab) -> None:
+    """A hung qemu: stopped with SIGSTOP, so its QMP socket accepts connections and never answers."""
+    pid = lab.start_vm()
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 60
+    while psutil.Process(pid).status() != psutil.STATUS_STOPPED and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 # ------------------------------------------------------------------------------------------------- table --
 @dataclass(frozen=True)
 class Case:
@@ -273,6 +284,11 @@ CASES = [
     Case("not-running/stop", no_setup, ("vm.stop",), 0, r"VM is not running$"),
     Case("not-running/destroy", no_setup, ("vm.destroy",), 0, r"VM destroyed: nothing to remove"),
     Case("not-running/logs", no_setup, ("vm.logs",), 1, r"^error: no serial log at .*serial\.log$"),
+    # a hung qemu (SIGSTOP): QMP does not answer, the VM is killed all the same (SIGTERM + SIGCONT, SIGKILL)
+    Case("stopped-qemu/stop", stopped_qemu, ("vm.stop",), 0, r"VM stopped \(killed, pid {pid}\)",
+         absent=("Traceback", "unexpected", "bug")),
+    Case("stopped-qemu/down", stopped_qemu, ("down",), 0, r"VM stopped \(killed, pid {pid}\)",
+         absent=("Traceback", "unexpected", "bug")),
     Case("missing-qemu/run", no_setup, ("vm.run",), 1,
          r"^error: qemu binary 'qemu-system-nonexistent' not found on PATH$",
          env={"INVOKE_VM_QEMU": "qemu-system-nonexistent"}),
@@ -390,3 +406,46 @@ def test_ctrl_c_during_vm_run(lab: Lab, trigger: str, delay: float) -> None:
         assert not lab.state.disk.exists(), "the overlay of an interrupted first run is left"
         assert not lab.state.vm_record.exists(), "a launch record of a VM that never ran"
     assert lab.leftovers() == []
+
+
+# ---------------------------------------------------------------------- issue 23/7: a guest qemu holds --
+def test_paused_guest_is_an_error_not_a_slow_boot(lab: Lab) -> None:
+    """A real qemu whose guest is stopped over QMP (`stop`: run state paused): `vm.check` fails at once
+    naming the state, instead of waiting for SSH; `vm.status` shows it."""
+    pid = lab.start_vm()
+    qmp.execute(lab.state.qmp_socket, "stop")
+    assert qmp.execute(lab.state.qmp_socket, "query-status")["status"] == "paused"
+    check = lab.inv("vm.check", env={"INVOKE_VM_SSH_TIMEOUT": "300"})
+    assert check.returncode == 1, check.stderr
+    assert_one_error(check.stderr, "the VM does not run: the guest is paused (qemu's `stop`")
+    assert "waiting for SSH" not in check.stderr  # it never started the wait
+    status = lab.inv("vm.status", "--json")
+    assert status.returncode == 0, status.stderr
+    info = json.loads(status.stdout)
+    assert info["run_state"] == "paused" and "qemu run state paused" in info["problem"]
+    assert [p.pid for p in processes_of(lab.state.root)] == [pid]  # neither command touched the VM
+    assert lab.inv("vm.stop", "--timeout", "0").returncode == 0
+    assert processes_of(lab.state.root) == [] and lab.leftovers() == []
+
+
+def test_io_error_names_the_host_disk(lab: Lab) -> None:
+    """qemu paused the guest after a failed disk write (run state io-error, what a full state-dir
+    filesystem causes; answered here by a fake QMP in place of the real qemu's socket): `vm.check` and
+    `vm.status` name the host filesystem that holds the disk."""
+    lab.start_vm()
+    lab.state.qmp_socket.unlink()  # the real qemu keeps listening on its unlinked socket
+    with FakeQMP(lab.state.qmp_socket, "status:io-error") as fake:
+        check = lab.inv("vm.check", env={"INVOKE_VM_SSH_TIMEOUT": "300"})
+        status = lab.inv("vm.status")
+    assert check.returncode == 1, check.stderr
+    line = assert_one_error(check.stderr, "the VM is paused: qemu paused the guest after a write to its disk")
+    mount = psutil.disk_partitions(all=True)
+    holder = max((m.mountpoint for m in mount if str(lab.state.disk).startswith(m.mountpoint.rstrip("/") + "/")),
+                 key=len)  # fmt: skip
+    assert f"its disk {lab.state.disk} is on the host filesystem {holder} (" in line, line
+    assert f"hint: free space on {holder}" in check.stderr
+    assert status.returncode == 0, status.stderr
+    assert "VM: qemu runs, guest io-error" in status.stderr and f"host filesystem {holder}" in status.stderr
+    assert fake.commands.count("query-status") >= 2
+    assert lab.inv("vm.stop", "--timeout", "0").returncode == 0
+    assert processes_of(lab.state.root) == [] and lab.leftovers() == []

@@ -775,7 +775,7 @@ def test_e2e_wiring_bring_up_failure_diagnostics_teardown(tmp_path: Path) -> Non
     (tmp_path / "plugin").mkdir()
     (tmp_path / "plugin" / "fake_e2e.py").write_text(FAKE_E2E_PLUGIN)
     report = tmp_path / "report"
-    names = ("ssh", "nomad", "app", "ingress", "traefik_dashboard", "kafka", "postgres")
+    names = ("ssh", "nomad", "app", "ingress", "traefik_dashboard", "ingress_https", "kafka", "postgres")
     ports = {name: str(port) for name, port in zip(names, free_ports(len(names)), strict=True)}
     env = {
         **os.environ,

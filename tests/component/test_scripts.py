@@ -21,6 +21,7 @@ SYSTEM_PYTHON = getattr(sys, "_base_executable", "") or "/usr/bin/python3"
 #: script -> how it starts, and whether it needs .venv (then, without one, it says so in one line)
 TABLE = {
     "bench-bake": ("python", True),
+    "bench-noop": ("python", True),
     "bench-nomad-wait": ("python", True),
     "bench-vm": ("python", True),
     "build-test-image": ("python", False),  # standard library only

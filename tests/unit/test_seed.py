@@ -166,6 +166,22 @@ def test_schema_error_names_the_field_path(make_cfg) -> None:  # type: ignore[no
     assert "runcmdd: not a cloud-config key known to cloud-init's schema" in text
 
 
+@pytest.mark.parametrize(
+    ("provision", "message"),
+    [
+        ({"nomad_version": "2.0.7\n"}, r"provision\.nomad_version: '2\.0\.7\\n' is not a pinned X\.Y\.Z"),
+        (
+            {"registry_mirror": "https://mirror.gcr.io\n"},
+            r"provision\.registry_mirror: .* is not an https://",
+        ),
+    ],
+)
+def test_a_trailing_newline_is_not_a_valid_value(make_cfg, provision, message) -> None:  # type: ignore[no-untyped-def]
+    """Issue 23, item 5: full matches (re.fullmatch), not re.match + `$`, which accepts a trailing newline."""
+    with pytest.raises(ValidationError, match=message):
+        seed.render(make_cfg(provision=provision), KEY)
+
+
 def test_project_rules(make_cfg, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     cfg = make_cfg(provision={"nomad_version": "latest"})
     with pytest.raises(ValidationError, match=r"provision\.nomad_version: 'latest' is not a pinned X\.Y\.Z"):
