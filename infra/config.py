@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from infra import ROOT
+from infra import ROOT, files
 from infra.datafile import load_yaml
 from infra.errors import ConfigError, TemplateError
 
@@ -255,6 +255,11 @@ def build(raw: Mapping[str, Any], *, root: Path = ROOT, defaults: Mapping[str, A
     vm = dict(data["vm"])
     vm["ports"] = {name: Port(**spec) for name, spec in vm["ports"].items()}
     _check_ports(vm["ports"])
+    if not str(project["state_dir"]).strip():
+        raise ConfigError(
+            "configuration key project.state_dir is empty",
+            hint="the state dir holds the VM's disk and private key: name a directory of its own, e.g. .state",
+        )
     _check_values(data, state_dir=rel(project["state_dir"]))
     deploy = dict(data["deploy"])
     for key in ("data_job", "app_job", "ingress_job"):
@@ -262,7 +267,9 @@ def build(raw: Mapping[str, Any], *, root: Path = ROOT, defaults: Mapping[str, A
     return Config(
         root=root,
         project=ProjectConfig(
-            name=project["name"], state_dir=rel(project["state_dir"]), cache_dir=rel(cache)
+            name=project["name"],
+            state_dir=files.trusted_dir(rel(project["state_dir"]), "project.state_dir"),
+            cache_dir=files.trusted_dir(rel(cache), "project.cache_dir"),
         ),
         ssh=SSHConfig(**data["ssh"]),
         provision=ProvisionConfig(**data["provision"]),

@@ -116,7 +116,21 @@ def _read_record(path: Path) -> dict[str, Any]:
         data = json.loads(files.read_text(path, "record of the last deploy.app", error=DeployError))
     except (DeployError, ValueError, RecursionError):  # absent or unreadable: as if never deployed
         return {}
-    return data if isinstance(data, dict) else {}
+    variables = data.get("variables", {}) if isinstance(data, dict) else None
+    if not isinstance(variables, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in variables.items()
+    ):  # valid JSON of another shape (`null`, "variables": 123): never guess what was deployed
+        got = json.dumps(variables if isinstance(data, dict) else data)[:40]
+        raise DeployError(
+            f"the record of the last deploy.app {path} is not valid: "
+            + (
+                f"'variables' is {got}, expected an object of strings"
+                if isinstance(data, dict)
+                else f"expected a JSON object, got {got}"
+            ),
+            hint="delete it (`inv deploy.app --image REF` then names the image), or `inv vm.destroy`",
+        )
+    return dict(data)
 
 
 def _check_writable(path: Path) -> None:
@@ -126,16 +140,19 @@ def _check_writable(path: Path) -> None:
         if path.exists() and not path.is_file():
             raise IsADirectoryError(errno.EISDIR, "it is not a file")
         files.probe_dir(path.parent)
+        files.no_links(path.parent, [path.name], "record of the deployed image", error=DeployError)
     except OSError as exc:
         raise DeployError(
             f"cannot write {path} (the record of the deployed image): {exc.strerror or exc}",
             hint="project.state_dir must be a writable directory; nothing was deployed",
         ) from None
+    StatePaths(path.parent).check()  # the tool's own dir (infra/state.py), or refused before registering
 
 
 def _write_record(path: Path, data: Mapping[str, Any]) -> None:
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
     try:
+        StatePaths(path.parent).claim()
         files.write_atomic(path, text.encode(), "record of the deployed image", error=DeployError)
     except DeployError as exc:
         raise DeployError(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from fabric import Connection
 from invoke.exceptions import CommandTimedOut, UnexpectedExit
 from paramiko.ssh_exception import AuthenticationException, BadHostKeyException, SSHException
 
-from infra import console, ui
+from infra import console, files, ui
 from infra.config import Config
 from infra.errors import SSHKeyError, VMError
 from infra.state import StatePaths
@@ -91,8 +92,12 @@ def connection(cfg: Config, timeout: float = 10) -> Connection:
     """A fabric Connection to the VM (not yet opened): project key only, no agent, no ~/.ssh/config."""
     state = StatePaths.of(cfg)
     known = state.known_hosts
-    known.parent.mkdir(parents=True, exist_ok=True)
-    known.touch(mode=0o600, exist_ok=True)
+    files.make_dir(known.parent, "SSH key directory", mode=0o700, error=SSHKeyError)
+    os.close(
+        files.open_nofollow(
+            known, "known_hosts file", os.O_WRONLY | os.O_CREAT, mode=0o600, error=SSHKeyError
+        )
+    )
     conn = Connection(
         host="127.0.0.1",
         port=cfg.vm.ports["ssh"].host,
@@ -334,7 +339,7 @@ def cloud_init_state(cfg: Config, timeout: float = 5) -> str:
 def ssh_command(cfg: Config, command: str = "") -> list[str]:
     """The OpenSSH command line for an interactive session (`inv vm.ssh`)."""
     state = StatePaths.of(cfg)
-    state.known_hosts.parent.mkdir(parents=True, exist_ok=True)
+    files.make_dir(state.known_hosts.parent, "SSH key directory", mode=0o700, error=SSHKeyError)
     argv = [
         "ssh", "-i", str(private_key(cfg)), "-p", str(cfg.vm.ports["ssh"].host),
         "-o", "IdentitiesOnly=yes", "-o", f"UserKnownHostsFile={state.known_hosts}",

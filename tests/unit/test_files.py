@@ -37,16 +37,17 @@ def test_read_text_names_a_directory_and_a_missing_file(tmp_path: Path) -> None:
     assert files.read_text(tmp_path / "ok", "job file", limit=3) == "é\n"  # exactly at the limit
 
 
-def test_write_atomic_replaces_and_sets_the_mode_even_over_an_existing_temp_file(tmp_path: Path) -> None:
+def test_write_atomic_sets_the_mode_and_never_reuses_a_predictable_temp_name(tmp_path: Path) -> None:
     target = tmp_path / "sub" / "user-data"
     target.parent.mkdir()
-    stale = target.with_name(".user-data.tmp")
-    stale.write_text("left by a crash")
+    stale = target.with_name(".user-data.tmp")  # the old fixed name: someone's file, or a link
+    stale.write_text("left by someone")
     stale.chmod(0o666)
     files.write_atomic(target, b"new", "user-data", mode=0o600)
     assert target.read_bytes() == b"new"
     assert target.stat().st_mode & 0o777 == 0o600
-    assert sorted(p.name for p in target.parent.iterdir()) == ["user-data"]
+    assert sorted(p.name for p in target.parent.iterdir()) == [".user-data.tmp", "user-data"]
+    assert stale.read_text() == "left by someone" and stale.stat().st_mode & 0o777 == 0o666  # untouched
 
 
 def test_write_atomic_failing_leaves_no_temp_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -56,7 +57,9 @@ def test_write_atomic_failing_leaves_no_temp_file(tmp_path: Path, monkeypatch: p
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "write", full_disk)
-    with pytest.raises(InfraError, match=rf"cannot write the seed ISO {target}: No space left on device"):
+    with pytest.raises(
+        InfraError, match=rf"disk full: cannot write the seed ISO {target} \(No space left on device\)"
+    ):
         files.write_atomic(target, b"x" * 100, "seed ISO")
     monkeypatch.undo()
     assert list(tmp_path.iterdir()) == []
