@@ -277,9 +277,9 @@ def own_dir(path: Path, key: str, marker: str, known: Iterable[str], *, mark: bo
     `mark=False` only checks (before work that may still fail: nothing is left behind then)."""
     existed = path.is_dir()
     writable_dir(path, key)
-    mark_it, mark = mark, path / marker
+    marker_path = path / marker
     with contextlib.suppress(OSError):
-        if stat.S_ISREG(os.lstat(mark).st_mode):
+        if stat.S_ISREG(os.lstat(marker_path).st_mode):
             return path
     names = set(known) | {marker}
     foreign = sorted(
@@ -292,10 +292,10 @@ def own_dir(path: Path, key: str, marker: str, known: Iterable[str], *, mark: bo
             hint=f"point {key} at a new or empty directory of its own (the tool creates and deletes files "
             "there, e.g. on vm.destroy)",
         )
-    if not mark_it:
+    if not mark:
         return path
     write_atomic(
-        mark,
+        marker_path,
         b"made by infra-lab: its files here are removed by `inv vm.destroy`\n",
         f"{key} marker",
         error=ConfigError,
