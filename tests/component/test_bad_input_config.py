@@ -113,6 +113,18 @@ CASES = [
     Case("user-trailing-newline", ("iso",), "ssh.user is 'ops\\n': not a valid user name", env={"INVOKE_SSH_USER": "ops\n"}),
     Case("hostname-trailing-newline", ("iso",), "provision.hostname is 'web-1\\n': not a valid host name",
          env={"INVOKE_PROVISION_HOSTNAME": "web-1\n"}),
+    # issue 23, item 4: provision.packages are Debian package names (Policy 5.6.1), never apt options
+    Case("packages-apt-option", YAML_FILE, "provision.packages[0] is '-s': not a Debian package name",
+         files={"my.yaml": b'provision: {packages: ["-s", "jq"]}\n'}),
+    Case("packages-apt-config", YAML_FILE,
+         "provision.packages[1] is '-oAPT::Get::AllowUnauthenticated=true': not a Debian package name",
+         files={"my.yaml": b'provision: {packages: ["jq", "-oAPT::Get::AllowUnauthenticated=true"]}\n'}),
+    Case("packages-bad-version", YAML_FILE, "provision.packages[0] is 'jq=latest': not a Debian package name",
+         files={"my.yaml": b'provision: {packages: ["jq=latest"]}\n'}),
+    Case("packages-not-a-string", YAML_FILE, "provision.packages[0] is ['jq', '1.6']: not a Debian package name",
+         files={"my.yaml": b'provision: {packages: [[jq, "1.6"]]}\n'}),
+    Case("packages-trailing-newline", YAML_FILE, "provision.packages[0] is 'jq\\n': not a Debian package name",
+         files={"my.yaml": b'provision: {packages: ["jq\\n"]}\n'}),
     Case("hostname-semicolon", ("iso",), "provision.hostname is 'nomad;reboot': not a valid host name",
          env={"INVOKE_PROVISION_HOSTNAME": "nomad;reboot"}),
     Case("hostname-empty", ("iso",), "provision.hostname is '': not a valid host name", env={"INVOKE_PROVISION_HOSTNAME": ""}),
@@ -186,10 +198,11 @@ def test_bad_config_input_is_one_error_line(
 def test_a_good_config_file_still_works(run_inv: Callable[..., Any], tmp_path: Path) -> None:
     """The control: the same path with a valid -f file builds the ISO with its values."""
     mine = tmp_path / "my.yaml"
-    mine.write_text("provision: {hostname: web-1, nomad: false}\n# comment\n")
+    mine.write_text("provision: {hostname: web-1, nomad: false, packages: [jq, 'libc6=2.36-9+deb12u4']}\n# comment\n")
     result = run_inv("-f", str(mine), "iso")
     assert result.returncode == 0, result.stderr
     assert b"hostname: web-1" in (tmp_path / "state" / "user-data").read_bytes()
+    assert b"- libc6=2.36-9+deb12u4" in (tmp_path / "state" / "user-data").read_bytes()
 
 
 @pytest.mark.parametrize("shape", ["file", "unwritable"])
