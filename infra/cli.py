@@ -76,7 +76,14 @@ class ProjectInvokeConfig(InvokeConfig):
                 )
             if not file.is_file():
                 raise ConfigError(
-                    f"config file {file} (-f): " + ("is a directory" if file.is_dir() else "no such file"),
+                    f"config file {file} (-f): "
+                    + (
+                        "is a directory"
+                        if file.is_dir()
+                        else "not a regular file"
+                        if file.exists()
+                        else "no such file"
+                    ),
                     hint="check the path; without -f the defaults of invoke.yaml apply",
                 )
         super().load_runtime(merge=merge)

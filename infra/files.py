@@ -1,8 +1,8 @@
 """Files the user points at: bounded reads and atomic writes that never leave a temporary file behind.
 
 Every read of a user-supplied file (an SSH key, a -f config file, a job file, a file shipped by user-data)
-goes through `read_text`: at most `limit` bytes are read, so `--ssh-key /dev/zero` fails at once, and
-binary or non-UTF-8 content is an error naming the file. `write_atomic` writes a temporary file beside the
+goes through `read_text`: only a regular file is read (a FIFO or a device is refused at once, never waited
+on), at most `limit` bytes of it, and binary or non-UTF-8 content is an error naming the file. `write_atomic` writes a temporary file beside the
 target and renames it into place; on any failure (including Ctrl-C) the temporary file is removed.
 `writable_dir` checks a configured directory by creating it and a probe file in it, before any work that
 would otherwise fail half-way.
@@ -45,12 +45,32 @@ def read_text(
 ) -> str:
     """The UTF-8 text of `path` (at most `limit` bytes), or `error` naming `what` and the path."""
     try:
-        with open(path, "rb") as f:
-            data = f.read(limit + 1)
+        # O_NONBLOCK: a FIFO (or a device) is refused after fstat, instead of an open that waits for a writer
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except IsADirectoryError:
         raise error(f"{what} {path} is a directory, expected a file", hint=hint) from None
     except OSError as exc:
         raise error(f"{what} {path}: {exc.strerror or exc}", hint=hint) from None
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise error(f"{what} {path} is a directory, expected a file", hint=hint)
+        if not stat.S_ISREG(mode):
+            kind = (
+                "a FIFO"
+                if stat.S_ISFIFO(mode)
+                else "a device"
+                if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                else "a socket"
+                if stat.S_ISSOCK(mode)
+                else "not a file"
+            )
+            raise error(f"{what} {path} is {kind}, not a regular file", hint=hint)
+        os.set_blocking(fd, True)
+        try:
+            data = f.read(limit + 1)
+        except OSError as exc:
+            raise error(f"{what} {path}: {exc.strerror or exc}", hint=hint) from None
     if len(data) > limit:
         raise error(f"{what} {path} is larger than {limit // 1024} KiB; is this the right file?", hint=hint)
     try:

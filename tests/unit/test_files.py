@@ -98,7 +98,9 @@ def test_write_atomic_refuses_a_link_at_the_target_and_in_place_of_its_directory
     target = _outside(tmp_path)
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "vm.json").symlink_to(target)
-    with pytest.raises(InfraError, match=r"launch record .*/d/vm\.json is a symbolic link \(to .*/outside, owned by "):
+    with pytest.raises(
+        InfraError, match=r"launch record .*/d/vm\.json is a symbolic link \(to .*/outside, owned by "
+    ):
         files.write_atomic(tmp_path / "d" / "vm.json", b"{}", "launch record")
     (tmp_path / "linked").symlink_to(tmp_path / "d")
     with pytest.raises(InfraError, match=r"directory of the seed ISO .*/linked is a symbolic link"):
@@ -136,7 +138,9 @@ def test_trusted_dir_follows_only_links_of_yours_or_roots(tmp_path: Path) -> Non
     assert files.trusted_dir(tmp_path / "state" / "sub", "project.state_dir") == mine / "sub"
     (tmp_path / "theirs").symlink_to(mine)
     os.lchown(tmp_path / "theirs", 65534, 65534)  # needs root, as the suite runs here and in CI (.ci/run)
-    with pytest.raises(ConfigError, match=r"project\.state_dir: .*/theirs is a symbolic link owned by nobody"):
+    with pytest.raises(
+        ConfigError, match=r"project\.state_dir: .*/theirs is a symbolic link owned by nobody"
+    ):
         files.trusted_dir(tmp_path / "theirs", "project.state_dir")
 
 
