@@ -13,7 +13,6 @@ import yaml
 from infra import files
 from infra.errors import InfraError, TemplateError
 
-
 #: At most this many nodes in a document once its aliases are expanded. PyYAML shares an aliased node, but
 #: whatever walks or copies the result (invoke merges and deep-copies configuration) expands it: a 472-byte
 #: "billion laughs" of nested aliases grew to 4.1 GB. Every data file here is a few hundred nodes.
