@@ -51,21 +51,22 @@ def read_text(
         raise error(f"{what} {path} is a directory, expected a file", hint=hint) from None
     except OSError as exc:
         raise error(f"{what} {path}: {exc.strerror or exc}", hint=hint) from None
-    with os.fdopen(fd, "rb") as f:
-        mode = os.fstat(fd).st_mode
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
         if stat.S_ISDIR(mode):
             raise error(f"{what} {path} is a directory, expected a file", hint=hint)
-        if not stat.S_ISREG(mode):
-            kind = (
-                "a FIFO"
-                if stat.S_ISFIFO(mode)
-                else "a device"
-                if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-                else "a socket"
-                if stat.S_ISSOCK(mode)
-                else "not a file"
-            )
-            raise error(f"{what} {path} is {kind}, not a regular file", hint=hint)
+        kind = (
+            "a FIFO"
+            if stat.S_ISFIFO(mode)
+            else "a device"
+            if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a socket"
+            if stat.S_ISSOCK(mode)
+            else "not a file"
+        )
+        raise error(f"{what} {path} is {kind}, not a regular file", hint=hint)
+    with os.fdopen(fd, "rb") as f:
         os.set_blocking(fd, True)
         try:
             data = f.read(limit + 1)

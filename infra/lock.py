@@ -108,7 +108,8 @@ def state_lock(state: StatePaths, what: str, timeout: float) -> Iterator[None]:
         fd = got[0]
     try:
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"pid": os.getpid(), "what": what, "since": time.time()}).encode(), 0)
+        with contextlib.suppress(OSError):  # who holds it is for messages only: a full disk still locks
+            os.pwrite(fd, json.dumps({"pid": os.getpid(), "what": what, "since": time.time()}).encode(), 0)
         yield
     finally:
         _release(state, fd, created[0])

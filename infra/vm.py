@@ -50,6 +50,9 @@ if TYPE_CHECKING:
     from infra.bakecache import Choice
 
 GIB = 1024**3
+#: Free space the state dir needs before a launch (the overlay grows as the guest writes; qemu's log, the
+#: serial log and vm.json are written at once).
+MIN_FREE = 256 * 2**20
 #: unix socket paths longer than this do not fit sockaddr_un on Linux (108) / macOS (104).
 MAX_SOCKET_PATH = 100
 
@@ -323,6 +326,13 @@ def _prepare(cfg: Config, p: StatePaths) -> Running | Boot:
         return Running(cfg, pid, load_record(p))
     # qemu and qemu-img open these by name and would follow a link: none may be one (infra/files.py)
     files.no_links(p.root, state.NAMES, "state dir entry", error=VMError)
+    free = shutil.disk_usage(p.root).free
+    if free < MIN_FREE:  # a guest whose overlay cannot grow is paused by qemu (io-error), not stopped
+        raise VMError(
+            f"disk full: {p.root} has {free // 2**20} MiB free; the VM's overlay disk, logs and records "
+            f"grow there (at least {MIN_FREE // 2**20} MiB needed to start)",
+            hint="free space on that filesystem or point project.state_dir elsewhere; nothing was started",
+        )
     if clear_stale(p):
         ui.info(f"removed a stale pidfile/QMP socket of a qemu that no longer runs ({p.root})")
 
@@ -477,8 +487,11 @@ def _launch(command: list[str], p: StatePaths) -> int:
     ui.debug("$ " + " ".join(command))
     log_fd = files.open_nofollow(p.qemu_log, "qemu log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, error=VMError)
     with os.fdopen(log_fd, "w") as log:
-        log.write("$ " + " ".join(command) + "\n")
-        log.flush()
+        try:
+            log.write("$ " + " ".join(command) + "\n")
+            log.flush()
+        except OSError as exc:
+            raise VMError(files.failed(f"cannot write the qemu log {p.qemu_log}", exc)) from None
         try:
             # -daemonize: this returns once qemu is initialized (ports bound, files open) and forked away.
             proc = subprocess.run(

@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from badinput import assert_one_error, processes_mentioning, temp_leftovers
+from badinput import assert_one_error, fill_up, processes_mentioning, small_filesystem, temp_leftovers
+from doubles.nomad_api import NomadAPIDouble
+from test_bad_input_deploy import WEB
 
 from infra import keys, state
 
@@ -216,3 +218,62 @@ def test_vm_destroy_removes_only_the_tools_files(world: World, run_inv: Callable
     result = run_inv("vm.destroy", timeout=120)
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in world.state.iterdir()) == [state.MARKER, state.BAKE_DIR]
+
+
+# -- item 12: a full disk is named before anything is registered or started ---------------------------------
+@pytest.mark.tools("mount")
+@pytest.mark.parametrize(
+    ("args", "phrase"),
+    [
+        (("iso",), "disk full: cannot write the "),
+        (
+            ("vm.run",),
+            "disk full: {tmp}/state has 0 MiB free; the VM's overlay disk, logs and records grow there",
+        ),
+    ],
+    ids=["iso", "vm-run"],
+)
+def test_a_full_state_disk_is_one_disk_full_error(
+    args: tuple[str, ...], phrase: str, world: World, run_inv: Callable[..., Any]
+) -> None:
+    state_dir = world.tmp / "fs" / "state"
+    with small_filesystem(world.tmp / "fs", "1m") as fs:
+        state_dir.mkdir()
+        if args == ("vm.run",):  # a state dir the tool made before the disk filled up
+            (state_dir / state.MARKER).write_text("")
+        fill_up(fs)
+        env = {"INVOKE_VM_ACCEL": "tcg", "INVOKE_PROJECT_STATE_DIR": str(state_dir)}
+        result = run_inv(*args, env=env, timeout=120)
+        left = sorted(str(p.relative_to(fs)) for p in fs.rglob("*"))
+    assert result.returncode == 1, result.stderr
+    assert_one_error(result.stderr, phrase.replace("{tmp}/state", str(state_dir)))
+    made = [f"state/{state.MARKER}", f"state/{state.LOCK}"] if args == ("vm.run",) else []  # the lock stays
+    assert left == sorted(["filler", "state", *made])  # nothing half-made: no key, no temp file, no lock
+    assert processes_mentioning(str(world.tmp)) == []
+
+
+@pytest.mark.tools("mount")
+def test_a_full_state_disk_stops_a_deploy_before_it_registers(
+    world: World, run_inv: Callable[..., Any]
+) -> None:
+    """The record's pre-check once only created an empty file (which fits on a full disk): the job was
+    registered, then writing the record failed, with a false "no automatic rollback happened" line."""
+    double = NomadAPIDouble().ready_now().start()
+    try:
+        job = world.tmp / "web.nomad.hcl"
+        job.write_text(WEB)
+        env = {"NOMAD_ADDR": double.url, "NOMAD_TOKEN": "", "INVOKE_DEPLOY_APP_JOB": str(job)}
+        state_dir = world.tmp / "fs" / "state"
+        env["INVOKE_PROJECT_STATE_DIR"] = str(state_dir)
+        with small_filesystem(world.tmp / "fs", "1m", full=True) as fs:
+            state_dir.mkdir()
+            result = run_inv("deploy.app", "--image", "web:2", "--detach", env=env, timeout=120)
+            left = sorted(str(p.relative_to(fs)) for p in fs.rglob("*"))
+        assert result.returncode == 1, result.stderr
+        assert_one_error(result.stderr, f"disk full: cannot write {state_dir}/deployed.json (the record of the "
+                                        "deployed image)")  # fmt: skip
+        assert "no automatic rollback" not in result.stderr
+        assert double.count(r"^/v1/jobs$", "POST") == 0 and double.jobs == {}
+        assert left == ["filler", "state"]
+    finally:
+        double.stop()
