@@ -31,6 +31,7 @@ from pathlib import Path
 
 from infra.errors import ConfigError, InfraError
 
+PROBE_PREFIX = ".write-probe-"
 #: Default read cap: far above any key, config or job file, far below "read until the kernel kills us".
 MAX_TEXT = 1 << 20
 
@@ -271,7 +272,7 @@ def probe_dir(path: Path) -> None:
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path))
     path.mkdir(parents=True, exist_ok=True)
-    fd, probe = tempfile.mkstemp(dir=path, prefix=".write-probe-")
+    fd, probe = tempfile.mkstemp(dir=path, prefix=PROBE_PREFIX)
     os.close(fd)
     os.unlink(probe)
 
@@ -290,6 +291,11 @@ def writable_dir(path: Path, key: str) -> Path:
     return path
 
 
+def _transient(name: str) -> bool:
+    """A temporary file of this module (`write_atomic`'s, `probe_dir`'s), perhaps another command's now."""
+    return name.startswith(PROBE_PREFIX) or (name.startswith(".") and name.endswith(".tmp"))
+
+
 def own_dir(path: Path, key: str, marker: str, known: Iterable[str], *, mark: bool = True) -> Path:
     """The dedicated directory of configuration key `key`, proven writable (`writable_dir`) and the tool's
     own: created with `marker` in it when missing; an existing one must hold `marker`, or nothing but the
@@ -303,9 +309,7 @@ def own_dir(path: Path, key: str, marker: str, known: Iterable[str], *, mark: bo
         if stat.S_ISREG(os.lstat(marker_path).st_mode):
             return path
     names = set(known) | {marker}
-    foreign = sorted(
-        n for n in os.listdir(path) if n not in names and not (n.startswith(".") and n.endswith(".tmp"))
-    )
+    foreign = sorted(n for n in os.listdir(path) if n not in names and not _transient(n))
     if existed and foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise ConfigError(
