@@ -256,6 +256,21 @@ def deploy_ingress(c: Context, detach: bool = False) -> None:
     release.deploy_ingress(config, nomad.Client.from_config(config), detach=detach)
 
 
+# ---------------------------------------------------------------------------------------------------- tls --
+@task(name="ca")
+@domain_errors
+def tls_ca(c: Context) -> None:
+    """The project CA (made on first use): its path, then how to trust it (curl, Debian/Ubuntu, macOS,
+    Firefox)."""
+    from infra import ingress, tls, ui
+
+    config = cfg(c)
+    bundle = ingress.certificate(config)
+    ui.out(str(bundle.ca_path))
+    for line in tls.trust_instructions(bundle.ca_path):
+        ui.out(line)
+
+
 # --------------------------------------------------------------------------------------------------- root --
 @task(
     iterable=["job"],
@@ -343,3 +358,4 @@ ns.add_collection(Collection("vm", vm_run, vm_stop, vm_status, vm_ssh, vm_logs, 
 ns.add_collection(Collection("image", image_bake, image_list, image_prune))
 ns.add_collection(Collection("nomad", nomad_wait))
 ns.add_collection(Collection("deploy", deploy_data, deploy_app, deploy_ingress))
+ns.add_collection(Collection("tls", tls_ca))

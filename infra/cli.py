@@ -182,16 +182,26 @@ def _printable(exc: BaseException) -> str:
     return "".join(c if c.isprintable() else "\ufffd" for c in text)[:500]
 
 
+_staged_parse_collection = _stage(InvokeProgram.parse_collection)
+
+
 class Program(InvokeProgram):
     """invoke.Program whose every stage reports failures as one `error:` line (see the module docstring)."""
 
     create_config = _stage(InvokeProgram.create_config)
     parse_core = _stage(InvokeProgram.parse_core)
-    parse_collection = _stage(InvokeProgram.parse_collection)
     parse_tasks = _stage(InvokeProgram.parse_tasks)
     parse_cleanup = _stage(InvokeProgram.parse_cleanup)
     update_config = _stage(InvokeProgram.update_config)
     execute = _stage(InvokeProgram.execute)
+
+    def parse_collection(self) -> None:
+        # invoke has just turned .pyc writing off (invoke/program.py parse_core: `sys.dont_write_bytecode =
+        # not --write-pyc`), to keep a tasks.py directory clean; then every `inv` compiles the infra modules
+        # its task imports from source. The interpreter's own setting (-B, PYTHONDONTWRITEBYTECODE) decides.
+        if not sys.flags.dont_write_bytecode:
+            sys.dont_write_bytecode = False
+        _staged_parse_collection(self)
 
 
 program = Program(

@@ -113,24 +113,29 @@ class ReadinessProbe:
         client: Client,
         *,
         sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
         observe: Callable[[ClusterState], None] | None = None,
     ) -> None:
         self.client = client
         self.sleep = sleep
+        self.clock = clock
         self.observe = observe
         self.index = 0
         self.node_id: str | None = None  # None: not asked yet; "": the agent has no client
+        #: The last state Nomad answered with (a look that got no answer does not replace it).
         self.last = ClusterState(problem="no answer yet")
 
     def __call__(self, deadline: Deadline) -> Probe[ClusterState]:
         st = self._look(deadline)
-        self.last = st
+        if st.reachable:
+            self.last = st
         if self.observe:
             self.observe(st)
-        return Probe(st.ready, st.describe(), st)
+        # Unreachable (refused, or no answer before the request's deadline): the look learned nothing.
+        return Probe(st.ready, st.describe(), st, answered=st.reachable)
 
     def _look(self, deadline: Deadline) -> ClusterState:
-        started = time.monotonic()
+        started = self.clock()
         st = ClusterState()
         try:
             # Every request is bounded by the deadline: a server that accepts and never answers must not
@@ -181,7 +186,7 @@ class ReadinessProbe:
         return node_state(chosen, st)
 
     def _pause(self, started: float, seconds: float) -> None:
-        rest = seconds - (time.monotonic() - started)
+        rest = seconds - (self.clock() - started)
         if rest > 0:
             self.sleep(rest)
 
@@ -191,9 +196,14 @@ def wait_ready(
     *,
     timeout: float,
     observe: Callable[[ClusterState], None] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
 ) -> ClusterState:
-    """Block until the cluster can run docker jobs; WaitTimeout with the last state and a hint otherwise."""
-    probe = ReadinessProbe(client, observe=observe)
+    """Block until the cluster can run docker jobs; WaitTimeout with the last state and a hint otherwise.
+
+    `sleep` and `clock` drive the deadline (tests pass a fake clock); each request's own time limit is
+    taken from that deadline's `remaining()`."""
+    probe = ReadinessProbe(client, sleep=sleep, clock=clock, observe=observe)
 
     def details() -> list[str]:
         return _node_events(client, probe.last)
@@ -205,6 +215,9 @@ def wait_ready(
         interval=0,  # the probe blocks server-side
         hint=WAIT_HINT,
         details=details,
+        source=f"Nomad at {client.addr}",
+        sleep=sleep,
+        clock=clock,
     )
     return result.value if result.value is not None else probe.last
 

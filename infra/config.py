@@ -113,6 +113,25 @@ class DeployConfig:
 
 
 @dataclass(frozen=True)
+class AcmeConfig:
+    email: str
+    domains: list[str]
+    ca_server: str
+    challenge: str
+
+    @property
+    def enabled(self) -> bool:
+        """Let's Encrypt is on once domains are set; until then the project CA serves."""
+        return bool(self.domains)
+
+
+@dataclass(frozen=True)
+class IngressConfig:
+    redirect_https: bool
+    acme: AcmeConfig
+
+
+@dataclass(frozen=True)
 class AppConfig:
     image: str
     default_image: str
@@ -136,6 +155,7 @@ class Config:
     deploy: DeployConfig
     app: AppConfig
     e2e: E2EConfig
+    ingress: IngressConfig
 
 
 _ENUMS = {
@@ -143,6 +163,11 @@ _ENUMS = {
     "vm.arch": ("auto", "x86_64", "aarch64"),
     "vm.baked": ("auto", "off", "require"),
 }
+
+#: ingress.acme.challenge -> the Traefik certificate resolver defined for it in nomad/ingress.nomad.hcl's
+#: arguments (speclint's acme-resolver rule checks they are defined there).
+ACME_RESOLVERS = {"tlsalpn": "acme-tlsalpn", "http": "acme-http"}
+ACME_CHALLENGES = tuple(ACME_RESOLVERS)
 
 
 def read_defaults(path: Path = DEFAULTS_FILE) -> dict[str, Any]:
@@ -278,6 +303,48 @@ def build(raw: Mapping[str, Any], *, root: Path = ROOT, defaults: Mapping[str, A
         deploy=DeployConfig(**deploy),
         app=AppConfig(**data["app"]),
         e2e=E2EConfig(report_dir=rel(data["e2e"]["report_dir"])),
+        ingress=_ingress(data["ingress"]),
+    )
+
+
+#: An e-mail address as ACME accepts it (one @, a dotted domain, no spaces or commas).
+_EMAIL = re.compile(r"^[^@\s,]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+$")
+
+
+def _ingress(raw: Mapping[str, Any]) -> IngressConfig:
+    """ingress.*: the ACME settings checked here, each error naming its key."""
+    acme = raw["acme"]
+    domains = acme["domains"]
+    for i, name in enumerate(domains):
+        if not isinstance(name, str) or not _HOST_NAME.match(name) or "." not in name:
+            raise ConfigError(
+                f"configuration key ingress.acme.domains[{i}] is {name!r}: not a public DNS name",
+                hint="a fully qualified name such as app.example.org (no wildcard: TLS-ALPN-01 and HTTP-01 "
+                "cannot prove one; no IP address)",
+            )
+    email = acme["email"]
+    if email and not _EMAIL.match(email):
+        raise ConfigError(f"configuration key ingress.acme.email is {email!r}: not an e-mail address")
+    if domains and not email:
+        raise ConfigError(
+            "configuration key ingress.acme.email is empty, but ingress.acme.domains is set",
+            hint="the ACME account needs a contact address (Let's Encrypt mails about expiring certificates)",
+        )
+    server = acme["ca_server"]
+    if not re.match(r"^https://[^/\s]+(/\S*)?$", server):
+        raise ConfigError(
+            f"configuration key ingress.acme.ca_server is {server!r}: not an https:// URL",
+            hint="Let's Encrypt: https://acme-v02.api.letsencrypt.org/directory "
+            "(staging: https://acme-staging-v02.api.letsencrypt.org/directory)",
+        )
+    if acme["challenge"] not in ACME_CHALLENGES:
+        raise ConfigError(
+            f"configuration key ingress.acme.challenge is {acme['challenge']!r}; expected one of: "
+            + ", ".join(ACME_CHALLENGES)
+        )
+    return IngressConfig(
+        redirect_https=raw["redirect_https"],
+        acme=AcmeConfig(email=email, domains=list(domains), ca_server=server, challenge=acme["challenge"]),
     )
 
 
@@ -449,6 +516,7 @@ def as_dict(cfg: Config) -> dict[str, Any]:
 
 
 __all__ = [
-    "AppConfig", "Config", "ConfigError", "DeployConfig", "E2EConfig", "NomadConfig", "Port",
+    "AcmeConfig", "AppConfig", "Config", "ConfigError", "DeployConfig", "E2EConfig", "IngressConfig",
+    "NomadConfig", "Port",
     "ProjectConfig", "ProvisionConfig", "SSHConfig", "VMConfig", "as_dict", "build", "from_invoke", "load",
 ]  # fmt: skip

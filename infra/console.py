@@ -42,6 +42,33 @@ def fatal_console_line(path: Path) -> str | None:
     return match.group(0).strip() if match else None
 
 
+#: What a Linux guest writes on its console when it restarts in the same qemu (`reboot` in the guest): the
+#: kernel's shutdown line, and a new kernel's banner.
+REBOOT = re.compile(rb"reboot: (?:Restarting system|machine restart)|Linux version \d")
+
+
+def size(path: Path) -> int:
+    """How long the log is now (0 when absent)."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def rebooted_since(path: Path, offset: int) -> bool:
+    """Has the guest restarted since the log was `offset` bytes long? True when the console shows a restart
+    or a kernel starting after that point, or when the log is shorter than that (another log)."""
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() < offset:
+                return True
+            f.seek(offset)
+            return REBOOT.search(f.read()) is not None
+    except OSError:
+        return True
+
+
 def follow(path: Path, lines: int) -> Iterator[str]:
     """tail -f: the last `lines`, then new lines as they come (until the caller stops iterating)."""
     yield from tail(path, lines)
@@ -59,4 +86,4 @@ def follow(path: Path, lines: int) -> Iterator[str]:
                 yield _clean(line.decode(errors="replace"))
 
 
-__all__ = ["FATAL_CONSOLE", "fatal_console_line", "follow", "tail"]
+__all__ = ["FATAL_CONSOLE", "REBOOT", "fatal_console_line", "follow", "rebooted_since", "size", "tail"]

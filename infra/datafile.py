@@ -5,6 +5,7 @@ One loader, so every malformed file is reported the same way: file:line:column a
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +55,28 @@ def _expanded_size(node: yaml.Node, memo: dict[int, int], open_: set[int]) -> in
     return size
 
 
+#: What each file parsed to in this process, by (path, mtime, size): invoke and the configuration layer read
+#: invoke.yaml several times per command, and PyYAML's pure-Python parser is slow. Callers get copies.
+_parsed: dict[tuple[str, int, int], Any] = {}
+
+
 def load_yaml(path: Path, *, error: type[InfraError] = TemplateError) -> Any:
     """Parse a YAML file (read bounded, UTF-8 text only, aliases bounded); a syntax error names
     file:line:column."""
+    try:
+        st = path.stat()
+        key: tuple[str, int, int] | None = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+    except OSError:
+        key = None  # read_text names the problem
+    if key in _parsed:
+        return copy.deepcopy(_parsed[key])
+    data = _parse(path, error)
+    if key is not None:
+        _parsed[key] = copy.deepcopy(data)
+    return data
+
+
+def _parse(path: Path, error: type[InfraError]) -> Any:
     text = files.read_text(path, "YAML file", error=error)
     try:
         return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a yaml.SafeLoader

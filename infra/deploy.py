@@ -80,6 +80,15 @@ class PlacementError(DeployError):
     exit_code = 2
 
 
+class NotRegistered(DeployError):
+    """Nomad refused the registration: nothing of this deploy reached the job (no rollback to report)."""
+
+
+#: Registrations refused because the job changed since our plan ("Enforcing job modify index"), each
+#: followed by a new plan, before the deploy gives up: a job that changes this often is being fought over.
+REGISTER_ATTEMPTS = 3
+
+
 @dataclass(frozen=True)
 class DeployResult:
     job_id: str
@@ -166,7 +175,9 @@ def deploy_job(
     detach: bool = False,
     timeout: float = 900.0,
 ) -> DeployResult:
-    """Parse, plan, register and follow one job file. Unchanged jobs are left alone."""
+    """Parse, plan, register and follow one job file. Unchanged jobs are left alone. A register refused
+    because the job changed after our plan (EnforceIndex: an auto-revert, another deployer) is planned
+    again, saying what changed, up to REGISTER_ATTEMPTS times."""
     started = time.monotonic()
     job = parse(client, path, variables)
     job_id = str(job["ID"])
@@ -177,8 +188,25 @@ def deploy_job(
         return _unchanged(client, job_id, timeout, started)
 
     ui.step(f"deploying job {job_id} from {path.name}: {_plan_summary(plan)}")
-    modify_index = int(plan.get("JobModifyIndex") or 0)
-    reg = _register(client, job, modify_index)
+    for attempt in range(1, REGISTER_ATTEMPTS + 1):
+        modify_index = int(plan.get("JobModifyIndex") or 0)
+        try:
+            reg = _register(client, job, modify_index)
+            break
+        except _Conflict as exc:
+            changed = _what_changed(client, job_id, modify_index)
+            if attempt == REGISTER_ATTEMPTS:
+                raise NotRegistered(
+                    f"job {job_id} was not registered: it changed in Nomad after each of our "
+                    f"{REGISTER_ATTEMPTS} plans ({exc.body}); last: {changed}",
+                    hint="someone else is deploying this job (or Nomad is reverting it): let that finish, "
+                    f"look at `nomad job history {job_id}`, then deploy again",
+                ) from exc
+            ui.info(f"    {job_id}: changed in Nomad after our plan ({changed}); planning again")
+            plan = client.plan_job(job)
+            shown = _warn(job_id, plan.get("Warnings"), shown)
+            if (plan.get("Diff") or {}).get("Type") == "None":
+                return _unchanged(client, job_id, timeout, started)
     _warn(job_id, reg.get("Warnings"), shown)
     eval_id = str(reg.get("EvalID") or "")
     if detach:
@@ -255,10 +283,50 @@ def _register(client: Client, job: Mapping[str, Any], modify_index: int) -> dict
                 ) from exc
             ui.info(f"    {job_id}: the registration did not reach Nomad; sending it once more")
         except NomadAPIError as exc:
-            raise DeployError(
+            if ENFORCE_INDEX_PREFIX in exc.body:
+                raise _Conflict(exc.body) from exc
+            raise NotRegistered(
                 f"job {job_id}: Nomad refused to register it: {exc.body}", hint=exc.hint
             ) from exc
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+#: nomad/structs/job.go RegisterEnforceIndexErrPrefix: (*Job).EnforceIndex, checked by nomad/job_endpoint.go
+#: (*Job).Register against a snapshot before the raft apply, fails a register whose JobModifyIndex is not
+#: the job's ("job exists with conflicting job modify index: M", "job already exists", "job does not
+#: exist"): a plain error, so HTTP 500 with that text (command/job_run.go matches the same prefix).
+ENFORCE_INDEX_PREFIX = "Enforcing job modify index"
+
+
+class _Conflict(Exception):
+    """The job changed between our plan and our register (EnforceIndex refused it); nothing was written."""
+
+    def __init__(self, body: str) -> None:
+        super().__init__(body)
+        self.body = printable(body, limit=300)
+
+
+def _what_changed(client: Client, job_id: str, planned_at: int) -> str:
+    """What the job is now, against the JobModifyIndex our plan was made at: its version, image, and the
+    latest deployment's description when it says why (an auto-revert: "rolling back to job version N")."""
+    try:
+        current = client.job(job_id)
+        dep = client.job_deployment(job_id).body or {}
+    except NomadError as exc:
+        return f"the job cannot be read back: {exc.message}"
+    if current is None:
+        return f"job {job_id} is no longer registered (our plan was made at JobModifyIndex {planned_at})"
+    parts = [
+        f"JobModifyIndex {planned_at} -> {current.get('JobModifyIndex')}",
+        f"now version {current.get('Version')}",
+    ]
+    image = live_image(client, job_id)
+    if image:
+        parts.append(f"image {printable(image, limit=120)}")
+    description = str(dep.get("StatusDescription") or "")
+    if "rolling back" in description:
+        parts.append(f"deployment {str(dep.get('ID', ''))[:8]}: {printable(description, limit=200)}")
+    return ", ".join(parts)
 
 
 def _registered_anyway(
@@ -697,6 +765,7 @@ class JobSummary:
     healthy: int
     desired: int
     running: int
+    image: str = ""  # the main task's image as registered (`main_image`)
 
 
 def job_summary(client: Client, job_id: str) -> JobSummary:
@@ -716,12 +785,17 @@ def job_summary(client: Client, job_id: str) -> JobSummary:
         sum(int(g.get("HealthyAllocs") or 0) for g in groups),
         desired,
         running,
+        main_image(job),
     )
 
 
 def live_image(client: Client, job_id: str, task: str = "") -> str:
     """The image of the job's main task as registered now (prestart/sidecar tasks are skipped)."""
-    job = client.job(job_id) or {}
+    return main_image(client.job(job_id) or {}, task)
+
+
+def main_image(job: Mapping[str, Any], task: str = "") -> str:
+    """The image of a job's main task (prestart/sidecar tasks are skipped), "" when it names none."""
     for group in job.get("TaskGroups") or []:
         for t in group.get("Tasks") or []:
             if (t.get("Lifecycle") or {}).get("Hook") or (task and t.get("Name") != task):
@@ -747,13 +821,24 @@ def _follow(
 ) -> Any:
     """Read one endpoint as blocking queries until `judge(body)` says done (or raises); returns that body.
     Each read passes the index of the last answer (none the first time), so Nomad holds it until something
-    changes; `judge` returns (done, the state for the live line)."""
+    changes; `judge` returns (done, the state for the live line).
+
+    An index lower than the last one (a server restarted on older state, a snapshot restore, a new
+    cluster) starts over with a read that does not block: Nomad holds a query while the table's index is
+    <= the one passed (nomad/rpc.go blockingRPC: `queryMeta.Index <= MinQueryIndex` -> ws.WatchCtx until
+    MaxQueryTime; a restore only re-runs the query), so keeping the old index would make every read wait
+    out its whole `wait`. The reset is what the blocking-query guidance says ("Reset the index if it goes
+    backwards", the Consul/Nomad API docs' implementation details) and what infra/cluster.py does."""
     index = 0
 
     def probe(d: Deadline) -> Probe[Any]:
         nonlocal index
         res = fetch(index=index or None, wait=_block(deadline))
-        index = max(index, res.index)
+        if res.index < index:
+            ui.debug(f"{what}: X-Nomad-Index went back from {index} to {res.index}; reading afresh")
+            index = 0
+        else:
+            index = res.index
         done, state = judge(res.body)
         return Probe(done, state, res.body)
 

@@ -40,6 +40,15 @@ def cmdline(pid: int) -> list[str] | None:
         return []
 
 
+def started(pid: int) -> float | None:
+    """When the live process `pid` started (epoch seconds, as the kernel keeps it), None when there is none:
+    with the pid, it names one process, never a later one given the same pid."""
+    try:
+        return float(psutil.Process(pid).create_time())
+    except (psutil.Error, ValueError):
+        return None
+
+
 def alive(pid: int) -> bool:
     """A live process (not a zombie) has this pid."""
     return cmdline(pid) is not None
@@ -55,10 +64,14 @@ def find(matches: Callable[[list[str]], bool]) -> int | None:
 
 
 def kill(pid: int, grace: float = 5.0) -> bool:
-    """SIGTERM, then SIGKILL, each given `grace` seconds; True when the process is gone."""
+    """SIGTERM, then SIGKILL, each given `grace` seconds; True when the process is gone. SIGTERM is
+    followed by SIGCONT (as systemd's stop does), so a process stopped with SIGSTOP gets to handle it
+    instead of holding it pending until SIGKILL."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
+            if sig == signal.SIGTERM:
+                os.kill(pid, signal.SIGCONT)
         end = time.monotonic() + grace
         while time.monotonic() < end:
             if not alive(pid):
@@ -126,4 +139,4 @@ def check_ports(forwards: Mapping[str, Port]) -> None:
         )
 
 
-__all__ = ["alive", "check_ports", "cmdline", "find", "kill", "port_free", "port_owner"]
+__all__ = ["alive", "check_ports", "cmdline", "find", "kill", "port_free", "port_owner", "started"]

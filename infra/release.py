@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from infra import build, deploy, files, ui
+from infra import build, deploy, files, ingress, ui
 from infra.build import BuildResult, LocalDocker
 from infra.config import Config
 from infra.deploy import DeployResult
@@ -72,7 +72,17 @@ def deploy_data(cfg: Config, client: Client, *, detach: bool = False) -> DeployR
 
 
 def deploy_ingress(cfg: Config, client: Client, *, detach: bool = False) -> DeployResult:
-    return deploy.deploy_job(client, cfg.deploy.ingress_job, detach=detach, timeout=cfg.deploy.timeout)
+    """Traefik: first its TLS (the project CA's certificate, renewed when < 30 days remain, and the
+    redirect/ACME routers) in its Nomad Variable, then the job with the ACME resolvers' HCL variables."""
+    deploy.read_job_file(cfg.deploy.ingress_job)  # a bad job file stops here, before anything is written
+    ingress.publish(cfg, client)
+    return deploy.deploy_job(
+        client,
+        cfg.deploy.ingress_job,
+        variables=ingress.acme_variables(cfg),
+        detach=detach,
+        timeout=cfg.deploy.timeout,
+    )
 
 
 def deploy_app(
@@ -104,6 +114,12 @@ def deploy_app(
     if result.outcome == "deployed" or (result.outcome == "unchanged" and merged):
         _write_record(record_path, {"job": result.job_id, "version": result.version, "variables": merged})
     return result
+
+
+def recorded_image(cfg: Config) -> str:
+    """The image the last deploy.app deployed (<state>/deployed.json), "" when none is recorded."""
+    variables = _read_record(StatePaths.of(cfg).deployed).get("variables")
+    return str(variables.get(IMAGE_VARIABLE) or "") if isinstance(variables, dict) else ""
 
 
 def image_chosen(cfg: Config) -> bool:
@@ -222,12 +238,13 @@ def ship(
     job_id = deploy.job_id_of(cfg.deploy.app_job)
     try:
         result = deploy_app(cfg, client, image=ref or None, variables=variables, detach=detach)
-    except RecordError:  # nothing was registered, or the deployment succeeded: no rollback to report
-        raise
+    except (RecordError, deploy.NotRegistered):
+        raise  # nothing of ours reached the job, or the deployment succeeded: no rollback to report
     except DeployError as exc:
         exc.details.extend(rollback_report(client, job_id, ref, failed=exc.deployment))
         raise
-    live = deploy.live_image(client, job_id) or ref
+    # Nomad's word first; else the image this deploy asked for (after a no-op: the one recorded last time)
+    live = deploy.live_image(client, job_id) or ref or recorded_image(cfg)
     live_version = build.version_of(live) if live else "?"
     if result.outcome == "unchanged":
         ui.skip(f"{live} is already live (job {job_id} version {result.version}): nothing to deploy")
@@ -249,8 +266,8 @@ def rollback_report(
     auto_revert Nomad registers the last stable version again (a new job version); wait for that a little,
     then name its image. Not /v1/job/<id>/deployment when the failed one is known: that is the job's latest
     deployment (command/agent/job_endpoint.go jobLatestDeployment -> nomad/job_endpoint.go
-    Job.LatestDeployment -> state LatestDeploymentByJobID), and the revert's own deployment may already
-    have replaced the failed one there."""
+    Job.LatestDeployment: state.DeploymentsByJobID, the highest CreateIndex), and the revert's own
+    deployment may already have replaced the failed one there."""
     if failed is None:
         try:
             failed = client.job_deployment(job_id).body or {}

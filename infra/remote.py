@@ -3,9 +3,10 @@
 `check(cfg)` is `inv vm.check`, as a list of named steps, each with its own deadline:
 1. SSH: log in as `ssh.user` with the project key at 127.0.0.1:<vm.ports.ssh.host> (the slirp forward
    accepts TCP at once, so only a completed SSH login counts); fails fast if qemu dies meanwhile.
-2. cloud-init: poll `cloud-init status` until it leaves `running`, then `cloud-init status --wait --long`
-   for the verdict: exit 0 ok; exit 2 (cloud-init >= 23.4: recoverable errors) is a warning with the
-   `--long` output; anything else fails with the error lines of /var/log/cloud-init-output.log.
+2. cloud-init: read its own state files (/run/cloud-init/status.json, result.json) until result.json
+   says it finished, and take the verdict from them as `cloud-init status` does (`verdict`): no Python runs
+   in the guest (under TCG one `cloud-init status` costs seconds). Errors fail with the error lines of
+   /var/log/cloud-init-output.log; recoverable errors only (cloud-init >= 23.4, "degraded done") warn.
 3. services: `systemctl is-active` for docker (provision.docker) and nomad (provision.nomad); a failure
    shows the unit's journal.
 
@@ -23,12 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-from fabric import Config as FabricConfig
-from fabric import Connection
-from invoke.exceptions import CommandTimedOut, UnexpectedExit
-from paramiko.ssh_exception import AuthenticationException, BadHostKeyException, SSHException
+from typing import TYPE_CHECKING, Any
 
 from infra import console, files, ui
 from infra.config import Config
@@ -36,21 +32,95 @@ from infra.errors import SSHKeyError, VMError
 from infra.state import StatePaths
 from infra.waits import Probe, wait_until
 
+if TYPE_CHECKING:  # fabric and paramiko are imported where a connection is made: a task that only reads
+    from fabric import Connection  # the VM's remembered check (`inv up` on a checked VM) never loads them
+
 # paramiko logs every failed handshake with a traceback (no handler configured -> logging's last resort
 # prints it); while waiting for SSH those failures are expected and summarised on the live line instead.
 logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 CLOUD_INIT_LOG = "/var/log/cloud-init-output.log"
 #: cloud-init's run-time state in the guest: result.json appears when its last stage (modules-final) has
-#: finished; status.json tracks the stages.
+#: finished; status.json tracks the stages. Both are links into /var/lib/cloud/data, made afresh by every
+#: boot's first stage (cloudinit/cmd/main.py status_wrapper: init-local deletes them, each stage rewrites
+#: status.json, modules-final writes result.json); /run is a tmpfs, so a file there is this boot's.
 CLOUD_INIT_RUN = "/run/cloud-init"
+#: The guest kernel's id of the running boot: a new one after every reboot.
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+#: Starts each section of the state probe's output (a line of its own).
+_MARK = "==infra-lab== "
 
 
-def _stage_probe() -> str:
+def _state_probe() -> str:
+    """One shell command, no Python in the guest: cloud-init's state files (absent ones say so), whether
+    its generator disabled it, and the boot id, each after a marker line."""
+    run = CLOUD_INIT_RUN
     return (
-        f"if [ -e {CLOUD_INIT_RUN}/result.json ]; then echo finished; "
-        f"else cat {CLOUD_INIT_RUN}/status.json 2>/dev/null || echo '{{}}'; fi"
+        f"for f in result.json status.json; do echo '{_MARK}'$f; cat {run}/$f 2>/dev/null; echo; done; "
+        f"echo '{_MARK}disabled'; [ -e {run}/disabled ] && echo yes; "
+        f"echo '{_MARK}boot_id'; cat {BOOT_ID}"
     )
+
+
+@dataclass(frozen=True)
+class CloudInitVerdict:
+    """cloud-init's state as `cloud-init status` derives it from the same files (cloudinit/cmd/status.py
+    get_status_details): not started (no status.json), running (status.json without result.json), or
+    finished (result.json); `errors` from every stage's `errors` (an error at all: status "error"),
+    `recoverable` from each stage's `recoverable_errors` (cloud-init >= 23.4: "degraded done", exit 2)."""
+
+    status: str  # "not started" | "running" | "done" | "error" | "disabled"
+    finished: bool
+    detail: str = ""
+    errors: tuple[str, ...] = ()
+    recoverable: tuple[str, ...] = ()
+    boot_id: str = ""
+
+    @property
+    def word(self) -> str:
+        """What `cloud-init status` (extended) would print: done, degraded done, error, running ..."""
+        return f"degraded {self.status}" if self.recoverable and not self.errors else self.status
+
+
+def verdict(probe_output: str) -> CloudInitVerdict:
+    """The verdict from the state probe's output (`_state_probe`)."""
+    sections: dict[str, list[str]] = {}
+    current: list[str] = []
+    for line in probe_output.splitlines():
+        if line.startswith(_MARK):
+            current = sections.setdefault(line[len(_MARK) :].strip(), [])
+        else:
+            current.append(line)
+    text = {name: "\n".join(lines).strip() for name, lines in sections.items()}
+    boot_id = text.get("boot_id", "")
+    if text.get("disabled") == "yes":  # cloud-init's generator found it disabled: it will not run this boot
+        return CloudInitVerdict("disabled", True, "disabled by cloud-init-generator", boot_id=boot_id)
+    status_text, result_text = text.get("status.json", ""), text.get("result.json", "")
+    if not status_text and not result_text:
+        return CloudInitVerdict("not started", False, boot_id=boot_id)
+    try:
+        v1 = json.loads(status_text).get("v1", {}) if status_text else {}
+        result = json.loads(result_text).get("v1", {}) if result_text else {}
+    except (ValueError, AttributeError):
+        return CloudInitVerdict("running", False, "status.json unreadable (being written?)", boot_id=boot_id)
+    errors: list[str] = []
+    recoverable: list[str] = []
+    for stage, info in sorted(v1.items()):
+        if isinstance(info, dict):
+            errors += [f"{stage}: {e}" for e in info.get("errors") or []]
+            for level, messages in (info.get("recoverable_errors") or {}).items():
+                recoverable += [f"{stage}: {level}: {m}" for m in messages or []]
+    if isinstance(result, dict):  # modules-final's summary of every stage's errors: only new ones added
+        errors += [
+            str(e) for e in result.get("errors") or [] if not any(x.endswith(f": {e}") for x in errors)
+        ]
+    if not result_text:
+        return CloudInitVerdict(
+            "running", False, _stage(status_text), tuple(errors), tuple(recoverable), boot_id
+        )
+    status = "error" if errors else "done"
+    detail = str(v1.get("datasource") or result.get("datasource") or "")
+    return CloudInitVerdict(status, True, detail, tuple(errors), tuple(recoverable), boot_id)
 
 
 #: Lines of cloud-init's output log worth showing on failure.
@@ -66,6 +136,8 @@ class CheckReport:
     cloud_init_at: float = 0.0
     cloud_init: str = ""
     services: dict[str, str] = field(default_factory=dict)
+    boot_id: str = ""  # the guest's boot these checks saw (/proc/sys/kernel/random/boot_id)
+    recoverable: list[str] = field(default_factory=list)  # cloud-init's recoverable errors (a warning)
 
     def as_dict(self) -> dict[str, Any]:
         base = self.started_at
@@ -90,6 +162,9 @@ def private_key(cfg: Config) -> Path:
 
 def connection(cfg: Config, timeout: float = 10) -> Connection:
     """A fabric Connection to the VM (not yet opened): project key only, no agent, no ~/.ssh/config."""
+    from fabric import Config as FabricConfig
+    from fabric import Connection
+
     state = StatePaths.of(cfg)
     known = state.known_hosts
     files.make_dir(known.parent, "SSH key directory", mode=0o700, error=SSHKeyError)
@@ -130,6 +205,8 @@ def wait_ssh(
     cfg: Config, timeout: float | None = None, alive: Callable[[], bool] | None = None
 ) -> Connection:
     """An open, working connection; raises WaitTimeout (with the serial log tail) or VMError."""
+    from paramiko.ssh_exception import BadHostKeyException
+
     state = StatePaths.of(cfg)
     port = cfg.vm.ports["ssh"].host
     holder: dict[str, Connection] = {}
@@ -188,46 +265,41 @@ def _serial_tail(state: StatePaths, lines: int) -> list[str]:
     return [f"serial: {line}" for line in console.tail(state.serial_log, lines)]
 
 
-def _status_word(output: str) -> str:
-    match = re.search(r"^status:\s*(.+)$", output, re.M)
-    return match.group(1).strip() if match else (output.strip().splitlines() or ["no output"])[0]
-
-
 def wait_cloud_init(cfg: Config, conn: Connection, timeout: float | None = None) -> str:
     """Wait for cloud-init to finish; returns its status. Raises VMError on failure (with log lines)."""
+    return wait_cloud_init_verdict(cfg, conn, timeout).status
 
+
+def wait_cloud_init_verdict(cfg: Config, conn: Connection, timeout: float | None = None) -> CloudInitVerdict:
+    """`wait_cloud_init`, returning the whole verdict (with the boot id it belongs to)."""
     state = StatePaths.of(cfg)
 
-    def probe(_deadline: object) -> Probe[str]:
+    def probe(_deadline: object) -> Probe[CloudInitVerdict]:
         _stop_on_fatal_console(state)
         # `cat` of cloud-init's own state files, not `cloud-init status`: under TCG every `cloud-init status`
-        # starts a Python interpreter in the guest, and polling with it slows the very boot we wait for.
-        result = sh(conn, _stage_probe(), timeout=30)
-        if result.stdout.startswith("finished"):
-            return Probe(True, "finished", "finished")
-        return Probe(False, _stage(result.stdout))
+        # starts a Python interpreter in the guest (seconds), and polling with it slows the boot we wait for.
+        seen = verdict(sh(conn, _state_probe(), timeout=30).stdout)
+        if seen.finished:
+            return Probe(True, f"finished: {seen.word}", seen)
+        return Probe(False, seen.detail or seen.status)
 
-    wait_until(
+    found = wait_until(
         probe,
         what="cloud-init",
         timeout=cfg.vm.cloud_init_timeout if timeout is None else timeout,
         interval=0.5,  # a `cat` over the open connection: cheap for the guest
         hint=f"inv vm.ssh, then read {CLOUD_INIT_LOG}",
         details=lambda: cloud_init_log_lines(conn),
-    )
-    # the verdict, once: exit code and --long details from cloud-init itself
-    final = sh(conn, "cloud-init status --wait --long", timeout=60)
-    word = _status_word(final.stdout)
-    if final.exited == 0 and word == "done":
-        return word
-    if final.exited == 2:  # cloud-init >= 23.4: finished with recoverable errors
-        ui.warn("cloud-init finished with recoverable errors (exit 2):")
-        for line in final.stdout.strip().splitlines():
+    ).value or CloudInitVerdict("unknown", True)
+    if found.status == "done" and found.recoverable:  # cloud-init >= 23.4: `status` would exit 2
+        ui.warn("cloud-init finished with recoverable errors (degraded done):")
+        for line in found.recoverable:
             ui.info(f"    {line}")
-        return word
+    if found.status == "done":
+        return found
     raise VMError(
-        f"cloud-init failed (status: {word}, exit {final.exited})",
-        details=[*final.stdout.strip().splitlines(), *cloud_init_log_lines(conn)],
+        f"cloud-init failed (status: {found.word})",
+        details=[*found.errors, *cloud_init_log_lines(conn)],
         hint=f"inv vm.ssh, then `sudo less {CLOUD_INIT_LOG}` and `sudo cloud-init analyze show`",
     )
 
@@ -298,7 +370,9 @@ def check(
     conn = wait_ssh(cfg, alive=alive)
     report.ssh_at = time.time()
     try:
-        report.cloud_init = wait_cloud_init(cfg, conn)
+        found = wait_cloud_init_verdict(cfg, conn)
+        report.cloud_init, report.boot_id = found.status, found.boot_id
+        report.recoverable = list(found.recoverable)
         report.cloud_init_at = time.time()
         services = enabled_services(cfg)
         report.services = check_services(cfg, conn)
@@ -315,7 +389,11 @@ def check(
 
 
 def cloud_init_state(cfg: Config, timeout: float = 5) -> str:
-    """One short look for `vm.status`: cloud-init's status word, or why it could not be read."""
+    """One short look for `vm.status`: cloud-init's status word (read from its state files, as `cloud-init
+    status` reads them, without starting it), or why it could not be read."""
+    from invoke.exceptions import CommandTimedOut, UnexpectedExit
+    from paramiko.ssh_exception import AuthenticationException, BadHostKeyException, SSHException
+
     try:
         conn = connection(cfg, timeout=timeout)
     except SSHKeyError as exc:
@@ -328,7 +406,7 @@ def cloud_init_state(cfg: Config, timeout: float = 5) -> str:
         except (SSHException, OSError, EOFError):
             # refused, reset, no banner, "No existing session": the guest's sshd is not answering yet
             return "unknown (SSH not up yet)"
-        return _status_word(sh(conn, "cloud-init status", timeout=timeout * 2).stdout)
+        return verdict(sh(conn, _state_probe(), timeout=timeout * 2).stdout).word
     except (CommandTimedOut, UnexpectedExit, OSError, Exception) as exc:
         return f"unknown (SSH: {_describe(exc)})"
     finally:

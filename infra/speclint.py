@@ -30,6 +30,7 @@ from hcl2.utils import SerializationOptions
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
 from infra import ROOT
+from infra.config import ACME_RESOLVERS
 from infra.errors import TemplateError
 
 #: The agent config shipped by cloud-init: the host volumes jobs may mount.
@@ -62,13 +63,20 @@ RULES: dict[str, str] = {
     "network-mode": "no bridge/CNI networking (the VM installs no CNI plugins)",
     "docker-gc-image": "the agent's docker plugin keeps images (gc.image = false): the app image is built locally",
     "docker-volumes": "the agent's docker plugin does not enable volumes (host bind mounts of any path)",
+    "docker-pull-activity": "the agent's docker plugin sets pull_activity_timeout >= 10m (default 2m cancels slow pulls)",
     "agent-config-order": "the agent config lands in /etc/nomad.d under a name that sorts after nomad.hcl",
     "cni-path": "the agent config sets no cni_path unless a cloud-init part installs CNI plugins",
+    "tls-entrypoint": "Traefik's TLS settings and challenges name entrypoints its arguments define, on a port the task publishes",
+    "acme-resolver": "every certificate resolver the ingress policy or an entrypoint names is defined in Traefik's arguments, with storage and one challenge",
+    "acme-storage": "every ACME resolver keeps acme.json on a host volume (persistent: a restart never orders again)",
     "nomad-fmt": "`nomad fmt -check` accepts the file",
     "nomad-validate": "`nomad job validate` accepts the file",
 }
 
 NOMAD_SKIPPED = "skipped: nomad not found on PATH (nomad fmt/validate)"
+#: Shortest pull_activity_timeout the agent config may set, in seconds (the longest image_pull_timeout of
+#: the job specs, 10m: a pull is then bounded by the job's own timeout, not cut short by inactivity).
+PULL_ACTIVITY_MIN = 600
 
 #: Rules that need a `nomad` binary (counted apart in the summary line).
 NOMAD_RULES = ("nomad-fmt", "nomad-validate")
@@ -256,6 +264,24 @@ def check_agent_config(
                 f"gc.image = {_show(gc.get('image') if gc is not None else None)} (default true, image_delay "
                 '"3m"): the docker driver deletes an image 3 minutes after its last task stops, the locally '
                 "built app image included, which no registry can give back; set gc { image = false }",
+            )
+        )
+    # pull_activity_timeout (default "2m", minimum 1m; drivers/docker/config.go configSpec and
+    # Driver.SetConfig) cancels a pull that shows no progress for that long, whatever the job's
+    # image_pull_timeout (which bounds the whole pull): under TCG a layer's extraction can be that slow.
+    activity = config.get("pull_activity_timeout") if config is not None else None
+    if _seconds(activity) < PULL_ACTIVITY_MIN:
+        findings.append(
+            Finding(
+                display,
+                config.line_of("pull_activity_timeout")
+                if config is not None and activity is not None
+                else (config or docker or root).line,
+                'plugin "docker"',
+                "docker-pull-activity",
+                f'pull_activity_timeout = {_show(activity)} (default "2m"): the docker driver cancels an image '
+                "pull that shows no progress for that long, and a job's image_pull_timeout does not extend it; "
+                f'set pull_activity_timeout = "{PULL_ACTIVITY_MIN // 60}m" or more',
             )
         )
     volumes = config.child("volumes") if config is not None else None
@@ -552,6 +578,7 @@ class _Spec:
             config = task.child("config")
             if config is None:
                 continue
+            self.check_traefik_tls(group, task, config, task_where, volumes)
             if "image" in config.attrs:
                 self.check_image(config, task_where)
             for port in _as_list(config.get("ports")):
@@ -563,6 +590,86 @@ class _Spec:
                         f'config.ports names port "{port}", which the group\'s network does not declare '
                         f"(declared: {_names(ports)})",
                     )
+
+    def check_traefik_tls(
+        self, group: Block, task: Block, config: Block, where: str, volumes: dict[str, Block]
+    ) -> None:
+        """The TLS parts of a Traefik task (one whose arguments define entrypoints): tls-entrypoint,
+        acme-resolver, acme-storage. Traefik's flags are case-insensitive (paerser), so keys are lowered."""
+        args = [str(a) for a in _as_list(config.get("args")) if str(a).startswith("--")]
+        flags = {a[2:].split("=", 1)[0].lower(): [*a.split("=", 1), ""][1] for a in args}
+        entrypoints = {
+            k.split(".")[1]: v for k, v in flags.items() if re.fullmatch(r"entrypoints\.[^.]+\.address", k)
+        }
+        if not entrypoints:
+            return  # not Traefik
+        line = config.line_of("args")
+        # tls-entrypoint: entrypoints named by TLS settings or challenges exist and are published
+        named: dict[str, str] = {}
+        for key, value in flags.items():
+            m = re.fullmatch(r"entrypoints\.([^.]+)\.http\.tls(\..*)?", key)
+            if m:
+                named.setdefault(m.group(1), f"--{key}")
+            if re.fullmatch(r"certificatesresolvers\.[^.]+\.acme\.httpchallenge\.entrypoint", key):
+                named.setdefault(value.lower(), f"--{key}")
+        published = {
+            str(port.get("to") or port.get("static"))
+            for network in group.children("network")
+            for port in network.children("port")
+            if port.name in {str(p) for p in _as_list(config.get("ports"))}
+        }
+        for name, flag in sorted(named.items()):
+            if name not in {e.lower() for e in entrypoints}:
+                self.report(line, where, "tls-entrypoint",
+                            f"{flag} names entrypoint {_show(name)}, which no --entrypoints.<name>.address defines "
+                            f"(defined: {_names(entrypoints)})")  # fmt: skip
+                continue
+            address = next(v for k, v in entrypoints.items() if k.lower() == name)
+            port = address.rsplit(":", 1)[-1]
+            if port not in published:
+                self.report(line, where, "tls-entrypoint",
+                            f"entrypoint {_show(name)} listens on {_show(address)}, a port the task does not publish "
+                            f"(config.ports maps container ports: {_names(published)})")  # fmt: skip
+        # acme-resolver: the resolvers the policy picks from (config.ACME_RESOLVERS) and the entrypoints name
+        defined: dict[str, dict[str, str]] = {}
+        for key, value in flags.items():
+            m = re.fullmatch(r"certificatesresolvers\.([^.]+)\.acme\.(.+)", key)
+            if m:
+                defined.setdefault(m.group(1), {})[m.group(2)] = value
+        wanted = {name: "infra/ingress.py (ingress.acme.challenge)" for name in ACME_RESOLVERS.values()}
+        for key, value in flags.items():
+            if re.fullmatch(r"entrypoints\.[^.]+\.http\.tls\.certresolver", key) and value:
+                wanted.setdefault(value, f"--{key}")
+        for name, who in sorted(wanted.items()):
+            if name.lower() not in defined:
+                self.report(line, where, "acme-resolver",
+                            f"certificate resolver {_show(name)} (named by {who}) is not defined: no "
+                            f"--certificatesresolvers.{name}.acme.* argument (defined: {_names(defined)})")  # fmt: skip
+        for name, settings in sorted(defined.items()):
+            challenges = [c for c in ("tlschallenge", "httpchallenge", "dnschallenge")
+                          if any(k == c or k.startswith(c + ".") for k in settings)]  # fmt: skip
+            if not settings.get("storage"):
+                self.report(line, where, "acme-resolver",
+                            f"certificate resolver {_show(name)} sets no acme.storage (Traefik refuses it)")  # fmt: skip
+            if len(challenges) != 1:
+                self.report(line, where, "acme-resolver",
+                            f"certificate resolver {_show(name)} has {len(challenges)} challenges "
+                            f"({_names(challenges)}); set exactly one")  # fmt: skip
+            # acme-storage: under a volume_mount of a host volume
+            storage = settings.get("storage", "")
+            if not storage:
+                continue
+            mount = next(
+                (m for m in task.children("volume_mount")
+                 if storage.startswith(str(m.get("destination", "")).rstrip("/") + "/")),
+                None,
+            )  # fmt: skip
+            volume = volumes.get(str(mount.get("volume"))) if mount is not None else None
+            if volume is None or volume.get("type", "host") != "host":
+                self.report(line, where, "acme-storage",
+                            f"certificate resolver {_show(name)} keeps {_show(storage)} outside every host volume "
+                            "mount of the task: a restart would lose the account and certificates and order "
+                            "again (Let's Encrypt rate limits); mount a host volume there")  # fmt: skip
 
     def check_host_volume(self, volume: Block, where: str) -> None:
         if volume.get("type", "host") != "host":

@@ -12,11 +12,10 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from infra import cluster, deploy, nomad, release, ui
+from infra import cluster, deploy, ingress, nomad, release, ui
 from infra.config import Config
 from infra.errors import ConfigError, DeployError, NomadError
 from infra.nomad import Client, NomadUnreachable
-from infra.state import StatePaths
 
 if TYPE_CHECKING:
     from infra.seed import SeedResult
@@ -31,7 +30,7 @@ class UpResult:
 
 
 def up(cfg: Config, *, client: Client | None = None) -> UpResult:
-    from infra import remote, seed, vm
+    from infra import machine, seed, vm
 
     started = time.monotonic()
     if client is None:
@@ -47,8 +46,7 @@ def up(cfg: Config, *, client: Client | None = None) -> UpResult:
         vm.run(prepared, made)
     cfg = vm.reach(cfg)  # an already running VM keeps the forwards it was launched with
     ui.step("vm.check: cloud-init finished, services active")
-    p = StatePaths.of(cfg)
-    remote.check(cfg, alive=lambda: vm.running_pid(p) is not None)
+    machine.check_once(cfg)  # SSH only when this boot of the VM has not been checked yet
     client = client or Client.from_config(cfg)
     ui.step("nomad.wait: leader, node ready, docker driver healthy")
     cluster.wait_ready(client, timeout=cfg.nomad.wait_timeout)
@@ -134,6 +132,9 @@ def url_lines(cfg: Config) -> list[str]:
     ):
         if name in ports:
             urls.append("  " + fmt.format(ports[name].host))
+    https = ingress.https_url(cfg)
+    if https:  # the project CA signs it: `inv tls.ca` says how to trust it
+        urls.insert(1, f"  app via HTTPS     {https}  (CA: {ingress.ca_path(cfg)})")
     return urls
 
 
@@ -158,6 +159,8 @@ def status(
         uptime = vm_info.get("uptime_s")
         up_text = f", up {uptime // 60}m{uptime % 60:02d}s" if isinstance(uptime, int) else ""
         ui.info(f"VM     running (pid {vm_info.get('pid')}, accel {vm_info.get('accel', '?')}{up_text})")
+        if vm_info.get("problem"):  # qemu runs, the guest does not (paused, io-error: a full host disk)
+            ui.warn(vm_info["problem"])
     else:
         ui.info("VM     not running")
 
@@ -175,6 +178,7 @@ def status(
     else:
         ui.info(f"Nomad  {client.addr}: leader {leader or 'none'}; {st.describe()}")
         ui.info("Jobs")
+        app_job = deploy.job_id_of(cfg.deploy.app_job)
         for job_id in release.project_jobs(cfg):
             try:
                 s = deploy.job_summary(client, job_id)
@@ -186,13 +190,17 @@ def status(
                     report["nomad"].setdefault("hint", exc.hint or "")
                 continue
             report["jobs"].append(s.__dict__)
+            if job_id == app_job:
+                report["app_image"] = s.image  # the app image live, as Nomad has it registered
             if s.version is None:
                 ui.info(f"  {job_id:<12} {s.status}")
             else:
                 ui.info(
                     f"  {job_id:<12} {s.status:<8} v{s.version:<3} deployment {s.deployment:<10} "
                     f"{s.healthy}/{s.desired} healthy, {s.running} running"
+                    + (f", image {s.image}" if job_id == app_job and s.image else "")
                 )
+    report["https"] = {"url": ingress.https_url(cfg), "ca": str(ingress.ca_path(cfg))}
     ui.info("URLs")
     for line in url_lines(cfg):
         ui.info(line)

@@ -29,6 +29,10 @@ SSH_KEY = "id_ed25519"
 KNOWN_HOSTS = "known_hosts"
 DEPLOYED = "deployed.json"  # last image tag deployed by deploy.app
 BUILD_LOG = "build.log"  # the last app image build's full output
+TLS_DIR = "tls"  # the project CA and Traefik's certificate for *.localhost (infra/tls.py); 0700, keys 0600
+VM_CHECKED = (
+    "vm-checked.json"  # the last good `vm.check` of the running VM's boot (qemu pid + start, boot id)
+)
 LOCK = "vm.lock"  # flock'ed by VM lifecycle commands (run, stop, destroy): one at a time; names its holder
 MARKER = ".infra-lab"  # written when the tool creates (or adopts) the state dir: a dir without it is not ours
 BAKE_DIR = "bake"  # image.bake's own state dir (infra/bake.py)
@@ -117,9 +121,17 @@ class StatePaths:
         return self.root / DEPLOYED
 
     @property
+    def vm_checked(self) -> Path:
+        return self.root / VM_CHECKED
+
+    @property
     def lock(self) -> Path:
         return self.root / LOCK
 
     @property
     def build_log(self) -> Path:
         return self.root / BUILD_LOG
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.root / TLS_DIR

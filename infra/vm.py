@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from infra import console, files, host, images, qemu, qmp, state, ui
+from infra import console, files, host, qemu, qmp, state, ui
 from infra.config import Config, Port
 from infra.errors import VMError, WaitTimeout
 from infra.lock import state_lock
@@ -346,6 +346,8 @@ def _prepare(cfg: Config, p: StatePaths) -> Running | Boot:
             hint="use a shorter project.state_dir",
         )
     host.check_ports(cfg.vm.ports)
+    from infra import images  # the download cache (requests): loaded only when a VM is launched
+
     base = images.ensure(cfg, arch)
     check_image(base, "base image")
     disk_existed = p.disk.exists()
@@ -524,7 +526,9 @@ def _launch(command: list[str], p: StatePaths) -> int:
 
 
 def stop(cfg: Config, timeout: float | None = None) -> bool:
-    """`inv vm.stop`: ACPI power-off over QMP, wait, then SIGTERM/SIGKILL. True when a VM was stopped."""
+    """`inv vm.stop`: ACPI power-off over QMP, wait, then SIGTERM/SIGKILL. True when a VM was stopped.
+    It always ends with the VM gone: a qemu that does not answer QMP (stopped, hung, a socket speaking
+    garbage) is killed, and only a process that survives SIGKILL is an error."""
     p = StatePaths.of(cfg)
     if not p.root.is_dir():
         ui.skip("VM is not running")
@@ -564,19 +568,22 @@ def _stop(cfg: Config, p: StatePaths, timeout: float | None, *, record: bool = T
 
 #: A power-button press that arrives before the guest's systemd-logind runs is lost: press again this often.
 ACPI_REPEAT = 10.0
+#: Seconds a QMP exchange may take; qemu answers in milliseconds unless it is stopped (SIGSTOP) or hung.
+QMP_TIMEOUT = 5.0
 
 
 def _acpi_power_off(p: StatePaths, pid: int, limit: float) -> bool:
     """Press the ACPI power button (QMP system_powerdown) until qemu exits or `limit` passes."""
     pressed = [time.monotonic()]
-    qmp.execute(p.qmp_socket, "system_powerdown")
+    answer = min(QMP_TIMEOUT, limit)  # a stopped or hung qemu accepts the connection and never answers
+    qmp.execute(p.qmp_socket, "system_powerdown", timeout=answer)
 
     def probe(_d: object) -> Probe[None]:
         if not host.alive(pid):
             return Probe(True, "powered off")
         if time.monotonic() - pressed[-1] >= ACPI_REPEAT:
             with contextlib.suppress(VMError):  # qemu may be exiting right now
-                qmp.execute(p.qmp_socket, "system_powerdown")
+                qmp.execute(p.qmp_socket, "system_powerdown", timeout=answer)
             pressed.append(time.monotonic())
         return Probe(False, f"guest shutting down (power button pressed {len(pressed)}x)")
 
@@ -585,6 +592,68 @@ def _acpi_power_off(p: StatePaths, pid: int, limit: float) -> bool:
     except WaitTimeout:
         return False
     return True
+
+
+# ---------------------------------------------------------------------------------------- run state --
+#: What each of qemu's run states other than "running" means (qapi/run-state.json, RunState): the guest
+#: executes nothing in them, and waiting does not change that.
+HALTED = {
+    "io-error": "qemu paused the guest after a write to its disk failed",
+    "paused": "the guest is paused (qemu's `stop`, over QMP or its monitor)",
+    "prelaunch": "qemu has not started the guest yet (launched with -S)",
+    "internal-error": "qemu stopped the guest after an internal error (e.g. of the accelerator)",
+    "guest-panicked": "the guest kernel panicked (pvpanic)",
+    "shutdown": "the guest shut down and qemu keeps it stopped",
+    "suspended": "the guest is suspended to RAM (S3)",
+    "watchdog": "the guest's watchdog fired and paused it",
+    "debug": "a debugger holds the guest",
+}
+
+
+def run_state(p: StatePaths) -> str:
+    """qemu's run state of the guest, asked over QMP (query-status: "running", "paused", "io-error", ...).
+    VMError when qemu does not answer."""
+    answer = qmp.execute(p.qmp_socket, "query-status", timeout=QMP_TIMEOUT)
+    status = answer.get("status") if isinstance(answer, dict) else None
+    if not isinstance(status, str):
+        raise VMError(f"QMP query-status on {p.qmp_socket} answered without a status: {str(answer)[:80]}")
+    return status
+
+
+def halted(p: StatePaths, status: str) -> VMError:
+    """The error for a guest that qemu keeps from running, naming the host disk when a write failed (a full
+    filesystem under the state dir: qemu's default werror=enospc pauses the guest, query-status io-error)."""
+    what = HALTED.get(status, "the guest is not running")
+    if status != "io-error":
+        return VMError(
+            f"the VM does not run: {what} (qemu run state {status})",
+            hint="`inv vm.stop` then `inv vm.run` starts it again",
+        )
+    mount = _mount_point(p.disk)
+    try:
+        usage = shutil.disk_usage(mount)
+        free = f"{usage.free / 2**20:.0f} MiB free of {usage.total / 2**30:.1f} GiB"
+    except OSError as exc:
+        free = f"free space unknown: {exc.strerror or exc}"
+    return VMError(
+        f"the VM is paused: {what} (qemu run state io-error); its disk {p.disk} is on the host "
+        f"filesystem {mount} ({free}), which is probably full",
+        hint=f"free space on {mount} (or move project.state_dir), then `inv vm.stop` and `inv vm.run`",
+    )
+
+
+def _mount_point(path: Path) -> Path:
+    path = path.absolute()
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def require_guest_running(p: StatePaths) -> None:
+    """VMError unless qemu runs the guest (not paused, io-error, prelaunch, ...); for the waits on it."""
+    status = run_state(p)
+    if status != "running":
+        raise halted(p, status)
 
 
 def _kill(pid: int) -> None:
@@ -606,7 +675,15 @@ def status(cfg: Config) -> dict[str, Any]:
         info["disk"] = str(p.disk) if p.disk.exists() else None
         return info
     started = float(record.get("started_at", 0)) or None
+    try:
+        state = run_state(p)
+        problem = halted(p, state) if state != "running" else None
+    except VMError as exc:  # qemu does not answer (stopped, hung): say so rather than "running"
+        state, problem = "unknown", exc
     info |= {
+        "run_state": state,
+        "problem": problem.message if problem else None,
+        "hint": problem.hint if problem else None,
         "pid": pid,
         "accel": record.get("accel"),
         "arch": record.get("arch"),
@@ -631,7 +708,7 @@ def logs_path(cfg: Config) -> Path:
 
 #: Files of the VM in the state dir. The image cache lives elsewhere (project.cache_dir) and is kept.
 VM_FILES = ("seed_iso", "user_data", "disk", "pidfile", "serial_log", "qmp_socket", "qemu_log", "vm_record",
-            "deployed")  # fmt: skip
+            "deployed", "vm_checked")  # fmt: skip
 
 
 def destroy(cfg: Config) -> list[Path]:
@@ -698,6 +775,6 @@ def require_running(cfg: Config) -> StatePaths:
 
 __all__ = [
     "Boot", "Launch", "Running", "SeedISO", "boots_baked", "check_image", "clear_stale", "destroy",
-    "ensure_overlay", "image_info", "load_record", "logs_path", "preparing", "reach", "require_running",
-    "run", "running_pid", "status", "stop",
+    "ensure_overlay", "halted", "image_info", "load_record", "logs_path", "preparing", "reach",
+    "require_guest_running", "require_running", "run", "run_state", "running_pid", "status", "stop",
 ]  # fmt: skip

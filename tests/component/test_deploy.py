@@ -397,7 +397,7 @@ def test_up_twice_deploys_the_real_job_specs_then_changes_nothing(
     steps real against the double, deploying the real nomad/*.nomad.hcl (the double reads them)."""
     import contextlib
 
-    from infra import build, remote, seed, stack, vm
+    from infra import build, machine, seed, stack, vm
 
     calls: list[str] = []
     made = seed.SeedResult(Path("seed.iso"), "0" * 64, "iid-test", changed=True, baked=False)
@@ -414,7 +414,7 @@ def test_up_twice_deploys_the_real_job_specs_then_changes_nothing(
     monkeypatch.setattr(vm, "boots_baked", lambda cfg: False)
     monkeypatch.setattr(vm, "preparing", lambda cfg: contextlib.nullcontext(SimpleNamespace(baked=False)))
     monkeypatch.setattr(vm, "run", fake_run)
-    monkeypatch.setattr(remote, "check", lambda cfg, alive=None: calls.append("vm.check"))
+    monkeypatch.setattr(machine, "check_once", lambda cfg: calls.append("vm.check"))
     # The image build runs for real in tests/component/test_app_image.py; here it is recorded.
     monkeypatch.setattr(build, "_vm_engine", lambda cfg: contextlib.nullcontext("vm-engine"))
 
@@ -448,6 +448,29 @@ def test_up_twice_deploys_the_real_job_specs_then_changes_nothing(
     stack.down(cfg, client=client)
     assert double.jobs == {} and calls[-1] == "vm.stop"
     assert all(a["ClientStatus"] == "complete" for a in double.allocs.values())
+
+
+def test_status_and_the_no_op_deploy_name_the_app_image_live(
+    double: NomadAPIDouble, client: Client, make_cfg: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`inv deploy.app --image REF`, then what `inv up` and `inv status` say: the no-op line names REF
+    (it once printed `--   is already live`), and status shows it (`--json`: app_image and each job's image)."""
+    from infra import stack
+
+    cfg = make_cfg()
+    release.ship(cfg, client, image="registry.example/app:1")
+    capsys.readouterr()
+    shipped = stack.deploy_all(cfg, client)  # `inv up`'s deploy steps
+    assert shipped.outcome == "unchanged" and shipped.image == "registry.example/app:1"
+    assert "-- registry.example/app:1 is already live (job app version 0)" in " ".join(
+        capsys.readouterr().err.split()
+    )
+    report = stack.status(cfg, client=client, vm_info={"running": False})
+    assert report["app_image"] == "registry.example/app:1"
+    app = next(j for j in report["jobs"] if j["job_id"] == "app")
+    assert app["image"] == "registry.example/app:1"
+    assert json.loads(json.dumps(report, default=str))["app_image"] == "registry.example/app:1"
+    assert "image registry.example/app:1" in capsys.readouterr().err
 
 
 def test_deploy_app_reuses_the_last_image_so_up_does_not_roll_it_back(

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 import trustme
 from doubles.nomad_api import NODE_ID, NomadAPIDouble
 
@@ -36,8 +37,41 @@ def double() -> Iterator[Callable[..., NomadAPIDouble]]:
         assert not d.errors, d.errors
 
 
+class FakeClock:
+    """The wait's clock: moves only when a test (or a sleep) moves it."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+class TimeoutRecorder(requests.Session):
+    """A requests session that notes the (connect, read) limits the client gives each request."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timeouts: list[tuple[float, float]] = []
+
+    def request(self, method: str | bytes, url: str | bytes, *args: Any, **kw: Any) -> requests.Response:
+        self.timeouts.append(tuple(kw["timeout"]))
+        return super().request(method, url, *args, **kw)
+
+
 def client_for(d: NomadAPIDouble, **kw: Any) -> Client:
-    return Client(Settings(addr=d.url, connect_timeout=2, read_timeout=5, retries=kw.pop("retries", 0), **kw))
+    # generous limits: they only end a request the double never answers (a slow machine is not a failure)
+    return Client(
+        Settings(addr=d.url, connect_timeout=30, read_timeout=60, retries=kw.pop("retries", 0), **kw)
+    )
 
 
 # ------------------------------------------------------------------------------------------------ TLS --
@@ -113,11 +147,10 @@ def test_nomad_wait_sees_the_vm_boot_from_connection_refused_to_docker_healthy(d
     d = double(rpc_hold=0.5).boot(leader=0.5, node=0.7, ready=0.9, docker=1.1).start(after=0.3)
     c = client_for(d)
     seen: list[str] = []
-    st = cluster.wait_ready(c, timeout=10, observe=lambda s: seen.append(s.describe()))
-    done = time.monotonic()
+    # a generous deadline: the boot's schedule runs on the real clock; how soon a change is seen is
+    # scripts/bench-nomad-wait's to measure, the one request per change below is what is asserted here
+    st = cluster.wait_ready(c, timeout=120, observe=lambda s: seen.append(s.describe()))
     assert st.ready and st.node_id == NODE_ID and st.docker_healthy
-    healthy_at = next(t for t, what in d.changes if what == "docker healthy")
-    assert 0 <= done - healthy_at < 0.5  # detected within half a second of the change
     assert any("not answering (connection refused)" in s for s in seen)
     assert any("initializing" in s for s in seen) or any("docker driver not detected" in s for s in seen)
     # blocking queries: at most one /v1/nodes request per state change (+1 for the first, unblocked one)
@@ -145,13 +178,17 @@ def test_nomad_wait_timeout_reports_last_state_and_where_to_look(double: Any) ->
     d = double().start()
     d.leader = "10.0.2.15:4647"
     d.register_node(status="ready", docker="undetected")
+    # The deadline runs on a fake clock that jumps past it once the first look is done: however slow the
+    # machine, the double's answer is in before the wait gives up (each request's own limit is the time left
+    # by that clock: 300 s here), and exactly one look happens.
+    clock = FakeClock()
     with pytest.raises(WaitTimeout) as info:
-        # 2.6 s: room for the first answers on a loaded machine (scripts/test runs this tier at low priority
-        # beside the VM tier; 0.6 s once left no answer at all within the deadline)
-        cluster.wait_ready(client_for(d), timeout=2.6)
+        cluster.wait_ready(client_for(d), timeout=300, observe=lambda s: clock.advance(301), clock=clock,
+                           sleep=clock.sleep)  # fmt: skip
     text = str(info.value)
-    assert "timed out after 3s waiting for Nomad" in text
+    assert "timed out after 300s waiting for Nomad" in text
     assert "last state: leader elected; node nomad-1 ready, eligible; docker driver not detected" in text
+    assert d.count("/v1/nodes") == 1 and d.count("/v1/agent/self") == 1
     assert "inv vm.logs" in text and "inv vm.check" in text
     assert "node event [Cluster] Node registered" in text
     assert info.value.exit_code == 2
@@ -159,10 +196,8 @@ def test_nomad_wait_timeout_reports_last_state_and_where_to_look(double: Any) ->
 
 def test_nomad_wait_returns_at_once_when_ready(double: Any) -> None:
     d = double().ready_now().start()
-    t0 = time.monotonic()
-    assert cluster.wait_ready(client_for(d), timeout=5).ready
-    assert time.monotonic() - t0 < 0.5
-    assert d.count("/v1/") == 2  # agent/self + one nodes list
+    assert cluster.wait_ready(client_for(d), timeout=60).ready
+    assert d.count("/v1/") == 2  # agent/self + one nodes list: no blocking query, no pause
 
 
 # ------------------------------------------------------------------------------------------------ ACL --
@@ -245,16 +280,20 @@ def test_wait_keeps_its_deadline_against_a_server_that_never_answers() -> None:
     listener.bind(("127.0.0.1", 0))
     listener.listen(16)
     port = listener.getsockname()[1]
+    session = TimeoutRecorder()
     try:
-        client = Client(Settings(addr=f"http://127.0.0.1:{port}", read_timeout=30.0, retries=0))
-        started = time.monotonic()
+        client = Client(
+            Settings(addr=f"http://127.0.0.1:{port}", read_timeout=30.0, retries=0), session=session
+        )
         with pytest.raises(WaitTimeout) as err:
             cluster.wait_ready(client, timeout=2)
-        elapsed = time.monotonic() - started
     finally:
         listener.close()
-    assert elapsed < 6, f"nomad.wait took {elapsed:.1f}s with a 2s timeout"
-    assert "did not answer" in str(err.value)
+    # the limits each request was given (not a stopwatch): within the wait's 2 s, not read_timeout's 30 s
+    assert session.timeouts and all(max(t) <= 2 for t in session.timeouts), session.timeouts
+    text = str(err.value)
+    assert f"no answer from Nomad at http://127.0.0.1:{port} within 2s" in text and "did not answer" in text
+    assert "last state" not in text
 
 
 # -------------------------------------------------------------------------------------------- the transport --
@@ -310,21 +349,23 @@ def test_the_deadline_bounds_the_whole_request_not_each_read() -> None:
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     try:
-        client = Client(Settings(addr=f"http://127.0.0.1:{port}", read_timeout=30.0, retries=0))
-        started = time.monotonic()
+        session = TimeoutRecorder()
+        client = Client(
+            Settings(addr=f"http://127.0.0.1:{port}", read_timeout=30.0, retries=0), session=session
+        )
+        # the server would dribble for 200 s: only the call's own deadline (3 s) ends it, with this message
         with pytest.raises(NomadUnreachable) as info:
             client.request("GET", "/v1/status/leader", timeout=3)
-        elapsed = time.monotonic() - started
-        assert elapsed < 5, f"a 3 s deadline took {elapsed:.1f}s"
         assert "did not finish answering GET /v1/status/leader within 3s" in str(info.value)
+        assert session.timeouts == [(3, 3)]
         patient = Client(Settings(addr=f"http://127.0.0.1:{port}", retries=3), sleep=lambda s: None)
         with pytest.raises(NomadUnreachable):
             patient.request("GET", "/v1/status/leader", timeout=1)
         assert patient.requests_made == 1  # a slow server stays slow: a timed-out read is not retried
-        started = time.monotonic()
-        with pytest.raises(WaitTimeout):
+        with pytest.raises(WaitTimeout) as waited:
             cluster.wait_ready(client, timeout=3)
-        assert time.monotonic() - started < 6
+        assert "no answer from Nomad at" in str(waited.value) and "within 3s" in str(waited.value)
+        assert all(max(t) <= 3 for t in session.timeouts), session.timeouts
     finally:
         stop.set()
         listener.close()

@@ -123,11 +123,11 @@ def test_cloud_init_wait_follows_the_stages(
     (run / "status.json").write_text(
         json.dumps({"v1": {"stage": "modules:config", "init": {"finished": 1.0}}})
     )
-    fake(fakebin, "cloud-init", 'echo "status: done"\n')
+    fake(fakebin, "cloud-init", f'touch {fakebin}/ran\necho "status: done"\n')
 
     def finish() -> None:
         time.sleep(2)
-        (run / "result.json").write_text("{}")
+        (run / "result.json").write_text('{"v1": {"datasource": "DataSourceNoCloud", "errors": []}}')
 
     thread = threading.Thread(target=finish)
     thread.start()
@@ -139,6 +139,7 @@ def test_cloud_init_wait_follows_the_stages(
         thread.join()
     err = capsys.readouterr().err
     assert "running modules:config" in err and "cloud-init: finished" in err
+    assert not (fakebin / "ran").exists()  # read from its state files: cloud-init (Python) never ran
 
 
 def test_cloud_init_error_shows_the_log(
@@ -146,16 +147,15 @@ def test_cloud_init_error_shows_the_log(
     guest: tuple[sshd.SSHServer, Path],
     cloud_init_dirs: tuple[Path, Path],
 ) -> None:
-    _, fakebin = guest
     run, log = cloud_init_dirs
-    (run / "result.json").write_text("{}")
+    error = "('locale', ProcessExecutionError('Unexpected error while running command.'))"
+    stages = {"init": {"errors": [], "finished": 1.0}, "modules-config": {"errors": [error], "finished": 2.0}}
+    (run / "status.json").write_text(json.dumps({"v1": {"stage": None, **stages}}))
+    (run / "result.json").write_text(
+        json.dumps({"v1": {"datasource": "DataSourceNoCloud", "errors": [error]}})
+    )
     log.write_text(
         "Cloud-init v. 22.4.2 running 'modules:config'\n*** update-locale: Error: invalid locale\nok\n"
-    )
-    fake(
-        fakebin,
-        "cloud-init",
-        "echo 'status: error'\necho \"detail: ('locale', ProcessExecutionError)\"\nexit 1\n",
     )
     cfg = cfg_for()
     conn = remote.wait_ssh(cfg, timeout=30)
@@ -165,7 +165,8 @@ def test_cloud_init_error_shows_the_log(
     finally:
         conn.close()
     text = str(err.value)
-    assert "cloud-init failed (status: error, exit 1)" in text
+    assert "cloud-init failed (status: error)" in text
+    assert f"modules-config: {error}" in text  # the stage's error, as status.json has it
     assert "update-locale: Error: invalid locale" in text  # the relevant line of the output log
     assert "cloud-init analyze" in text  # where to look next
 
@@ -176,10 +177,15 @@ def test_cloud_init_recoverable_errors_are_a_warning(
     cloud_init_dirs: tuple[Path, Path],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    _, fakebin = guest
     run, _ = cloud_init_dirs
-    (run / "result.json").write_text("{}")
-    fake(fakebin, "cloud-init", "echo 'status: done'\necho 'extended_status: degraded done'\nexit 2\n")
+    # cloud-init >= 23.4 keeps recoverable errors per stage, by log level (cloudinit/cmd/status.py get_errors)
+    final = {
+        "errors": [],
+        "recoverable_errors": {"WARNING": ["Invalid cloud-config provided"]},
+        "finished": 3.0,
+    }
+    (run / "status.json").write_text(json.dumps({"v1": {"stage": None, "modules-final": final}}))
+    (run / "result.json").write_text(json.dumps({"v1": {"errors": []}}))
     cfg = cfg_for()
     conn = remote.wait_ssh(cfg, timeout=30)
     try:
@@ -187,7 +193,8 @@ def test_cloud_init_recoverable_errors_are_a_warning(
     finally:
         conn.close()
     err = capsys.readouterr().err
-    assert "recoverable errors (exit 2)" in err and "degraded done" in err
+    assert "recoverable errors (degraded done)" in err
+    assert "modules-final: WARNING: Invalid cloud-config provided" in err
 
 
 def test_cloud_init_that_never_finishes_times_out_with_state(
@@ -247,3 +254,61 @@ def test_ssh_command_uses_the_project_key_and_loopback(cfg_for: Callable[..., co
     assert f"{cfg.ssh.user}@127.0.0.1" in argv
     assert "IdentitiesOnly=yes" in argv and "StrictHostKeyChecking=accept-new" in argv
     assert argv[argv.index("-i") + 1] == cfg.ssh.private_key
+
+
+#: Debian's cloud-init (the guest's version) judging a run dir, run by the system Python that carries it.
+CLOUD_INIT_STATUS = """
+import json, sys
+from cloudinit.cmd import status
+from cloudinit.helpers import Paths
+d = status.get_status_details(Paths({"run_dir": sys.argv[1]}))
+print(json.dumps({"status": d.status.value, "errors": d.errors}))
+"""
+
+STAGE_DONE = {"errors": [], "start": 1.0, "finished": 2.0}
+
+
+@pytest.mark.tools("cloud-init")
+@pytest.mark.parametrize(
+    ("status", "result"),
+    [
+        (None, None),  # before the first stage
+        (
+            {"v1": {"datasource": None, "stage": "init-local", "init-local": {"errors": [], "start": 1.0}}},
+            None,
+        ),
+        ({"v1": {"stage": "modules-config", "init": STAGE_DONE}}, None),
+        ({"v1": {"stage": None, "init": STAGE_DONE, "modules-final": STAGE_DONE}}, {"v1": {"errors": []}}),
+        (
+            {"v1": {"stage": None, "init": STAGE_DONE, "modules-config": {**STAGE_DONE, "errors": ["boom"]}}},
+            {"v1": {"errors": ["boom"]}},
+        ),
+    ],
+)
+def test_verdict_agrees_with_cloud_init_itself(
+    tmp_path: Path, status: dict[str, object] | None, result: dict[str, object] | None
+) -> None:
+    """`remote.verdict` on the state probe's output says what Debian's cloud-init (22.4, the guest's) says of
+    the same files (cloudinit/cmd/status.py get_status_details): not run/running/done/error."""
+    import subprocess
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name, body in (("status.json", status), ("result.json", result)):
+        if body is not None:
+            (run / name).write_text(json.dumps(body))
+    probe = remote._state_probe().replace(remote.CLOUD_INIT_RUN, str(run))
+    ours = remote.verdict(
+        subprocess.run(["sh", "-c", probe], capture_output=True, text=True, check=False).stdout
+    )
+    theirs = json.loads(
+        subprocess.run(
+            ["/usr/bin/python3", "-c", CLOUD_INIT_STATUS, str(run)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    assert {"not run": "not started"}.get(theirs["status"], theirs["status"]) == ours.status
+    assert [e.split(": ", 1)[-1] for e in ours.errors] == theirs["errors"]
+    assert ours.boot_id  # the probe read this machine's boot id too

@@ -1,9 +1,11 @@
 """scripts/test, the README's test command, with a stand-in for nox ($NOX): the VM tier runs beside the others,
 the others at a lower priority (nice and their session's autogroup), the VM tier's output is printed when it
-ends, the exit code says whether every part passed, and SIGTERM reaches both runs as Ctrl-C."""
+ends, the exit code says whether every part passed, and SIGTERM reaches both runs as Ctrl-C; `--stress N`
+runs N busy loops beside every tier and stops them by PID (counted and checked by PID, not timed)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -18,11 +20,13 @@ from infra import ROOT
 
 SCRIPT = ROOT / "scripts" / "test"
 
-#: A nox stand-in: records its sessions, niceness and autogroup, prints a line, sleeps FAKE_SLEEP seconds,
-#: exits FAKE_EXIT_<session> (0 by default); on SIGINT records it and exits 130, as pytest would.
+#: A nox stand-in: records its sessions, niceness and autogroup, and the busy loops of --stress running beside
+#: it (its parent's other children), prints a line, sleeps FAKE_SLEEP seconds, exits FAKE_EXIT_<session>
+#: (0 by default); on SIGINT records it and exits 130, as pytest would. `<name>.ready` once it handles SIGINT.
 FAKE_NOX = r"""#!{python}
 import json, os, signal, sys, time
 from pathlib import Path
+import psutil
 sessions = sys.argv[sys.argv.index("-s") + 1:]
 name = "-".join(sessions)
 out = Path(os.environ["FAKE_DIR"])
@@ -30,12 +34,20 @@ try:
     autogroup = Path("/proc/self/autogroup").read_text().strip()
 except OSError:
     autogroup = ""
-record = {{"sessions": sessions, "nice": os.nice(0), "autogroup": autogroup, "sid": os.getsid(0)}}
+hogs = []
+for p in psutil.Process(os.getppid()).children():
+    try:
+        if p.cmdline()[1:] == ["-c", "while True: pass"]:
+            hogs.append({{"pid": p.pid, "nice": p.nice(), "status": p.status()}})
+    except psutil.Error:  # the other tier's stand-in, already ended
+        pass
+record = {{"sessions": sessions, "nice": os.nice(0), "autogroup": autogroup, "sid": os.getsid(0), "hogs": hogs}}
 (out / f"{{name}}.json").write_text(json.dumps(record))
 def interrupted(*_):
     (out / f"{{name}}.sigint").write_text("SIGINT")
     sys.exit(130)
 signal.signal(signal.SIGINT, interrupted)
+(out / f"{{name}}.ready").write_text("")
 print(f"fake nox: session {{name}} ran", flush=True)
 time.sleep(float(os.environ.get("FAKE_SLEEP", "0")))
 sys.exit(int(os.environ.get(f"FAKE_EXIT_{{name.replace('-', '_')}}", "0")))
@@ -88,24 +100,91 @@ def test_a_failed_part_fails_the_command_and_is_named(
     assert last.startswith("test: FAILED: ") and f"{name}: FAILED (" in last
 
 
+def wait_ready(proc: subprocess.Popen[str], tmp_path: Path, *names: str) -> None:
+    """Until each stand-in handles SIGINT (a generous limit: it only ends a run that never started)."""
+    for _ in range(1200):
+        if all((tmp_path / f"{n}.ready").exists() for n in names):
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError("the stand-ins never started")
+
+
 def test_sigterm_reaches_both_runs_as_ctrl_c(fake: tuple[Path, dict[str, str]]) -> None:
     tmp_path, env = fake
     proc = subprocess.Popen(
         [sys.executable, str(SCRIPT), "--vm-log", str(tmp_path / "vm.log")],
-        env={**env, "FAKE_SLEEP": "30"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**env, "FAKE_SLEEP": "600"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    deadline = time.monotonic() + 20
-    while not all((tmp_path / f"{n}.json").exists() for n in ("vm", "lint-unit-component")):
-        assert time.monotonic() < deadline, "the stand-ins never started"
-        time.sleep(0.05)
-    time.sleep(0.2)  # the stand-ins have installed their SIGINT handlers
-    started = time.monotonic()
+    wait_ready(proc, tmp_path, "vm", "lint-unit-component")
     proc.send_signal(signal.SIGTERM)
-    _out, err = proc.communicate(timeout=20)
-    assert time.monotonic() - started < 10  # not the 30 s the stand-ins would sleep
+    _out, err = proc.communicate(timeout=120)  # the stand-ins would sleep 600 s: only SIGINT ends them
     assert proc.returncode == 130, err
     assert (tmp_path / "vm.sigint").exists() and (tmp_path / "lint-unit-component.sigint").exists()
     assert err.strip().splitlines()[-1].startswith("test: interrupted (SIGTERM): ")
+
+
+def stress_pids(stderr: str) -> list[int]:
+    started = [line for line in stderr.splitlines() if line.startswith("test: stress: ") and " pid " in line]
+    assert len(started) == 2, stderr  # "... at normal priority beside the run, pid A B" and "stopped pid A B"
+    assert "2 CPU-bound processes at normal priority beside the run" in started[0]
+    pids = [int(p) for p in started[0].split(" pid ")[1].split()]
+    assert started[1] == f"test: stress: stopped pid {' '.join(map(str, pids))}"
+    return pids
+
+
+def assert_gone(pids: list[int]) -> None:
+    import psutil
+
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            assert psutil.Process(pid).cmdline()[1:] != ["-c", "while True: pass"], pid
+
+
+@pytest.mark.parametrize(
+    ("args", "extra", "code", "stand_ins"),
+    [
+        ((), {}, 0, ("vm", "lint-unit-component")),
+        (("--sequential",), {}, 0, ("lint-unit-component-vm",)),
+        ((), {"FAKE_EXIT_vm": "1"}, 1, ("vm", "lint-unit-component")),
+    ],
+    ids=["parallel", "sequential", "failed"],
+)
+def test_stress_runs_busy_loops_beside_every_tier_and_stops_them_by_pid(
+    fake: tuple[Path, dict[str, str]], args: tuple[str, ...], extra: dict[str, str], code: int,
+    stand_ins: tuple[str, ...],
+) -> None:  # fmt: skip
+    tmp_path, env = fake
+    result = run(tmp_path, {**env, **extra}, "--stress", "2", *args)
+    assert result.returncode == code, result.stderr
+    pids = stress_pids(result.stderr)
+    base = os.nice(0)
+    for name in stand_ins:  # each tier ran while both loops were running, at normal priority
+        hogs = json.loads((tmp_path / f"{name}.json").read_text())["hogs"]
+        assert sorted(h["pid"] for h in hogs) == sorted(pids), (name, hogs)
+        assert all(h["nice"] == base and h["status"] != "zombie" for h in hogs), hogs
+    assert_gone(pids)
+
+
+def test_stress_loops_are_stopped_on_sigterm(fake: tuple[Path, dict[str, str]]) -> None:
+    tmp_path, env = fake
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--vm-log", str(tmp_path / "vm.log"), "--stress", "2"],
+        env={**env, "FAKE_SLEEP": "600"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    wait_ready(proc, tmp_path, "vm", "lint-unit-component")
+    proc.send_signal(signal.SIGTERM)
+    _out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert_gone(stress_pids(err))
+
+
+def test_stress_takes_a_count(fake: tuple[Path, dict[str, str]]) -> None:
+    tmp_path, env = fake
+    result = run(tmp_path, env, "--stress", "-1")
+    assert result.returncode == 2
+    assert "--stress: must be a whole number >= 0, not '-1'" in result.stderr
+    assert "Traceback" not in result.stderr and not list(tmp_path.glob("*.json"))  # nothing ran
 
 
 def test_without_nox_it_says_how_to_set_up(fake: tuple[Path, dict[str, str]]) -> None:

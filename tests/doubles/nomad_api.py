@@ -44,7 +44,9 @@ What it models (sources at each place in the code):
 - task logs: framed JSON {File, Offset, Data} with `{}` heartbeats while following, or plain text.
 
 Faults for tests: `fail_next` (one-shot status + body), `drop_answer` (the request is applied, then the
-connection is cut before the answer). Task behaviour per task image or task name:
+connection is cut before the answer), `before_next` (one-shot: run a change right before a matching
+request, e.g. `rewind` — every index goes back, as after a restore from an older snapshot — or `revert`).
+Task behaviour per task image or task name:
 `behaviour["img:tag"] = "driver-failure"`, or "exit-1", or "ok" (default); `health_delay[name]` delays
 a task's health.
 """
@@ -293,6 +295,7 @@ def parse_job_hcl(hcl: str, variables_text: str) -> tuple[dict[str, Any], list[s
                 {
                     "Name": tname,
                     "Driver": tattrs.get("driver", ""),
+                    "User": tattrs.get("user", ""),  # api/tasks.go Task.User
                     "Config": resolve(_block(t, "config") or {}),
                     "Env": resolve(_attrs(_block(t, "env"))) or None,
                     "Resources": {"CPU": res.get("cpu", 100), "MemoryMB": res.get("memory", 300)},
@@ -445,7 +448,7 @@ def _spec(job: dict[str, Any]) -> dict[str, Any]:
 class NomadAPIDouble:
     """The double. Start with `start()` (or `start(after=0.5)` for connection refused while booting)."""
 
-    TABLES = ("nodes", "jobs", "evals", "deployments", "allocs", "vars")
+    TABLES = ("nodes", "jobs", "evals", "deployments", "allocs", "vars", "services")
 
     def __init__(
         self,
@@ -463,6 +466,7 @@ class NomadAPIDouble:
         pullable: Callable[[str], bool] | None = None,
         docker_gc: tuple[bool, float] = (True, 180.0),
         keyring_delay: float = 0.0,
+        memo_parse: bool = False,
     ) -> None:
         """`acl_token`: a management token (every capability). `acl_tokens`: more tokens, each with the
         capabilities it grants: "agent:read", "node:read", and namespace capabilities as in acl/policy.go
@@ -472,7 +476,10 @@ class NomadAPIDouble:
         `load_image`d are on the node and garbage-collected per `docker_gc` = (gc.image, image_delay seconds)
         (drivers/docker/config.go defaults: true, 3m; `gc_from_agent_config` reads them from an agent config).
         `keyring_delay`: seconds after the leader is elected during which variable writes fail with
-        "keyring has not been initialized yet" (nomad/encrypter.go activeCipherSet)."""
+        "keyring has not been initialized yet" (nomad/encrypter.go activeCipherSet).
+        `memo_parse`: answer a jobs/parse seen before from memory (it is a pure function of JobHCL and
+        Variables): python-hcl2 takes about 0.1 s a job here where Nomad's Go parser takes milliseconds, so
+        a benchmark of our commands (scripts/bench-noop) would otherwise time the double's parser."""
         self.port = free_port()
         self.server = HTTPServer(host="127.0.0.1", port=self.port, ssl_context=ssl_context, threaded=True)
         self.server.expect_request(re.compile(r"^/.*")).respond_with_handler(self._handle)
@@ -487,6 +494,8 @@ class NomadAPIDouble:
         self.pullable = pullable
         self.docker_gc_image, self.docker_image_delay = docker_gc
         self.keyring_delay = keyring_delay
+        self.memo_parse = memo_parse
+        self._parsed: dict[tuple[str, str], tuple[dict[str, Any], list[str]]] = {}
         self._keyring_at = 0.0
         self.images: dict[str, set[str]] = {}  # image on the node -> IDs of allocations using it
         self.image_events: list[str] = []
@@ -509,6 +518,7 @@ class NomadAPIDouble:
         self.deployments: dict[str, dict[str, Any]] = {}
         self.allocs: dict[str, dict[str, Any]] = {}
         self.vars: dict[str, dict[str, Any]] = {}
+        self.services: dict[str, dict[str, Any]] = {}  # service registration ID -> registration
         self.behaviour: dict[str, str] = {}
         self.requests: list[Request_] = []
         self.changes: list[tuple[float, str]] = []  # (monotonic time, what changed), for the benchmark
@@ -516,6 +526,9 @@ class NomadAPIDouble:
         self.fail_next: list[tuple[str, int, str]] = []  # (path regex, status, body): one-shot faults
         self.drop_answer: list[str] = []  # "METHOD path" regexes: applied, then the connection is cut
         self.drop_request: list[str] = []  # "METHOD path" regexes: the connection is cut, nothing applied
+        # (regex on "METHOD path?query", fn): when such a request arrives, fn() runs first (one-shot each):
+        # what another writer or the server did just before it (a revert, a snapshot restore)
+        self.before_next: list[tuple[str, Callable[[], None]]] = []
         self.promote_bodies: list[Any] = []
         self._task_lists: dict[
             str, list[dict[str, Any]]
@@ -602,6 +615,27 @@ class NomadAPIDouble:
                 self.changes.append((time.monotonic(), change))
             self.cond.notify_all()
             return self.index
+
+    def rewind(self, to: int) -> None:
+        """Every index goes back to `to` (at most), the objects kept: a server restarted on an older raft
+        snapshot, or a snapshot restore (nomad/fsm.go nomadFSM.Restore: a new state store with the snapshot's
+        indexes replaces the old one, whose Abandon() wakes the blocked queries; nomad/rpc.go blockingRPC
+        then re-runs each and, its index still <= the client's, blocks again until its wait ends)."""
+        with self.cond:
+            self.index = min(self.index, to)
+            self.tables = {t: min(v, to) for t, v in self.tables.items()}
+            self.changes.append((time.monotonic(), f"indexes rewound to {to}"))
+
+    def revert(self, job_id: str, version: int) -> None:
+        """Register an earlier version of a job again, as a new version (nomad/job_endpoint.go Revert ->
+        doRegister: the old job copied, Stable false, a job-register evaluation) — what `nomad job revert`
+        or another deployer does between someone's plan and their register."""
+        with self.cond:
+            target = next(v for v in self.versions[job_id] if v["Version"] == version)
+            revert = copy.deepcopy(target)
+            index = self._store_version(revert, self.jobs.get(job_id))
+            ev = self._new_eval(job_id, "job-register", index)
+            self.at(self.timing.evaluate, lambda: self._evaluate(ev["ID"]))
 
     # ------------------------------------------------------------------------------------ cluster state --
     def elect_leader(self) -> None:
@@ -713,6 +747,107 @@ class NomadAPIDouble:
         self.at(docker, lambda: self.set_docker("healthy"))
         return self
 
+    # ------------------------------------------------------------------------- service registrations --
+    # Nomad's own service discovery (provider = "nomad"), as a Nomad client writes it and as Traefik's
+    # Nomad provider reads it (traefik pkg/provider/nomad/nomad.go getNomadServiceData: GET /v1/services,
+    # then GET /v1/service/<name>?filter=Tags contains "traefik.enable=true" per enabled name).
+    def register_service(
+        self,
+        name: str,
+        *,
+        address: str,
+        port: int,
+        tags: list[str],
+        canary_tags: list[str] | None = None,
+        canary: bool = False,
+        job_id: str = "app",
+        alloc_id: str | None = None,
+        task: str = "group-web",
+        port_label: str = "http",
+        namespace: str = "default",
+    ) -> str:
+        """Register one allocation's service as the client does (client/serviceregistration/nsd/nsd.go
+        generateNomadServiceRegistration): a canary with a non-empty `canary_tags` is registered with
+        those INSTEAD of `tags`. The ID is MakeAllocServiceID's (client/serviceregistration/id.go):
+        _nomad-task-<alloc>-<task or group-name>-<service>-<port label>. Returns the ID."""
+        alloc_id = alloc_id or str(uuid.uuid4())
+        service_id = f"_nomad-task-{alloc_id}-{task}-{name}-{port_label}"
+        chosen = list(canary_tags) if canary and canary_tags else list(tags)
+        with self.cond:
+            index = self._bump("services", change=f"service {name} registered")
+            self.services[service_id] = {
+                "ID": service_id, "ServiceName": name, "Namespace": namespace, "NodeID": NODE_ID,
+                "Datacenter": "dc1", "JobID": job_id, "AllocID": alloc_id, "Tags": chosen,
+                "Address": address, "Port": port, "CreateIndex": index, "ModifyIndex": index,
+                "_tags": list(tags),
+            }  # fmt: skip
+        return service_id
+
+    def promote_service(self, service_id: str) -> None:
+        """The allocation is no longer a canary: its client re-registers the service with the normal tags
+        (client/allocrunner/group_service_hook.go Update -> UpdateWorkload with Canary false, then
+        nsd.go generateNomadServiceRegistration)."""
+        with self.cond:
+            reg = self.services[service_id]
+            reg["Tags"] = list(reg["_tags"])
+            reg["ModifyIndex"] = self._bump("services", change=f"service {service_id} promoted")
+
+    def deregister_service(self, service_id: str) -> None:
+        """The allocation stops (group_service_hook.go deregister, before shutdown_delay) or
+        DELETE /v1/service/<name>/<id>: the registration is gone."""
+        with self.cond:
+            self.services.pop(service_id, None)
+            self._bump("services", change=f"service {service_id} deregistered")
+
+    @staticmethod
+    def _public(reg: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in reg.items() if not k.startswith("_")}
+
+    def _services_list(self, request: Request, body: Any) -> Response:
+        """GET /v1/services (command/agent/service_registration_endpoint.go
+        ServiceRegistrationListRequest; nomad/service_registration_endpoint.go List): one stub per
+        namespace with every service name and the UNION of its registrations' tags (serviceTagSet);
+        [] when the namespace has none."""
+        self._block(request, "services")
+        namespace = request.args.get("namespace") or "default"
+        with self.cond:
+            tags: dict[str, list[str]] = {}
+            for reg in self.services.values():
+                if reg["Namespace"] == namespace:
+                    union = tags.setdefault(reg["ServiceName"], [])
+                    union.extend(t for t in reg["Tags"] if t not in union)
+        stubs = [{"ServiceName": n, "Tags": t} for n, t in sorted(tags.items())]
+        return self._json([{"Namespace": namespace, "Services": stubs}] if stubs else [], "services")
+
+    def _service_get(self, request: Request, body: Any, name: str) -> Response:
+        """GET /v1/service/<name> (service_registration_endpoint.go serviceGetRequest; nomad/
+        service_registration_endpoint.go GetService): every registration of that name in the namespace,
+        through the paginator, which applies ?filter= (nomad/state/paginator/paginator.go NewPaginator:
+        a filter bexpr cannot read is a 400 "failed to read filter expression"). The one filter form
+        modelled is Traefik's: `Tags contains "<tag>"`."""
+        self._block(request, "services")
+        namespace = request.args.get("namespace") or "default"
+        wanted: str | None = None
+        expr = request.args.get("filter", "")
+        if expr:
+            m = re.fullmatch(r'\s*Tags\s+contains\s+"((?:[^"\\]|\\.)*)"\s*', expr)
+            if not m:
+                raise _HTTPError(400, f"failed to read result page: failed to read filter expression: {expr}")
+            wanted = json.loads(f'"{m.group(1)}"')
+        with self.cond:
+            regs = [
+                self._public(r)
+                for r in self.services.values()
+                if r["ServiceName"] == name and r["Namespace"] == namespace
+                and (wanted is None or wanted in r["Tags"])
+            ]  # fmt: skip
+        return self._json(regs, "services")
+
+    def _service_delete(self, request: Request, body: Any, name: str, id: str) -> Response:
+        """DELETE /v1/service/<name>/<id> (service_registration_endpoint.go serviceDeleteRequest)."""
+        self.deregister_service(id)
+        return self._json(None, "services")
+
     # ------------------------------------------------------------------------------------------ HTTP --
     def count(self, path_regex: str = ".*", method: str | None = None) -> int:
         return sum(
@@ -724,6 +859,14 @@ class NomadAPIDouble:
     def _handle(self, request: Request) -> Response:
         rec = Request_(time.monotonic(), request.method, request.path, dict(request.args))
         self.requests.append(rec)
+        query = request.query_string.decode()
+        target = f"{request.method} {request.path}" + (f"?{query}" if query else "")
+        for regex, fn in list(self.before_next):
+            if re.search(regex, target):
+                self.before_next.remove((regex, fn))
+                with self.cond:
+                    fn()
+                break
         for regex in list(self.drop_request):
             if re.search(regex, f"{request.method} {request.path}"):
                 self.drop_request.remove(regex)  # the connection breaks before Nomad sees the request
@@ -877,6 +1020,11 @@ class NomadAPIDouble:
             ("GET", r"/v1/allocation/(?P<id>[^/]+)", ("read-job",), self._allocation),
             ("GET", r"/v1/var/(?P<id>.+)", ("variables:read",), self._var_get),
             ("PUT", r"/v1/var/(?P<id>.+)", ("variables:write",), self._var_put),
+            # acl/acl.go AllowServiceRegistrationReadList: read-job in the namespace (or a workload
+            # identity); the delete needs submit-job (nomad/service_registration_endpoint.go DeleteByID)
+            ("GET", r"/v1/services", ("read-job",), self._services_list),
+            ("GET", r"/v1/service/(?P<name>[^/]+)", ("read-job",), self._service_get),
+            ("DELETE", r"/v1/service/(?P<name>[^/]+)/(?P<id>[^/]+)", ("submit-job",), self._service_delete),
         ]
         for m_, regex, caps, fn in routes:
             mm = re.fullmatch(regex, path)
@@ -941,10 +1089,14 @@ class NomadAPIDouble:
         self.parse_calls.append(body)
         if not isinstance(body, dict) or not body.get("JobHCL"):
             raise _HTTPError(400, "Job spec is empty")
+        key = (str(body["JobHCL"]), str(body.get("Variables") or ""))
         try:
-            job, warnings = parse_job_hcl(body["JobHCL"], body.get("Variables") or "")
+            job, warnings = self._parsed.get(key) or parse_job_hcl(*key)
         except HCLParseError as exc:
             raise _HTTPError(400, f"Failed to parse job: {exc}") from None
+        if self.memo_parse:
+            self._parsed[key] = (job, warnings)
+            job = copy.deepcopy(job)
         self.parse_warnings.append(warnings)
         return self._json(job)
 
@@ -1406,8 +1558,8 @@ class NomadAPIDouble:
             self.write_log(alloc["ID"], t["Name"], "stderr", err)
             life = t.get("Lifecycle") or {}
             if life.get("Hook") == "prestart" and not life.get("Sidecar"):
-                # client/allocrunner/taskrunner (task_hook_coordinator.go): a prestart task that is not a
-                # sidecar runs to completion before the main tasks start; it ends dead, not failed
+                # client/allocrunner/tasklifecycle/coordinator.go (Coordinator.isPrestartDone): a prestart
+                # task that is not a sidecar runs to completion before the main tasks start; dead, not failed
                 ts["Events"] += [self._event("Terminated", "Exit Code: 0", ExitCode=0)]
                 ts.update(State="dead", FinishedAt="2026-11-25T09:00:02Z")
                 self._release_image(alloc, t)

@@ -766,6 +766,39 @@ class Smoke:
 
         return poll(f"the app through Traefik (Host: {INGRESS_HOST})", probe, timeout)
 
+    def ingress_https_healthz(self, timeout: float = 180) -> str:
+        """The app through Traefik over HTTPS (vm.ports.ingress_https), the certificate verified against the
+        project CA (`inv tls.ca`) for the name app.localhost; and refused without that CA."""
+        from requests.adapters import HTTPAdapter
+
+        from infra import ingress
+
+        class Named(HTTPAdapter):  # connect to 127.0.0.1, verify (and send SNI for) app.localhost
+            def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+                kwargs["server_hostname"] = INGRESS_HOST
+                super().init_poolmanager(*args, **kwargs)
+
+        ca = str(ingress.ca_path(self.cfg))
+        url = f"https://127.0.0.1:{self.cfg.vm.ports['ingress_https'].host}/healthz"
+        session = requests.Session()
+        session.mount("https://", Named())
+
+        def probe() -> tuple[bool, str]:
+            r = session.get(url, headers={"Host": INGRESS_HOST}, verify=ca, timeout=self.http_timeout)
+            return r.status_code == 200, f"HTTP {r.status_code} {r.text.strip()[:200]}"
+
+        try:
+            seen = poll(
+                f"the app through Traefik over HTTPS (https://{INGRESS_HOST}, CA {ca})", probe, timeout
+            )
+            try:
+                session.get(url, headers={"Host": INGRESS_HOST}, verify=True, timeout=self.http_timeout)
+            except requests.exceptions.SSLError:
+                return seen + "; refused without the project CA"
+            raise SmokeFailed(f"{url} verified without the project CA: not the project's certificate")
+        finally:
+            session.close()
+
     def post_event(self) -> str:
         r = self.http.post(self.url("app", "/events"), json={"e2e": self.marker}, timeout=30)
         if r.status_code != 201:

@@ -30,6 +30,11 @@ def test_ingress_healthz(stack: Stack) -> None:
     stack.smoke.ingress_healthz()
 
 
+def test_ingress_https_with_the_project_ca(stack: Stack) -> None:
+    """app through Traefik over HTTPS, verified with the project CA"""
+    stack.smoke.ingress_https_healthz()
+
+
 def test_post_event(stack: Stack) -> None:
     """POST /events stored"""
     stack.smoke.post_event()

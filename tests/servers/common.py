@@ -35,7 +35,7 @@ def free_ports(count: int) -> list[int]:
 
 #: The VM's forwards and their guest ports (invoke.yaml's vm.ports).
 GUEST_PORTS = {"ssh": 22, "nomad": 4646, "app": 3000, "ingress": 8080, "traefik_dashboard": 8081,
-               "kafka": 19092, "postgres": 5432}  # fmt: skip
+               "ingress_https": 8443, "kafka": 19092, "postgres": 5432}  # fmt: skip
 
 
 def vm_ports(**fixed: int) -> dict[str, dict[str, int]]:

@@ -138,7 +138,7 @@ SPEC_CASES = [
     Case("host-volume-exists", DATA, (('source    = "postgres-data"', 'source    = "postgres-dat"'),),
          'source    = "postgres-dat"', "datastorage/postgres",
          'host volume "data" has source "postgres-dat", which the agent config cloud-init/files/nomad/zz-infra-lab.hcl '
-         "does not declare as a host_volume (declared: kafka-data, postgres-data)"),
+         "does not declare as a host_volume (declared: kafka-data, postgres-data, traefik-acme)"),
     Case("resources-set", INGRESS, (("\n" + TRAEFIK_RESOURCES, ""),), 'task "traefik"', "ingress/traefik/traefik",
          "task has no resources block; Nomad's defaults (100 MHz CPU, 300 MB memory) OOM-kill anything JVM-sized"),
     Case("resources-set", DATA, (("        cpu    = 1000\n        memory = 1024\n", "        cpu    = 1000\n"),),
@@ -189,6 +189,42 @@ SPEC_CASES = [
          'mode = "bridge"', "datastorage/postgres",
          'network mode "bridge" needs CNI plugins, which the VM does not install (and the agent config sets no '
          'cni_path); use Docker\'s own port mapping (mode "host", the default) like the other jobs'),
+    # The TLS parts of the Traefik task (nomad/ingress.nomad.hcl's args; findings name the args line).
+    Case("tls-entrypoint", INGRESS, (('          "--entrypoints.websecure.address=:8443",\n', ""),),
+         "args = [", "ingress/traefik/traefik",
+         '--entrypoints.websecure.http.tls names entrypoint "websecure", which no --entrypoints.<name>.address '
+         "defines (defined: app, traefik, web)"),
+    Case("tls-entrypoint", INGRESS,
+         (('ports              = ["app", "web", "dashboard", "websecure"]',
+           'ports              = ["app", "web", "dashboard"]'),),
+         "args = [", "ingress/traefik/traefik",
+         'entrypoint "websecure" listens on ":8443", a port the task does not publish (config.ports maps container '
+         "ports: 3000, 8080, 8081)"),
+    Case("tls-entrypoint", INGRESS,
+         (("acme-http.acme.httpchallenge.entrypoint=web", "acme-http.acme.httpchallenge.entrypoint=plain"),),
+         "args = [", "ingress/traefik/traefik",
+         "--certificatesresolvers.acme-http.acme.httpchallenge.entrypoint names entrypoint \"plain\", which no "
+         "--entrypoints.<name>.address defines (defined: app, traefik, web, websecure)"),
+    Case("acme-resolver", INGRESS,
+         (('          "--certificatesresolvers.acme-http.acme.email=${var.acme_email}",\n'
+           '          "--certificatesresolvers.acme-http.acme.caserver=${var.acme_ca_server}",\n'
+           '          "--certificatesresolvers.acme-http.acme.storage=/acme/acme.json",\n'
+           '          "--certificatesresolvers.acme-http.acme.httpchallenge.entrypoint=web",\n', ""),),
+         "args = [", "ingress/traefik/traefik",
+         'certificate resolver "acme-http" (named by infra/ingress.py (ingress.acme.challenge)) is not defined: '
+         "no --certificatesresolvers.acme-http.acme.* argument (defined: acme-tlsalpn)"),
+    Case("acme-resolver", INGRESS,
+         (('"--certificatesresolvers.acme-tlsalpn.acme.tlschallenge=true",\n',
+           '"--certificatesresolvers.acme-tlsalpn.acme.tlschallenge=true",\n'
+           '          "--certificatesresolvers.acme-tlsalpn.acme.httpchallenge.entrypoint=web",\n'),),
+         "args = [", "ingress/traefik/traefik",
+         'certificate resolver "acme-tlsalpn" has 2 challenges (httpchallenge, tlschallenge); set exactly one'),
+    Case("acme-storage", INGRESS,
+         (("acme-tlsalpn.acme.storage=/acme/acme.json", "acme-tlsalpn.acme.storage=/etc/traefik/acme.json"),),
+         "args = [", "ingress/traefik/traefik",
+         'certificate resolver "acme-tlsalpn" keeps "/etc/traefik/acme.json" outside every host volume mount of '
+         "the task: a restart would lose the account and certificates and order again (Let's Encrypt rate "
+         "limits); mount a host volume there"),
 ]  # fmt: skip
 
 
@@ -295,6 +331,10 @@ GC_WHY = (
     '(default true, image_delay "3m"): the docker driver deletes an image 3 minutes after its last task stops, '
     "the locally built app image included, which no registry can give back; set gc { image = false }"
 )
+PULL_WHY = (
+    '(default "2m"): the docker driver cancels an image pull that shows no progress for that long, and a job\'s '
+    'image_pull_timeout does not extend it; set pull_activity_timeout = "10m" or more'
+)
 ORDER_WHY = (
     "which sorts before nomad.hcl: Nomad merges /etc/nomad.d/*.hcl in name order and the later file wins, so the "
     "package's nomad.hcl would override it; name it to sort after nomad.hcl (e.g. zz-infra-lab.hcl; digits sort "
@@ -311,6 +351,10 @@ AGENT_CASES = [
               "volumes.enabled = true lets any job bind-mount any host path (/ included) through config.volumes or "
               "mount, and nothing here needs it: templates render into the task's own directories and host volumes "
               "are Nomad volumes; remove the volumes block", 1),
+    AgentCase("docker-pull-activity", (('    pull_activity_timeout = "10m"\n', ""),), (), AGENT, "  config {",
+              'plugin "docker"', "pull_activity_timeout = (unset) " + PULL_WHY),
+    AgentCase("docker-pull-activity", (('pull_activity_timeout = "10m"', 'pull_activity_timeout = "5m"'),), (),
+              AGENT, 'pull_activity_timeout = "5m"', 'plugin "docker"', 'pull_activity_timeout = "5m" ' + PULL_WHY),
     AgentCase("cni-path", (("client {\n  enabled = true\n", 'client {\n  enabled = true\n  cni_path = "/usr/lib/cni"\n'),),
               (), AGENT, "\n  cni_path =", "client",
               'cni_path = "/usr/lib/cni", but no cloud-init part installs CNI plugins (containernetworking-plugins); '
@@ -371,7 +415,7 @@ def test_the_real_specs_pass_every_rule() -> None:
 
 
 def test_the_agent_config_declares_the_host_volumes_the_specs_use() -> None:
-    assert speclint.agent_host_volumes() == {"postgres-data", "kafka-data"}
+    assert speclint.agent_host_volumes() == {"postgres-data", "kafka-data", "traefik-acme"}
 
 
 def test_cli_passes_on_main_and_says_nomad_was_skipped(
@@ -530,7 +574,7 @@ def test_the_host_volumes_are_read_from_the_agent_config(tmp_path: Path) -> None
     ]
     assert findings[0].message == (
         'host volume "data" has source "kafka-data", which the agent config agent.hcl does not declare as a '
-        "host_volume (declared: postgres-data)"
+        "host_volume (declared: postgres-data, traefik-acme)"
     )
 
 
@@ -639,3 +683,26 @@ def test_cli_accepts_a_directory_and_rejects_missing_files(
 def test_without_nomad_the_skip_is_said_not_silent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
     assert speclint.nomad_checks([SPECS / APP]) == ([], [speclint.NOMAD_SKIPPED])
+
+
+def test_kafka_keeps_one_address_and_the_app_never_renders_an_empty_bootstrap() -> None:
+    """Issue 23/14, read from the real specs: Kafka's listener for other jobs is on a static port (a
+    replacement registers the same address), the app job names the same port, and the app's env template
+    renders KAFKA_BOOTSTRAP_SERVERS with or without the kafka service (its `else`: node address + that
+    port), so a Kafka restart changes no byte of it and Nomad does not restart the app."""
+    data = speclint.parse((ROOT / "nomad" / "datastorage.nomad.hcl").read_text())
+    app = speclint.parse((ROOT / "nomad" / "service.nomad.hcl").read_text())
+    port = {v.name: v.get("default") for v in data.children("variable")}["kafka_internal_port"]
+    assert port == {v.name: v.get("default") for v in app.children("variable")}["kafka_internal_port"]
+    (job,) = data.children("job")
+    kafka = next(g for g in job.children("group") if g.name == "kafka")
+    network = kafka.child("network")
+    assert network is not None
+    listener = next(p for p in network.children("port") if p.name == "kafka")
+    assert listener.get("static") == "${var.kafka_internal_port}", listener.attrs
+    (app_job,) = app.children("job")
+    task = next(t for g in app_job.children("group") for t in g.children("task") if t.name == "app")
+    env_templates = [t for t in task.children("template") if t.get("env") is True]
+    (line,) = [ln for t in env_templates for ln in str(t.get("data")).splitlines() if "KAFKA_BOOTSTRAP" in ln]
+    assert line.strip().startswith('KAFKA_BOOTSTRAP_SERVERS={{ with nomadService "kafka" }}')
+    assert '{{ else }}{{ env "attr.unique.network.ip-address" }}:${var.kafka_internal_port}{{ end }}' in line

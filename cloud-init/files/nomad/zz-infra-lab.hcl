@@ -38,6 +38,13 @@ client {
     path      = "/opt/nomad/volumes/kafka"
     read_only = false
   }
+
+  # Traefik's acme.json: the ACME account and certificates survive a restart or a redeploy of the
+  # ingress job, so Let's Encrypt is not asked again (its rate limits).
+  host_volume "traefik-acme" {
+    path      = "/opt/nomad/volumes/traefik-acme"
+    read_only = false
+  }
 }
 
 plugin "docker" {
@@ -47,6 +54,12 @@ plugin "docker" {
     # let a job's config.volumes / mount bind any host path, `/` included, on this ACL-less cluster
     # (drivers/docker/driver.go, containerBinds: the check runs only when volumes are disabled).
     allow_privileged = false
+
+    # A pull that shows no progress for pull_activity_timeout (default "2m") is cancelled, whatever the
+    # job's image_pull_timeout (drivers/docker/config.go configSpec; coordinator.go pullImageImpl gets
+    # both): under TCG, extracting one large layer (Kafka's JRE) can be quiet for longer than that.
+    # 10m, the longest image_pull_timeout of the job specs (speclint: docker-pull-activity).
+    pull_activity_timeout = "10m"
 
     # The docker driver garbage-collects an image `image_delay` (default 3m) after the last task
     # using it stops, locally built images included: existing images are reference-counted too
