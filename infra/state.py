@@ -40,7 +40,7 @@ E2E_DIR = "e2e"  # the end-to-end run's reports (e2e.report_dir's default)
 
 #: Every name the tool makes in a state dir: a dir holding anything else is not used (nor deleted from).
 NAMES = (SEED_ISO, USER_DATA, DISK, PIDFILE, SERIAL_LOG, QMP_SOCKET, QEMU_LOG, VM_RECORD, SSH_DIR, DEPLOYED,
-         BUILD_LOG, LOCK, BAKE_DIR, E2E_DIR)  # fmt: skip
+         BUILD_LOG, TLS_DIR, VM_CHECKED, LOCK, BAKE_DIR, E2E_DIR)  # fmt: skip
 
 
 # In the image cache (project.cache_dir), not the state dir: outlives `vm.destroy`.
