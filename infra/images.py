@@ -166,9 +166,7 @@ def ensure(cfg: Config, arch: str, *, session: requests.Session | None = None) -
         with ui.live(f"verifying cached {dest.name} ({source.algo})"):
             actual = file_digest(dest, source.algo)
         if actual == source.digest:
-            _marker(dest).write_text(
-                json.dumps({"algo": source.algo, "digest": source.digest, **_stat_key(dest)})
-            )
+            _write_marker(dest, source)
             return dest
         ui.warn(
             f"cached {dest} fails its {source.algo} check (got {actual[:16]}...): deleted, fetching again"
@@ -177,6 +175,12 @@ def ensure(cfg: Config, arch: str, *, session: requests.Session | None = None) -
         _marker(dest).unlink(missing_ok=True)
     files.writable_dir(cfg.project.cache_dir, "project.cache_dir")  # before a download, not half-way
     return fetch(source, dest, session=session)
+
+
+def _write_marker(dest: Path, source: ImageSource) -> None:
+    """The `.verified` sidecar (size + mtime + digest), written without following a link (infra/files.py)."""
+    data = json.dumps({"algo": source.algo, "digest": source.digest, **_stat_key(dest)})
+    files.write_atomic(_marker(dest), data.encode(), "image verification record", error=ImageError)
 
 
 def _check_local(path: Path, source: ImageSource) -> None:
@@ -212,9 +216,7 @@ def fetch(
             actual = file_digest(part, source.algo)
         if actual == source.digest:
             part.replace(dest)
-            _marker(dest).write_text(
-                json.dumps({"algo": source.algo, "digest": source.digest, **_stat_key(dest)})
-            )
+            _write_marker(dest, source)
             ui.ok(f"image {source.name}: {dest} ({source.algo} verified)")
             return dest
         size = part.stat().st_size
