@@ -650,8 +650,14 @@ def _mount_point(path: Path) -> Path:
 
 
 def require_guest_running(p: StatePaths) -> None:
-    """VMError unless qemu runs the guest (not paused, io-error, prelaunch, ...); for the waits on it."""
-    status = run_state(p)
+    """VMError when qemu says it holds the guest (paused, io-error, prelaunch, ...); for the waits on it.
+    A qemu that does not answer QMP tells nothing: the wait goes on (its own deadline and the liveness
+    check still apply)."""
+    try:
+        status = run_state(p)
+    except VMError as exc:
+        ui.debug(f"qemu's run state unknown: {exc.message}")
+        return
     if status != "running":
         raise halted(p, status)
 

@@ -393,9 +393,14 @@ def test_follow_reads_afresh_when_the_index_goes_backwards(
     every `wait`; deploy._follow resets it (as cluster.py does) and reads once without blocking."""
     monkeypatch.setattr(deploy, "BLOCK_SECONDS", 1.0)  # the read in flight when the index falls waits this
     d = doubles()
-    d.health_delay["server"] = 1.0  # the deployment is followed with blocking reads for a while
-    d.before_next.append((r"^GET /v1/deployment/[0-9a-f-]+\?.*\bindex=", lambda: d.rewind(3)))
-    result = deploy.deploy_job(client_for(d), web(), timeout=60)
+    d.health_delay["server"] = float("inf")  # healthy only once the follow read afresh (below)
+
+    def restored() -> None:  # at the first blocking read of the deployment: indexes fall; the deployment
+        d.rewind(3)  # completes once a read without an index arrives (the reset), never before
+        d.before_next.append((r"^GET /v1/deployment/[0-9a-f-]+$", d.release_health))
+
+    d.before_next.append((r"^GET /v1/deployment/[0-9a-f-]+\?.*\bindex=", restored))
+    result = deploy.deploy_job(client_for(d), web(), timeout=20)
     assert result.outcome == "deployed" and not d.before_next, "the index was never rewound"
     reads = [r for r in d.requests if r.path == f"/v1/deployment/{result.deployment_id}"]
     blocking = [int(r.query["index"]) for r in reads if "index" in r.query]

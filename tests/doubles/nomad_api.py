@@ -49,7 +49,7 @@ connection is cut before the answer), `before_next` (one-shot: run a change righ
 request, e.g. `rewind` — every index goes back, as after a restore from an older snapshot — or `revert`).
 Task behaviour per task image or task name:
 `behaviour["img:tag"] = "driver-failure"`, or "exit-1", or "ok" (default); `health_delay[name]` delays
-a task's health.
+a task's health (inf: until `release_health()`).
 """
 
 from __future__ import annotations
@@ -535,6 +535,7 @@ class NomadAPIDouble:
             str, list[dict[str, Any]]
         ] = {}  # alloc ID -> its tasks (the job may be purged)
         self.health_delay: dict[str, float] = {}  # task name or image -> extra seconds before healthy
+        self.held_health: list[Callable[[], None]] = []  # health_delay inf: until release_health()
         self.parse_calls: list[dict[str, Any]] = []
         self._closed = False
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
@@ -641,6 +642,13 @@ class NomadAPIDouble:
             self.index = min(self.index, to)
             self.tables = {t: min(v, to) for t, v in self.tables.items()}
             self.changes.append((time.monotonic(), f"indexes rewound to {to}"))
+
+    def release_health(self) -> None:
+        """Allocations whose health_delay is inf turn healthy now (in placement order)."""
+        with self.cond:
+            for fn in self.held_health:
+                self.at(0, fn)
+            self.held_health.clear()
 
     def revert(self, job_id: str, version: int) -> None:
         """Register an earlier version of a job again, as a new version (nomad/job_endpoint.go Revert ->
@@ -1402,10 +1410,13 @@ class NomadAPIDouble:
                 + [self.health_delay.get(str((t.get("Config") or {}).get("image", "")), 0.0) for t in tasks]
             )
             self.at(T.alloc_start + T.alloc_running, lambda: self._alloc_running(alloc, tasks))
-            self.at(
-                T.alloc_start + T.alloc_running + T.alloc_healthy + extra,
-                lambda: self._alloc_health(alloc, dep, True),
-            )
+            if extra == float("inf"):  # held until release_health(): the test decides when
+                self.held_health.append(lambda: self._alloc_health(alloc, dep, True))
+            else:
+                self.at(
+                    T.alloc_start + T.alloc_running + T.alloc_healthy + extra,
+                    lambda: self._alloc_health(alloc, dep, True),
+                )
         else:
             self.at(T.alloc_start + T.alloc_running,
                     lambda: self._alloc_fail(alloc, tasks, failing_task, behaviour, dep))  # fmt: skip
