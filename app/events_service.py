@@ -3,7 +3,16 @@
     GET  /healthz   200 when Postgres and Kafka both answer, else 503 naming what is down
     POST /events    store a JSON object in Postgres and produce it to the Kafka topic (201); 400 naming the
                     field for what jsonb cannot hold (NUL, lone surrogates, NaN/Infinity, too deep)
-    GET  /events    the newest stored events (?limit=N, 1..500, default 50)
+    GET  /events    the newest stored events (?limit=N, 1..500, default 50), newest first, in at most
+                    MAX_RESPONSE bytes: when the events asked for do not fit, the answer carries the newest
+                    that do and says "truncated": true
+
+Limits (what one client can make the app hold; the job gives it 256 MB): an event (the POST body) is at most
+MAX_BODY bytes (413 naming the limit), GET /events answers at most MAX_RESPONSE bytes (the rows are sized
+and cut in Postgres, their JSON text passed through, never parsed into Python objects), `limit` at most
+MAX_LIMIT (400). waitress (WAITRESS below) accepts CONNECTION_LIMIT connections, drops one idle for
+CHANNEL_TIMEOUT seconds, and refuses request headers over 16 KiB and bodies over 2 x MAX_BODY before the
+app reads them.
 
 Configuration comes only from environment variables (the Nomad template renders them from service
 discovery):
@@ -23,7 +32,9 @@ discovery):
 
 On start the app creates its table and topic if they are missing (idempotent; it tolerates both already
 existing and several replicas starting at once), retrying until STARTUP_TIMEOUT while Postgres or Kafka
-are not yet reachable, then exits 1 naming the one that never answered. Logs are JSON lines on stdout.
+are not yet reachable. Postgres that never answers makes it exit 1 naming it; Kafka that never answers does
+not: the app serves, /healthz and POST /events answer 503 naming kafka, and the health check creates the
+topic once the broker is back (a Kafka restart must not take the app down). Logs are JSON lines on stdout.
 
 A POST is written in a transaction that commits only after Kafka acknowledged the event, so a stored row
 always has its event on the topic (an event can still reach the topic without its row if the commit fails
@@ -67,6 +78,28 @@ CREATE TABLE IF NOT EXISTS events (
 SCHEMA_LOCK_KEY = 0x6576656E7473  # "events"
 MAX_BODY = 64 * 1024
 MAX_LIMIT = 500
+#: Largest GET /events answer, in bytes (about 16 events of MAX_BODY; a 500-row answer of 60 KB events
+#: built as Python objects peaked at 309 MB of RSS).
+MAX_RESPONSE = 1024 * 1024
+#: Bytes of JSON around each event's payload in GET /events ({"id": ..., "payload": ..., "created_at": ...}).
+EVENT_OVERHEAD = 100
+#: Connections waitress serves at once (its default, 100, let ~100 idle half-open connections stall
+#: /healthz: past the limit it stops accepting until its cleanup drops one, CHANNEL_TIMEOUT later).
+CONNECTION_LIMIT = 1000
+#: Seconds a connection may sit idle (no byte received or sent) before waitress closes it (default 120).
+CHANNEL_TIMEOUT = 30
+#: waitress's settings, set deliberately (waitress/adjustments.py names each): poll(), not select(),
+#: which cannot watch file descriptors past 1024; the idle cleanup every 10 s (default 30).
+WAITRESS: dict[str, Any] = {
+    "threads": 8,
+    "connection_limit": CONNECTION_LIMIT,
+    "channel_timeout": CHANNEL_TIMEOUT,
+    "cleanup_interval": 10,
+    "asyncore_use_poll": True,
+    "backlog": 1024,
+    "max_request_header_size": 16 * 1024,
+    "max_request_body_size": 2 * MAX_BODY,
+}
 #: Deepest nesting of arrays/objects accepted in an event (deeper is a 400, not a RecursionError).
 MAX_DEPTH = 100
 _DIGITS = re.compile(r"[0-9]{1,12}")  # ASCII digits only: "²".isdigit() is True but int("²") fails
@@ -216,13 +249,15 @@ class Service:
             log.info("topic exists", extra={"topic": self.s.kafka_topic})
 
     def initialise(self) -> None:
-        """Create table and topic, retrying while the dependencies are not reachable yet."""
-        steps: list[tuple[str, Callable[[], None]]] = [
-            ("postgres", self.ensure_schema),
-            ("kafka", self.ensure_topic),
+        """Create table and topic, retrying while the dependencies are not reachable yet. Without Postgres
+        the app cannot answer anything (RuntimeError); without Kafka it starts all the same (a warning):
+        check_kafka creates the topic once the broker answers."""
+        steps: list[tuple[str, Callable[[], None], bool]] = [
+            ("postgres", self.ensure_schema, True),
+            ("kafka", self.ensure_topic, False),
         ]
         deadline = time.monotonic() + self.s.startup_timeout
-        for name, step in steps:
+        for name, step, required in steps:
             attempt = 0
             while True:
                 attempt += 1
@@ -232,6 +267,12 @@ class Service:
                     break
                 except Exception as exc:
                     if time.monotonic() >= deadline:
+                        if not required:
+                            log.warning(
+                                "dependency not ready; serving without it (/healthz reports it down)",
+                                extra={"dependency": name, "attempts": attempt, "error": str(exc)},
+                            )
+                            break
                         raise RuntimeError(
                             f"{name} not ready after {self.s.startup_timeout:.0f}s: {exc}"
                         ) from exc
@@ -313,12 +354,29 @@ class Service:
             raise KafkaDeliveryError(str(outcome["error"]))
         return outcome
 
-    def recent(self, limit: int) -> list[dict[str, Any]]:
+    def recent(self, limit: int, budget: int = MAX_RESPONSE) -> tuple[bytes, int, bool]:
+        """The newest `limit` events as the JSON text of a list, cut to `budget` bytes: (JSON, count,
+        truncated). Postgres sizes each payload and sends the text of those that fit (a prefix, newest
+        first) and NULL for the rest, so the app never holds more than about `budget` of event data."""
         with self.connect() as conn:
             rows = conn.execute(
-                "SELECT id, payload, created_at FROM events ORDER BY id DESC LIMIT %s", (limit,)
+                """
+                SELECT id, CASE WHEN total <= %(budget)s THEN payload::text END, created_at
+                FROM (
+                    SELECT id, payload, created_at,
+                           sum(octet_length(payload::text) + %(overhead)s) OVER (ORDER BY id DESC) AS total
+                    FROM (SELECT id, payload, created_at FROM events ORDER BY id DESC LIMIT %(limit)s) newest
+                ) sized
+                ORDER BY id DESC
+                """,
+                {"budget": budget, "overhead": EVENT_OVERHEAD, "limit": limit},
             ).fetchall()
-        return [{"id": r[0], "payload": r[1], "created_at": r[2].isoformat()} for r in rows]
+        parts = [
+            f'{{"id": {r[0]}, "payload": {r[1]}, "created_at": {json.dumps(r[2].isoformat())}}}'.encode()
+            for r in rows
+            if r[1] is not None
+        ]
+        return b"[" + b", ".join(parts) + b"]", len(parts), len(parts) < len(rows)
 
     def close(self) -> None:
         remaining = self.producer.flush(5)
@@ -434,10 +492,19 @@ def make_wsgi(service: Service) -> Callable[[dict[str, Any], StartResponse], Ite
                 start, 400, {"error": f"limit must be an integer 1..{MAX_LIMIT}, got {raw!r}"}
             )
         try:
-            events = service.recent(int(raw))
+            events, count, truncated = service.recent(int(raw))
         except psycopg.Error as exc:
             return 503, respond(start, 503, {"error": f"postgres: {_one_line(exc)}", "down": ["postgres"]})
-        return 200, respond(start, 200, {"events": events})
+        # the events' JSON text as Postgres gave it, never parsed: the answer is built around it
+        data = (
+            b'{"events": '
+            + events
+            + (
+                f', "count": {count}, "truncated": {json.dumps(truncated)}, "max_bytes": {MAX_RESPONSE}}}\n'
+            ).encode()
+        )
+        start("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
+        return 200, [data]
 
     def post_event(environ: dict[str, Any], start: StartResponse) -> tuple[int, list[bytes]]:
         length_raw = environ.get("CONTENT_LENGTH") or ""
@@ -445,7 +512,11 @@ def make_wsgi(service: Service) -> Callable[[dict[str, Any], StartResponse], Ite
             return 411, respond(start, 411, {"error": "a Content-Length header is required"})
         length = int(length_raw)
         if length > MAX_BODY:
-            return 413, respond(start, 413, {"error": f"body is larger than {MAX_BODY} bytes"})
+            return 413, respond(
+                start,
+                413,
+                {"error": f"body is larger than {MAX_BODY} bytes (an event's limit)", "max_bytes": MAX_BODY},
+            )
         try:
             payload = json.loads(environ["wsgi.input"].read(length) or b"null")
         except ValueError as exc:
@@ -518,7 +589,7 @@ def main(env: Mapping[str, str] = os.environ) -> int:
         log.error("startup failed", extra={"error": str(exc)})
         return 1
 
-    server = waitress.create_server(make_wsgi(service), host=settings.host, port=settings.port, threads=8)
+    server = waitress.create_server(make_wsgi(service), host=settings.host, port=settings.port, **WAITRESS)
 
     def stop(signum: int, _frame: Any) -> None:
         log.info("stopping", extra={"signal": signal.Signals(signum).name})

@@ -51,13 +51,19 @@ def check(cfg: Config) -> remote.CheckReport:
     """`inv vm.check`: the checks of infra.remote against the running VM (its forwards, its start time),
     always for real; a good outcome is remembered for this boot (`remembered`)."""
     p = vm.require_running(cfg)
+    vm.require_guest_running(p)  # a paused guest is not a slow boot: fails at once, naming why
     boot = _qemu_boot(p)
     p.vm_checked.unlink(missing_ok=True)  # forgotten until this check passes: a failure is never remembered
-    report = remote.check(
-        vm.reach(cfg),
-        alive=lambda: vm.running_pid(p) is not None,
-        started_at=vm.load_record(p).get("started_at"),
-    )
+
+    def alive() -> (
+        bool
+    ):  # qemu runs, and runs the guest: a paused one (io-error: a full host disk) is an error
+        if vm.running_pid(p) is None:
+            return False
+        vm.require_guest_running(p)
+        return True
+
+    report = remote.check(vm.reach(cfg), alive=alive, started_at=vm.load_record(p).get("started_at"))
     if boot is not None and _qemu_boot(p) == boot:  # the same qemu before and after the check
         _remember(p, boot, report)
     return report
@@ -70,6 +76,7 @@ def check_once(cfg: Config) -> remote.CheckReport | None:
     memo = remembered(cfg)
     if memo is None:
         return check(cfg)
+    vm.require_guest_running(StatePaths.of(cfg))  # remembered or not, a paused guest is an error now
     when = time.strftime("%H:%M:%S", time.localtime(memo["checked_at"]))
     services = ", ".join(memo["services"]) or "none enabled"
     ui.skip(
@@ -103,8 +110,11 @@ def _remember(p: StatePaths, boot: dict[str, Any], report: remote.CheckReport) -
         "recoverable": report.recoverable,
         "services": report.services,
     }
-    files.write_atomic(p.vm_checked, (json.dumps(memo, indent=2) + "\n").encode(), "record of the VM check",
-                       error=VMError)  # fmt: skip
+    try:
+        files.write_atomic(p.vm_checked, (json.dumps(memo, indent=2) + "\n").encode(), "record of the VM check",
+                           error=VMError)  # fmt: skip
+    except VMError as exc:  # the check itself passed: only the next `inv up` logs in again
+        ui.warn(f"{exc.message}; the next `inv up` checks the VM again")
 
 
 def remembered(cfg: Config) -> dict[str, Any] | None:
@@ -143,7 +153,9 @@ def status(cfg: Config) -> dict[str, Any]:
     """`inv vm.status`: the VM's status plus, when it runs, cloud-init's state: remembered from this boot's
     check (`remembered`), else read from the guest's state files over SSH, briefly."""
     info = vm.status(cfg)
-    if info["running"]:
+    if info["running"] and info.get("run_state") not in ("running", "unknown"):
+        info["cloud_init"] = f"unknown (the guest does not run: qemu run state {info.get('run_state')})"
+    elif info["running"]:
         memo = remembered(cfg)
         if memo is not None:
             info["cloud_init"] = memo["cloud_init"]
@@ -158,7 +170,12 @@ def describe(info: dict[str, Any]) -> None:
     if not info["running"]:
         ui.info(f"VM: not running (state dir {info['state_dir']}; disk {info['disk'] or 'none'})")
         return
-    ui.info(f"VM: running, pid {info['pid']}, {info['arch']}, accel {info['accel']}, up {info['uptime_s']}s")
+    state = "running" if info.get("run_state") == "running" else f"qemu runs, guest {info.get('run_state')}"
+    ui.info(f"VM: {state}, pid {info['pid']}, {info['arch']}, accel {info['accel']}, up {info['uptime_s']}s")
+    if info.get("problem"):
+        ui.warn(info["problem"])
+        if info.get("hint"):
+            ui.info(f"    hint: {info['hint']}")
     which = f"baked {info['baked']}" if info.get("baked") else "base"
     ui.info(f"    image: {which} ({info.get('image') or '?'})")
     for name, port in info["ports"].items():

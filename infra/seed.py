@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import pycdlib
 import yaml
 
@@ -226,17 +225,21 @@ def _path(parts: Iterator[Any] | Any) -> str:
     return out or "(top level)"
 
 
-def validate(doc: Mapping[str, Any], cfg: Config) -> None:
-    """cloud-init's JSON schema + project rules; raise ValidationError naming every bad field path."""
-    schema = _schema()
+def validate(doc: Mapping[str, Any], cfg: Config, *, schema: bool = True) -> None:
+    """cloud-init's JSON schema + project rules; raise ValidationError naming every bad field path.
+    `schema=False`: the project rules only (the caller knows these exact bytes passed the schema)."""
     problems: list[str] = []
-    known = _schema_keys(schema)
-    for key in doc:
-        if key not in known:
-            problems.append(f"{key}: not a cloud-config key known to cloud-init's schema")
-    validator = jsonschema.Draft4Validator(schema)
-    for error in sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path)):
-        problems.append(f"{_path(error.absolute_path)}: {error.message}")
+    if schema:
+        import jsonschema  # ~0.1 s to import: only when a user-data is new
+
+        cloud_config = _schema()
+        known = _schema_keys(cloud_config)
+        for key in doc:
+            if key not in known:
+                problems.append(f"{key}: not a cloud-config key known to cloud-init's schema")
+        validator = jsonschema.Draft4Validator(cloud_config)
+        for error in sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path)):
+            problems.append(f"{_path(error.absolute_path)}: {error.message}")
     problems.extend(_project_rules(doc, cfg))
     if problems:
         raise ValidationError(
@@ -311,10 +314,12 @@ def dump(data: Any) -> str:
     return yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=1000)
 
 
-def render(cfg: Config, public_key: str, *, baked: bool = False) -> Seed:
+def render(cfg: Config, public_key: str, *, baked: bool = False, last: Path | None = None) -> Seed:
+    """`last`: the user-data written before (only ever after it validated): when these bytes are the same,
+    cloud-init's schema is not asked again (a no-op `inv up` then never imports jsonschema)."""
     doc = compose(cfg, public_key, baked=baked)
-    validate(doc, cfg)
     user_data = ("#cloud-config\n" + dump(doc)).encode()
+    validate(doc, cfg, schema=last is None or not _same(last, user_data))
     net = dump(network_config()).encode()
     digest = hashlib.sha256(user_data + b"\0" + net).hexdigest()[:16]
     instance_id = f"iid-{cfg.project.name}-{digest}"
@@ -382,15 +387,16 @@ def build(cfg: Config, ssh_key: str | None = None, *, baked: bool = False) -> Se
     """`inv iso`: render, validate, write <state>/seed.iso (+ the rendered user-data beside it).
     `baked`: the seed for a baked image (infra/bake.py), which installs nothing."""
     started = _time.monotonic()
-    state = StatePaths(files.writable_dir(cfg.project.state_dir, "project.state_dir"))
+    state = StatePaths(cfg.project.state_dir).check()
     pair = keys.resolve(ssh_key if ssh_key is not None else cfg.ssh.public_key, state)
-    seed = render(cfg, pair.public, baked=baked)
+    seed = render(cfg, pair.public, baked=baked, last=state.user_data)
     data = iso_bytes(seed)
     sha = hashlib.sha256(data).hexdigest()
     # both files, so a run that failed between the two writes is not "unchanged" next time; the user-data
     # copy first, the ISO (what vm.run boots) last
     changed = not (_same(state.seed_iso, data) and _same(state.user_data, seed.user_data))
     if changed:
+        state.claim()
         files.write_atomic(state.user_data, seed.user_data, "rendered user-data", mode=0o600)
         files.write_atomic(state.seed_iso, data, "seed ISO")
     if cfg.provision.nomad and not HASHICORP_KEY_FILE.exists():  # compose() checked it when present

@@ -55,6 +55,7 @@ RULES: dict[str, str] = {
     "port-declared": "every port a service, check or task config names is declared in the group's network",
     "volume-declared": "every volume_mount names a volume the group declares",
     "host-volume-exists": "every host volume's source is a host_volume in the agent config",
+    "host-volume-owner": "a task mounting a host volume made for a non-root owner runs as that uid (`user`)",
     "resources-set": "every task sets resources.cpu and resources.memory",
     "update-auto-revert": "service jobs set update.auto_revert = true (job or group level)",
     "shutdown-delay": "groups with services set shutdown_delay (Nomad warns otherwise; Traefik needs the time)",
@@ -63,6 +64,7 @@ RULES: dict[str, str] = {
     "network-mode": "no bridge/CNI networking (the VM installs no CNI plugins)",
     "docker-gc-image": "the agent's docker plugin keeps images (gc.image = false): the app image is built locally",
     "docker-volumes": "the agent's docker plugin does not enable volumes (host bind mounts of any path)",
+    "docker-pull-activity": "the agent's docker plugin sets pull_activity_timeout >= 10m (default 2m cancels slow pulls)",
     "agent-config-order": "the agent config lands in /etc/nomad.d under a name that sorts after nomad.hcl",
     "cni-path": "the agent config sets no cni_path unless a cloud-init part installs CNI plugins",
     "tls-entrypoint": "Traefik's TLS settings and challenges name entrypoints its arguments define, on a port the task publishes",
@@ -73,6 +75,9 @@ RULES: dict[str, str] = {
 }
 
 NOMAD_SKIPPED = "skipped: nomad not found on PATH (nomad fmt/validate)"
+#: Shortest pull_activity_timeout the agent config may set, in seconds (the longest image_pull_timeout of
+#: the job specs, 10m: a pull is then bounded by the job's own timeout, not cut short by inactivity).
+PULL_ACTIVITY_MIN = 600
 
 #: Rules that need a `nomad` binary (counted apart in the summary line).
 NOMAD_RULES = ("nomad-fmt", "nomad-validate")
@@ -227,6 +232,35 @@ def agent_host_volume_paths(agent_config: Path = AGENT_CONFIG) -> dict[str, str]
     }
 
 
+#: The directories behind the host volumes, as cloud-init creates them: path, owner uid, gid, mode.
+HOST_VOLUME_DIRS = FILES_DIR / "nomad" / "host-volumes"
+
+
+def host_volume_owners(
+    agent_config: Path = AGENT_CONFIG, listing: Path = HOST_VOLUME_DIRS
+) -> dict[str, tuple[int, int]]:
+    """(uid, gid) that cloud-init gives each host volume's directory, by host_volume name."""
+    owners: dict[str, tuple[int, int]] = {}
+    try:
+        lines = listing.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return owners
+    by_path = {}
+    for line in lines:
+        fields = line.split()
+        if (
+            len(fields) >= 3
+            and not line.lstrip().startswith("#")
+            and fields[1].isdigit()
+            and fields[2].isdigit()
+        ):
+            by_path[fields[0]] = (int(fields[1]), int(fields[2]))
+    for name, path in agent_host_volume_paths(agent_config).items():
+        if path in by_path:
+            owners[name] = by_path[path]
+    return owners
+
+
 def agent_host_volumes(agent_config: Path = AGENT_CONFIG) -> set[str]:
     """Names of the host volumes the Nomad client declares."""
     return set(agent_host_volume_paths(agent_config))
@@ -260,6 +294,24 @@ def check_agent_config(
                 f"gc.image = {_show(gc.get('image') if gc is not None else None)} (default true, image_delay "
                 '"3m"): the docker driver deletes an image 3 minutes after its last task stops, the locally '
                 "built app image included, which no registry can give back; set gc { image = false }",
+            )
+        )
+    # pull_activity_timeout (default "2m", minimum 1m; drivers/docker/config.go configSpec and
+    # Driver.SetConfig) cancels a pull that shows no progress for that long, whatever the job's
+    # image_pull_timeout (which bounds the whole pull): under TCG a layer's extraction can be that slow.
+    activity = config.get("pull_activity_timeout") if config is not None else None
+    if _seconds(activity) < PULL_ACTIVITY_MIN:
+        findings.append(
+            Finding(
+                display,
+                config.line_of("pull_activity_timeout")
+                if config is not None and activity is not None
+                else (config or docker or root).line,
+                'plugin "docker"',
+                "docker-pull-activity",
+                f'pull_activity_timeout = {_show(activity)} (default "2m"): the docker driver cancels an image '
+                "pull that shows no progress for that long, and a job's image_pull_timeout does not extend it; "
+                f'set pull_activity_timeout = "{PULL_ACTIVITY_MIN // 60}m" or more',
             )
         )
     volumes = config.child("volumes") if config is not None else None
@@ -353,11 +405,18 @@ class _Spec:
     """The rules applied to one parsed spec file."""
 
     def __init__(
-        self, display: str, root: Block, host_volumes: set[str], local_images: set[str], agent: str
+        self,
+        display: str,
+        root: Block,
+        host_volumes: set[str],
+        local_images: set[str],
+        agent: str,
+        owners: dict[str, tuple[int, int]] | None = None,
     ) -> None:
         self.display = display
         self.root = root
         self.host_volumes = host_volumes
+        self.owners = owners or {}
         self.agent = agent
         self.local_images = local_images
         self.variables = {v.name: v for v in root.children("variable")}
@@ -553,6 +612,7 @@ class _Spec:
                 self.check_service(service, task_where, ports)
             self.check_resources(task, task_where)
             self.check_volume_mounts(task, task_where, volumes)
+            self.check_volume_owner(task, task_where, volumes)
             config = task.child("config")
             if config is None:
                 continue
@@ -733,6 +793,29 @@ class _Spec:
                     f"(declared: {_names(volumes)})",
                 )
 
+    def check_volume_owner(self, task: Block, where: str, volumes: dict[str, Block]) -> None:
+        """The process must own its data directory by construction: an image's default user is an
+        assumption (apache/kafka's `adduser appuser` picks the first free uid), the task's `user` is not."""
+        for mount in task.children("volume_mount"):
+            volume = volumes.get(str(mount.get("volume")))
+            if volume is None or volume.get("type", "host") != "host":
+                continue
+            source = str(volume.get("source"))
+            owner = self.owners.get(source)
+            if owner is None or owner[0] == 0:
+                continue  # root-owned: the image's entrypoint chowns what it needs (postgres)
+            user = task.get("user")
+            uid = str(user).split(":", 1)[0] if user is not None else None
+            if uid != str(owner[0]):
+                self.report(
+                    task.line_of("user") if user is not None else mount.line,
+                    where,
+                    "host-volume-owner",
+                    f'mounts host volume "{source}", whose directory cloud-init creates for uid {owner[0]} '
+                    f"({_display(HOST_VOLUME_DIRS)}), but the task sets user = {_show(user)}: the image's "
+                    f'default user is an assumption; set user = "{owner[0]}:{owner[1]}"',
+                )
+
     def check_image(self, config: Block, where: str) -> None:
         raw = config.get("image")
         line = config.line_of("image")
@@ -842,7 +925,8 @@ def check_file(
         return [Finding(display, None, "", "hcl-syntax", "no job block")]
     volumes = agent_host_volumes(agent_config) if host_volumes is None else host_volumes
     images = default_local_images() if local_images is None else set(local_images)
-    return _Spec(display, root, volumes, images, _display(agent_config)).run()
+    owners = host_volume_owners(agent_config)
+    return _Spec(display, root, volumes, images, _display(agent_config), owners).run()
 
 
 def check_files(

@@ -159,6 +159,8 @@ def status(
         uptime = vm_info.get("uptime_s")
         up_text = f", up {uptime // 60}m{uptime % 60:02d}s" if isinstance(uptime, int) else ""
         ui.info(f"VM     running (pid {vm_info.get('pid')}, accel {vm_info.get('accel', '?')}{up_text})")
+        if vm_info.get("problem"):  # qemu runs, the guest does not (paused, io-error: a full host disk)
+            ui.warn(vm_info["problem"])
     else:
         ui.info("VM     not running")
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from infra import files
+
 if TYPE_CHECKING:
     from infra.config import Config
 
@@ -33,6 +35,13 @@ VM_CHECKED = (
     "vm-checked.json"  # the last good `vm.check` of the running VM's boot (qemu pid + start, boot id)
 )
 LOCK = "vm.lock"  # flock'ed by VM lifecycle commands (run, stop, destroy): one at a time; names its holder
+MARKER = ".infra-lab"  # written when the tool creates (or adopts) the state dir: a dir without it is not ours
+BAKE_DIR = "bake"  # image.bake's own state dir (infra/bake.py)
+E2E_DIR = "e2e"  # the end-to-end run's reports (e2e.report_dir's default)
+
+#: Every name the tool makes in a state dir: a dir holding anything else is not used (nor deleted from).
+NAMES = (SEED_ISO, USER_DATA, DISK, PIDFILE, SERIAL_LOG, QMP_SOCKET, QEMU_LOG, VM_RECORD, SSH_DIR, DEPLOYED,
+         BUILD_LOG, TLS_DIR, VM_CHECKED, LOCK, BAKE_DIR, E2E_DIR)  # fmt: skip
 
 
 # In the image cache (project.cache_dir), not the state dir: outlives `vm.destroy`.
@@ -47,6 +56,22 @@ class StatePaths:
     def of(cls, cfg: Config) -> StatePaths:
         """The state directory of a configuration (project.state_dir)."""
         return cls(cfg.project.state_dir)
+
+    def claim(self) -> StatePaths:
+        """The state dir made the tool's own right before something is written in it: writable, holding the
+        marker (written now) or nothing but the tool's names (`files.own_dir`; ConfigError otherwise)."""
+        files.own_dir(self.root, "project.state_dir", MARKER, NAMES)
+        return self
+
+    def check(self) -> StatePaths:
+        """`claim`'s checks without writing the marker: for the start of work that may still fail (then
+        nothing is left behind)."""
+        files.own_dir(self.root, "project.state_dir", MARKER, NAMES, mark=False)
+        return self
+
+    @property
+    def marker(self) -> Path:
+        return self.root / MARKER
 
     @property
     def seed_iso(self) -> Path:

@@ -38,6 +38,12 @@ variable "kafka_cluster_id" {
   default     = "d9isiBgBTBmd7WQ479iMDg"
 }
 
+variable "kafka_internal_port" {
+  description = "Kafka's listener for other jobs, a static port on the node (the app's template falls back to it); must match the app job's kafka_internal_port."
+  type        = number
+  default     = 9092
+}
+
 variable "kafka_host_port" {
   description = "Kafka listener for clients on the host, advertised as localhost:<port>. Host forward, guest port and container port must all be this number."
   type        = number
@@ -164,10 +170,16 @@ job "datastorage" {
     count = 1
 
     network {
-      # Listener for other jobs: a dynamic host port, advertised as <node address>:<host port> and
-      # found by consumers through the `kafka` service.
+      # Listener for other jobs, advertised as <node address>:<port> and found by consumers through
+      # the `kafka` service. A STATIC port (one known node): with a dynamic one every replacement of
+      # Kafka moved it, so the app's rendered KAFKA_BOOTSTRAP_SERVERS changed and the app restarted
+      # (and, Kafka away longer than the template's wait.min, restarted without it). Static, a new
+      # Kafka registers the same address, the app's template renders the same bytes and Nomad does not
+      # restart it (consul-template renderer.go FileRenderer.Render: DidRender false for equal
+      # contents; Nomad's template.go handleTemplateRerenders acts only on a new LastDidRender).
       port "kafka" {
-        to = 9092
+        static = var.kafka_internal_port
+        to     = var.kafka_internal_port
       }
 
       # Listener for clients on the host: the VM forwards 127.0.0.1:19092 to guest port 19092.
@@ -216,13 +228,20 @@ job "datastorage" {
       # Room for a controlled shutdown, so the next start does not have to recover the log.
       kill_timeout = "30s"
 
+      # The image's user, by number: apache/kafka's docker/jvm/Dockerfile creates it with
+      # `adduser -h /home/appuser -D --shell /bin/bash appuser` (no -u) on eclipse-temurin:21-jre-alpine,
+      # so busybox gives it the first free uid from 1000, and ends with `USER appuser`. Saying the uid
+      # here makes the process and the host volume's owner (cloud-init/files/nomad/host-volumes:
+      # 1000 1000) agree by construction rather than by that assumption.
+      user = "1000:1000"
+
       config {
         image              = var.kafka_image
         ports              = ["kafka", "kafka_host"]
         image_pull_timeout = "10m"
       }
 
-      # The image runs as uid 1000 (appuser); cloud-init creates the host directory with that owner.
+      # The task runs as uid 1000 (`user` above); cloud-init creates the host directory with that owner.
       volume_mount {
         volume      = "data"
         destination = "/var/lib/kafka/data"
@@ -240,9 +259,9 @@ job "datastorage" {
         KAFKA_CONTROLLER_QUORUM_VOTERS   = "1@localhost:9093"
         KAFKA_CONTROLLER_LISTENER_NAMES  = "CONTROLLER"
         KAFKA_INTER_BROKER_LISTENER_NAME = "INTERNAL"
-        KAFKA_LISTENERS                  = "INTERNAL://0.0.0.0:9092,HOST://0.0.0.0:${var.kafka_host_port},CONTROLLER://localhost:9093"
-        # NOMAD_ADDR_kafka is the node address and the HOST port Docker publishes (not the
-        # container port 9092): what another job on another address has to dial.
+        KAFKA_LISTENERS                  = "INTERNAL://0.0.0.0:${var.kafka_internal_port},HOST://0.0.0.0:${var.kafka_host_port},CONTROLLER://localhost:9093"
+        # NOMAD_ADDR_kafka is the node address and the port Docker publishes there: what another
+        # job on another address has to dial.
         KAFKA_ADVERTISED_LISTENERS           = "INTERNAL://${NOMAD_ADDR_kafka},HOST://localhost:${var.kafka_host_port}"
         KAFKA_LISTENER_SECURITY_PROTOCOL_MAP = "CONTROLLER:PLAINTEXT,INTERNAL:PLAINTEXT,HOST:PLAINTEXT"
 

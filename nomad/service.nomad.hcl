@@ -48,6 +48,12 @@ variable "postgres_db" {
   default     = "app"
 }
 
+variable "kafka_internal_port" {
+  description = "Kafka's static listener port for other jobs; must match the datastorage job's kafka_internal_port."
+  type        = number
+  default     = 9092
+}
+
 variable "wait_timeout" {
   description = "Seconds a prestart wait gives its dependency before it fails with the last error (the restart policy then retries)."
   type        = number
@@ -311,8 +317,16 @@ job "app" {
       # `min` (at the latest `max` after the first change; consul-template manager/runner.go,
       # quiescence). A datastorage redeploy deregisters Postgres and Kafka for ~20 s: when they come
       # back on the same address the rendered file is unchanged and the app is NOT restarted (it
-      # answers /healthz with 503 naming what is down and recovers on its own); a new address (Kafka's
-      # dynamic port) restarts it once, after the data settled.
+      # answers /healthz with 503 naming what is down and recovers on its own).
+      #
+      # KAFKA_BOOTSTRAP_SERVERS is never rendered empty: while the kafka service is not registered
+      # (Kafka restarting for longer than wait.min) the `else` renders the node's address and Kafka's
+      # static port, the very address the service registers (datastorage job), so the file does not
+      # change either way and the app keeps running. `env "attr..."` reads node attributes: Nomad gives
+      # consul-template the task env plus the node's attributes (client/allocrunner/taskrunner/
+      # template/template.go templateRunner: runner.Env = EnvBuilder.Build().All(); client/taskenv/
+      # env.go TaskEnv.All). Without it the app started without the variable and exited 2 until Kafka
+      # came back (it now also starts when Kafka does not answer, reporting kafka down on /healthz).
       template {
         destination = "secrets/app.env"
         env         = true
@@ -334,9 +348,7 @@ job "app" {
         DATABASE_URL=postgresql://${var.postgres_user}:{{ $password | urlquery }}@{{ .Address }}:{{ .Port }}/${var.postgres_db}
         {{- end }}{{ end }}
         {{- end }}
-        {{- with nomadService "kafka" }}
-        KAFKA_BOOTSTRAP_SERVERS={{ range $i, $s := . }}{{ if $i }},{{ end }}{{ $s.Address }}:{{ $s.Port }}{{ end }}
-        {{- end }}
+        KAFKA_BOOTSTRAP_SERVERS={{ with nomadService "kafka" }}{{ range $i, $s := . }}{{ if $i }},{{ end }}{{ $s.Address }}:{{ $s.Port }}{{ end }}{{ else }}{{ env "attr.unique.network.ip-address" }}:${var.kafka_internal_port}{{ end }}
         EOT
       }
 

@@ -7,6 +7,7 @@ Each test gives its app instance its own database and topic, so instances do not
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 import uuid
@@ -16,10 +17,12 @@ from typing import Any
 
 import psycopg
 import pytest
+import requests
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from servers import tansu
 from servers.app import AppProcess
+from servers.common import free_port
 from servers.postgres import PostgresServer
 
 AppFactory = Callable[..., AppProcess]
@@ -252,8 +255,6 @@ def test_missing_configuration_exits_2_naming_the_variable(tmp_path: Path, pg: P
 
 def test_startup_gives_up_naming_postgres(tmp_path: Path, pg: PostgresServer,
                                           kafka: tansu.TansuBroker) -> None:  # fmt: skip
-    from servers.common import free_port
-
     env = {**app_env(pg, kafka, "postgres"), "PGPORT": str(free_port()), "STARTUP_TIMEOUT": "3"}
     app = AppProcess(log=tmp_path / "app.log", env=env)
     app.start(wait=False)
@@ -278,3 +279,105 @@ def test_logs_are_json_lines_and_sigterm_stops_cleanly(make_app: AppFactory) -> 
     started = next(e for e in logs if e["msg"] == "starting")
     assert "test-password" not in str(started)  # the target is logged, the password is not
     assert logs[-1]["msg"] == "stopped"
+
+
+# ------------------------------------------------------------------ issue 23/13: what a client can make --
+def test_get_events_is_cut_to_its_byte_budget_newest_first(make_app: AppFactory) -> None:
+    """Events near the size limit, asked for 500 at once: the answer holds the newest that fit in its
+    budget (max_bytes) and says it was truncated; the app never builds the whole 500 (the rows are sized
+    and cut in Postgres)."""
+    app = make_app()
+    big = "x" * 60_000
+    ids = []
+    for i in range(24):  # 24 x 60 KB = 1.4 MB: more than one answer may hold
+        posted = app.post("/events", json={"i": i, "blob": big})
+        assert posted.status_code == 201, posted.text
+        ids.append(posted.json()["id"])
+    answer = app.get("/events?limit=500")
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    budget = body["max_bytes"]
+    assert len(answer.content) <= budget + 200, (len(answer.content), budget)
+    assert body["truncated"] is True and 1 <= body["count"] == len(body["events"]) < 24
+    assert [e["id"] for e in body["events"]] == ids[::-1][: body["count"]]  # newest first, a prefix
+    assert body["events"][0]["payload"] == {"i": 23, "blob": big}
+    few = app.get("/events?limit=3").json()
+    assert few["truncated"] is False and [e["id"] for e in few["events"]] == ids[:-4:-1]
+
+
+def test_too_large_event_is_refused_naming_the_limit(make_app: AppFactory) -> None:
+    app = make_app()
+    over = app.post(
+        "/events", data=b'{"x": "' + b"y" * 70_000 + b'"}', headers={"Content-Type": "application/json"}
+    )
+    assert over.status_code == 413 and over.json()["max_bytes"] == 65536
+    assert "larger than 65536 bytes" in over.json()["error"]
+    # far larger: waitress refuses it before the app reads a byte of it (max_request_body_size)
+    huge = app.post("/events", data=b"y" * 300_000, headers={"Content-Type": "application/json"})
+    assert huge.status_code == 413 and "131072" in huge.text
+    assert app.get("/events").json()["events"] == []
+
+
+def test_idle_half_open_connections_do_not_stall_healthz(make_app: AppFactory) -> None:
+    """150 connections that sent half a request and wait (more than waitress's default connection_limit,
+    100, past which it stops accepting): /healthz still answers."""
+    app = make_app()
+    idle = []
+    try:
+        for _ in range(150):
+            sock = socket.create_connection(("127.0.0.1", app.port), timeout=10)
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: app\r\n")  # no blank line: never complete
+            idle.append(sock)
+        deadline = time.monotonic() + 60  # generous; the old limit answered only when its cleanup ran
+        answer = None
+        while answer is None and time.monotonic() < deadline:
+            try:
+                answer = requests.get(app.url + "/healthz", timeout=5)
+            except requests.RequestException:
+                continue
+        assert answer is not None and answer.status_code == 200, "healthz did not answer"
+        # the idle ones are still open: they were not merely dropped to make room
+        assert sum(_still_open(s) for s in idle) == len(idle)
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def _still_open(sock: socket.socket) -> bool:
+    sock.setblocking(False)
+    try:
+        return sock.recv(1) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------- issue 23/14: a Kafka restart keeps the app --
+def test_app_starts_and_serves_while_kafka_is_away(make_app: AppFactory, pg: PostgresServer,
+                                                   tmp_path: Path) -> None:  # fmt: skip
+    """Kafka does not answer when the app starts (restarting, longer than STARTUP_TIMEOUT): the app starts
+    all the same, reports kafka down, and works once the broker is back — no restart, no exit."""
+    broker = tansu.TansuBroker(tmp_path / "late-broker")
+    broker.root.mkdir()
+    broker.port = free_port()  # nobody listens there yet
+    database = new_database(pg)
+    app = make_app(env=app_env(pg, broker, database, STARTUP_TIMEOUT="3"), database=database)
+    try:
+        down = app.get("/healthz")
+        refused = app.post("/events", json={"n": 1})
+        broker.start()
+        deadline = time.monotonic() + 60
+        while app.get("/healthz").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        recovered = app.get("/healthz")
+        stored = app.post("/events", json={"n": 2})
+    finally:
+        tansu.cleanup(broker)
+    assert down.status_code == 503 and down.json()["down"] == ["kafka"], down.text
+    assert refused.status_code == 503 and refused.json()["down"] == ["kafka"], refused.text
+    assert recovered.status_code == 200, recovered.text
+    assert stored.status_code == 201, stored.text
+    assert app.proc is not None and app.proc.poll() is None  # the same process all along
+    warned = [e for e in app.logs() if e["msg"].startswith("dependency not ready; serving without it")]
+    assert warned and warned[0]["dependency"] == "kafka"

@@ -52,7 +52,9 @@ class World:
 
     def env(self, **extra: str) -> dict[str, str]:
         return {"NOMAD_ADDR": self.double.url, "NOMAD_TOKEN": "", "NOMAD_CACERT": "", "NOMAD_REGION": "",
-                "NOMAD_NAMESPACE": "", "INVOKE_DEPLOY_INGRESS_JOB": str(self.job), **extra}  # fmt: skip
+                "NOMAD_NAMESPACE": "", "INVOKE_DEPLOY_INGRESS_JOB": str(self.job),
+                # generous: a request's limit only ends a hang (the double's HCL parse is slow on a busy machine)
+                "INVOKE_NOMAD_READ_TIMEOUT": "300", **extra}  # fmt: skip
 
     def another_double(self, **kw: Any) -> NomadAPIDouble:
         d = NomadAPIDouble(**kw).ready_now().start()

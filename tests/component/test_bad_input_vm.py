@@ -1,9 +1,10 @@
 """Bad inputs and faults of the VM lifecycle, through the real `inv` CLI.
 
 A table of cases: each sets up a fault (a running VM on a blank disk where the case needs one: real qemu,
-no OS), runs one `inv` command, and asserts its exit code, its one-line message, how long it took, and that
-nothing was left behind — no qemu or qemu-img of this state dir, no pidfile/QMP socket/launch record of a
-VM that does not run, no temp files. Beside the table: two `inv vm.run` at once (the lock), and Ctrl-C
+no OS), runs one `inv` command, and asserts its exit code, its one-line message (a command that should stop at
+once but waits would end with another exit code and message: no duration is measured), and that nothing was
+left behind — no qemu or qemu-img of this state dir, no pidfile/QMP socket/launch record of a VM that does
+not run, no temp files. Beside the table: two `inv vm.run` at once (the lock), and Ctrl-C
 at several points of `inv vm.run`.
 """
 
@@ -24,9 +25,11 @@ from typing import Any
 
 import psutil
 import pytest
+from badinput import assert_one_error
 from servers.common import blank_vm_settings, processes_of, vm_ports
+from servers.qmp import FakeQMP
 
-from infra import ROOT
+from infra import ROOT, qmp
 from infra.state import StatePaths
 
 pytestmark = pytest.mark.tools("qemu-system-x86_64", "qemu-img")
@@ -220,7 +223,6 @@ class Case:
     message: str  # a regex one line of the output must match, after str.format: {pid} = the VM's pid,
     # {ssh}/{nomad} = the MOVED forwards; literal braces are doubled
     env: dict[str, str] = field(default_factory=dict)
-    seconds: float = 60  # the command must finish within this
     vm_survives: bool = False  # the VM is expected to keep running after the command (then stopped here)
     absent: tuple[str, ...] = ("Traceback",)  # never in the output
 
@@ -247,7 +249,7 @@ CASES = [
     *[
         Case(f"fatal-console/{name}", fatal_console(line), ("vm.check",), 1,
              rf"^error: the guest cannot boot; its serial console says: {re.escape(line.strip())}",
-             env={"INVOKE_VM_SSH_TIMEOUT": "120"}, seconds=20, vm_survives=True)
+             env={"INVOKE_VM_SSH_TIMEOUT": "120"}, vm_survives=True)
         for name, line in (
             ("panic", "Kernel panic - not syncing: VFS: Unable to mount root fs on unknown-block(0,0)"),
             ("initramfs", "(initramfs) "),
@@ -257,20 +259,20 @@ CASES = [
     # tasks that reach the VM use the forwards it was launched with
     Case("moved-forward/check", moved_forwards, ("vm.check",), 2,
          r"^error: timed out after 2s waiting for SSH on 127\.0\.0\.1:{ssh}", env={"INVOKE_VM_SSH_TIMEOUT": "2"},
-         seconds=30, vm_survives=True),
+         vm_survives=True),
     Case("moved-forward/nomad.wait", moved_forwards, ("nomad.wait", "--timeout", "2"), 2,
-         r"^error: timed out after 2s waiting for Nomad at http://127\.0\.0\.1:{nomad} ", seconds=30,
+         r"^error: timed out after 2s waiting for Nomad at http://127\.0\.0\.1:{nomad} ",
          vm_survives=True),
     # `up` without Nomad says so at once; vm.status while the guest boots
     Case("up-without-nomad", no_setup, ("up",), 1,
-         r"^error: `inv up` deploys onto the VM's own Nomad, but provision\.nomad is off", seconds=15),
+         r"^error: `inv up` deploys onto the VM's own Nomad, but provision\.nomad is off"),
     Case("status-while-booting", running_vm, ("vm.status",), 0,
          r"^\s+cloud-init: unknown \(SSH not up yet\)$", vm_survives=True,
          absent=("Traceback", "SSHException", "No existing session")),
     # a second lifecycle command waits for the lock, then names its holder
     Case("lock-held/stop", lock_held, ("vm.stop",), 2,
          r"^error: vm\.stop: the state dir .* is locked by pid \d+ \(vm\.run, for \d+s\); waited \d+s",
-         env={"INVOKE_VM_LOCK_TIMEOUT": "1"}, seconds=15),
+         env={"INVOKE_VM_LOCK_TIMEOUT": "1"}),
     Case("base-digest-mismatch/run", no_setup, ("vm.run",), 1,
          r"^error: .*blank\.qcow2 does not match vm\.image_sha256: expected 0{{64}}, got [0-9a-f]{{64}}$",
          env={"INVOKE_VM_IMAGE_SHA256": "0" * 64}),
@@ -300,9 +302,7 @@ def test_vm_fault(lab: Lab, case: Case) -> None:
         case.setup(lab)
         state_existed = lab.state.root.exists()
         pids = [p.pid for p in processes_of(lab.state.root)]
-        started = time.monotonic()
-        result = lab.inv(*case.args, env=case.env, timeout=case.seconds + 60)
-        took = time.monotonic() - started
+        result = lab.inv(*case.args, env=case.env, timeout=300)  # only ends a hang
     finally:
         for holder in LOCK_HOLDERS:
             holder.kill()
@@ -322,7 +322,6 @@ def test_vm_fault(lab: Lab, case: Case) -> None:
     assert any(re.search(pattern, line) for line in output.splitlines()), (
         f"no line matches {pattern!r}:\n{output}"
     )
-    assert took < case.seconds, f"took {took:.1f}s (bound {case.seconds}s):\n{output}"
     for word in case.absent:
         assert word not in output, output
     alive = [p.pid for p in processes_of(lab.state.root)]
@@ -407,3 +406,46 @@ def test_ctrl_c_during_vm_run(lab: Lab, trigger: str, delay: float) -> None:
         assert not lab.state.disk.exists(), "the overlay of an interrupted first run is left"
         assert not lab.state.vm_record.exists(), "a launch record of a VM that never ran"
     assert lab.leftovers() == []
+
+
+# ---------------------------------------------------------------------- issue 23/7: a guest qemu holds --
+def test_paused_guest_is_an_error_not_a_slow_boot(lab: Lab) -> None:
+    """A real qemu whose guest is stopped over QMP (`stop`: run state paused): `vm.check` fails at once
+    naming the state, instead of waiting for SSH; `vm.status` shows it."""
+    pid = lab.start_vm()
+    qmp.execute(lab.state.qmp_socket, "stop")
+    assert qmp.execute(lab.state.qmp_socket, "query-status")["status"] == "paused"
+    check = lab.inv("vm.check", env={"INVOKE_VM_SSH_TIMEOUT": "300"})
+    assert check.returncode == 1, check.stderr
+    assert_one_error(check.stderr, "the VM does not run: the guest is paused (qemu's `stop`")
+    assert "waiting for SSH" not in check.stderr  # it never started the wait
+    status = lab.inv("vm.status", "--json")
+    assert status.returncode == 0, status.stderr
+    info = json.loads(status.stdout)
+    assert info["run_state"] == "paused" and "qemu run state paused" in info["problem"]
+    assert [p.pid for p in processes_of(lab.state.root)] == [pid]  # neither command touched the VM
+    assert lab.inv("vm.stop", "--timeout", "0").returncode == 0
+    assert processes_of(lab.state.root) == [] and lab.leftovers() == []
+
+
+def test_io_error_names_the_host_disk(lab: Lab) -> None:
+    """qemu paused the guest after a failed disk write (run state io-error, what a full state-dir
+    filesystem causes; answered here by a fake QMP in place of the real qemu's socket): `vm.check` and
+    `vm.status` name the host filesystem that holds the disk."""
+    lab.start_vm()
+    lab.state.qmp_socket.unlink()  # the real qemu keeps listening on its unlinked socket
+    with FakeQMP(lab.state.qmp_socket, "status:io-error") as fake:
+        check = lab.inv("vm.check", env={"INVOKE_VM_SSH_TIMEOUT": "300"})
+        status = lab.inv("vm.status")
+    assert check.returncode == 1, check.stderr
+    line = assert_one_error(check.stderr, "the VM is paused: qemu paused the guest after a write to its disk")
+    mount = psutil.disk_partitions(all=True)
+    holder = max((m.mountpoint for m in mount if str(lab.state.disk).startswith(m.mountpoint.rstrip("/") + "/")),
+                 key=len)  # fmt: skip
+    assert f"its disk {lab.state.disk} is on the host filesystem {holder} (" in line, line
+    assert f"hint: free space on {holder}" in check.stderr
+    assert status.returncode == 0, status.stderr
+    assert "VM: qemu runs, guest io-error" in status.stderr and f"host filesystem {holder}" in status.stderr
+    assert fake.commands.count("query-status") >= 2
+    assert lab.inv("vm.stop", "--timeout", "0").returncode == 0
+    assert processes_of(lab.state.root) == [] and lab.leftovers() == []

@@ -128,18 +128,17 @@ def test_inv_logs_follow_streams_new_output_across_heartbeats(
         first = proc.stdout.readline().decode()
         time.sleep(1.0)  # heartbeats `{}` go by meanwhile (every 0.2 s here)
         deployed.write_log(newest_alloc(deployed), "server", "stdout", "later\n")
-        started = time.monotonic()
+        # arrives while `inv logs --follow` still runs: streamed as it comes, not kept until the end
         second = proc.stdout.readline().decode()
-        latency = time.monotonic() - started
         assert proc.poll() is None  # still following
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=10)
     assert (first, second) == ("listening on :8080\n", "later\n")
-    assert latency < 1.0
     assert b"Traceback" not in err
-    heartbeats = [r for r in deployed.requests if r.path.startswith("/v1/client/fs/logs/")]
-    assert heartbeats and heartbeats[-1].query["follow"] == "true"
+    streams = [r for r in deployed.requests if r.path.startswith("/v1/client/fs/logs/")]
+    # one following stream carried both lines across the heartbeats: no polling, no reconnect
+    assert len(streams) == 1 and streams[0].query["follow"] == "true", [r.query for r in streams]
 
 
 def test_inv_logs_into_a_closed_pipe_is_quiet(deployed: NomadAPIDouble, tmp_path: Path) -> None:

@@ -266,18 +266,19 @@ def test_inv_up_on_a_checked_vm_neither_logs_in_nor_loads_ssh(
     with NomadAPIDouble().ready_now() as api:
         to_api = dataclasses.replace(cfg, nomad=dataclasses.replace(cfg.nomad, addr=api.url))
         release.ship(to_api, nomad.Client.from_config(to_api), image="registry.example/app:1")
-        result = run_inv(
-            "-f", str(settings), "up", env={"NOMAD_ADDR": api.url},
-            program=(sys.executable, "-X", "importtime", str(Path(sys.executable).with_name("inv"))),
-        )  # fmt: skip
+        up = ("-f", str(settings), "up")
+        importtime = (sys.executable, "-X", "importtime", str(Path(sys.executable).with_name("inv")))
+        first = run_inv(*up, env={"NOMAD_ADDR": api.url})  # writes the seed (validated: jsonschema)
+        assert first.returncode == 0, first.stderr[-3000:]
+        result = run_inv(*up, env={"NOMAD_ADDR": api.url}, program=importtime)
         assert result.returncode == 0, result.stderr[-3000:]
         assert api.count("^/v1/node") >= 1  # nomad.wait asked Nomad about the node
-    assert guest.logins() == 1  # only the check above
+    assert guest.logins() == 1  # only the check above: neither `inv up` logged in
     loaded = {
         m.split(".")[0]
         for m in re.findall(r"^import time:\s+\d+ \|\s+\d+ \| +([\w.]+)$", result.stderr, re.M)
     }
-    assert "infra" in loaded and not loaded & {"fabric", "paramiko"}
+    assert "infra" in loaded and not loaded & {"fabric", "paramiko", "jsonschema"}
     assert "not asked again" in result.stderr
     assert "registry.example/app:1 is already live" in result.stderr
     assert result.stdout.splitlines()[-1] == "registry.example/app:1"  # what `inv up` prints: the image live

@@ -58,3 +58,17 @@ def test_a_task_imports_only_what_it_uses(
     assert heavy_imports(result) <= allowed, (
         f"inv {' '.join(args)} imported {heavy_imports(result) - allowed}"
     )
+
+
+def test_an_unchanged_seed_is_not_validated_again(
+    run_inv: Callable[..., subprocess.CompletedProcess[str]],
+) -> None:
+    """The first `inv iso` checks the user-data against cloud-init's schema (jsonschema); a second one that
+    renders the very bytes written last time keeps the verdict and does not even import jsonschema."""
+    first = with_importtime(run_inv, "iso")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "jsonschema" in heavy_imports(first)
+    second = with_importtime(run_inv, "iso")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "seed ISO unchanged" in second.stderr
+    assert "jsonschema" not in heavy_imports(second)

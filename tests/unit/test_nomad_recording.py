@@ -253,7 +253,11 @@ def load_script() -> ModuleType:
     spec = importlib.util.spec_from_loader("recording_to_replay", loader)
     assert spec is not None
     module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
+    # The script's first import is scripts/_venv.py, found beside it (Python puts a script's own directory
+    # first on sys.path when it runs; loaded here, the test puts it there). In this virtualenv it does nothing.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(path.parent))
+        loader.exec_module(module)
     return module
 
 

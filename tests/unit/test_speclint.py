@@ -185,6 +185,16 @@ SPEC_CASES = [
            '      restart {\n        mode = "fail"\n      }\n'),),
          'mode = "fail"', "ingress/traefik/traefik",
          'restart.mode = "fail" overrides the group\'s; set mode = "delay" or leave it to the group'),
+    Case("host-volume-owner", DATA, (('      user = "1000:1000"\n', ""),), 'volume      = "data"\n        destination = "/var/lib/kafka',
+         "datastorage/kafka/kafka",
+         'mounts host volume "kafka-data", whose directory cloud-init creates for uid 1000 '
+         "(cloud-init/files/nomad/host-volumes), but the task sets user = (unset): the image's default user is "
+         'an assumption; set user = "1000:1000"', -1),
+    Case("host-volume-owner", DATA, (('user = "1000:1000"', 'user = "appuser"'),), 'user = "appuser"',
+         "datastorage/kafka/kafka",
+         'mounts host volume "kafka-data", whose directory cloud-init creates for uid 1000 '
+         "(cloud-init/files/nomad/host-volumes), but the task sets user = \"appuser\": the image's default user "
+         'is an assumption; set user = "1000:1000"'),
     Case("network-mode", DATA, (('    network {\n      port "db" {', '    network {\n      mode = "bridge"\n\n      port "db" {'),),
          'mode = "bridge"', "datastorage/postgres",
          'network mode "bridge" needs CNI plugins, which the VM does not install (and the agent config sets no '
@@ -331,6 +341,10 @@ GC_WHY = (
     '(default true, image_delay "3m"): the docker driver deletes an image 3 minutes after its last task stops, '
     "the locally built app image included, which no registry can give back; set gc { image = false }"
 )
+PULL_WHY = (
+    '(default "2m"): the docker driver cancels an image pull that shows no progress for that long, and a job\'s '
+    'image_pull_timeout does not extend it; set pull_activity_timeout = "10m" or more'
+)
 ORDER_WHY = (
     "which sorts before nomad.hcl: Nomad merges /etc/nomad.d/*.hcl in name order and the later file wins, so the "
     "package's nomad.hcl would override it; name it to sort after nomad.hcl (e.g. zz-infra-lab.hcl; digits sort "
@@ -347,6 +361,10 @@ AGENT_CASES = [
               "volumes.enabled = true lets any job bind-mount any host path (/ included) through config.volumes or "
               "mount, and nothing here needs it: templates render into the task's own directories and host volumes "
               "are Nomad volumes; remove the volumes block", 1),
+    AgentCase("docker-pull-activity", (('    pull_activity_timeout = "10m"\n', ""),), (), AGENT, "  config {",
+              'plugin "docker"', "pull_activity_timeout = (unset) " + PULL_WHY),
+    AgentCase("docker-pull-activity", (('pull_activity_timeout = "10m"', 'pull_activity_timeout = "5m"'),), (),
+              AGENT, 'pull_activity_timeout = "5m"', 'plugin "docker"', 'pull_activity_timeout = "5m" ' + PULL_WHY),
     AgentCase("cni-path", (("client {\n  enabled = true\n", 'client {\n  enabled = true\n  cni_path = "/usr/lib/cni"\n'),),
               (), AGENT, "\n  cni_path =", "client",
               'cni_path = "/usr/lib/cni", but no cloud-init part installs CNI plugins (containernetworking-plugins); '
@@ -675,3 +693,26 @@ def test_cli_accepts_a_directory_and_rejects_missing_files(
 def test_without_nomad_the_skip_is_said_not_silent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
     assert speclint.nomad_checks([SPECS / APP]) == ([], [speclint.NOMAD_SKIPPED])
+
+
+def test_kafka_keeps_one_address_and_the_app_never_renders_an_empty_bootstrap() -> None:
+    """Issue 23/14, read from the real specs: Kafka's listener for other jobs is on a static port (a
+    replacement registers the same address), the app job names the same port, and the app's env template
+    renders KAFKA_BOOTSTRAP_SERVERS with or without the kafka service (its `else`: node address + that
+    port), so a Kafka restart changes no byte of it and Nomad does not restart the app."""
+    data = speclint.parse((ROOT / "nomad" / "datastorage.nomad.hcl").read_text())
+    app = speclint.parse((ROOT / "nomad" / "service.nomad.hcl").read_text())
+    port = {v.name: v.get("default") for v in data.children("variable")}["kafka_internal_port"]
+    assert port == {v.name: v.get("default") for v in app.children("variable")}["kafka_internal_port"]
+    (job,) = data.children("job")
+    kafka = next(g for g in job.children("group") if g.name == "kafka")
+    network = kafka.child("network")
+    assert network is not None
+    listener = next(p for p in network.children("port") if p.name == "kafka")
+    assert listener.get("static") == "${var.kafka_internal_port}", listener.attrs
+    (app_job,) = app.children("job")
+    task = next(t for g in app_job.children("group") for t in g.children("task") if t.name == "app")
+    env_templates = [t for t in task.children("template") if t.get("env") is True]
+    (line,) = [ln for t in env_templates for ln in str(t.get("data")).splitlines() if "KAFKA_BOOTSTRAP" in ln]
+    assert line.strip().startswith('KAFKA_BOOTSTRAP_SERVERS={{ with nomadService "kafka" }}')
+    assert '{{ else }}{{ env "attr.unique.network.ip-address" }}:${var.kafka_internal_port}{{ end }}' in line

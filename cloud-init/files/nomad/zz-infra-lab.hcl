@@ -55,6 +55,12 @@ plugin "docker" {
     # (drivers/docker/driver.go, containerBinds: the check runs only when volumes are disabled).
     allow_privileged = false
 
+    # A pull that shows no progress for pull_activity_timeout (default "2m") is cancelled, whatever the
+    # job's image_pull_timeout (drivers/docker/config.go configSpec; coordinator.go pullImageImpl gets
+    # both): under TCG, extracting one large layer (Kafka's JRE) can be quiet for longer than that.
+    # 10m, the longest image_pull_timeout of the job specs (speclint: docker-pull-activity).
+    pull_activity_timeout = "10m"
+
     # The docker driver garbage-collects an image `image_delay` (default 3m) after the last task
     # using it stops, locally built images included: existing images are reference-counted too
     # (drivers/docker/config.go gc defaults; driver.go createImage -> IncrementImageReference).

@@ -27,6 +27,15 @@ echo "deb [signed-by=$keyring] https://apt.releases.hashicorp.com ${VERSION_CODE
     > /etc/apt/sources.list.d/hashicorp.list
 apt-get update -o Dir::Etc::sourcelist=sources.list.d/hashicorp.list -o Dir::Etc::sourceparts=- \
     -o APT::Get::List-Cleanup=0
+# A pin the repository does not carry (withdrawn, a typo, not yet published for this release) would only
+# say "Version '...' for 'nomad' was not found": name the versions it has instead.
+available=$(apt-cache madison nomad | awk '{print $3}')
+if ! printf '%s\n' "$available" | grep -qxF "${NOMAD_VERSION}-1"; then
+    echo "infra-lab: nomad=${NOMAD_VERSION}-1 is not in HashiCorp's repository for ${VERSION_CODENAME}; it has:" \
+        "$(printf '%s\n' "$available" | sed 's/-1$//' | head -n 12 | tr '\n' ' ')" >&2
+    echo "infra-lab: set provision.nomad_version to one of them" >&2
+    exit 1
+fi
 DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "nomad=${NOMAD_VERSION}-1"
 apt-mark hold nomad
 echo "infra-lab: installed $(nomad version | head -n 1)"
