@@ -28,6 +28,7 @@ KNOWN_HOSTS = "known_hosts"
 DEPLOYED = "deployed.json"  # last image tag deployed by deploy.app
 BUILD_LOG = "build.log"  # the last app image build's full output
 TLS_DIR = "tls"  # the project CA and Traefik's certificate for *.localhost (infra/tls.py); 0700, keys 0600
+TLS_CA_CERT = "ca.pem"  # in TLS_DIR: the project CA's certificate, what a browser or curl is told to trust
 VM_CHECKED = (
     "vm-checked.json"  # the last good `vm.check` of the running VM's boot (qemu pid + start, boot id)
 )

@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from infra.errors import InfraError
-from infra.state import StatePaths
+from infra.state import TLS_CA_CERT, StatePaths
 
 #: The names the leaf serves: every `*.localhost` resolves to loopback in browsers and curl (RFC 6761).
 #: `app.localhost` is named as well: OpenSSL (so curl and Python) and browsers do not match a wildcard
@@ -49,7 +49,7 @@ LEAF_DAYS = 397
 CA_DAYS = 10 * 365
 CA_NAME = "infra-lab local CA"
 
-CA_CERT = "ca.pem"
+CA_CERT = TLS_CA_CERT  # named in infra/state.py: `inv status` shows its path without loading cryptography
 CA_KEY = "ca-key.pem"
 CERT = "cert.pem"
 KEY = "key.pem"
