@@ -23,11 +23,12 @@ import yaml
 
 from infra import deploy
 from infra.config import ACME_RESOLVERS, Config
-from infra.nomad import Client
-from infra.state import TLS_CA_CERT, StatePaths
+from infra.state import StatePaths
 
-if TYPE_CHECKING:  # infra.tls loads cryptography: imported where a certificate is made or read
+# tls (cryptography) loads only where a certificate is made: `inv status` does not need it (test_startup)
+if TYPE_CHECKING:
     from infra import tls
+    from infra.nomad import Client
 
 #: Item of the ingress job's Nomad Variable that the job's template renders as Traefik's dynamic config.
 DYNAMIC_KEY = "traefik_dynamic"
@@ -134,4 +135,4 @@ def publish(cfg: Config, client: Client) -> tls.Bundle:
 
 
 def ca_path(cfg: Config) -> Path:
-    return StatePaths.of(cfg).tls_dir / TLS_CA_CERT  # as tls.ca_path, without loading cryptography
+    return StatePaths.of(cfg).tls_ca

@@ -153,7 +153,7 @@ def status(cfg: Config) -> dict[str, Any]:
     """`inv vm.status`: the VM's status plus, when it runs, cloud-init's state: remembered from this boot's
     check (`remembered`), else read from the guest's state files over SSH, briefly."""
     info = vm.status(cfg)
-    if info["running"] and info.get("run_state") != "running":
+    if info["running"] and info.get("run_state") not in ("running", "unknown"):
         info["cloud_init"] = f"unknown (the guest does not run: qemu run state {info.get('run_state')})"
     elif info["running"]:
         memo = remembered(cfg)
