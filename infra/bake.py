@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from infra import bakecache, images, qemu, ui
+from infra import bakecache, files, images, qemu, ui
 from infra.bakecache import Bake, bakes_dir, content_key, find, key_inputs, locate
 from infra.config import Config, Port
 from infra.errors import ImageError, InfraError, VMError
@@ -285,9 +285,8 @@ def bake(cfg: Config, *, from_vm: bool = False, force: bool = False, keep: bool 
             "total": total,
         },
     }
-    tmp = target.manifest.with_name(f".{target.manifest.name}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    tmp.replace(target.manifest)
+    text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    files.write_atomic(target.manifest, text.encode(), "bake manifest")
     ui.ok(
         f"baked image {key}: {target.path} ({_size(size)}, {len(packages)} packages, "
         f"{len(docker_images)} container images, {total:.0f}s)"

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from infra import images, qemu, seed, speclint, ui
+from infra import files, images, qemu, seed, speclint, ui
 from infra.config import Config
 from infra.errors import ImageError, VMError
 
@@ -89,10 +89,8 @@ def base_digest(cfg: Config, arch: str) -> str:
     with ui.live(f"hashing {path.name} (the base image's digest is part of the bake key)"):
         digest = images.file_digest(path, "sha256")
     known[str(path)] = {**stamp, "sha256": digest}
-    store.parent.mkdir(parents=True, exist_ok=True)
-    tmp = store.with_name(f".{store.name}.tmp")
-    tmp.write_text(json.dumps(known, indent=2, sort_keys=True) + "\n")
-    tmp.replace(store)
+    text = json.dumps(known, indent=2, sort_keys=True) + "\n"
+    files.write_atomic(store, text.encode(), "record of local image digests")
     return f"sha256:{digest}"
 
 

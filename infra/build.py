@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from infra import ui
+from infra import files, ui
 from infra.config import Config
 from infra.errors import BuildError, InfraError
 from infra.state import StatePaths
@@ -128,6 +128,12 @@ def context_tarball(src: Source, dest: Path) -> Path:
             info.uname = info.gname = ""
             tar.addfile(info, io.BytesIO(data))
     return dest
+
+
+def _open_log(log: Path) -> IO[str]:
+    """The build log, truncated, opened without following a link (infra/files.py)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    return os.fdopen(files.open_nofollow(log, "build log", flags, error=BuildError), "w")
 
 
 def check_ref(ref: str) -> str:
@@ -234,7 +240,7 @@ class LocalDocker:
         if self.network:
             args += ["--network", self.network]
         args.append("-")  # the context is the tarball on stdin
-        with log.open("w") as out, context.open("rb") as ctx, ui.live(f"building {ref}") as line:
+        with _open_log(log) as out, context.open("rb") as ctx, ui.live(f"building {ref}") as line:
             sink = _LogSink(out, line, f"building {ref}")
             proc = subprocess.Popen(args, env=self.env(), stdin=ctx, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True)  # fmt: skip
@@ -327,7 +333,7 @@ class RemoteDocker:
             net = ["--network", self.network] if self.network else []
             args = " ".join(shlex.quote(a) for a in ["--tag", ref, *_build_args(build_args), *net])
             command = f"{env}{docker} build {args} - < {shlex.quote(remote)}"
-            with log.open("w") as out, ui.live(f"building {ref} in the VM") as line:
+            with _open_log(log) as out, ui.live(f"building {ref} in the VM") as line:
                 sink = _LogSink(out, line, f"building {ref}")
                 result = self._sh(command, timeout=BUILD_TIMEOUT, out_stream=sink, err_stream=sink)
         finally:
@@ -379,8 +385,7 @@ def build(
     src = source(root or cfg.root)
     ref = f"{cfg.app.image}:{src.tag}"
     check_ref(ref)
-    state = StatePaths.of(cfg)
-    state.root.mkdir(parents=True, exist_ok=True)
+    state = StatePaths.of(cfg).claim()
     log = state.build_log
     if src.dirty:
         ui.warn(f"app/ has uncommitted changes: building {ref} from the work tree")

@@ -34,6 +34,7 @@ from invoke.parser.argument import Argument
 from invoke.program import Program as InvokeProgram
 
 from infra import config as config_mod
+from infra import files
 from infra.errors import ConfigError, InfraError, printable, redact_urls
 
 USAGE_EXIT = 2
@@ -76,7 +77,14 @@ class ProjectInvokeConfig(InvokeConfig):
                 )
             if not file.is_file():
                 raise ConfigError(
-                    f"config file {file} (-f): " + ("is a directory" if file.is_dir() else "no such file"),
+                    f"config file {file} (-f): "
+                    + (
+                        "is a directory"
+                        if file.is_dir()
+                        else "not a regular file"
+                        if file.exists()
+                        else "no such file"
+                    ),
                     hint="check the path; without -f the defaults of invoke.yaml apply",
                 )
         super().load_runtime(merge=merge)
@@ -142,6 +150,9 @@ def _stage(method: Callable[..., Any]) -> Callable[..., Any]:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             raise Exit(code=141) from None
         except Exception as exc:
+            if isinstance(exc, OSError) and files.disk_full(exc):  # wherever a write hit a full disk
+                where = exc.filename or "a write failed (No space left on device)"
+                raise Exit(f"error: {printable(f'disk full: {where}')}", code=1) from None
             message = _bad_value(exc) if isinstance(exc, ValueError) else None
             if message:
                 raise Exit(f"error: {message}\nhint: inv --help shows the options", code=USAGE_EXIT) from None

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from infra import ROOT
+from infra import ROOT, files
 from infra.datafile import load_yaml
 from infra.errors import ConfigError, TemplateError
 
@@ -297,6 +297,11 @@ def build(raw: Mapping[str, Any], *, root: Path = ROOT, defaults: Mapping[str, A
     vm = dict(data["vm"])
     vm["ports"] = {name: Port(**spec) for name, spec in vm["ports"].items()}
     _check_ports(vm["ports"])
+    if not str(project["state_dir"]).strip():
+        raise ConfigError(
+            "configuration key project.state_dir is empty",
+            hint="the state dir holds the VM's disk and private key: name a directory of its own, e.g. .state",
+        )
     _check_values(data, state_dir=rel(project["state_dir"]))
     deploy = dict(data["deploy"])
     for key in ("data_job", "app_job", "ingress_job"):
@@ -304,7 +309,9 @@ def build(raw: Mapping[str, Any], *, root: Path = ROOT, defaults: Mapping[str, A
     return Config(
         root=root,
         project=ProjectConfig(
-            name=project["name"], state_dir=rel(project["state_dir"]), cache_dir=rel(cache)
+            name=project["name"],
+            state_dir=files.trusted_dir(rel(project["state_dir"]), "project.state_dir"),
+            cache_dir=files.trusted_dir(rel(cache), "project.cache_dir"),
         ),
         ssh=SSHConfig(**data["ssh"]),
         provision=ProvisionConfig(**data["provision"]),
@@ -449,6 +456,10 @@ def _check_ports(ports: Mapping[str, Port]) -> None:
 
 #: Debian's adduser/useradd default NAME_REGEX: what cloud-init can create as the login user.
 _USER_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+#: A Debian package (Policy 5.6.1: at least two of [a-z0-9+.-], starting with a letter or digit), optionally
+#: pinned: `=` and a version (5.6.12: [epoch:]upstream[-revision], upstream starting with a digit, of
+#: [A-Za-z0-9.+~-]; the revision of [A-Za-z0-9.+~]). Never an apt option ("-s", "-oAPT::...").
+_PACKAGE = re.compile(r"[a-z0-9][a-z0-9+.-]+(?:=(?:[0-9]+:)?[0-9][A-Za-z0-9.+~]*(?:-[A-Za-z0-9.+~]+)*)?")
 #: RFC 1123 host name: dot-separated labels of letters, digits and inner hyphens.
 _HOST_NAME = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
                         r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")  # fmt: skip
@@ -492,6 +503,14 @@ def _check_values(data: Mapping[str, Any], *, state_dir: Path) -> None:
             f"configuration key provision.hostname is {host!r}: not a valid host name",
             hint="letters, digits and '-' in dot-separated labels of at most 63 characters",
         )
+    for i, package in enumerate(data["provision"]["packages"]):
+        if not isinstance(package, str) or not _PACKAGE.fullmatch(package):
+            raise ConfigError(
+                f"configuration key provision.packages[{i}] is {package!r}: not a Debian package name "
+                "(optionally =version)",
+                hint="names are lower-case letters, digits and + - . (Debian Policy 5.6.1), starting with a "
+                "letter or digit, e.g. jq or jq=1.6-2.1; apt options such as -s or -o are not packages",
+            )
     if "," in str(state_dir):
         raise ConfigError(
             f"configuration key project.state_dir is {str(state_dir)!r}: a comma is not allowed",

@@ -63,7 +63,13 @@ def find(matches: Callable[[list[str]], bool]) -> int | None:
     return None
 
 
-def kill(pid: int, grace: float = 5.0) -> bool:
+def kill(
+    pid: int,
+    grace: float = 5.0,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> bool:
     """SIGTERM, then SIGKILL, each given `grace` seconds; True when the process is gone. SIGTERM is
     followed by SIGCONT (as systemd's stop does), so a process stopped with SIGSTOP gets to handle it
     instead of holding it pending until SIGKILL."""
@@ -72,11 +78,11 @@ def kill(pid: int, grace: float = 5.0) -> bool:
             os.kill(pid, sig)
             if sig == signal.SIGTERM:
                 os.kill(pid, signal.SIGCONT)
-        end = time.monotonic() + grace
-        while time.monotonic() < end:
+        end = clock() + grace
+        while clock() < end:
             if not alive(pid):
                 return True
-            time.sleep(0.1)
+            sleep(0.1)
     return False
 
 

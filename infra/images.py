@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +36,9 @@ from infra.errors import ConfigError, ImageError, TemplateError, root_cause, unr
 CATALOGUE = ROOT / "vm" / "images.yaml"
 ALGOS = ("sha256", "sha512")
 CHUNK = 1 << 16  # small enough that a cut connection loses little of what arrived
+#: The most an image download writes (vm/images.yaml names no sizes; the pinned cloud images are < 1 GiB):
+#: a body with no end, or a size declared beyond it, never fills the cache disk.
+MAX_IMAGE = 16 * 2**30
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
 
@@ -162,9 +166,7 @@ def ensure(cfg: Config, arch: str, *, session: requests.Session | None = None) -
         with ui.live(f"verifying cached {dest.name} ({source.algo})"):
             actual = file_digest(dest, source.algo)
         if actual == source.digest:
-            _marker(dest).write_text(
-                json.dumps({"algo": source.algo, "digest": source.digest, **_stat_key(dest)})
-            )
+            _write_marker(dest, source)
             return dest
         ui.warn(
             f"cached {dest} fails its {source.algo} check (got {actual[:16]}...): deleted, fetching again"
@@ -173,6 +175,12 @@ def ensure(cfg: Config, arch: str, *, session: requests.Session | None = None) -
         _marker(dest).unlink(missing_ok=True)
     files.writable_dir(cfg.project.cache_dir, "project.cache_dir")  # before a download, not half-way
     return fetch(source, dest, session=session)
+
+
+def _write_marker(dest: Path, source: ImageSource) -> None:
+    """The `.verified` sidecar (size + mtime + digest), written without following a link (infra/files.py)."""
+    data = json.dumps({"algo": source.algo, "digest": source.digest, **_stat_key(dest)})
+    files.write_atomic(_marker(dest), data.encode(), "image verification record", error=ImageError)
 
 
 def _check_local(path: Path, source: ImageSource) -> None:
@@ -193,6 +201,7 @@ def fetch(
     retries: int = 5,
     backoff: float = 1.0,
     sleep: Callable[[float], None] = time.sleep,
+    max_bytes: int = MAX_IMAGE,
 ) -> Path:
     """Download `source` to `dest` (resuming `<dest>.part`), verify it, publish it atomically.
 
@@ -202,14 +211,12 @@ def fetch(
     part = dest.with_name(dest.name + ".part")
     http = session or requests.Session()
     for round_ in (1, 2):
-        _download(source, part, http, retries=retries, backoff=backoff, sleep=sleep)
+        _download(source, part, http, retries=retries, backoff=backoff, sleep=sleep, max_bytes=max_bytes)
         with ui.live(f"verifying {dest.name} ({source.algo})"):
             actual = file_digest(part, source.algo)
         if actual == source.digest:
             part.replace(dest)
-            _marker(dest).write_text(
-                json.dumps({"algo": source.algo, "digest": source.digest, **_stat_key(dest)})
-            )
+            _write_marker(dest, source)
             ui.ok(f"image {source.name}: {dest} ({source.algo} verified)")
             return dest
         size = part.stat().st_size
@@ -243,13 +250,14 @@ def _download(
     retries: int,
     backoff: float,
     sleep: Callable[[float], None],
+    max_bytes: int,
 ) -> None:
     errors: list[str] = []
     for attempt in range(1, retries + 1):
         unresolved: list[str] = []
         for url in source.urls:
             try:
-                if _download_once(url, part, http):
+                if _download_once(url, part, http, max_bytes):
                     return
                 errors.append(f"{url}: 404 not found")
             except _Unresolvable as exc:  # another mirror may resolve; this one will not by waiting
@@ -290,8 +298,11 @@ def _partial_note(part: Path) -> str:
     return "nothing was downloaded"
 
 
-def _download_once(url: str, part: Path, http: requests.Session) -> bool:
-    """One request, resuming `part`. False on 404; raises _Retry on transient failures."""
+def _download_once(url: str, part: Path, http: requests.Session, max_bytes: int = 0) -> bool:
+    """One request, resuming `part`. False on 404; raises _Retry on transient failures. At most `max_bytes`
+    (MAX_IMAGE by default) are written: a body that goes on, or a size declared beyond it or beyond the free
+    space, is an ImageError and leaves no partial file past the cap; so is a full disk."""
+    max_bytes = max_bytes or MAX_IMAGE
     have = part.stat().st_size if part.exists() else 0
     headers = {"Range": f"bytes={have}-"} if have else {}
     try:
@@ -319,12 +330,30 @@ def _download_once(url: str, part: Path, http: requests.Session) -> bool:
             have, mode = 0, "wb"
             length = resp.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
+        _check_room(url, part, have, total, max_bytes)
         written = have
         with ui.download_progress() as progress, part.open(mode) as f:
             task = progress.add_task(part.name.removesuffix(".part"), total=total, completed=have)
             try:
                 for chunk in resp.iter_content(CHUNK):
-                    f.write(chunk)
+                    if written + len(chunk) > max_bytes:
+                        f.close()
+                        part.unlink(missing_ok=True)
+                        raise ImageError(
+                            f"downloading {url}: the body goes on past {max_bytes} bytes (the cap for an "
+                            "image); the partial download was deleted",
+                            hint="the server does not serve the image the URL names; check vm.image",
+                        )
+                    try:
+                        f.write(chunk)
+                    except OSError as exc:
+                        f.close()
+                        part.unlink(missing_ok=True)
+                        raise ImageError(
+                            files.failed(f"downloading {url} to {part}", exc)
+                            + "; the partial download was deleted",
+                            hint="free space where project.cache_dir lives, or point it elsewhere",
+                        ) from None
                     written += len(chunk)
                     progress.update(task, completed=written)
             except (
@@ -336,6 +365,25 @@ def _download_once(url: str, part: Path, http: requests.Session) -> bool:
         if total is not None and written < total:
             raise _Retry(f"short body: {written} of {total} bytes")
     return True
+
+
+def _check_room(url: str, part: Path, have: int, total: int | None, max_bytes: int) -> None:
+    """Before writing: a declared size within the cap and the free space (nothing is written otherwise)."""
+    if total is None:
+        return
+    if total > max_bytes:
+        raise ImageError(
+            f"downloading {url}: the server declares {total} bytes, more than the cap for an image "
+            f"({max_bytes} bytes); nothing was written",
+            hint="the server does not serve the image the URL names; check vm.image",
+        )
+    free = shutil.disk_usage(part.parent).free
+    if total - have > free:
+        raise ImageError(
+            f"disk full: {part.parent} has {free // 2**20} MiB free, the image needs {(total - have) // 2**20} MiB "
+            f"more ({url})",
+            hint="free space where project.cache_dir lives, or point it elsewhere; nothing was written",
+        )
 
 
 def _content_range(header: str) -> tuple[int, int | None]:

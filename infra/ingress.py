@@ -17,14 +17,18 @@ themselves are static configuration (job arguments) whose values come from HCL v
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from infra import deploy, tls
+from infra import deploy
 from infra.config import ACME_RESOLVERS, Config
-from infra.nomad import Client
 from infra.state import StatePaths
+
+# tls (cryptography) loads only where a certificate is made: `inv status` does not need it (test_startup)
+if TYPE_CHECKING:
+    from infra import tls
+    from infra.nomad import Client
 
 #: Item of the ingress job's Nomad Variable that the job's template renders as Traefik's dynamic config.
 DYNAMIC_KEY = "traefik_dynamic"
@@ -117,6 +121,8 @@ def acme_variables(cfg: Config) -> dict[str, str]:
 
 def certificate(cfg: Config) -> tls.Bundle:
     """The project CA and the leaf, re-issued when fewer than 30 days remain (infra/tls.py)."""
+    from infra import tls
+
     return tls.ensure(StatePaths.of(cfg))
 
 
@@ -129,4 +135,4 @@ def publish(cfg: Config, client: Client) -> tls.Bundle:
 
 
 def ca_path(cfg: Config) -> Path:
-    return tls.ca_path(StatePaths.of(cfg))
+    return StatePaths.of(cfg).tls_ca

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import fcntl
 import os
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,14 +115,17 @@ def ensure_generated(state: StatePaths) -> KeyPair:
 def _ensure_generated(state: StatePaths) -> KeyPair:
     private, public = state.ssh_key, state.ssh_pubkey
     ssh_dir = private.parent
-    ssh_dir.mkdir(parents=True, exist_ok=True)
-    _tighten(ssh_dir, 0o700)
-    dir_fd = os.open(ssh_dir, os.O_RDONLY | os.O_CLOEXEC)
+    state.claim()
+    files.make_dir(ssh_dir, "SSH key directory", mode=0o700, error=SSHKeyError)  # never through a link
+    dir_fd = files.open_dir(ssh_dir, "SSH key directory", error=SSHKeyError, create=False)
     try:
         fcntl.flock(dir_fd, fcntl.LOCK_EX)
         if private.exists() and public.exists():
-            _tighten(private, 0o600)
-            return KeyPair(validate_public_key(public.read_text(), str(public)), private, str(public))
+            files.tighten(private, 0o600, "generated SSH private key", error=SSHKeyError)
+            text = files.read_text(
+                public, "generated SSH public key", error=SSHKeyError, limit=MAX_PUBLIC_KEY
+            )
+            return KeyPair(validate_public_key(text, str(public)), private, str(public))
         key = Ed25519PrivateKey.generate()
         pem = key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
@@ -133,35 +134,9 @@ def _ensure_generated(state: StatePaths) -> KeyPair:
             serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
         )
         line = pub.decode() + " infra-lab"
-        _write_atomic(private, pem, 0o600)
-        _write_atomic(public, (line + "\n").encode(), 0o644)
+        # a fresh temp name each (O_EXCL), mode set on the open fd: a file someone left cannot lend its mode
+        files.write_atomic(private, pem, "generated SSH private key", mode=0o600, error=SSHKeyError)
+        files.write_atomic(public, (line + "\n").encode(), "generated SSH public key", error=SSHKeyError)
         return KeyPair(line, private, str(public))
     finally:
         os.close(dir_fd)  # releases the flock
-
-
-def _tighten(path: Path, mode: int) -> None:
-    """Drop group/other permissions beyond `mode` (a 0755 ssh dir or a 0644 key left by someone else)."""
-    if path.stat().st_mode & 0o777 & ~mode:
-        os.chmod(path, mode)
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write via a fresh temp file (O_EXCL, mode set on the open fd) renamed over `path`; removed on failure.
-
-    A fresh name matters: reusing a fixed `<name>.tmp` would keep the mode (and owner) of a file someone
-    left there, since O_CREAT's mode applies only to files it creates."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        os.write(fd, data)
-        os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        os.replace(tmp, path)
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise

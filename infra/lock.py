@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from infra import host
+from infra import files, host
 from infra.errors import VMError, WaitTimeout
 from infra.state import StatePaths
 from infra.waits import Probe, wait_until
@@ -45,7 +45,7 @@ def holder(path: Path) -> str:
 
 def _try_lock(path: Path) -> int | None:
     """An fd holding an exclusive flock on the file now at `path`, or None when another process holds it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = files.open_nofollow(path, "VM lock file", os.O_RDWR | os.O_CREAT, mode=0o600, error=VMError)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -71,8 +71,8 @@ def state_lock(state: StatePaths, what: str, timeout: float) -> Iterator[None]:
             f"project.state_dir {state.root} is not a directory",
             hint="point project.state_dir at a directory (it is created when missing)",
         )
+    state.claim()  # the tool's own dir (marker), before the lock file is made in it
     try:
-        state.root.mkdir(parents=True, exist_ok=True)
         fd = _try_lock(path)
     except OSError as exc:
         raise VMError(
@@ -91,7 +91,7 @@ def state_lock(state: StatePaths, what: str, timeout: float) -> Iterator[None]:
                 got.append(lock_fd)
                 return Probe(True, "acquired")
             if not state.root.is_dir():  # removed by a vm.destroy that held the lock: recreate and retry
-                state.root.mkdir(parents=True, exist_ok=True)
+                state.claim()
                 created[0] = True
             return Probe(False, f"held by {holder(path)}")
 
@@ -108,7 +108,8 @@ def state_lock(state: StatePaths, what: str, timeout: float) -> Iterator[None]:
         fd = got[0]
     try:
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"pid": os.getpid(), "what": what, "since": time.time()}).encode(), 0)
+        with contextlib.suppress(OSError):  # who holds it is for messages only: a full disk still locks
+            os.pwrite(fd, json.dumps({"pid": os.getpid(), "what": what, "since": time.time()}).encode(), 0)
         yield
     finally:
         _release(state, fd, created[0])
@@ -118,8 +119,12 @@ def _release(state: StatePaths, fd: int, created_root: bool) -> None:
     """Unlock; a state dir this command created and that holds nothing but the lock is removed again."""
     try:
         if state.root.is_dir():
-            if created_root and [p.name for p in state.root.iterdir()] == [state.lock.name]:
+            if created_root and {p.name for p in state.root.iterdir()} <= {
+                state.lock.name,
+                state.marker.name,
+            }:
                 state.lock.unlink()
+                state.marker.unlink(missing_ok=True)
                 with contextlib.suppress(OSError):
                     state.root.rmdir()
             else:

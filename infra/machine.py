@@ -157,7 +157,7 @@ def status(cfg: Config) -> dict[str, Any]:
     """`inv vm.status`: the VM's status plus, when it runs, cloud-init's state: remembered from this boot's
     check (`remembered`), else read from the guest's state files over SSH, briefly."""
     info = vm.status(cfg)
-    if info["running"] and info.get("run_state") != "running":
+    if info["running"] and info.get("run_state") not in ("running", "unknown"):
         info["cloud_init"] = f"unknown (the guest does not run: qemu run state {info.get('run_state')})"
     elif info["running"]:
         memo = remembered(cfg)
@@ -245,8 +245,11 @@ def destroy_nodes(cfg: Config, name: str = "") -> None:
             top.nodes_dir.rmdir()
         top.deployed.unlink(missing_ok=True)
         top.lock.unlink(missing_ok=True)
+    # as infra.vm's destroy: the marker goes last, and the dir only when nothing else is left in it
+    if top.root.is_dir() and [entry.name for entry in top.root.iterdir()] == [top.marker.name]:
+        top.marker.unlink()
     with contextlib.suppress(OSError):
-        top.root.rmdir()  # only when nothing else is left in it
+        top.root.rmdir()
 
 
 def _running(node: Config) -> bool:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from infra import ui
+from infra import files, ui
 from infra.config import Port
 from infra.errors import VMError
 
@@ -352,6 +352,6 @@ def _auto_kvm(kvm_device: Path, probe: Callable[[], tuple[bool, str]], cache: Pa
     with ui.live(f"probing KVM (a short boot under -accel kvm, at most {KVM_PROBE_TIMEOUT:.0f}s)"):
         works, reason = probe()
     if cache is not None and boot_id:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps({"boot_id": boot_id, "works": works, "reason": reason}) + "\n")
+        text = json.dumps({"boot_id": boot_id, "works": works, "reason": reason}) + "\n"
+        files.write_atomic(cache, text.encode(), "KVM probe verdict")
     return ("kvm" if works else "tcg"), f"KVM probe: {reason}"

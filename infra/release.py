@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,7 +142,26 @@ def _read_record(path: Path) -> dict[str, Any]:
         data = json.loads(files.read_text(path, "record of the last deploy.app", error=DeployError))
     except (DeployError, ValueError, RecursionError):  # absent or unreadable: as if never deployed
         return {}
-    return data if isinstance(data, dict) else {}
+    variables = data.get("variables", {}) if isinstance(data, dict) else None
+    if not isinstance(variables, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in variables.items()
+    ):  # valid JSON of another shape (`null`, "variables": 123): never guess what was deployed
+        got = json.dumps(variables if isinstance(data, dict) else data)[:40]
+        raise DeployError(
+            f"the record of the last deploy.app {path} is not valid: "
+            + (
+                f"'variables' is {got}, expected an object of strings"
+                if isinstance(data, dict)
+                else f"expected a JSON object, got {got}"
+            ),
+            hint="delete it (`inv deploy.app --image REF` then names the image), or `inv vm.destroy`",
+        )
+    return dict(data)
+
+
+class RecordError(DeployError):
+    """deployed.json cannot be written: found before registering (nothing was deployed), or after a
+    deployment that succeeded. Either way no rollback happened, and none is reported."""
 
 
 def _check_writable(path: Path) -> None:
@@ -151,19 +171,30 @@ def _check_writable(path: Path) -> None:
         if path.exists() and not path.is_file():
             raise IsADirectoryError(errno.EISDIR, "it is not a file")
         files.probe_dir(path.parent)
+        files.no_links(path.parent, [path.name], "record of the deployed image", error=DeployError)
+        free = shutil.disk_usage(path.parent).free
+        if free < MIN_FREE:
+            raise OSError(errno.ENOSPC, f"{free // 1024} KiB free, {MIN_FREE // 1024} KiB needed")
     except OSError as exc:
-        raise DeployError(
-            f"cannot write {path} (the record of the deployed image): {exc.strerror or exc}",
+        raise RecordError(
+            files.failed(f"cannot write {path} (the record of the deployed image)", exc),
             hint="project.state_dir must be a writable directory; nothing was deployed",
         ) from None
+    StatePaths(path.parent).check()  # the tool's own dir (infra/state.py), or refused before registering
+
+
+#: Free space the state dir must have before a deploy registers: the record is small, but a disk that has
+#: less is full for every practical purpose (a probe file of 0 bytes still fits on a full disk).
+MIN_FREE = 1024 * 1024
 
 
 def _write_record(path: Path, data: Mapping[str, Any]) -> None:
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
     try:
+        StatePaths(path.parent).claim()
         files.write_atomic(path, text.encode(), "record of the deployed image", error=DeployError)
     except DeployError as exc:
-        raise DeployError(
+        raise RecordError(
             f"the job is deployed, but {exc.message}",
             hint="a later `inv up` redeploys the job file's default image; fix project.state_dir",
         ) from None
@@ -216,8 +247,8 @@ def ship(
     job_id = deploy.job_id_of(cfg.deploy.app_job)
     try:
         result = deploy_app(cfg, client, image=ref or None, variables=variables, detach=detach)
-    except deploy.NotRegistered:
-        raise  # nothing of ours reached the job: there is no rollback to report
+    except (RecordError, deploy.NotRegistered):
+        raise  # nothing of ours reached the job, or the deployment succeeded: no rollback to report
     except DeployError as exc:
         exc.details.extend(rollback_report(client, job_id, ref, failed=exc.deployment))
         raise

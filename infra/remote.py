@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from infra import console, ui
+from infra import console, files, ui
 from infra.config import Config
 from infra.errors import SSHKeyError, VMError
 from infra.state import StatePaths
@@ -166,8 +167,12 @@ def connection(cfg: Config, timeout: float = 10) -> Connection:
 
     state = StatePaths.of(cfg)
     known = state.known_hosts
-    known.parent.mkdir(parents=True, exist_ok=True)
-    known.touch(mode=0o600, exist_ok=True)
+    files.make_dir(known.parent, "SSH key directory", mode=0o700, error=SSHKeyError)
+    os.close(
+        files.open_nofollow(
+            known, "known_hosts file", os.O_WRONLY | os.O_CREAT, mode=0o600, error=SSHKeyError
+        )
+    )
     conn = Connection(
         host="127.0.0.1",
         port=cfg.vm.ports["ssh"].host,
@@ -412,7 +417,7 @@ def cloud_init_state(cfg: Config, timeout: float = 5) -> str:
 def ssh_command(cfg: Config, command: str = "") -> list[str]:
     """The OpenSSH command line for an interactive session (`inv vm.ssh`)."""
     state = StatePaths.of(cfg)
-    state.known_hosts.parent.mkdir(parents=True, exist_ok=True)
+    files.make_dir(state.known_hosts.parent, "SSH key directory", mode=0o700, error=SSHKeyError)
     argv = [
         "ssh", "-i", str(private_key(cfg)), "-p", str(cfg.vm.ports["ssh"].host),
         "-o", "IdentitiesOnly=yes", "-o", f"UserKnownHostsFile={state.known_hosts}",

@@ -478,7 +478,7 @@ def build(cfg: Config, ssh_key: str | None = None, *, baked: bool = False) -> Se
     """`inv iso`: render, validate, write <state>/seed.iso (+ the rendered user-data beside it).
     `baked`: the seed for a baked image (infra/bake.py), which installs nothing."""
     started = _time.monotonic()
-    state = StatePaths(files.writable_dir(cfg.project.state_dir, "project.state_dir"))
+    state = StatePaths(cfg.project.state_dir).check()
     pair = keys.resolve(ssh_key if ssh_key is not None else cfg.ssh.public_key, state)
     seed = render(cfg, pair.public, baked=baked, last=state.user_data)
     data = iso_bytes(seed)
@@ -487,6 +487,7 @@ def build(cfg: Config, ssh_key: str | None = None, *, baked: bool = False) -> Se
     # copy first, the ISO (what vm.run boots) last
     changed = not (_same(state.seed_iso, data) and _same(state.user_data, seed.user_data))
     if changed:
+        state.claim()
         files.write_atomic(state.user_data, seed.user_data, "rendered user-data", mode=0o600)
         files.write_atomic(state.seed_iso, data, "seed ISO")
     if cfg.provision.nomad and not HASHICORP_KEY_FILE.exists():  # compose() checked it when present

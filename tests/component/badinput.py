@@ -80,3 +80,26 @@ def unwritable_dir(path: Path) -> Iterator[Path]:
         if immutable:
             subprocess.run(["chattr", "-i", str(path)], check=True, capture_output=True)
         path.chmod(0o755)
+
+
+@contextlib.contextmanager
+def small_filesystem(path: Path, size: str = "1m", *, full: bool = False) -> Iterator[Path]:
+    """A real filesystem of `size` mounted at `path` (tmpfs; the suite runs as root here and in CI), for
+    "disk full" cases: `full` fills it first. Unmounted afterwards, whatever the test left in it."""
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
+                   check=True, capture_output=True)  # fmt: skip
+    try:
+        if full:
+            fill_up(path)
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True, capture_output=True)
+
+
+def fill_up(root: Path) -> None:
+    """Fill the filesystem of `root` with `root/filler` until it is full (ENOSPC)."""
+    with contextlib.suppress(OSError), (root / "filler").open("wb") as f:
+        while True:
+            f.write(b"\0" * 65536)
+            f.flush()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,8 @@ class Case:
 
 
 YAML_FILE = ("-f", "{tmp}/my.yaml", "iso")
+#: In Case.files: make a named pipe (FIFO) there, with no writer.
+FIFO = b"<fifo>"
 
 CASES = [
     # -- the -f file (item 13, 14)
@@ -63,6 +66,13 @@ CASES = [
     Case("f-huge", YAML_FILE, "my.yaml is larger than 1024 KiB", files={"my.yaml": b"# x\n" * 300_000}),
     Case("f-deep", YAML_FILE, "my.yaml: malformed YAML: nested too deeply",
          files={"my.yaml": b"vm: " + b"[" * 50_000 + b"]" * 50_000 + b"\n"}),
+    # issue 23, item 9: a 472-byte alias bomb grew to 4.1 GB; a FIFO hung the read
+    Case("f-alias-bomb", YAML_FILE, "my.yaml: refused YAML: its aliases expand to more than 100000 nodes",
+         files={"my.yaml": b"a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
+                + b"".join(b"%c: &%c [" % (n, n) + b", ".join([b"*%c" % (n - 1)] * 9) + b"]\n" for n in b"bcdefghi")}),
+    Case("f-alias-recursive", YAML_FILE, "my.yaml: refused YAML: an alias refers to a node that contains it",
+         files={"my.yaml": b"vm: &a {x: *a}\n"}),
+    Case("f-fifo", YAML_FILE, "config file {tmp}/my.yaml (-f): not a regular file", files={"my.yaml": FIFO}),
     Case("f-python-tag", YAML_FILE, "my.yaml:1:5: malformed YAML: could not determine a constructor",
          files={"my.yaml": b"vm: !!python/object/apply:os.system [true]\n"}),
     Case("f-number-key", YAML_FILE, "key 1 under vm. is not a name", files={"my.yaml": b"vm: {1: 2}\n"}),
@@ -113,6 +123,18 @@ CASES = [
     Case("user-trailing-newline", ("iso",), "ssh.user is 'ops\\n': not a valid user name", env={"INVOKE_SSH_USER": "ops\n"}),
     Case("hostname-trailing-newline", ("iso",), "provision.hostname is 'web-1\\n': not a valid host name",
          env={"INVOKE_PROVISION_HOSTNAME": "web-1\n"}),
+    # issue 23, item 4: provision.packages are Debian package names (Policy 5.6.1), never apt options
+    Case("packages-apt-option", YAML_FILE, "provision.packages[0] is '-s': not a Debian package name",
+         files={"my.yaml": b'provision: {packages: ["-s", "jq"]}\n'}),
+    Case("packages-apt-config", YAML_FILE,
+         "provision.packages[1] is '-oAPT::Get::AllowUnauthenticated=true': not a Debian package name",
+         files={"my.yaml": b'provision: {packages: ["jq", "-oAPT::Get::AllowUnauthenticated=true"]}\n'}),
+    Case("packages-bad-version", YAML_FILE, "provision.packages[0] is 'jq=latest': not a Debian package name",
+         files={"my.yaml": b'provision: {packages: ["jq=latest"]}\n'}),
+    Case("packages-not-a-string", YAML_FILE, "provision.packages[0] is ['jq', '1.6']: not a Debian package name",
+         files={"my.yaml": b'provision: {packages: [[jq, "1.6"]]}\n'}),
+    Case("packages-trailing-newline", YAML_FILE, "provision.packages[0] is 'jq\\n': not a Debian package name",
+         files={"my.yaml": b'provision: {packages: ["jq\\n"]}\n'}),
     Case("hostname-semicolon", ("iso",), "provision.hostname is 'nomad;reboot': not a valid host name",
          env={"INVOKE_PROVISION_HOSTNAME": "nomad;reboot"}),
     Case("hostname-empty", ("iso",), "provision.hostname is '': not a valid host name", env={"INVOKE_PROVISION_HOSTNAME": ""}),
@@ -161,7 +183,10 @@ def test_bad_config_input_is_one_error_line(
     for name, data in case.files.items():
         path = tmp_path / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
+        if data == FIFO:
+            os.mkfifo(path)
+        else:
+            path.write_bytes(data)
     state = tmp_path / "state"
     env = {k: _fill(v, tmp_path) for k, v in case.env.items()}
     if case.state == "under-file":
@@ -170,7 +195,7 @@ def test_bad_config_input_is_one_error_line(
     with state_shape(case.state, state):
         before = files_under(tmp_path)
         result = run_inv(
-            *(_fill(a, tmp_path) for a in case.args), env=env, program=PROGRAMS[program], timeout=60
+            *(_fill(a, tmp_path) for a in case.args), env=env, program=PROGRAMS[program], timeout=300
         )
 
         after = files_under(tmp_path)
@@ -186,10 +211,13 @@ def test_bad_config_input_is_one_error_line(
 def test_a_good_config_file_still_works(run_inv: Callable[..., Any], tmp_path: Path) -> None:
     """The control: the same path with a valid -f file builds the ISO with its values."""
     mine = tmp_path / "my.yaml"
-    mine.write_text("provision: {hostname: web-1, nomad: false}\n# comment\n")
+    mine.write_text(
+        "provision: {hostname: web-1, nomad: false, packages: [jq, 'libc6=2.36-9+deb12u4']}\n# comment\n"
+    )
     result = run_inv("-f", str(mine), "iso")
     assert result.returncode == 0, result.stderr
     assert b"hostname: web-1" in (tmp_path / "state" / "user-data").read_bytes()
+    assert b"- libc6=2.36-9+deb12u4" in (tmp_path / "state" / "user-data").read_bytes()
 
 
 @pytest.mark.parametrize("shape", ["file", "unwritable"])

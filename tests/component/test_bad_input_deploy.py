@@ -151,7 +151,7 @@ def test_bad_deploy_input_registers_nothing(
 
     with state_shape(case.state, state):
         before = files_under(state)
-        result = run_inv(*case.args, env=env, timeout=60)
+        result = run_inv(*case.args, env=env, timeout=300)
         after = files_under(state)
 
     assert result.returncode == case.code, result.stderr
@@ -167,7 +167,7 @@ def test_the_same_deploy_with_good_input_registers_the_job(
 ) -> None:
     """The control: what the cases above break, intact, registers the job with the image given."""
     env = deploy_env(tmp_path, double, {})
-    result = run_inv(*APP, env=env, timeout=60)
+    result = run_inv(*APP, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "web:2"
     assert double.count(r"^/v1/jobs$", "POST") == 1

@@ -6,6 +6,7 @@ where a write failed, the next run must write again rather than report "unchange
 
 from __future__ import annotations
 
+import os
 import resource
 import shutil
 import signal
@@ -26,6 +27,10 @@ KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGk8M6bJg4dD2Hn0n1c7aQx8G5b5wq3eXq3mQ
 PRIVATE = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----\n"
 
 
+#: In Case.files: make a named pipe (FIFO) there, with no writer.
+FIFO = b"<fifo>"
+
+
 @dataclass(frozen=True)
 class Case:
     id: str
@@ -36,8 +41,11 @@ class Case:
 
 
 CASES = [
-    Case("dev-zero", "/dev/zero", "SSH public key file /dev/zero is larger than 16 KiB"),
-    Case("dev-urandom", "/dev/urandom", "SSH public key file /dev/urandom is larger than 16 KiB"),
+    Case("dev-zero", "/dev/zero", "SSH public key file /dev/zero is a device, not a regular file"),
+    Case("dev-urandom", "/dev/urandom", "SSH public key file /dev/urandom is a device, not a regular file"),
+    # issue 23, item 9: a FIFO hung `inv iso` forever (open waits for a writer); refused at once now
+    Case("fifo", "{tmp}/key.fifo", "SSH public key file {tmp}/key.fifo is a FIFO, not a regular file",
+         files={"key.fifo": FIFO}),
     Case("huge-text", "{tmp}/huge.pub", "huge.pub is larger than 16 KiB", files={"huge.pub": (KEY + "\n").encode() * 1000}),
     Case("binary", "{tmp}/key.pub", "key.pub is binary (a NUL byte at offset 4)", files={"key.pub": b"\x7fELF\x00\x01"}),
     Case("not-utf8", "{tmp}/key.pub", "key.pub is not UTF-8 text", files={"key.pub": b"ssh-ed25519 AAAA caf\xe9\n"}),
@@ -59,13 +67,16 @@ def test_bad_ssh_key_is_one_error_line_and_leaves_nothing(
     for name, data in case.files.items():
         path = tmp_path / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
+        if data == FIFO:
+            os.mkfifo(path)
+        else:
+            path.write_bytes(data)
     state = tmp_path / "state"
 
     result = run_inv("iso", "--ssh-key", case.ssh_key.replace("{tmp}", str(tmp_path)), timeout=30)
 
     assert result.returncode == case.code, result.stderr
-    assert_one_error(result.stderr, case.phrase)
+    assert_one_error(result.stderr, case.phrase.replace("{tmp}", str(tmp_path)))
     assert files_under(state) == []  # no ISO, no user-data, no generated key
     assert temp_leftovers(tmp_path) == []
     assert processes_mentioning(str(tmp_path)) == []

@@ -52,7 +52,9 @@ class World:
 
     def env(self, **extra: str) -> dict[str, str]:
         return {"NOMAD_ADDR": self.double.url, "NOMAD_TOKEN": "", "NOMAD_CACERT": "", "NOMAD_REGION": "",
-                "NOMAD_NAMESPACE": "", "INVOKE_DEPLOY_INGRESS_JOB": str(self.job), **extra}  # fmt: skip
+                "NOMAD_NAMESPACE": "", "INVOKE_DEPLOY_INGRESS_JOB": str(self.job),
+                # generous: a request's limit only ends a hang (the double's HCL parse is slow on a busy machine)
+                "INVOKE_NOMAD_READ_TIMEOUT": "300", **extra}  # fmt: skip
 
     def another_double(self, **kw: Any) -> NomadAPIDouble:
         d = NomadAPIDouble(**kw).ready_now().start()
@@ -186,8 +188,9 @@ CASES = [
     Case("redirect-not-followed", ("nomad.wait", "--timeout", "5"), redirecting, 1,
          r"^error: Nomad at http://127\.0\.0\.1:\d+ answered GET /v1/agent/self with HTTP 307, a redirect to "
          r"http://127\.0\.0\.1:\d+/v1/agent/self; redirects are not followed"),
+    # deploy.ingress's first Nomad call: the read of its Nomad Variable (infra/ingress.py publish)
     Case("server-bytes-made-printable", ("deploy.ingress",), raw_bytes, 1,
-         r"^error: Nomad API POST /v1/jobs/parse: HTTP 500: boom\\x00\ufffd\\x1b\[2J\\x1b\]0;pwned\\x07$"),
+         r"^error: Nomad API GET /v1/var/nomad/jobs/web: HTTP 500: boom\\x00\ufffd\\x1b\[2J\\x1b\]0;pwned\\x07$"),
     Case("region-without-servers", ("nomad.wait", "--timeout", "60"), lambda w: w.env(NOMAD_REGION="mars"), 1,
          r"^error: Nomad API GET /v1/nodes: HTTP 500: No path to region$",
          output_has=("hint: Nomad knows no servers for region 'mars'",), requests=(("^/v1/nodes$", 1),)),
@@ -198,7 +201,7 @@ CASES = [
          r"^error: Nomad API GET /v1/nodes: HTTP 403: Permission denied$",
          output_has=("no token is set",)),
     Case("token-wrong-403", ("deploy.ingress",), lambda w: {**acl(w), "NOMAD_TOKEN": "wrong-" + TOKEN}, 1,
-         r"^error: Nomad API POST /v1/jobs/parse: HTTP 403: ACL token not found$"),
+         r"^error: Nomad API GET /v1/var/nomad/jobs/web: HTTP 403: ACL token not found$"),
     Case("parse-no-leader-is-not-a-parse-error", ("deploy.ingress",), parse_no_leader, 1,
          r"^error: Nomad API POST /v1/jobs/parse: HTTP 500: No cluster leader$",
          output_has=("inv nomad.wait",), output_lacks=("could not parse",)),

@@ -370,7 +370,7 @@ def test_the_rollback_report_reads_the_failed_deployment_not_the_latest(world: W
     good, bad_ref, error = ship_a_failing_canary(world)
     failed = error.deployment
     assert failed is not None and "rolling back to job version 0" in failed["StatusDescription"]
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 120  # a wait for an event, generous: it only ends a hang
     while (world.client.job_deployment("app").body or {}).get("ID") == failed["ID"]:
         assert time.monotonic() < deadline, "the revert never got a deployment of its own"
         time.sleep(0.05)

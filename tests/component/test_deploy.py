@@ -65,7 +65,7 @@ def double() -> Iterator[NomadAPIDouble]:
 
 @pytest.fixture
 def client(double: NomadAPIDouble) -> Client:
-    return Client(Settings(addr=double.url, retries=0, read_timeout=5))
+    return Client(Settings(addr=double.url, retries=0, read_timeout=120))  # generous: ends only a hang
 
 
 @pytest.fixture
@@ -82,7 +82,7 @@ def job_file(tmp_path: Path) -> Callable[..., Path]:
 def test_new_job_is_parsed_with_variables_registered_and_followed(
     double: NomadAPIDouble, client: Client, job_file: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    result = deploy.deploy_job(client, job_file(), variables={"image": "web:2"}, timeout=10)
+    result = deploy.deploy_job(client, job_file(), variables={"image": "web:2"}, timeout=120)
     assert (result.job_id, result.outcome, result.version) == ("web", "deployed", 0)
     parse = double.parse_calls[-1]
     assert parse["Canonicalize"] is True and parse["Variables"] == 'image = "web:2"\n'
@@ -102,9 +102,9 @@ def test_unchanged_redeploy_is_a_noop_that_says_so(
     double: NomadAPIDouble, client: Client, job_file: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = job_file()
-    deploy.deploy_job(client, path, timeout=10)
+    deploy.deploy_job(client, path, timeout=120)
     registers = double.count("^/v1/jobs$", "POST")
-    result = deploy.deploy_job(client, path, timeout=10)
+    result = deploy.deploy_job(client, path, timeout=120)
     assert result.outcome == "unchanged" and result.version == 0
     assert double.count("^/v1/jobs$", "POST") == registers  # nothing registered the second time
     assert "web: unchanged (version 0), nothing to do" in capsys.readouterr().err
@@ -114,7 +114,7 @@ def test_register_uses_check_and_set_from_the_plan(
     double: NomadAPIDouble, client: Client, job_file: Any
 ) -> None:
     path = job_file()
-    deploy.deploy_job(client, path, timeout=10)
+    deploy.deploy_job(client, path, timeout=120)
     job = deploy.parse(client, path, {"image": "web:3"})
     client.register_job(job)  # someone else changes the job between our plan and our register
     stale_index = 0  # what a plan made before the first registration would have said
@@ -127,7 +127,7 @@ def test_placement_failure_missing_docker_driver_exits_2_naming_job_group_task(
 ) -> None:
     double.set_docker("unhealthy")
     with pytest.raises(deploy.PlacementError) as info:
-        deploy.deploy_job(client, job_file(), timeout=10)
+        deploy.deploy_job(client, job_file(), timeout=120)
     err = info.value
     text = str(err)
     assert err.exit_code == 2
@@ -139,7 +139,7 @@ def test_placement_failure_missing_docker_driver_exits_2_naming_job_group_task(
 
 def test_placement_failure_memory_exhausted(double: NomadAPIDouble, client: Client, job_file: Any) -> None:
     with pytest.raises(deploy.PlacementError) as info:
-        deploy.deploy_job(client, job_file(memory=4096), timeout=10)
+        deploy.deploy_job(client, job_file(memory=4096), timeout=120)
     text = str(info.value)
     assert "job web, group frontend (task server)" in text
     assert "resources exhausted: memory on 1 node(s)" in text
@@ -149,7 +149,7 @@ def test_placement_failure_memory_exhausted(double: NomadAPIDouble, client: Clie
 def test_task_failing_to_start_driver_failure(double: NomadAPIDouble, client: Client, job_file: Any) -> None:
     double.behaviour["web:404"] = "driver-failure"
     with pytest.raises(DeployError) as info:
-        deploy.deploy_job(client, job_file(), variables={"image": "web:404"}, timeout=10)
+        deploy.deploy_job(client, job_file(), variables={"image": "web:404"}, timeout=120)
     text = str(info.value)
     assert info.value.exit_code == 1
     assert re.search(r"deployment \w{8} of job web failed: Failed due to unhealthy allocations", text)
@@ -163,10 +163,10 @@ def test_task_failing_to_start_driver_failure(double: NomadAPIDouble, client: Cl
 
 def test_deployment_failed_with_auto_revert(double: NomadAPIDouble, client: Client, job_file: Any) -> None:
     path = job_file()
-    deploy.deploy_job(client, path, variables={"image": "web:1"}, timeout=10)
+    deploy.deploy_job(client, path, variables={"image": "web:1"}, timeout=120)
     double.behaviour["web:broken"] = "exit-1"
     with pytest.raises(DeployError) as info:
-        deploy.deploy_job(client, path, variables={"image": "web:broken"}, timeout=10)
+        deploy.deploy_job(client, path, variables={"image": "web:broken"}, timeout=120)
     text = str(info.value)
     assert "rolling back to job version 0" in text
     assert "auto_revert: Nomad rolls job web back to version 0" in text
@@ -182,15 +182,15 @@ def test_deployment_failed_with_auto_revert(double: NomadAPIDouble, client: Clie
         res = client.job_deployment("web", index=res.index, wait=5)
     dep = res.body
     assert dep["JobVersion"] == 2
-    deploy.follow_deployment(client, double.jobs["web"], dep["ID"], deploy.Deadline(10))
+    deploy.follow_deployment(client, double.jobs["web"], dep["ID"], deploy.Deadline(120))
     assert double.jobs["web"]["TaskGroups"][0]["Tasks"][0]["Config"]["image"] == "web:1"
 
 
 def test_canary_success_with_promotion(double: NomadAPIDouble, client: Client, job_file: Any) -> None:
     path = job_file(canary=1)
-    first = deploy.deploy_job(client, path, variables={"image": "web:1"}, timeout=10)
+    first = deploy.deploy_job(client, path, variables={"image": "web:1"}, timeout=120)
     assert first.version == 0 and double.count("/v1/deployment/promote/") == 0  # no canaries on a new job
-    second = deploy.deploy_job(client, path, variables={"image": "web:2"}, timeout=10)
+    second = deploy.deploy_job(client, path, variables={"image": "web:2"}, timeout=120)
     assert second.outcome == "deployed" and second.version == 1
     assert double.count("/v1/deployment/promote/", "POST") == 1
     dep = double.deployments[second.deployment_id]
@@ -205,14 +205,14 @@ def test_canary_with_auto_promote_is_not_promoted_by_us(
     double: NomadAPIDouble, client: Client, job_file: Any
 ) -> None:
     path = job_file(canary=1, auto_promote=True)
-    deploy.deploy_job(client, path, variables={"image": "web:1"}, timeout=10)
-    result = deploy.deploy_job(client, path, variables={"image": "web:2"}, timeout=10)
+    deploy.deploy_job(client, path, variables={"image": "web:1"}, timeout=120)
+    result = deploy.deploy_job(client, path, variables={"image": "web:2"}, timeout=120)
     assert result.outcome == "deployed"
     assert double.count("/v1/deployment/promote/") == 0
 
 
 def test_detach_registers_and_returns(double: NomadAPIDouble, client: Client, job_file: Any) -> None:
-    result = deploy.deploy_job(client, job_file(), detach=True, timeout=10)
+    result = deploy.deploy_job(client, job_file(), detach=True, timeout=120)
     assert result.outcome == "registered" and result.eval_id
     assert "web" in double.jobs
     assert double.count("/v1/evaluation/") == 0 and double.count("/v1/deployment/") == 0
@@ -235,7 +235,7 @@ def test_parse_error_names_the_file(double: NomadAPIDouble, client: Client, tmp_
     bad = tmp_path / "bad.nomad.hcl"
     bad.write_text('job "x" {\n  group "g" {\n    count = oops(1)\n  }\n}\n')
     with pytest.raises(DeployError) as info:
-        deploy.deploy_job(client, bad, timeout=5)
+        deploy.deploy_job(client, bad, timeout=120)
     # command/agent/job_endpoint.go: 400 "Failed to parse job: input.hcl:..."; the path is put back
     assert f"{bad}: Nomad could not parse the job: Failed to parse job: {bad}:3," in str(info.value)
     assert 'There is no function named "oops"' in str(info.value)
@@ -252,7 +252,7 @@ def test_undeclared_variable_is_warned_about_not_dropped_silently(
     """/v1/jobs/parse is not Strict: Nomad drops a value for an undeclared variable with a warning it never
     returns (jobspec2/types.variables.go; command/agent/job_endpoint.go) — the double does the same."""
     path = job_file()
-    result = deploy.deploy_job(client, path, variables={"imgae": "web:typo"}, timeout=10)
+    result = deploy.deploy_job(client, path, variables={"imgae": "web:typo"}, timeout=120)
     assert result.outcome == "deployed"
     assert double.jobs["web"]["TaskGroups"][0]["Tasks"][0]["Config"]["image"] == "web:1"  # the default
     assert double.parse_warnings[-1] and "imgae" in double.parse_warnings[-1][0]
@@ -271,23 +271,23 @@ def test_hcl_variables_are_quoted_and_escaped() -> None:
 def test_purge_waits_until_allocations_are_gone(
     double: NomadAPIDouble, client: Client, job_file: Any
 ) -> None:
-    deploy.deploy_job(client, job_file(), timeout=10)
-    assert deploy.purge(client, ["web", "never-deployed"], timeout=10) == ["web"]
+    deploy.deploy_job(client, job_file(), timeout=120)
+    assert deploy.purge(client, ["web", "never-deployed"], timeout=120) == ["web"]
     assert "web" not in double.jobs
     allocs = [a for a in double.allocs.values() if a["JobID"] == "web"]
     assert allocs and all(a["ClientStatus"] == "complete" for a in allocs)
     assert double.count("^/v1/job/web$", "DELETE") == 1
     assert any(r.path == "/v1/job/web/allocations" and "index" in r.query for r in double.requests)
     # a second purge is a no-op
-    assert deploy.purge(client, ["web"], timeout=10) == []
+    assert deploy.purge(client, ["web"], timeout=120) == []
     assert double.count("^/v1/job/web$", "DELETE") == 1
 
 
 def test_purge_when_allocations_are_garbage_collected(job_file: Any) -> None:
     with NomadAPIDouble(timing=Timing(gc_after=0.05)).ready_now() as d:
         c = Client(Settings(addr=d.url, retries=0))
-        deploy.deploy_job(c, job_file(), timeout=10)
-        assert deploy.purge(c, ["web"], timeout=10) == ["web"]
+        deploy.deploy_job(c, job_file(), timeout=120)
+        assert deploy.purge(c, ["web"], timeout=120) == ["web"]
         assert not any(a["ClientStatus"] in ("pending", "running") for a in d.allocs.values())
 
 
@@ -374,7 +374,7 @@ def test_status_lists_jobs(double: NomadAPIDouble, client: Client, job_file: Any
     from infra import stack
 
     path = job_file()
-    deploy.deploy_job(client, path, timeout=10)
+    deploy.deploy_job(client, path, timeout=120)
     cfg = make_cfg(deploy={"app_job": str(path)})
     report = stack.status(cfg, client=client, vm_info={"running": False})
     assert report["nomad"]["reachable"] and report["nomad"]["ready"]

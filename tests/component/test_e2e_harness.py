@@ -175,7 +175,7 @@ IDLE_UP = [
 def up_again(cfg: Config, inv: FakeInvoker, snaps: list[dict[str, Any]]) -> str:
     """What tests/e2e/test_3_idempotency.py does, with the snapshots given."""
     before = snaps.pop(0)
-    result = inv(["up"], timeout=60)
+    result = inv(["up"], timeout=300)
     return e2e.up_again_verdict(before, snaps.pop(0), result)
 
 
@@ -420,7 +420,7 @@ def test_sigterm_mid_step_still_tears_down(tmp_path: Path) -> None:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "started"
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=20)
+        out, err = proc.communicate(timeout=120)  # only ends a hang
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -503,7 +503,7 @@ def test_sigterm_in_a_pytest_run_tears_the_session_fixture_down(tmp_path: Path) 
             if "started" in line:
                 break
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
+        out, _ = proc.communicate(timeout=120)  # only ends a hang
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -675,12 +675,13 @@ def test_guest_run_without_ssh_server(make_cfg: Callable[..., Config], tmp_path:
 
 
 def test_subprocess_invoker_streams_times_and_logs(tmp_path: Path) -> None:
-    inv = e2e.SubprocessInvoker(ROOT, tmp_path / "logs", inv=[sys.executable, "-c", FAKE_INV], echo=False)
-    result = inv(["up"], timeout=30)
-    names = [name for name, _ in result.phases()]
-    assert names == ["boot", "cloud-init"]
-    boot = dict(result.phases())["boot"]
-    assert 0.25 < boot < 2.0
+    ticks = iter(range(100))  # a fake clock: one second per reading (at the start, per line, at the end)
+    inv = e2e.SubprocessInvoker(ROOT, tmp_path / "logs", inv=[sys.executable, "-c", FAKE_INV], echo=False,
+                                clock=lambda: float(next(ticks)))  # fmt: skip
+    result = inv(["up"], timeout=300)
+    # each line is timed as it arrives: boot at 1 s, its "ok" at 2 s, cloud-init at 3 s, its "--" at 4 s
+    assert [t for t, _ in result.lines] == [1.0, 2.0, 3.0, 4.0]
+    assert result.phases() == [("boot", 2.0), ("cloud-init", 2.0)] and result.seconds == 5.0
     assert "ok  SSH answered" in result.output  # ANSI colour codes stripped
     assert result.busy_steps() == ["boot"]
     assert result.log is not None and "==> cloud-init" in result.log.read_text()
@@ -710,7 +711,7 @@ def test_subprocess_invoker_passes_its_environment(tmp_path: Path) -> None:
 
 def test_default_inv_is_the_real_cli_next_to_this_python() -> None:
     cmd = e2e.SubprocessInvoker(ROOT, ROOT).inv
-    out = subprocess.run([*cmd, "--list"], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
+    out = subprocess.run([*cmd, "--list"], cwd=ROOT, capture_output=True, text=True, timeout=300, check=True)
     assert "up" in out.stdout and "vm.run" in out.stdout
 
 
@@ -791,7 +792,7 @@ def test_e2e_wiring_bring_up_failure_diagnostics_teardown(tmp_path: Path) -> Non
     }
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "tests/e2e", "-x", "-p", "no:cacheprovider", "-p", "fake_e2e"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=540, check=False,  # only ends a hang
     )  # fmt: skip
     out = proc.stdout
     assert proc.returncode == 1, out + proc.stderr
@@ -820,7 +821,7 @@ def test_image_cache_command_prints_path_and_digest_key(tmp_path: Path) -> None:
     env = {**os.environ, "INVOKE_PROJECT_CACHE_DIR": str(tmp_path), "INVOKE_VM_ARCH": "x86_64"}
     out = subprocess.run(
         [sys.executable, "tests/e2e/harness.py", "image-cache"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=True,
     ).stdout.splitlines()  # fmt: skip
     assert out == [f"path={tmp_path}/images/sha256-{digest[:16]}", f"key=vm-image-sha256-{digest}"]
 
@@ -834,7 +835,7 @@ def test_bake_cache_command_prints_the_bakes_dir_and_the_content_key(tmp_path: P
            "INVOKE_PROVISION_REGISTRY_MIRROR": "https://mirror.gcr.io"}  # fmt: skip
     out = subprocess.run(
         [sys.executable, "tests/e2e/harness.py", "bake-cache"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=True,
     ).stdout.splitlines()  # fmt: skip
     base = {"project": {"cache_dir": str(tmp_path)}, "vm": {"arch": "x86_64"}}
     key, _inputs = bakecache.current_key(
@@ -847,7 +848,7 @@ def test_bake_cache_command_prints_the_bakes_dir_and_the_content_key(tmp_path: P
 def test_actionlint_passes_on_our_workflows_and_fails_on_a_broken_one(tmp_path: Path) -> None:
     ok = subprocess.run(
         [actionlint(), "-no-color", "-shellcheck=", "-pyflakes=", *map(str, sorted(WORKFLOWS.glob("*.yml")))],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert ok.returncode == 0, ok.stdout + ok.stderr
     broken = tmp_path / "broken.yml"
@@ -856,6 +857,6 @@ def test_actionlint_passes_on_our_workflows_and_fails_on_a_broken_one(tmp_path: 
     )
     bad = subprocess.run(
         [actionlint(), "-no-color", "-shellcheck=", "-pyflakes=", str(broken)],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert bad.returncode == 1 and 'label "ubuntu-latst" is unknown' in bad.stdout

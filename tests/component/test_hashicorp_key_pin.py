@@ -32,7 +32,7 @@ OTHER = (FIXTURES / "throwaway-ed25519.asc").read_text()
 def gpg(home: Path, *args: str, stdin: str | None = None) -> str:
     return subprocess.run(
         ["gpg", "--batch", "--homedir", str(home), *args],
-        input=stdin, capture_output=True, text=True, check=True, timeout=60,
+        input=stdin, capture_output=True, text=True, check=True, timeout=300,
     ).stdout  # fmt: skip
 
 
@@ -47,7 +47,7 @@ def primaries(path: Path, home: Path) -> list[str]:
     ]
 
 
-def agents_left(tmp_path: Path, within: float = 5.0) -> list[str]:
+def agents_left(tmp_path: Path, within: float = 60.0) -> list[str]:
     """gpg-agents of pin_key's throwaway home (made under TMPDIR=tmp_path) still alive after `within` s
     (gpgconf --kill is asynchronous). The test's own `home` and other tests' agents do not count. A killed
     agent may linger as a zombie where PID 1 of a container does not reap daemons: it has exited."""
@@ -104,7 +104,7 @@ def pin_key(tmp_path: Path, content: str) -> tuple[subprocess.CompletedProcess[s
     keyring.parent.mkdir(exist_ok=True)
     result = subprocess.run(
         ["sh", "-c", '. "$1"; pin_key "$2" "$3" "$4"', "sh", str(LIB), str(keyfile), PINNED_FPR, str(keyring)],
-        capture_output=True, text=True, timeout=60, env={**os.environ, "TMPDIR": str(tmp_path)},
+        capture_output=True, text=True, timeout=300, env={**os.environ, "TMPDIR": str(tmp_path)},
     )  # fmt: skip
     return result, keyring
 
@@ -163,6 +163,6 @@ def test_the_installer_pins_through_pin_key_and_is_shellcheck_clean() -> None:
     assert ". /usr/local/lib/infra-lab/lib.sh" in script
     lint = subprocess.run(
         ["shellcheck", "--shell=sh", "--exclude=SC1091", str(INSTALLER), str(LIB)],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert lint.returncode == 0, lint.stdout

@@ -3,9 +3,9 @@ lifecycle stands on, against real processes."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 
 import pytest
@@ -50,9 +50,16 @@ def test_process_facts_of_a_real_process() -> None:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
         assert (host.cmdline(proc.pid) or [])[-1] == marker and host.alive(proc.pid)
         assert host.find(lambda argv: marker in argv) == proc.pid
-        started = time.monotonic()
-        assert host.kill(proc.pid, grace=1.0) is True
-        assert time.monotonic() - started >= 1.0  # SIGTERM was ignored for its grace period
+        now = [0.0]
+        pauses: list[float] = []
+
+        def sleep(seconds: float) -> None:  # a fake clock, moved only by the pauses
+            pauses.append(seconds)
+            now[0] += seconds
+
+        assert host.kill(proc.pid, grace=1.0, clock=lambda: now[0], sleep=sleep) is True
+        assert proc.wait(60) == -signal.SIGKILL  # SIGTERM was ignored, so it took the escalation
+        assert sum(pauses) >= 1.0, pauses  # after SIGTERM, the whole 1 s grace was waited out first
         assert host.cmdline(proc.pid) is None and not host.alive(proc.pid)
         assert host.find(lambda argv: marker in argv) is None
     finally:

@@ -7,6 +7,7 @@ the failures a mirror or a flaky network produce. The image is random bytes with
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.server
 import os
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from badinput import small_filesystem
 
 from infra import config, images
 from infra.errors import ImageError
@@ -52,6 +54,22 @@ class Handler(http.server.BaseHTTPRequestHandler):
         mode = b.next()
         if mode == "503":
             self.send_error(503)
+            return
+        if mode == "endless":  # no Content-Length, a body that never ends (until the client hangs up)
+            self.send_response(200)
+            self.end_headers()
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                while True:
+                    self.wfile.write(b"\0" * 65536)
+            return
+        if mode == "declares-huge":
+            self.send_response(200)
+            self.send_header("Content-Length", str(1 << 40))
+            self.end_headers()
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.wfile.write(PAYLOAD)
             return
         body = PAYLOAD
         if mode == "corrupt":
@@ -282,3 +300,50 @@ def test_interrupted_download_hint_names_the_part_only_when_it_exists(
         fetch(source(image_server), tmp_path / "image.qcow2")
     assert failed.value.hint == "check the network; nothing was downloaded"
     assert not (tmp_path / "image.qcow2.part").exists()
+
+
+# -- issue 23, item 12: a download never fills the disk, and a full disk is named ------------------------------
+def test_a_body_without_end_is_cut_at_the_cap_and_leaves_no_part(
+    image_server: ImageServer, tmp_path: Path
+) -> None:
+    image_server.behaviour.default = "endless"
+    with pytest.raises(
+        ImageError, match=r"the body goes on past 1048576 bytes .*; the partial download was deleted"
+    ):
+        fetch(source(image_server), tmp_path / "image.qcow2", max_bytes=1 << 20)
+    assert list(tmp_path.iterdir()) == []
+    assert len(image_server.behaviour.requests) == 1  # not retried: the cap is not a transient failure
+
+
+def test_a_size_declared_beyond_the_cap_writes_nothing(image_server: ImageServer, tmp_path: Path) -> None:
+    image_server.behaviour.default = "declares-huge"
+    with pytest.raises(
+        ImageError, match=r"declares 1099511627776 bytes, more than the cap .*nothing was written"
+    ):
+        fetch(source(image_server), tmp_path / "image.qcow2")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.tools("mount")
+def test_a_size_beyond_the_free_space_is_disk_full_before_writing(
+    image_server: ImageServer, tmp_path: Path
+) -> None:
+    with small_filesystem(tmp_path / "cache", "1m") as cache:
+        with pytest.raises(
+            ImageError, match=r"^disk full: .*/cache has 1 MiB free, the image needs 3 MiB more"
+        ):
+            fetch(source(image_server), cache / "image.qcow2")
+        assert list(cache.iterdir()) == []
+
+
+@pytest.mark.tools("mount")
+def test_a_disk_filling_up_mid_download_is_disk_full_and_leaves_no_part(
+    image_server: ImageServer, tmp_path: Path
+) -> None:
+    image_server.behaviour.default = "endless"  # no size declared: the disk fills while writing
+    with small_filesystem(tmp_path / "cache", "1m") as cache:
+        with pytest.raises(
+            ImageError, match=r"^disk full: downloading .* to .*/image\.qcow2\.part .*deleted"
+        ):
+            fetch(source(image_server), cache / "image.qcow2")
+        assert list(cache.iterdir()) == []

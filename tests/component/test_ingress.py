@@ -322,7 +322,9 @@ def test_redirect_https_sends_plain_http_to_the_https_port(
 
 @TRAEFIK
 @pytest.mark.tools("pebble")
+@pytest.mark.parametrize("challenge", ["tlsalpn", "http"])
 def test_lets_encrypt_against_pebble_orders_once_and_survives_a_restart(
+    challenge: str,
     cfg_for: Callable[..., Config], start_traefik: Callable[..., traefik_server.Traefik], api: NomadAPIDouble,
     make_app: Callable[[str], AppProcess],
 ) -> None:  # fmt: skip
@@ -330,7 +332,7 @@ def test_lets_encrypt_against_pebble_orders_once_and_survives_a_restart(
     try:
         name = "ingress.example.com"
         cfg = cfg_for(acme={"email": "ops@example.com", "domains": [name], "ca_server": acme.directory,
-                            "challenge": "tlsalpn"})  # fmt: skip
+                            "challenge": challenge})  # fmt: skip
         # Traefik must trust Pebble's own HTTPS listener (not a job argument: lego reads this variable)
         proxy = start_traefik(cfg, env={"LEGO_CA_CERTIFICATES": str(acme.tls_ca)})
         register(api, make_app("public"))
@@ -354,7 +356,7 @@ def test_lets_encrypt_against_pebble_orders_once_and_survives_a_restart(
         acme_json = proxy.volume("acme") / "acme.json"
         assert stat.S_IMODE(acme_json.stat().st_mode) == 0o600
         stored = json.loads(acme_json.read_text())
-        assert [c["domain"]["main"] for c in stored["acme-tlsalpn"]["Certificates"]] == [name]
+        assert [c["domain"]["main"] for c in stored[ingress.RESOLVERS[challenge]]["Certificates"]] == [name]
         assert _orders(acme) == 1
 
         proxy.stop()

@@ -1,6 +1,7 @@
 """infra.machine's memory of a good `vm.check` per boot, against a real OpenSSH server (tests/servers/sshd.py)
 standing in for the guest, a stand-in "qemu" process (a sleeping Python whose argv carries the state dir's
-`-pidfile`, which is how infra.vm recognises its qemu) and, for `inv up`, the Nomad API double.
+`-pidfile`, which is how infra.vm recognises its qemu) with a fake QMP monitor saying the guest runs
+(tests/servers/qmp.py) and, for `inv up`, the Nomad API double.
 
 The guest's cloud-init state files and boot id are files in tmp_path (infra.remote reads them with `cat`
 over SSH); `cloud-init` itself is a fake on the session PATH that leaves a mark when run, so a test sees
@@ -25,6 +26,7 @@ import pytest
 from doubles.nomad_api import NomadAPIDouble
 from servers import sshd
 from servers.common import stop_process
+from servers.qmp import FakeQMP
 
 from infra import config, machine, nomad, release, remote, stack
 from infra.errors import VMError
@@ -55,6 +57,7 @@ class Guest:
     boot_id: Path
     cfg: config.Config
     qemu: subprocess.Popen[bytes] | None = None
+    qmp: FakeQMP | None = None  # the stand-in's monitor: the guest runs (query-status)
 
     @property
     def paths(self) -> StatePaths:
@@ -79,9 +82,13 @@ class Guest:
         ports = {n: {"host": f.host, "guest": f.guest} for n, f in self.cfg.vm.ports.items()}
         p.vm_record.write_text(json.dumps({"pid": self.qemu.pid, "started_at": time.time(), "ports": ports}))
         p.serial_log.write_text("[    0.000000] Linux version 6.1.0-test\nlogin:\n")
+        self.qmp = FakeQMP(p.qmp_socket, "status:running")
         return self.qemu.pid
 
     def stop_qemu(self) -> None:
+        if self.qmp is not None:
+            self.qmp.close()
+            self.qmp = None
         if self.qemu is not None:
             stop_process(self.qemu)
             self.qemu = None

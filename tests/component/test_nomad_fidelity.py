@@ -89,7 +89,9 @@ def doubles() -> Iterator[Callable[..., NomadAPIDouble]]:
 
 def client_for(d: NomadAPIDouble, **kw: Any) -> Client:
     kw.setdefault("retries", 0)
-    return Client(Settings(addr=d.url, read_timeout=5, **kw), sleep=lambda s: None)
+    return Client(
+        Settings(addr=d.url, read_timeout=120, **kw), sleep=lambda s: None
+    )  # generous: ends only a hang
 
 
 @pytest.fixture
@@ -109,7 +111,7 @@ def test_register_whose_answer_is_lost_is_not_resent_and_is_found_by_rereading(
     d = doubles()
     d.drop_answer.append("^POST /v1/jobs$")  # Nomad registers the job; the answer never arrives
     c = client_for(d, retries=3)
-    result = deploy.deploy_job(c, web(), timeout=10)
+    result = deploy.deploy_job(c, web(), timeout=120)
     assert result.outcome == "deployed" and result.version == 0
     assert d.count("^/v1/jobs$", "POST") == 1  # not resent (a resend fails: "Enforcing job modify index")
     assert "the answer to the registration was lost, but Nomad has it" in capsys.readouterr().err
@@ -120,7 +122,7 @@ def test_register_that_never_reached_nomad_is_sent_once_more_under_enforce_index
 ) -> None:
     d = doubles()
     d.drop_request.append("^POST /v1/jobs$")  # cut before Nomad applied anything
-    result = deploy.deploy_job(client_for(d, retries=3), web(), timeout=10)
+    result = deploy.deploy_job(client_for(d, retries=3), web(), timeout=120)
     assert result.outcome == "deployed" and result.version == 0
     assert d.count("^/v1/jobs$", "POST") == 2 and len(d.versions["web"]) == 1
     assert "the registration did not reach Nomad; sending it once more" in capsys.readouterr().err
@@ -130,7 +132,7 @@ def test_register_lost_before_nomad_applied_it_says_so(doubles: Any, web: Any) -
     d = doubles()
     d.drop_answer.append("^POST /v1/job/web/plan$")  # a POST: not resent, whatever it does
     with pytest.raises(NomadUnreachable, match="dropped POST /v1/job/web/plan before answering"):
-        deploy.deploy_job(client_for(d, retries=3), web(), timeout=10)
+        deploy.deploy_job(client_for(d, retries=3), web(), timeout=120)
     assert d.count("/v1/job/web/plan", "POST") == 1 and "web" not in d.jobs
 
 
@@ -160,7 +162,7 @@ def test_find_deployment_matches_the_registration_by_job_spec_modify_index(doubl
 def test_nomad_wait_fails_at_once_on_no_path_to_region(doubles: Any) -> None:
     d = doubles()
     with pytest.raises(NomadAPIError) as info:  # waiting on would end in WaitTimeout instead
-        cluster.wait_ready(client_for(d, region="mars"), timeout=5)
+        cluster.wait_ready(client_for(d, region="mars"), timeout=120)
     assert d.count("^/v1/nodes$") == 1  # asked once, not again
     assert "HTTP 500: No path to region" in str(info.value)
     assert "NOMAD_REGION" in str(info.value) and "'mars'" in str(info.value)
@@ -169,7 +171,7 @@ def test_nomad_wait_fails_at_once_on_no_path_to_region(doubles: Any) -> None:
 def test_nonexistent_namespace_fails_at_once_with_a_hint(doubles: Any, web: Any) -> None:
     d = doubles()
     with pytest.raises(NomadAPIError) as info:
-        deploy.deploy_job(client_for(d, namespace="nope"), web(), timeout=5)
+        deploy.deploy_job(client_for(d, namespace="nope"), web(), timeout=120)
     text = str(info.value)
     assert 'job "web" is in nonexistent namespace "nope"' in text
     assert "NOMAD_NAMESPACE" in text and "nomad namespace apply" in text
@@ -183,7 +185,7 @@ def test_agent_self_403_falls_back_to_picking_the_node(doubles: Any) -> None:
     with pytest.raises(NomadAPIError, match="Permission denied") as info:
         c.agent_self()  # command/agent/agent_endpoint.go: agent:read
     assert "GET /v1/agent/self needs agent:read" in str(info.value)
-    st = cluster.wait_ready(c, timeout=5)
+    st = cluster.wait_ready(c, timeout=120)
     assert st.ready and st.node_name == "nomad-1"
     assert cluster.is_ready(c).ready
 
@@ -196,7 +198,7 @@ def test_down_with_a_deploy_token_purges_and_stops_the_vm(
     d = doubles(acl_tokens={"deploy": DEPLOY_CAPS})
     c = client_for(d, token="deploy")
     path = web()
-    deploy.deploy_job(c, path, timeout=10)
+    deploy.deploy_job(c, path, timeout=120)
     stopped: list[bool] = []
     monkeypatch.setattr(vm, "stop", lambda cfg: stopped.append(True))
     stack.down(make_cfg(deploy={"ingress_job": str(path)}), client=c)
@@ -210,7 +212,7 @@ def test_down_stops_the_vm_even_when_the_purge_is_refused(
 
     d = doubles(acl_token="admin", acl_tokens={"reader": {"node:read", "read-job"}})
     path = web()
-    deploy.deploy_job(client_for(d, token="admin"), path, timeout=10)
+    deploy.deploy_job(client_for(d, token="admin"), path, timeout=120)
     stopped: list[bool] = []
     monkeypatch.setattr(vm, "stop", lambda cfg: stopped.append(True))
     with pytest.raises(DeployError) as info:
@@ -225,9 +227,9 @@ def test_promotion_names_the_groups_and_never_trips_on_an_auto_promote_group(dou
     d = doubles()
     c = client_for(d)
     path = web(canary=1)
-    deploy.deploy_job(c, path, variables={"image": "web:1"}, timeout=10)
+    deploy.deploy_job(c, path, variables={"image": "web:1"}, timeout=120)
     d.health_delay["web:2-worker"] = 0.8  # the auto-promote group's canary turns healthy later
-    result = deploy.deploy_job(c, path, variables={"image": "web:2"}, timeout=15)
+    result = deploy.deploy_job(c, path, variables={"image": "web:2"}, timeout=120)
     assert result.outcome == "deployed"
     bodies = list(d.promote_bodies)
     assert bodies and all("All" not in b and b["Groups"] for b in bodies)
@@ -280,7 +282,7 @@ def test_plan_and_register_warnings_reach_the_user_once_each(
     doubles: Any, web: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     d = doubles()
-    deploy.deploy_job(client_for(d), web(), timeout=10)
+    deploy.deploy_job(client_for(d), web(), timeout=120)
     err = capsys.readouterr().err
     line = (
         'warning: web: group "frontend" defines services, but neither the group nor any of its tasks have '
@@ -305,9 +307,9 @@ def test_double_job_allocations_are_the_current_jobs_only(doubles: Any, web: Any
     d = doubles()
     c = client_for(d)
     path = web()
-    deploy.deploy_job(c, path, timeout=10)
-    deploy.purge(c, ["web"], timeout=10)
-    deploy.deploy_job(c, path, timeout=10)  # the same ID again: a new job (new CreateIndex)
+    deploy.deploy_job(c, path, timeout=120)
+    deploy.purge(c, ["web"], timeout=120)
+    deploy.deploy_job(c, path, timeout=120)  # the same ID again: a new job (new CreateIndex)
     current = c.job_allocations("web").body
     every = c.job_allocations("web", all_=True).body
     assert len(current) == 2 and len(every) == 4
@@ -317,7 +319,7 @@ def test_double_job_allocations_are_the_current_jobs_only(doubles: Any, web: Any
 def test_double_keeps_prestart_tasks_and_runs_them_to_completion(doubles: Any) -> None:
     d = doubles()
     c = client_for(d)
-    deploy.deploy_job(c, ROOT / "nomad" / "service.nomad.hcl", variables={"image": "app:1"}, timeout=15)
+    deploy.deploy_job(c, ROOT / "nomad" / "service.nomad.hcl", variables={"image": "app:1"}, timeout=120)
     tasks = {t["Name"]: t for t in d.jobs["app"]["TaskGroups"][0]["Tasks"]}
     prestart = [n for n, t in tasks.items() if (t["Lifecycle"] or {}).get("Hook") == "prestart"]
     assert prestart and "app" not in prestart
@@ -338,16 +340,16 @@ def test_double_garbage_collects_a_local_image_unless_gc_image_is_false(web: Any
             c = client_for(d)
             d.load_image(local)
             d.load_image(f"{local}-worker")
-            deploy.deploy_job(c, web(), variables={"image": local}, timeout=10)
-            deploy.purge(c, ["web"], timeout=10)
+            deploy.deploy_job(c, web(), variables={"image": local}, timeout=120)
+            deploy.purge(c, ["web"], timeout=120)
             time.sleep(0.6)
             assert (local not in d.images) is expect_failure, d.image_events
             if expect_failure:
                 with pytest.raises(DeployError, match="pull access denied for infra-lab/app"):
-                    deploy.deploy_job(c, web(), variables={"image": local}, timeout=10)
+                    deploy.deploy_job(c, web(), variables={"image": local}, timeout=120)
             else:
                 assert (
-                    deploy.deploy_job(c, web(), variables={"image": local}, timeout=10).outcome == "deployed"
+                    deploy.deploy_job(c, web(), variables={"image": local}, timeout=120).outcome == "deployed"
                 )
 
 
@@ -375,7 +377,7 @@ def test_the_project_agent_config_keeps_the_locally_built_app_image(make_cfg: An
         d.load_image(local)
         cfg = make_cfg()
         assert release.deploy_app(cfg, c, image=local).outcome == "deployed"
-        deploy.purge(c, ["app"], timeout=10)
+        deploy.purge(c, ["app"], timeout=120)
         time.sleep(0.5)  # longer than the (shortened) image_delay
         assert local in d.images, d.image_events
         assert release.deploy_app(cfg, c, image=local).outcome == "deployed"
@@ -391,9 +393,14 @@ def test_follow_reads_afresh_when_the_index_goes_backwards(
     every `wait`; deploy._follow resets it (as cluster.py does) and reads once without blocking."""
     monkeypatch.setattr(deploy, "BLOCK_SECONDS", 1.0)  # the read in flight when the index falls waits this
     d = doubles()
-    d.health_delay["server"] = 1.0  # the deployment is followed with blocking reads for a while
-    d.before_next.append((r"^GET /v1/deployment/[0-9a-f-]+\?.*\bindex=", lambda: d.rewind(3)))
-    result = deploy.deploy_job(client_for(d), web(), timeout=60)
+    d.health_delay["server"] = float("inf")  # healthy only once the follow read afresh (below)
+
+    def restored() -> None:  # at the first blocking read of the deployment: indexes fall; the deployment
+        d.rewind(3)  # completes once a read without an index arrives (the reset), never before
+        d.before_next.append((r"^GET /v1/deployment/[0-9a-f-]+$", d.release_health))
+
+    d.before_next.append((r"^GET /v1/deployment/[0-9a-f-]+\?.*\bindex=", restored))
+    result = deploy.deploy_job(client_for(d), web(), timeout=20)
     assert result.outcome == "deployed" and not d.before_next, "the index was never rewound"
     reads = [r for r in d.requests if r.path == f"/v1/deployment/{result.deployment_id}"]
     blocking = [int(r.query["index"]) for r in reads if "index" in r.query]

@@ -8,8 +8,6 @@ known_hosts handling and every failure message are real; only what cloud-init an
 from __future__ import annotations
 
 import json
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -124,19 +122,16 @@ def test_cloud_init_wait_follows_the_stages(
         json.dumps({"v1": {"stage": "modules:config", "init": {"finished": 1.0}}})
     )
     fake(fakebin, "cloud-init", f'touch {fakebin}/ran\necho "status: done"\n')
-
-    def finish() -> None:
-        time.sleep(2)
-        (run / "result.json").write_text('{"v1": {"datasource": "DataSourceNoCloud", "errors": []}}')
-
-    thread = threading.Thread(target=finish)
-    thread.start()
-    conn = remote.wait_ssh(cfg_for(), timeout=30)
+    # cloud-init finishes once its stage was read: the first look sees modules:config, the next one the
+    # result (tied to the wait's own probes, not to a clock that a slow machine could outrun)
+    result = '{"v1": {"datasource": "DataSourceNoCloud", "errors": []}}'
+    fake(fakebin, "cat", f'/bin/cat "$@"; code=$?\n'
+                         f"case \"$*\" in *status.json*) echo '{result}' > {run}/result.json ;; esac\nexit $code\n")  # fmt: skip
+    conn = remote.wait_ssh(cfg_for(), timeout=120)
     try:
-        assert remote.wait_cloud_init(cfg_for(), conn, timeout=30) == "done"
+        assert remote.wait_cloud_init(cfg_for(), conn, timeout=120) == "done"
     finally:
         conn.close()
-        thread.join()
     err = capsys.readouterr().err
     assert "running modules:config" in err and "cloud-init: finished" in err
     assert not (fakebin / "ran").exists()  # read from its state files: cloud-init (Python) never ran

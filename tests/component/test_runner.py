@@ -66,7 +66,7 @@ def fake(tmp_path: Path) -> tuple[Path, dict[str, str]]:
 def run(tmp_path: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, str(SCRIPT), "--vm-log", str(tmp_path / "vm.log"), *args],
-        env=env, capture_output=True, text=True, timeout=60, check=False,
+        env=env, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
 
 

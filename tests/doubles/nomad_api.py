@@ -28,7 +28,8 @@ What it models (sources at each place in the code):
 - register with EnforceIndex (the three messages of structs.Job.EnforceIndex); DELETE of an unknown job:
   200 with no evaluation; deployments carrying JobModifyIndex (the job's ModifyIndex) AND
   JobSpecModifyIndex (the registration); job allocations of the CURRENT job only (`all=true`: every one);
-- state that changes over time on a schedule (`at(seconds, fn)`; real clock): the leader appears, the
+- state that changes over time on a schedule (`at(seconds, fn)`; real clock) or at the client's Nth request
+  to a path (`on_request`; no clock): the leader appears, the
   node registers, becomes ready, the docker driver becomes healthy; allocations go pending -> running ->
   healthy (or fail), prestart tasks run to completion first; deployments running -> successful / failed
   (+ auto-revert), canaries wait for promotion (auto-promote only when every canary group is
@@ -48,7 +49,7 @@ connection is cut before the answer), `before_next` (one-shot: run a change righ
 request, e.g. `rewind` — every index goes back, as after a restore from an older snapshot — or `revert`).
 Task behaviour per task image or task name:
 `behaviour["img:tag"] = "driver-failure"`, or "exit-1", or "ok" (default); `health_delay[name]` delays
-a task's health.
+a task's health (inf: until `release_health()`).
 """
 
 from __future__ import annotations
@@ -550,9 +551,11 @@ class NomadAPIDouble:
             str, list[dict[str, Any]]
         ] = {}  # alloc ID -> its tasks (the job may be purged)
         self.health_delay: dict[str, float] = {}  # task name or image -> extra seconds before healthy
+        self.held_health: list[Callable[[], None]] = []  # health_delay inf: until release_health()
         self.parse_calls: list[dict[str, Any]] = []
         self._closed = False
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._request_hooks: list[tuple[str, int, Callable[[], None]]] = []
         self._seq = itertools.count()
         self._timer_cond = threading.Condition()
         self._timer_thread = threading.Thread(target=self._run_timers, daemon=True, name="nomad-double-clock")
@@ -563,9 +566,12 @@ class NomadAPIDouble:
     def url(self) -> str:
         return f"{self.scheme}://127.0.0.1:{self.port}"
 
-    def start(self, after: float = 0.0) -> NomadAPIDouble:
-        """Listen now, or after `after` seconds (connections are refused until then, like a booting VM)."""
+    def start(self, after: float = 0.0, *, listen: bool = True) -> NomadAPIDouble:
+        """Listen now, or after `after` seconds, or (`listen=False`) when `listen()` is called: connections
+        are refused until then, like a booting VM's."""
         self._timer_thread.start()
+        if not listen:
+            return self
         if after <= 0:
             self.server.start()
         else:
@@ -576,8 +582,12 @@ class NomadAPIDouble:
     def _start_later(self, after: float) -> None:
         time.sleep(after)
         if not self._closed:
-            self.server.start()
-            self.changes.append((time.monotonic(), "api up"))
+            self.listen()
+
+    def listen(self) -> None:
+        """Start answering (after `start(listen=False)`)."""
+        self.server.start()
+        self.changes.append((time.monotonic(), "api up"))
 
     def stop(self) -> None:
         with self.cond:
@@ -603,6 +613,13 @@ class NomadAPIDouble:
         with self._timer_cond:
             heapq.heappush(self._timers, (time.monotonic() + delay, next(self._seq), fn))
             self._timer_cond.notify_all()
+
+    def on_request(self, path_regex: str, nth: int, fn: Callable[[], None]) -> None:
+        """Run `fn` (under the state lock) when the `nth` request whose path matches arrives, before it is
+        answered: a change tied to what the client did rather than to the clock, so a slow machine cannot
+        reorder it (a blocking query that arrives then sees the change at once)."""
+        with self.cond:
+            self._request_hooks.append((path_regex, nth, fn))
 
     def _run_timers(self) -> None:
         while not self._closed:
@@ -641,6 +658,13 @@ class NomadAPIDouble:
             self.index = min(self.index, to)
             self.tables = {t: min(v, to) for t, v in self.tables.items()}
             self.changes.append((time.monotonic(), f"indexes rewound to {to}"))
+
+    def release_health(self) -> None:
+        """Allocations whose health_delay is inf turn healthy now (in placement order)."""
+        with self.cond:
+            for fn in self.held_health:
+                self.at(0, fn)
+            self.held_health.clear()
 
     def revert(self, job_id: str, version: int) -> None:
         """Register an earlier version of a job again, as a new version (nomad/job_endpoint.go Revert ->
@@ -986,7 +1010,12 @@ class NomadAPIDouble:
 
     def _handle(self, request: Request) -> Response:
         rec = Request_(time.monotonic(), request.method, request.path, dict(request.args))
-        self.requests.append(rec)
+        with self.cond:
+            self.requests.append(rec)
+            for hook in list(self._request_hooks):
+                if re.search(hook[0], request.path) and self.count(hook[0]) == hook[1]:
+                    self._request_hooks.remove(hook)
+                    hook[2]()
         query = request.query_string.decode()
         target = f"{request.method} {request.path}" + (f"?{query}" if query else "")
         for regex, fn in list(self.before_next):
@@ -1535,10 +1564,13 @@ class NomadAPIDouble:
                 + [self.health_delay.get(str((t.get("Config") or {}).get("image", "")), 0.0) for t in tasks]
             )
             self.at(T.alloc_start + T.alloc_running, lambda: self._alloc_running(alloc, tasks))
-            self.at(
-                T.alloc_start + T.alloc_running + T.alloc_healthy + extra,
-                lambda: self._alloc_health(alloc, dep, True),
-            )
+            if extra == float("inf"):  # held until release_health(): the test decides when
+                self.held_health.append(lambda: self._alloc_health(alloc, dep, True))
+            else:
+                self.at(
+                    T.alloc_start + T.alloc_running + T.alloc_healthy + extra,
+                    lambda: self._alloc_health(alloc, dep, True),
+                )
         else:
             self.at(T.alloc_start + T.alloc_running,
                     lambda: self._alloc_fail(alloc, tasks, failing_task, behaviour, dep))  # fmt: skip

@@ -501,12 +501,15 @@ class SubprocessInvoker:
         inv: Sequence[str] | None = None,
         echo: bool = True,
         env: Mapping[str, str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`clock` times the output lines and the call (tests pass a fake one: no stopwatch in a verdict)."""
         self.root = root
         self.log_dir = log_dir
         self.inv = list(inv) if inv else inv_command()
         self.echo = echo
         self.env = dict(env or {})
+        self.clock = clock
         self.calls = 0
 
     def __call__(self, args: Sequence[str], *, timeout: float) -> InvResult:
@@ -515,7 +518,7 @@ class SubprocessInvoker:
         log = self.log_dir / f"{self.calls:02d}-inv-{'-'.join(a.lstrip('-') for a in args)[:60]}.log"
         cmd = [*self.inv, *args]
         ui.step(f"inv {' '.join(args)}")
-        started = time.monotonic()
+        started = self.clock()
         lines: list[tuple[float, str]] = []
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "NO_COLOR": "1", "TERM": "dumb", **self.env}
         proc = subprocess.Popen(
@@ -537,7 +540,7 @@ class SubprocessInvoker:
                 assert proc.stdout is not None
                 for raw in proc.stdout:
                     line = _ANSI.sub("", raw.rstrip("\n"))
-                    lines.append((time.monotonic() - started, line))
+                    lines.append((self.clock() - started, line))
                     f.write(line + "\n")
                     f.flush()
                     if self.echo:
@@ -548,7 +551,7 @@ class SubprocessInvoker:
             raise
         finally:
             timer.cancel()
-        seconds = time.monotonic() - started
+        seconds = self.clock() - started
         result = InvResult(list(args), code, seconds, lines, log)
         if code != 0 or timed_out.is_set():
             why = f"timed out after {timeout:.0f}s" if timed_out.is_set() else f"exited {code}"

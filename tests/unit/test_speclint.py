@@ -185,6 +185,16 @@ SPEC_CASES = [
            '      restart {\n        mode = "fail"\n      }\n'),),
          'mode = "fail"', "ingress/traefik/traefik",
          'restart.mode = "fail" overrides the group\'s; set mode = "delay" or leave it to the group'),
+    Case("host-volume-owner", DATA, (('      user = "1000:1000"\n', ""),), 'volume      = "data"\n        destination = "/var/lib/kafka',
+         "datastorage/kafka/kafka",
+         'mounts host volume "kafka-data", whose directory cloud-init creates for uid 1000 '
+         "(cloud-init/files/nomad/host-volumes), but the task sets user = (unset): the image's default user is "
+         'an assumption; set user = "1000:1000"', -1),
+    Case("host-volume-owner", DATA, (('user = "1000:1000"', 'user = "appuser"'),), 'user = "appuser"',
+         "datastorage/kafka/kafka",
+         'mounts host volume "kafka-data", whose directory cloud-init creates for uid 1000 '
+         "(cloud-init/files/nomad/host-volumes), but the task sets user = \"appuser\": the image's default user "
+         'is an assumption; set user = "1000:1000"'),
     Case("network-mode", DATA, (('    network {\n      port "db" {', '    network {\n      mode = "bridge"\n\n      port "db" {'),),
          'mode = "bridge"', "datastorage/postgres",
          'network mode "bridge" needs CNI plugins, which the VM does not install (and the agent config sets no '

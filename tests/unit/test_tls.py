@@ -13,6 +13,7 @@ import pytest
 from cryptography import x509
 
 from infra import tls
+from infra.errors import ConfigError
 from infra.state import StatePaths
 
 
@@ -106,8 +107,10 @@ def test_concurrent_first_uses_make_one_ca(state: StatePaths) -> None:
 
 def test_a_state_dir_that_is_a_file_is_one_error_naming_it(tmp_path: Path) -> None:
     (tmp_path / "state").write_text("not a dir")
-    with pytest.raises(tls.TLSError, match=r"cannot keep the project CA in .*state/tls"):
-        tls.ensure(StatePaths(tmp_path / "state"))
+    with pytest.raises(
+        ConfigError, match=r"configuration key project\.state_dir: .*/state is not a directory"
+    ):
+        tls.ensure(StatePaths(tmp_path / "state"))  # checked as the tool's own state dir (infra/state.py)
 
 
 def test_trust_instructions_name_every_client(tmp_path: Path) -> None:

@@ -4,10 +4,11 @@ passwords inside URLs and is never parsed as rich markup (issue 23, items 2 and 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
-from infra import ui
+from infra import images, ui
 from infra.errors import REDACTED, printable, redact_urls, url_secrets
 
 
@@ -63,3 +64,13 @@ def test_the_live_line_and_stdout_values_too(capsys: pytest.CaptureFixture[str])
     assert "deploying [bold]web\\x07" in out and f"job [/x] at http://u:{REDACTED}@h 3s" in out
     ui.out("http://u:pw@h \x1b[31m")
     assert capsys.readouterr().out == f"http://u:{REDACTED}@h \\x1b[31m\n"
+
+
+def test_the_plain_http_warning_of_vm_image_hides_its_password(make_cfg: Callable[..., Any]) -> None:
+    """Issue 23, item 2: the warning named the URL with its password."""
+    cfg = make_cfg(vm={"image": "http://mirror:hunter2@images.example/x.img", "image_sha256": "0" * 64})
+    out = _captured(lambda: images.source_for(cfg, "x86_64"))
+    assert (
+        "hunter2" not in out
+        and f"vm.image http://mirror:{REDACTED}@images.example/x.img is plain http" in out
+    )

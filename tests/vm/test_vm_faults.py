@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -45,15 +44,16 @@ def test_a_disk_that_cannot_boot_ends_the_wait_at_once(
     env.config_file.write_text(yaml.safe_dump(env.settings))
     run = env.inv("vm.run")
     assert run.returncode == 0, run.stderr
-    started = time.monotonic()
+    # vm.ssh_timeout is 300 s: a wait that missed the console line would end after it with exit 2 and
+    # "timed out ... waiting for SSH", so the exit code and the message show it ended at once (no stopwatch)
     check = env.inv("vm.check")
-    took = time.monotonic() - started
     assert check.returncode == 1, check.stderr
+    assert "timed out" not in check.stderr, check.stderr
     first = check.stderr.split("error: ", 1)[1].splitlines()[0]
     assert first.startswith("the guest cannot boot; its serial console says: "), check.stderr
     assert re.search(line, first), check.stderr
     assert f"log: {env.state_dir / 'serial.log'}" in check.stderr
     assert "serial: " in check.stderr  # the console excerpt
-    assert took < 150, f"vm.check took {took:.0f}s; vm.ssh_timeout is {env.settings['vm']['ssh_timeout']}s"
+    assert env.settings["vm"]["ssh_timeout"] >= 300  # the premise above
     stopped = env.inv("vm.stop", "--timeout", "0")
     assert stopped.returncode == 0, stopped.stderr
