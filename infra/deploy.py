@@ -311,9 +311,16 @@ def _what_changed(client: Client, job_id: str, planned_at: int) -> str:
     latest deployment's description when it says why (an auto-revert: "rolling back to job version N")."""
     try:
         current = client.job(job_id)
-        dep = client.job_deployment(job_id).body or {}
+        # Not the latest deployment: after an auto-revert that is soon the revert's own; the one that says
+        # why is the failed one, changed after our plan.
+        deployments = client.job_deployments(job_id)
     except NomadError as exc:
         return f"the job cannot be read back: {exc.message}"
+    reverting = [
+        d for d in deployments
+        if "rolling back" in str(d.get("StatusDescription") or "") and int(d.get("ModifyIndex") or 0) > planned_at
+    ]  # fmt: skip
+    dep = max(reverting, key=lambda d: int(d.get("CreateIndex") or 0), default={})
     if current is None:
         return f"job {job_id} is no longer registered (our plan was made at JobModifyIndex {planned_at})"
     parts = [
@@ -324,7 +331,7 @@ def _what_changed(client: Client, job_id: str, planned_at: int) -> str:
     if image:
         parts.append(f"image {printable(image, limit=120)}")
     description = str(dep.get("StatusDescription") or "")
-    if "rolling back" in description:
+    if dep:
         parts.append(f"deployment {str(dep.get('ID', ''))[:8]}: {printable(description, limit=200)}")
     return ", ".join(parts)
 
