@@ -174,8 +174,9 @@ def deploy_job(
     variables: Mapping[str, str] | None = None,
     detach: bool = False,
     timeout: float = 900.0,
+    clock: Callable[[], float] = time.monotonic,
 ) -> DeployResult:
-    """Parse, plan, register and follow one job file. Unchanged jobs are left alone. A register refused
+    """Parse, plan, register and follow one job file (`clock`: what the follow's deadline is read on). Unchanged jobs are left alone. A register refused
     because the job changed after our plan (EnforceIndex: an auto-revert, another deployer) is planned
     again, saying what changed, up to REGISTER_ATTEMPTS times."""
     started = time.monotonic()
@@ -213,7 +214,7 @@ def deploy_job(
         ui.ok(f"{job_id}: registered (evaluation {eval_id[:8]}); not following it (--detach)")
         return DeployResult(job_id, "registered", eval_id=eval_id, elapsed=time.monotonic() - started)
 
-    deadline = Deadline(timeout)
+    deadline = Deadline(timeout, clock=clock)
     ev = follow_evaluation(client, job, eval_id, deadline) if eval_id else {}
     dep_id = str(ev.get("DeploymentID") or "") or _find_deployment(client, job_id, reg)
     if dep_id:
@@ -849,7 +850,9 @@ def _follow(
         done, state = judge(res.body)
         return Probe(done, state, res.body)
 
-    return wait_until(probe, what=what, timeout=max(0.1, deadline.remaining()), interval=0, hint=hint).value
+    return wait_until(
+        probe, what=what, timeout=max(0.1, deadline.remaining()), interval=0, hint=hint, clock=deadline.clock
+    ).value
 
 
 # ------------------------------------------------------------------------------------------- logs --
