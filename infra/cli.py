@@ -213,7 +213,19 @@ program = Program(
 )
 
 
+def _unraisable(info: Any) -> None:
+    """A Ctrl-C that lands inside a callback Python cannot raise from (a weakref callback of the import
+    system's module locks, while a module is imported lazily) is "ignored" with a traceback printed: give
+    it back to the main thread as a fresh SIGINT instead, so it interrupts the command at the next bytecode
+    boundary, as any other Ctrl-C does, and nothing is printed. Anything else keeps Python's own report."""
+    if isinstance(info.exc_value, KeyboardInterrupt):
+        signal.raise_signal(signal.SIGINT)
+        return
+    sys.__unraisablehook__(info)
+
+
 def main() -> None:
+    sys.unraisablehook = _unraisable
     outcome: list[str | int | None] = []  # the exit code, once the command has one
     try:
         try:

@@ -174,8 +174,9 @@ def deploy_job(
     variables: Mapping[str, str] | None = None,
     detach: bool = False,
     timeout: float = 900.0,
+    clock: Callable[[], float] = time.monotonic,
 ) -> DeployResult:
-    """Parse, plan, register and follow one job file. Unchanged jobs are left alone. A register refused
+    """Parse, plan, register and follow one job file (`clock`: what the follow's deadline is read on). Unchanged jobs are left alone. A register refused
     because the job changed after our plan (EnforceIndex: an auto-revert, another deployer) is planned
     again, saying what changed, up to REGISTER_ATTEMPTS times."""
     started = time.monotonic()
@@ -213,7 +214,7 @@ def deploy_job(
         ui.ok(f"{job_id}: registered (evaluation {eval_id[:8]}); not following it (--detach)")
         return DeployResult(job_id, "registered", eval_id=eval_id, elapsed=time.monotonic() - started)
 
-    deadline = Deadline(timeout)
+    deadline = Deadline(timeout, clock=clock)
     ev = follow_evaluation(client, job, eval_id, deadline) if eval_id else {}
     dep_id = str(ev.get("DeploymentID") or "") or _find_deployment(client, job_id, reg)
     if dep_id:
@@ -311,9 +312,16 @@ def _what_changed(client: Client, job_id: str, planned_at: int) -> str:
     latest deployment's description when it says why (an auto-revert: "rolling back to job version N")."""
     try:
         current = client.job(job_id)
-        dep = client.job_deployment(job_id).body or {}
+        # Not the latest deployment: after an auto-revert that is soon the revert's own; the one that says
+        # why is the failed one, changed after our plan.
+        deployments = client.job_deployments(job_id)
     except NomadError as exc:
         return f"the job cannot be read back: {exc.message}"
+    reverting = [
+        d for d in deployments
+        if "rolling back" in str(d.get("StatusDescription") or "") and int(d.get("ModifyIndex") or 0) > planned_at
+    ]  # fmt: skip
+    dep = max(reverting, key=lambda d: int(d.get("CreateIndex") or 0), default={})
     if current is None:
         return f"job {job_id} is no longer registered (our plan was made at JobModifyIndex {planned_at})"
     parts = [
@@ -324,7 +332,7 @@ def _what_changed(client: Client, job_id: str, planned_at: int) -> str:
     if image:
         parts.append(f"image {printable(image, limit=120)}")
     description = str(dep.get("StatusDescription") or "")
-    if "rolling back" in description:
+    if dep:
         parts.append(f"deployment {str(dep.get('ID', ''))[:8]}: {printable(description, limit=200)}")
     return ", ".join(parts)
 
@@ -842,7 +850,9 @@ def _follow(
         done, state = judge(res.body)
         return Probe(done, state, res.body)
 
-    return wait_until(probe, what=what, timeout=max(0.1, deadline.remaining()), interval=0, hint=hint).value
+    return wait_until(
+        probe, what=what, timeout=max(0.1, deadline.remaining()), interval=0, hint=hint, clock=deadline.clock
+    ).value
 
 
 # ------------------------------------------------------------------------------------------- logs --

@@ -577,6 +577,11 @@ class Client:
         """GET /v1/job/:id/deployment: the latest deployment, body None when there is none."""
         return self.request("GET", f"/v1/job/{_q(job_id)}/deployment", index=index, wait=wait)
 
+    def job_deployments(self, job_id: str) -> list[dict[str, Any]]:
+        """GET /v1/job/:id/deployments: the deployments of the job as registered now, in no order
+        (nomad/state/state_store.go DeploymentsByJobID iterates the `job` index): sort by CreateIndex."""
+        return [d for d in self.get(f"/v1/job/{_q(job_id)}/deployments") or [] if isinstance(d, dict)]
+
     def deployment(self, dep_id: str, *, index: int | None = None, wait: float | None = None) -> Result:
         return self.request("GET", f"/v1/deployment/{_q(dep_id)}", index=index, wait=wait)
 

@@ -41,6 +41,7 @@ class Deadline:
     """A point in monotonic time; `remaining()` never goes below zero."""
 
     def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
         self._clock = clock
         self.seconds = seconds
         self.start = clock()

@@ -219,10 +219,22 @@ def test_detach_registers_and_returns(double: NomadAPIDouble, client: Client, jo
 
 
 def test_deploy_timeout_carries_the_allocation_state(client: Client, job_file: Any) -> None:
+    """The deadline is a clock the test turns: it runs out only once the deploy is following the deployment
+    and every allocation's task has started (and none is healthy yet: 30 s to health), whatever the load."""
     with NomadAPIDouble(timing=Timing(alloc_healthy=30)).ready_now() as slow:
         c = Client(Settings(addr=slow.url, retries=0))
+
+        def clock() -> float:
+            with slow.cond:
+                allocs = [a for a in slow.allocs.values() if a["JobID"] == "web"]
+                started = len(allocs) == 2 and all(
+                    any(e["Type"] == "Started" for ts in a["TaskStates"].values() for e in ts["Events"])
+                    for a in allocs
+                )  # fmt: skip
+            return 1e9 if started and slow.count("^/v1/deployment/", "GET") else 0.0
+
         with pytest.raises(WaitTimeout) as info:
-            deploy.deploy_job(c, job_file(), timeout=1)
+            deploy.deploy_job(c, job_file(), timeout=1, clock=clock)
     text = str(info.value)
     assert "waiting for job web: deployment" in text
     assert "last state: deployment" in text and "frontend 0/2 healthy" in text

@@ -432,8 +432,16 @@ def test_register_refused_by_enforce_index_is_planned_again_saying_what_changed(
         time.sleep(0.05)
     (dep,) = running
     d.before_next.append(("^POST /v1/jobs$", lambda: d._fail_deployment(dep, auto_revert=True)))
+
+    def revert_placed() -> None:  # the revert's own deployment exists by the time the deploy reads back
+        for ev in [e for e in d.evals.values() if e["JobID"] == "web" and e["Status"] == "pending"]:
+            d._evaluate(ev["ID"])
+        assert any(x["JobVersion"] == 2 for x in d.deployments.values())
+
+    d.before_next.append(("^GET /v1/job/web/deployments$", revert_placed))
     plans, registers = d.count("/v1/job/web/plan", "POST"), d.count("^/v1/jobs$", "POST")
     result = deploy.deploy_job(c, path, variables={"image": "web:3"}, timeout=20)
+    assert not d.before_next  # both changes happened where they were meant to
     assert result.outcome == "deployed" and result.version == 3  # v2 is the revert, ours v3
     assert d.jobs["web"]["TaskGroups"][0]["Tasks"][0]["Config"]["image"] == "web:3"
     assert d.count("/v1/job/web/plan", "POST") - plans == 2  # planned again once

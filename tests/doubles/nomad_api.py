@@ -4,7 +4,7 @@ A real Nomad cannot run on our machines (no binary obtainable), so the client an
 tested against this double, served by pytest-httpserver (threaded, optionally TLS). It follows Nomad's
 SOURCE (hashicorp/nomad 2.0.6-dev, read 2026-11-30), not memory: next to each behaviour below, a comment
 names the file it follows. Endpoints: status/leader, agent/self, agent/health, nodes, node/:id,
-jobs/parse, jobs, job/:id, job/:id/plan, job/:id/allocations, job/:id/deployment, job/:id/evaluations,
+jobs/parse, jobs, job/:id, job/:id/plan, job/:id/allocations, job/:id/deployment, job/:id/deployments, job/:id/evaluations,
 deployment/:id, deployment/promote/:id, evaluation/:id, allocation/:id, var/:path, DELETE job/:id,
 client/fs/logs/:alloc.
 
@@ -1167,6 +1167,7 @@ class NomadAPIDouble:
             ("POST", r"/v1/jobs", ("submit-job",), self._register),
             ("POST", r"/v1/job/(?P<id>[^/]+)/plan", ("submit-job",), self._plan),
             ("GET", r"/v1/job/(?P<id>[^/]+)/allocations", ("read-job",), self._job_allocs),
+            ("GET", r"/v1/job/(?P<id>[^/]+)/deployments", ("read-job",), self._job_deployments),
             ("GET", r"/v1/job/(?P<id>[^/]+)/deployment", ("read-job",), self._job_deployment),
             ("GET", r"/v1/job/(?P<id>[^/]+)/evaluations", ("read-job",), self._job_evals),
             ("GET", r"/v1/job/(?P<id>[^/]+)", ("read-job",), self._job),
@@ -1454,6 +1455,8 @@ class NomadAPIDouble:
         # blocked evaluation (createBlockedEval)
         """The scheduler: place the job's current version, or record why it cannot."""
         ev = self.evals[eval_id]
+        if ev["Status"] == "complete":  # nomad/eval_broker.go: an acked evaluation is not handed out again
+            return
         job = self.jobs.get(ev["JobID"])
         if job is None or noop or job.get("Stop"):
             self._finish_eval(ev)
@@ -1934,6 +1937,20 @@ class NomadAPIDouble:
             deps = [d for d in self.deployments.values() if d["JobID"] == id]
             latest = max(deps, key=lambda d: d["CreateIndex"]) if deps else None
             return self._json(copy.deepcopy(latest), "deployments")
+
+    def _job_deployments(self, request: Request, body: Any, id: str) -> Response:
+        # command/agent/job_endpoint.go jobDeployments -> nomad/job_endpoint.go (*Job).Deployments ->
+        # nomad/state/state_store.go DeploymentsByJobID: without all=true only the deployments of the job
+        # as registered now (JobCreateIndex == the job's CreateIndex); an empty list, never null
+        self._block(request, "deployments")
+        every = request.args.get("all", "") in ("true", "1")
+        with self.cond:
+            job = self.jobs.get(id)
+            deps = [
+                d for d in self.deployments.values()
+                if d["JobID"] == id and (every or job is None or d["JobCreateIndex"] == job["CreateIndex"])
+            ]  # fmt: skip
+            return self._json(copy.deepcopy(deps), "deployments")
 
     def _deployment(self, request: Request, body: Any, id: str) -> Response:
         # command/agent/deployment_endpoint.go: 404 "deployment not found"
