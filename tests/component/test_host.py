@@ -3,6 +3,8 @@ lifecycle stands on, against real processes."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -40,7 +42,7 @@ def test_free_port_is_free() -> None:
     host.check_ports({"ssh": Port(port, 22)})
 
 
-def test_process_facts_of_a_real_process() -> None:
+def test_process_facts_of_a_real_process(monkeypatch: pytest.MonkeyPatch) -> None:
     """cmdline, alive and `find` (by argv) of a live process; after `kill` — which has to escalate to
     SIGKILL, the process ignores SIGTERM — it is gone for all three (a zombie counts as gone)."""
     marker = "infra-host-test-marker"
@@ -52,12 +54,25 @@ def test_process_facts_of_a_real_process() -> None:
         assert host.find(lambda argv: marker in argv) == proc.pid
         now = [0.0]
         pauses: list[float] = []
+        sent: list[int] = []
+        real_kill = os.kill
+
+        def kill(pid: int, sig: int) -> None:
+            sent.append(sig)
+            real_kill(pid, sig)
+
+        monkeypatch.setattr(os, "kill", kill)
 
         def sleep(seconds: float) -> None:  # a fake clock, moved only by the pauses
             pauses.append(seconds)
             now[0] += seconds
+            if signal.SIGKILL in sent:  # SIGKILL cannot be ignored: give the kernel the real time it takes
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(120)
 
         assert host.kill(proc.pid, grace=1.0, clock=lambda: now[0], sleep=sleep) is True
+        monkeypatch.undo()
+        assert sent == [signal.SIGTERM, signal.SIGCONT, signal.SIGKILL]
         assert proc.wait(60) == -signal.SIGKILL  # SIGTERM was ignored, so it took the escalation
         assert sum(pauses) >= 1.0, pauses  # after SIGTERM, the whole 1 s grace was waited out first
         assert host.cmdline(proc.pid) is None and not host.alive(proc.pid)
