@@ -284,6 +284,11 @@ def test_purge_waits_until_allocations_are_gone(
     double: NomadAPIDouble, client: Client, job_file: Any
 ) -> None:
     deploy.deploy_job(client, job_file(), timeout=120)
+    # The allocations stop only when the purge asks again after its first look (a blocking query), however
+    # fast or slow the machine: without that hold a loaded machine let them stop before the first look.
+    double.timing.alloc_stop = float("inf")
+    looks = double.count("^/v1/job/web/allocations$")
+    double.on_request("^/v1/job/web/allocations$", looks + 2, double.release_stops)
     assert deploy.purge(client, ["web", "never-deployed"], timeout=120) == ["web"]
     assert "web" not in double.jobs
     allocs = [a for a in double.allocs.values() if a["JobID"] == "web"]

@@ -115,17 +115,19 @@ def guest(
     monkeypatch.setattr(remote, "CLOUD_INIT_LOG", str(tmp_path / "cloud-init-output.log"))
     monkeypatch.setattr(remote, "BOOT_ID", str(boot_id))
     server = sshd.started(env={"PATH": f"{fakebin}:/usr/local/bin:/usr/bin:/bin"})
-    cfg = make_cfg(
-        ssh={"user": server.user, "private_key": str(server.client_key)},
-        vm={"ports": {**config.read_defaults()["vm"]["ports"], "ssh": {"host": server.port, "guest": 22}},
-            "baked": "off", "cloud_init_timeout": 30, "ssh_timeout": 30},
-        provision={"nomad": False, "docker": False},
-    )  # fmt: skip
-    g = Guest(server, fakebin, run, boot_id, cfg)
-    try:
+    g: Guest | None = None
+    try:  # from here on the server is stopped whatever fails, set-up included
+        cfg = make_cfg(
+            ssh={"user": server.user, "private_key": str(server.client_key)},
+            vm={"ports": {**config.read_defaults()["vm"]["ports"], "ssh": {"host": server.port, "guest": 22}},
+                "baked": "off", "cloud_init_timeout": 30, "ssh_timeout": 30},
+            provision={"nomad": False, "docker": False},
+        )  # fmt: skip
+        g = Guest(server, fakebin, run, boot_id, cfg)
         yield g
     finally:
-        g.stop_qemu()
+        if g is not None:
+            g.stop_qemu()
         sshd.cleanup(server)
 
 

@@ -551,6 +551,7 @@ class NomadAPIDouble:
             str, list[dict[str, Any]]
         ] = {}  # alloc ID -> its tasks (the job may be purged)
         self.health_delay: dict[str, float] = {}  # task name or image -> extra seconds before healthy
+        self.held_stops: list[Callable[[], None]] = []  # Timing.alloc_stop inf: until release_stops()
         self.held_health: list[Callable[[], None]] = []  # health_delay inf: until release_health()
         self.parse_calls: list[dict[str, Any]] = []
         self._closed = False
@@ -658,6 +659,14 @@ class NomadAPIDouble:
             self.index = min(self.index, to)
             self.tables = {t: min(v, to) for t, v in self.tables.items()}
             self.changes.append((time.monotonic(), f"indexes rewound to {to}"))
+
+    def release_stops(self) -> None:
+        """Allocations stopping while Timing.alloc_stop is inf are stopped now (runs under the state lock,
+        so an on_request hook may call it: the answer it precedes already shows them complete)."""
+        with self.cond:
+            for fn in self.held_stops:
+                fn()
+            self.held_stops.clear()
 
     def release_health(self) -> None:
         """Allocations whose health_delay is inf turn healthy now (in placement order)."""
@@ -1901,7 +1910,10 @@ class NomadAPIDouble:
             if self.timing.gc_after is not None:
                 self.at(self.timing.gc_after, lambda: self._gc(alloc))
 
-        self.at(self.timing.alloc_stop, stopped)
+        if self.timing.alloc_stop == float("inf"):  # held until release_stops(): a test decides when
+            self.held_stops.append(stopped)
+        else:
+            self.at(self.timing.alloc_stop, stopped)
 
     def _gc(self, alloc: dict[str, Any]) -> None:
         # nomad/core_sched.go: terminal allocations are garbage-collected
