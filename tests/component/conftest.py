@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from servers import dockerd
-from servers.common import free_port
+from servers.common import blank_vm_settings, free_port
+
+from infra import config, vm
+from infra.state import StatePaths
 
 
 @pytest.fixture(scope="session")
@@ -47,3 +53,14 @@ def port_holder() -> Iterator[Callable[..., tuple[int, int]]]:
     for proc in procs:
         proc.kill()
         proc.wait(10)
+
+
+@pytest.fixture
+def blank_vm(make_cfg: Callable[..., config.Config], tmp_path: Path) -> Iterator[config.Config]:
+    """Config for a VM on a blank disk (it never boots an OS), with free ports; killed by pid afterwards
+    (test_vm, test_qmp)."""
+    cfg = make_cfg(vm=blank_vm_settings(tmp_path), provision={"nomad": False, "docker": False})
+    yield cfg
+    pid = vm.running_pid(StatePaths.of(cfg))
+    if pid is not None:
+        os.kill(pid, signal.SIGKILL)

@@ -8,12 +8,10 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
 import pytest
-from servers.common import blank_vm_settings
 from servers.qmp import STREAM_CAP, FakeQMP
 
 from infra import config, host, machine, qmp, vm
@@ -76,13 +74,6 @@ def test_a_well_behaved_server_answers(sock: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- a real qemu, stopped --
-@pytest.fixture
-def blank_vm(make_cfg: Callable[..., config.Config], tmp_path: Path) -> Iterator[config.Config]:
-    cfg = make_cfg(vm=blank_vm_settings(tmp_path), provision={"nomad": False, "docker": False})
-    yield cfg
-    pid = vm.running_pid(StatePaths.of(cfg))
-    if pid is not None:
-        os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.tools("qemu-system-x86_64", "qemu-img")

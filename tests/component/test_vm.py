@@ -9,30 +9,19 @@ a kill when the guest ignores ACPI, and `destroy`. Booting a real guest is tests
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from servers.common import blank_vm_settings, listening, vm_ports
+from servers.common import listening, vm_ports
 
 from infra import config, host, machine, qmp, vm
 from infra.errors import VMError
 from infra.state import StatePaths
 
 pytestmark = pytest.mark.tools("qemu-system-x86_64", "qemu-img")
-
-
-@pytest.fixture
-def blank_vm(make_cfg: Callable[..., config.Config], tmp_path: Path) -> Iterator[config.Config]:
-    """Config for a VM on a blank disk (it never boots an OS), with free ports; killed by pid afterwards."""
-    cfg = make_cfg(vm=blank_vm_settings(tmp_path), provision={"nomad": False, "docker": False})
-    yield cfg
-    pid = vm.running_pid(StatePaths.of(cfg))
-    if pid is not None:
-        os.kill(pid, 9)
 
 
 def _overrides(cfg: config.Config) -> dict[str, dict[str, object]]:
