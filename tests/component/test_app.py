@@ -212,7 +212,7 @@ def test_healthz_names_kafka_when_it_is_down(make_app: AppFactory, pg: PostgresS
             time.sleep(0.5)
         recovered = app.get("/healthz")
     finally:
-        tansu.cleanup(broker)
+        broker.cleanup()
 
     assert down.status_code == 503, down.text
     assert down.json()["down"] == ["kafka"]
@@ -373,7 +373,7 @@ def test_app_starts_and_serves_while_kafka_is_away(make_app: AppFactory, pg: Pos
         recovered = app.get("/healthz")
         stored = app.post("/events", json={"n": 2})
     finally:
-        tansu.cleanup(broker)
+        broker.cleanup()
     assert down.status_code == 503 and down.json()["down"] == ["kafka"], down.text
     assert refused.status_code == 503 and refused.json()["down"] == ["kafka"], refused.text
     assert recovered.status_code == 200, recovered.text

@@ -22,6 +22,7 @@ from servers.postgres import PostgresServer
 from servers.tansu import TansuBroker
 
 from infra import ROOT, build, config
+from infra.errors import BuildError
 
 pytestmark = [
     pytest.mark.docker,
@@ -154,7 +155,7 @@ def test_a_broken_build_names_the_failing_step(
     (tmp_path / "Dockerfile").write_text(f"FROM {base_image}\nRUN echo about to fail && exit 7\n")
     subprocess.run(["tar", "-C", str(tmp_path), "-cf", str(context), "Dockerfile"], check=True)
 
-    with pytest.raises(build.BuildError) as info:
+    with pytest.raises(BuildError) as info:
         engine.build(context, "infra-lab/broken:1", {}, tmp_path / "build.log")
 
     text = str(info.value)
@@ -180,7 +181,7 @@ def vm_like(docker_engine: dockerd.DockerEngine, base_image: str,
         }
     )
     yield cfg
-    sshd.cleanup(server)
+    server.cleanup()
 
 
 @contextlib.contextmanager

@@ -18,7 +18,8 @@ import pytest
 from servers import tansu
 from servers.app import AppProcess
 from servers.postgres import PostgresServer
-from test_app import app_env, count_rows, new_database
+
+from component.test_app import app_env, count_rows, new_database
 
 JSON = {"Content-Type": "application/json"}
 

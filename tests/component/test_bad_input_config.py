@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from badinput import (
+
+from component.badinput import (
     PROGRAMS,
     assert_one_error,
     files_under,
@@ -26,7 +27,6 @@ from badinput import (
     temp_leftovers,
     unwritable_dir,
 )
-
 from infra import images
 from infra.errors import ConfigError
 

@@ -17,8 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from badinput import assert_one_error, files_under, processes_mentioning, temp_leftovers, unwritable_dir
 from doubles.nomad_api import NomadAPIDouble
+
+from component.badinput import (
+    assert_one_error,
+    files_under,
+    processes_mentioning,
+    temp_leftovers,
+    unwritable_dir,
+)
 
 #: A job in the double's HCL subset, declaring the variables deploy.app passes (image, version).
 WEB = """

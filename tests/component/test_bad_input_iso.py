@@ -17,8 +17,14 @@ from typing import Any
 
 import pytest
 import yaml
-from badinput import assert_one_error, files_under, processes_mentioning, temp_leftovers, unwritable_dir
 
+from component.badinput import (
+    assert_one_error,
+    files_under,
+    processes_mentioning,
+    temp_leftovers,
+    unwritable_dir,
+)
 from infra import pgp, seed
 from infra.errors import InfraError, TemplateError, ValidationError
 

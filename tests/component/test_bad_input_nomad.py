@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from doubles.nomad_api import NomadAPIDouble, free_port
+from doubles.nomad_api import NomadAPIDouble
 from pytest_httpserver import HTTPServer
+from servers.common import free_port
 
 TOKEN = "tok-0123-secret"
 

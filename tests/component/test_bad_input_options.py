@@ -9,7 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from badinput import assert_one_error, files_under
+
+from component.badinput import assert_one_error, files_under
 
 CASES = [
     (("nomad.wait", "--timeout", "-1"), "--timeout must be a positive number of seconds, not -1"),

@@ -18,10 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from badinput import assert_one_error, fill_up, processes_mentioning, small_filesystem, temp_leftovers
 from doubles.nomad_api import NomadAPIDouble
-from test_bad_input_deploy import WEB
 
+from component.badinput import (
+    assert_one_error,
+    fill_up,
+    processes_mentioning,
+    small_filesystem,
+    temp_leftovers,
+)
+from component.test_bad_input_deploy import WEB
 from infra import keys, state
 
 PRECIOUS = b"precious: must not change\n"

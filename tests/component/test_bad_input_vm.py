@@ -25,10 +25,10 @@ from typing import Any
 
 import psutil
 import pytest
-from badinput import assert_one_error
 from servers.common import blank_vm_settings, processes_of, vm_ports
 from servers.qmp import FakeQMP
 
+from component.badinput import assert_one_error
 from infra import ROOT, qmp
 from infra.state import StatePaths
 
@@ -96,14 +96,13 @@ class Lab:
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[Lab]:
     state = tmp_path / "state"
+    vm = blank_vm_settings(tmp_path)
     settings = {
         "project": {"state_dir": str(state), "cache_dir": str(tmp_path / "cache")},
         "provision": {"nomad": False, "docker": False},
-        "vm": blank_vm_settings(tmp_path),
+        "vm": vm,
     }
-    lab = Lab(
-        tmp_path, Path(str(settings["vm"]["image"])), tmp_path / "lab.yaml", StatePaths(state), settings
-    )
+    lab = Lab(tmp_path, Path(str(vm["image"])), tmp_path / "lab.yaml", StatePaths(state), settings)
     lab.write_config(lab.config)
     yield lab
     lab.kill_all()
@@ -217,7 +216,7 @@ def stopped_qemu(lab: Lab) -> None:
 @dataclass(frozen=True)
 class Case:
     id: str
-    setup: Callable[[Lab], None]
+    setup: Callable[[Lab], object]
     args: tuple[str, ...]
     code: int
     message: str  # a regex one line of the output must match, after str.format: {pid} = the VM's pid,

@@ -390,7 +390,7 @@ def test_image_option_deploys_that_image_without_building(world: World) -> None:
 def test_local_build_loads_the_image_into_the_vm(world: World) -> None:
     host = RecordingEngine(where="the host")
 
-    result = world.ship(build_image=True, local=True, builder=host)  # type: ignore[arg-type]
+    result = world.ship(build_image=True, local=True, builder=host)
 
     assert [b[0] for b in host.builds] == [result.image]
     assert world.vm.builds == [] and world.vm.loads == [result.image]

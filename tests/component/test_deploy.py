@@ -20,6 +20,7 @@ from doubles.nomad_api import NomadAPIDouble, Timing
 from infra import deploy, release
 from infra.errors import DeployError, WaitTimeout
 from infra.nomad import Client, Settings
+from infra.waits import Deadline
 
 WEB = """
 variable "image" {
@@ -182,7 +183,7 @@ def test_deployment_failed_with_auto_revert(double: NomadAPIDouble, client: Clie
         res = client.job_deployment("web", index=res.index, wait=5)
     dep = res.body
     assert dep["JobVersion"] == 2
-    deploy.follow_deployment(client, double.jobs["web"], dep["ID"], deploy.Deadline(120))
+    deploy.follow_deployment(client, double.jobs["web"], dep["ID"], Deadline(120))
     assert double.jobs["web"]["TaskGroups"][0]["Tasks"][0]["Config"]["image"] == "web:1"
 
 

@@ -33,7 +33,7 @@ from servers.common import free_port, free_ports
 
 from infra import ROOT, images
 from infra.config import Config, Port
-from infra.errors import WaitTimeout
+from infra.errors import InfraError, WaitTimeout
 
 pytestmark = pytest.mark.tools("sshd", "ssh-keygen")
 
@@ -246,7 +246,7 @@ def sshd() -> Iterator[tuple[int, Path, str]]:
     """The real OpenSSH server of tests/servers/sshd.py, for the current user: (port, private key, user)."""
     server = sshd_server.started()
     yield server.port, server.client_key, server.user
-    sshd_server.cleanup(server)
+    server.cleanup()
 
 
 # ================================================================================ the real inv subprocess ==
@@ -515,12 +515,13 @@ def test_sigterm_in_a_pytest_run_tears_the_session_fixture_down(tmp_path: Path) 
 
 def test_teardown_when_the_stack_does_not_answer(e2e_cfg: Config, tmp_path: Path) -> None:
     inv = FakeInvoker()
-    with pytest.raises(e2e.InfraError, match="cannot reach Nomad"), running(e2e_cfg, inv) as stack:
+    with pytest.raises(InfraError, match="cannot reach Nomad"), running(e2e_cfg, inv) as stack:
         stack.smoke.nomad_answers()
     assert inv.calls == [["up"], ["down"]]
     # inv up's announced phases land in the timing table
-    assert ("inv up: iso", pytest.approx(0.2)) in stack.timings.rows
-    assert ("inv up: vm.run", pytest.approx(7.3)) in stack.timings.rows
+    rows = stack.timings.rows
+    assert any(name == "inv up: iso" and took == pytest.approx(0.2) for name, took in rows), rows
+    assert any(name == "inv up: vm.run" and took == pytest.approx(7.3) for name, took in rows), rows
     # diagnostics were attempted while "the VM" still ran, and say what could not be collected
     diag = tmp_path / "report" / "diagnostics"
     assert "could not collect" in (diag / "cloud-init-output.log").read_text()
@@ -529,7 +530,7 @@ def test_teardown_when_the_stack_does_not_answer(e2e_cfg: Config, tmp_path: Path
 
 def test_keep_never_runs_inv_down(e2e_cfg: Config) -> None:
     inv = FakeInvoker()
-    with pytest.raises(e2e.InfraError), running(e2e_cfg, inv, keep=True) as stack:
+    with pytest.raises(InfraError), running(e2e_cfg, inv, keep=True) as stack:
         stack.smoke.nomad_answers()
     assert ["down"] not in inv.calls
 
@@ -739,7 +740,7 @@ def test_e2e_on_a_machine_without_prerequisites_fails_before_starting_anything(t
     suite = ET.parse(tmp_path / "report" / "junit.xml").getroot().find("testsuite")  # noqa: S314 - ours
     assert suite is not None and (suite.get("tests"), suite.get("failures")) == ("1", "1")
     props = {p.get("name"): p.get("value") for p in suite.iter("property")}
-    assert props["preflight: acceleration"].startswith("MISSING: vm.accel is tcg")
+    assert (props["preflight: acceleration"] or "").startswith("MISSING: vm.accel is tcg")
     phases = [row["phase"] for row in json.loads((tmp_path / "report" / "timings.json").read_text())]
     assert phases == ["preflight", "e2e total"]
     assert not (tmp_path / "state").exists()

@@ -184,7 +184,7 @@ def start_traefik(api: NomadAPIDouble) -> Iterator[Callable[..., traefik_server.
 
     yield start
     for proxy in started:
-        traefik_server.cleanup(proxy)
+        proxy.cleanup()
 
 
 # --------------------------------------------------------------------------------------------- tests --
@@ -368,7 +368,7 @@ def test_lets_encrypt_against_pebble_orders_once_and_survives_a_restart(
         poll(lambda: polls_after(api, seen, r"^/v1/services$") >= 2, "Traefik polls Nomad again", proxy)
         assert _orders(acme) == 1, acme.log_tail()
     finally:
-        pebble_server.cleanup(acme)
+        acme.cleanup()
 
 
 def _served_serial(port: int, name: str) -> int:

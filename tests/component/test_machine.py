@@ -128,7 +128,7 @@ def guest(
     finally:
         if g is not None:
             g.stop_qemu()
-        sshd.cleanup(server)
+        server.cleanup()
 
 
 def test_a_checked_boot_is_not_logged_into_again(guest: Guest, capsys: pytest.CaptureFixture[str]) -> None:

@@ -28,7 +28,7 @@ def guest(tmp_path: Path) -> Iterator[tuple[sshd.SSHServer, Path]]:
     try:
         yield server, fakebin
     finally:
-        sshd.cleanup(server)
+        server.cleanup()
 
 
 def fake(fakebin: Path, name: str, script: str) -> None:

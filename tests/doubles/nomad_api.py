@@ -57,6 +57,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import copy
+import functools
 import heapq
 import itertools
 import json
@@ -867,7 +868,7 @@ class NomadAPIDouble:
             if ev["Status"] == "blocked":
                 ev["Status"] = "pending"
                 ev["ModifyIndex"] = self._bump("evals")
-                self.at(self.timing.evaluate, lambda ev=ev: self._evaluate(ev["ID"]))
+                self.at(self.timing.evaluate, functools.partial(self._evaluate, ev["ID"]))
 
     def _set_docker(self, state: str) -> None:
         assert self.node is not None
@@ -1397,7 +1398,7 @@ class NomadAPIDouble:
     ) -> dict[str, Any]:
         # nomad/structs/structs.go Evaluation (TriggeredBy job-register, deployment-watcher, ...)
         idx = self._bump("evals")
-        ev = {
+        ev: dict[str, Any] = {
             "ID": str(uuid.uuid4()), "Namespace": "default", "Priority": 50, "Type": "service",
             "TriggeredBy": trigger, "JobID": job_id, "JobModifyIndex": job_modify_index, "NodeID": "",
             "NodeModifyIndex": 0, "DeploymentID": "", "Status": status, "StatusDescription": "", "Wait": 0,

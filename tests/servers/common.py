@@ -1,13 +1,19 @@
-"""Small helpers shared by the server wrappers."""
+"""Small helpers shared by the server wrappers, and `ServerProcess`: how every real server the tests run is
+started, awaited and stopped."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar, TypeVar
 
 import psutil
 
@@ -113,12 +119,12 @@ def stop_process(proc: subprocess.Popen[bytes], *, sig: int = signal.SIGTERM, ti
     return int(proc.returncode)
 
 
-def wait_for(predicate: object, what: str, timeout: float, log: Path | None = None,
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float, log: Path | None = None,
               proc: subprocess.Popen[bytes] | None = None) -> None:  # fmt: skip
     """Poll `predicate()` until true; raise with the log tail if it never is or the process died."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if callable(predicate) and predicate():
+        if predicate():
             return
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(
@@ -126,3 +132,93 @@ def wait_for(predicate: object, what: str, timeout: float, log: Path | None = No
             )
         time.sleep(0.2)
     raise RuntimeError(f"{what}: not ready after {timeout:.0f}s\n{tail(log) if log else ''}")
+
+
+S = TypeVar("S", bound="ServerProcess")
+
+
+@dataclass
+class ServerProcess:
+    """A real server a test runs, in its own directory `root` (config, data, and its output in `log`).
+
+    `launch` starts the process with its output in the log and polls `ready()` until the deadline (generous:
+    the machine may be loaded), raising with the log's tail if it never answers or the process exits;
+    `stop` signals it by the PID it was started with (SIGKILL if it lingers); `cleanup` stops it and
+    removes its directory. A subclass says how to start (`start`), what its log is called (`name`), and
+    how it likes to be stopped (`stop_signal`, `stop_timeout`).
+    """
+
+    root: Path
+    proc: subprocess.Popen[bytes] | None = field(default=None, kw_only=True)
+
+    #: The log's name (`<name>.log`) and the prefix of a fresh directory (`<name>-XXXX`).
+    name: ClassVar[str]
+    stop_signal: ClassVar[int] = signal.SIGTERM
+    stop_timeout: ClassVar[float] = 20
+
+    @property
+    def log(self) -> Path:
+        return self.root / f"{self.name}.log"
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def create(self) -> None:
+        """What a fresh server needs to be running (postgres: initdb first)."""
+        self.start()
+
+    def launch(
+        self,
+        argv: list[str],
+        *,
+        what: str,
+        ready: Callable[[], bool],
+        timeout: float,
+        env: Mapping[str, str] | None = None,
+        ids: tuple[int, int] | None = None,
+    ) -> None:
+        """Start `argv` in `root` with its output in the log, then wait until `ready()` (`what` names it in
+        the error). `ids`: (uid, gid) to run it as, with no supplementary groups."""
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, cwd=self.root, env=env,
+                user=ids[0] if ids else None, group=ids[1] if ids else None,
+                extra_groups=[] if ids else None,
+            )  # fmt: skip
+        wait_for(ready, what, timeout, self.log, self.proc)
+
+    def stop(self) -> int | None:
+        """Stop the process by its PID (`stop_signal`, SIGKILL after `stop_timeout`); its exit code, or None
+        when it was not running."""
+        if self.proc is None:
+            return None
+        code = stop_process(self.proc, sig=self.stop_signal, timeout=self.stop_timeout)
+        self.proc = None
+        return code
+
+    def log_tail(self, lines: int = 40) -> str:
+        return tail(self.log, lines)
+
+    def cleanup(self) -> None:
+        """Stop it and remove its directory."""
+        try:
+            self.stop()
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+def started(kind: type[S], make: Callable[[Path], S] | None = None) -> S:
+    """A fresh `kind` server in a new temporary directory (`make(root)` builds it when it needs more than
+    the directory), created there (`create`); stopped and removed if that fails."""
+    root = Path(tempfile.mkdtemp(prefix=f"{kind.name}-"))
+    try:
+        server = make(root) if make is not None else kind(root)
+    except BaseException:
+        shutil.rmtree(root, ignore_errors=True)
+        raise
+    try:
+        server.create()
+    except BaseException:
+        server.cleanup()
+        raise
+    return server

@@ -19,12 +19,13 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
-from .common import stop_process, tail, wait_for
+from . import common
+from .common import ServerProcess, tail
 
 BASE_TAG = "local/python-base:bookworm"
 BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates")
@@ -40,9 +41,9 @@ def docker_cli() -> str:
 
 
 @dataclass
-class DockerEngine:
-    root: Path
-    proc: subprocess.Popen[bytes] | None = None
+class DockerEngine(ServerProcess):
+    name: ClassVar[str] = "dockerd"
+    stop_timeout: ClassVar[float] = 30
 
     @property
     def socket(self) -> Path:
@@ -52,19 +53,20 @@ class DockerEngine:
     def host(self) -> str:
         return f"unix://{self.socket}"
 
-    @property
-    def log(self) -> Path:
-        return self.root / "dockerd.log"
-
     def env(self) -> dict[str, str]:
         return {**os.environ, "DOCKER_HOST": self.host}
 
-    def docker(self, *args: str, timeout: float = 300, check: bool = True,
-               **kw: object) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    def docker(
+        self, *args: str, timeout: float = 300, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
-            [docker_cli(), *args], env=self.env(), capture_output=True, text=True, timeout=timeout,
-            check=False, **kw,  # type: ignore[call-overload]
-        )  # fmt: skip
+            [docker_cli(), *args],
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
         if check and result.returncode != 0:
             raise RuntimeError(f"docker {' '.join(args[:3])} failed ({result.returncode}):\n"
                                f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")  # fmt: skip
@@ -76,8 +78,8 @@ class DockerEngine:
             raise RuntimeError("dockerd not found: apt-get install -y docker.io")
         if os.geteuid() != 0:
             raise RuntimeError(f"dockerd needs root; running as uid {os.geteuid()}")
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
+        try:
+            self.launch(
                 [
                     dockerd,
                     "--data-root", str(self.root / "data"),
@@ -87,10 +89,8 @@ class DockerEngine:
                     "--bridge=none", "--iptables=false", "--ip6tables=false",
                     "--storage-driver=overlay2",
                 ],
-                stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
+                ready=self.answers, what=f"dockerd at {self.host}", timeout=60,
             )  # fmt: skip
-        try:
-            wait_for(self.answers, f"dockerd at {self.host}", 60, self.log, self.proc)
         except RuntimeError as exc:
             self.stop()
             raise RuntimeError(
@@ -104,11 +104,10 @@ class DockerEngine:
             self.docker("version", "--format", "{{.Server.Version}}", check=False, timeout=20).returncode == 0
         )
 
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc, timeout=30)
-            self.proc = None
+    def stop(self) -> int | None:
+        code = super().stop()
         self._unmount()
+        return code
 
     def _unmount(self) -> None:
         root = str(self.root.resolve())
@@ -119,20 +118,7 @@ class DockerEngine:
 
 
 def started() -> DockerEngine:
-    engine = DockerEngine(Path(tempfile.mkdtemp(prefix="dockerd-")))
-    try:
-        engine.start()
-    except BaseException:
-        cleanup(engine)
-        raise
-    return engine
-
-
-def cleanup(engine: DockerEngine) -> None:
-    try:
-        engine.stop()
-    finally:
-        shutil.rmtree(engine.root, ignore_errors=True)
+    return common.started(DockerEngine)
 
 
 # ---------------------------------------------------------------------------------------- base image --

@@ -12,30 +12,24 @@ port, `/roots/0` (Pebble prints that URL at start). Every order Pebble creates i
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import requests
 import trustme
 
-from .common import free_ports, port_open, stop_process, tail, wait_for
+from . import common
+from .common import ServerProcess, free_ports, port_open
 
 PEBBLE = "pebble"
 
 
 @dataclass
-class Pebble:
-    root: Path
+class Pebble(ServerProcess):
+    name: ClassVar[str] = "pebble"
     acme_port: int = 0
     management_port: int = 0
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def log(self) -> Path:
-        return self.root / "pebble.log"
 
     @property
     def tls_ca(self) -> Path:
@@ -67,11 +61,9 @@ class Pebble:
         }
         (self.root / "pebble-config.json").write_text(json.dumps(config))
         env = {"PEBBLE_VA_ALWAYS_VALID": "1", "PEBBLE_VA_NOSLEEP": "1", "PEBBLE_WFE_NONCEREJECT": "0"}
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen([PEBBLE, "-config", str(self.root / "pebble-config.json")],
-                                         stdout=log, stderr=subprocess.STDOUT, cwd=self.root, env=env)  # fmt: skip
-        wait_for(lambda: port_open(self.acme_port) and port_open(self.management_port),
-                 f"pebble on {self.directory}", 30, self.log, self.proc)  # fmt: skip
+        self.launch([PEBBLE, "-config", str(self.root / "pebble-config.json")], env=env,
+                    ready=lambda: port_open(self.acme_port) and port_open(self.management_port),
+                    what=f"pebble on {self.directory}", timeout=30)  # fmt: skip
 
     def root_pem(self) -> str:
         """The root that signs the certificates Pebble issues (management API /roots/0)."""
@@ -84,27 +76,6 @@ class Pebble:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc)
-            self.proc = None
-
-    def log_tail(self) -> str:
-        return tail(self.log)
-
 
 def started() -> Pebble:
-    server = Pebble(Path(tempfile.mkdtemp(prefix="pebble-")))
-    try:
-        server.start()
-    except BaseException:
-        cleanup(server)
-        raise
-    return server
-
-
-def cleanup(server: Pebble) -> None:
-    try:
-        server.stop()
-    finally:
-        shutil.rmtree(server.root, ignore_errors=True)
+    return common.started(Pebble)

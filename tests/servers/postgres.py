@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import os
 import pwd
-import shutil
 import signal
 import subprocess
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import psycopg
 
-from .common import free_port, stop_process, tail, wait_for
+from . import common
+from .common import ServerProcess, free_port, tail
 
 PG_BINDIRS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
 USER = "postgres"  # the cluster's superuser (a database role, not a system user)
@@ -38,19 +38,15 @@ def find_bindir() -> Path:
 
 
 @dataclass
-class PostgresServer:
-    root: Path
+class PostgresServer(ServerProcess):
+    name: ClassVar[str] = "postgres"
+    stop_signal: ClassVar[int] = signal.SIGINT  # fast shutdown
     port: int = 0
     bindir: Path = field(default_factory=find_bindir)
-    proc: subprocess.Popen[bytes] | None = None
 
     @property
     def data(self) -> Path:
         return self.root / "data"
-
-    @property
-    def log(self) -> Path:
-        return self.root / "postgres.log"
 
     @property
     def dsn(self) -> str:
@@ -66,11 +62,16 @@ class PostgresServer:
             "PGDATABASE": "postgres",
         }
 
-    def _ids(self) -> dict[str, int]:
+    def _ids(self) -> tuple[int, int] | None:
+        """(uid, gid) of `nobody` when running as root (initdb refuses root), else None: as we are."""
         if os.geteuid() != 0:
-            return {}
+            return None
         nobody = pwd.getpwnam("nobody")
-        return {"user": nobody.pw_uid, "group": nobody.pw_gid}
+        return nobody.pw_uid, nobody.pw_gid
+
+    def create(self) -> None:
+        self.init()
+        self.start()
 
     def init(self) -> None:
         ids = self._ids()
@@ -78,14 +79,14 @@ class PostgresServer:
         pwfile.write_text(PASSWORD + "\n")
         if ids:
             for path in (self.root, pwfile):
-                os.chown(path, ids["user"], ids["group"])
+                os.chown(path, *ids)
         result = subprocess.run(
             [
                 str(self.bindir / "initdb"), "-D", str(self.data), "-U", USER, f"--pwfile={pwfile}",
                 "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--locale=C", "--no-sync",
             ],
             capture_output=True, text=True, timeout=120, check=False, cwd=self.root,
-            **({"extra_groups": [], **ids} if ids else {}),  # type: ignore[arg-type]
+            user=ids[0] if ids else None, group=ids[1] if ids else None, extra_groups=[] if ids else None,
         )  # fmt: skip
         pwfile.unlink()
         if result.returncode != 0:
@@ -94,18 +95,14 @@ class PostgresServer:
     def start(self) -> None:
         if not self.port:
             self.port = free_port()
-        ids = self._ids()
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    str(self.bindir / "postgres"), "-D", str(self.data), "-p", str(self.port),
-                    "-k", str(self.root), "-c", "listen_addresses=127.0.0.1",
-                    "-c", "fsync=off", "-c", "full_page_writes=off", "-c", "synchronous_commit=off",
-                ],
-                stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
-                **({"extra_groups": [], **ids} if ids else {}),  # type: ignore[arg-type]
-            )  # fmt: skip
-        wait_for(self.answers, f"postgres on 127.0.0.1:{self.port}", 30, self.log, self.proc)
+        self.launch(
+            [
+                str(self.bindir / "postgres"), "-D", str(self.data), "-p", str(self.port),
+                "-k", str(self.root), "-c", "listen_addresses=127.0.0.1",
+                "-c", "fsync=off", "-c", "full_page_writes=off", "-c", "synchronous_commit=off",
+            ],
+            ids=self._ids(), ready=self.answers, what=f"postgres on 127.0.0.1:{self.port}", timeout=30,
+        )  # fmt: skip
 
     def answers(self) -> bool:
         try:
@@ -115,30 +112,14 @@ class PostgresServer:
         except psycopg.OperationalError:
             return False
 
-    def stop(self) -> None:
+    def stop(self) -> int | None:
         """Fast shutdown by PID; the port stays this server's for a later start()."""
-        if self.proc is not None:
-            code = stop_process(self.proc, sig=signal.SIGINT)
-            self.proc = None
-            if code != 0:
-                raise RuntimeError(f"postgres exited with {code}:\n{tail(self.log)}")
+        code = super().stop()
+        if code not in (0, None):
+            raise RuntimeError(f"postgres exited with {code}:\n{tail(self.log)}")
+        return code
 
 
 def started() -> PostgresServer:
     """A fresh, running cluster in its own directory (cleanup(): stop + remove)."""
-    root = Path(tempfile.mkdtemp(prefix="pgtest-"))
-    server = PostgresServer(root)
-    try:
-        server.init()
-        server.start()
-    except BaseException:
-        cleanup(server)
-        raise
-    return server
-
-
-def cleanup(server: PostgresServer) -> None:
-    try:
-        server.stop()
-    finally:
-        shutil.rmtree(server.root, ignore_errors=True)
+    return common.started(PostgresServer)

@@ -8,22 +8,21 @@ test's private dockerd, the way the VM's login user reaches the VM's Docker). St
 from __future__ import annotations
 
 import getpass
-import os
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
-from .common import free_port, port_open, stop_process, wait_for
+from . import common
+from .common import ServerProcess, free_port, port_open
 
 
 @dataclass
-class SSHServer:
-    root: Path
+class SSHServer(ServerProcess):
+    name: ClassVar[str] = "sshd"
     env: dict[str, str] = field(default_factory=dict)
     port: int = 0
-    proc: subprocess.Popen[bytes] | None = None
 
     @property
     def client_key(self) -> Path:
@@ -32,10 +31,6 @@ class SSHServer:
     @property
     def user(self) -> str:
         return getpass.getuser()
-
-    @property
-    def log(self) -> Path:
-        return self.root / "sshd.log"
 
     def start(self) -> None:
         sshd = shutil.which("sshd") or "/usr/sbin/sshd"
@@ -61,31 +56,9 @@ class SSHServer:
         check = subprocess.run([sshd, "-t", "-f", str(config)], capture_output=True, text=True, check=False)
         if check.returncode != 0:
             raise RuntimeError(f"sshd config rejected: {check.stderr}")
-        self.proc = subprocess.Popen(
-            [sshd, "-D", "-e", "-f", str(config)], stdout=self.log.open("ab"), stderr=subprocess.STDOUT
-        )
-        wait_for(lambda: port_open(self.port), f"sshd on 127.0.0.1:{self.port}", 20, self.log, self.proc)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc)
-            self.proc = None
+        self.launch([sshd, "-D", "-e", "-f", str(config)], ready=lambda: port_open(self.port),
+                    what=f"sshd on 127.0.0.1:{self.port}", timeout=20)  # fmt: skip
 
 
 def started(env: dict[str, str] | None = None) -> SSHServer:
-    root = Path(tempfile.mkdtemp(prefix="sshd-"))
-    os.chmod(root, 0o700)
-    server = SSHServer(root, env=dict(env or {}))
-    try:
-        server.start()
-    except BaseException:
-        cleanup(server)
-        raise
-    return server
-
-
-def cleanup(server: SSHServer) -> None:
-    try:
-        server.stop()
-    finally:
-        shutil.rmtree(server.root, ignore_errors=True)
+    return common.started(SSHServer, lambda root: SSHServer(root, env=dict(env or {})))

@@ -15,12 +15,12 @@ from __future__ import annotations
 import importlib.resources
 import shutil
 import stat
-import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
-from .common import free_port, port_open, stop_process, tail, wait_for
+from . import common
+from .common import ServerProcess, free_port, port_open
 
 
 def binary() -> Path:
@@ -34,14 +34,9 @@ def binary() -> Path:
 
 
 @dataclass
-class TansuBroker:
-    root: Path
+class TansuBroker(ServerProcess):
+    name: ClassVar[str] = "tansu"
     port: int = 0
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def log(self) -> Path:
-        return self.root / "tansu.log"
 
     @property
     def bootstrap(self) -> str:
@@ -55,35 +50,12 @@ class TansuBroker:
         if not self.port:
             self.port = free_port()
         url = f"tcp://127.0.0.1:{self.port}"
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [str(exe), "broker", "--listener-url", url, "--advertised-listener-url", url,
-                 "--storage-engine", "memory://tansu/", "--cluster-id", "infra-lab-test"],
-                stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
-            )  # fmt: skip
-        wait_for(lambda: port_open(self.port), f"tansu on {self.bootstrap}", 20, self.log, self.proc)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc)
-            self.proc = None
-
-    def describe_failure(self) -> str:
-        return tail(self.log)
+        self.launch(
+            [str(exe), "broker", "--listener-url", url, "--advertised-listener-url", url,
+             "--storage-engine", "memory://tansu/", "--cluster-id", "infra-lab-test"],
+            ready=lambda: port_open(self.port), what=f"tansu on {self.bootstrap}", timeout=20,
+        )  # fmt: skip
 
 
 def started() -> TansuBroker:
-    broker = TansuBroker(Path(tempfile.mkdtemp(prefix="tansu-")))
-    try:
-        broker.start()
-    except BaseException:
-        cleanup(broker)
-        raise
-    return broker
-
-
-def cleanup(broker: TansuBroker) -> None:
-    try:
-        broker.stop()
-    finally:
-        shutil.rmtree(broker.root, ignore_errors=True)
+    return common.started(TansuBroker)

@@ -21,23 +21,21 @@ is rendered from the Nomad double's Variables by `render_template`, which accept
 
 from __future__ import annotations
 
+import functools
 import os
 import re
-import shutil
-import signal
-import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import ClassVar
 
 import requests
 
 from infra import ROOT, speclint
 
-from .common import free_ports, stop_process, tail, wait_for
+from .common import ServerProcess, free_ports
 
 INGRESS_JOB = ROOT / "nomad" / "ingress.nomad.hcl"
 TRAEFIK = Path(sys.executable).with_name("traefik")
@@ -95,12 +93,15 @@ def host_args(
             continue
         arg = arg.replace("${NOMAD_SECRETS_DIR}", str(secrets_dir))
         for destination, volume in spec.mounts.items():  # a host volume's mount -> its stand-in
-            arg = re.sub(
-                rf"=({re.escape(destination)})(/|$)", lambda mm, v=volume: f"={volumes[v]}{mm.group(2)}", arg
-            )
+            arg = re.sub(rf"=({re.escape(destination)})(/|$)", _stand_in(volumes[volume]), arg)
 
-        out.append(_INTERP.sub(lambda mm, arg=arg: _variable(mm, arg, values), arg))
+        out.append(_INTERP.sub(functools.partial(_variable, arg=arg, values=values), arg))
     return out
+
+
+def _stand_in(directory: Path) -> Callable[[re.Match[str]], str]:
+    """`=<mount destination><rest>` -> `=<directory><rest>`."""
+    return lambda match: f"={directory}{match.group(2)}"
 
 
 def _variable(match: re.Match[str], arg: str, values: Mapping[str, str]) -> str:
@@ -126,19 +127,14 @@ def render_template(data: str, variables: Mapping[str, Mapping[str, str]]) -> st
 
 
 @dataclass
-class Traefik:
-    root: Path
+class Traefik(ServerProcess):
+    name: ClassVar[str] = "traefik"
     nomad_url: str
     variables: dict[str, str] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
     spec: JobTask = field(default_factory=job_task)
     ports: dict[str, int] = field(default_factory=dict)
-    proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
-
-    @property
-    def log(self) -> Path:
-        return self.root / "traefik.log"
 
     @property
     def secrets_dir(self) -> Path:
@@ -173,11 +169,9 @@ class Traefik:
         for name in self.spec.mounts.values():
             self.volume(name).mkdir(parents=True, exist_ok=True)
         env = {k: os.environ[k] for k in ("PATH", "LANG", "TZ") if k in os.environ} | self.env
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen([str(TRAEFIK), *self.args()], stdout=log, stderr=subprocess.STDOUT,
-                                         cwd=self.root, env=env)  # fmt: skip
         self.starts += 1
-        wait_for(self.pings, f"traefik /ping on {self.url('traefik')}", 60, self.log, self.proc)
+        self.launch([str(TRAEFIK), *self.args()], env=env, ready=self.pings,
+                    what=f"traefik /ping on {self.url('traefik')}", timeout=60)  # fmt: skip
 
     def pings(self) -> bool:
         try:
@@ -185,22 +179,14 @@ class Traefik:
         except requests.RequestException:
             return False
 
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc, sig=signal.SIGTERM)
-            self.proc = None
-
     def log_tail(self, lines: int = 60) -> str:
-        return tail(self.log, lines)
+        return super().log_tail(lines)
 
 
-def started(nomad_url: str, **kwargs: Any) -> Traefik:
-    proxy = Traefik(Path(tempfile.mkdtemp(prefix="traefik-")), nomad_url, **kwargs)
-    return proxy
-
-
-def cleanup(proxy: Traefik) -> None:
-    try:
-        proxy.stop()
-    finally:
-        shutil.rmtree(proxy.root, ignore_errors=True)
+def started(
+    nomad_url: str, variables: dict[str, str] | None = None, env: dict[str, str] | None = None
+) -> Traefik:
+    """A Traefik in a fresh directory, not started yet (the test renders its templates first)."""
+    return Traefik(
+        Path(tempfile.mkdtemp(prefix="traefik-")), nomad_url, variables=variables or {}, env=env or {}
+    )

@@ -12,7 +12,10 @@ def test_app_requirements_are_compiled_from_the_one_list_of_pins() -> None:
     """app/requirements.in pins the app's dependencies once; app/requirements.txt (the image) and
     requirements/constraints.txt (these tests) carry the same versions, and every pin of the image has hashes."""
     pin = r"^([A-Za-z0-9_.-]+)(?:\[[a-z,]+\])?==([^\s\\;]+)"
-    norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()  # noqa: E731 - PEP 503 name
+
+    def norm(name: str) -> str:  # PEP 503 name
+        return re.sub(r"[-_.]+", "-", name).lower()
+
     wanted = {norm(n): v for n, v in re.findall(pin, (ROOT / "app/requirements.in").read_text(), re.M)}
     image = (ROOT / "app/requirements.txt").read_text()
     image_pins = {norm(n): v for n, v in re.findall(pin, image, re.M)}

@@ -112,7 +112,8 @@ def agent_file(cfg: config.Config) -> dict[str, Any] | None:
     doc = yaml.safe_load(seed.render(cfg, KEY).user_data)
     for f in doc["write_files"]:
         if f["path"] == seed.CLUSTER_AGENT_CONFIG:
-            return yaml.safe_load(f["content"])  # JSON is YAML
+            agent: dict[str, Any] = yaml.safe_load(f["content"])  # JSON is YAML
+            return agent
     return None
 
 

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from infra import ROOT
+from infra.errors import REDACTED
 from infra.nomad_recording import (
-    REDACTED,
     Recorder,
     RecordingError,
     build_exchange,

@@ -5,18 +5,19 @@ from __future__ import annotations
 import io
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pycdlib
 import pytest
 import yaml
 
-from infra import pgp, seed
+from infra import config, pgp, seed
 from infra.errors import SSHKeyError, TemplateError, ValidationError
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBPkFsOzBkaGc663XawP6l6Ir0RQXYvFAyRrdwGFAdIT test@example"
 
 
-def userdata(cfg) -> dict:  # type: ignore[no-untyped-def]
+def userdata(cfg: config.Config) -> dict[str, Any]:
     doc = yaml.safe_load(seed.render(cfg, KEY).user_data)
     assert isinstance(doc, dict)
     return doc

@@ -39,7 +39,7 @@ def test_redact_urls_hides_every_userinfo_password(text: str, shown: str, secret
     assert printable(text) == shown  # what every message passes through
 
 
-def _captured(fn: Callable[[], None]) -> str:
+def _captured(fn: Callable[[], object]) -> str:
     with ui.console.capture() as cap:
         fn()
     return cap.get()

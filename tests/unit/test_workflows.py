@@ -14,7 +14,8 @@ from infra import ROOT
 WORKFLOWS = ROOT / ".github" / "workflows"
 
 
-def load_workflow(name: str) -> dict[str, Any]:
+def load_workflow(name: str) -> dict[str | bool, Any]:
+    """A workflow as YAML 1.1 reads it: the key `on` becomes True."""
     data = yaml.safe_load((WORKFLOWS / name).read_text())
     assert isinstance(data, dict)
     return data

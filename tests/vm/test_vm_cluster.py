@@ -23,8 +23,9 @@ import psutil
 import pycdlib
 import pytest
 import yaml
-from conftest import VMEnv, make_vm_env
 from servers.common import processes_of
+
+from vm.conftest import VMEnv, make_vm_env
 
 pytestmark = [
     pytest.mark.vm,
@@ -198,7 +199,7 @@ def test_the_network_is_host_local_unix_sockets(cluster_env: VMEnv, cluster: dic
     assert switch.net_connections(kind="inet") == []
     assert not [f for f in switch.open_files() if f.path.startswith("/dev/net/tun")]
     assert {c.type for c in switch.net_connections(kind="unix")} and all(
-        c.laddr.startswith(str(cluster_env.state_dir / "switch")) or not c.laddr
+        str(c.laddr).startswith(str(cluster_env.state_dir / "switch")) or not c.laddr
         for c in switch.net_connections(kind="unix")
     )
     for name in NODES:

@@ -284,7 +284,7 @@ def test_the_baked_guest_boots_from_the_bake_and_installs_nothing(
 def test_the_baked_guest_came_up_with_no_route_out(guest_env: Any, baked: dict[str, Any]) -> None:
     """vm.offline: the mirror the unbaked guest installed docker.io from answers the host, not the guest."""
     assert "offline: no route out of the guest" in baked["run"].stderr
-    mirror = socket.getaddrinfo("deb.debian.org", 80, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+    mirror = str(socket.getaddrinfo("deb.debian.org", 80, socket.AF_INET, socket.SOCK_STREAM)[0][4][0])
     with socket.create_connection((mirror, 80), timeout=10):
         pass  # the host reaches it
     probe = (
