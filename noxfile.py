@@ -42,11 +42,13 @@ def install(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
-    """ruff, mypy on infra/, yamllint on the YAML data, the job-spec rules, the workflows."""
+    """ruff, mypy --strict on infra/, tasks.py and tests/, yamllint on the YAML data, the job-spec rules, the
+    workflows, the git hooks' config."""
     install(session)
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
     session.run("mypy")
+    session.run("pre-commit", "validate-config", ".pre-commit-config.yaml")
     session.run("yamllint", "--strict", "-c", ".yamllint.yaml", "cloud-init", "vm", "invoke.yaml")
     # Job-spec rules (python-hcl2); also `nomad fmt -check` / `nomad job validate` when nomad is on PATH.
     session.run("python", "-m", "infra.speclint")
