@@ -14,8 +14,6 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
-
 #: The two ways `inv` can run: the installed script (infra/cli.py's Program, when pip installed it last)
 #: and invoke's own Program (`python -m invoke`; what runs when an installer such as uv left invoke's `inv`
 #: script in place), which tasks.py adopts. CLI cases of the battery run through both.
@@ -23,6 +21,9 @@ PROGRAMS = {
     "inv": (str(Path(sys.executable).with_name("inv")),),
     "invoke-module": (sys.executable, "-m", "invoke"),
 }
+
+#: In a case's files: make a named pipe (FIFO) there, with no writer.
+FIFO = b"<fifo>"
 
 #: Names a failed write or download may leave behind: none may survive a failure.
 TEMP_MARKERS = (".tmp", ".part", ".write-probe-")
@@ -37,6 +38,17 @@ def assert_one_error(stderr: str, phrase: str) -> str:
     return errors[0]
 
 
+def make_files(root: Path, files: dict[str, bytes]) -> None:
+    """A case's input files under `root` (relative name -> content; FIFO makes a named pipe)."""
+    for name, data in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if data == FIFO:
+            os.mkfifo(path)
+        else:
+            path.write_bytes(data)
+
+
 def temp_leftovers(root: Path) -> list[str]:
     """Temporary files (see TEMP_MARKERS) anywhere under `root`."""
     if not root.exists():
@@ -49,16 +61,6 @@ def files_under(root: Path) -> list[str]:
     if not root.is_dir():
         return []
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if not p.is_dir())
-
-
-def processes_mentioning(text: str) -> list[str]:
-    """Live processes whose command line mentions `text` (e.g. a test's tmp_path): none may be left."""
-    found = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmdline = " ".join(proc.info.get("cmdline") or [])
-        if text in cmdline and proc.pid != os.getpid():
-            found.append(f"{proc.pid}: {cmdline}")
-    return found
 
 
 @contextlib.contextmanager

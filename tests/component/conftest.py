@@ -8,8 +8,10 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from doubles.nomad_api import NomadAPIDouble
 from servers import dockerd
 from servers.common import blank_vm_settings, free_port
 
@@ -24,6 +26,29 @@ def docker_engine() -> Iterator[dockerd.DockerEngine]:
     engine = dockerd.started()
     yield engine
     engine.cleanup()
+
+
+@pytest.fixture
+def nomad_doubles() -> Iterator[Callable[..., NomadAPIDouble]]:
+    """Makes Nomad API doubles (the double's keyword arguments); each is stopped at the end, and the test
+    fails if one met a request it could not answer (its `errors`)."""
+    made: list[NomadAPIDouble] = []
+
+    def make(**kw: Any) -> NomadAPIDouble:
+        d = NomadAPIDouble(**kw)
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.stop()
+        assert not d.errors, d.errors
+
+
+@pytest.fixture
+def double(nomad_doubles: Callable[..., NomadAPIDouble]) -> NomadAPIDouble:
+    """A Nomad API double with a ready node, answering (a module overrides it where it needs another)."""
+    return nomad_doubles().ready_now().start()
 
 
 #: A process that listens on a port until killed.

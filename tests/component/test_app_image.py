@@ -20,6 +20,7 @@ from servers import dockerd, sshd
 from servers.common import free_port
 from servers.postgres import PostgresServer
 from servers.tansu import TansuBroker
+from support.jobs import APP_JOB
 
 from infra import ROOT, build, config
 from infra.errors import BuildError
@@ -234,7 +235,7 @@ def test_inv_deploy_app_build_twice_on_an_unchanged_tree_deploys_once(
     """The real CLI: `inv deploy.app --build` builds over real SSH in the test dockerd and deploys through
     the STATEFUL NOMAD API DOUBLE; the second run neither builds nor registers anything."""
     job = tmp_path / "service.nomad.hcl"
-    job.write_text(JOB_HCL)
+    job.write_text(APP_JOB)
     settings = tmp_path / "settings.yaml"
     with NomadAPIDouble() as api:
         api.ready_now()
@@ -266,31 +267,3 @@ def test_inv_deploy_app_build_twice_on_an_unchanged_tree_deploys_once(
     assert second.stdout.strip().splitlines()[-1] == ref
     assert versions == 1 and registrations == 1
     assert docker_engine.docker("image", "inspect", ref, check=False).returncode == 0
-
-
-JOB_HCL = """\
-variable "image" {
-  default = "infra-lab/app:dev"
-}
-
-variable "version" {
-  default = "dev"
-}
-
-job "app" {
-  update {
-    canary       = 1
-    auto_revert  = true
-  }
-
-  group "app" {
-    task "app" {
-      driver = "docker"
-
-      config {
-        image = var.image
-      }
-    }
-  }
-}
-"""

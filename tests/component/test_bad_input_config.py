@@ -11,19 +11,20 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+from servers.common import processes_of
 
 from component.badinput import (
+    FIFO,
     PROGRAMS,
     assert_one_error,
     files_under,
-    processes_mentioning,
+    make_files,
     temp_leftovers,
     unwritable_dir,
 )
@@ -49,8 +50,6 @@ class Case:
 
 
 YAML_FILE = ("-f", "{tmp}/my.yaml", "iso")
-#: In Case.files: make a named pipe (FIFO) there, with no writer.
-FIFO = b"<fifo>"
 
 CASES = [
     # -- the -f file (item 13, 14)
@@ -180,13 +179,7 @@ RUNS = [(c, p) for c in CASES for p in (sorted(PROGRAMS) if c.invoke_level else 
 def test_bad_config_input_is_one_error_line(
     case: Case, program: str, run_inv: Callable[..., Any], tmp_path: Path
 ) -> None:
-    for name, data in case.files.items():
-        path = tmp_path / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if data == FIFO:
-            os.mkfifo(path)
-        else:
-            path.write_bytes(data)
+    make_files(tmp_path, case.files)
     state = tmp_path / "state"
     env = {k: _fill(v, tmp_path) for k, v in case.env.items()}
     if case.state == "under-file":
@@ -205,7 +198,7 @@ def test_bad_config_input_is_one_error_line(
     assert result.stdout == ""
     assert after == before  # no ISO, no key, no state of any kind
     assert temp_leftovers(tmp_path) == []
-    assert processes_mentioning(str(tmp_path)) == []
+    assert processes_of(tmp_path) == []
 
 
 def test_a_good_config_file_still_works(run_inv: Callable[..., Any], tmp_path: Path) -> None:

@@ -18,51 +18,18 @@ from typing import Any
 
 import pytest
 from doubles.nomad_api import NomadAPIDouble
+from servers.common import processes_of
+from support.jobs import web_job
 
 from component.badinput import (
     assert_one_error,
     files_under,
-    processes_mentioning,
     temp_leftovers,
     unwritable_dir,
 )
 
 #: A job in the double's HCL subset, declaring the variables deploy.app passes (image, version).
-WEB = """
-variable "image" {
-  description = "the image"
-  type        = string
-  default     = "web:1"
-}
-
-variable "version" {
-  description = "the version"
-  type        = string
-  default     = "1"
-}
-
-job "web" {
-  datacenters = ["dc1"]
-  update {
-    max_parallel = 1
-    auto_revert  = true
-  }
-
-  group "frontend" {
-    count = 1
-    task "server" {
-      driver = "docker"
-      config {
-        image = var.image
-      }
-      resources {
-        cpu    = 100
-        memory = 128
-      }
-    }
-  }
-}
-"""
+WEB_JOB = web_job(version_variable=True)
 
 
 @dataclass(frozen=True)
@@ -106,21 +73,13 @@ CASES = [
 JOB_NAMES = {"data": "datastorage.nomad.hcl", "app": "app.nomad.hcl", "ingress": "ingress.nomad.hcl"}
 
 
-@pytest.fixture
-def double() -> Iterator[NomadAPIDouble]:
-    d = NomadAPIDouble().ready_now().start()
-    yield d
-    d.stop()
-    assert not d.errors, d.errors
-
-
 def deploy_env(tmp: Path, double: NomadAPIDouble, jobs: dict[str, bytes | None]) -> dict[str, str]:
-    """Job files in tmp/jobs (WEB unless the case gives one), NOMAD_ADDR pointing at the double."""
+    """Job files in tmp/jobs (WEB_JOB unless the case gives one), NOMAD_ADDR pointing at the double."""
     env = {"NOMAD_ADDR": double.url, "NOMAD_TOKEN": ""}
     for key, name in JOB_NAMES.items():
         path = tmp / "jobs" / name
         path.parent.mkdir(exist_ok=True)
-        content = jobs.get(key, WEB.encode())
+        content = jobs.get(key, WEB_JOB.encode())
         if content is None:
             path.mkdir()
         else:
@@ -166,7 +125,7 @@ def test_bad_deploy_input_registers_nothing(
     nothing_registered(double)
     assert after == before  # no deployed.json, nothing else
     assert temp_leftovers(tmp_path) == []
-    assert processes_mentioning(str(tmp_path)) == []
+    assert processes_of(tmp_path) == []
 
 
 def test_the_same_deploy_with_good_input_registers_the_job(

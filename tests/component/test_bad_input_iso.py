@@ -6,7 +6,6 @@ where a write failed, the next run must write again rather than report "unchange
 
 from __future__ import annotations
 
-import os
 import resource
 import shutil
 import signal
@@ -17,11 +16,13 @@ from typing import Any
 
 import pytest
 import yaml
+from servers.common import processes_of
 
 from component.badinput import (
+    FIFO,
     assert_one_error,
     files_under,
-    processes_mentioning,
+    make_files,
     temp_leftovers,
     unwritable_dir,
 )
@@ -31,10 +32,6 @@ from infra.errors import InfraError, TemplateError, ValidationError
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGk8M6bJg4dD2Hn0n1c7aQx8G5b5wq3eXq3mQnY0y3Zt test@host"
 PRIVATE = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----\n"
-
-
-#: In Case.files: make a named pipe (FIFO) there, with no writer.
-FIFO = b"<fifo>"
 
 
 @dataclass(frozen=True)
@@ -70,13 +67,7 @@ CASES = [
 def test_bad_ssh_key_is_one_error_line_and_leaves_nothing(
     case: Case, run_inv: Callable[..., Any], tmp_path: Path
 ) -> None:
-    for name, data in case.files.items():
-        path = tmp_path / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if data == FIFO:
-            os.mkfifo(path)
-        else:
-            path.write_bytes(data)
+    make_files(tmp_path, case.files)
     state = tmp_path / "state"
 
     result = run_inv("iso", "--ssh-key", case.ssh_key.replace("{tmp}", str(tmp_path)), timeout=30)
@@ -85,7 +76,7 @@ def test_bad_ssh_key_is_one_error_line_and_leaves_nothing(
     assert_one_error(result.stderr, case.phrase.replace("{tmp}", str(tmp_path)))
     assert files_under(state) == []  # no ISO, no user-data, no generated key
     assert temp_leftovers(tmp_path) == []
-    assert processes_mentioning(str(tmp_path)) == []
+    assert processes_of(tmp_path) == []
 
 
 # ------------------------------------------------------------------------------ places that cannot be written --

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +22,7 @@ import pytest
 from doubles.nomad_api import NomadAPIDouble
 from pytest_httpserver import HTTPServer
 from servers.common import free_port
+from support.http import DribblingServer
 
 TOKEN = "tok-0123-secret"
 
@@ -70,41 +69,9 @@ class World:
 
     def dribbling_server(self) -> str:
         """Headers at once, then one byte of body a second (every read succeeds)."""
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(8)
-        stop = threading.Event()
-
-        def one(conn: socket.socket) -> None:
-            with conn:
-                conn.recv(65536)
-                conn.sendall(
-                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n"
-                )
-                for _ in range(500):
-                    if stop.wait(1.0):
-                        return
-                    try:
-                        conn.sendall(b" ")
-                    except OSError:
-                        return
-
-        def serve() -> None:
-            while not stop.is_set():
-                try:
-                    conn, _ = listener.accept()
-                except OSError:
-                    return
-                threading.Thread(target=one, args=(conn,), daemon=True).start()
-
-        threading.Thread(target=serve, daemon=True).start()
-
-        def close() -> None:
-            stop.set()
-            listener.close()
-
-        self.cleanups.append(close)
-        return f"http://127.0.0.1:{listener.getsockname()[1]}"
+        server = DribblingServer(500)
+        self.cleanups.append(server.stop)
+        return server.start()
 
 
 def redirecting(w: World) -> dict[str, str]:

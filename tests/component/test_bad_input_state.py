@@ -19,15 +19,15 @@ from typing import Any
 
 import pytest
 from doubles.nomad_api import NomadAPIDouble
+from servers.common import processes_of
+from support.jobs import web_job
 
 from component.badinput import (
     assert_one_error,
     fill_up,
-    processes_mentioning,
     small_filesystem,
     temp_leftovers,
 )
-from component.test_bad_input_deploy import WEB
 from infra import keys, state
 
 PRECIOUS = b"precious: must not change\n"
@@ -175,7 +175,7 @@ def test_bad_state_dir_is_one_error_and_touches_nothing_outside(
         assert now == inside  # nothing created in, nothing deleted from a directory that is not ours
     assert not (world.tmp.parent / "user-data").exists() and not (Path.cwd() / "ssh").exists()
     assert temp_leftovers(world.tmp) == []
-    assert processes_mentioning(str(world.tmp)) == []
+    assert processes_of(world.tmp) == []
 
 
 def test_planted_temp_links_are_never_written_through(world: World, run_inv: Callable[..., Any]) -> None:
@@ -255,7 +255,7 @@ def test_a_full_state_disk_is_one_disk_full_error(
     assert_one_error(result.stderr, phrase.replace("{tmp}/state", str(state_dir)))
     made = [f"state/{state.MARKER}", f"state/{state.LOCK}"] if args == ("vm.run",) else []  # the lock stays
     assert left == sorted(["filler", "state", *made])  # nothing half-made: no key, no temp file, no lock
-    assert processes_mentioning(str(world.tmp)) == []
+    assert processes_of(world.tmp) == []
 
 
 @pytest.mark.tools("mount")
@@ -267,7 +267,7 @@ def test_a_full_state_disk_stops_a_deploy_before_it_registers(
     double = NomadAPIDouble().ready_now().start()
     try:
         job = world.tmp / "web.nomad.hcl"
-        job.write_text(WEB)
+        job.write_text(web_job(version_variable=True))
         env = {"NOMAD_ADDR": double.url, "NOMAD_TOKEN": "", "INVOKE_DEPLOY_APP_JOB": str(job)}
         state_dir = world.tmp / "fs" / "state"
         env["INVOKE_PROJECT_STATE_DIR"] = str(state_dir)

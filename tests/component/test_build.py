@@ -20,54 +20,13 @@ from typing import Any
 
 import pytest
 from doubles.nomad_api import NomadAPIDouble, Timing
+from support.jobs import APP_JOB
 
 from infra import build, config, nomad, release
 from infra.errors import BuildError, DeployError
 from infra.state import StatePaths
 
 pytestmark = pytest.mark.tools("git", "ssh-keygen")
-
-JOB_HCL = """\
-variable "image" {
-  default = "infra-lab/app:dev"
-}
-
-variable "version" {
-  default = "dev"
-}
-
-job "app" {
-  type = "service"
-
-  meta {
-    version = var.version
-  }
-
-  update {
-    max_parallel = 1
-    canary       = 1
-    auto_promote = false
-    auto_revert  = true
-    health_check = "checks"
-  }
-
-  group "app" {
-    count = 1
-
-    task "app" {
-      driver = "docker"
-
-      config {
-        image = var.image
-      }
-
-      resources {
-        memory = 128
-      }
-    }
-  }
-}
-"""
 
 
 def git(repo: Path, *args: str) -> str:
@@ -164,7 +123,7 @@ class World:
 def world(repo: Path, tmp_path: Path, double: NomadAPIDouble, monkeypatch: pytest.MonkeyPatch) -> World:
     job = repo / "nomad" / "service.nomad.hcl"
     job.parent.mkdir()
-    job.write_text(JOB_HCL)
+    job.write_text(APP_JOB)
     commit_all(repo, "job")
     cfg = config.load(
         {

@@ -9,59 +9,19 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from doubles.nomad_api import NomadAPIDouble, Timing
+from support.jobs import web_job
 
 from infra import deploy, release
 from infra.errors import DeployError, WaitTimeout
 from infra.nomad import Client, Settings
 from infra.waits import Deadline
-
-WEB = """
-variable "image" {
-  description = "the image"
-  type        = string
-  default     = "web:1"
-}
-
-job "web" {
-  datacenters = ["dc1"]
-  update {
-    max_parallel = 1
-    canary       = %(canary)d
-    auto_promote = %(auto_promote)s
-    auto_revert  = true
-  }
-
-  group "frontend" {
-    count = 2
-    task "server" {
-      driver = "docker"
-      config {
-        image = var.image
-        ports = ["http"]
-      }
-      resources {
-        cpu    = 100
-        memory = %(memory)d
-      }
-    }
-  }
-}
-"""
-
-
-@pytest.fixture
-def double() -> Iterator[NomadAPIDouble]:
-    d = NomadAPIDouble().ready_now().start()
-    yield d
-    d.stop()
-    assert not d.errors, d.errors
 
 
 @pytest.fixture
@@ -73,8 +33,7 @@ def client(double: NomadAPIDouble) -> Client:
 def job_file(tmp_path: Path) -> Callable[..., Path]:
     def make(canary: int = 0, auto_promote: bool = False, memory: int = 128) -> Path:
         path = tmp_path / "web.nomad.hcl"
-        params = {"canary": canary, "auto_promote": str(auto_promote).lower(), "memory": memory}
-        path.write_text(WEB % params)
+        path.write_text(web_job(count=2, canary=canary, auto_promote=auto_promote, memory=memory, ports=True))
         return path
 
     return make
@@ -364,8 +323,9 @@ def test_inv_deploy_exit_codes_and_messages(double: NomadAPIDouble, job_file: An
     assert again.returncode == 0 and "web: unchanged (version 0), nothing to do" in again.stderr
 
     double.set_docker("unhealthy")
-    Path(env["INVOKE_DEPLOY_INGRESS_JOB"]).write_text(WEB % {"canary": 0, "auto_promote": "false",
-                                                               "memory": 129})  # fmt: skip
+    Path(env["INVOKE_DEPLOY_INGRESS_JOB"]).write_text(
+        web_job(count=2, canary=0, auto_promote=False, memory=129, ports=True)
+    )
     placement = run_inv("deploy.ingress", env=env)
     assert placement.returncode == 2, placement.stderr
     assert "constraint 'missing drivers' filtered 1 node(s)" in placement.stderr

@@ -153,11 +153,8 @@ def make_app(
 
 
 @pytest.fixture
-def api() -> Iterator[NomadAPIDouble]:
-    double = NomadAPIDouble().ready_now().start()
-    yield double
-    double.stop()
-    assert not double.errors, double.errors
+def api(double: NomadAPIDouble) -> NomadAPIDouble:
+    return double
 
 
 @pytest.fixture

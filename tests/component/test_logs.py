@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +44,10 @@ job "web" {
 
 
 @pytest.fixture
-def double() -> Iterator[NomadAPIDouble]:
-    d = NomadAPIDouble().ready_now().start()
-    d.heartbeat = 0.2
-    d.task_output["server"] = ("listening on :8080\n", "a warning\n")
-    yield d
-    d.stop()
-    assert not d.errors, d.errors
+def double(double: NomadAPIDouble) -> NomadAPIDouble:
+    double.heartbeat = 0.2
+    double.task_output["server"] = ("listening on :8080\n", "a warning\n")
+    return double
 
 
 @pytest.fixture

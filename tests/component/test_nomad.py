@@ -8,51 +8,20 @@ from __future__ import annotations
 
 import ssl
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 import trustme
-from doubles.nomad_api import NODE_ID, NomadAPIDouble
+from doubles.nomad_api import NODE_ID
+from support.clock import FakeClock
+from support.http import DribblingServer
+from support.nomad import client_for
 
 from infra import cluster
 from infra.errors import NomadError, WaitTimeout
 from infra.nomad import Client, NomadAPIError, NomadNotFound, NomadUnreachable, Settings
-
-
-@pytest.fixture
-def double() -> Iterator[Callable[..., NomadAPIDouble]]:
-    made: list[NomadAPIDouble] = []
-
-    def make(**kw: Any) -> NomadAPIDouble:
-        d = NomadAPIDouble(**kw)
-        made.append(d)
-        return d
-
-    yield make
-    for d in made:
-        d.stop()
-        assert not d.errors, d.errors
-
-
-class FakeClock:
-    """The wait's clock: moves only when a test (or a sleep) moves it."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.sleeps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
 
 
 class TimeoutRecorder(requests.Session):
@@ -65,13 +34,6 @@ class TimeoutRecorder(requests.Session):
     def request(self, method: str | bytes, url: str | bytes, *args: Any, **kw: Any) -> requests.Response:
         self.timeouts.append(tuple(kw["timeout"]))
         return super().request(method, url, *args, **kw)
-
-
-def client_for(d: NomadAPIDouble, **kw: Any) -> Client:
-    # generous limits: they only end a request the double never answers (a slow machine is not a failure)
-    return Client(
-        Settings(addr=d.url, connect_timeout=30, read_timeout=60, retries=kw.pop("retries", 0), **kw)
-    )
 
 
 # ------------------------------------------------------------------------------------------------ TLS --
@@ -87,8 +49,8 @@ def server_ctx(authority: trustme.CA, *, require_client_cert: bool = False) -> s
 
 
 # -------------------------------------------------------------------------------- transport behaviour --
-def test_connection_refused_is_retried_with_backoff_then_succeeds(double: Any) -> None:
-    d = double().ready_now().start(after=0.6)  # the VM's port refuses connections while it boots
+def test_connection_refused_is_retried_with_backoff_then_succeeds(nomad_doubles: Any) -> None:
+    d = nomad_doubles().ready_now().start(after=0.6)  # the VM's port refuses connections while it boots
     sleeps: list[float] = []
 
     def sleep(s: float) -> None:
@@ -112,8 +74,8 @@ def test_connection_refused_after_retries_names_the_address_and_where_to_look() 
     assert c.requests_made == 3
 
 
-def test_http_errors_are_not_retried_and_nomads_body_is_surfaced(double: Any) -> None:
-    d = double().ready_now().start()
+def test_http_errors_are_not_retried_and_nomads_body_is_surfaced(nomad_doubles: Any) -> None:
+    d = nomad_doubles().ready_now().start()
     d.fail_next.append(("/v1/nodes", 500, "rpc error: eval broker disabled"))
     c = client_for(d, retries=5)
     with pytest.raises(NomadAPIError) as info:
@@ -125,8 +87,8 @@ def test_http_errors_are_not_retried_and_nomads_body_is_surfaced(double: Any) ->
     assert c.job("nope") is None
 
 
-def test_no_cluster_leader_is_surfaced_with_a_hint_then_the_leader_appears(double: Any) -> None:
-    d = double(rpc_hold=0.1).start()
+def test_no_cluster_leader_is_surfaced_with_a_hint_then_the_leader_appears(nomad_doubles: Any) -> None:
+    d = nomad_doubles(rpc_hold=0.1).start()
     d.register_node(status="ready", docker="healthy")
     c = client_for(d)
     with pytest.raises(NomadAPIError) as info:
@@ -144,8 +106,8 @@ def test_no_cluster_leader_is_surfaced_with_a_hint_then_the_leader_appears(doubl
     assert seen[-1].startswith("leader elected; node nomad-1 ready, eligible; docker driver healthy")
 
 
-def test_nomad_wait_sees_the_vm_boot_from_connection_refused_to_docker_healthy(double: Any) -> None:
-    d = double(rpc_hold=0.5).start(listen=False)  # the VM's port refuses connections while it boots
+def test_nomad_wait_sees_the_vm_boot_from_connection_refused_to_docker_healthy(nomad_doubles: Any) -> None:
+    d = nomad_doubles(rpc_hold=0.5).start(listen=False)  # the VM's port refuses connections while it boots
     attempts: list[str] = []
 
     def attempted(_method: str, path: str) -> None:
@@ -170,8 +132,8 @@ def test_nomad_wait_sees_the_vm_boot_from_connection_refused_to_docker_healthy(d
     assert len(blocking) == 2 and all(r.query.get("wait", "").endswith("ms") for r in blocking)
 
 
-def test_nomad_wait_waits_for_eligibility_and_docker_health(double: Any) -> None:
-    d = double().start()
+def test_nomad_wait_waits_for_eligibility_and_docker_health(nomad_doubles: Any) -> None:
+    d = nomad_doubles().start()
     d.leader = "10.0.2.15:4647"
     d.register_node(status="ready", docker="unhealthy")
     d.set_node(SchedulingEligibility="ineligible")
@@ -185,8 +147,8 @@ def test_nomad_wait_waits_for_eligibility_and_docker_health(double: Any) -> None
     assert d.count("/v1/nodes") == 3
 
 
-def test_nomad_wait_timeout_reports_last_state_and_where_to_look(double: Any) -> None:
-    d = double().start()
+def test_nomad_wait_timeout_reports_last_state_and_where_to_look(nomad_doubles: Any) -> None:
+    d = nomad_doubles().start()
     d.leader = "10.0.2.15:4647"
     d.register_node(status="ready", docker="undetected")
     # The deadline runs on a fake clock that jumps past it once the first look is done: however slow the
@@ -205,15 +167,15 @@ def test_nomad_wait_timeout_reports_last_state_and_where_to_look(double: Any) ->
     assert info.value.exit_code == 2
 
 
-def test_nomad_wait_returns_at_once_when_ready(double: Any) -> None:
-    d = double().ready_now().start()
+def test_nomad_wait_returns_at_once_when_ready(nomad_doubles: Any) -> None:
+    d = nomad_doubles().ready_now().start()
     assert cluster.wait_ready(client_for(d), timeout=60).ready
     assert d.count("/v1/") == 2  # agent/self + one nodes list: no blocking query, no pause
 
 
 # ------------------------------------------------------------------------------------------------ ACL --
-def test_acl_bad_token_is_403_with_a_hint_and_the_wait_stops_at_once(double: Any) -> None:
-    d = double(acl_token="good-token").ready_now().start()
+def test_acl_bad_token_is_403_with_a_hint_and_the_wait_stops_at_once(nomad_doubles: Any) -> None:
+    d = nomad_doubles(acl_token="good-token").ready_now().start()
     with pytest.raises(NomadAPIError) as info:
         cluster.wait_ready(client_for(d, token="bad-token"), timeout=60)
     assert info.value.status == 403 and "ACL token not found" in str(info.value)
@@ -224,26 +186,26 @@ def test_acl_bad_token_is_403_with_a_hint_and_the_wait_stops_at_once(double: Any
     assert cluster.wait_ready(client_for(d, token="good-token"), timeout=60).ready
 
 
-def test_token_namespace_and_region_are_sent(double: Any) -> None:
-    d = double(acl_token="tok", region="eu", namespaces=("prod",)).ready_now().start()
+def test_token_namespace_and_region_are_sent(nomad_doubles: Any) -> None:
+    d = nomad_doubles(acl_token="tok", region="eu", namespaces=("prod",)).ready_now().start()
     client_for(d, token="tok", namespace="prod", region="eu").nodes()
     r = d.requests[-1]
     assert r.query == {"namespace": "prod", "region": "eu"}
 
 
-def test_tls_verified_with_nomad_cacert(double: Any, ca: Any, make_cfg: Any) -> None:
+def test_tls_verified_with_nomad_cacert(nomad_doubles: Any, ca: Any, make_cfg: Any) -> None:
     authority, ca_path = ca
-    d = double(ssl_context=server_ctx(authority)).ready_now().start()
+    d = nomad_doubles(ssl_context=server_ctx(authority)).ready_now().start()
     assert d.url.startswith("https://")
     c = Client.from_config(make_cfg(), env={"NOMAD_ADDR": d.url, "NOMAD_CACERT": str(ca_path)})
     assert cluster.wait_ready(c, timeout=60).ready
 
 
 def test_tls_verification_fails_without_the_ca_and_is_not_retried(
-    double: Any, make_cfg: Any, ca: Any
+    nomad_doubles: Any, make_cfg: Any, ca: Any
 ) -> None:
     authority, _ = ca
-    d = double(ssl_context=server_ctx(authority)).ready_now().start()
+    d = nomad_doubles(ssl_context=server_ctx(authority)).ready_now().start()
     c = Client.from_config(make_cfg(), env={"NOMAD_ADDR": d.url})
     with pytest.raises(NomadUnreachable) as info:
         c.leader()
@@ -254,9 +216,11 @@ def test_tls_verification_fails_without_the_ca_and_is_not_retried(
     assert c.session.verify is True  # the system bundle, never False
 
 
-def test_mutual_tls_sends_the_client_certificate(double: Any, make_cfg: Any, ca: Any, tmp_path: Path) -> None:
+def test_mutual_tls_sends_the_client_certificate(
+    nomad_doubles: Any, make_cfg: Any, ca: Any, tmp_path: Path
+) -> None:
     authority, ca_path = ca
-    d = double(ssl_context=server_ctx(authority, require_client_cert=True)).ready_now().start()
+    d = nomad_doubles(ssl_context=server_ctx(authority, require_client_cert=True)).ready_now().start()
     leaf = authority.issue_cert("infra-lab-client")
     cert, key = tmp_path / "client.pem", tmp_path / "client-key.pem"
     leaf.cert_chain_pems[0].write_to_path(str(cert))
@@ -269,15 +233,15 @@ def test_mutual_tls_sends_the_client_certificate(double: Any, make_cfg: Any, ca:
 
 
 # --------------------------------------------------------------------------------------- misc shapes --
-def test_not_json_is_reported_as_not_nomad(double: Any) -> None:
-    d = double().ready_now().start()
+def test_not_json_is_reported_as_not_nomad(nomad_doubles: Any) -> None:
+    d = nomad_doubles().ready_now().start()
     d.server.expect_oneshot_request("/v1/status/leader").respond_with_data("<html>", content_type="text/html")
     with pytest.raises(NomadError, match=r"expected JSON, got text/html"):
         client_for(d).leader()
 
 
-def test_agent_health_returns_the_body_of_a_500(double: Any) -> None:
-    d = double().start()
+def test_agent_health_returns_the_body_of_a_500(nomad_doubles: Any) -> None:
+    d = nomad_doubles().start()
     health = client_for(d).agent_health()
     assert health["server"] == {"ok": False, "message": "No cluster leader"}
 
@@ -329,47 +293,17 @@ def test_token_is_never_sent_across_a_redirect() -> None:
 
 def test_the_deadline_bounds_the_whole_request_not_each_read() -> None:
     """Headers at once, then one byte a second: every read succeeds, so per-read timeouts never fire."""
-    import socket
-    import threading
-
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(4)
-    port = listener.getsockname()[1]
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            with conn:
-                conn.recv(65536)
-                conn.sendall(
-                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n"
-                )
-                for _ in range(200):
-                    if stop.wait(1.0):
-                        break
-                    try:
-                        conn.sendall(b" ")
-                    except OSError:
-                        break
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
+    server = DribblingServer(200)
+    url = server.start()
     try:
         session = TimeoutRecorder()
-        client = Client(
-            Settings(addr=f"http://127.0.0.1:{port}", read_timeout=30.0, retries=0), session=session
-        )
+        client = Client(Settings(addr=url, read_timeout=30.0, retries=0), session=session)
         # the server would dribble for 200 s: only the call's own deadline (3 s) ends it, with this message
         with pytest.raises(NomadUnreachable) as info:
             client.request("GET", "/v1/status/leader", timeout=3)
         assert "did not finish answering GET /v1/status/leader within 3s" in str(info.value)
         assert session.timeouts == [(3, 3)]
-        patient = Client(Settings(addr=f"http://127.0.0.1:{port}", retries=3), sleep=lambda s: None)
+        patient = Client(Settings(addr=url, retries=3), sleep=lambda s: None)
         with pytest.raises(NomadUnreachable):
             patient.request("GET", "/v1/status/leader", timeout=1)
         assert patient.requests_made == 1  # a slow server stays slow: a timed-out read is not retried
@@ -378,9 +312,7 @@ def test_the_deadline_bounds_the_whole_request_not_each_read() -> None:
         assert "no answer from Nomad at" in str(waited.value) and "within 3s" in str(waited.value)
         assert all(max(t) <= 3 for t in session.timeouts), session.timeouts
     finally:
-        stop.set()
-        listener.close()
-        thread.join(timeout=5)
+        server.stop()
 
 
 def test_raw_server_bytes_are_made_printable_in_errors() -> None:

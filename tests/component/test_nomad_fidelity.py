@@ -6,66 +6,18 @@ its fix.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from doubles.nomad_api import NomadAPIDouble, Timing, gc_from_agent_config
+from support.jobs import web_job
+from support.nomad import client_for
 
 from infra import ROOT, cluster, deploy, release, stack
 from infra.errors import DeployError
-from infra.nomad import Client, NomadAPIError, NomadUnreachable, Settings
-
-WEB = """
-variable "image" {
-  description = "the image"
-  type        = string
-  default     = "web:1"
-}
-
-job "web" {
-  datacenters = ["dc1"]
-  update {
-    max_parallel = 1
-    canary       = %(canary)d
-    auto_revert  = true
-  }
-
-  group "frontend" {
-    count = 1
-    service {
-      name     = "web"
-      provider = "nomad"
-    }
-    task "server" {
-      driver = "docker"
-      config {
-        image = var.image
-      }
-      resources {
-        memory = 64
-      }
-    }
-  }
-
-  group "backend" {
-    count = 1
-    update {
-      auto_promote = true
-    }
-    task "worker" {
-      driver = "docker"
-      config {
-        image = "${var.image}-worker"
-      }
-      resources {
-        memory = 64
-      }
-    }
-  }
-}
-"""
+from infra.nomad import NomadAPIError, NomadUnreachable
 
 #: A namespace-scoped deploy token: jobs, variables and node reads, but no agent:read (acl/policy.go).
 DEPLOY_CAPS = {"node:read", "read-job", "submit-job", "list-jobs", "parse-job", "variables:read",
@@ -73,32 +25,16 @@ DEPLOY_CAPS = {"node:read", "read-job", "submit-job", "list-jobs", "parse-job", 
 
 
 @pytest.fixture
-def doubles() -> Iterator[Callable[..., NomadAPIDouble]]:
-    made: list[NomadAPIDouble] = []
-
-    def make(**kw: Any) -> NomadAPIDouble:
-        d = NomadAPIDouble(**kw).ready_now().start()
-        made.append(d)
-        return d
-
-    yield make
-    for d in made:
-        d.stop()
-        assert not d.errors, d.errors
-
-
-def client_for(d: NomadAPIDouble, **kw: Any) -> Client:
-    kw.setdefault("retries", 0)
-    return Client(
-        Settings(addr=d.url, read_timeout=120, **kw), sleep=lambda s: None
-    )  # generous: ends only a hang
+def doubles(nomad_doubles: Callable[..., NomadAPIDouble]) -> Callable[..., NomadAPIDouble]:
+    """Doubles with a ready node, already answering."""
+    return lambda **kw: nomad_doubles(**kw).ready_now().start()
 
 
 @pytest.fixture
 def web(tmp_path: Path) -> Callable[..., Path]:
     def make(canary: int = 0) -> Path:
         path = tmp_path / "web.nomad.hcl"
-        path.write_text(WEB % {"canary": canary})
+        path.write_text(web_job(canary=canary, cpu=None, memory=64, service=True, backend=True))
         return path
 
     return make

@@ -79,10 +79,10 @@ def listening(pid: int) -> set[tuple[str, int]]:
     }
 
 
-def processes_of(state_dir: Path) -> list[psutil.Process]:
-    """Live processes whose command line names something in `state_dir` (qemu, qemu-img), the `inv` that
-    made them and this process left out: found independently of infra.vm, so that a leftover the product
-    cannot see is still caught."""
+def processes_of(state_dir: Path | str) -> list[psutil.Process]:
+    """Live processes whose command line names something in `state_dir` (qemu, qemu-img; or a test's
+    tmp_path: none may be left), the `inv` that made them and this process left out: found independently of
+    infra.vm, so that a leftover the product cannot see is still caught."""
     found = []
     for proc in psutil.process_iter(["cmdline", "status"]):
         cmdline = proc.info["cmdline"] or []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from support.clock import FakeClock
 
 from infra import ui
 from infra.errors import WaitTimeout
@@ -26,21 +27,6 @@ def test_wait_until_returns_the_done_probe_and_shows_state_changes_only(
     assert "waiting for the cluster: node initializing" in err
     assert "ok  the cluster: ready after 4.0s" in err
     assert clock.sleeps == [1, 1, 1, 1]
-
-
-class FakeClock:
-    """Time that moves only when told: by a sleep, or by a probe that says how long it took."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self.sleeps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
 
 
 def test_wait_until_times_out_with_last_state_hint_and_details() -> None:

@@ -1,0 +1,1 @@
+"""Test support shared by the tiers: job texts for the Nomad API double, small servers, helpers."""
