@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from doubles.nomad_api import NomadAPIDouble
-from servers import dockerd, postgres, tansu
-from servers.common import blank_vm_settings, free_port
+from support.doubles.nomad_api import NomadAPIDouble
+from support.servers import dockerd, postgres, tansu
+from support.servers.common import blank_vm_settings, free_port
 
 from infra import config, vm
 from infra.state import StatePaths

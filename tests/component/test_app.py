@@ -20,10 +20,10 @@ import pytest
 import requests
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
-from servers import tansu
-from servers.app import AppProcess
-from servers.common import free_port
-from servers.postgres import PostgresServer
+from support.servers import tansu
+from support.servers.app import AppProcess
+from support.servers.common import free_port
+from support.servers.postgres import PostgresServer
 
 AppFactory = Callable[..., AppProcess]
 
@@ -84,7 +84,7 @@ def topics(broker: tansu.TansuBroker) -> set[str]:
 
 
 def consume_all(broker: tansu.TansuBroker, topic: str, want: int, timeout: float = 20) -> list[Any]:
-    """Read partition 0 from the beginning (assign, no consumer group: see tests/servers/tansu.py)."""
+    """Read partition 0 from the beginning (assign, no consumer group: see tests/support/servers/tansu.py)."""
     consumer = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": f"t-{uuid.uuid4().hex}",
                          "enable.auto.commit": False})  # fmt: skip
     consumer.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])

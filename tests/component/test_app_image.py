@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 import requests
 import yaml
-from doubles.nomad_api import NomadAPIDouble
-from servers import dockerd, sshd
-from servers.common import free_port
-from servers.postgres import PostgresServer
-from servers.tansu import TansuBroker
+from support.doubles.nomad_api import NomadAPIDouble
 from support.jobs import APP_JOB
+from support.servers import dockerd, sshd
+from support.servers.common import free_port
+from support.servers.postgres import PostgresServer
+from support.servers.tansu import TansuBroker
 
 from infra import ROOT, build, config
 from infra.errors import BuildError

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from servers import tansu
-from servers.app import AppProcess
-from servers.postgres import PostgresServer
+from support.servers import tansu
+from support.servers.app import AppProcess
+from support.servers.postgres import PostgresServer
 
 from component.test_app import app_env, count_rows, new_database
 

@@ -17,9 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from servers.common import processes_of
-
-from component.badinput import (
+from support.badinput import (
     FIFO,
     PROGRAMS,
     assert_one_error,
@@ -28,6 +26,8 @@ from component.badinput import (
     temp_leftovers,
     unwritable_dir,
 )
+from support.servers.common import processes_of
+
 from infra import images
 from infra.errors import ConfigError
 

@@ -1,6 +1,6 @@
 """Bad-input battery, deploy surface (`inv deploy.*` input cases; issue 10, items 13, 16, 19): an empty or
 invalid --image, a state dir the deploy record cannot be written to, binary/huge/missing job files. Each
-case runs the real `inv` against the stateful Nomad API double (tests/doubles/nomad_api.py) and checks the
+case runs the real `inv` against the stateful Nomad API double (tests/support/doubles/nomad_api.py) and checks the
 exit code, the one `error:` line, and that nothing was left behind: no job registered (no POST /v1/jobs),
 no Nomad Variable created, no deploy record, no temp file, no process.
 
@@ -17,16 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from doubles.nomad_api import NomadAPIDouble
-from servers.common import processes_of
-from support.jobs import web_job
-
-from component.badinput import (
+from support.badinput import (
     assert_one_error,
     files_under,
     temp_leftovers,
     unwritable_dir,
 )
+from support.doubles.nomad_api import NomadAPIDouble
+from support.jobs import web_job
+from support.servers.common import processes_of
 
 #: A job in the double's HCL subset, declaring the variables deploy.app passes (image, version).
 WEB_JOB = web_job(version_variable=True)

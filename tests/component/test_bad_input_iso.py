@@ -16,9 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
-from servers.common import processes_of
-
-from component.badinput import (
+from support.badinput import (
     FIFO,
     assert_one_error,
     files_under,
@@ -26,6 +24,8 @@ from component.badinput import (
     temp_leftovers,
     unwritable_dir,
 )
+from support.servers.common import processes_of
+
 from infra import pgp, seed
 from infra.errors import InfraError, TemplateError, ValidationError
 

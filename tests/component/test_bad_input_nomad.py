@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from doubles.nomad_api import NomadAPIDouble
 from pytest_httpserver import HTTPServer
-from servers.common import free_port
+from support.doubles.nomad_api import NomadAPIDouble
 from support.http import DribblingServer
+from support.servers.common import free_port
 
 TOKEN = "tok-0123-secret"
 

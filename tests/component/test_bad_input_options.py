@@ -9,8 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
-from component.badinput import assert_one_error, files_under
+from support.badinput import assert_one_error, files_under
 
 CASES = [
     (("nomad.wait", "--timeout", "-1"), "--timeout must be a positive number of seconds, not -1"),

@@ -18,16 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from doubles.nomad_api import NomadAPIDouble
-from servers.common import processes_of
-from support.jobs import web_job
-
-from component.badinput import (
+from support.badinput import (
     assert_one_error,
     fill_up,
     small_filesystem,
     temp_leftovers,
 )
+from support.doubles.nomad_api import NomadAPIDouble
+from support.jobs import web_job
+from support.servers.common import processes_of
+
 from infra import keys, state
 
 PRECIOUS = b"precious: must not change\n"

@@ -25,10 +25,10 @@ from typing import Any
 
 import psutil
 import pytest
-from servers.common import blank_vm_settings, processes_of, vm_ports
-from servers.qmp import FakeQMP
+from support.badinput import assert_one_error
+from support.servers.common import blank_vm_settings, processes_of, vm_ports
+from support.servers.qmp import FakeQMP
 
-from component.badinput import assert_one_error
 from infra import ROOT, qmp
 from infra.state import StatePaths
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from servers.common import vm_ports
+from support.servers.common import vm_ports
 
 from infra import bakecache, config, machine, vm
 from infra.errors import VMError

@@ -1,6 +1,6 @@
 """Build-and-deploy (infra/build.py, infra/release.py): tags from a REAL temporary git repository, dirty
 detection, the build context, and `ship` (build -> deploy -> report) against the STATEFUL NOMAD API DOUBLE
-(tests/doubles/nomad_api.py: registrations, canary deployments, promotion, failing tasks, auto-revert).
+(tests/support/doubles/nomad_api.py: registrations, canary deployments, promotion, failing tasks, auto-revert).
 
 The Docker engine here is `RecordingEngine`, a TEST DOUBLE that only remembers which tags it holds: real
 builds with a real dockerd are tests/component/test_app_image.py.
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from doubles.nomad_api import NomadAPIDouble, Timing
+from support.doubles.nomad_api import NomadAPIDouble, Timing
 from support.jobs import APP_JOB
 
 from infra import build, config, nomad, release
@@ -388,7 +388,7 @@ def test_inv_deploy_app_help_lists_the_options(run_inv: Callable[..., Any]) -> N
 
 
 def test_build_without_a_reachable_vm_says_so(world: World, tmp_path: Path) -> None:
-    from servers.common import free_port
+    from support.servers.common import free_port
 
     key = tmp_path / "id_ed25519"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from doubles.nomad_api import NomadAPIDouble, parse_job_hcl
+from support.doubles.nomad_api import NomadAPIDouble, parse_job_hcl
 
 from infra import ROOT, cluster, config, deploy, nodes, seed
 from infra.errors import WaitTimeout

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from doubles.nomad_api import NomadAPIDouble, Timing
+from support.doubles.nomad_api import NomadAPIDouble, Timing
 from support.jobs import web_job
 
 from infra import deploy, release

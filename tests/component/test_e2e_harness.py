@@ -28,8 +28,8 @@ import pytest
 import yaml
 from e2e import harness as e2e
 from pytest_httpserver import HTTPServer
-from servers import sshd as sshd_server
-from servers.common import free_port, free_ports
+from support.servers import sshd as sshd_server
+from support.servers.common import free_port, free_ports
 
 from infra import ROOT, images
 from infra.config import Config, Port
@@ -243,7 +243,7 @@ def app_cfg(cfg: Config, port: int) -> Config:
 
 @pytest.fixture
 def sshd() -> Iterator[tuple[int, Path, str]]:
-    """The real OpenSSH server of tests/servers/sshd.py, for the current user: (port, private key, user)."""
+    """The real OpenSSH server of tests/support/servers/sshd.py, for the current user: (port, private key, user)."""
     server = sshd_server.started()
     yield server.port, server.client_key, server.user
     server.cleanup()

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 
 import pytest
-from servers.common import free_port
+from support.servers.common import free_port
 
 from infra import host
 from infra.config import Port

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from support.badinput import small_filesystem
 
-from component.badinput import small_filesystem
 from infra import config, images
 from infra.errors import ImageError
 

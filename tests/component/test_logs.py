@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import requests
-from doubles.nomad_api import NomadAPIDouble
+from support.doubles.nomad_api import NomadAPIDouble
 
 from infra import ROOT, deploy
 from infra.errors import DeployError

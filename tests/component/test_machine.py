@@ -1,7 +1,7 @@
-"""infra.machine's memory of a good `vm.check` per boot, against a real OpenSSH server (tests/servers/sshd.py)
+"""infra.machine's memory of a good `vm.check` per boot, against a real OpenSSH server (tests/support/servers/sshd.py)
 standing in for the guest, a stand-in "qemu" process (a sleeping Python whose argv carries the state dir's
 `-pidfile`, which is how infra.vm recognises its qemu) with a fake QMP monitor saying the guest runs
-(tests/servers/qmp.py) and, for `inv up`, the Nomad API double.
+(tests/support/servers/qmp.py) and, for `inv up`, the Nomad API double.
 
 The guest's cloud-init state files and boot id are files in tmp_path (infra.remote reads them with `cat`
 over SSH); `cloud-init` itself is a fake on the session PATH that leaves a mark when run, so a test sees
@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from doubles.nomad_api import NomadAPIDouble
-from servers import sshd
-from servers.common import stop_process
-from servers.qmp import FakeQMP
+from support.doubles.nomad_api import NomadAPIDouble
+from support.servers import sshd
+from support.servers.common import stop_process
+from support.servers.qmp import FakeQMP
 
 from infra import config, machine, nomad, release, remote, stack
 from infra.errors import VMError

@@ -1,4 +1,4 @@
-"""infra/nomad.py and infra/cluster.py against the STATEFUL Nomad API double (tests/doubles/nomad_api.py).
+"""infra/nomad.py and infra/cluster.py against the STATEFUL Nomad API double (tests/support/doubles/nomad_api.py).
 
 Scenarios: connection refused while the VM boots, 500 "No cluster leader", ACL 403 with a bad token,
 TLS (and mutual TLS) to an https double, blocking queries, and `nomad.wait`'s timeout message.
@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 import requests
 import trustme
-from doubles.nomad_api import NODE_ID
 from support.clock import FakeClock
+from support.doubles.nomad_api import NODE_ID
 from support.http import DribblingServer
-from support.nomad import client_for
+from support.nomad_client import client_for
 
 from infra import cluster
 from infra.errors import NomadError, WaitTimeout

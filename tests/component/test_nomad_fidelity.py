@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from doubles.nomad_api import NomadAPIDouble, Timing, gc_from_agent_config
+from support.doubles.nomad_api import NomadAPIDouble, Timing, gc_from_agent_config
 from support.jobs import web_job
-from support.nomad import client_for
+from support.nomad_client import client_for
 
 from infra import ROOT, cluster, deploy, release, stack
 from infra.errors import DeployError

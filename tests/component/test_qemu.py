@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-from launchspec import spec
-from servers.common import free_ports
+from support.launchspec import spec
+from support.servers.common import free_ports
 
 from infra import qemu
 from infra.config import Port

@@ -1,4 +1,4 @@
-"""infra/qmp.py against sockets that misbehave (tests/servers/qmp.py) and a real qemu stopped with SIGSTOP:
+"""infra/qmp.py against sockets that misbehave (tests/support/servers/qmp.py) and a real qemu stopped with SIGSTOP:
 every failure is a VMError naming the socket, the line read is bounded (counted in bytes sent), and
 `vm.stop` always ends with the VM gone.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from servers.qmp import STREAM_CAP, FakeQMP
+from support.servers.qmp import STREAM_CAP, FakeQMP
 
 from infra import config, host, machine, qmp, vm
 from infra.errors import VMError

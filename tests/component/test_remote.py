@@ -1,4 +1,4 @@
-"""infra.remote against a real OpenSSH server on loopback (tests/servers/sshd.py) standing in for the VM.
+"""infra.remote against a real OpenSSH server on loopback (tests/support/servers/sshd.py) standing in for the VM.
 
 The "guest" is this machine: `cloud-init` and `systemctl` are fakes put first on the session PATH (sshd
 SetEnv), cloud-init's run dir and output log are files in tmp_path. So SSH, the fabric connection, the
@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from servers import sshd
+from support.servers import sshd
 
 from infra import config, remote
 from infra.errors import VMError, WaitTimeout

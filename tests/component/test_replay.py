@@ -1,6 +1,6 @@
 """The tasks against a Nomad HTTP API that is NOT our own double: a tiny replay server.
 
-The replay server (stdlib http.server, no code shared with tests/doubles/nomad_api.py) serves recorded
+The replay server (stdlib http.server, no code shared with tests/support/doubles/nomad_api.py) serves recorded
 request -> response pairs from tests/fixtures/nomad-replay.json, written from the shapes in Nomad's API
 docs. `inv nomad.wait`, `inv deploy.data` and `inv purge` run as real subprocesses with NOMAD_ADDR pointing
 at it. The server checks what a real Nomad would need: known endpoints only, required query parameters

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from servers.common import listening, vm_ports
+from support.servers.common import listening, vm_ports
 
 from infra import config, host, machine, qmp, vm
 from infra.errors import VMError

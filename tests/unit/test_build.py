@@ -1,6 +1,6 @@
 """Build-and-deploy orchestration (infra/build.py): tags from a REAL temporary git repository, dirty
 detection, the build context, and `ship` (build -> deploy -> report) against the STATEFUL NOMAD API DOUBLE
-(tests/doubles/nomad_api.py: registrations, canary deployments, promotion, failing tasks, auto-revert).
+(tests/support/doubles/nomad_api.py: registrations, canary deployments, promotion, failing tasks, auto-revert).
 
 The Docker engine here is `RecordingEngine`, a TEST DOUBLE that only remembers which tags it holds: real
 builds with a real dockerd are tests/component/test_app_image.py.

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import yaml
-from launchspec import spec
+from support.launchspec import spec
 
 from infra import config, nodes, qemu, seed
 from infra.errors import ConfigError

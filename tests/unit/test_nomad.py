@@ -1,4 +1,4 @@
-"""infra/nomad.py and infra/cluster.py against the STATEFUL Nomad API double (tests/doubles/nomad_api.py).
+"""infra/nomad.py and infra/cluster.py against the STATEFUL Nomad API double (tests/support/doubles/nomad_api.py).
 
 Scenarios: connection refused while the VM boots, 500 "No cluster leader", ACL 403 with a bad token,
 TLS (and mutual TLS) to an https double, blocking queries, and `nomad.wait`'s timeout message.

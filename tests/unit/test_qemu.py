@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
-from launchspec import spec
+from support.launchspec import spec
 
 from infra import qemu
 from infra.errors import VMError

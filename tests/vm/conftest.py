@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
-from servers.common import vm_ports
+from support.servers.common import vm_ports
 
 from infra import ROOT
 

@@ -23,7 +23,7 @@ import psutil
 import pycdlib
 import pytest
 import yaml
-from servers.common import processes_of
+from support.servers.common import processes_of
 
 from vm.conftest import VMEnv, make_vm_env
 

@@ -28,7 +28,7 @@ from typing import Any
 import psutil
 import pytest
 import yaml
-from servers.common import listening, processes_of
+from support.servers.common import listening, processes_of
 
 from infra import ROOT, pgp, remote, seed
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from doubles.nomad_api import NomadAPIDouble
-
 from infra.nomad import Client, Settings
+from support.doubles.nomad_api import NomadAPIDouble
 
 
 def _no_sleep(seconds: float) -> None:

@@ -74,8 +74,9 @@ from typing import Any
 
 import hcl2
 from pytest_httpserver import HTTPServer
-from servers.common import free_port
 from werkzeug import Request, Response
+
+from support.servers.common import free_port
 
 NODE_ID = "f7476465-4d6e-c0de-26d0-e383c49be941"
 LEADER_ADDR = "10.0.2.15:4647"
