@@ -21,30 +21,11 @@ import requests
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from support.servers import tansu
-from support.servers.app import AppProcess
+from support.servers.app import AppProcess, app_env, count_rows, new_database
 from support.servers.common import free_port
 from support.servers.postgres import PostgresServer
 
 AppFactory = Callable[..., AppProcess]
-
-
-def new_database(pg: PostgresServer) -> str:
-    name = f"app_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(pg.dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')  # a generated identifier, not input
-    return name
-
-
-def app_env(pg: PostgresServer, broker: tansu.TansuBroker, database: str, **extra: str) -> dict[str, str]:
-    return {
-        **pg.env(),
-        "PGDATABASE": database,
-        "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
-        "KAFKA_TOPIC": f"events-{database}",
-        "APP_VERSION": "test-1",
-        "CHECK_TIMEOUT": "2",
-        **extra,
-    }
 
 
 @pytest.fixture
@@ -70,13 +51,6 @@ def make_app(tmp_path: Path, pg: PostgresServer, kafka: tansu.TansuBroker) -> It
 def table_exists(pg: PostgresServer, database: str) -> bool:
     with psycopg.connect(pg.dsn.rsplit("/", 1)[0] + "/" + database) as conn:
         return conn.execute("SELECT to_regclass('public.events') IS NOT NULL").fetchone() == (True,)
-
-
-def count_rows(pg: PostgresServer, database: str) -> int:
-    with psycopg.connect(pg.dsn.rsplit("/", 1)[0] + "/" + database) as conn:
-        row = conn.execute("SELECT count(*) FROM events").fetchone()
-        assert row is not None
-        return int(row[0])
 
 
 def topics(broker: tansu.TansuBroker) -> set[str]:

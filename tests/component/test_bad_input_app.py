@@ -16,10 +16,8 @@ from pathlib import Path
 import psycopg
 import pytest
 from support.servers import tansu
-from support.servers.app import AppProcess
+from support.servers.app import AppProcess, app_env, count_rows, new_database
 from support.servers.postgres import PostgresServer
-
-from component.test_app import app_env, count_rows, new_database
 
 JSON = {"Content-Type": "application/json"}
 

@@ -16,9 +16,9 @@ import pytest
 import requests
 from e2e import harness as e2e
 from pytest_httpserver import HTTPServer
+from support.replay import FIXTURE, ReplayServer, env_for
 from werkzeug import Response
 
-from component.test_replay import FIXTURE, ReplayServer, env_for
 from infra.errors import REDACTED
 from infra.nomad_recording import Recorder, RecordingProxy, read_recording, to_replay
 

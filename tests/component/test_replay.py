@@ -14,88 +14,12 @@ import json
 import re
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
 
 import pytest
+from support.replay import FIXTURE, ReplayServer, env_for
 
 from infra import ROOT
-
-FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "nomad-replay.json"
-
-
-class ReplayServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, interactions: list[dict[str, Any]]) -> None:
-        super().__init__(("127.0.0.1", 0), ReplayHandler)
-        self.lock = threading.Lock()
-        self.queues = {self.key(i["request"]): list(i["responses"]) for i in interactions}
-        self.required = {self.key(i["request"]): i["request"].get("query", {}) for i in interactions}
-        self.log: list[dict[str, Any]] = []
-        self.problems: list[str] = []
-        self.last_index: dict[str, str] = {}
-
-    @staticmethod
-    def key(req: dict[str, Any]) -> str:
-        return f"{req['method']} {req['path']}"
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-    def answer(self, method: str, target: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
-        parts = urlsplit(target)
-        query = dict(parse_qsl(parts.query))
-        key = f"{method} {parts.path}"
-        with self.lock:
-            self.log.append({"key": key, "query": query, "body": json.loads(body) if body else None})
-            if key not in self.queues:
-                self.problems.append(f"unexpected request {key}")
-                return 404, {"Content-Type": "text/plain"}, b"Invalid URL"
-            for name, value in self.required[key].items():
-                if query.get(name) != value:
-                    self.problems.append(f"{key}: query {name}={query.get(name)!r}, expected {value!r}")
-            blocking = query.get("index") == self.last_index.get(key) and "wait" in query
-            if method == "GET" and key in self.last_index and not blocking:
-                self.problems.append(
-                    f"{key}: not a blocking query (index={query.get('index')!r}, wait={query.get('wait')!r},"
-                    f" last X-Nomad-Index {self.last_index[key]})"
-                )
-            queue = self.queues[key]
-            resp = queue.pop(0) if len(queue) > 1 else queue[0]
-            headers = dict(resp.get("headers", {}))
-            if "X-Nomad-Index" in headers:
-                self.last_index[key] = headers["X-Nomad-Index"]
-            if "body" in resp:
-                headers["Content-Type"] = "application/json"
-                data = json.dumps(resp["body"]).encode()
-            else:
-                headers["Content-Type"] = "text/plain; charset=utf-8"
-                data = resp["text"].encode()
-            return int(resp["status"]), headers, data
-
-
-class ReplayHandler(BaseHTTPRequestHandler):
-    server: ReplayServer
-
-    def _serve(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else b""
-        status, headers, data = self.server.answer(self.command, self.path, body)
-        self.send_response(status)
-        for name, value in headers.items():
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    do_GET = do_POST = do_PUT = do_DELETE = _serve
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
 
 
 @pytest.fixture
@@ -115,12 +39,6 @@ def replay() -> Iterator[Any]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
-
-
-def env_for(server: ReplayServer) -> dict[str, str]:
-    # Empty NOMAD_* values: nothing from the caller's environment leaks into the run.
-    return {"NOMAD_ADDR": server.url, "NOMAD_TOKEN": "", "NOMAD_CACERT": "", "NOMAD_NAMESPACE": "",
-            "NOMAD_REGION": "", "NOMAD_CLIENT_CERT": "", "NOMAD_CLIENT_KEY": ""}  # fmt: skip
 
 
 def test_inv_nomad_wait_against_the_replay_server(replay: Any, run_inv: Any) -> None:

@@ -1,4 +1,5 @@
-"""The demo app (app/events_service.py) run as a real process, the way its image runs it."""
+"""The demo app (app/events_service.py) run as a real process, the way its image runs it, and what its tests
+set up for it: a database of its own, its environment, its rows."""
 
 from __future__ import annotations
 
@@ -6,15 +7,19 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import requests
 
 from infra import ROOT
 
 from .common import free_port, port_open, stop_process, tail, wait_for
+from .postgres import PostgresServer
+from .tansu import TansuBroker
 
 APP = ROOT / "app" / "events_service.py"
 #: Only these of the test runner's variables reach the app: its configuration is what the test passes.
@@ -69,3 +74,29 @@ class AppProcess:
 
     def log_tail(self) -> str:
         return tail(self.log)
+
+
+def new_database(pg: PostgresServer) -> str:
+    name = f"app_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(pg.dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')  # a generated identifier, not input
+    return name
+
+
+def app_env(pg: PostgresServer, broker: TansuBroker, database: str, **extra: str) -> dict[str, str]:
+    return {
+        **pg.env(),
+        "PGDATABASE": database,
+        "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
+        "KAFKA_TOPIC": f"events-{database}",
+        "APP_VERSION": "test-1",
+        "CHECK_TIMEOUT": "2",
+        **extra,
+    }
+
+
+def count_rows(pg: PostgresServer, database: str) -> int:
+    with psycopg.connect(pg.dsn.rsplit("/", 1)[0] + "/" + database) as conn:
+        row = conn.execute("SELECT count(*) FROM events").fetchone()
+        assert row is not None
+        return int(row[0])
