@@ -13,9 +13,9 @@ from typing import Any, TypeVar
 from invoke import Collection, Context, Exit, task
 
 from infra import cli
-from infra import config as config_mod
-from infra.config import Config
-from infra.errors import InfraError, printable
+from infra.core import config as config_mod
+from infra.core.config import Config
+from infra.core.errors import InfraError, printable
 
 cli.adopt()  # one `error:` line for invoke's own errors too, whichever `inv` script runs (infra/cli.py)
 
@@ -29,7 +29,7 @@ def cfg(c: Context) -> Config:
 def reach_cfg(c: Context) -> Config:
     """The configuration with the forwards the running VM was launched with (vm.json), for tasks that talk
     to it: a port moved for one `vm.run` stays where the VM answers."""
-    from infra import vm
+    from infra.vm import lifecycle as vm
 
     return vm.reach(cfg(c))
 
@@ -64,7 +64,8 @@ def option(ok: bool, message: str) -> None:
 @domain_errors
 def iso_build(c: Context, ssh_key: str = "") -> None:
     """Render cloud-init user-data and write the NoCloud seed ISO (label cidata) into the state dir."""
-    from infra import seed, ui
+    from infra.core import ui
+    from infra.guest import seed
 
     ui.out(seed.build(cfg(c), ssh_key=ssh_key or None).line)
 
@@ -77,7 +78,8 @@ NODE_HELP = "only this node (vm.nodes >= 3: nomad-1 .. nomad-N); default: every 
 @domain_errors
 def vm_run(c: Context, node: str = "") -> None:
     """Boot the VM (qcow2 overlay on the cached base image + seed ISO); a no-op when it already runs."""
-    from infra import machine, ui
+    from infra.core import ui
+    from infra.vm import machine
 
     for booted in machine.run_nodes(cfg(c), node):
         if booted.seed is not None:
@@ -94,7 +96,7 @@ def vm_run(c: Context, node: str = "") -> None:
 @domain_errors
 def vm_stop(c: Context, timeout: int = -1, node: str = "") -> None:
     """Power the VM off (ACPI over QMP, then kill after vm.stop_timeout)."""
-    from infra import machine
+    from infra.vm import machine
 
     option(timeout >= -1, f"--timeout must be 0 (kill at once) or more seconds, not {timeout}")
     machine.stop_nodes(cfg(c), node, timeout=None if timeout == -1 else timeout)
@@ -106,7 +108,8 @@ def vm_status(c: Context, json: bool = False, node: str = "") -> None:
     """Is each node running? pid, cluster address, forwarded ports, acceleration, uptime, cloud-init state."""
     import json as json_mod
 
-    from infra import machine, ui
+    from infra.core import ui
+    from infra.vm import machine
 
     info = machine.status_nodes(cfg(c), node)
     if json:
@@ -125,7 +128,7 @@ def vm_status(c: Context, json: bool = False, node: str = "") -> None:
 @domain_errors
 def vm_ssh(c: Context, command: str = "", node: str = "") -> None:
     """Open an interactive SSH session in the VM with the project key."""
-    from infra import machine
+    from infra.vm import machine
 
     code = machine.ssh_node(cfg(c), command, node)
     if code:
@@ -144,7 +147,9 @@ def vm_ssh(c: Context, command: str = "", node: str = "") -> None:
 def vm_logs(c: Context, lines: int = 50, follow: bool = False, node: str = "") -> None:
     """Show the tail of the VM's serial console log (several nodes: each line prefixed with its node)."""
     option(lines >= 0, f"--lines must be 0 or more, not {lines}")
-    from infra import console, machine, ui
+    from infra.core import ui
+    from infra.guest import console
+    from infra.vm import machine
 
     paths = machine.logs_paths(cfg(c), node)
     option(not (follow and len(paths) > 1), "--follow follows one node's log: add --node NAME")
@@ -160,7 +165,8 @@ def vm_check(c: Context, node: str = "") -> None:
     """Over SSH (fabric): cloud-init finished, enabled services active; shows log lines on failure."""
     import json as json_mod
 
-    from infra import machine, nodes, ui
+    from infra.core import nodes, ui
+    from infra.vm import machine
 
     config = cfg(c)
     reports = machine.check_nodes(config, node)
@@ -175,7 +181,7 @@ def vm_check(c: Context, node: str = "") -> None:
 @domain_errors
 def vm_destroy(c: Context, node: str = "") -> None:
     """Stop the VM and delete its disk, seed ISO and state (the image cache is kept)."""
-    from infra import machine
+    from infra.vm import machine
 
     machine.destroy_nodes(cfg(c), node)
 
@@ -193,7 +199,8 @@ def vm_destroy(c: Context, node: str = "") -> None:
 @domain_errors
 def image_bake(c: Context, force: bool = False, from_vm: bool = False, keep: bool = False) -> None:
     """Bake the provisioned VM into a compressed qcow2 in the image cache, keyed by its inputs."""
-    from infra import bake, ui
+    from infra.compose import bake
+    from infra.core import ui
 
     baked = bake.bake(cfg(c), force=force, from_vm=from_vm, keep=keep)
     if baked.seed is not None:
@@ -208,7 +215,8 @@ def image_list(c: Context, json: bool = False) -> None:
     """Baked images in the cache: key, size, age, and which one matches the configuration."""
     import json as json_mod
 
-    from infra import bake, ui
+    from infra.compose import bake
+    from infra.core import ui
 
     config = cfg(c)
     found = bake.entries(config)
@@ -222,7 +230,7 @@ def image_list(c: Context, json: bool = False) -> None:
 @domain_errors
 def image_prune(c: Context, all: bool = False) -> None:
     """Delete baked images that no longer match the configuration (and leftovers of interrupted bakes)."""
-    from infra import bake
+    from infra.compose import bake
 
     bake.prune(cfg(c), everything=all)
 
@@ -233,7 +241,9 @@ def image_prune(c: Context, all: bool = False) -> None:
 def nomad_wait(c: Context, timeout: int = 0) -> None:
     """Wait for a leader, this node ready and eligible, and a healthy docker driver (vm.nodes >= 3: three
     servers in the Raft configuration and every node ready)."""
-    from infra import cluster, nodes, nomad
+    from infra.core import nodes
+    from infra.nomad import client as nomad
+    from infra.nomad import cluster
 
     option(timeout >= 0, f"--timeout must be a positive number of seconds, not {timeout}")
     config = reach_cfg(c)
@@ -252,7 +262,8 @@ def nomad_wait(c: Context, timeout: int = 0) -> None:
 @domain_errors
 def deploy_data(c: Context, detach: bool = False) -> None:
     """Deploy Kafka + Postgres (nomad/datastorage.nomad.hcl) and follow the deployment."""
-    from infra import nomad, release
+    from infra.compose import release
+    from infra.nomad import client as nomad
 
     config = reach_cfg(c)
     release.deploy_data(config, nomad.Client.from_config(config), detach=detach)
@@ -273,7 +284,9 @@ def deploy_app(
     c: Context, build: bool = False, local: bool = False, image: str | None = None, detach: bool = False
 ) -> None:
     """Deploy the app (nomad/service.nomad.hcl): canary -> promote, auto-revert; prints the image now live."""
-    from infra import nomad, release, ui
+    from infra.compose import release
+    from infra.core import ui
+    from infra.nomad import client as nomad
 
     config = reach_cfg(c)
     shipped = release.ship(
@@ -286,7 +299,8 @@ def deploy_app(
 @domain_errors
 def deploy_ingress(c: Context, detach: bool = False) -> None:
     """Deploy Traefik (nomad/ingress.nomad.hcl) and follow the deployment."""
-    from infra import nomad, release
+    from infra.compose import release
+    from infra.nomad import client as nomad
 
     config = reach_cfg(c)
     release.deploy_ingress(config, nomad.Client.from_config(config), detach=detach)
@@ -298,7 +312,8 @@ def deploy_ingress(c: Context, detach: bool = False) -> None:
 def tls_ca(c: Context) -> None:
     """The project CA (made on first use): its path, then how to trust it (curl, Debian/Ubuntu, macOS,
     Firefox)."""
-    from infra import ingress, tls, ui
+    from infra.compose import ingress, tls
+    from infra.core import ui
 
     config = cfg(c)
     bundle = ingress.certificate(config)
@@ -315,7 +330,8 @@ def tls_ca(c: Context) -> None:
 @domain_errors
 def purge(c: Context, job: list[str] | None = None) -> None:
     """Stop and purge the project's jobs (data on host volumes survives); waits until allocations stop."""
-    from infra import nomad, release
+    from infra.compose import release
+    from infra.nomad import client as nomad
 
     option(all(j.strip() for j in job or []), "-j/--job needs a job name (an empty one was given)")
     config = reach_cfg(c)
@@ -326,7 +342,8 @@ def purge(c: Context, job: list[str] | None = None) -> None:
 @domain_errors
 def up(c: Context) -> None:
     """Everything, idempotently: iso -> vm.run -> vm.check -> nomad.wait -> deploy data, app, ingress."""
-    from infra import stack, ui
+    from infra.compose import stack
+    from infra.core import ui
 
     result = stack.up(cfg(c))
     ui.out(result.seed.line)
@@ -337,7 +354,7 @@ def up(c: Context) -> None:
 @domain_errors
 def down(c: Context) -> None:
     """Purge the jobs and stop the VM."""
-    from infra import stack
+    from infra.compose import stack
 
     stack.down(reach_cfg(c))
 
@@ -348,7 +365,8 @@ def status(c: Context, json: bool = False) -> None:
     """One screen: VM, Nomad leader and node, each job's health, URLs."""
     import json as json_mod
 
-    from infra import stack, ui
+    from infra.compose import stack
+    from infra.core import ui
 
     try:
         report = stack.status(reach_cfg(c))
@@ -376,7 +394,8 @@ def logs(c: Context, job: str, task: str = "", stderr: bool = False, follow: boo
     import os
     import sys
 
-    from infra import deploy, nomad
+    from infra.nomad import client as nomad
+    from infra.nomad import deploy
 
     config = reach_cfg(c)
     client = nomad.Client.from_config(config)

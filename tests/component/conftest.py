@@ -13,8 +13,9 @@ import pytest
 from servers import dockerd
 from servers.common import blank_vm_settings, free_port
 
-from infra import config, vm
-from infra.state import StatePaths
+from infra.core import config
+from infra.core.state import StatePaths
+from infra.vm import lifecycle as vm
 
 
 @pytest.fixture(scope="session")

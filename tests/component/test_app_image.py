@@ -1,5 +1,5 @@
 """The app image, built for real: a private dockerd (fixture), a python base made here from Debian's
-packages (no Docker Hub), app/Dockerfile built through infra/build.py's code, the container run against the
+packages (no Docker Hub), app/Dockerfile built through infra/compose/build.py's code, the container run against the
 real PostgreSQL and Tansu fixtures, /healthz answered from inside the container."""
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from servers.common import free_port
 from servers.postgres import PostgresServer
 from servers.tansu import TansuBroker
 
-from infra import ROOT, build, config
+from infra import ROOT
+from infra.compose import build
+from infra.core import config
 
 pytestmark = [
     pytest.mark.docker,
@@ -168,7 +170,7 @@ def test_a_broken_build_names_the_failing_step(
 def vm_like(docker_engine: dockerd.DockerEngine, base_image: str,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[config.Config]:  # fmt: skip
     """A real sshd on loopback whose sessions reach the test dockerd (DOCKER_HOST), and a Config whose
-    ssh settings point at it: infra/remote.py's connection and infra/build.py's RemoteDocker run for real."""
+    ssh settings point at it: infra/guest/remote.py's connection and infra/compose/build.py's RemoteDocker run for real."""
     server = sshd.started({"DOCKER_HOST": docker_engine.host})
     state = tmp_path_factory.mktemp("vm-state")
     cfg = config.load(
@@ -185,7 +187,7 @@ def vm_like(docker_engine: dockerd.DockerEngine, base_image: str,
 
 @contextlib.contextmanager
 def host_network_vm_engine(cfg: config.Config) -> Iterator[build.RemoteDocker]:
-    # the production connection (infra/remote.py); only the build network differs: the test dockerd
+    # the production connection (infra/guest/remote.py); only the build network differs: the test dockerd
     # runs without a bridge
     with build._vm_engine(cfg) as engine:
         engine.network = "host"

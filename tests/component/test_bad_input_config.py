@@ -27,8 +27,8 @@ from badinput import (
     unwritable_dir,
 )
 
-from infra import images
-from infra.errors import ConfigError
+from infra.core.errors import ConfigError
+from infra.vm import images
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class Case:
     @property
     def invoke_level(self) -> bool:
         """Handled by invoke's machinery (file loading, env casting, argument parsing) rather than by
-        infra/config.py: run through both programs."""
+        infra/core/config.py: run through both programs."""
         return self.id.startswith(("f-", "env-", "flag-", "task-"))
 
 

@@ -19,8 +19,8 @@ import pytest
 import yaml
 from badinput import assert_one_error, files_under, processes_mentioning, temp_leftovers, unwritable_dir
 
-from infra import pgp, seed
-from infra.errors import InfraError, TemplateError, ValidationError
+from infra.core.errors import InfraError, TemplateError, ValidationError
+from infra.guest import pgp, seed
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGk8M6bJg4dD2Hn0n1c7aQx8G5b5wq3eXq3mQnY0y3Zt test@host"

@@ -22,7 +22,8 @@ from badinput import assert_one_error, fill_up, processes_mentioning, small_file
 from doubles.nomad_api import NomadAPIDouble
 from test_bad_input_deploy import WEB
 
-from infra import keys, state
+from infra.core import state
+from infra.guest import keys
 
 PRECIOUS = b"precious: must not change\n"
 NOBODY = 65534

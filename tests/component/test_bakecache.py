@@ -1,4 +1,4 @@
-"""infra/bakecache.py + infra/vm.py with real qemu-img / qemu (no OS boots): vm.run picks the bake by key, its seed installs
+"""infra/vm/bakecache.py + infra/vm/lifecycle.py with real qemu-img / qemu (no OS boots): vm.run picks the bake by key, its seed installs
 nothing, a stale bake is refused; `inv image.list` / `inv image.prune` / `vm.baked: require` via the CLI.
 The bake itself (boot, generalize, compress) is proven in the VM tier (tests/vm/test_vm_guest.py)."""
 
@@ -14,9 +14,11 @@ import pytest
 import yaml
 from servers.common import vm_ports
 
-from infra import bakecache, config, machine, vm
-from infra.errors import VMError
-from infra.state import StatePaths
+from infra.core import config
+from infra.core.errors import VMError
+from infra.core.state import StatePaths
+from infra.vm import bakecache, machine
+from infra.vm import lifecycle as vm
 
 Inv = Callable[..., subprocess.CompletedProcess[str]]
 

@@ -1,4 +1,4 @@
-"""Build-and-deploy (infra/build.py, infra/release.py): tags from a REAL temporary git repository, dirty
+"""Build-and-deploy (infra/compose/build.py, infra/compose/release.py): tags from a REAL temporary git repository, dirty
 detection, the build context, and `ship` (build -> deploy -> report) against the STATEFUL NOMAD API DOUBLE
 (tests/doubles/nomad_api.py: registrations, canary deployments, promotion, failing tasks, auto-revert).
 
@@ -21,9 +21,11 @@ from typing import Any
 import pytest
 from doubles.nomad_api import NomadAPIDouble, Timing
 
-from infra import build, config, nomad, release
-from infra.errors import BuildError, DeployError
-from infra.state import StatePaths
+from infra.compose import build, release
+from infra.core import config
+from infra.core.errors import BuildError, DeployError
+from infra.core.state import StatePaths
+from infra.nomad import client as nomad
 
 pytestmark = pytest.mark.tools("git", "ssh-keygen")
 

@@ -1,4 +1,4 @@
-"""infra/deploy.py against the STATEFUL Nomad API double: parse -> plan -> register -> evaluation ->
+"""infra/nomad/deploy.py against the STATEFUL Nomad API double: parse -> plan -> register -> evaluation ->
 deployment, and the ways it fails. Each failure message must name the job, group, task and reason.
 
 The job files here are small fixtures in the HCL subset the double reads (see its docstring); the real
@@ -17,9 +17,10 @@ from typing import Any
 import pytest
 from doubles.nomad_api import NomadAPIDouble, Timing
 
-from infra import deploy, release
-from infra.errors import DeployError, WaitTimeout
-from infra.nomad import Client, Settings
+from infra.compose import release
+from infra.core.errors import DeployError, WaitTimeout
+from infra.nomad import deploy
+from infra.nomad.client import Client, Settings
 
 WEB = """
 variable "image" {
@@ -388,7 +389,7 @@ def test_inv_deploy_exit_codes_and_messages(double: NomadAPIDouble, job_file: An
 
 
 def test_status_lists_jobs(double: NomadAPIDouble, client: Client, job_file: Any, make_cfg: Any) -> None:
-    from infra import stack
+    from infra.compose import stack
 
     path = job_file()
     deploy.deploy_job(client, path, timeout=120)
@@ -414,7 +415,10 @@ def test_up_twice_deploys_the_real_job_specs_then_changes_nothing(
     steps real against the double, deploying the real nomad/*.nomad.hcl (the double reads them)."""
     import contextlib
 
-    from infra import build, machine, seed, stack, vm
+    from infra.compose import build, stack
+    from infra.guest import seed
+    from infra.vm import lifecycle as vm
+    from infra.vm import machine
 
     calls: list[str] = []
     made = seed.SeedResult(Path("seed.iso"), "0" * 64, "iid-test", changed=True, baked=False)
@@ -472,7 +476,7 @@ def test_status_and_the_no_op_deploy_name_the_app_image_live(
 ) -> None:
     """`inv deploy.app --image REF`, then what `inv up` and `inv status` say: the no-op line names REF
     (it once printed `--   is already live`), and status shows it (`--json`: app_image and each job's image)."""
-    from infra import stack
+    from infra.compose import stack
 
     cfg = make_cfg()
     release.ship(cfg, client, image="registry.example/app:1")

@@ -17,9 +17,10 @@ import pytest
 import requests
 from doubles.nomad_api import NomadAPIDouble
 
-from infra import ROOT, deploy
-from infra.errors import DeployError
-from infra.nomad import Client, Settings
+from infra import ROOT
+from infra.core.errors import DeployError
+from infra.nomad import deploy
+from infra.nomad.client import Client, Settings
 
 JOB = """
 job "web" {

@@ -1,9 +1,9 @@
-"""infra.machine's memory of a good `vm.check` per boot, against a real OpenSSH server (tests/servers/sshd.py)
+"""infra.vm.machine's memory of a good `vm.check` per boot, against a real OpenSSH server (tests/servers/sshd.py)
 standing in for the guest, a stand-in "qemu" process (a sleeping Python whose argv carries the state dir's
-`-pidfile`, which is how infra.vm recognises its qemu) with a fake QMP monitor saying the guest runs
+`-pidfile`, which is how infra.vm.lifecycle recognises its qemu) with a fake QMP monitor saying the guest runs
 (tests/servers/qmp.py) and, for `inv up`, the Nomad API double.
 
-The guest's cloud-init state files and boot id are files in tmp_path (infra.remote reads them with `cat`
+The guest's cloud-init state files and boot id are files in tmp_path (infra.guest.remote reads them with `cat`
 over SSH); `cloud-init` itself is a fake on the session PATH that leaves a mark when run, so a test sees
 that no guest-side cloud-init (Python) runs. SSH use is counted from sshd's own log (one "Accepted
 publickey" line per login), not timed.
@@ -28,9 +28,13 @@ from servers import sshd
 from servers.common import stop_process
 from servers.qmp import FakeQMP
 
-from infra import config, machine, nomad, release, remote, stack
-from infra.errors import VMError
-from infra.state import StatePaths
+from infra.compose import release, stack
+from infra.core import config
+from infra.core.errors import VMError
+from infra.core.state import StatePaths
+from infra.guest import remote
+from infra.nomad import client as nomad
+from infra.vm import machine
 
 pytestmark = pytest.mark.tools("sshd", "ssh-keygen", "sudo")
 

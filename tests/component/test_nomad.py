@@ -1,4 +1,4 @@
-"""infra/nomad.py and infra/cluster.py against the STATEFUL Nomad API double (tests/doubles/nomad_api.py).
+"""infra/nomad/client.py and infra/nomad/cluster.py against the STATEFUL Nomad API double (tests/doubles/nomad_api.py).
 
 Scenarios: connection refused while the VM boots, 500 "No cluster leader", ACL 403 with a bad token,
 TLS (and mutual TLS) to an https double, blocking queries, and `nomad.wait`'s timeout message.
@@ -17,9 +17,9 @@ import requests
 import trustme
 from doubles.nomad_api import NODE_ID, NomadAPIDouble
 
-from infra import cluster
-from infra.errors import NomadError, WaitTimeout
-from infra.nomad import Client, NomadAPIError, NomadNotFound, NomadUnreachable, Settings
+from infra.core.errors import NomadError, WaitTimeout
+from infra.nomad import cluster
+from infra.nomad.client import Client, NomadAPIError, NomadNotFound, NomadUnreachable, Settings
 
 
 @pytest.fixture

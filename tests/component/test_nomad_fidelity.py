@@ -13,9 +13,11 @@ from typing import Any
 import pytest
 from doubles.nomad_api import NomadAPIDouble, Timing, gc_from_agent_config
 
-from infra import ROOT, cluster, deploy, release, stack
-from infra.errors import DeployError
-from infra.nomad import Client, NomadAPIError, NomadUnreachable, Settings
+from infra import ROOT
+from infra.compose import release, stack
+from infra.core.errors import DeployError
+from infra.nomad import cluster, deploy
+from infra.nomad.client import Client, NomadAPIError, NomadUnreachable, Settings
 
 WEB = """
 variable "image" {
@@ -193,7 +195,7 @@ def test_agent_self_403_falls_back_to_picking_the_node(doubles: Any) -> None:
 def test_down_with_a_deploy_token_purges_and_stops_the_vm(
     doubles: Any, web: Any, make_cfg: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from infra import vm
+    from infra.vm import lifecycle as vm
 
     d = doubles(acl_tokens={"deploy": DEPLOY_CAPS})
     c = client_for(d, token="deploy")
@@ -208,7 +210,7 @@ def test_down_with_a_deploy_token_purges_and_stops_the_vm(
 def test_down_stops_the_vm_even_when_the_purge_is_refused(
     doubles: Any, web: Any, make_cfg: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from infra import vm
+    from infra.vm import lifecycle as vm
 
     d = doubles(acl_token="admin", acl_tokens={"reader": {"node:read", "read-job"}})
     path = web()

@@ -1,4 +1,4 @@
-"""infra/qmp.py against sockets that misbehave (tests/servers/qmp.py) and a real qemu stopped with SIGSTOP:
+"""infra/vm/qmp.py against sockets that misbehave (tests/servers/qmp.py) and a real qemu stopped with SIGSTOP:
 every failure is a VMError naming the socket, the line read is bounded (counted in bytes sent), and
 `vm.stop` always ends with the VM gone.
 """
@@ -14,9 +14,11 @@ import psutil
 import pytest
 from servers.qmp import STREAM_CAP, FakeQMP
 
-from infra import config, host, machine, qmp, vm
-from infra.errors import VMError
-from infra.state import StatePaths
+from infra.core import config
+from infra.core.errors import VMError
+from infra.core.state import StatePaths
+from infra.vm import host, machine, qmp
+from infra.vm import lifecycle as vm
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""infra.remote against a real OpenSSH server on loopback (tests/servers/sshd.py) standing in for the VM.
+"""infra.guest.remote against a real OpenSSH server on loopback (tests/servers/sshd.py) standing in for the VM.
 
 The "guest" is this machine: `cloud-init` and `systemctl` are fakes put first on the session PATH (sshd
 SetEnv), cloud-init's run dir and output log are files in tmp_path. So SSH, the fabric connection, the
@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 from servers import sshd
 
-from infra import config, remote
-from infra.errors import VMError, WaitTimeout
+from infra.core import config
+from infra.core.errors import VMError, WaitTimeout
+from infra.guest import remote
 
 pytestmark = pytest.mark.tools("sshd", "ssh-keygen", "sudo")
 
@@ -87,8 +88,8 @@ def test_changed_host_key_is_an_error(cfg_for: Callable[..., config.Config]) -> 
 
 
 def test_wrong_key_times_out_with_the_reason(cfg_for: Callable[..., config.Config], tmp_path: Path) -> None:
-    from infra import keys
-    from infra.state import StatePaths
+    from infra.core.state import StatePaths
+    from infra.guest import keys
 
     stranger = keys.ensure_generated(StatePaths(tmp_path / "stranger")).private_path
     cfg = cfg_for()

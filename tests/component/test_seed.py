@@ -1,4 +1,4 @@
-"""infra/seed.py: user-data composition, validation, and the ISO read back with pycdlib."""
+"""infra/guest/seed.py: user-data composition, validation, and the ISO read back with pycdlib."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from infra import pgp, seed
-from infra.errors import ValidationError
+from infra.core.errors import ValidationError
+from infra.guest import pgp, seed
 
 pytestmark = pytest.mark.tools("cloud-init", "blkid", "gpg")
 

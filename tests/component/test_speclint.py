@@ -1,4 +1,4 @@
-"""infra/speclint.py: the real specs pass; every rule fires, with its exact message, on a broken copy.
+"""infra/nomad/speclint.py: the real specs pass; every rule fires, with its exact message, on a broken copy.
 
 Broken copies are made from the real specs by targeted text edits (each edit must match exactly once,
 so a test cannot silently stop testing anything when a spec changes) and written into tmp_path.
@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from infra import ROOT, speclint
+from infra import ROOT
+from infra.nomad import speclint
 
 SPECS = ROOT / "nomad"
 

@@ -1,4 +1,4 @@
-"""infra.vm (through infra.machine, which makes the seed): pidfile handling, and the lifecycle against the
+"""infra.vm.lifecycle (through infra.vm.machine, which makes the seed): pidfile handling, and the lifecycle against the
 real qemu.
 
 The lifecycle tests start the real qemu-system-x86_64 on a blank disk (no OS: the VM sits in its
@@ -17,9 +17,11 @@ from pathlib import Path
 import pytest
 from servers.common import listening, vm_ports
 
-from infra import config, host, machine, qmp, vm
-from infra.errors import VMError
-from infra.state import StatePaths
+from infra.core import config
+from infra.core.errors import VMError
+from infra.core.state import StatePaths
+from infra.vm import host, machine, qmp
+from infra.vm import lifecycle as vm
 
 pytestmark = pytest.mark.tools("qemu-system-x86_64", "qemu-img")
 

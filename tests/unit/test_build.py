@@ -1,4 +1,4 @@
-"""Build-and-deploy orchestration (infra/build.py): tags from a REAL temporary git repository, dirty
+"""Build-and-deploy orchestration (infra/compose/build.py): tags from a REAL temporary git repository, dirty
 detection, the build context, and `ship` (build -> deploy -> report) against the STATEFUL NOMAD API DOUBLE
 (tests/doubles/nomad_api.py: registrations, canary deployments, promotion, failing tasks, auto-revert).
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from infra import build
-from infra.errors import BuildError
+from infra.compose import build
+from infra.core.errors import BuildError
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""infra.images: catalogue, download cache, resume, retries and checksum failures.
+"""infra.vm.images: catalogue, download cache, resume, retries and checksum failures.
 
 Downloads go to a real HTTP server on 127.0.0.1 (started by the `image_server` fixture, stopped after
 each test) that can serve a corrupt body, cut the connection mid-body, ignore Range, or answer 404/503 —
@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from infra import config, images
-from infra.errors import ConfigError, ImageError
+from infra.core import config
+from infra.core.errors import ConfigError, ImageError
+from infra.vm import images
 
 PAYLOAD = os.urandom(3 * 1024 * 1024 + 123)
 

@@ -1,4 +1,4 @@
-"""infra/ingress.py and the ingress.* configuration: what Traefik's dynamic configuration holds for each
+"""infra/compose/ingress.py and the ingress.* configuration: what Traefik's dynamic configuration holds for each
 setting, and one error naming the key for each bad value. Traefik itself runs in
 tests/component/test_ingress.py."""
 
@@ -11,10 +11,11 @@ from typing import Any
 import pytest
 import yaml
 
-from infra import ingress, speclint, stack, tls
-from infra.config import ACME_RESOLVERS, Config
-from infra.errors import ConfigError
-from infra.state import StatePaths
+from infra.compose import ingress, stack, tls
+from infra.core.config import ACME_RESOLVERS, Config
+from infra.core.errors import ConfigError
+from infra.core.state import StatePaths
+from infra.nomad import speclint
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """The layering of infra/, read from its source (the `import` statements, module level and inside functions):
-no import cycle anywhere; the deploy engine (infra/deploy.py) knows Nomad and nothing of the project, the
-release policy (infra/release.py) calls the engine and the image build, nothing below calls back up; the VM
-layer flows one way (infra/machine.py over vm, seed, remote); only tasks.py writes to stdout."""
+no import cycle anywhere; the deploy engine (infra/nomad/deploy.py) knows Nomad and nothing of the project, the
+release policy (infra/compose/release.py) calls the engine and the image build, nothing below calls back up; the VM
+layer flows one way (infra/vm/machine.py over vm, seed, remote); only tasks.py writes to stdout."""
 
 from __future__ import annotations
 
@@ -14,21 +14,22 @@ from infra import ROOT
 
 PACKAGE = ROOT / "infra"
 
-
-MODULES = sorted(path.stem for path in PACKAGE.glob("*.py") if path.stem != "__init__")
+#: module name -> its file (module names are unique across the packages of infra/)
+FILES = {path.stem: path for path in PACKAGE.rglob("*.py") if path.stem != "__init__"}
+MODULES = sorted(FILES)
+PACKAGES = {path.parent.name for path in PACKAGE.glob("*/__init__.py")}
 
 
 def imports_of(module: str) -> set[str]:
-    """The infra modules `infra/<module>.py` imports, wherever the import statement stands."""
+    """The infra modules `module` imports, wherever the import statement stands."""
     names: set[str] = set()
-    for node in ast.walk(ast.parse((PACKAGE / f"{module}.py").read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module == "infra":
-            names |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("infra."):
-            names.add(str(node.module).split(".")[1])
+    for node in ast.walk(ast.parse(FILES[module].read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "infra":
+            parts = str(node.module).split(".")[1:]
+            names |= {alias.name for alias in node.names} | set(parts)
         elif isinstance(node, ast.Import):
-            names |= {a.name.split(".")[1] for a in node.names if a.name.startswith("infra.")}
-    return {n for n in names if (PACKAGE / f"{n}.py").is_file()} - {module}
+            names |= {a.name.split(".")[-1] for a in node.names if a.name.startswith("infra.")}
+    return {n for n in names if n in FILES} - {module}
 
 
 def reachable(module: str) -> set[str]:
@@ -42,10 +43,10 @@ def reachable(module: str) -> set[str]:
 
 
 def test_the_engine_imports_only_the_nomad_client_and_generic_helpers() -> None:
-    assert imports_of("deploy") <= {"errors", "files", "nomad", "ui", "waits"}
+    assert imports_of("deploy") <= {"errors", "files", "client", "ui", "waits"}
 
 
-@pytest.mark.parametrize("module", ["deploy", "build", "nomad", "cluster"])
+@pytest.mark.parametrize("module", ["deploy", "build", "client", "cluster"])
 def test_nothing_below_the_release_policy_reaches_up_to_it(module: str) -> None:
     assert not reachable(module) & {"release", "stack"}
 
@@ -92,34 +93,34 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
 def test_no_import_cycle_anywhere_in_infra() -> None:
     """Over every module of infra/, imports inside functions included: a lazy import is still a dependency."""
     graph = {module: imports_of(module) for module in MODULES}
-    assert {"vm", "remote", "machine", "host", "qmp", "console"} <= set(graph)
+    assert {"lifecycle", "remote", "machine", "host", "qmp", "console"} <= set(graph)
     assert find_cycle(graph) is None
 
 
 def test_the_vm_layer_flows_one_way() -> None:
     """vm (lifecycle) and remote (SSH) do not know each other, vm does not make the seed; machine composes them."""
-    assert not imports_of("vm") & {"remote", "seed", "machine", "stack"}
-    assert not reachable("remote") & {"vm", "machine", "seed"}
-    assert {"vm", "remote", "seed"} <= imports_of("machine")
+    assert not imports_of("lifecycle") & {"remote", "seed", "machine", "stack"}
+    assert not reachable("remote") & {"lifecycle", "machine", "seed"}
+    assert {"lifecycle", "remote", "seed"} <= imports_of("machine")
     for low in ("host", "qmp", "console"):
-        assert not reachable(low) & {"vm", "remote", "machine", "seed", "stack"}, low
+        assert not reachable(low) & {"lifecycle", "remote", "machine", "seed", "stack"}, low
 
 
 # ------------------------------------------------------------------------------ stdout: tasks.py only --
 #: Where writing to stdout is the point: ui.out is the one writer tasks.py calls; speclint's `main` is the
-#: entry point of `python -m infra.speclint` (a command of its own, run by `nox -s lint`), whose findings
+#: entry point of `python -m infra.nomad.speclint` (a command of its own, run by `nox -s lint`), whose findings
 #: are its output.
 STDOUT_ALLOWED = {("ui", "out"), ("speclint", "main")}
 
 
 def stdout_writes(source: str) -> list[tuple[str, int, str]]:
     """(enclosing function, line, call) for every write to stdout in `source`: `ui.out(...)`, `out(...)`
-    imported from infra.ui, `print(...)` without `file=` (or with file=sys.stdout), `sys.stdout.write`."""
+    imported from infra.core.ui, `print(...)` without `file=` (or with file=sys.stdout), `sys.stdout.write`."""
     tree = ast.parse(source)
     out_names = {
         alias.asname or alias.name
         for node in ast.walk(tree)
-        if isinstance(node, ast.ImportFrom) and node.module == "infra.ui"
+        if isinstance(node, ast.ImportFrom) and node.module == "infra.core.ui"
         for alias in node.names
         if alias.name == "out"
     }
@@ -149,7 +150,7 @@ def stdout_writes(source: str) -> list[tuple[str, int, str]]:
 
 def test_the_stdout_check_sees_every_kind_of_write() -> None:
     source = (
-        "import sys\nfrom infra import ui\nfrom infra.ui import out as emit\n"
+        "import sys\nfrom infra.core import ui\nfrom infra.core.ui import out as emit\n"
         "def f():\n    ui.out('a')\n    print('b')\n    print('c', file=sys.stderr)\n"
         "    def inner():\n        sys.stdout.write('d')\n    emit('e')\n"
     )
@@ -159,8 +160,8 @@ def test_the_stdout_check_sees_every_kind_of_write() -> None:
 
 @pytest.mark.parametrize("module", MODULES)
 def test_only_tasks_py_writes_to_stdout(module: str) -> None:
-    """Library code returns values; tasks.py prints them (infra/ui.py's `out` is the writer it calls)."""
-    writes = stdout_writes((PACKAGE / f"{module}.py").read_text())
+    """Library code returns values; tasks.py prints them (infra/core/ui.py's `out` is the writer it calls)."""
+    writes = stdout_writes(FILES[module].read_text())
     assert [w for w in writes if (module, w[0]) not in STDOUT_ALLOWED] == []
 
 

@@ -1,4 +1,4 @@
-"""infra/seed.py: user-data composition, validation, and the ISO read back with pycdlib."""
+"""infra/guest/seed.py: user-data composition, validation, and the ISO read back with pycdlib."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pycdlib
 import pytest
 import yaml
 
-from infra import pgp, seed
-from infra.errors import SSHKeyError, TemplateError, ValidationError
+from infra.core.errors import SSHKeyError, TemplateError, ValidationError
+from infra.guest import pgp, seed
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBPkFsOzBkaGc663XawP6l6Ir0RQXYvFAyRrdwGFAdIT test@example"
 

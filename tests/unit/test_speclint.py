@@ -1,4 +1,4 @@
-"""infra/speclint.py: the real specs pass; every rule fires, with its exact message, on a broken copy.
+"""infra/nomad/speclint.py: the real specs pass; every rule fires, with its exact message, on a broken copy.
 
 Broken copies are made from the real specs by targeted text edits (each edit must match exactly once,
 so a test cannot silently stop testing anything when a spec changes) and written into tmp_path.
@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from infra import ROOT, speclint
+from infra import ROOT
+from infra.nomad import speclint
 
 SPECS = ROOT / "nomad"
 
@@ -221,7 +222,7 @@ SPEC_CASES = [
            '          "--certificatesresolvers.acme-http.acme.storage=/acme/acme.json",\n'
            '          "--certificatesresolvers.acme-http.acme.httpchallenge.entrypoint=web",\n', ""),),
          "args = [", "ingress/traefik/traefik",
-         'certificate resolver "acme-http" (named by infra/ingress.py (ingress.acme.challenge)) is not defined: '
+         'certificate resolver "acme-http" (named by infra/compose/ingress.py (ingress.acme.challenge)) is not defined: '
          "no --certificatesresolvers.acme-http.acme.* argument (defined: acme-tlsalpn)"),
     Case("acme-resolver", INGRESS,
          (('"--certificatesresolvers.acme-tlsalpn.acme.tlschallenge=true",\n',

@@ -1,4 +1,4 @@
-"""infra/ui.py and the redaction it applies (infra/errors.py): every line printed is made printable, hides
+"""infra/core/ui.py and the redaction it applies (infra/core/errors.py): every line printed is made printable, hides
 passwords inside URLs and is never parsed as rich markup (issue 23, items 2 and 3)."""
 
 from __future__ import annotations
@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
-from infra import images, ui
-from infra.errors import REDACTED, printable, redact_urls, url_secrets
+from infra.core import ui
+from infra.core.errors import REDACTED, printable, redact_urls, url_secrets
+from infra.vm import images
 
 
 @pytest.mark.parametrize(

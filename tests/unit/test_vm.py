@@ -1,4 +1,4 @@
-"""infra.vm without qemu: pidfile handling (the lifecycle against the real qemu is tests/component/test_vm.py)."""
+"""infra.vm.lifecycle without qemu: pidfile handling (the lifecycle against the real qemu is tests/component/test_vm.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from infra import config, vm
-from infra.state import StatePaths
+from infra.core import config
+from infra.core.state import StatePaths
+from infra.vm import lifecycle as vm
 
 
 def test_recycled_pid_is_not_our_qemu(tmp_path: Path) -> None:

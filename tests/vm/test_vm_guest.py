@@ -30,7 +30,8 @@ import pytest
 import yaml
 from servers.common import listening, processes_of
 
-from infra import ROOT, pgp, remote, seed
+from infra import ROOT
+from infra.guest import pgp, remote, seed
 
 pytestmark = [
     pytest.mark.vm,
