@@ -45,7 +45,7 @@ from infra.core.errors import ImageError, InfraError, VMError
 from infra.core.state import StatePaths
 from infra.core.waits import Probe, wait_until
 from infra.guest.seed import SeedResult
-from infra.vm import bakecache, images, qemu
+from infra.vm import bakecache, baseimages, qemu
 from infra.vm.bakecache import Bake, bakes_dir, content_key, find, key_inputs, locate
 
 CONVERT_TIMEOUT = 1800
@@ -98,9 +98,9 @@ def work_config(cfg: Config) -> Config:
 
 
 def _sh(conn: Any, command: str, what: str, timeout: float = 120) -> str:
-    from infra.guest import remote
+    from infra.guest import ssh
 
-    result = remote.sh(conn, command, timeout=timeout)
+    result = ssh.sh(conn, command, timeout=timeout)
     if result.exited != 0:
         raise VMError(
             f"bake: {what} failed in the guest (exit {result.exited})",
@@ -112,10 +112,10 @@ def _sh(conn: Any, command: str, what: str, timeout: float = 120) -> str:
 
 
 def _wait_nomad(conn: Any) -> None:
-    from infra.guest import remote
+    from infra.guest import ssh
 
     def probe(_d: object) -> Probe[None]:
-        out = remote.sh(conn, "nomad node status -self -short 2>&1 | sed -n 's/^Status *= *//p'", timeout=30)
+        out = ssh.sh(conn, "nomad node status -self -short 2>&1 | sed -n 's/^Status *= *//p'", timeout=30)
         state = out.stdout.strip() or "no answer"
         return Probe(state == "ready", f"node {state}")
 
@@ -125,17 +125,17 @@ def _wait_nomad(conn: Any) -> None:
 
 def _app_image(cfg: Config, conn: Any) -> str | None:
     """The app image, in the guest's Docker: already there, loaded from the host's Docker, or built."""
-    from infra.compose import build
+    from infra.compose import appimage
 
-    engine = build.RemoteDocker(conn, where="the bake VM's Docker", network=cfg.app.build_network)
-    host = build.LocalDocker()
-    ref = f"{cfg.app.image}:{build.source(cfg.root).tag}"
+    engine = appimage.RemoteDocker(conn, where="the bake VM's Docker", network=cfg.app.build_network)
+    host = appimage.LocalDocker()
+    ref = f"{cfg.app.image}:{appimage.source(cfg.root).tag}"
     if not engine.has_image(ref) and shutil.which("docker"):
         with contextlib.suppress(InfraError):
             if host.has_image(ref):
-                build.build(cfg, engine, builder=host)
+                appimage.build(cfg, engine, builder=host)
     if not engine.has_image(ref):
-        build.build(cfg, engine)  # what the first `inv up` would do
+        appimage.build(cfg, engine)  # what the first `inv up` would do
     return ref
 
 
@@ -186,14 +186,13 @@ def _convert(disk: Path, dest: Path) -> None:
 def _work_vm(cfg: Config, from_vm: bool, keep: bool) -> Iterator[tuple[Config, SeedResult | None]]:
     """The VM to bake and the seed made for it: the project's running VM (`from_vm`; no seed made), or a
     throwaway one, destroyed afterwards."""
-    from infra.vm import lifecycle as vm
-    from infra.vm import machine
+    from infra.vm import lifecycle, verbs
 
     if from_vm:
         p = StatePaths.of(cfg)
-        if vm.running_pid(p) is None:
+        if lifecycle.running_pid(p) is None:
             raise VMError("--from-vm: the VM is not running", hint="`inv vm.run` (or bake without --from-vm)")
-        record = vm.load_record(p)
+        record = lifecycle.load_record(p)
         if record.get("baked"):
             raise VMError(
                 f"--from-vm: the VM was booted from the baked image {record['baked']}, not the base image",
@@ -202,13 +201,13 @@ def _work_vm(cfg: Config, from_vm: bool, keep: bool) -> Iterator[tuple[Config, S
         yield cfg, None
         return
     work = work_config(cfg)
-    if vm.running_pid(StatePaths.of(work)) is not None or StatePaths.of(work).disk.exists():
-        vm.destroy(work)  # left over by an interrupted bake
+    if lifecycle.running_pid(StatePaths.of(work)) is not None or StatePaths.of(work).disk.exists():
+        lifecycle.destroy(work)  # left over by an interrupted bake
     try:
-        yield work, machine.run(work).seed
+        yield work, verbs.run(work).seed
     finally:
         if not keep:
-            vm.destroy(work)
+            lifecycle.destroy(work)
 
 
 @dataclass(frozen=True)
@@ -223,12 +222,12 @@ class Baked:
 
 def bake(cfg: Config, *, from_vm: bool = False, force: bool = False, keep: bool = False) -> Baked:
     """`inv image.bake`: make (or find) the bake for the current configuration; see the module doc."""
-    from infra.guest import remote
-    from infra.vm import lifecycle as vm
+    from infra.guest import ssh
+    from infra.vm import lifecycle
 
     started = time.monotonic()
     arch = qemu.guest_arch(cfg.vm.arch, qemu.Platform.current())
-    base = images.ensure(cfg, arch)
+    base = baseimages.ensure(cfg, arch)
     inputs = key_inputs(cfg, arch, bakecache.base_digest(cfg, arch))
     key = content_key(inputs)
     existing = find(cfg, key)
@@ -239,10 +238,10 @@ def bake(cfg: Config, *, from_vm: bool = False, force: bool = False, keep: bool 
     ui.step(f"baking {key} from {'the running VM' if from_vm else 'a throwaway VM'} (base {base.name})")
     with _work_vm(cfg, from_vm, keep) as (work, seed):
         p = StatePaths.of(work)
-        remote.check(work, alive=lambda: vm.running_pid(p) is not None,
-                              started_at=vm.load_record(p).get("started_at"))  # fmt: skip
+        ssh.check(work, alive=lambda: lifecycle.running_pid(p) is not None,
+                              started_at=lifecycle.load_record(p).get("started_at"))  # fmt: skip
         provisioned = time.monotonic()
-        conn = remote.wait_ssh(work)
+        conn = ssh.wait_ssh(work)
         try:
             app_ref = None
             if cfg.provision.nomad:
@@ -260,13 +259,13 @@ def bake(cfg: Config, *, from_vm: bool = False, force: bool = False, keep: bool 
             )
         finally:
             conn.close()
-        vm.stop(work)
+        lifecycle.stop(work)
         target.path.parent.mkdir(parents=True, exist_ok=True)
         converting = time.monotonic()
         _convert(p.disk, target.path)
         if from_vm:
-            vm.destroy(cfg)  # its disk is generalized now: the next `inv vm.run` boots the bake
-    info = vm.image_info(target.path)
+            lifecycle.destroy(cfg)  # its disk is generalized now: the next `inv vm.run` boots the bake
+    info = lifecycle.image_info(target.path)
     size = target.path.stat().st_size
     total = round(time.monotonic() - started, 1)
     manifest: dict[str, Any] = {

@@ -23,7 +23,7 @@ import yaml
 
 from infra.core.config import ACME_RESOLVERS, Config
 from infra.core.state import StatePaths
-from infra.nomad import deploy
+from infra.nomad import rollout
 
 # tls (cryptography) loads only where a certificate is made: `inv status` does not need it (test_startup)
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ REDIRECT_PRIORITY = 10_000
 
 def variable_path(cfg: Config) -> str:
     """Tasks read the variables of their own job through workload identity: nomad/jobs/<job>."""
-    return f"nomad/jobs/{deploy.job_id_of(cfg.deploy.ingress_job)}"
+    return f"nomad/jobs/{rollout.job_id_of(cfg.deploy.ingress_job)}"
 
 
 def https_url(cfg: Config) -> str | None:
@@ -130,7 +130,7 @@ def publish(cfg: Config, client: Client) -> tls.Bundle:
     """Certificate made or renewed, then the dynamic configuration written to the job's Nomad Variable
     (check-and-set; unchanged content is not written again)."""
     bundle = certificate(cfg)
-    deploy.ensure_secret(client, variable_path(cfg), DYNAMIC_KEY, value=dynamic_yaml(cfg, bundle))
+    rollout.ensure_secret(client, variable_path(cfg), DYNAMIC_KEY, value=dynamic_yaml(cfg, bundle))
     return bundle
 
 

@@ -5,11 +5,11 @@
 - Secrets: the Postgres password in Nomad Variables (deploy.secrets_path), with a copy under the app job's
   own path, created before the data job is deployed.
 - The app: `ship` is the one entry point for `inv deploy.app`, `inv up` and the CD workflow (which runs
-  `inv deploy.app --image REF`): build (infra/compose/build.py) or take the image, deploy it with the HCL variables
+  `inv deploy.app --image REF`): build (infra/compose/appimage.py) or take the image, deploy it with the HCL variables
   `image` and `version`, record them in <state>/deployed.json, and name the image live (after a failed
   deployment: what Nomad's auto-revert put back).
 
-The mechanism (parse -> plan -> register -> follow, promote, purge) is infra/nomad/deploy.py, which knows nothing
+The mechanism (parse -> plan -> register -> follow, promote, purge) is infra/nomad/rollout.py, which knows nothing
 of this module; this module calls it.
 """
 
@@ -24,16 +24,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from infra.compose import build, ingress
-from infra.compose.build import BuildResult, LocalDocker
+from infra.compose import appimage, ingress
+from infra.compose.appimage import BuildResult, LocalDocker
 from infra.core import files, nodes, ui
 from infra.core.config import Config
 from infra.core.errors import BuildError, DeployError, InfraError
 from infra.core.state import StatePaths
 from infra.core.waits import Probe, wait_until
-from infra.nomad import deploy
+from infra.nomad import rollout
 from infra.nomad.client import Client
-from infra.nomad.deploy import DeployResult
+from infra.nomad.rollout import DeployResult
 
 #: Key in the Nomad Variable (deploy.secrets_path) holding the generated Postgres password.
 POSTGRES_PASSWORD_KEY = "postgres_password"  # noqa: S105 - a key name, not a secret
@@ -48,31 +48,31 @@ def project_job_files(cfg: Config) -> list[Path]:
 
 
 def project_jobs(cfg: Config) -> list[str]:
-    return [deploy.job_id_of(p) for p in project_job_files(cfg)]
+    return [rollout.job_id_of(p) for p in project_job_files(cfg)]
 
 
 def purge(cfg: Config, client: Client, jobs: list[str] | None = None) -> list[str]:
     """Purge `jobs`, by default the project's in reverse deploy order (`inv purge`, `inv down`)."""
-    return deploy.purge(client, jobs or list(reversed(project_jobs(cfg))), timeout=cfg.deploy.timeout)
+    return rollout.purge(client, jobs or list(reversed(project_jobs(cfg))), timeout=cfg.deploy.timeout)
 
 
 # ------------------------------------------------------------------------------------------- secrets --
 def ensure_postgres_password(cfg: Config, client: Client) -> None:
     """The password in deploy.secrets_path, and a copy in nomad/jobs/<app job> (a task reads only its own
     job's variables without an extra ACL policy; see nomad/service.nomad.hcl)."""
-    password = deploy.ensure_secret(client, cfg.deploy.secrets_path, POSTGRES_PASSWORD_KEY)
-    app_path = f"nomad/jobs/{deploy.job_id_of(cfg.deploy.app_job)}"
+    password = rollout.ensure_secret(client, cfg.deploy.secrets_path, POSTGRES_PASSWORD_KEY)
+    app_path = f"nomad/jobs/{rollout.job_id_of(cfg.deploy.app_job)}"
     if app_path != cfg.deploy.secrets_path:
-        deploy.ensure_secret(client, app_path, POSTGRES_PASSWORD_KEY, value=password)
+        rollout.ensure_secret(client, app_path, POSTGRES_PASSWORD_KEY, value=password)
 
 
 # ------------------------------------------------------------------------------------------- deploys --
 def deploy_data(cfg: Config, client: Client, *, detach: bool = False) -> DeployResult:
-    deploy.read_job_file(cfg.deploy.data_job)  # a bad job file stops here, before the secret is created
+    rollout.read_job_file(cfg.deploy.data_job)  # a bad job file stops here, before the secret is created
     ensure_postgres_password(cfg, client)
     # a local cluster: Kafka's listener for host clients on the user-mode NIC (see deploy_ingress)
     variables = {"host_network": nodes.PUBLIC_HOST_NETWORK[0]} if nodes.is_cluster(cfg) else None
-    return deploy.deploy_job(
+    return rollout.deploy_job(
         client, cfg.deploy.data_job, variables=variables, detach=detach, timeout=cfg.deploy.timeout
     )
 
@@ -82,12 +82,12 @@ def deploy_ingress(cfg: Config, client: Client, *, detach: bool = False) -> Depl
     redirect/ACME routers) in its Nomad Variable, then the job with the ACME resolvers' HCL variables.
     A local cluster (vm.nodes >= 3): the entrypoints on host network "public", the user-mode NIC where the
     forwards arrive (each node's agent declares it, infra/guest/seed.py); one VM: the job's default."""
-    deploy.read_job_file(cfg.deploy.ingress_job)  # a bad job file stops here, before anything is written
+    rollout.read_job_file(cfg.deploy.ingress_job)  # a bad job file stops here, before anything is written
     ingress.publish(cfg, client)
     variables = ingress.acme_variables(cfg)
     if nodes.is_cluster(cfg):
         variables["host_network"] = nodes.PUBLIC_HOST_NETWORK[0]
-    return deploy.deploy_job(
+    return rollout.deploy_job(
         client,
         cfg.deploy.ingress_job,
         variables=variables,
@@ -119,7 +119,7 @@ def deploy_app(
     if chosen:
         merged[IMAGE_VARIABLE] = chosen
     _check_writable(record_path)  # before registering: a record that cannot be written must not half-deploy
-    result = deploy.deploy_job(
+    result = rollout.deploy_job(
         client, cfg.deploy.app_job, variables=merged, detach=detach, timeout=cfg.deploy.timeout
     )
     if result.outcome == "deployed" or (result.outcome == "unchanged" and merged):
@@ -239,24 +239,24 @@ def ship(
         raise BuildError("--local only applies with --build")
     built: BuildResult | None = None
     if build_image:
-        built = build.for_vm(cfg, local=local, engine=engine, builder=builder)
+        built = appimage.for_vm(cfg, local=local, engine=engine, builder=builder)
         ref = built.ref
     elif image is not None:  # `--image ''` is a mistake, not "the default image"
-        ref = build.check_ref(image)
+        ref = appimage.check_ref(image)
     else:
         ref = ""
-    variables = {"version": build.version_of(ref)} if ref else None
-    job_id = deploy.job_id_of(cfg.deploy.app_job)
+    variables = {"version": appimage.version_of(ref)} if ref else None
+    job_id = rollout.job_id_of(cfg.deploy.app_job)
     try:
         result = deploy_app(cfg, client, image=ref or None, variables=variables, detach=detach)
-    except (RecordError, deploy.NotRegistered):
+    except (RecordError, rollout.NotRegistered):
         raise  # nothing of ours reached the job, or the deployment succeeded: no rollback to report
     except DeployError as exc:
         exc.details.extend(rollback_report(client, job_id, ref, failed=exc.deployment))
         raise
     # Nomad's word first; else the image this deploy asked for (after a no-op: the one recorded last time)
-    live = deploy.live_image(client, job_id) or ref or recorded_image(cfg)
-    live_version = build.version_of(live) if live else "?"
+    live = rollout.live_image(client, job_id) or ref or recorded_image(cfg)
+    live_version = appimage.version_of(live) if live else "?"
     if result.outcome == "unchanged":
         ui.skip(f"{live} is already live (job {job_id} version {result.version}): nothing to deploy")
     elif result.outcome == "registered":
@@ -297,9 +297,9 @@ def rollback_report(
                          interval=0.5).value or {}  # fmt: skip
     except InfraError:
         job = client.job(job_id) or {}
-    image = deploy.live_image(client, job_id)
+    image = rollout.live_image(client, job_id)
     if reverting and image and image != attempted:
-        return [f"rolled back: {image} (version {build.version_of(image)}) is live again as job version "
+        return [f"rolled back: {image} (version {appimage.version_of(image)}) is live again as job version "
                 f"{job.get('Version')}; {attempted or 'the new version'} was not kept"]  # fmt: skip
     return [f"no automatic rollback happened: job {job_id} version {job.get('Version')} with {image or '?'} "
             "is registered; earlier allocations keep running where Nomad did not replace them"]  # fmt: skip

@@ -16,9 +16,8 @@ from infra.compose import ingress, release
 from infra.core import nodes, ui
 from infra.core.config import Config
 from infra.core.errors import ConfigError, DeployError, NomadError
-from infra.nomad import client as nomad
-from infra.nomad import cluster, deploy
-from infra.nomad.client import Client, NomadUnreachable
+from infra.nomad import cluster, rollout
+from infra.nomad.client import Client, NomadUnreachable, settings
 
 if TYPE_CHECKING:
     from infra.guest.seed import SeedResult
@@ -34,8 +33,7 @@ class UpResult:
 
 def up(cfg: Config, *, client: Client | None = None) -> UpResult:
     from infra.guest import seed
-    from infra.vm import lifecycle as vm
-    from infra.vm import machine
+    from infra.vm import lifecycle, verbs
 
     started = time.monotonic()
     if client is None:
@@ -45,15 +43,15 @@ def up(cfg: Config, *, client: Client | None = None) -> UpResult:
     ui.step("iso: seed ISO")
     # first, so that a bad input fails before any download; made once, for the image the VM boots (a running
     # VM: the one it runs), and unchanged on a second `up`
-    made = seed.build(cfg, baked=vm.boots_baked(cfg))
+    made = seed.write_iso(cfg, baked=lifecycle.boots_baked(cfg))
     ui.step("vm.run: boot the VM")
-    with vm.preparing(cfg) as prepared:  # the VM's lock, the host checks, which image it boots
+    with lifecycle.preparing(cfg) as prepared:  # the VM's lock, the host checks, which image it boots
         if made.baked != prepared.baked:  # a bake was made (or removed) in between: the seed for the image
-            made = seed.build(cfg, baked=prepared.baked)
-        vm.run(prepared, made)
-    cfg = vm.reach(cfg)  # an already running VM keeps the forwards it was launched with
+            made = seed.write_iso(cfg, baked=prepared.baked)
+        lifecycle.run(prepared, made)
+    cfg = lifecycle.reach(cfg)  # an already running VM keeps the forwards it was launched with
     ui.step("vm.check: cloud-init finished, services active")
-    machine.check_once(cfg)  # SSH only when this boot of the VM has not been checked yet
+    verbs.check_once(cfg)  # SSH only when this boot of the VM has not been checked yet
     client = client or Client.from_config(cfg)
     ui.step("nomad.wait: leader, node ready, docker driver healthy")
     cluster.wait_ready(client, timeout=cfg.nomad.wait_timeout)
@@ -67,12 +65,12 @@ def up(cfg: Config, *, client: Client | None = None) -> UpResult:
 def _up_cluster(cfg: Config, client: Client | None, started: float) -> UpResult:
     """`up` with vm.nodes >= 3: every node booted (side by side) and checked, then Nomad waited for with
     three servers and every node ready, then the same deploys as on one VM (through node 1's forwards)."""
-    from infra.vm import machine
+    from infra.vm import verbs
 
     ui.step(f"vm.run: boot {cfg.vm.nodes} nodes on the cluster network")
-    booted = machine.run_nodes(cfg)
+    booted = verbs.run_nodes(cfg)
     ui.step("vm.check: cloud-init finished, services active, on every node")
-    machine.check_nodes(cfg)
+    verbs.check_nodes(cfg)
     client = client or Client.from_config(cfg)
     servers = min(nodes.SERVERS, cfg.vm.nodes)
     ui.step(f"nomad.wait: leader, {servers} servers, {cfg.vm.nodes} nodes ready with docker")
@@ -94,7 +92,7 @@ def _up_cluster(cfg: Config, client: Client | None, started: float) -> UpResult:
 def _check_provisioned(cfg: Config) -> None:
     """`up` deploys onto the VM's own Nomad: refuse at once when the configuration leaves it out, instead of
     booting and then waiting nomad.wait_timeout for a Nomad (or docker driver) that will never come."""
-    if nomad.settings(cfg).source != "default":
+    if settings(cfg).source != "default":
         return  # NOMAD_ADDR / nomad.addr: the jobs go to that cluster
     reasons = []
     if not cfg.provision.nomad:
@@ -127,7 +125,7 @@ def down(cfg: Config, *, client: Client | None = None) -> None:
 
     Whether Nomad answers is asked of /v1/status/leader, which needs no ACL capability
     (nomad/status_endpoint.go); /v1/agent/self would need agent:read, which a deploy token lacks."""
-    from infra.vm import lifecycle as vm
+    from infra.vm import lifecycle
 
     client = client or Client.from_config(cfg)
     failed: NomadError | None = None
@@ -145,11 +143,11 @@ def down(cfg: Config, *, client: Client | None = None) -> None:
     if failed is not None:
         ui.warn(f"purge failed ({failed.message}); stopping the VM anyway")
     if nodes.is_cluster(cfg):
-        from infra.vm import machine
+        from infra.vm import verbs
 
-        machine.stop_nodes(cfg)
+        verbs.stop_nodes(cfg)
     else:
-        vm.stop(cfg)
+        lifecycle.stop(cfg)
     if failed is not None:
         raise DeployError(
             f"the VM is stopped, but the jobs were not purged: {failed.message}",
@@ -205,9 +203,9 @@ def status(
 ) -> dict[str, Any]:
     """One screen: VM, Nomad leader and node, each job's status and healthy allocations, the URLs."""
     if vm_info is None and nodes.is_cluster(cfg):
-        from infra.vm import lifecycle as vm
+        from infra.vm import lifecycle
 
-        each = [vm.status(node) for node in nodes.all_nodes(cfg)]
+        each = [lifecycle.status(node) for node in nodes.all_nodes(cfg)]
         vm_info = {"running": any(n["running"] for n in each), "nodes": each}
         for n in each:
             ui.info(
@@ -215,9 +213,9 @@ def status(
                 + (f"running (pid {n['pid']})" if n["running"] else "not running")
             )
     if vm_info is None:
-        from infra.vm import lifecycle as vm
+        from infra.vm import lifecycle
 
-        vm_info = vm.status(cfg)
+        vm_info = lifecycle.status(cfg)
     report: dict[str, Any] = {"vm": vm_info, "nomad": {"addr": cfg.nomad.addr or None}, "jobs": []}
     try:
         client = client or Client.from_config(cfg)
@@ -254,10 +252,10 @@ def status(
         if nodes.is_cluster(cfg):
             _cluster_lines(client, report)
         ui.info("Jobs")
-        app_job = deploy.job_id_of(cfg.deploy.app_job)
+        app_job = rollout.job_id_of(cfg.deploy.app_job)
         for job_id in release.project_jobs(cfg):
             try:
-                s = deploy.job_summary(client, job_id)
+                s = rollout.job_summary(client, job_id)
             except NomadError as exc:
                 ui.info(f"  {job_id:<12} ? ({exc.message})")
                 report["jobs"].append({"job_id": job_id, "error": exc.message})

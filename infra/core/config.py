@@ -247,7 +247,7 @@ def _check_shapes(data: Mapping[str, Any], defaults: Mapping[str, Any], prefix: 
 def load(overrides: Mapping[str, Any] | None = None, *, root: Path = ROOT) -> Config:
     """Defaults from invoke.yaml merged with `overrides` (same nested shape), validated."""
     defaults = read_defaults()
-    return build(_merge(defaults, dict(overrides or {})), root=root, defaults=defaults)
+    return from_raw(_merge(defaults, dict(overrides or {})), root=root, defaults=defaults)
 
 
 def from_invoke(cfg: Mapping[str, Any]) -> Config:
@@ -255,7 +255,7 @@ def from_invoke(cfg: Mapping[str, Any]) -> Config:
     defaults = read_defaults()
     _check_bool_env(defaults, os.environ)
     raw = {k: _plain(v) for k, v in cfg.items()}
-    return build(raw, root=ROOT, defaults=defaults)
+    return from_raw(raw, root=ROOT, defaults=defaults)
 
 
 def _check_bool_env(defaults: Mapping[str, Any], environ: Mapping[str, str], prefix: str = "") -> None:
@@ -273,7 +273,9 @@ def _check_bool_env(defaults: Mapping[str, Any], environ: Mapping[str, str], pre
                 )
 
 
-def build(raw: Mapping[str, Any], *, root: Path = ROOT, defaults: Mapping[str, Any] | None = None) -> Config:
+def from_raw(
+    raw: Mapping[str, Any], *, root: Path = ROOT, defaults: Mapping[str, Any] | None = None
+) -> Config:
     """Validate a merged config tree against the declared keys (invoke.yaml, read once by the caller)."""
     defaults = defaults if defaults is not None else read_defaults()
     _check_keys(raw, defaults, prefix="", top=True)
@@ -564,5 +566,5 @@ def as_dict(cfg: Config) -> dict[str, Any]:
 __all__ = [
     "AcmeConfig", "AppConfig", "Config", "ConfigError", "DeployConfig", "E2EConfig", "IngressConfig",
     "NodeConfig", "NomadConfig", "Port",
-    "ProjectConfig", "ProvisionConfig", "SSHConfig", "VMConfig", "as_dict", "build", "from_invoke", "load",
+    "ProjectConfig", "ProvisionConfig", "SSHConfig", "VMConfig", "as_dict", "from_invoke", "from_raw", "load",
 ]  # fmt: skip

@@ -5,7 +5,7 @@ A node's configuration is the project's with its own state dir (<state>/nodes/<n
 (node 1 keeps vm.ports; node k forwards ssh and nomad on those host ports + 100 * (k - 1)), the project's one
 SSH key (generated in <state>/ssh) and its `node` identity: its static address on the private network, the
 Nomad servers' addresses (the first three nodes), the switch socket and its NIC's MAC. Everything below
-(`infra.vm.lifecycle`, `infra.guest.seed`, `infra.guest.remote`) works on one node's configuration exactly as on the single VM's.
+(`infra.vm.lifecycle`, `infra.guest.seed`, `infra.guest.ssh`) works on one node's configuration exactly as on the single VM's.
 """
 
 from __future__ import annotations

@@ -369,9 +369,9 @@ def _project_rules(doc: Mapping[str, Any], cfg: Config) -> list[str]:
 def _host_volume_rule() -> list[str]:
     """Every host_volume path of the agent config has a directory entry in host-volumes (the agent config
     read by the job-spec reader, infra/nomad/speclint.py)."""
-    from infra.nomad import speclint
+    from infra.core import hcl
 
-    agent = speclint.AGENT_CONFIG
+    agent = hcl.AGENT_CONFIG
     listed = FILES_DIR / "nomad" / "host-volumes"
     dirs = {
         line.split()[0]
@@ -379,8 +379,8 @@ def _host_volume_rule() -> list[str]:
         if line.strip() and not line.lstrip().startswith("#")
     }
     try:
-        volumes = speclint.agent_host_volume_paths(agent)
-    except speclint.SpecSyntaxError as exc:
+        volumes = hcl.agent_host_volume_paths(agent)
+    except hcl.SpecSyntaxError as exc:
         return [f"{agent}:{exc.line}: {exc.message}"]
     return [
         f"{agent}: host_volume {name!r} path {path} has no entry in {listed} (the client would refuse it)"
@@ -476,7 +476,7 @@ def _same(path: Path, data: bytes) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------- build --
-def build(cfg: Config, ssh_key: str | None = None, *, baked: bool = False) -> SeedResult:
+def write_iso(cfg: Config, ssh_key: str | None = None, *, baked: bool = False) -> SeedResult:
     """`inv iso`: render, validate, write <state>/seed.iso (+ the rendered user-data beside it).
     `baked`: the seed for a baked image (infra/compose/bake.py), which installs nothing."""
     started = _time.monotonic()
@@ -519,4 +519,4 @@ def refresh(cfg: Config, *, baked: bool = False) -> SeedResult:
     """`inv vm.run`'s seed: rebuilt from the current configuration (a no-op when nothing changed), keeping
     the key of the previous seed when ssh.public_key is not set — so `inv iso --ssh-key K` survives."""
     key = None if cfg.ssh.public_key else previous_key(StatePaths.of(cfg))
-    return build(cfg, ssh_key=key, baked=baked)
+    return write_iso(cfg, ssh_key=key, baked=baked)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import base64
 import ipaddress
-import json as json_mod
+import json
 import os
 import re
 import time
@@ -328,7 +328,7 @@ class Client:
         path: str,
         *,
         params: Mapping[str, Any] | None = None,
-        json: Any = None,
+        body: Any = None,
         index: int | None = None,
         wait: float | None = None,
         retries: int | None = None,
@@ -354,7 +354,7 @@ class Client:
         for attempt in range(1, attempts + 1):
             try:
                 deadline = time.monotonic() + limit  # for the whole call: headers and body
-                resp = self._send(method, path, query, json, limit)
+                resp = self._send(method, path, query, body, limit)
                 try:
                     content = self._read(resp, deadline, method, path, limit)
                 finally:
@@ -494,7 +494,7 @@ class Client:
         if not content:
             return Result(None, index, known_leader)
         try:
-            body = json_mod.loads(text)
+            body = json.loads(text)
         except ValueError:
             raise NomadError(
                 f"Nomad API {method} {path}: expected JSON, got "
@@ -525,10 +525,8 @@ class Client:
         try:
             return dict(self.get("/v1/agent/health", retries=0) or {})
         except NomadAPIError as exc:
-            import json as _json
-
             try:
-                return dict(_json.loads(exc.body))
+                return dict(json.loads(exc.body))
             except ValueError:
                 raise exc from None
 
@@ -542,18 +540,18 @@ class Client:
     def parse_job(self, hcl: str, variables: str = "") -> dict[str, Any]:
         """POST /v1/jobs/parse: the job's JSON (the bare Job object, not wrapped)."""
         body = {"JobHCL": hcl, "Variables": variables, "Canonicalize": True}
-        return dict(self.request("POST", "/v1/jobs/parse", json=body).body)
+        return dict(self.request("POST", "/v1/jobs/parse", body=body).body)
 
     def plan_job(self, job: Mapping[str, Any]) -> dict[str, Any]:
         body = {"Job": job, "Diff": True, "PolicyOverride": False}
-        return dict(self.request("POST", f"/v1/job/{_q(job['ID'])}/plan", json=body).body)
+        return dict(self.request("POST", f"/v1/job/{_q(job['ID'])}/plan", body=body).body)
 
     def register_job(self, job: Mapping[str, Any], *, modify_index: int | None = None) -> dict[str, Any]:
         """POST /v1/jobs; with `modify_index`, check-and-set against the plan's JobModifyIndex."""
         body: dict[str, Any] = {"Job": job}
         if modify_index is not None:
             body.update(EnforceIndex=True, JobModifyIndex=modify_index)
-        return dict(self.request("POST", "/v1/jobs", json=body).body)
+        return dict(self.request("POST", "/v1/jobs", body=body).body)
 
     def job(self, job_id: str) -> dict[str, Any] | None:
         try:
@@ -590,7 +588,7 @@ class Client:
         auto-promote groups too, and fails while any is unhealthy (nomad/state/state_store.go
         UpdateDeploymentPromotion)."""
         body = {"DeploymentID": dep_id, "Groups": list(groups)}
-        return dict(self.request("POST", f"/v1/deployment/promote/{_q(dep_id)}", json=body).body)
+        return dict(self.request("POST", f"/v1/deployment/promote/{_q(dep_id)}", body=body).body)
 
     def evaluation(self, eval_id: str, *, index: int | None = None, wait: float | None = None) -> Result:
         return self.request("GET", f"/v1/evaluation/{_q(eval_id)}", index=index, wait=wait)
@@ -613,7 +611,7 @@ class Client:
         if self.settings.namespace:
             body["Namespace"] = self.settings.namespace
         params = {"cas": cas} if cas is not None else None
-        return dict(self.request("PUT", f"/v1/var/{_q(path, safe='/')}", params=params, json=body).body)
+        return dict(self.request("PUT", f"/v1/var/{_q(path, safe='/')}", params=params, body=body).body)
 
     # ---------------------------------------------------------------------------------------------- logs --
     def logs(
@@ -645,7 +643,7 @@ class Client:
                     self.settings.read_timeout,
                 )
                 self._decode("GET", path, resp, content)  # raises with Nomad's error text
-            decoder = json_mod.JSONDecoder()
+            decoder = json.JSONDecoder()
             buf = ""
             while True:
                 try:

@@ -20,21 +20,25 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import hcl2
-from hcl2.rules.base import AttributeRule, BlockRule
 from hcl2.utils import SerializationOptions
-from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
 from infra import ROOT
 from infra.core.config import ACME_RESOLVERS
-from infra.core.errors import TemplateError
+from infra.core.hcl import (
+    AGENT_CONFIG,
+    Block,
+    SpecSyntaxError,
+    agent_host_volume_paths,
+    display_path,
+    parse,
+    resolve,
+    show,
+)
 
-#: The agent config shipped by cloud-init: the host volumes jobs may mount.
-AGENT_CONFIG = ROOT / "cloud-init" / "files" / "nomad" / "zz-infra-lab.hcl"
 #: cloud-init parts (write_files ... from_file: <path under FILES_DIR>) and the files they ship.
 PARTS_DIR = ROOT / "cloud-init" / "parts"
 FILES_DIR = ROOT / "cloud-init" / "files"
@@ -93,30 +97,6 @@ _VAR_REF = re.compile(r"\$\{\s*var\.([A-Za-z_][A-Za-z0-9_-]*)\s*\}")
 _INTERPOLATION = re.compile(r"\$\{[^}]*\}")
 _OPTIONS = SerializationOptions(with_comments=False, strip_string_quotes=True, explicit_blocks=False)
 _NOMAD_TIMEOUT = 120
-#: Lark terminal names in syntax errors, as a reader of the spec sees them.
-_TERMINALS = {
-    "DBLQUOTE": '"',
-    "LBRACE": "{",
-    "RBRACE": "}",
-    "LSQB": "[",
-    "RSQB": "]",
-    "LPAR": "(",
-    "RPAR": ")",
-    "EQ": "=",
-    "COMMA": ",",
-    "NAME": "a name",
-    "INT_LITERAL": "a number",
-    "FLOAT_LITERAL": "a number",
-    "HEREDOC_TEMPLATE": "<<EOT",
-    "HEREDOC_TEMPLATE_TRIM": "<<-EOT",
-    "NL_OR_COMMENT": "a new line",
-    "TEMPLATE_STRING": "a string",
-    "MINUS": "-",
-    "NOT": "!",
-    "TRUE": "true",
-    "FALSE": "false",
-    "NULL": "null",
-}
 
 
 @dataclass(frozen=True)
@@ -135,103 +115,7 @@ class Finding:
         return ": ".join(part for part in parts if part)
 
 
-@dataclass
-class Attr:
-    value: Any
-    line: int | None
-
-
-@dataclass
-class Block:
-    """An HCL block with its line: python-hcl2's dict output has no positions, its rule tree has."""
-
-    type: str
-    labels: list[str]
-    line: int | None
-    attrs: dict[str, Attr] = field(default_factory=dict)
-    blocks: list[Block] = field(default_factory=list)
-
-    @property
-    def name(self) -> str:
-        return self.labels[0] if self.labels else ""
-
-    def children(self, block_type: str) -> list[Block]:
-        return [b for b in self.blocks if b.type == block_type]
-
-    def child(self, block_type: str) -> Block | None:
-        found = self.children(block_type)
-        return found[0] if found else None
-
-    def get(self, name: str, default: Any = None) -> Any:
-        attr = self.attrs.get(name)
-        return attr.value if attr is not None else default
-
-    def line_of(self, name: str) -> int | None:
-        attr = self.attrs.get(name)
-        return attr.line if attr is not None and attr.line else self.line
-
-
-class SpecSyntaxError(Exception):
-    def __init__(self, line: int | None, message: str) -> None:
-        super().__init__(message)
-        self.line = line
-        self.message = message
-
-
-def _line(node: Any) -> int | None:
-    meta = getattr(node, "_meta", None)
-    if meta is None or getattr(meta, "empty", True):
-        return None
-    line = getattr(meta, "line", None)
-    return line if isinstance(line, int) else None
-
-
-def _build(body: Any, block_type: str, labels: list[str], line: int | None) -> Block:
-    block = Block(block_type, labels, line)
-    for child in body.children:
-        if isinstance(child, BlockRule):
-            names = [str(label.serialize(_OPTIONS)) for label in child.labels]
-            block.blocks.append(_build(child.body, names[0], names[1:], _line(child)))
-        elif isinstance(child, AttributeRule):
-            name = str(child.identifier.serialize(_OPTIONS))
-            block.attrs[name] = Attr(child.expression.serialize(_OPTIONS), _line(child))
-    return block
-
-
-def parse(text: str) -> Block:
-    """Parse HCL2 text into a Block tree; SpecSyntaxError carries the line of a syntax error."""
-    try:
-        tree = hcl2.parses(text)
-    except UnexpectedInput as exc:
-        raise SpecSyntaxError(exc.line if exc.line > 0 else None, _describe_syntax_error(exc)) from None
-    return _build(tree.body, "", [], None)
-
-
-def _describe_syntax_error(exc: UnexpectedInput) -> str:
-    where = f"column {exc.column}" if exc.column and exc.column > 0 else "end of file"
-    if isinstance(exc, UnexpectedToken):
-        if exc.token.type == "$END":
-            return "unexpected end of file (an unclosed block or string?)"
-        expected = ", ".join(sorted({_TERMINALS.get(name, name.lower()) for name in exc.expected}))
-        return f"unexpected {exc.token.value!r} at {where} (expected one of: {expected})"
-    if isinstance(exc, UnexpectedCharacters):
-        return f"unexpected character {exc.char!r} at {where}"
-    if isinstance(exc, UnexpectedEOF):
-        return "unexpected end of file (an unclosed block or string?)"
-    return f"syntax error at {where}"
-
-
 # ------------------------------------------------------------------------------------------ agent config --
-def agent_host_volume_paths(agent_config: Path = AGENT_CONFIG) -> dict[str, str]:
-    """The host volumes the Nomad client declares, name -> path (client { host_volume "NAME" { path } })."""
-    root = parse(agent_config.read_text(encoding="utf-8"))
-    return {
-        volume.name: str(volume.get("path", ""))
-        for client in root.children("client")
-        for volume in client.children("host_volume")
-    }
-
-
 #: The directories behind the host volumes, as cloud-init creates them: path, owner uid, gid, mode.
 HOST_VOLUME_DIRS = FILES_DIR / "nomad" / "host-volumes"
 
@@ -270,7 +154,7 @@ def check_agent_config(
     agent_config: Path = AGENT_CONFIG, *, parts_dir: Path = PARTS_DIR, files_dir: Path = FILES_DIR
 ) -> list[Finding]:
     """The agent config's own rules, and where cloud-init installs it (the parts that ship it)."""
-    display = _display(agent_config)
+    display = display_path(agent_config)
     try:
         root = parse(agent_config.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -291,7 +175,7 @@ def check_agent_config(
                 line,
                 'plugin "docker"',
                 "docker-gc-image",
-                f"gc.image = {_show(gc.get('image') if gc is not None else None)} (default true, image_delay "
+                f"gc.image = {show(gc.get('image') if gc is not None else None)} (default true, image_delay "
                 '"3m"): the docker driver deletes an image 3 minutes after its last task stops, the locally '
                 "built app image included, which no registry can give back; set gc { image = false }",
             )
@@ -309,7 +193,7 @@ def check_agent_config(
                 else (config or docker or root).line,
                 'plugin "docker"',
                 "docker-pull-activity",
-                f'pull_activity_timeout = {_show(activity)} (default "2m"): the docker driver cancels an image '
+                f'pull_activity_timeout = {show(activity)} (default "2m"): the docker driver cancels an image '
                 "pull that shows no progress for that long, and a job's image_pull_timeout does not extend it; "
                 f'set pull_activity_timeout = "{PULL_ACTIVITY_MIN // 60}m" or more',
             )
@@ -354,7 +238,7 @@ def _check_cni_path(root: Block, display: str, parts_dir: Path) -> list[Finding]
             client.line_of("cni_path"),
             "client",
             "cni-path",
-            f"cni_path = {_show(client.get('cni_path'))}, but no cloud-init part installs CNI plugins "
+            f"cni_path = {show(client.get('cni_path'))}, but no cloud-init part installs CNI plugins "
             f"({CNI_PACKAGE}); remove it (no job uses bridge networking) or install the package",
         )
     ]
@@ -386,7 +270,7 @@ def _check_install_name(agent_config: Path, display: str, parts_dir: Path, files
                     "(e.g. zz-infra-lab.hcl; digits sort before letters)"
                 )
             return [
-                Finding(_display(part), line, "write_files", "agent-config-order", f"{display} {problem}")
+                Finding(display_path(part), line, "write_files", "agent-config-order", f"{display} {problem}")
             ]
     return [
         Finding(
@@ -394,7 +278,7 @@ def _check_install_name(agent_config: Path, display: str, parts_dir: Path, files
             None,
             "",
             "agent-config-order",
-            f"no cloud-init part ships this file (write_files from_file under {_display(files_dir)}); "
+            f"no cloud-init part ships this file (write_files from_file under {display_path(files_dir)}); "
             f"cannot tell where it lands in {AGENT_CONFIG_DIR}",
         )
     ]
@@ -468,7 +352,7 @@ class _Spec:
                 restart.line_of("mode"),
                 where,
                 "restart-mode",
-                f'restart.mode = {_show(restart.get("mode"))}; set mode = "delay" so a task that exits while a '
+                f'restart.mode = {show(restart.get("mode"))}; set mode = "delay" so a task that exits while a '
                 "dependency is away is restarted after a pause instead of failing the allocation",
             )
         for task in group.children("task"):
@@ -478,7 +362,7 @@ class _Spec:
                     override.line_of("mode"),
                     f"{where}/{task.name}",
                     "restart-mode",
-                    f'restart.mode = {_show(override.get("mode"))} overrides the group\'s; set mode = "delay" '
+                    f'restart.mode = {show(override.get("mode"))} overrides the group\'s; set mode = "delay" '
                     "or leave it to the group",
                 )
 
@@ -585,7 +469,7 @@ class _Spec:
                         update.line_of("auto_revert"),
                         where,
                         "update-auto-revert",
-                        f"update.auto_revert = {_show(update.get('auto_revert'))}; a service job must set "
+                        f"update.auto_revert = {show(update.get('auto_revert'))}; a service job must set "
                         "auto_revert = true so a failed deployment goes back to the last good version",
                     )
                 return
@@ -659,14 +543,14 @@ class _Spec:
         for name, flag in sorted(named.items()):
             if name not in {e.lower() for e in entrypoints}:
                 self.report(line, where, "tls-entrypoint",
-                            f"{flag} names entrypoint {_show(name)}, which no --entrypoints.<name>.address defines "
+                            f"{flag} names entrypoint {show(name)}, which no --entrypoints.<name>.address defines "
                             f"(defined: {_names(entrypoints)})")  # fmt: skip
                 continue
             address = next(v for k, v in entrypoints.items() if k.lower() == name)
             port = address.rsplit(":", 1)[-1]
             if port not in published:
                 self.report(line, where, "tls-entrypoint",
-                            f"entrypoint {_show(name)} listens on {_show(address)}, a port the task does not publish "
+                            f"entrypoint {show(name)} listens on {show(address)}, a port the task does not publish "
                             f"(config.ports maps container ports: {_names(published)})")  # fmt: skip
         # acme-resolver: the resolvers the policy picks from (config.ACME_RESOLVERS) and the entrypoints name
         defined: dict[str, dict[str, str]] = {}
@@ -683,17 +567,17 @@ class _Spec:
         for name, who in sorted(wanted.items()):
             if name.lower() not in defined:
                 self.report(line, where, "acme-resolver",
-                            f"certificate resolver {_show(name)} (named by {who}) is not defined: no "
+                            f"certificate resolver {show(name)} (named by {who}) is not defined: no "
                             f"--certificatesresolvers.{name}.acme.* argument (defined: {_names(defined)})")  # fmt: skip
         for name, settings in sorted(defined.items()):
             challenges = [c for c in ("tlschallenge", "httpchallenge", "dnschallenge")
                           if any(k == c or k.startswith(c + ".") for k in settings)]  # fmt: skip
             if not settings.get("storage"):
                 self.report(line, where, "acme-resolver",
-                            f"certificate resolver {_show(name)} sets no acme.storage (Traefik refuses it)")  # fmt: skip
+                            f"certificate resolver {show(name)} sets no acme.storage (Traefik refuses it)")  # fmt: skip
             if len(challenges) != 1:
                 self.report(line, where, "acme-resolver",
-                            f"certificate resolver {_show(name)} has {len(challenges)} challenges "
+                            f"certificate resolver {show(name)} has {len(challenges)} challenges "
                             f"({_names(challenges)}); set exactly one")  # fmt: skip
             # acme-storage: under a volume_mount of a host volume
             storage = settings.get("storage", "")
@@ -707,7 +591,7 @@ class _Spec:
             volume = volumes.get(str(mount.get("volume"))) if mount is not None else None
             if volume is None or volume.get("type", "host") != "host":
                 self.report(line, where, "acme-storage",
-                            f"certificate resolver {_show(name)} keeps {_show(storage)} outside every host volume "
+                            f"certificate resolver {show(name)} keeps {show(storage)} outside every host volume "
                             "mount of the task: a restart would lose the account and certificates and order "
                             "again (Let's Encrypt rate limits); mount a host volume there")  # fmt: skip
 
@@ -720,7 +604,7 @@ class _Spec:
                 volume.line_of("source"),
                 where,
                 "host-volume-exists",
-                f'host volume "{volume.name}" has source {_show(source)}, which the agent config {self.agent} does '
+                f'host volume "{volume.name}" has source {show(source)}, which the agent config {self.agent} does '
                 f"not declare as a host_volume (declared: {_names(self.host_volumes)})",
             )
 
@@ -728,7 +612,7 @@ class _Spec:
         name = service.get("name") or "(unnamed)"
         if service.get("provider") != "nomad":
             provider = service.get("provider")
-            detail = f"has provider = {_show(provider)}" if provider is not None else "does not set provider"
+            detail = f"has provider = {show(provider)}" if provider is not None else "does not set provider"
             self.report(
                 service.line_of("provider"),
                 where,
@@ -791,7 +675,7 @@ class _Spec:
                     mount.line_of("volume"),
                     where,
                     "volume-declared",
-                    f"volume_mount names volume {_show(name)}, which the group does not declare "
+                    f"volume_mount names volume {show(name)}, which the group does not declare "
                     f"(declared: {_names(volumes)})",
                 )
 
@@ -814,44 +698,20 @@ class _Spec:
                     where,
                     "host-volume-owner",
                     f'mounts host volume "{source}", whose directory cloud-init creates for uid {owner[0]} '
-                    f"({_display(HOST_VOLUME_DIRS)}), but the task sets user = {_show(user)}: the image's "
+                    f"({display_path(HOST_VOLUME_DIRS)}), but the task sets user = {show(user)}: the image's "
                     f'default user is an assumption; set user = "{owner[0]}:{owner[1]}"',
                 )
 
     def check_image(self, config: Block, where: str) -> None:
         raw = config.get("image")
         line = config.line_of("image")
-        resolved, origin, problem = self.resolve(raw)
+        resolved, origin, problem = resolve(self.variables, raw)
         if problem:
-            self.report(line, where, "image-pinned", f"image {_show(raw)}: {problem}")
+            self.report(line, where, "image-pinned", f"image {show(raw)}: {problem}")
             return
-        shown = f"image {_show(resolved)}" + (f" ({origin})" if origin else "")
+        shown = f"image {show(resolved)}" + (f" ({origin})" if origin else "")
         for message in image_problems(str(resolved), self.local_images):
             self.report(line, where, "image-pinned", f"{shown} {message}")
-
-    def resolve(self, value: Any) -> tuple[Any, str, str]:
-        """Replace ${var.NAME} with variable defaults: (value, where it came from, problem or "")."""
-        if not isinstance(value, str):
-            return value, "", "is not a string"
-        names = _VAR_REF.findall(value)
-        for name in names:
-            variable = self.variables.get(name)
-            if variable is None:
-                return value, "", f'refers to variable "{name}", which this file does not declare'
-            if "default" not in variable.attrs:
-                return value, "", f'comes from variable "{name}", which has no default to check'
-        whole = _VAR_REF.fullmatch(value.strip())
-        if whole:
-            resolved: Any = self.variables[whole.group(1)].get("default")
-        else:
-            resolved = _VAR_REF.sub(lambda m: str(self.variables[m.group(1)].get("default")), value)
-        if isinstance(resolved, str) and _INTERPOLATION.search(resolved):
-            return value, "", "has an interpolation that cannot be resolved before run time"
-        origin = ", ".join(
-            f'default of variable "{name}", line {self.variables[name].line_of("default")}'
-            for name in dict.fromkeys(names)
-        )
-        return resolved, origin, ""
 
 
 def image_problems(image: str, local_images: Iterable[str] = ()) -> list[str]:
@@ -873,32 +733,6 @@ def image_problems(image: str, local_images: Iterable[str] = ()) -> list[str]:
     return problems
 
 
-def spec_images(path: Path) -> list[str]:
-    """Every task image of one spec, `${var.NAME}` resolved to the variable's default (what a fresh deploy
-    runs). Raises TemplateError naming file:line when the file does not parse or an image cannot be resolved."""
-    display = _display(path)
-    try:
-        root = parse(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise TemplateError(f"{display}: cannot read: {exc.strerror or exc}") from exc
-    except SpecSyntaxError as exc:
-        raise TemplateError(f"{display}:{exc.line or '?'}: {exc.message}") from exc
-    spec = _Spec(display, root, set(), set(), "")
-    found: list[str] = []
-    for job in root.children("job"):
-        for group in job.children("group"):
-            for task in group.children("task"):
-                config = task.child("config")
-                if config is None or "image" not in config.attrs:
-                    continue
-                value, _origin, problem = spec.resolve(config.get("image"))
-                if problem:
-                    where = f"{display}:{config.line_of('image') or '?'}: {job.name}/{group.name}/{task.name}"
-                    raise TemplateError(f"{where}: image {_show(config.get('image'))} {problem}")
-                found.append(str(value))
-    return found
-
-
 def default_local_images() -> set[str]:
     """Repositories the project builds itself (no registry digest exists for them): app.image."""
     from infra.core import config
@@ -914,7 +748,7 @@ def check_file(
     agent_config: Path = AGENT_CONFIG,
 ) -> list[Finding]:
     """All rule findings for one spec file (parse errors included)."""
-    display = _display(path)
+    display = display_path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -928,7 +762,7 @@ def check_file(
     volumes = agent_host_volumes(agent_config) if host_volumes is None else host_volumes
     images = default_local_images() if local_images is None else set(local_images)
     owners = host_volume_owners(agent_config)
-    return _Spec(display, root, volumes, images, _display(agent_config), owners).run()
+    return _Spec(display, root, volumes, images, display_path(agent_config), owners).run()
 
 
 def check_files(
@@ -940,7 +774,7 @@ def check_files(
     try:
         host_volumes = agent_host_volumes(agent_config)
     except SpecSyntaxError as exc:
-        return [Finding(_display(agent_config), exc.line, "", "hcl-syntax", exc.message)]
+        return [Finding(display_path(agent_config), exc.line, "", "hcl-syntax", exc.message)]
     images = default_local_images() if local_images is None else set(local_images)
     findings: list[Finding] = []
     for path in paths:
@@ -977,7 +811,7 @@ def nomad_checks(
     findings: list[Finding] = []
     notes: list[str] = []
     for path, checks in targets:
-        display = _display(path)
+        display = display_path(path)
         for rule, command in checks:
             findings += _run_nomad(binary, rule, command, path, display)
         notes.append(f"ok: {' and '.join('nomad ' + ' '.join(c) for _, c in checks)} ran on {display}")
@@ -1006,16 +840,6 @@ def _run_nomad(binary: str, rule: str, command: Sequence[str], path: Path, displ
 
 
 # ----------------------------------------------------------------------------------------------- helpers --
-def _show(value: Any) -> str:
-    if value is None:
-        return "(unset)"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return f'"{value}"'
-    return str(value)
-
-
 def _names(names: Iterable[str]) -> str:
     return ", ".join(sorted(names)) or "none"
 
@@ -1042,17 +866,6 @@ def _as_list(value: Any) -> list[Any]:
 def _tail(output: str, lines: int = 6) -> str:
     kept = [line.strip() for line in output.strip().splitlines() if line.strip()]
     return " | ".join(kept[-lines:])
-
-
-def _display(path: Path) -> str:
-    """Paths relative to the working directory (else to the repo root) read best in CI logs."""
-    resolved = path.resolve()
-    for base in (Path.cwd(), ROOT):
-        try:
-            return str(resolved.relative_to(base.resolve()))
-        except ValueError:
-            continue
-    return str(path)
 
 
 def default_specs() -> list[Path]:
@@ -1109,11 +922,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(finding)
     for note in notes:
         print(note, file=sys.stderr)
-    files = ", ".join(_display(p) for p in paths)
+    files = ", ".join(display_path(p) for p in paths)
     if findings:
         print(f"speclint: {len(findings)} problem(s) in {files}", file=sys.stderr)
         return 1
-    checked = f"{len(paths)} spec(s): {files}; agent config {_display(args.agent_config)}"
+    checked = f"{len(paths)} spec(s): {files}; agent config {display_path(args.agent_config)}"
     print(f"speclint: ok ({checked}; {len(RULES) - len(NOMAD_RULES)} rules)", file=sys.stderr)
     return 0
 

@@ -18,12 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from infra.core import files, ui
+from infra.core import files, hcl, ui
 from infra.core.config import Config
 from infra.core.errors import ImageError, VMError
 from infra.guest import seed
-from infra.nomad import speclint
-from infra.vm import images, qemu
+from infra.vm import baseimages, qemu
 
 #: Bump when what a bake contains changes in a way its inputs do not show (e.g. the generalization).
 FORMAT = 1
@@ -73,7 +72,7 @@ def find(cfg: Config, key: str) -> Bake | None:
 
 def base_digest(cfg: Config, arch: str) -> str:
     """'sha256:<hex>' of the base image: the pinned digest, else (a local file) its hash, remembered."""
-    source = images.source_for(cfg, arch)
+    source = baseimages.source_for(cfg, arch)
     if source.digest:
         return f"{source.algo}:{source.digest}"
     if source.path is None:  # pragma: no cover - source_for pins every download
@@ -90,7 +89,7 @@ def base_digest(cfg: Config, arch: str) -> str:
     if isinstance(entry, dict) and {k: entry.get(k) for k in stamp} == stamp and entry.get("sha256"):
         return f"sha256:{entry['sha256']}"
     with ui.live(f"hashing {path.name} (the base image's digest is part of the bake key)"):
-        digest = images.file_digest(path, "sha256")
+        digest = baseimages.file_digest(path, "sha256")
     known[str(path)] = {**stamp, "sha256": digest}
     text = json.dumps(known, indent=2, sort_keys=True) + "\n"
     files.write_atomic(store, text.encode(), "record of local image digests")
@@ -107,7 +106,7 @@ def job_images(cfg: Config) -> list[str]:
         return []  # without Nomad no job runs in the guest: nothing to pre-pull
     refs: set[str] = set()
     for path in (cfg.deploy.data_job, cfg.deploy.app_job, cfg.deploy.ingress_job):
-        refs.update(ref for ref in speclint.spec_images(path) if "@sha256:" in ref)
+        refs.update(ref for ref in hcl.spec_images(path) if "@sha256:" in ref)
     return sorted(refs)
 
 

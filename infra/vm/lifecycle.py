@@ -15,10 +15,10 @@ naming the port, its config key and the process holding it. `stop` asks the gues
 `system_powerdown` over QMP), waits `vm.stop_timeout`, then kills; no pidfile or socket outlives qemu.
 `destroy` removes the VM's files but never the image cache.
 
-`run` boots the seed it is given: the caller makes it (`infra.vm.machine` for `inv vm.run`, `infra.compose.stack` for
+`run` boots the seed it is given: the caller makes it (`infra.vm.verbs` for `inv vm.run`, `infra.compose.stack` for
 `inv up`) once `preparing` has told it whether the VM boots a baked image. Host processes and ports are
 `infra.vm.host`, the monitor is `infra.vm.qmp`, the serial log is `infra.guest.console`; talking to the guest over SSH
-is `infra.guest.remote` (through `infra.vm.machine`), which this module does not import.
+is `infra.guest.ssh` (through `infra.vm.verbs`), which this module does not import.
 """
 
 from __future__ import annotations
@@ -349,7 +349,7 @@ def _prepare(cfg: Config, p: StatePaths) -> Running | Boot:
         )
     if (
         cfg.node is not None
-    ):  # a cluster node: the private network's switch must be up (infra.vm.machine starts it)
+    ):  # a cluster node: the private network's switch must be up (infra.vm.verbs starts it)
         control = cfg.node.switch / "ctl"
         if len(str(control)) > MAX_SOCKET_PATH:
             raise VMError(
@@ -362,9 +362,9 @@ def _prepare(cfg: Config, p: StatePaths) -> Running | Boot:
                 hint="`inv vm.run` starts it with the nodes",
             )
     host.check_ports(cfg.vm.ports)
-    from infra.vm import images  # the download cache (requests): loaded only when a VM is launched
+    from infra.vm import baseimages  # the download cache (requests): loaded only when a VM is launched
 
-    base = images.ensure(cfg, arch)
+    base = baseimages.ensure(cfg, arch)
     check_image(base, "base image")
     disk_existed = p.disk.exists()
     if disk_existed:
@@ -691,7 +691,7 @@ def _kill(pid: int) -> None:
 
 
 def status(cfg: Config) -> dict[str, Any]:
-    """Running? pid, forwards, acceleration, uptime, image (from the launch record; `infra.vm.machine` adds the
+    """Running? pid, forwards, acceleration, uptime, image (from the launch record; `infra.vm.verbs` adds the
     guest's cloud-init state)."""
     p = StatePaths.of(cfg)
     pid = running_pid(p)

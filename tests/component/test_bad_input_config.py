@@ -28,7 +28,7 @@ from badinput import (
 )
 
 from infra.core.errors import ConfigError
-from infra.vm import images
+from infra.vm import baseimages
 
 
 @dataclass(frozen=True)
@@ -230,14 +230,14 @@ def test_cache_dir_that_cannot_hold_a_download_is_refused_before_downloading(
     if shape == "file":
         cache.write_text("not a directory\n")
         with pytest.raises(ConfigError, match=r"project\.cache_dir: .*/cache is not a directory"):
-            images.ensure(cfg, "x86_64")
+            baseimages.ensure(cfg, "x86_64")
         assert cache.read_text() == "not a directory\n"
     else:
         with (
             unwritable_dir(cache),
             pytest.raises(ConfigError, match=r"project\.cache_dir: .* is not writable"),
         ):
-            images.ensure(cfg, "x86_64")
+            baseimages.ensure(cfg, "x86_64")
         assert files_under(cache) == []
     assert temp_leftovers(tmp_path) == []
 

@@ -25,7 +25,7 @@ from infra.core import config, nodes
 from infra.core.errors import WaitTimeout
 from infra.core.waits import Probe, wait_until
 from infra.guest import seed
-from infra.nomad import cluster, deploy
+from infra.nomad import cluster, rollout
 from infra.nomad.client import Client, Settings
 
 APP = """
@@ -155,7 +155,7 @@ def test_a_lost_node_moves_the_app_and_the_data_job_waits_for_its_own_node(
     for name, text in (("app", APP), ("data", DATA)):
         path = tmp_path / f"{name}.nomad.hcl"
         path.write_text(text)
-        assert deploy.deploy_job(client, path, variables={}, timeout=20).outcome == "deployed"
+        assert rollout.deploy_job(client, path, variables={}, timeout=20).outcome == "deployed"
     (app_alloc,) = allocs_of(double, "app")
     (data_alloc,) = allocs_of(double, "data")
     assert app_alloc["NodeName"] == data_alloc["NodeName"] == "nomad-1"

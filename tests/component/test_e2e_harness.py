@@ -34,7 +34,7 @@ from servers.common import free_port, free_ports
 from infra import ROOT
 from infra.core.config import Config, Port
 from infra.core.errors import WaitTimeout
-from infra.vm import images
+from infra.vm import baseimages
 
 pytestmark = pytest.mark.tools("sshd", "ssh-keygen")
 
@@ -341,11 +341,11 @@ def test_cached_image_with_right_checksum_needs_no_network(
     make_cfg: Callable[..., Config], tmp_path: Path
 ) -> None:
     cfg = make_cfg()
-    good = images.ImageSource(
+    good = baseimages.ImageSource(
         "test", urls=("https://no-such-host.invalid/noble.img",), algo="sha256",
         digest=hashlib.sha256(b"qcow2 bytes").hexdigest(),
     )  # fmt: skip
-    img = e2e.image_path(cfg, good)  # where `inv vm.run` caches it (infra.vm.images.cache_path)
+    img = e2e.image_path(cfg, good)  # where `inv vm.run` caches it (infra.vm.baseimages.cache_path)
     img.parent.mkdir(parents=True)
     img.write_bytes(b"qcow2 bytes")
     assert e2e.check_image(cfg, source=good).ok
@@ -367,7 +367,7 @@ def test_preflight_lists_everything_missing_in_one_message(
         e2e.UrlTarget("container registry", f"http://127.0.0.1:{closed}/v2/", "pulls", "GET", (200, 401)),
         e2e.UrlTarget("HashiCorp apt repository", f"https://127.0.0.1:{silent_server}/gpg", "Nomad"),
     ]
-    image = images.ImageSource(
+    image = baseimages.ImageSource(
         "test", urls=(f"http://127.0.0.1:{closed}/img",), algo="sha256", digest="00" * 32
     )
     with pytest.raises(e2e.PreflightFailed) as info:
@@ -404,7 +404,9 @@ def test_preflight_passes_when_everything_is_there(
         allow_tcg=True,
         timeout=2,
         targets=[e2e.UrlTarget("registry", httpserver.url_for("/v2/"), "pulls", "GET", (200, 401))],
-        image=images.ImageSource("test", urls=(httpserver.url_for("/img"),), algo="sha256", digest="00" * 32),
+        image=baseimages.ImageSource(
+            "test", urls=(httpserver.url_for("/img"),), algo="sha256", digest="00" * 32
+        ),
         path=str(bindir),
     )
     assert [f.name for f in findings] == ["qemu", "acceleration", "ports", "base image", "registry"]

@@ -43,9 +43,9 @@ from servers.postgres import PostgresServer
 
 from infra import ROOT
 from infra.compose import ingress, tls
+from infra.core import hcl
 from infra.core.config import Config
 from infra.core.state import StatePaths
-from infra.nomad import speclint
 from infra.nomad.client import Client
 
 #: Traefik, and the app's PostgreSQL (the pg fixture runs Debian's initdb).
@@ -60,7 +60,7 @@ HOST = "app.localhost"
 # ------------------------------------------------------------------------------------------- helpers --
 def app_service() -> tuple[str, list[str], list[str]]:
     """Name, tags and canary_tags of the app's service in nomad/service.nomad.hcl."""
-    root = speclint.parse(SERVICE_JOB.read_text(encoding="utf-8"))
+    root = hcl.parse(SERVICE_JOB.read_text(encoding="utf-8"))
     group = root.children("job")[0].children("group")[0]
     service = group.children("service")[0]
     return (

@@ -8,7 +8,7 @@
 - **Running inv** (`SubprocessInvoker`): the real `inv` CLI as a subprocess (the exact commands a user
   types), streamed, with a log per call and the phases `inv up` announces ("==> step" lines).
 - **Smoke checks** (`Smoke`): against the forwarded ports on 127.0.0.1, through the project's Nomad client
-  (infra.nomad.client), its wait loop (infra.core.waits) and its SSH connection (infra.guest.remote).
+  (infra.nomad.client), its wait loop (infra.core.waits) and its SSH connection (infra.guest.ssh).
 - **Timings** and **diagnostics**: the timing table (timings.md/json) and the evidence of a failed run.
 - **The Nomad API recording** (`start_recording`): every `inv` the e2e runs, and its own checks, reach Nomad
   through a recording proxy on 127.0.0.1 (tests/e2e/nomad_recording.py) that writes each exchange, secrets
@@ -48,9 +48,8 @@ from infra.core.config import Config
 from infra.core.errors import InfraError, PortInUseError, root_cause
 from infra.core.state import StatePaths
 from infra.core.waits import Probe, wait_until
-from infra.guest import remote
-from infra.vm import host, images, qemu
-from infra.vm import lifecycle as vm
+from infra.guest import ssh
+from infra.vm import baseimages, host, lifecycle, qemu
 
 if not __package__:  # run as a script (`python tests/e2e/harness.py image-cache`, ci.yml): tests/ on the path
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -281,26 +280,26 @@ def check_url(target: UrlTarget, timeout: float = NET_TIMEOUT) -> Finding:
 
 
 # -------------------------------------------------------------------------------------------- base image --
-def image_source(cfg: Config) -> images.ImageSource:
-    """The base image `inv vm.run` boots, resolved by infra.vm.images (vm.image, or vm/images.yaml's entry)."""
+def image_source(cfg: Config) -> baseimages.ImageSource:
+    """The base image `inv vm.run` boots, resolved by infra.vm.baseimages (vm.image, or vm/images.yaml's entry)."""
     try:
-        return images.source_for(cfg, guest_arch(cfg))
+        return baseimages.source_for(cfg, guest_arch(cfg))
     except InfraError as exc:
         raise PreflightError(exc.message, hint=exc.hint) from exc
 
 
-def image_path(cfg: Config, src: images.ImageSource) -> Path:
-    """The local file: vm.image's, or the copy in the image cache (infra.vm.images.cache_path)."""
-    return src.path if src.path is not None else images.cache_path(cfg.project.cache_dir, src)
+def image_path(cfg: Config, src: baseimages.ImageSource) -> Path:
+    """The local file: vm.image's, or the copy in the image cache (infra.vm.baseimages.cache_path)."""
+    return src.path if src.path is not None else baseimages.cache_path(cfg.project.cache_dir, src)
 
 
-def image_cache_key(src: images.ImageSource) -> str:
+def image_cache_key(src: baseimages.ImageSource) -> str:
     """For CI's cache: changes exactly when the pinned digest does."""
     return f"vm-image-{src.algo}-{src.digest}" if src.digest else f"vm-image-{src.name.replace('/', '-')}"
 
 
 def check_image(
-    cfg: Config, *, timeout: float = NET_TIMEOUT, source: images.ImageSource | None = None
+    cfg: Config, *, timeout: float = NET_TIMEOUT, source: baseimages.ImageSource | None = None
 ) -> Finding:
     """Cached (or local) with the right checksum, or one of its URLs answers a HEAD request."""
     try:
@@ -311,7 +310,7 @@ def check_image(
     if path.is_file():
         if not src.digest:
             return Finding("base image", True, f"local file {path} (no checksum configured)")
-        actual = images.file_digest(path, src.algo)
+        actual = baseimages.file_digest(path, src.algo)
         if actual == src.digest.lower():
             return Finding("base image", True, f"cached: {path} ({src.algo} ok)")
         if not src.urls:
@@ -360,7 +359,7 @@ def preflight(
     allow_tcg: bool = False,
     timeout: float = NET_TIMEOUT,
     targets: Sequence[UrlTarget] | None = None,
-    image: images.ImageSource | None = None,
+    image: baseimages.ImageSource | None = None,
     path: str | None = None,
     kvm_device: Path = Path("/dev/kvm"),
 ) -> list[Finding]:
@@ -634,10 +633,10 @@ def poll(what: str, probe: Callable[[], tuple[bool, str]], timeout: float, inter
 
 
 def guest_run(cfg: Config, command: str, *, timeout: float = 60) -> str:
-    """Run a command in the VM over SSH (infra.guest.remote: project key, the state dir's known_hosts)."""
-    conn = remote.connection(cfg, timeout=15)
+    """Run a command in the VM over SSH (infra.guest.ssh: project key, the state dir's known_hosts)."""
+    conn = ssh.connection(cfg, timeout=15)
     try:
-        res = remote.sh(conn, command, timeout=timeout)
+        res = ssh.sh(conn, command, timeout=timeout)
     except Exception as exc:  # paramiko/socket/invoke errors: the VM's SSH did not work, say how
         raise SmokeFailed(
             f"SSH to {cfg.ssh.user}@127.0.0.1:{cfg.vm.ports['ssh'].host} failed: {type(exc).__name__}: {exc}",
@@ -870,7 +869,7 @@ class Smoke:
         snap: dict[str, Any] = {
             "qemu pid": paths.pidfile.read_text().strip() if paths.pidfile.exists() else None,
             "seed ISO": (
-                (images.file_digest(paths.seed_iso, "sha256"), paths.seed_iso.stat().st_mtime_ns)
+                (baseimages.file_digest(paths.seed_iso, "sha256"), paths.seed_iso.stat().st_mtime_ns)
                 if paths.seed_iso.exists()
                 else None
             ),
@@ -913,7 +912,7 @@ def up_again_verdict(before: Mapping[str, Any], after: Mapping[str, Any], result
 
 def nothing_left(cfg: Config) -> str:
     """After `inv down`: no qemu of ours (infra.vm.lifecycle.running_pid) and every forwarded port free."""
-    pid = vm.running_pid(StatePaths.of(cfg))
+    pid = lifecycle.running_pid(StatePaths.of(cfg))
     if pid is not None:
         raise SmokeFailed(f"qemu (pid {pid}) still runs after `inv down`")
     ports = check_ports(cfg)
@@ -1072,9 +1071,9 @@ def collect_diagnostics(cfg: Config, smoke: Smoke, out: Path) -> Path:
 def start_recording(cfg: Config) -> tuple[RecordingProxy, Config]:
     """A recording proxy in front of the Nomad API `inv` would use (nomad.* config, NOMAD_* environment, or
     the VM's forward), and `cfg` pointing at it. The caller stops the proxy (which closes the recording)."""
-    from infra.nomad import client as nomad  # the same resolution as every task's client
+    from infra.nomad.client import settings  # the same resolution as every task's client
 
-    s = nomad.settings(cfg)
+    s = settings(cfg)
     recorder = Recorder(cfg.e2e.report_dir / RECORDING_NAME)
     proxy = RecordingProxy(
         s.addr,

@@ -36,7 +36,7 @@ from typing import Any
 import requests
 
 from infra import ROOT
-from infra.nomad import speclint
+from infra.core import hcl
 
 from .common import free_ports, stop_process, tail, wait_for
 
@@ -55,7 +55,7 @@ class JobTask:
 
 
 def job_task(path: Path = INGRESS_JOB, group: str = "traefik", task: str = "traefik") -> JobTask:
-    root = speclint.parse(path.read_text(encoding="utf-8"))
+    root = hcl.parse(path.read_text(encoding="utf-8"))
     variables = {v.name: str(v.get("default", "")) for v in root.children("variable")}
     job = root.children("job")[0]
     grp = next(g for g in job.children("group") if g.name == group)

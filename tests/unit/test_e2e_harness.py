@@ -18,7 +18,7 @@ from e2e import harness as e2e
 
 from infra.core import state
 from infra.core.config import Config
-from infra.vm import images
+from infra.vm import baseimages
 
 
 # ================================================================================================= driver ==
@@ -150,10 +150,10 @@ def test_image_source_is_the_one_vm_run_uses(make_cfg: Callable[..., Config]) ->
     url, digest = "https://example.invalid/a/noble.img", "ab" * 32
     cfg = make_cfg(vm={"image": url, "image_sha256": digest, "arch": "x86_64"})
     src = e2e.image_source(cfg)
-    assert src == images.source_for(cfg, "x86_64")
+    assert src == baseimages.source_for(cfg, "x86_64")
     assert src.urls == (url,) and (src.algo, src.digest) == ("sha256", digest)
     path = e2e.image_path(cfg, src)
-    assert path == images.cache_path(cfg.project.cache_dir, src)
+    assert path == baseimages.cache_path(cfg.project.cache_dir, src)
     assert path.is_relative_to(cfg.project.cache_dir / "images")
     assert e2e.image_cache_key(src) == f"vm-image-sha256-{digest}"
 

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from infra.compose import ingress, stack, tls
+from infra.core import hcl
 from infra.core.config import ACME_RESOLVERS, Config
 from infra.core.errors import ConfigError
 from infra.core.state import StatePaths
@@ -71,7 +72,7 @@ def test_acme_routes_the_public_names_with_the_resolver_of_the_challenge(
 
 
 def test_the_resolvers_the_policy_names_are_defined_in_the_job() -> None:
-    root = speclint.parse((speclint.SPEC_DIR / "ingress.nomad.hcl").read_text())
+    root = hcl.parse((speclint.SPEC_DIR / "ingress.nomad.hcl").read_text())
     task = root.children("job")[0].children("group")[0].children("task")[0]
     config = task.child("config")
     assert config is not None

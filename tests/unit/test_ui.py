@@ -10,7 +10,7 @@ import pytest
 
 from infra.core import ui
 from infra.core.errors import REDACTED, printable, redact_urls, url_secrets
-from infra.vm import images
+from infra.vm import baseimages
 
 
 @pytest.mark.parametrize(
@@ -70,7 +70,7 @@ def test_the_live_line_and_stdout_values_too(capsys: pytest.CaptureFixture[str])
 def test_the_plain_http_warning_of_vm_image_hides_its_password(make_cfg: Callable[..., Any]) -> None:
     """Issue 23, item 2: the warning named the URL with its password."""
     cfg = make_cfg(vm={"image": "http://mirror:hunter2@images.example/x.img", "image_sha256": "0" * 64})
-    out = _captured(lambda: images.source_for(cfg, "x86_64"))
+    out = _captured(lambda: baseimages.source_for(cfg, "x86_64"))
     assert (
         "hunter2" not in out
         and f"vm.image http://mirror:{REDACTED}@images.example/x.img is plain http" in out

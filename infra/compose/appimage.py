@@ -414,9 +414,9 @@ def build(
 # ------------------------------------------------------------------------------------- build for the VM --
 @contextlib.contextmanager
 def _vm_engine(cfg: Config) -> Iterator[RemoteDocker]:
-    from infra.guest import remote
+    from infra.guest import ssh
 
-    conn = remote.connection(cfg)
+    conn = ssh.connection(cfg)
     where = f"{cfg.ssh.user}@127.0.0.1:{cfg.vm.ports['ssh'].host}"
     try:
         conn.open()

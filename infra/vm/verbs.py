@@ -8,7 +8,7 @@ vm.status` take that memory instead of logging in again while the same qemu runs
 restart of the guest (a finished cloud-init's verdict cannot change during a boot); `inv vm.check` always
 checks for real. A failed check is never remembered, and a new check replaces the memory.
 
-It composes `infra.vm.lifecycle` (lifecycle), `infra.guest.seed` (the seed ISO) and `infra.guest.remote` (SSH), so that none of
+It composes `infra.vm.lifecycle` (lifecycle), `infra.guest.seed` (the seed ISO) and `infra.guest.ssh` (SSH), so that none of
 those imports another: the VM layer flows one way, from here down. Results are returned; `tasks.py` prints.
 """
 
@@ -27,9 +27,8 @@ from infra.core import files, nodes, ui
 from infra.core.config import Config
 from infra.core.errors import VMError
 from infra.core.state import StatePaths
-from infra.guest import console, remote
-from infra.vm import host, switch
-from infra.vm import lifecycle as vm
+from infra.guest import console, ssh
+from infra.vm import host, lifecycle, switch
 from infra.vm.lock import state_lock
 
 if TYPE_CHECKING:  # the seed (jsonschema, pycdlib, hcl2) is loaded by `run` alone
@@ -40,7 +39,7 @@ if TYPE_CHECKING:  # the seed (jsonschema, pycdlib, hcl2) is loaded by `run` alo
 class Booted:
     """What `run` did: the launch, and the seed it made (None: the VM was running already)."""
 
-    launch: vm.Launch
+    launch: lifecycle.Launch
     seed: seed.SeedResult | None
 
 
@@ -49,41 +48,43 @@ def run(cfg: Config) -> Booted:
     the image the VM boots (keeping the previous seed's key, see `seed.refresh`) and the VM booted on it."""
     from infra.guest import seed
 
-    with vm.preparing(cfg) as prepared:
-        made = None if isinstance(prepared, vm.Running) else seed.refresh(cfg, baked=prepared.baked)
-        return Booted(vm.run(prepared, made), made)
+    with lifecycle.preparing(cfg) as prepared:
+        made = None if isinstance(prepared, lifecycle.Running) else seed.refresh(cfg, baked=prepared.baked)
+        return Booted(lifecycle.run(prepared, made), made)
 
 
-def check(cfg: Config) -> remote.CheckReport:
-    """`inv vm.check`: the checks of infra.guest.remote against the running VM (its forwards, its start time),
+def check(cfg: Config) -> ssh.CheckReport:
+    """`inv vm.check`: the checks of infra.guest.ssh against the running VM (its forwards, its start time),
     always for real; a good outcome is remembered for this boot (`remembered`)."""
-    p = vm.require_running(cfg)
-    vm.require_guest_running(p)  # a paused guest is not a slow boot: fails at once, naming why
+    p = lifecycle.require_running(cfg)
+    lifecycle.require_guest_running(p)  # a paused guest is not a slow boot: fails at once, naming why
     boot = _qemu_boot(p)
     p.vm_checked.unlink(missing_ok=True)  # forgotten until this check passes: a failure is never remembered
 
     def alive() -> (
         bool
     ):  # qemu runs, and runs the guest: a paused one (io-error: a full host disk) is an error
-        if vm.running_pid(p) is None:
+        if lifecycle.running_pid(p) is None:
             return False
-        vm.require_guest_running(p)
+        lifecycle.require_guest_running(p)
         return True
 
-    report = remote.check(vm.reach(cfg), alive=alive, started_at=vm.load_record(p).get("started_at"))
+    report = ssh.check(
+        lifecycle.reach(cfg), alive=alive, started_at=lifecycle.load_record(p).get("started_at")
+    )
     if boot is not None and _qemu_boot(p) == boot:  # the same qemu before and after the check
         _remember(p, boot, report)
     return report
 
 
-def check_once(cfg: Config) -> remote.CheckReport | None:
+def check_once(cfg: Config) -> ssh.CheckReport | None:
     """`inv up`'s vm.check step: the remembered check of this boot when there is one (no SSH: None), else
     `check`. What this skips is still asked every time of Nomad (`nomad.wait`: node ready, docker driver
     healthy); `inv vm.check` checks the guest itself again."""
     memo = remembered(cfg)
     if memo is None:
         return check(cfg)
-    vm.require_guest_running(StatePaths.of(cfg))  # remembered or not, a paused guest is an error now
+    lifecycle.require_guest_running(StatePaths.of(cfg))  # remembered or not, a paused guest is an error now
     when = time.strftime("%H:%M:%S", time.localtime(memo["checked_at"]))
     services = ", ".join(memo["services"]) or "none enabled"
     ui.skip(
@@ -97,12 +98,12 @@ def check_once(cfg: Config) -> remote.CheckReport | None:
 
 def _qemu_boot(p: StatePaths) -> dict[str, Any] | None:
     """What names the running VM's boot on this host: its qemu's pid and that process's start time."""
-    pid = vm.running_pid(p)
+    pid = lifecycle.running_pid(p)
     started = host.started(pid) if pid is not None else None
     return None if pid is None or started is None else {"pid": pid, "qemu_started": round(started, 2)}
 
 
-def _remember(p: StatePaths, boot: dict[str, Any], report: remote.CheckReport) -> None:
+def _remember(p: StatePaths, boot: dict[str, Any], report: ssh.CheckReport) -> None:
     """Keep a good check for this boot; anything else (a failed check raised before this) forgets it."""
     if report.cloud_init != "done" or not report.boot_id:
         p.vm_checked.unlink(missing_ok=True)
@@ -140,7 +141,7 @@ def remembered(cfg: Config) -> dict[str, Any] | None:
         return None
     if memo.get("cloud_init") != "done" or not isinstance(memo.get("services"), dict):
         return None
-    if sorted(memo["services"]) != sorted(remote.enabled_services(cfg)):
+    if sorted(memo["services"]) != sorted(ssh.enabled_services(cfg)):
         return None
     if any(state != "active" for state in memo["services"].values()):
         return None
@@ -150,16 +151,16 @@ def remembered(cfg: Config) -> dict[str, Any] | None:
     return memo
 
 
-def ssh(cfg: Config, command: str = "") -> int:
+def shell(cfg: Config, command: str = "") -> int:
     """`inv vm.ssh`: OpenSSH with the project key (interactive, or one command); its exit code."""
-    vm.require_running(cfg)
-    return subprocess.call(remote.ssh_command(vm.reach(cfg), command))
+    lifecycle.require_running(cfg)
+    return subprocess.call(ssh.ssh_command(lifecycle.reach(cfg), command))
 
 
 def status(cfg: Config) -> dict[str, Any]:
     """`inv vm.status`: the VM's status plus, when it runs, cloud-init's state: remembered from this boot's
     check (`remembered`), else read from the guest's state files over SSH, briefly."""
-    info = vm.status(cfg)
+    info = lifecycle.status(cfg)
     if info["running"] and info.get("run_state") not in ("running", "unknown"):
         info["cloud_init"] = f"unknown (the guest does not run: qemu run state {info.get('run_state')})"
     elif info["running"]:
@@ -168,7 +169,7 @@ def status(cfg: Config) -> dict[str, Any]:
             info["cloud_init"] = memo["cloud_init"]
             info["checked"] = {"at": memo["checked_at"], "boot_id": memo["boot_id"]}
         else:
-            info["cloud_init"] = remote.cloud_init_state(vm.reach(cfg))
+            info["cloud_init"] = ssh.cloud_init_state(lifecycle.reach(cfg))
     return info
 
 
@@ -218,7 +219,9 @@ def run_nodes(cfg: Config, name: str = "") -> list[Booted]:
 def stop_nodes(cfg: Config, name: str = "", timeout: float | None = None) -> list[str]:
     """`inv vm.stop [--node NAME]`: the nodes stopped; the switch too once no node runs."""
     stopped = [
-        node.node.name if node.node else "vm" for node in nodes.select(cfg, name) if vm.stop(node, timeout)
+        node.node.name if node.node else "vm"
+        for node in nodes.select(cfg, name)
+        if lifecycle.stop(node, timeout)
     ]
     if nodes.is_cluster(cfg) and not any(_running(node) for node in nodes.all_nodes(cfg)):
         top = nodes.top(cfg)
@@ -232,7 +235,7 @@ def destroy_nodes(cfg: Config, name: str = "") -> None:
     """`inv vm.destroy [--node NAME]`: each node's disk, seed and records; without --node the cluster's
     network, its key and directories too. The image cache is kept."""
     for node in nodes.select(cfg, name):
-        vm.destroy(node)
+        lifecycle.destroy(node)
     if not nodes.is_cluster(cfg) or name:
         return
     top = nodes.top(cfg)
@@ -256,22 +259,22 @@ def destroy_nodes(cfg: Config, name: str = "") -> None:
 
 
 def _running(node: Config) -> bool:
-    return vm.running_pid(StatePaths.of(node)) is not None
+    return lifecycle.running_pid(StatePaths.of(node)) is not None
 
 
-def check_nodes(cfg: Config, name: str = "") -> list[tuple[str, remote.CheckReport]]:
+def check_nodes(cfg: Config, name: str = "") -> list[tuple[str, ssh.CheckReport]]:
     """`inv vm.check [--node NAME]`: each node's checks, in turn."""
     return [(node.provision.hostname, check(node)) for node in nodes.select(cfg, name)]
 
 
 def ssh_node(cfg: Config, command: str = "", name: str = "") -> int:
     """`inv vm.ssh [--node NAME]`: one node (default: the first)."""
-    return ssh(nodes.one(cfg, name), command)
+    return shell(nodes.one(cfg, name), command)
 
 
 def logs_paths(cfg: Config, name: str = "") -> list[tuple[str, Path]]:
     """The serial logs of the nodes `--node` names (every node's when empty)."""
-    return [(node.provision.hostname, vm.logs_path(node)) for node in nodes.select(cfg, name)]
+    return [(node.provision.hostname, lifecycle.logs_path(node)) for node in nodes.select(cfg, name)]
 
 
 def status_nodes(cfg: Config, name: str = "") -> dict[str, Any]:
@@ -326,5 +329,5 @@ def require_node(cfg: Config, name: str) -> Config:
 
 __all__ = [
     "Booted", "check", "check_nodes", "check_once", "describe", "describe_nodes", "destroy_nodes", "logs_paths",
-    "remembered", "require_node", "run", "run_nodes", "ssh", "ssh_node", "status", "status_nodes", "stop_nodes",
+    "remembered", "require_node", "run", "run_nodes", "shell", "ssh_node", "status", "status_nodes", "stop_nodes",
 ]  # fmt: skip
