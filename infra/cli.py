@@ -33,9 +33,9 @@ from invoke.exceptions import Exit, ParseError, UncastableEnvVar, UnexpectedExit
 from invoke.parser.argument import Argument
 from invoke.program import Program as InvokeProgram
 
-from infra import config as config_mod
-from infra import files
-from infra.errors import ConfigError, InfraError, printable, redact_urls
+from infra.core import config as config_mod
+from infra.core import files
+from infra.core.errors import ConfigError, InfraError, printable, redact_urls
 
 USAGE_EXIT = 2
 #: -f file types; invoke would also run a `.py` file as configuration, which we do not offer.

@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 import trustme
 
-from infra import ROOT, config
+from infra import ROOT
+from infra.core import config
 
 INV = str(Path(sys.executable).with_name("inv"))
 #: tests/e2e runs `inv up` for real (`nox -s e2e`): collected only when named (`pytest tests/e2e`), never

@@ -15,8 +15,9 @@ from support.doubles.nomad_api import NomadAPIDouble
 from support.servers import dockerd, postgres, tansu
 from support.servers.common import blank_vm_settings, free_port
 
-from infra import config, vm
-from infra.state import StatePaths
+from infra.core import config
+from infra.core.state import StatePaths
+from infra.vm import lifecycle
 
 
 @pytest.fixture(scope="session")
@@ -102,6 +103,6 @@ def blank_vm(make_cfg: Callable[..., config.Config], tmp_path: Path) -> Iterator
     (test_vm, test_qmp)."""
     cfg = make_cfg(vm=blank_vm_settings(tmp_path), provision={"nomad": False, "docker": False})
     yield cfg
-    pid = vm.running_pid(StatePaths.of(cfg))
+    pid = lifecycle.running_pid(StatePaths.of(cfg))
     if pid is not None:
         os.kill(pid, signal.SIGKILL)

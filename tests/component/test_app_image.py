@@ -1,5 +1,5 @@
 """The app image, built for real: a private dockerd (fixture), a python base made here from Debian's
-packages (no Docker Hub), app/Dockerfile built through infra/build.py's code, the container run against the
+packages (no Docker Hub), app/Dockerfile built through infra/compose/appimage.py's code, the container run against the
 real PostgreSQL and Tansu fixtures, /healthz answered from inside the container."""
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ from support.servers.common import free_port
 from support.servers.postgres import PostgresServer
 from support.servers.tansu import TansuBroker
 
-from infra import ROOT, build, config
-from infra.errors import BuildError
+from infra import ROOT
+from infra.compose import appimage
+from infra.core import config
+from infra.core.errors import BuildError
 
 pytestmark = [
     pytest.mark.docker,
@@ -40,12 +42,12 @@ def base_image(docker_engine: dockerd.DockerEngine) -> str:
 
 @pytest.fixture(scope="module")
 def built(docker_engine: dockerd.DockerEngine, base_image: str, tmp_path_factory: pytest.TempPathFactory
-          ) -> tuple[build.BuildResult, build.LocalDocker, config.Config]:  # fmt: skip
+          ) -> tuple[appimage.BuildResult, appimage.LocalDocker, config.Config]:  # fmt: skip
     state = tmp_path_factory.mktemp("state")
     cfg = config.load({"project": {"state_dir": str(state)}, "app": {"base_image": base_image}})
-    engine = build.LocalDocker(host=docker_engine.host, network="host", docker=dockerd.docker_cli(),
+    engine = appimage.LocalDocker(host=docker_engine.host, network="host", docker=dockerd.docker_cli(),
                                where="the test dockerd")  # fmt: skip
-    result = build.build(cfg, engine, root=ROOT)
+    result = appimage.build(cfg, engine, root=ROOT)
     print(f"\napp image {result.ref}: built={result.built} in {result.seconds:.1f}s")
     return result, engine, cfg
 
@@ -71,7 +73,7 @@ def wait_healthy(url: str, container: str, engine: dockerd.DockerEngine, timeout
 
 
 def test_image_builds_from_a_local_base_and_answers_healthz(
-    built: tuple[build.BuildResult, build.LocalDocker, config.Config],
+    built: tuple[appimage.BuildResult, appimage.LocalDocker, config.Config],
     docker_engine: dockerd.DockerEngine,
     pg: PostgresServer,
     kafka: TansuBroker,
@@ -121,17 +123,17 @@ def test_image_builds_from_a_local_base_and_answers_healthz(
 
 
 def test_second_build_of_the_same_tree_is_a_noop(
-    built: tuple[build.BuildResult, build.LocalDocker, config.Config],
+    built: tuple[appimage.BuildResult, appimage.LocalDocker, config.Config],
 ) -> None:
     first, engine, cfg = built
-    again = build.build(cfg, engine, root=ROOT)
+    again = appimage.build(cfg, engine, root=ROOT)
 
     assert again.ref == first.ref
     assert again.built is False
 
 
 def test_save_and_load_round_trip(
-    built: tuple[build.BuildResult, build.LocalDocker, config.Config], tmp_path: Path,
+    built: tuple[appimage.BuildResult, appimage.LocalDocker, config.Config], tmp_path: Path,
     docker_engine: dockerd.DockerEngine,
 ) -> None:  # fmt: skip
     """The commands of the --local path (docker save here, docker load in the target)."""
@@ -150,7 +152,7 @@ def test_save_and_load_round_trip(
 def test_a_broken_build_names_the_failing_step(
     docker_engine: dockerd.DockerEngine, base_image: str, tmp_path: Path
 ) -> None:
-    engine = build.LocalDocker(host=docker_engine.host, network="host", docker=dockerd.docker_cli())
+    engine = appimage.LocalDocker(host=docker_engine.host, network="host", docker=dockerd.docker_cli())
     context = tmp_path / "ctx.tar"
     subprocess.run(["tar", "-C", str(tmp_path), "-cf", str(context), "--files-from", "/dev/null"], check=True)
     (tmp_path / "Dockerfile").write_text(f"FROM {base_image}\nRUN echo about to fail && exit 7\n")
@@ -170,7 +172,7 @@ def test_a_broken_build_names_the_failing_step(
 def vm_like(docker_engine: dockerd.DockerEngine, base_image: str,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[config.Config]:  # fmt: skip
     """A real sshd on loopback whose sessions reach the test dockerd (DOCKER_HOST), and a Config whose
-    ssh settings point at it: infra/remote.py's connection and infra/build.py's RemoteDocker run for real."""
+    ssh settings point at it: infra/guest/ssh.py's connection and infra/compose/appimage.py's RemoteDocker run for real."""
     server = sshd.started({"DOCKER_HOST": docker_engine.host})
     state = tmp_path_factory.mktemp("vm-state")
     cfg = config.load(
@@ -186,10 +188,10 @@ def vm_like(docker_engine: dockerd.DockerEngine, base_image: str,
 
 
 @contextlib.contextmanager
-def host_network_vm_engine(cfg: config.Config) -> Iterator[build.RemoteDocker]:
-    # the production connection (infra/remote.py); only the build network differs: the test dockerd
+def host_network_vm_engine(cfg: config.Config) -> Iterator[appimage.RemoteDocker]:
+    # the production connection (infra/guest/ssh.py); only the build network differs: the test dockerd
     # runs without a bridge
-    with build._vm_engine(cfg) as engine:
+    with appimage._vm_engine(cfg) as engine:
         engine.network = "host"
         yield engine
 
@@ -200,8 +202,8 @@ def test_build_inside_the_vm_over_ssh(vm_like: config.Config, docker_engine: doc
     listing = "ls /tmp | grep -E '^infra-lab-[A-Za-z0-9]{8}' || true"
     with host_network_vm_engine(vm_like) as engine:
         before = set(engine._sh(listing).stdout.split())
-        result = build.build(vm_like, engine, root=ROOT)
-        again = build.build(vm_like, engine, root=ROOT)
+        result = appimage.build(vm_like, engine, root=ROOT)
+        again = appimage.build(vm_like, engine, root=ROOT)
         leftovers = set(engine._sh(listing).stdout.split()) - before
 
     assert result.built and not again.built
@@ -213,14 +215,14 @@ def test_build_inside_the_vm_over_ssh(vm_like: config.Config, docker_engine: doc
 def test_local_build_is_loaded_into_the_vm_over_ssh(
     vm_like: config.Config, docker_engine: dockerd.DockerEngine
 ) -> None:
-    host = build.LocalDocker(
+    host = appimage.LocalDocker(
         host=docker_engine.host, network="host", docker=dockerd.docker_cli(), where="host"
     )
-    ref = f"{vm_like.app.image}:{build.source(ROOT).tag}"
+    ref = f"{vm_like.app.image}:{appimage.source(ROOT).tag}"
     docker_engine.docker("image", "rm", "--force", ref, check=False)
 
     with host_network_vm_engine(vm_like) as engine:
-        result = build.build(vm_like, engine, builder=host, root=ROOT)
+        result = appimage.build(vm_like, engine, builder=host, root=ROOT)
 
     assert result.ref == ref and result.built
     assert docker_engine.docker("image", "inspect", ref, check=False).returncode == 0
@@ -251,7 +253,7 @@ def test_inv_deploy_app_build_twice_on_an_unchanged_tree_deploys_once(
                 }
             )
         )  # fmt: skip
-        ref = f"infra-lab/app-cli:{build.source(ROOT).tag}"
+        ref = f"infra-lab/app-cli:{appimage.source(ROOT).tag}"
         docker_engine.docker("image", "rm", "--force", ref, check=False)
 
         first = run_inv("-f", str(settings), "deploy.app", "--build", timeout=600)

@@ -28,8 +28,8 @@ from support.badinput import (
 )
 from support.servers.common import processes_of
 
-from infra import images
-from infra.errors import ConfigError
+from infra.core.errors import ConfigError
+from infra.vm import baseimages
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class Case:
     @property
     def invoke_level(self) -> bool:
         """Handled by invoke's machinery (file loading, env casting, argument parsing) rather than by
-        infra/config.py: run through both programs."""
+        infra/core/config.py: run through both programs."""
         return self.id.startswith(("f-", "env-", "flag-", "task-"))
 
 
@@ -223,14 +223,14 @@ def test_cache_dir_that_cannot_hold_a_download_is_refused_before_downloading(
     if shape == "file":
         cache.write_text("not a directory\n")
         with pytest.raises(ConfigError, match=r"project\.cache_dir: .*/cache is not a directory"):
-            images.ensure(cfg, "x86_64")
+            baseimages.ensure(cfg, "x86_64")
         assert cache.read_text() == "not a directory\n"
     else:
         with (
             unwritable_dir(cache),
             pytest.raises(ConfigError, match=r"project\.cache_dir: .* is not writable"),
         ):
-            images.ensure(cfg, "x86_64")
+            baseimages.ensure(cfg, "x86_64")
         assert files_under(cache) == []
     assert temp_leftovers(tmp_path) == []
 

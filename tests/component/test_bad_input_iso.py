@@ -26,8 +26,8 @@ from support.badinput import (
 )
 from support.servers.common import processes_of
 
-from infra import pgp, seed
-from infra.errors import InfraError, TemplateError, ValidationError
+from infra.core.errors import InfraError, TemplateError, ValidationError
+from infra.guest import pgp, seed
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGk8M6bJg4dD2Hn0n1c7aQx8G5b5wq3eXq3mQnY0y3Zt test@host"
@@ -147,7 +147,7 @@ def test_binary_file_shipped_by_user_data_is_named(
     with pytest.raises(
         TemplateError, match=r"file shipped by user-data .*/scripts/lib\.sh is not UTF-8 text"
     ):
-        seed.build(cfg, ssh_key=KEY)
+        seed.write_iso(cfg, ssh_key=KEY)
     assert files_under(cfg.project.state_dir) == []
     assert temp_leftovers(tmp_path) == []
 
@@ -177,12 +177,12 @@ def test_hashicorp_key_file_with_any_other_key_is_refused(
     cfg = make_cfg()
 
     if not phrase:
-        assert seed.build(cfg, ssh_key=KEY).changed
+        assert seed.write_iso(cfg, ssh_key=KEY).changed
         doc = yaml.safe_load((cfg.project.state_dir / "user-data").read_bytes())
         shipped = {f["path"]: f["content"] for f in doc["write_files"]}
         assert shipped["/etc/infra-lab/hashicorp.asc"] == pinned
         return
     with pytest.raises((ValidationError, InfraError), match=phrase):
-        seed.build(cfg, ssh_key=KEY)
+        seed.write_iso(cfg, ssh_key=KEY)
     assert files_under(cfg.project.state_dir) == []
     assert temp_leftovers(tmp_path) == []

@@ -156,7 +156,7 @@ CASES = [
     Case("redirect-not-followed", ("nomad.wait", "--timeout", "5"), redirecting, 1,
          r"^error: Nomad at http://127\.0\.0\.1:\d+ answered GET /v1/agent/self with HTTP 307, a redirect to "
          r"http://127\.0\.0\.1:\d+/v1/agent/self; redirects are not followed"),
-    # deploy.ingress's first Nomad call: the read of its Nomad Variable (infra/ingress.py publish)
+    # deploy.ingress's first Nomad call: the read of its Nomad Variable (infra/compose/ingress.py publish)
     Case("server-bytes-made-printable", ("deploy.ingress",), raw_bytes, 1,
          r"^error: Nomad API GET /v1/var/nomad/jobs/web: HTTP 500: boom\\x00\ufffd\\x1b\[2J\\x1b\]0;pwned\\x07$"),
     Case("region-without-servers", ("nomad.wait", "--timeout", "60"), lambda w: w.env(NOMAD_REGION="mars"), 1,

@@ -28,7 +28,8 @@ from support.doubles.nomad_api import NomadAPIDouble
 from support.jobs import web_job
 from support.servers.common import processes_of
 
-from infra import keys, state
+from infra.core import state
+from infra.guest import keys
 
 PRECIOUS = b"precious: must not change\n"
 NOBODY = 65534

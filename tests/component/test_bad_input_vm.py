@@ -29,8 +29,9 @@ from support.badinput import assert_one_error
 from support.servers.common import blank_vm_settings, processes_of, vm_ports
 from support.servers.qmp import FakeQMP
 
-from infra import ROOT, qmp
-from infra.state import StatePaths
+from infra import ROOT
+from infra.core.state import StatePaths
+from infra.vm import qmp
 
 pytestmark = pytest.mark.tools("qemu-system-x86_64", "qemu-img")
 
@@ -182,9 +183,9 @@ MOVED = vm_ports()
 
 
 def lock_held(lab: Lab) -> None:
-    """Another lifecycle command holds the state dir's lock (a process running infra.lock.state_lock)."""
+    """Another lifecycle command holds the state dir's lock (a process running infra.vm.lock.state_lock)."""
     code = (
-        "import sys, time; from infra.lock import state_lock; from infra.state import StatePaths\n"
+        "import sys, time; from infra.vm.lock import state_lock; from infra.core.state import StatePaths\n"
         "with state_lock(StatePaths(__import__('pathlib').Path(sys.argv[1])), 'vm.run', 5):\n"
         "    print('locked', flush=True); time.sleep(60)\n"
     )

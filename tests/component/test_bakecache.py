@@ -1,4 +1,4 @@
-"""infra/bakecache.py + infra/vm.py with real qemu-img / qemu (no OS boots): vm.run picks the bake by key, its seed installs
+"""infra/vm/bakecache.py + infra/vm/lifecycle.py with real qemu-img / qemu (no OS boots): vm.run picks the bake by key, its seed installs
 nothing, a stale bake is refused; `inv image.list` / `inv image.prune` / `vm.baked: require` via the CLI.
 The bake itself (boot, generalize, compress) is proven in the VM tier (tests/vm/test_vm_guest.py)."""
 
@@ -14,9 +14,10 @@ import pytest
 import yaml
 from support.servers.common import vm_ports
 
-from infra import bakecache, config, machine, vm
-from infra.errors import VMError
-from infra.state import StatePaths
+from infra.core import config
+from infra.core.errors import VMError
+from infra.core.state import StatePaths
+from infra.vm import bakecache, lifecycle, verbs
 
 Inv = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -52,7 +53,7 @@ def blank(tmp_path: Path) -> Iterator[config.Config]:
     qcow2(tmp_path / "base.qcow2")
     cfg = config.load(settings(tmp_path))
     yield cfg
-    pid = vm.running_pid(StatePaths.of(cfg))
+    pid = lifecycle.running_pid(StatePaths.of(cfg))
     if pid is not None:
         os.kill(pid, 9)
 
@@ -61,7 +62,7 @@ def test_vm_run_boots_the_matching_bake_with_a_seed_that_installs_nothing(
     blank: config.Config, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     made = fake_bake(blank)
-    booted = machine.run(blank)
+    booted = verbs.run(blank)
     launch = booted.launch
     assert booted.seed is not None  # the seed made for the bake is the one the VM was launched with
     assert (launch.record["seed_iso"], launch.record["instance_id"]) == (
@@ -72,23 +73,23 @@ def test_vm_run_boots_the_matching_bake_with_a_seed_that_installs_nothing(
     assert launch.record["base_image"] == str(tmp_path / "base.qcow2")
     assert f"image: baked image {made.key}" in capsys.readouterr().err
     p = StatePaths.of(blank)
-    assert vm.image_info(p.disk)["full-backing-filename"] == str(made.path.resolve())
+    assert lifecycle.image_info(p.disk)["full-backing-filename"] == str(made.path.resolve())
     user_data = yaml.safe_load(p.user_data.read_text())
     assert "packages" not in user_data and "package_update" not in user_data  # nothing to install
     assert "/usr/local/lib/infra-lab/10-docker.sh" in user_data["runcmd"]  # the idempotent script stays
-    assert vm.status(blank)["baked"] == made.key
-    vm.stop(blank, timeout=0)
+    assert lifecycle.status(blank)["baked"] == made.key
+    lifecycle.stop(blank, timeout=0)
 
     # the configuration moves on: the disk made on the old bake is refused, never booted
     moved = config.load(settings(tmp_path, packages=["jq"]))
     with pytest.raises(VMError, match="no longer matches") as err:
-        machine.run(moved)
-    assert "inv vm.destroy" in str(err.value) and vm.running_pid(p) is None
-    vm.destroy(moved)
-    launch = machine.run(moved).launch  # a fresh disk on the base image: the full seed, packages and all
+        verbs.run(moved)
+    assert "inv vm.destroy" in str(err.value) and lifecycle.running_pid(p) is None
+    lifecycle.destroy(moved)
+    launch = verbs.run(moved).launch  # a fresh disk on the base image: the full seed, packages and all
     assert launch.record["baked"] is None and launch.record["image"] == str(tmp_path / "base.qcow2")
     assert "docker.io" in yaml.safe_load(p.user_data.read_text())["packages"]
-    vm.stop(blank, timeout=0)
+    lifecycle.stop(blank, timeout=0)
 
 
 def test_require_without_a_bake_is_an_error_that_starts_nothing(run_inv: Inv, tmp_path: Path) -> None:

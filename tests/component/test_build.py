@@ -1,4 +1,4 @@
-"""Build-and-deploy (infra/build.py, infra/release.py): tags from a REAL temporary git repository, dirty
+"""Build-and-deploy (infra/compose/appimage.py, infra/compose/release.py): tags from a REAL temporary git repository, dirty
 detection, the build context, and `ship` (build -> deploy -> report) against the STATEFUL NOMAD API DOUBLE
 (tests/support/doubles/nomad_api.py: registrations, canary deployments, promotion, failing tasks, auto-revert).
 
@@ -22,9 +22,11 @@ import pytest
 from support.doubles.nomad_api import NomadAPIDouble, Timing
 from support.jobs import APP_JOB
 
-from infra import build, config, nomad, release
-from infra.errors import BuildError, DeployError
-from infra.state import StatePaths
+from infra.compose import appimage, release
+from infra.core import config
+from infra.core.errors import BuildError, DeployError
+from infra.core.state import StatePaths
+from infra.nomad.client import Client
 
 pytestmark = pytest.mark.tools("git", "ssh-keygen")
 
@@ -99,7 +101,7 @@ def double() -> Iterator[NomadAPIDouble]:
 @dataclass
 class World:
     cfg: config.Config
-    client: nomad.Client
+    client: Client
     vm: RecordingEngine
     api: NomadAPIDouble
     repo: Path
@@ -133,13 +135,13 @@ def world(repo: Path, tmp_path: Path, double: NomadAPIDouble, monkeypatch: pytes
         },
         root=repo,
     )
-    client = nomad.Client.from_config(cfg, env={})
+    client = Client.from_config(cfg, env={})
     return World(cfg, client, RecordingEngine(), double, repo)
 
 
 # ------------------------------------------------------------------------------------------ tagging --
 def test_clean_tree_is_tagged_with_the_commit_that_last_changed_app(repo: Path) -> None:
-    src = build.source(repo)
+    src = appimage.source(repo)
 
     assert not src.dirty
     assert src.commit == git(repo, "rev-parse", "HEAD").strip()
@@ -148,11 +150,11 @@ def test_clean_tree_is_tagged_with_the_commit_that_last_changed_app(repo: Path) 
 
 
 def test_a_commit_outside_app_keeps_the_tag(repo: Path) -> None:
-    before = build.source(repo).tag
+    before = appimage.source(repo).tag
     (repo / "infra" / "other.py").write_text("x = 2\n")
     commit_all(repo, "infra only")
 
-    after = build.source(repo)
+    after = appimage.source(repo)
 
     assert after.tag == before
     assert after.commit != git(repo, "rev-parse", "HEAD").strip()  # HEAD moved, app/ did not
@@ -161,18 +163,18 @@ def test_a_commit_outside_app_keeps_the_tag(repo: Path) -> None:
 def test_an_uncommitted_change_outside_app_is_not_dirty(repo: Path) -> None:
     (repo / "infra" / "other.py").write_text("x = 3\n")
 
-    assert not build.source(repo).dirty
+    assert not appimage.source(repo).dirty
 
 
 def test_a_tracked_change_in_app_is_dirty_and_the_tag_follows_the_content(repo: Path) -> None:
-    clean = build.source(repo).tag
+    clean = appimage.source(repo).tag
     (repo / "app" / "events_service.py").write_text("print('v2')\n")
-    first = build.source(repo)
-    second = build.source(repo)
+    first = appimage.source(repo)
+    second = appimage.source(repo)
     (repo / "app" / "events_service.py").write_text("print('v3')\n")
-    third = build.source(repo)
+    third = appimage.source(repo)
     (repo / "app" / "events_service.py").write_text("print('v1')\n")  # back to the committed content
-    reverted = build.source(repo)
+    reverted = appimage.source(repo)
 
     assert first.dirty and first.tag.startswith(clean + "-dirty-")
     assert second.tag == first.tag  # same dirty tree, same tag
@@ -184,18 +186,18 @@ def test_untracked_files_count_but_ignored_ones_do_not(repo: Path) -> None:
     (repo / "app" / "debug.log").write_text("ignored\n")
     (repo / "app" / "__pycache__").mkdir()
     (repo / "app" / "__pycache__" / "x.pyc").write_bytes(b"\0")
-    ignored_only = build.source(repo)
+    ignored_only = appimage.source(repo)
     (repo / "app" / "helper.py").write_text("y = 1\n")
-    untracked = build.source(repo)
+    untracked = appimage.source(repo)
 
     assert not ignored_only.dirty and "debug.log" not in ignored_only.files
     assert untracked.dirty and "helper.py" in untracked.files
 
 
 def test_staged_changes_and_mode_changes_are_dirty(repo: Path) -> None:
-    clean = build.source(repo)
+    clean = appimage.source(repo)
     (repo / "app" / "events_service.py").chmod(0o755)
-    mode_changed = build.source(repo)
+    mode_changed = appimage.source(repo)
 
     assert mode_changed.dirty
     assert mode_changed.content_hash != clean.content_hash
@@ -206,7 +208,7 @@ def test_not_a_git_repository_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "app" / "Dockerfile").write_text("FROM scratch\n")
 
     with pytest.raises(BuildError) as info:
-        build.source(tmp_path)
+        appimage.source(tmp_path)
 
     assert "git" in str(info.value) and "--image" in str(info.value)
 
@@ -215,15 +217,15 @@ def test_missing_dockerfile_is_a_clear_error(repo: Path) -> None:
     (repo / "app" / "Dockerfile").unlink()
 
     with pytest.raises(BuildError, match=r"app/Dockerfile not found"):
-        build.source(repo)
+        appimage.source(repo)
 
 
 def test_context_tarball_holds_exactly_the_files_reproducibly(repo: Path, tmp_path: Path) -> None:
     (repo / "app" / "debug.log").write_text("not shipped\n")
-    src = build.source(repo)
+    src = appimage.source(repo)
 
-    a = build.context_tarball(src, tmp_path / "a.tar")
-    b = build.context_tarball(src, tmp_path / "b.tar")
+    a = appimage.context_tarball(src, tmp_path / "a.tar")
+    b = appimage.context_tarball(src, tmp_path / "b.tar")
 
     assert a.read_bytes() == b.read_bytes()
     with tarfile.open(a) as tar:

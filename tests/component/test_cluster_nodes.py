@@ -1,7 +1,7 @@
 """The Nomad side of a local cluster (vm.nodes: 3) against the Nomad double: `inv nomad.wait`'s wait for three
-servers in the Raft configuration and three ready nodes (infra/cluster.py wait_nodes), a leader change, and
+servers in the Raft configuration and three ready nodes (infra/nomad/cluster.py wait_nodes), a leader change, and
 what the scheduler does when a node is lost: the app's allocation moves to another node, the stateful job,
-constrained to the node whose host volumes hold its data (node meta written by cloud-init, infra/seed.py),
+constrained to the node whose host volumes hold its data (node meta written by cloud-init, infra/guest/seed.py),
 waits for that node instead of starting on an empty disk elsewhere, and comes back with it.
 
 The double models these from Nomad's source (cited where it does them: nomad/status_endpoint.go Peers,
@@ -20,10 +20,13 @@ from pathlib import Path
 import pytest
 from support.doubles.nomad_api import NomadAPIDouble, parse_job_hcl
 
-from infra import ROOT, cluster, config, deploy, nodes, seed
-from infra.errors import WaitTimeout
-from infra.nomad import Client, Settings
-from infra.waits import Probe, wait_until
+from infra import ROOT
+from infra.core import config, nodes
+from infra.core.errors import WaitTimeout
+from infra.core.waits import Probe, wait_until
+from infra.guest import seed
+from infra.nomad import cluster, rollout
+from infra.nomad.client import Client, Settings
 
 APP = """
 job "app" {
@@ -74,7 +77,7 @@ def cfg(make_cfg: Callable[..., config.Config]) -> config.Config:
 
 
 def meta_as_cloud_init_writes_it(double: NomadAPIDouble, cfg: config.Config) -> None:
-    """Each node of the double gets the client meta infra/seed.py ships in that node's zzz-cluster.json."""
+    """Each node of the double gets the client meta infra/guest/seed.py ships in that node's zzz-cluster.json."""
     for node_cfg in nodes.all_nodes(cfg):
         assert node_cfg.node is not None
         agent = seed.cluster_agent_config(node_cfg.node)
@@ -152,7 +155,7 @@ def test_a_lost_node_moves_the_app_and_the_data_job_waits_for_its_own_node(
     for name, text in (("app", APP), ("data", DATA)):
         path = tmp_path / f"{name}.nomad.hcl"
         path.write_text(text)
-        assert deploy.deploy_job(client, path, variables={}, timeout=20).outcome == "deployed"
+        assert rollout.deploy_job(client, path, variables={}, timeout=20).outcome == "deployed"
     (app_alloc,) = allocs_of(double, "app")
     (data_alloc,) = allocs_of(double, "data")
     assert app_alloc["NodeName"] == data_alloc["NodeName"] == "nomad-1"
@@ -207,10 +210,10 @@ def test_the_real_data_job_carries_the_constraint_and_only_node_1_meets_it(cfg: 
 def test_the_ingress_entrypoints_go_on_the_public_network_in_a_cluster_only(
     double: NomadAPIDouble, client: Client, cfg: config.Config, tmp_path: Path
 ) -> None:
-    """infra/release.py deploy_ingress: the variable host_network "public" in a cluster (each node's agent
-    declares it, infra/seed.py), the job's default ("default", what Nomad canonicalizes an empty one to:
+    """infra/compose/release.py deploy_ingress: the variable host_network "public" in a cluster (each node's agent
+    declares it, infra/guest/seed.py), the job's default ("default", what Nomad canonicalizes an empty one to:
     nomad/structs/structs.go NetworkResource.Canonicalize) with one VM."""
-    from infra import release
+    from infra.compose import release
 
     release.deploy_ingress(cfg, client, detach=True)
     assert 'host_network = "public"\n' in double.parse_calls[-1]["Variables"]
@@ -231,7 +234,7 @@ def test_status_shows_the_servers_the_nodes_and_the_leader(
     double: NomadAPIDouble, client: Client, cfg: config.Config, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`inv status` on a cluster: each node's VM (none runs here), the Raft servers, every client node."""
-    from infra import stack
+    from infra.compose import stack
 
     double.lose_node("nomad-3")
     report = stack.status(cfg, client=client)

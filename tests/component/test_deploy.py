@@ -1,4 +1,4 @@
-"""infra/deploy.py against the STATEFUL Nomad API double: parse -> plan -> register -> evaluation ->
+"""infra/nomad/rollout.py against the STATEFUL Nomad API double: parse -> plan -> register -> evaluation ->
 deployment, and the ways it fails. Each failure message must name the job, group, task and reason.
 
 The job files here are small fixtures in the HCL subset the double reads (see its docstring); the real
@@ -18,10 +18,11 @@ import pytest
 from support.doubles.nomad_api import NomadAPIDouble, Timing
 from support.jobs import web_job
 
-from infra import deploy, release
-from infra.errors import DeployError, WaitTimeout
-from infra.nomad import Client, Settings
-from infra.waits import Deadline
+from infra.compose import release
+from infra.core.errors import DeployError, WaitTimeout
+from infra.core.waits import Deadline
+from infra.nomad import rollout
+from infra.nomad.client import Client, Settings
 
 
 @pytest.fixture
@@ -42,7 +43,7 @@ def job_file(tmp_path: Path) -> Callable[..., Path]:
 def test_new_job_is_parsed_with_variables_registered_and_followed(
     double: NomadAPIDouble, client: Client, job_file: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    result = deploy.deploy_job(client, job_file(), variables={"image": "web:2"}, timeout=120)
+    result = rollout.deploy_job(client, job_file(), variables={"image": "web:2"}, timeout=120)
     assert (result.job_id, result.outcome, result.version) == ("web", "deployed", 0)
     parse = double.parse_calls[-1]
     assert parse["Canonicalize"] is True and parse["Variables"] == 'image = "web:2"\n'
@@ -62,9 +63,9 @@ def test_unchanged_redeploy_is_a_noop_that_says_so(
     double: NomadAPIDouble, client: Client, job_file: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = job_file()
-    deploy.deploy_job(client, path, timeout=120)
+    rollout.deploy_job(client, path, timeout=120)
     registers = double.count("^/v1/jobs$", "POST")
-    result = deploy.deploy_job(client, path, timeout=120)
+    result = rollout.deploy_job(client, path, timeout=120)
     assert result.outcome == "unchanged" and result.version == 0
     assert double.count("^/v1/jobs$", "POST") == registers  # nothing registered the second time
     assert "web: unchanged (version 0), nothing to do" in capsys.readouterr().err
@@ -74,8 +75,8 @@ def test_register_uses_check_and_set_from_the_plan(
     double: NomadAPIDouble, client: Client, job_file: Any
 ) -> None:
     path = job_file()
-    deploy.deploy_job(client, path, timeout=120)
-    job = deploy.parse(client, path, {"image": "web:3"})
+    rollout.deploy_job(client, path, timeout=120)
+    job = rollout.parse(client, path, {"image": "web:3"})
     client.register_job(job)  # someone else changes the job between our plan and our register
     stale_index = 0  # what a plan made before the first registration would have said
     with pytest.raises(Exception, match="Enforcing job modify index 0"):
@@ -86,8 +87,8 @@ def test_placement_failure_missing_docker_driver_exits_2_naming_job_group_task(
     double: NomadAPIDouble, client: Client, job_file: Any
 ) -> None:
     double.set_docker("unhealthy")
-    with pytest.raises(deploy.PlacementError) as info:
-        deploy.deploy_job(client, job_file(), timeout=120)
+    with pytest.raises(rollout.PlacementError) as info:
+        rollout.deploy_job(client, job_file(), timeout=120)
     err = info.value
     text = str(err)
     assert err.exit_code == 2
@@ -98,8 +99,8 @@ def test_placement_failure_missing_docker_driver_exits_2_naming_job_group_task(
 
 
 def test_placement_failure_memory_exhausted(double: NomadAPIDouble, client: Client, job_file: Any) -> None:
-    with pytest.raises(deploy.PlacementError) as info:
-        deploy.deploy_job(client, job_file(memory=4096), timeout=120)
+    with pytest.raises(rollout.PlacementError) as info:
+        rollout.deploy_job(client, job_file(memory=4096), timeout=120)
     text = str(info.value)
     assert "job web, group frontend (task server)" in text
     assert "resources exhausted: memory on 1 node(s)" in text
@@ -109,7 +110,7 @@ def test_placement_failure_memory_exhausted(double: NomadAPIDouble, client: Clie
 def test_task_failing_to_start_driver_failure(double: NomadAPIDouble, client: Client, job_file: Any) -> None:
     double.behaviour["web:404"] = "driver-failure"
     with pytest.raises(DeployError) as info:
-        deploy.deploy_job(client, job_file(), variables={"image": "web:404"}, timeout=120)
+        rollout.deploy_job(client, job_file(), variables={"image": "web:404"}, timeout=120)
     text = str(info.value)
     assert info.value.exit_code == 1
     assert re.search(r"deployment \w{8} of job web failed: Failed due to unhealthy allocations", text)
@@ -123,10 +124,10 @@ def test_task_failing_to_start_driver_failure(double: NomadAPIDouble, client: Cl
 
 def test_deployment_failed_with_auto_revert(double: NomadAPIDouble, client: Client, job_file: Any) -> None:
     path = job_file()
-    deploy.deploy_job(client, path, variables={"image": "web:1"}, timeout=120)
+    rollout.deploy_job(client, path, variables={"image": "web:1"}, timeout=120)
     double.behaviour["web:broken"] = "exit-1"
     with pytest.raises(DeployError) as info:
-        deploy.deploy_job(client, path, variables={"image": "web:broken"}, timeout=120)
+        rollout.deploy_job(client, path, variables={"image": "web:broken"}, timeout=120)
     text = str(info.value)
     assert "rolling back to job version 0" in text
     assert "auto_revert: Nomad rolls job web back to version 0" in text
@@ -142,15 +143,15 @@ def test_deployment_failed_with_auto_revert(double: NomadAPIDouble, client: Clie
         res = client.job_deployment("web", index=res.index, wait=5)
     dep = res.body
     assert dep["JobVersion"] == 2
-    deploy.follow_deployment(client, double.jobs["web"], dep["ID"], Deadline(120))
+    rollout.follow_deployment(client, double.jobs["web"], dep["ID"], Deadline(120))
     assert double.jobs["web"]["TaskGroups"][0]["Tasks"][0]["Config"]["image"] == "web:1"
 
 
 def test_canary_success_with_promotion(double: NomadAPIDouble, client: Client, job_file: Any) -> None:
     path = job_file(canary=1)
-    first = deploy.deploy_job(client, path, variables={"image": "web:1"}, timeout=120)
+    first = rollout.deploy_job(client, path, variables={"image": "web:1"}, timeout=120)
     assert first.version == 0 and double.count("/v1/deployment/promote/") == 0  # no canaries on a new job
-    second = deploy.deploy_job(client, path, variables={"image": "web:2"}, timeout=120)
+    second = rollout.deploy_job(client, path, variables={"image": "web:2"}, timeout=120)
     assert second.outcome == "deployed" and second.version == 1
     assert double.count("/v1/deployment/promote/", "POST") == 1
     dep = double.deployments[second.deployment_id]
@@ -165,14 +166,14 @@ def test_canary_with_auto_promote_is_not_promoted_by_us(
     double: NomadAPIDouble, client: Client, job_file: Any
 ) -> None:
     path = job_file(canary=1, auto_promote=True)
-    deploy.deploy_job(client, path, variables={"image": "web:1"}, timeout=120)
-    result = deploy.deploy_job(client, path, variables={"image": "web:2"}, timeout=120)
+    rollout.deploy_job(client, path, variables={"image": "web:1"}, timeout=120)
+    result = rollout.deploy_job(client, path, variables={"image": "web:2"}, timeout=120)
     assert result.outcome == "deployed"
     assert double.count("/v1/deployment/promote/") == 0
 
 
 def test_detach_registers_and_returns(double: NomadAPIDouble, client: Client, job_file: Any) -> None:
-    result = deploy.deploy_job(client, job_file(), detach=True, timeout=120)
+    result = rollout.deploy_job(client, job_file(), detach=True, timeout=120)
     assert result.outcome == "registered" and result.eval_id
     assert "web" in double.jobs
     assert double.count("/v1/evaluation/") == 0 and double.count("/v1/deployment/") == 0
@@ -194,7 +195,7 @@ def test_deploy_timeout_carries_the_allocation_state(client: Client, job_file: A
             return 1e9 if started and slow.count("^/v1/deployment/", "GET") else 0.0
 
         with pytest.raises(WaitTimeout) as info:
-            deploy.deploy_job(c, job_file(), timeout=1, clock=clock)
+            rollout.deploy_job(c, job_file(), timeout=1, clock=clock)
     text = str(info.value)
     assert "waiting for job web: deployment" in text
     assert "last state: deployment" in text and "frontend 0/2 healthy" in text
@@ -207,7 +208,7 @@ def test_parse_error_names_the_file(double: NomadAPIDouble, client: Client, tmp_
     bad = tmp_path / "bad.nomad.hcl"
     bad.write_text('job "x" {\n  group "g" {\n    count = oops(1)\n  }\n}\n')
     with pytest.raises(DeployError) as info:
-        deploy.deploy_job(client, bad, timeout=120)
+        rollout.deploy_job(client, bad, timeout=120)
     # command/agent/job_endpoint.go: 400 "Failed to parse job: input.hcl:..."; the path is put back
     assert f"{bad}: Nomad could not parse the job: Failed to parse job: {bad}:3," in str(info.value)
     assert 'There is no function named "oops"' in str(info.value)
@@ -215,7 +216,7 @@ def test_parse_error_names_the_file(double: NomadAPIDouble, client: Client, tmp_
 
 def test_missing_job_file(client: Client, tmp_path: Path) -> None:
     with pytest.raises(DeployError, match=f"job file not found: {tmp_path}/none.nomad.hcl"):
-        deploy.deploy_job(client, tmp_path / "none.nomad.hcl")
+        rollout.deploy_job(client, tmp_path / "none.nomad.hcl")
 
 
 def test_undeclared_variable_is_warned_about_not_dropped_silently(
@@ -224,7 +225,7 @@ def test_undeclared_variable_is_warned_about_not_dropped_silently(
     """/v1/jobs/parse is not Strict: Nomad drops a value for an undeclared variable with a warning it never
     returns (jobspec2/types.variables.go; command/agent/job_endpoint.go) — the double does the same."""
     path = job_file()
-    result = deploy.deploy_job(client, path, variables={"imgae": "web:typo"}, timeout=120)
+    result = rollout.deploy_job(client, path, variables={"imgae": "web:typo"}, timeout=120)
     assert result.outcome == "deployed"
     assert double.jobs["web"]["TaskGroups"][0]["Tasks"][0]["Config"]["image"] == "web:1"  # the default
     assert double.parse_warnings[-1] and "imgae" in double.parse_warnings[-1][0]
@@ -233,38 +234,38 @@ def test_undeclared_variable_is_warned_about_not_dropped_silently(
 
 
 def test_hcl_variables_are_quoted_and_escaped() -> None:
-    text = deploy.hcl_variables({"image": 'a"b', "tpl": "${x} %{y}"})
+    text = rollout.hcl_variables({"image": 'a"b', "tpl": "${x} %{y}"})
     assert text == 'image = "a\\"b"\ntpl = "$${x} %%{y}"\n'
     with pytest.raises(DeployError, match="invalid HCL variable name"):
-        deploy.hcl_variables({"bad name": "x"})
+        rollout.hcl_variables({"bad name": "x"})
 
 
 # ---------------------------------------------------------------------------------------------- purge --
 def test_purge_waits_until_allocations_are_gone(
     double: NomadAPIDouble, client: Client, job_file: Any
 ) -> None:
-    deploy.deploy_job(client, job_file(), timeout=120)
+    rollout.deploy_job(client, job_file(), timeout=120)
     # The allocations stop only when the purge asks again after its first look (a blocking query), however
     # fast or slow the machine: without that hold a loaded machine let them stop before the first look.
     double.timing.alloc_stop = float("inf")
     looks = double.count("^/v1/job/web/allocations$")
     double.on_request("^/v1/job/web/allocations$", looks + 2, double.release_stops)
-    assert deploy.purge(client, ["web", "never-deployed"], timeout=120) == ["web"]
+    assert rollout.purge(client, ["web", "never-deployed"], timeout=120) == ["web"]
     assert "web" not in double.jobs
     allocs = [a for a in double.allocs.values() if a["JobID"] == "web"]
     assert allocs and all(a["ClientStatus"] == "complete" for a in allocs)
     assert double.count("^/v1/job/web$", "DELETE") == 1
     assert any(r.path == "/v1/job/web/allocations" and "index" in r.query for r in double.requests)
     # a second purge is a no-op
-    assert deploy.purge(client, ["web"], timeout=120) == []
+    assert rollout.purge(client, ["web"], timeout=120) == []
     assert double.count("^/v1/job/web$", "DELETE") == 1
 
 
 def test_purge_when_allocations_are_garbage_collected(job_file: Any) -> None:
     with NomadAPIDouble(timing=Timing(gc_after=0.05)).ready_now() as d:
         c = Client(Settings(addr=d.url, retries=0))
-        deploy.deploy_job(c, job_file(), timeout=120)
-        assert deploy.purge(c, ["web"], timeout=120) == ["web"]
+        rollout.deploy_job(c, job_file(), timeout=120)
+        assert rollout.purge(c, ["web"], timeout=120) == ["web"]
         assert not any(a["ClientStatus"] in ("pending", "running") for a in d.allocs.values())
 
 
@@ -300,7 +301,7 @@ def test_secret_added_to_an_existing_variable_with_check_and_set(
             client.var_put("nomad/jobs/datastorage", {"other": "changed"})
         return value
 
-    value = deploy.ensure_secret(client, "nomad/jobs/datastorage", "postgres_password", generate=generate)
+    value = rollout.ensure_secret(client, "nomad/jobs/datastorage", "postgres_password", generate=generate)
     assert value == "second-try"
     items = double.vars["nomad/jobs/datastorage"]["Items"]
     assert items == {"other": "changed", "postgres_password": "second-try"}
@@ -349,10 +350,10 @@ def test_inv_deploy_exit_codes_and_messages(double: NomadAPIDouble, job_file: An
 
 
 def test_status_lists_jobs(double: NomadAPIDouble, client: Client, job_file: Any, make_cfg: Any) -> None:
-    from infra import stack
+    from infra.compose import stack
 
     path = job_file()
-    deploy.deploy_job(client, path, timeout=120)
+    rollout.deploy_job(client, path, timeout=120)
     cfg = make_cfg(deploy={"app_job": str(path)})
     report = stack.status(cfg, client=client, vm_info={"running": False})
     assert report["nomad"]["reachable"] and report["nomad"]["ready"]
@@ -375,7 +376,9 @@ def test_up_twice_deploys_the_real_job_specs_then_changes_nothing(
     steps real against the double, deploying the real nomad/*.nomad.hcl (the double reads them)."""
     import contextlib
 
-    from infra import build, machine, seed, stack, vm
+    from infra.compose import appimage, stack
+    from infra.guest import seed
+    from infra.vm import lifecycle, verbs
 
     calls: list[str] = []
     made = seed.SeedResult(Path("seed.iso"), "0" * 64, "iid-test", changed=True, baked=False)
@@ -388,19 +391,21 @@ def test_up_twice_deploys_the_real_job_specs_then_changes_nothing(
         assert iso is made  # vm.run boots the seed `up` made: it does not make one again
         calls.append("vm.run")
 
-    monkeypatch.setattr(seed, "build", fake_seed)
-    monkeypatch.setattr(vm, "boots_baked", lambda cfg: False)
-    monkeypatch.setattr(vm, "preparing", lambda cfg: contextlib.nullcontext(SimpleNamespace(baked=False)))
-    monkeypatch.setattr(vm, "run", fake_run)
-    monkeypatch.setattr(machine, "check_once", lambda cfg: calls.append("vm.check"))
+    monkeypatch.setattr(seed, "write_iso", fake_seed)
+    monkeypatch.setattr(lifecycle, "boots_baked", lambda cfg: False)
+    monkeypatch.setattr(
+        lifecycle, "preparing", lambda cfg: contextlib.nullcontext(SimpleNamespace(baked=False))
+    )
+    monkeypatch.setattr(lifecycle, "run", fake_run)
+    monkeypatch.setattr(verbs, "check_once", lambda cfg: calls.append("vm.check"))
     # The image build runs for real in tests/component/test_app_image.py; here it is recorded.
-    monkeypatch.setattr(build, "_vm_engine", lambda cfg: contextlib.nullcontext("vm-engine"))
+    monkeypatch.setattr(appimage, "_vm_engine", lambda cfg: contextlib.nullcontext("vm-engine"))
 
-    def fake_build(cfg: Any, target: Any, builder: Any = None) -> build.BuildResult:
+    def fake_build(cfg: Any, target: Any, builder: Any = None) -> appimage.BuildResult:
         calls.append(f"build in {target}")
-        return build.BuildResult("infra-lab/app:0123456789ab", "0123456789ab", True, 0.0)
+        return appimage.BuildResult("infra-lab/app:0123456789ab", "0123456789ab", True, 0.0)
 
-    monkeypatch.setattr(build, "build", fake_build)
+    monkeypatch.setattr(appimage, "build", fake_build)
     cfg = make_cfg()
     result = stack.up(cfg, client=client)
     assert (result.seed, result.live) == (made, "infra-lab/app:0123456789ab")  # what `inv up` prints
@@ -422,7 +427,7 @@ def test_up_twice_deploys_the_real_job_specs_then_changes_nothing(
     for job in ("datastorage", "app", "ingress"):
         assert f"{job}: unchanged (version 0), nothing to do" in err
 
-    monkeypatch.setattr(vm, "stop", lambda cfg: calls.append("vm.stop"))
+    monkeypatch.setattr(lifecycle, "stop", lambda cfg: calls.append("vm.stop"))
     stack.down(cfg, client=client)
     assert double.jobs == {} and calls[-1] == "vm.stop"
     assert all(a["ClientStatus"] == "complete" for a in double.allocs.values())
@@ -433,7 +438,7 @@ def test_status_and_the_no_op_deploy_name_the_app_image_live(
 ) -> None:
     """`inv deploy.app --image REF`, then what `inv up` and `inv status` say: the no-op line names REF
     (it once printed `--   is already live`), and status shows it (`--json`: app_image and each job's image)."""
-    from infra import stack
+    from infra.compose import stack
 
     cfg = make_cfg()
     release.ship(cfg, client, image="registry.example/app:1")

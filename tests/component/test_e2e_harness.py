@@ -31,9 +31,10 @@ from pytest_httpserver import HTTPServer
 from support.servers import sshd as sshd_server
 from support.servers.common import free_port, free_ports
 
-from infra import ROOT, images
-from infra.config import Config, Port
-from infra.errors import InfraError, WaitTimeout
+from infra import ROOT
+from infra.core.config import Config, Port
+from infra.core.errors import InfraError, WaitTimeout
+from infra.vm import baseimages
 
 pytestmark = pytest.mark.tools("sshd", "ssh-keygen")
 
@@ -89,7 +90,7 @@ SIGTERM_SCRIPT = textwrap.dedent(
     from pathlib import Path
     sys.path.insert(0, "tests")
     from e2e import harness as e2e
-    from infra import config
+    from infra.core import config
     marker = Path(sys.argv[1])
     signal.signal(signal.SIGTERM, e2e.raise_interrupt)  # as tests/e2e/conftest.py installs it
     def inv(args, *, timeout):
@@ -157,7 +158,7 @@ class Again(FakeInvoker):
         return e2e.InvResult(list(args), 0, self.seconds, self.lines)
 
 
-# What infra/stack.py's `up` prints on a running setup (ui.step / ui.ok / ui.skip lines).
+# What infra/compose/stack.py's `up` prints on a running setup (ui.step / ui.ok / ui.skip lines).
 IDLE_UP = [
     (0.0, "==> iso: seed ISO"),
     (0.1, "ok  seed ISO unchanged: .state/seed.iso (391168 bytes, iid-0123, key from state, 80 ms)"),
@@ -284,7 +285,7 @@ def test_port_taken_by_a_real_socket_names_port_key_and_owner(
     cfg = make_cfg(vm={"ports": {"app": {"host": port, "guest": 3000}}})
     found = e2e.check_ports(cfg)
     assert not found.ok
-    # infra.host.check_ports's words; the owner (found by psutil) is this test
+    # infra.vm.host.check_ports's words; the owner (found by psutil) is this test
     assert f"host port {port} (vm.ports.app) is taken by pid {os.getpid()}" in found.detail
     assert "inv down" in found.hint and "INVOKE_VM_PORTS_" in found.hint
 
@@ -340,11 +341,11 @@ def test_cached_image_with_right_checksum_needs_no_network(
     make_cfg: Callable[..., Config], tmp_path: Path
 ) -> None:
     cfg = make_cfg()
-    good = images.ImageSource(
+    good = baseimages.ImageSource(
         "test", urls=("https://no-such-host.invalid/noble.img",), algo="sha256",
         digest=hashlib.sha256(b"qcow2 bytes").hexdigest(),
     )  # fmt: skip
-    img = e2e.image_path(cfg, good)  # where `inv vm.run` caches it (infra.images.cache_path)
+    img = e2e.image_path(cfg, good)  # where `inv vm.run` caches it (infra.vm.baseimages.cache_path)
     img.parent.mkdir(parents=True)
     img.write_bytes(b"qcow2 bytes")
     assert e2e.check_image(cfg, source=good).ok
@@ -366,7 +367,7 @@ def test_preflight_lists_everything_missing_in_one_message(
         e2e.UrlTarget("container registry", f"http://127.0.0.1:{closed}/v2/", "pulls", "GET", (200, 401)),
         e2e.UrlTarget("HashiCorp apt repository", f"https://127.0.0.1:{silent_server}/gpg", "Nomad"),
     ]
-    image = images.ImageSource(
+    image = baseimages.ImageSource(
         "test", urls=(f"http://127.0.0.1:{closed}/img",), algo="sha256", digest="00" * 32
     )
     with pytest.raises(e2e.PreflightFailed) as info:
@@ -403,7 +404,9 @@ def test_preflight_passes_when_everything_is_there(
         allow_tcg=True,
         timeout=2,
         targets=[e2e.UrlTarget("registry", httpserver.url_for("/v2/"), "pulls", "GET", (200, 401))],
-        image=images.ImageSource("test", urls=(httpserver.url_for("/img"),), algo="sha256", digest="00" * 32),
+        image=baseimages.ImageSource(
+            "test", urls=(httpserver.url_for("/img"),), algo="sha256", digest="00" * 32
+        ),
         path=str(bindir),
     )
     assert [f.name for f in findings] == ["qemu", "acceleration", "ports", "base image", "registry"]
@@ -452,7 +455,7 @@ PYTEST_SIGTERM_CONFTEST = textwrap.dedent(
     from pathlib import Path
     import pytest
     from e2e import harness as e2e
-    from infra import config
+    from infra.core import config
 
     MARKER = Path(__file__).with_name("down")
 
@@ -828,9 +831,10 @@ def test_image_cache_command_prints_path_and_digest_key(tmp_path: Path) -> None:
 
 
 def test_bake_cache_command_prints_the_bakes_dir_and_the_content_key(tmp_path: Path) -> None:
-    """ci.yml's second cache step: the bakes directory and infra.bake's key for the CI configuration (the
+    """ci.yml's second cache step: the bakes directory and infra.compose.bake's key for the CI configuration (the
     registry mirror is part of the user-data, so part of the key)."""
-    from infra import bakecache, config
+    from infra.core import config
+    from infra.vm import bakecache
 
     env = {**os.environ, "INVOKE_PROJECT_CACHE_DIR": str(tmp_path), "INVOKE_VM_ARCH": "x86_64",
            "INVOKE_PROVISION_REGISTRY_MIRROR": "https://mirror.gcr.io"}  # fmt: skip

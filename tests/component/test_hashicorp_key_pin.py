@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from infra import pgp, seed
+from infra.guest import pgp, seed
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 LIB = seed.FILES_DIR / "scripts" / "lib.sh"

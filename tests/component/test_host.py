@@ -1,4 +1,4 @@
-"""infra.host: whether a port is free, which process holds it (psutil), and the process facts the VM
+"""infra.vm.host: whether a port is free, which process holds it (psutil), and the process facts the VM
 lifecycle stands on, against real processes."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from collections.abc import Callable
 import pytest
 from support.servers.common import free_port
 
-from infra import host
-from infra.config import Port
-from infra.errors import PortInUseError
+from infra.core.config import Port
+from infra.core.errors import PortInUseError
+from infra.vm import host
 
 
 def test_taken_port_is_named_with_its_process(port_holder: Callable[..., tuple[int, int]]) -> None:

@@ -1,4 +1,4 @@
-"""infra.images: catalogue, download cache, resume, retries and checksum failures.
+"""infra.vm.baseimages: catalogue, download cache, resume, retries and checksum failures.
 
 Downloads go to a real HTTP server on 127.0.0.1 (started by the `image_server` fixture, stopped after
 each test) that can serve a corrupt body, cut the connection mid-body, ignore Range, or answer 404/503 —
@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 from support.badinput import small_filesystem
 
-from infra import config, images
-from infra.errors import ImageError
+from infra.core import config
+from infra.core.errors import ImageError
+from infra.vm import baseimages
 
 PAYLOAD = os.urandom(3 * 1024 * 1024 + 123)
 
@@ -118,14 +119,16 @@ def image_server() -> Iterator[ImageServer]:
         thread.join(5)
 
 
-def source(server: ImageServer, *, digest: str = SHA256, urls: tuple[str, ...] = ()) -> images.ImageSource:
-    return images.ImageSource(
+def source(
+    server: ImageServer, *, digest: str = SHA256, urls: tuple[str, ...] = ()
+) -> baseimages.ImageSource:
+    return baseimages.ImageSource(
         "test/x86_64", urls=urls or (f"{server.url}/image.qcow2",), algo="sha256", digest=digest
     )
 
 
-def fetch(src: images.ImageSource, dest: Path, **kw: object) -> Path:
-    return images.fetch(src, dest, retries=4, backoff=0, sleep=lambda s: None, **kw)  # type: ignore[arg-type]
+def fetch(src: baseimages.ImageSource, dest: Path, **kw: object) -> Path:
+    return baseimages.fetch(src, dest, retries=4, backoff=0, sleep=lambda s: None, **kw)  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -230,20 +233,20 @@ def test_404_falls_back_to_the_archive_url(image_server: ImageServer, tmp_path: 
 
 
 def test_ensure_downloads_once_into_the_cache(url_cfg: config.Config, image_server: ImageServer) -> None:
-    path = images.ensure(url_cfg, "x86_64")
+    path = baseimages.ensure(url_cfg, "x86_64")
     assert path.is_relative_to(url_cfg.project.cache_dir / "images")
     assert path.read_bytes() == PAYLOAD
-    assert images.ensure(url_cfg, "x86_64") == path
+    assert baseimages.ensure(url_cfg, "x86_64") == path
     assert len(image_server.behaviour.requests) == 1  # the second call used the cache
 
 
 def test_ensure_detects_a_cached_file_corrupted_later(
     url_cfg: config.Config, image_server: ImageServer
 ) -> None:
-    path = images.ensure(url_cfg, "x86_64")
+    path = baseimages.ensure(url_cfg, "x86_64")
     with path.open("r+b") as f:  # bit rot / a tampered cache: same size, different bytes
         f.write(b"\xff\xff")
-    again = images.ensure(url_cfg, "x86_64")
+    again = baseimages.ensure(url_cfg, "x86_64")
     assert again.read_bytes() == PAYLOAD
     assert len(image_server.behaviour.requests) == 2
 
@@ -253,12 +256,12 @@ UNRESOLVABLE = "https://no-such-host.invalid/image.qcow2"  # .invalid never reso
 
 
 def test_dns_failure_is_named_at_once_not_retried_as_an_interrupted_download(tmp_path: Path) -> None:
-    src = images.ImageSource("test/x86_64", urls=(UNRESOLVABLE,), algo="sha256", digest=SHA256)
+    src = baseimages.ImageSource("test/x86_64", urls=(UNRESOLVABLE,), algo="sha256", digest=SHA256)
     dest = tmp_path / "images" / "image.qcow2"
     pauses: list[float] = []
 
     with pytest.raises(ImageError) as failed:
-        images.fetch(src, dest, retries=5, backoff=1, sleep=pauses.append)
+        baseimages.fetch(src, dest, retries=5, backoff=1, sleep=pauses.append)
 
     assert failed.value.message == (
         "downloading image test/x86_64: cannot resolve no-such-host.invalid (DNS name resolution failed)"
@@ -271,13 +274,13 @@ def test_dns_failure_is_named_at_once_not_retried_as_an_interrupted_download(tmp
 
 
 def test_dns_failure_keeps_naming_an_existing_partial_download(tmp_path: Path) -> None:
-    src = images.ImageSource("test/x86_64", urls=(UNRESOLVABLE,), algo="sha256", digest=SHA256)
+    src = baseimages.ImageSource("test/x86_64", urls=(UNRESOLVABLE,), algo="sha256", digest=SHA256)
     dest = tmp_path / "image.qcow2"
     part = dest.with_name("image.qcow2.part")
     part.write_bytes(PAYLOAD[:1000])  # from an earlier, interrupted run
 
     with pytest.raises(ImageError, match="DNS name resolution failed") as failed:
-        images.fetch(src, dest, retries=5, backoff=0, sleep=lambda s: None)
+        baseimages.fetch(src, dest, retries=5, backoff=0, sleep=lambda s: None)
 
     assert failed.value.hint is not None and f"the partial download {part} is kept" in failed.value.hint
     assert part.read_bytes() == PAYLOAD[:1000]

@@ -41,10 +41,12 @@ from support.servers import traefik as traefik_server
 from support.servers.app import AppProcess
 from support.servers.postgres import PostgresServer
 
-from infra import ROOT, ingress, speclint, tls
-from infra.config import Config
-from infra.nomad import Client
-from infra.state import StatePaths
+from infra import ROOT
+from infra.compose import ingress, tls
+from infra.core import hcl
+from infra.core.config import Config
+from infra.core.state import StatePaths
+from infra.nomad.client import Client
 
 #: Traefik, and the app's PostgreSQL (the pg fixture runs Debian's initdb).
 TRAEFIK = pytest.mark.tools("traefik", "initdb")
@@ -58,7 +60,7 @@ HOST = "app.localhost"
 # ------------------------------------------------------------------------------------------- helpers --
 def app_service() -> tuple[str, list[str], list[str]]:
     """Name, tags and canary_tags of the app's service in nomad/service.nomad.hcl."""
-    root = speclint.parse(SERVICE_JOB.read_text(encoding="utf-8"))
+    root = hcl.parse(SERVICE_JOB.read_text(encoding="utf-8"))
     group = root.children("job")[0].children("group")[0]
     service = group.children("service")[0]
     return (
@@ -218,7 +220,7 @@ def test_the_app_answers_through_traefik_over_http_and_https_with_the_project_ca
                              timeout=60, check=False)  # fmt: skip
     assert refused.returncode == 60, refused.stderr  # curl: peer certificate cannot be authenticated
 
-    # what Traefik serves is the leaf infra/tls.py made, for the names it must carry
+    # what Traefik serves is the leaf infra/compose/tls.py made, for the names it must carry
     pem = ssl.get_server_certificate(("127.0.0.1", port))
     served = x509.load_pem_x509_certificate(pem.encode())
     san = served.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -396,7 +398,7 @@ def test_the_e2e_https_check_passes_against_real_traefik_and_fails_with_another_
     project CA, and fails when the state dir holds a different CA than the one Traefik serves from."""
     from e2e import harness
 
-    from infra.errors import WaitTimeout
+    from infra.core.errors import WaitTimeout
 
     proxy = start_traefik(cfg_for())
     register(api, make_app("v1"))

@@ -16,9 +16,10 @@ import pytest
 import requests
 from support.doubles.nomad_api import NomadAPIDouble
 
-from infra import ROOT, deploy
-from infra.errors import DeployError
-from infra.nomad import Client, Settings
+from infra import ROOT
+from infra.core.errors import DeployError
+from infra.nomad import rollout
+from infra.nomad.client import Client, Settings
 
 JOB = """
 job "web" {
@@ -54,7 +55,7 @@ def double(double: NomadAPIDouble) -> NomadAPIDouble:
 def deployed(double: NomadAPIDouble, tmp_path: Path) -> NomadAPIDouble:
     path = tmp_path / "web.nomad.hcl"
     path.write_text(JOB)
-    deploy.deploy_job(Client(Settings(addr=double.url, retries=0)), path, timeout=10)
+    rollout.deploy_job(Client(Settings(addr=double.url, retries=0)), path, timeout=10)
     return double
 
 
@@ -74,17 +75,17 @@ def test_the_double_answers_framed_json(deployed: NomadAPIDouble) -> None:
 
 def test_task_logs_of_the_newest_allocation(deployed: NomadAPIDouble) -> None:
     c = Client(Settings(addr=deployed.url, retries=0))
-    assert b"".join(deploy.task_logs(c, "web")) == b"listening on :8080\n"  # the only main task
-    assert b"".join(deploy.task_logs(c, "web", stderr=True)) == b"a warning\n"
-    assert b"".join(deploy.task_logs(c, "web", task="setup")) == b"setup: started\n"
+    assert b"".join(rollout.task_logs(c, "web")) == b"listening on :8080\n"  # the only main task
+    assert b"".join(rollout.task_logs(c, "web", stderr=True)) == b"a warning\n"
+    assert b"".join(rollout.task_logs(c, "web", task="setup")) == b"setup: started\n"
     deployed.write_log(newest_alloc(deployed), "server", "stdout", "second line\n")
-    assert b"".join(deploy.task_logs(c, "web")).endswith(b"second line\n")
+    assert b"".join(rollout.task_logs(c, "web")).endswith(b"second line\n")
     with pytest.raises(
         DeployError, match="job web has no task 'nope' in group frontend; its tasks: setup, server"
     ):
-        list(deploy.task_logs(c, "web", task="nope"))
+        list(rollout.task_logs(c, "web", task="nope"))
     with pytest.raises(DeployError, match="job nope is not registered"):
-        list(deploy.task_logs(c, "nope"))
+        list(rollout.task_logs(c, "nope"))
 
 
 def _env(d: NomadAPIDouble, tmp_path: Path) -> dict[str, str]:

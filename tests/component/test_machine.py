@@ -1,9 +1,9 @@
-"""infra.machine's memory of a good `vm.check` per boot, against a real OpenSSH server (tests/support/servers/sshd.py)
+"""infra.vm.verbs's memory of a good `vm.check` per boot, against a real OpenSSH server (tests/support/servers/sshd.py)
 standing in for the guest, a stand-in "qemu" process (a sleeping Python whose argv carries the state dir's
-`-pidfile`, which is how infra.vm recognises its qemu) with a fake QMP monitor saying the guest runs
+`-pidfile`, which is how infra.vm.lifecycle recognises its qemu) with a fake QMP monitor saying the guest runs
 (tests/support/servers/qmp.py) and, for `inv up`, the Nomad API double.
 
-The guest's cloud-init state files and boot id are files in tmp_path (infra.remote reads them with `cat`
+The guest's cloud-init state files and boot id are files in tmp_path (infra.guest.ssh reads them with `cat`
 over SSH); `cloud-init` itself is a fake on the session PATH that leaves a mark when run, so a test sees
 that no guest-side cloud-init (Python) runs. SSH use is counted from sshd's own log (one "Accepted
 publickey" line per login), not timed.
@@ -28,9 +28,13 @@ from support.servers import sshd
 from support.servers.common import stop_process
 from support.servers.qmp import FakeQMP
 
-from infra import config, machine, nomad, release, remote, stack
-from infra.errors import VMError
-from infra.state import StatePaths
+from infra.compose import release, stack
+from infra.core import config
+from infra.core.errors import VMError
+from infra.core.state import StatePaths
+from infra.guest import ssh
+from infra.nomad.client import Client
+from infra.vm import verbs
 
 pytestmark = pytest.mark.tools("sshd", "ssh-keygen", "sudo")
 
@@ -111,9 +115,9 @@ def guest(
     run.mkdir()
     boot_id = tmp_path / "boot_id"
     boot_id.write_text("11111111-2222-3333-4444-555555555555\n")
-    monkeypatch.setattr(remote, "CLOUD_INIT_RUN", str(run))
-    monkeypatch.setattr(remote, "CLOUD_INIT_LOG", str(tmp_path / "cloud-init-output.log"))
-    monkeypatch.setattr(remote, "BOOT_ID", str(boot_id))
+    monkeypatch.setattr(ssh, "CLOUD_INIT_RUN", str(run))
+    monkeypatch.setattr(ssh, "CLOUD_INIT_LOG", str(tmp_path / "cloud-init-output.log"))
+    monkeypatch.setattr(ssh, "BOOT_ID", str(boot_id))
     server = sshd.started(env={"PATH": f"{fakebin}:/usr/local/bin:/usr/bin:/bin"})
     g: Guest | None = None
     try:  # from here on the server is stopped whatever fails, set-up included
@@ -134,14 +138,14 @@ def guest(
 def test_a_checked_boot_is_not_logged_into_again(guest: Guest, capsys: pytest.CaptureFixture[str]) -> None:
     guest.boot_qemu()
     guest.finished()
-    assert machine.check_once(guest.cfg) is not None  # never checked: a real check
+    assert verbs.check_once(guest.cfg) is not None  # never checked: a real check
     assert guest.logins() == 1
     memo = json.loads(guest.paths.vm_checked.read_text())
     assert memo["boot_id"] == "11111111-2222-3333-4444-555555555555" and memo["cloud_init"] == "done"
     capsys.readouterr()
 
     for _ in range(3):
-        assert machine.check_once(guest.cfg) is None  # remembered: no SSH
+        assert verbs.check_once(guest.cfg) is None  # remembered: no SSH
     assert guest.logins() == 1
     assert "not asked again" in capsys.readouterr().err
     assert not guest.cloud_init_ran()  # the verdict came from cloud-init's files, not from running it
@@ -150,33 +154,33 @@ def test_a_checked_boot_is_not_logged_into_again(guest: Guest, capsys: pytest.Ca
 def test_a_new_qemu_forgets_the_check(guest: Guest) -> None:
     guest.boot_qemu()
     guest.finished()
-    machine.check(guest.cfg)
-    assert machine.remembered(guest.cfg) is not None
+    verbs.check(guest.cfg)
+    assert verbs.remembered(guest.cfg) is not None
     guest.boot_qemu()  # another qemu process: another pid and start time
-    assert machine.remembered(guest.cfg) is None
-    machine.check_once(guest.cfg)
+    assert verbs.remembered(guest.cfg) is None
+    verbs.check_once(guest.cfg)
     assert guest.logins() == 2
 
 
 def test_the_same_pid_with_another_start_time_is_another_boot(guest: Guest) -> None:
     guest.boot_qemu()
     guest.finished()
-    machine.check(guest.cfg)
+    verbs.check(guest.cfg)
     memo = json.loads(guest.paths.vm_checked.read_text())
     guest.paths.vm_checked.write_text(json.dumps(memo | {"qemu_started": memo["qemu_started"] - 60}))
-    assert machine.remembered(guest.cfg) is None
+    assert verbs.remembered(guest.cfg) is None
 
 
 def test_a_guest_restart_on_the_console_forgets_the_check(guest: Guest) -> None:
     guest.boot_qemu()
     guest.finished()
-    machine.check(guest.cfg)
-    assert machine.remembered(guest.cfg) is not None  # this boot's own kernel banner came before the check
+    verbs.check(guest.cfg)
+    assert verbs.remembered(guest.cfg) is not None  # this boot's own kernel banner came before the check
     with guest.paths.serial_log.open("a") as log:
         log.write("[  120.1] reboot: Restarting system\n")
-    assert machine.remembered(guest.cfg) is None
+    assert verbs.remembered(guest.cfg) is None
     guest.boot_id.write_text("99999999-2222-3333-4444-555555555555\n")
-    machine.check_once(guest.cfg)  # checks for real, and remembers the new boot
+    verbs.check_once(guest.cfg)  # checks for real, and remembers the new boot
     assert guest.logins() == 2
     assert json.loads(guest.paths.vm_checked.read_text())["boot_id"].startswith("99999999")
 
@@ -185,44 +189,44 @@ def test_vm_check_always_checks_for_real(guest: Guest) -> None:
     guest.boot_qemu()
     guest.finished()
     for n in range(1, 4):
-        report = machine.check(guest.cfg)
+        report = verbs.check(guest.cfg)
         assert report.cloud_init == "done" and guest.logins() == n
 
 
 def test_a_failed_cloud_init_is_not_remembered(guest: Guest) -> None:
     guest.boot_qemu()
     guest.finished()
-    machine.check(guest.cfg)  # a good check first: remembered
-    assert machine.remembered(guest.cfg) is not None
+    verbs.check(guest.cfg)  # a good check first: remembered
+    assert verbs.remembered(guest.cfg) is not None
     failed = json.loads(json.dumps(DONE_STATUS))
     failed["v1"]["modules-config"]["errors"] = ["('locale', ProcessExecutionError('locale-gen'))"]
     guest.finished(failed, {"v1": {"datasource": None, "errors": failed["v1"]["modules-config"]["errors"]}})
     with pytest.raises(VMError, match=r"cloud-init failed \(status: error\)"):
-        machine.check(guest.cfg)
-    assert not guest.paths.vm_checked.exists() and machine.remembered(guest.cfg) is None
+        verbs.check(guest.cfg)
+    assert not guest.paths.vm_checked.exists() and verbs.remembered(guest.cfg) is None
     with pytest.raises(VMError, match="cloud-init failed"):
-        machine.check_once(guest.cfg)  # so `inv up` asks again, and fails again
+        verbs.check_once(guest.cfg)  # so `inv up` asks again, and fails again
     assert guest.logins() == 3
 
 
 def test_remembered_verdict_needs_the_services_now_configured(guest: Guest) -> None:
     guest.boot_qemu()
     guest.finished()
-    machine.check(guest.cfg)
+    verbs.check(guest.cfg)
     # docker now expected active: the memory (no services checked) does not cover it
     more = dataclasses.replace(guest.cfg, provision=dataclasses.replace(guest.cfg.provision, docker=True))
-    assert machine.remembered(more) is None
+    assert verbs.remembered(more) is None
 
 
 def test_vm_status_reads_the_memory_or_the_files(guest: Guest) -> None:
     guest.boot_qemu()
     (guest.run / "status.json").write_text(json.dumps({"v1": {"stage": "modules-config"}}))
-    info = machine.status(guest.cfg)  # not checked yet: asked over SSH, from the state files
+    info = verbs.status(guest.cfg)  # not checked yet: asked over SSH, from the state files
     assert info["cloud_init"] == "running" and "checked" not in info
     assert guest.logins() == 1
     guest.finished()
-    machine.check(guest.cfg)
-    info = machine.status(guest.cfg)
+    verbs.check(guest.cfg)
+    info = verbs.status(guest.cfg)
     assert info["cloud_init"] == "done" and info["checked"]["boot_id"].startswith("11111111")
     assert guest.logins() == 2  # the check's login; status asked nobody
     assert not guest.cloud_init_ran()
@@ -235,7 +239,7 @@ def test_second_up_does_not_ssh_but_asks_nomad(guest: Guest, capsys: pytest.Capt
     guest.finished()
     with NomadAPIDouble().ready_now() as api:
         cfg = dataclasses.replace(guest.cfg, nomad=dataclasses.replace(guest.cfg.nomad, addr=api.url))
-        client = nomad.Client.from_config(cfg)
+        client = Client.from_config(cfg)
         release.ship(cfg, client, image="registry.example/app:1")  # `inv deploy.app --image ...`
         stack.up(cfg, client=client)
         assert guest.logins() == 1
@@ -257,7 +261,7 @@ def test_inv_up_on_a_checked_vm_neither_logs_in_nor_loads_ssh(
     not even import fabric/paramiko (`python -X importtime` names every module imported)."""
     guest.boot_qemu()
     guest.finished()
-    machine.check(guest.cfg)  # the boot's check (in this process, where the guest's files are redirected)
+    verbs.check(guest.cfg)  # the boot's check (in this process, where the guest's files are redirected)
     settings = tmp_path / "guest.yaml"
     cfg = guest.cfg
     settings.write_text(
@@ -274,7 +278,7 @@ def test_inv_up_on_a_checked_vm_neither_logs_in_nor_loads_ssh(
     )
     with NomadAPIDouble().ready_now() as api:
         to_api = dataclasses.replace(cfg, nomad=dataclasses.replace(cfg.nomad, addr=api.url))
-        release.ship(to_api, nomad.Client.from_config(to_api), image="registry.example/app:1")
+        release.ship(to_api, Client.from_config(to_api), image="registry.example/app:1")
         up = ("-f", str(settings), "up")
         importtime = (sys.executable, "-X", "importtime", str(Path(sys.executable).with_name("inv")))
         first = run_inv(*up, env={"NOMAD_ADDR": api.url})  # writes the seed (validated: jsonschema)

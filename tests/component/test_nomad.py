@@ -1,4 +1,4 @@
-"""infra/nomad.py and infra/cluster.py against the STATEFUL Nomad API double (tests/support/doubles/nomad_api.py).
+"""infra/nomad/client.py and infra/nomad/cluster.py against the STATEFUL Nomad API double (tests/support/doubles/nomad_api.py).
 
 Scenarios: connection refused while the VM boots, 500 "No cluster leader", ACL 403 with a bad token,
 TLS (and mutual TLS) to an https double, blocking queries, and `nomad.wait`'s timeout message.
@@ -19,9 +19,9 @@ from support.doubles.nomad_api import NODE_ID
 from support.http import DribblingServer
 from support.nomad_client import client_for
 
-from infra import cluster
-from infra.errors import NomadError, WaitTimeout
-from infra.nomad import Client, NomadAPIError, NomadNotFound, NomadUnreachable, Settings
+from infra.core.errors import NomadError, WaitTimeout
+from infra.nomad import cluster
+from infra.nomad.client import Client, NomadAPIError, NomadNotFound, NomadUnreachable, Settings
 
 
 class TimeoutRecorder(requests.Session):

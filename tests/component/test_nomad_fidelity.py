@@ -15,9 +15,11 @@ from support.doubles.nomad_api import NomadAPIDouble, Timing, gc_from_agent_conf
 from support.jobs import web_job
 from support.nomad_client import client_for
 
-from infra import ROOT, cluster, deploy, release, stack
-from infra.errors import DeployError
-from infra.nomad import NomadAPIError, NomadUnreachable
+from infra import ROOT
+from infra.compose import release, stack
+from infra.core.errors import DeployError
+from infra.nomad import cluster, rollout
+from infra.nomad.client import NomadAPIError, NomadUnreachable
 
 #: A namespace-scoped deploy token: jobs, variables and node reads, but no agent:read (acl/policy.go).
 DEPLOY_CAPS = {"node:read", "read-job", "submit-job", "list-jobs", "parse-job", "variables:read",
@@ -47,7 +49,7 @@ def test_register_whose_answer_is_lost_is_not_resent_and_is_found_by_rereading(
     d = doubles()
     d.drop_answer.append("^POST /v1/jobs$")  # Nomad registers the job; the answer never arrives
     c = client_for(d, retries=3)
-    result = deploy.deploy_job(c, web(), timeout=120)
+    result = rollout.deploy_job(c, web(), timeout=120)
     assert result.outcome == "deployed" and result.version == 0
     assert d.count("^/v1/jobs$", "POST") == 1  # not resent (a resend fails: "Enforcing job modify index")
     assert "the answer to the registration was lost, but Nomad has it" in capsys.readouterr().err
@@ -58,7 +60,7 @@ def test_register_that_never_reached_nomad_is_sent_once_more_under_enforce_index
 ) -> None:
     d = doubles()
     d.drop_request.append("^POST /v1/jobs$")  # cut before Nomad applied anything
-    result = deploy.deploy_job(client_for(d, retries=3), web(), timeout=120)
+    result = rollout.deploy_job(client_for(d, retries=3), web(), timeout=120)
     assert result.outcome == "deployed" and result.version == 0
     assert d.count("^/v1/jobs$", "POST") == 2 and len(d.versions["web"]) == 1
     assert "the registration did not reach Nomad; sending it once more" in capsys.readouterr().err
@@ -68,7 +70,7 @@ def test_register_lost_before_nomad_applied_it_says_so(doubles: Any, web: Any) -
     d = doubles()
     d.drop_answer.append("^POST /v1/job/web/plan$")  # a POST: not resent, whatever it does
     with pytest.raises(NomadUnreachable, match="dropped POST /v1/job/web/plan before answering"):
-        deploy.deploy_job(client_for(d, retries=3), web(), timeout=120)
+        rollout.deploy_job(client_for(d, retries=3), web(), timeout=120)
     assert d.count("/v1/job/web/plan", "POST") == 1 and "web" not in d.jobs
 
 
@@ -83,7 +85,7 @@ def test_reads_are_retried_after_a_lost_answer(doubles: Any) -> None:
 def test_find_deployment_matches_the_registration_by_job_spec_modify_index(doubles: Any, web: Any) -> None:
     d = doubles(timing=Timing(evaluate=0.4))
     c = client_for(d)
-    job = deploy.parse(c, web())
+    job = rollout.parse(c, web())
     reg = c.register_job(job, modify_index=0)
     d.set_job_status("web", "pending")  # a status change moves ModifyIndex before the scheduler runs
     res = c.job_deployment("web")
@@ -91,7 +93,7 @@ def test_find_deployment_matches_the_registration_by_job_spec_modify_index(doubl
         res = c.job_deployment("web", index=res.index, wait=5)
     dep = res.body
     assert dep["JobSpecModifyIndex"] == reg["JobModifyIndex"] != dep["JobModifyIndex"]
-    assert deploy._find_deployment(c, "web", reg) == dep["ID"]
+    assert rollout._find_deployment(c, "web", reg) == dep["ID"]
 
 
 # ----------------------------------------------------------- 10: errors that waiting does not heal --
@@ -107,7 +109,7 @@ def test_nomad_wait_fails_at_once_on_no_path_to_region(doubles: Any) -> None:
 def test_nonexistent_namespace_fails_at_once_with_a_hint(doubles: Any, web: Any) -> None:
     d = doubles()
     with pytest.raises(NomadAPIError) as info:
-        deploy.deploy_job(client_for(d, namespace="nope"), web(), timeout=120)
+        rollout.deploy_job(client_for(d, namespace="nope"), web(), timeout=120)
     text = str(info.value)
     assert 'job "web" is in nonexistent namespace "nope"' in text
     assert "NOMAD_NAMESPACE" in text and "nomad namespace apply" in text
@@ -129,14 +131,14 @@ def test_agent_self_403_falls_back_to_picking_the_node(doubles: Any) -> None:
 def test_down_with_a_deploy_token_purges_and_stops_the_vm(
     doubles: Any, web: Any, make_cfg: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from infra import vm
+    from infra.vm import lifecycle
 
     d = doubles(acl_tokens={"deploy": DEPLOY_CAPS})
     c = client_for(d, token="deploy")
     path = web()
-    deploy.deploy_job(c, path, timeout=120)
+    rollout.deploy_job(c, path, timeout=120)
     stopped: list[bool] = []
-    monkeypatch.setattr(vm, "stop", lambda cfg: stopped.append(True))
+    monkeypatch.setattr(lifecycle, "stop", lambda cfg: stopped.append(True))
     stack.down(make_cfg(deploy={"ingress_job": str(path)}), client=c)
     assert stopped == [True] and "web" not in d.jobs
 
@@ -144,13 +146,13 @@ def test_down_with_a_deploy_token_purges_and_stops_the_vm(
 def test_down_stops_the_vm_even_when_the_purge_is_refused(
     doubles: Any, web: Any, make_cfg: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from infra import vm
+    from infra.vm import lifecycle
 
     d = doubles(acl_token="admin", acl_tokens={"reader": {"node:read", "read-job"}})
     path = web()
-    deploy.deploy_job(client_for(d, token="admin"), path, timeout=120)
+    rollout.deploy_job(client_for(d, token="admin"), path, timeout=120)
     stopped: list[bool] = []
-    monkeypatch.setattr(vm, "stop", lambda cfg: stopped.append(True))
+    monkeypatch.setattr(lifecycle, "stop", lambda cfg: stopped.append(True))
     with pytest.raises(DeployError) as info:
         stack.down(make_cfg(deploy={"ingress_job": str(path)}), client=client_for(d, token="reader"))
     assert stopped == [True]
@@ -163,9 +165,9 @@ def test_promotion_names_the_groups_and_never_trips_on_an_auto_promote_group(dou
     d = doubles()
     c = client_for(d)
     path = web(canary=1)
-    deploy.deploy_job(c, path, variables={"image": "web:1"}, timeout=120)
+    rollout.deploy_job(c, path, variables={"image": "web:1"}, timeout=120)
     d.health_delay["web:2-worker"] = 0.8  # the auto-promote group's canary turns healthy later
-    result = deploy.deploy_job(c, path, variables={"image": "web:2"}, timeout=120)
+    result = rollout.deploy_job(c, path, variables={"image": "web:2"}, timeout=120)
     assert result.outcome == "deployed"
     bodies = list(d.promote_bodies)
     assert bodies and all("All" not in b and b["Groups"] for b in bodies)
@@ -201,7 +203,7 @@ def test_variable_write_is_retried_while_the_keyring_is_not_ready(doubles: Any) 
         sleeps.append(s)
         time.sleep(s)
 
-    value = deploy.ensure_secret(client_for(d), "nomad/jobs/x", "k", sleep=sleep)
+    value = rollout.ensure_secret(client_for(d), "nomad/jobs/x", "k", sleep=sleep)
     assert d.vars["nomad/jobs/x"]["Items"] == {"k": value}
     statuses = [r.status for r in d.requests if r.method == "PUT"]
     assert statuses[0] == 500 and statuses[-1] == 200 and sleeps
@@ -210,7 +212,7 @@ def test_variable_write_is_retried_while_the_keyring_is_not_ready(doubles: Any) 
 def test_variable_write_keyring_error_gives_up_after_its_wait(doubles: Any) -> None:
     d = doubles(keyring_delay=30)
     with pytest.raises(DeployError, match="keyring has not been initialized yet"):
-        deploy.ensure_secret(client_for(d), "nomad/jobs/x", "k", keyring_wait=0.3, sleep=time.sleep)
+        rollout.ensure_secret(client_for(d), "nomad/jobs/x", "k", keyring_wait=0.3, sleep=time.sleep)
 
 
 # ------------------------------------------------------------------------------- 15: Nomad's warnings --
@@ -218,7 +220,7 @@ def test_plan_and_register_warnings_reach_the_user_once_each(
     doubles: Any, web: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     d = doubles()
-    deploy.deploy_job(client_for(d), web(), timeout=120)
+    rollout.deploy_job(client_for(d), web(), timeout=120)
     err = capsys.readouterr().err
     line = (
         'warning: web: group "frontend" defines services, but neither the group nor any of its tasks have '
@@ -232,7 +234,7 @@ def test_plan_and_register_warnings_reach_the_user_once_each(
 def test_double_parse_needs_no_leader_and_delete_of_unknown_job_is_200(web: Any) -> None:
     with NomadAPIDouble(rpc_hold=0.1) as d:  # no leader at all
         c = client_for(d)
-        assert deploy.parse(c, web())["ID"] == "web"  # command/agent/job_endpoint.go: parsed in the agent
+        assert rollout.parse(c, web())["ID"] == "web"  # command/agent/job_endpoint.go: parsed in the agent
         d.elect_leader()
         answer = c.stop_job("nope")
         assert (answer["EvalID"], answer["EvalCreateIndex"], answer["JobModifyIndex"]) == ("", 0, 0)
@@ -243,9 +245,9 @@ def test_double_job_allocations_are_the_current_jobs_only(doubles: Any, web: Any
     d = doubles()
     c = client_for(d)
     path = web()
-    deploy.deploy_job(c, path, timeout=120)
-    deploy.purge(c, ["web"], timeout=120)
-    deploy.deploy_job(c, path, timeout=120)  # the same ID again: a new job (new CreateIndex)
+    rollout.deploy_job(c, path, timeout=120)
+    rollout.purge(c, ["web"], timeout=120)
+    rollout.deploy_job(c, path, timeout=120)  # the same ID again: a new job (new CreateIndex)
     current = c.job_allocations("web").body
     every = c.job_allocations("web", all_=True).body
     assert len(current) == 2 and len(every) == 4
@@ -255,7 +257,7 @@ def test_double_job_allocations_are_the_current_jobs_only(doubles: Any, web: Any
 def test_double_keeps_prestart_tasks_and_runs_them_to_completion(doubles: Any) -> None:
     d = doubles()
     c = client_for(d)
-    deploy.deploy_job(c, ROOT / "nomad" / "service.nomad.hcl", variables={"image": "app:1"}, timeout=120)
+    rollout.deploy_job(c, ROOT / "nomad" / "service.nomad.hcl", variables={"image": "app:1"}, timeout=120)
     tasks = {t["Name"]: t for t in d.jobs["app"]["TaskGroups"][0]["Tasks"]}
     prestart = [n for n, t in tasks.items() if (t["Lifecycle"] or {}).get("Hook") == "prestart"]
     assert prestart and "app" not in prestart
@@ -276,16 +278,17 @@ def test_double_garbage_collects_a_local_image_unless_gc_image_is_false(web: Any
             c = client_for(d)
             d.load_image(local)
             d.load_image(f"{local}-worker")
-            deploy.deploy_job(c, web(), variables={"image": local}, timeout=120)
-            deploy.purge(c, ["web"], timeout=120)
+            rollout.deploy_job(c, web(), variables={"image": local}, timeout=120)
+            rollout.purge(c, ["web"], timeout=120)
             time.sleep(0.6)
             assert (local not in d.images) is expect_failure, d.image_events
             if expect_failure:
                 with pytest.raises(DeployError, match="pull access denied for infra-lab/app"):
-                    deploy.deploy_job(c, web(), variables={"image": local}, timeout=120)
+                    rollout.deploy_job(c, web(), variables={"image": local}, timeout=120)
             else:
                 assert (
-                    deploy.deploy_job(c, web(), variables={"image": local}, timeout=120).outcome == "deployed"
+                    rollout.deploy_job(c, web(), variables={"image": local}, timeout=120).outcome
+                    == "deployed"
                 )
 
 
@@ -313,7 +316,7 @@ def test_the_project_agent_config_keeps_the_locally_built_app_image(make_cfg: An
         d.load_image(local)
         cfg = make_cfg()
         assert release.deploy_app(cfg, c, image=local).outcome == "deployed"
-        deploy.purge(c, ["app"], timeout=120)
+        rollout.purge(c, ["app"], timeout=120)
         time.sleep(0.5)  # longer than the (shortened) image_delay
         assert local in d.images, d.image_events
         assert release.deploy_app(cfg, c, image=local).outcome == "deployed"
@@ -327,7 +330,7 @@ def test_follow_reads_afresh_when_the_index_goes_backwards(
     """Nomad restarted on an older snapshot mid-deploy: every index falls. nomad/rpc.go blockingRPC holds
     a query while the table's index <= the one passed, so a follower that keeps its old index waits out
     every `wait`; deploy._follow resets it (as cluster.py does) and reads once without blocking."""
-    monkeypatch.setattr(deploy, "BLOCK_SECONDS", 1.0)  # the read in flight when the index falls waits this
+    monkeypatch.setattr(rollout, "BLOCK_SECONDS", 1.0)  # the read in flight when the index falls waits this
     d = doubles()
     d.health_delay["server"] = float("inf")  # healthy only once the follow read afresh (below)
 
@@ -336,7 +339,7 @@ def test_follow_reads_afresh_when_the_index_goes_backwards(
         d.before_next.append((r"^GET /v1/deployment/[0-9a-f-]+$", d.release_health))
 
     d.before_next.append((r"^GET /v1/deployment/[0-9a-f-]+\?.*\bindex=", restored))
-    result = deploy.deploy_job(client_for(d), web(), timeout=20)
+    result = rollout.deploy_job(client_for(d), web(), timeout=20)
     assert result.outcome == "deployed" and not d.before_next, "the index was never rewound"
     reads = [r for r in d.requests if r.path == f"/v1/deployment/{result.deployment_id}"]
     blocking = [int(r.query["index"]) for r in reads if "index" in r.query]
@@ -359,9 +362,9 @@ def test_register_refused_by_enforce_index_is_planned_again_saying_what_changed(
     d = doubles()
     c = client_for(d)
     path = web()
-    deploy.deploy_job(c, path, variables={"image": "web:1"}, timeout=10)  # v0, stable
+    rollout.deploy_job(c, path, variables={"image": "web:1"}, timeout=10)  # v0, stable
     d.health_delay["web:2"] = 60.0  # v1's deployment is still running when it is failed below
-    deploy.deploy_job(c, path, variables={"image": "web:2"}, detach=True)
+    rollout.deploy_job(c, path, variables={"image": "web:2"}, detach=True)
     deadline = time.monotonic() + 60
     while not (running := [x for x in d.deployments.values() if x["JobVersion"] == 1]):
         assert time.monotonic() < deadline, "v1's deployment never started"
@@ -376,7 +379,7 @@ def test_register_refused_by_enforce_index_is_planned_again_saying_what_changed(
 
     d.before_next.append(("^GET /v1/job/web/deployments$", revert_placed))
     plans, registers = d.count("/v1/job/web/plan", "POST"), d.count("^/v1/jobs$", "POST")
-    result = deploy.deploy_job(c, path, variables={"image": "web:3"}, timeout=20)
+    result = rollout.deploy_job(c, path, variables={"image": "web:3"}, timeout=20)
     assert not d.before_next  # both changes happened where they were meant to
     assert result.outcome == "deployed" and result.version == 3  # v2 is the revert, ours v3
     assert d.jobs["web"]["TaskGroups"][0]["Tasks"][0]["Config"]["image"] == "web:3"
@@ -393,16 +396,16 @@ def test_register_gives_up_when_the_job_keeps_changing(
     d = doubles()
     c = client_for(d)
     path = web()
-    deploy.deploy_job(c, path, variables={"image": "web:1"}, timeout=10)
-    for _ in range(deploy.REGISTER_ATTEMPTS + 1):  # before every register, someone else reverts it
+    rollout.deploy_job(c, path, variables={"image": "web:1"}, timeout=10)
+    for _ in range(rollout.REGISTER_ATTEMPTS + 1):  # before every register, someone else reverts it
         d.before_next.append(("^POST /v1/jobs$", lambda: d.revert("web", 0)))
     registers = d.count("^/v1/jobs$", "POST")
-    with pytest.raises(deploy.NotRegistered, match="it changed in Nomad after each of our 3 plans") as err:
-        deploy.deploy_job(c, path, variables={"image": "web:2"}, timeout=20)
-    assert d.count("^/v1/jobs$", "POST") - registers == deploy.REGISTER_ATTEMPTS
+    with pytest.raises(rollout.NotRegistered, match="it changed in Nomad after each of our 3 plans") as err:
+        rollout.deploy_job(c, path, variables={"image": "web:2"}, timeout=20)
+    assert d.count("^/v1/jobs$", "POST") - registers == rollout.REGISTER_ATTEMPTS
     assert "Enforcing job modify index" in str(err.value) and "nomad job history web" in str(err.value)
     assert all(v["TaskGroups"][0]["Tasks"][0]["Config"]["image"] == "web:1" for v in d.versions["web"])
-    assert capsys.readouterr().err.count("planning again") == deploy.REGISTER_ATTEMPTS - 1
+    assert capsys.readouterr().err.count("planning again") == rollout.REGISTER_ATTEMPTS - 1
 
 
 def test_deploy_app_refused_registration_claims_no_rollback(doubles: Any, make_cfg: Any) -> None:
@@ -412,8 +415,8 @@ def test_deploy_app_refused_registration_claims_no_rollback(doubles: Any, make_c
     c = client_for(d)
     cfg = make_cfg()
     release.ship(cfg, c, image="registry.example/app:1")
-    for _ in range(deploy.REGISTER_ATTEMPTS):
+    for _ in range(rollout.REGISTER_ATTEMPTS):
         d.before_next.append(("^POST /v1/jobs$", lambda: d.revert("app", 0)))
-    with pytest.raises(deploy.NotRegistered) as err:
+    with pytest.raises(rollout.NotRegistered) as err:
         release.ship(cfg, c, image="registry.example/app:2")
     assert "was not registered" in str(err.value) and "rollback" not in str(err.value)

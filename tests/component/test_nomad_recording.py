@@ -1,4 +1,4 @@
-"""infra/nomad_recording.py's proxy with real HTTP on both sides, and the loop it closes: the real `inv` CLI
+"""tests/e2e/nomad_recording.py's proxy with real HTTP on both sides, and the loop it closes: the real `inv` CLI
 runs through the recording proxy against the replay server of test_replay.py (Nomad's answers as the
 fixture holds them), the recording is converted with `to_replay`, and `inv` then passes against a replay
 server serving the CONVERTED scenario — what CI does with a recording of a real Nomad."""
@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 import requests
 from e2e import harness as e2e
+from e2e.nomad_recording import Recorder, RecordingProxy, read_recording, to_replay
 from pytest_httpserver import HTTPServer
 from support.replay import FIXTURE, ReplayServer, env_for
 from werkzeug import Response
 
-from infra.errors import REDACTED
-from infra.nomad_recording import Recorder, RecordingProxy, read_recording, to_replay
+from infra.core.errors import REDACTED
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""infra.qemu: the command line per guest arch / accelerator / host platform, and the accelerator choice.
+"""infra.vm.qemu: the command line per guest arch / accelerator / host platform, and the accelerator choice.
 
 The command line is pure, so most tests read it; `test_command_line_is_accepted_by_real_qemu` hands one to
 the real qemu-system-x86_64 to prove the options exist and combine (it exits at once via `-S` + QMP quit).
@@ -19,8 +19,8 @@ import pytest
 from support.launchspec import spec
 from support.servers.common import free_ports
 
-from infra import qemu
-from infra.config import Port
+from infra.core.config import Port
+from infra.vm import qemu
 
 pytestmark = pytest.mark.tools("qemu-system-x86_64", "qemu-img")
 

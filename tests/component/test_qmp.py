@@ -1,4 +1,4 @@
-"""infra/qmp.py against sockets that misbehave (tests/support/servers/qmp.py) and a real qemu stopped with SIGSTOP:
+"""infra/vm/qmp.py against sockets that misbehave (tests/support/servers/qmp.py) and a real qemu stopped with SIGSTOP:
 every failure is a VMError naming the socket, the line read is bounded (counted in bytes sent), and
 `vm.stop` always ends with the VM gone.
 """
@@ -14,9 +14,10 @@ import psutil
 import pytest
 from support.servers.qmp import STREAM_CAP, FakeQMP
 
-from infra import config, host, machine, qmp, vm
-from infra.errors import VMError
-from infra.state import StatePaths
+from infra.core import config
+from infra.core.errors import VMError
+from infra.core.state import StatePaths
+from infra.vm import host, lifecycle, qmp, verbs
 
 
 @pytest.fixture
@@ -81,15 +82,15 @@ def test_stop_kills_a_qemu_stopped_with_sigstop(
     blank_vm: config.Config, capsys: pytest.CaptureFixture[str]
 ) -> None:
     state = StatePaths.of(blank_vm)
-    pid = machine.run(blank_vm).launch.record["pid"]
+    pid = verbs.run(blank_vm).launch.record["pid"]
     os.kill(pid, signal.SIGSTOP)
     deadline = time.monotonic() + 60
     while psutil.Process(pid).status() != psutil.STATUS_STOPPED and time.monotonic() < deadline:
         time.sleep(0.05)
     with pytest.raises(VMError, match="no answer within 1s"):  # the kernel accepts, nobody answers
         qmp.execute(state.qmp_socket, "query-status", timeout=1)
-    assert vm.stop(blank_vm, timeout=30) is True
-    assert not host.alive(pid) and vm.running_pid(state) is None
+    assert lifecycle.stop(blank_vm, timeout=30) is True
+    assert not host.alive(pid) and lifecycle.running_pid(state) is None
     err = capsys.readouterr().err
     assert "no answer within 5s" in err and f"VM stopped (killed, pid {pid})" in err
     assert not state.pidfile.exists() and not state.qmp_socket.exists()

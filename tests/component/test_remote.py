@@ -1,4 +1,4 @@
-"""infra.remote against a real OpenSSH server on loopback (tests/support/servers/sshd.py) standing in for the VM.
+"""infra.guest.ssh against a real OpenSSH server on loopback (tests/support/servers/sshd.py) standing in for the VM.
 
 The "guest" is this machine: `cloud-init` and `systemctl` are fakes put first on the session PATH (sshd
 SetEnv), cloud-init's run dir and output log are files in tmp_path. So SSH, the fabric connection, the
@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 from support.servers import sshd
 
-from infra import config, remote
-from infra.errors import VMError, WaitTimeout
+from infra.core import config
+from infra.core.errors import VMError, WaitTimeout
+from infra.guest import ssh
 
 pytestmark = pytest.mark.tools("sshd", "ssh-keygen", "sudo")
 
@@ -59,21 +60,21 @@ def cloud_init_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Pa
     run = tmp_path / "run-cloud-init"
     run.mkdir()
     log = tmp_path / "cloud-init-output.log"
-    monkeypatch.setattr(remote, "CLOUD_INIT_RUN", str(run))
-    monkeypatch.setattr(remote, "CLOUD_INIT_LOG", str(log))
+    monkeypatch.setattr(ssh, "CLOUD_INIT_RUN", str(run))
+    monkeypatch.setattr(ssh, "CLOUD_INIT_LOG", str(log))
     return run, log
 
 
 def test_wait_ssh_logs_in_and_remembers_the_host_key(cfg_for: Callable[..., config.Config]) -> None:
     cfg = cfg_for()
-    conn = remote.wait_ssh(cfg, timeout=30)
+    conn = ssh.wait_ssh(cfg, timeout=30)
     try:
-        assert remote.sh(conn, "echo hello").stdout.strip() == "hello"
+        assert ssh.sh(conn, "echo hello").stdout.strip() == "hello"
     finally:
         conn.close()
     known = (cfg.project.state_dir / "ssh" / "known_hosts").read_text()
     assert f"[127.0.0.1]:{cfg.vm.ports['ssh'].host} ssh-ed25519 " in known
-    remote.wait_ssh(cfg, timeout=30).close()  # the remembered key matches
+    ssh.wait_ssh(cfg, timeout=30).close()  # the remembered key matches
 
 
 def test_changed_host_key_is_an_error(cfg_for: Callable[..., config.Config]) -> None:
@@ -83,12 +84,12 @@ def test_changed_host_key_is_an_error(cfg_for: Callable[..., config.Config]) -> 
     other = "AAAAC3NzaC1lZDI1NTE5AAAAIDmSGSaGPS93jhw+4Q8bO/Dp7R+WIUbU7/BE2bI4kTCj"
     known.write_text(f"[127.0.0.1]:{cfg.vm.ports['ssh'].host} ssh-ed25519 {other}\n")
     with pytest.raises(VMError, match=r"host key of 127\.0\.0\.1:\d+ changed"):
-        remote.wait_ssh(cfg, timeout=30)
+        ssh.wait_ssh(cfg, timeout=30)
 
 
 def test_wrong_key_times_out_with_the_reason(cfg_for: Callable[..., config.Config], tmp_path: Path) -> None:
-    from infra import keys
-    from infra.state import StatePaths
+    from infra.core.state import StatePaths
+    from infra.guest import keys
 
     stranger = keys.ensure_generated(StatePaths(tmp_path / "stranger")).private_path
     cfg = cfg_for()
@@ -100,14 +101,14 @@ def test_wrong_key_times_out_with_the_reason(cfg_for: Callable[..., config.Confi
         }
     )
     with pytest.raises(WaitTimeout) as err:
-        remote.wait_ssh(cfg, timeout=3)
+        ssh.wait_ssh(cfg, timeout=3)
     assert "AuthenticationException" in str(err.value)
 
 
 def test_missing_private_key_is_named(make_cfg: Callable[..., config.Config], tmp_path: Path) -> None:
     cfg = make_cfg(ssh={"private_key": str(tmp_path / "nope")})
     with pytest.raises(Exception, match="nope not found"):
-        remote.connection(cfg)
+        ssh.connection(cfg)
 
 
 def test_cloud_init_wait_follows_the_stages(
@@ -127,9 +128,9 @@ def test_cloud_init_wait_follows_the_stages(
     result = '{"v1": {"datasource": "DataSourceNoCloud", "errors": []}}'
     fake(fakebin, "cat", f'/bin/cat "$@"; code=$?\n'
                          f"case \"$*\" in *status.json*) echo '{result}' > {run}/result.json ;; esac\nexit $code\n")  # fmt: skip
-    conn = remote.wait_ssh(cfg_for(), timeout=120)
+    conn = ssh.wait_ssh(cfg_for(), timeout=120)
     try:
-        assert remote.wait_cloud_init(cfg_for(), conn, timeout=120) == "done"
+        assert ssh.wait_cloud_init(cfg_for(), conn, timeout=120) == "done"
     finally:
         conn.close()
     err = capsys.readouterr().err
@@ -153,10 +154,10 @@ def test_cloud_init_error_shows_the_log(
         "Cloud-init v. 22.4.2 running 'modules:config'\n*** update-locale: Error: invalid locale\nok\n"
     )
     cfg = cfg_for()
-    conn = remote.wait_ssh(cfg, timeout=30)
+    conn = ssh.wait_ssh(cfg, timeout=30)
     try:
         with pytest.raises(VMError) as err:
-            remote.wait_cloud_init(cfg, conn, timeout=30)
+            ssh.wait_cloud_init(cfg, conn, timeout=30)
     finally:
         conn.close()
     text = str(err.value)
@@ -182,9 +183,9 @@ def test_cloud_init_recoverable_errors_are_a_warning(
     (run / "status.json").write_text(json.dumps({"v1": {"stage": None, "modules-final": final}}))
     (run / "result.json").write_text(json.dumps({"v1": {"errors": []}}))
     cfg = cfg_for()
-    conn = remote.wait_ssh(cfg, timeout=30)
+    conn = ssh.wait_ssh(cfg, timeout=30)
     try:
-        assert remote.wait_cloud_init(cfg, conn, timeout=30) == "done"
+        assert ssh.wait_cloud_init(cfg, conn, timeout=30) == "done"
     finally:
         conn.close()
     err = capsys.readouterr().err
@@ -200,10 +201,10 @@ def test_cloud_init_that_never_finishes_times_out_with_state(
     run, _ = cloud_init_dirs
     (run / "status.json").write_text(json.dumps({"v1": {"stage": "modules:final"}}))
     cfg = cfg_for()
-    conn = remote.wait_ssh(cfg, timeout=30)
+    conn = ssh.wait_ssh(cfg, timeout=30)
     try:
         with pytest.raises(WaitTimeout, match="last state: running modules:final"):
-            remote.wait_cloud_init(cfg, conn, timeout=2)
+            ssh.wait_cloud_init(cfg, conn, timeout=2)
     finally:
         conn.close()
 
@@ -225,10 +226,10 @@ def test_inactive_service_fails_with_its_state(
             "vm": {"ports": {n: {"host": p.host, "guest": p.guest} for n, p in base.vm.ports.items()}},
         }
     )
-    conn = remote.wait_ssh(cfg, timeout=30)
+    conn = ssh.wait_ssh(cfg, timeout=30)
     try:
         with pytest.raises(VMError) as err:
-            remote.check_services(cfg, conn)
+            ssh.check_services(cfg, conn)
     finally:
         conn.close()
     assert "service(s) not active: docker (failed)" in str(err.value)
@@ -236,15 +237,15 @@ def test_inactive_service_fails_with_its_state(
 
 
 def test_stage_parsing() -> None:
-    assert remote._stage("{}") == "not started"
-    assert remote._stage('{"v1": {"stage": "init-network"}}') == "running init-network"
-    assert remote._stage('{"v1": {"stage": null, "init": {"finished": 2.0}}}') == "running (finished: init)"
-    assert "unreadable" in remote._stage("garbage")
+    assert ssh._stage("{}") == "not started"
+    assert ssh._stage('{"v1": {"stage": "init-network"}}') == "running init-network"
+    assert ssh._stage('{"v1": {"stage": null, "init": {"finished": 2.0}}}') == "running (finished: init)"
+    assert "unreadable" in ssh._stage("garbage")
 
 
 def test_ssh_command_uses_the_project_key_and_loopback(cfg_for: Callable[..., config.Config]) -> None:
     cfg = cfg_for()
-    argv = remote.ssh_command(cfg, "uptime")
+    argv = ssh.ssh_command(cfg, "uptime")
     assert argv[0] == "ssh" and argv[-2:] == ["--", "uptime"]
     assert f"{cfg.ssh.user}@127.0.0.1" in argv
     assert "IdentitiesOnly=yes" in argv and "StrictHostKeyChecking=accept-new" in argv
@@ -292,8 +293,8 @@ def test_verdict_agrees_with_cloud_init_itself(
     for name, body in (("status.json", status), ("result.json", result)):
         if body is not None:
             (run / name).write_text(json.dumps(body))
-    probe = remote._state_probe().replace(remote.CLOUD_INIT_RUN, str(run))
-    ours = remote.verdict(
+    probe = ssh._state_probe().replace(ssh.CLOUD_INIT_RUN, str(run))
+    ours = ssh.verdict(
         subprocess.run(["sh", "-c", probe], capture_output=True, text=True, check=False).stdout
     )
     theirs = json.loads(

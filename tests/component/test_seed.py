@@ -1,4 +1,4 @@
-"""infra/seed.py: user-data composition, validation, and the ISO read back with pycdlib."""
+"""infra/guest/seed.py: user-data composition, validation, and the ISO read back with pycdlib."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from infra import pgp, seed
-from infra.errors import ValidationError
+from infra.core.errors import ValidationError
+from infra.guest import pgp, seed
 
 pytestmark = pytest.mark.tools("cloud-init", "blkid", "gpg")
 
@@ -29,13 +29,13 @@ def test_rendered_user_data_passes_debians_cloud_init_schema(make_cfg, tmp_path:
 
 
 def test_two_builds_identical_and_blkid_reports_cidata(make_cfg, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    first = seed.build(make_cfg())
+    first = seed.write_iso(make_cfg())
     data1 = first.path.read_bytes()
     first.path.unlink()
-    second = seed.build(make_cfg())
+    second = seed.write_iso(make_cfg())
     assert second.sha256 == first.sha256 == hashlib.sha256(second.path.read_bytes()).hexdigest()
     assert second.path.read_bytes() == data1
-    third = seed.build(make_cfg())
+    third = seed.write_iso(make_cfg())
     assert third.changed is False
     out = subprocess.run(["blkid", str(second.path)], capture_output=True, text=True, check=True).stdout
     assert 'LABEL="cidata"' in out and 'TYPE="iso9660"' in out
@@ -61,7 +61,7 @@ def test_cli_prints_path_and_sha_and_generates_key_0600(run_inv, tmp_path: Path)
 def test_key_from_file_and_missing_file(make_cfg, tmp_path: Path, run_inv) -> None:  # type: ignore[no-untyped-def]
     pub = tmp_path / "me.pub"
     pub.write_text(KEY + "\n")
-    result = seed.build(make_cfg(), ssh_key=str(pub))
+    result = seed.write_iso(make_cfg(), ssh_key=str(pub))
     doc = yaml.safe_load(result.path.with_name("user-data").read_bytes())
     assert doc["users"][0]["ssh_authorized_keys"] == [KEY]
     assert not (tmp_path / "state" / "ssh" / "id_ed25519").exists()  # nothing generated when a key is given

@@ -1,4 +1,4 @@
-"""infra/speclint.py: the real specs pass; every rule fires, with its exact message, on a broken copy.
+"""infra/nomad/speclint.py: the real specs pass; every rule fires, with its exact message, on a broken copy.
 
 Broken copies are made from the real specs by targeted text edits (each edit must match exactly once,
 so a test cannot silently stop testing anything when a spec changes) and written into tmp_path.
@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from infra import ROOT, speclint
+from infra import ROOT
+from infra.core import hcl
+from infra.nomad import speclint
 
 SPECS = ROOT / "nomad"
 
@@ -76,10 +78,10 @@ def test_nomad_fmt_and_validate_run_per_file_when_nomad_is_on_path(
         f"nomad/{INGRESS}: nomad-validate: nomad job validate exited 1: Job validation errors: | "
         "1 error occurred",
         f"{AGENT}: nomad-fmt: nomad fmt -check exited 3 (reformat with: nomad fmt {AGENT}): "
-        f"{speclint.AGENT_CONFIG}",
+        f"{hcl.AGENT_CONFIG}",
     ]
     assert speclint.NOMAD_SKIPPED not in err
-    agent = speclint.AGENT_CONFIG
+    agent = hcl.AGENT_CONFIG
     assert (bin_dir / "calls").read_text().splitlines() == [
         f"fmt -check {spec}",
         f"job validate {spec}",
@@ -91,12 +93,12 @@ def test_nomad_fmt_and_validate_run_per_file_when_nomad_is_on_path(
 def test_nomad_checks_report_success(tmp_path: Path) -> None:
     _fake_nomad(tmp_path, fmt_exit=0, validate_exit=0)
     findings, notes = speclint.nomad_checks(
-        [SPECS / APP], nomad=str(tmp_path / "nomad"), agent_config=speclint.AGENT_CONFIG
+        [SPECS / APP], nomad=str(tmp_path / "nomad"), agent_config=hcl.AGENT_CONFIG
     )
     assert findings == []
     assert notes == [
-        f"ok: nomad fmt -check and nomad job validate ran on {speclint._display(SPECS / APP)}",
-        f"ok: nomad fmt -check and nomad config validate ran on {speclint._display(speclint.AGENT_CONFIG)}",
+        f"ok: nomad fmt -check and nomad job validate ran on {hcl.display_path(SPECS / APP)}",
+        f"ok: nomad fmt -check and nomad config validate ran on {hcl.display_path(hcl.AGENT_CONFIG)}",
     ]
 
 
@@ -114,8 +116,8 @@ def test_nomad_warnings_are_findings_although_nomad_exits_0(tmp_path: Path) -> N
 
 def test_an_invalid_agent_config_is_reported(tmp_path: Path) -> None:
     _fake_nomad(tmp_path, fmt_exit=0, validate_exit=0, config_exit=1)
-    findings, _ = speclint.nomad_checks([], nomad=str(tmp_path / "nomad"), agent_config=speclint.AGENT_CONFIG)
-    agent = speclint._display(speclint.AGENT_CONFIG)
+    findings, _ = speclint.nomad_checks([], nomad=str(tmp_path / "nomad"), agent_config=hcl.AGENT_CONFIG)
+    agent = hcl.display_path(hcl.AGENT_CONFIG)
     assert [str(f) for f in findings] == [
         f"{agent}: nomad-validate: nomad config validate exited 1: Configuration is valid!"
     ]

@@ -1,4 +1,4 @@
-"""infra.vm (through infra.machine, which makes the seed): pidfile handling, and the lifecycle against the
+"""infra.vm.lifecycle (through infra.vm.verbs, which makes the seed): pidfile handling, and the lifecycle against the
 real qemu.
 
 The lifecycle tests start the real qemu-system-x86_64 on a blank disk (no OS: the VM sits in its
@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 from support.servers.common import listening, vm_ports
 
-from infra import config, host, machine, qmp, vm
-from infra.errors import VMError
-from infra.state import StatePaths
+from infra.core import config
+from infra.core.errors import VMError
+from infra.core.state import StatePaths
+from infra.vm import host, lifecycle, qmp, verbs
 
 pytestmark = pytest.mark.tools("qemu-system-x86_64", "qemu-img")
 
@@ -56,8 +57,8 @@ def test_stale_pidfile_is_not_a_running_vm(tmp_path: Path) -> None:
     dead.wait()
     state.pidfile.write_text(f"{dead.pid}\n")
     state.qmp_socket.touch()
-    assert vm.running_pid(state) is None
-    assert vm.clear_stale(state) is True
+    assert lifecycle.running_pid(state) is None
+    assert lifecycle.clear_stale(state) is True
     assert not state.pidfile.exists() and not state.qmp_socket.exists()
 
 
@@ -66,13 +67,13 @@ def test_direct_boot_needs_all_three(make_cfg: Callable[..., config.Config], tmp
     kernel.touch()
     cfg = make_cfg(vm={"kernel": str(kernel), "accel": "tcg", "ports": vm_ports()})
     with pytest.raises(VMError, match=r"missing: vm\.initrd, vm\.append"):
-        machine.run(cfg)
+        verbs.run(cfg)
 
 
 def test_missing_qemu_is_a_clear_error(make_cfg: Callable[..., config.Config]) -> None:
     cfg = make_cfg(vm={"qemu": "qemu-system-nonexistent", "accel": "tcg", "ports": vm_ports()})
     with pytest.raises(VMError, match="'qemu-system-nonexistent' not found on PATH"):
-        machine.run(cfg)
+        verbs.run(cfg)
     assert not StatePaths.of(cfg).root.exists()
 
 
@@ -80,28 +81,28 @@ def test_overlay_on_base_resized_and_guarded(tmp_path: Path) -> None:
     base = tmp_path / "base.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "1G"], check=True)
     disk = tmp_path / "state" / "disk.qcow2"
-    assert vm.ensure_overlay(disk, base, 3) is True
-    info = vm.image_info(disk)
-    assert info["virtual-size"] == 3 * vm.GIB
+    assert lifecycle.ensure_overlay(disk, base, 3) is True
+    info = lifecycle.image_info(disk)
+    assert info["virtual-size"] == 3 * lifecycle.GIB
     assert Path(info["full-backing-filename"]) == base.resolve()
     assert info["backing-filename-format"] == "qcow2"
-    assert vm.ensure_overlay(disk, base, 3) is False  # kept
-    assert vm.ensure_overlay(disk, base, 5) is False
-    assert vm.image_info(disk)["virtual-size"] == 5 * vm.GIB  # grown, never shrunk
+    assert lifecycle.ensure_overlay(disk, base, 3) is False  # kept
+    assert lifecycle.ensure_overlay(disk, base, 5) is False
+    assert lifecycle.image_info(disk)["virtual-size"] == 5 * lifecycle.GIB  # grown, never shrunk
     other = tmp_path / "other.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(other), "1G"], check=True)
     with pytest.raises(VMError, match=r"vm\.destroy"):
-        vm.ensure_overlay(disk, other, 5)
+        lifecycle.ensure_overlay(disk, other, 5)
 
 
 def test_lifecycle_with_real_qemu(blank_vm: config.Config, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = blank_vm
     state = StatePaths.of(cfg)
-    booted = machine.run(cfg)
+    booted = verbs.run(cfg)
     first = booted.launch
     assert first.started and booted.seed is not None and booted.seed.path == state.seed_iso
     pid = first.record["pid"]
-    assert vm.running_pid(state) == pid
+    assert lifecycle.running_pid(state) == pid
     assert state.pidfile.read_text().strip() == str(pid)
     assert state.qmp_socket.exists() and state.seed_iso.exists() and state.disk.exists()
     assert json.loads(state.vm_record.read_text())["accel"] == "tcg"
@@ -110,23 +111,23 @@ def test_lifecycle_with_real_qemu(blank_vm: config.Config, capsys: pytest.Captur
     assert listening(pid) == expected  # every forward, loopback only
     assert qmp.execute(state.qmp_socket, "query-status")["running"] is True
 
-    again = machine.run(cfg)  # idempotent: reported, nothing changed (the seed of a running VM neither)
+    again = verbs.run(cfg)  # idempotent: reported, nothing changed (the seed of a running VM neither)
     assert not again.launch.started and again.launch.record["pid"] == pid and again.seed is None
     assert "already running" in capsys.readouterr().err
-    assert vm.status(cfg)["pid"] == pid
+    assert lifecycle.status(cfg)["pid"] == pid
 
-    assert vm.stop(cfg, timeout=2) is True  # firmware ignores ACPI power-off -> killed after 2 s
+    assert lifecycle.stop(cfg, timeout=2) is True  # firmware ignores ACPI power-off -> killed after 2 s
     err = capsys.readouterr().err
     # the power-off wait ran on the 2 s given (not vm.stop_timeout's default), then the kill: by what it
     # printed, not by a stopwatch
     assert re.search(r"waiting for VM \(pid \d+\) to power off \(ACPI\): .*\(\d+s/2s\)", err), err
     assert f"VM stopped (killed, pid {pid})" in err, err
-    assert vm.running_pid(state) is None
+    assert lifecycle.running_pid(state) is None
     assert not host.alive(pid)
     assert not state.pidfile.exists() and not state.qmp_socket.exists()
     assert "stopped_at" in json.loads(state.vm_record.read_text())
 
-    removed = vm.destroy(cfg)
+    removed = lifecycle.destroy(cfg)
     assert state.disk in removed and state.seed_iso in removed
     assert not state.root.exists()
     assert Path(cfg.vm.image).exists()  # the base image is never touched
@@ -139,7 +140,7 @@ def test_qemu_failing_to_start_leaves_nothing(blank_vm: config.Config, tmp_path:
     cfg = config.load({**_overrides(blank_vm), "vm": {**_overrides(blank_vm)["vm"], "qemu": str(fake)}})
     state = StatePaths.of(cfg)
     with pytest.raises(VMError) as err:
-        machine.run(cfg)
+        verbs.run(cfg)
     assert "qemu failed to start (exit 1)" in str(err.value)
     assert "simulated failure" in str(err.value)
     assert not state.disk.exists() and not state.pidfile.exists()  # the fresh overlay was removed

@@ -23,10 +23,10 @@ import pytest
 
 from e2e import harness
 from e2e.harness import Action, Finding, PreflightFailed, Smoke, Stack, SubprocessInvoker, Timings
-from infra import ui
-from infra.config import Config
-from infra.errors import InfraError
-from infra.nomad_recording import RecordingProxy
+from e2e.nomad_recording import RecordingProxy
+from infra.core import ui
+from infra.core.config import Config
+from infra.core.errors import InfraError
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -207,7 +207,7 @@ def stack(e2e_run: Run, preflight: Preflight, request: pytest.FixtureRequest) ->
     smoke_cfg = cfg
     if not request.config.getoption("no_record"):
         e2e_run.proxy, smoke_cfg = harness.start_recording(cfg)
-        # config beats NOMAD_ADDR (infra/nomad.py settings), so INVOKE_NOMAD_ADDR reaches every task
+        # config beats NOMAD_ADDR (infra/nomad/client.py settings), so INVOKE_NOMAD_ADDR reaches every task
         env["INVOKE_NOMAD_ADDR"] = e2e_run.proxy.url
     smoke = Smoke(smoke_cfg, kafka_bootstrap=request.config.getoption("kafka_bootstrap"))
     inv = SubprocessInvoker(cfg.root, report_dir / "logs", env=env)

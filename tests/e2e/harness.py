@@ -8,10 +8,10 @@
 - **Running inv** (`SubprocessInvoker`): the real `inv` CLI as a subprocess (the exact commands a user
   types), streamed, with a log per call and the phases `inv up` announces ("==> step" lines).
 - **Smoke checks** (`Smoke`): against the forwarded ports on 127.0.0.1, through the project's Nomad client
-  (infra.nomad), its wait loop (infra.waits) and its SSH connection (infra.remote).
+  (infra.nomad.client), its wait loop (infra.core.waits) and its SSH connection (infra.guest.ssh).
 - **Timings** and **diagnostics**: the timing table (timings.md/json) and the evidence of a failed run.
 - **The Nomad API recording** (`start_recording`): every `inv` the e2e runs, and its own checks, reach Nomad
-  through a recording proxy on 127.0.0.1 (infra/nomad_recording.py) that writes each exchange, secrets
+  through a recording proxy on 127.0.0.1 (tests/e2e/nomad_recording.py) that writes each exchange, secrets
   redacted and tagged with its step, to `<report_dir>/nomad-exchanges.jsonl`.
 """
 
@@ -41,12 +41,19 @@ from typing import Any, Protocol, cast
 import requests
 from rich.markup import escape
 
-from infra import ROOT, host, images, qemu, release, remote, state, ui, vm
-from infra.config import Config
-from infra.errors import InfraError, PortInUseError, root_cause
-from infra.nomad_recording import Recorder, RecordingProxy
-from infra.state import StatePaths
-from infra.waits import Probe, wait_until
+from infra import ROOT
+from infra.compose import release
+from infra.core import state, ui
+from infra.core.config import Config
+from infra.core.errors import InfraError, PortInUseError, root_cause
+from infra.core.state import StatePaths
+from infra.core.waits import Probe, wait_until
+from infra.guest import ssh
+from infra.vm import baseimages, host, lifecycle, qemu
+
+if not __package__:  # run as a script (`python tests/e2e/harness.py image-cache`, ci.yml): tests/ on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from e2e.nomad_recording import Recorder, RecordingProxy
 
 #: Seconds each network check may take (connect and read); the checks run concurrently.
 NET_TIMEOUT = 3.0
@@ -63,7 +70,7 @@ DISTRO_ARCHIVES = {
     "debian": "http://deb.debian.org/debian/",
 }
 INGRESS_HOST = "app.localhost"
-#: `inv up` steps that verify instead of act (see infra/stack.py): a second run re-checks, it cannot skip.
+#: `inv up` steps that verify instead of act (see infra/compose/stack.py): a second run re-checks, it cannot skip.
 CHECK_STEPS = ("vm.check", "nomad.wait")
 #: What an acting step says when it had nothing to do (ui.skip lines start with "--").
 IDLE_WORDS = ("unchanged", "already", "nothing to do", "up to date")
@@ -109,12 +116,12 @@ class UrlTarget:
 
 
 def guest_arch(cfg: Config) -> str:
-    """The guest architecture `inv vm.run` boots (infra.qemu)."""
+    """The guest architecture `inv vm.run` boots (infra.vm.qemu)."""
     return qemu.guest_arch(cfg.vm.arch, qemu.Platform.current())
 
 
 def find_qemu(cfg: Config, *, path: str | None = None) -> str:
-    """The qemu binary `inv vm.run` would run (infra.qemu.find_qemu), looked up on `path` (default PATH)."""
+    """The qemu binary `inv vm.run` would run (infra.vm.qemu.find_qemu), looked up on `path` (default PATH)."""
     return qemu.find_qemu(cfg.vm.qemu, guest_arch(cfg), lambda name: shutil.which(name, path=path))
 
 
@@ -147,7 +154,7 @@ def check_accel(
     TCG alone is a failure for the e2e (a full `inv up` would take well over the CI budget) unless
     `allow_tcg`. A KVM that runs the probe but hangs a full kernel (seen on paravirtual hosts) cannot be
     told apart in seconds; `vm.accel: auto` probes with a real boot and falls back, and a failed verdict of
-    that probe for this host boot (infra.qemu.cached_kvm_verdict) fails the preflight.
+    that probe for this host boot (infra.vm.qemu.cached_kvm_verdict) fails the preflight.
     """
     system = system or platform.system()
     accel = cfg.vm.accel
@@ -216,7 +223,7 @@ _PROBE_EXIT = (0x10 << 1) | 1
 
 def kvm_probe_guest(qemu_path: str, timeout: float) -> str | None:
     """Run a 512-byte guest under KVM; None when it ran to its exit port within `timeout`. (Seconds, unlike
-    infra.qemu.kvm_probe, which boots the VM's own kernel.)"""
+    infra.vm.qemu.kvm_probe, which boots the VM's own kernel.)"""
     with tempfile.TemporaryDirectory(prefix="e2e-kvm-") as tmp:
         img = Path(tmp) / "probe.img"
         img.write_bytes(_PROBE_SECTOR + b"\0" * (510 - len(_PROBE_SECTOR)) + b"\x55\xaa")
@@ -238,7 +245,7 @@ def kvm_probe_guest(qemu_path: str, timeout: float) -> str | None:
 
 
 def check_ports(cfg: Config) -> Finding:
-    """Every configured forward's host port is free, as `inv vm.run` checks it (infra.host.check_ports)."""
+    """Every configured forward's host port is free, as `inv vm.run` checks it (infra.vm.host.check_ports)."""
     try:
         host.check_ports(cfg.vm.ports)
     except PortInUseError as exc:
@@ -273,26 +280,26 @@ def check_url(target: UrlTarget, timeout: float = NET_TIMEOUT) -> Finding:
 
 
 # -------------------------------------------------------------------------------------------- base image --
-def image_source(cfg: Config) -> images.ImageSource:
-    """The base image `inv vm.run` boots, resolved by infra.images (vm.image, or vm/images.yaml's entry)."""
+def image_source(cfg: Config) -> baseimages.ImageSource:
+    """The base image `inv vm.run` boots, resolved by infra.vm.baseimages (vm.image, or vm/images.yaml's entry)."""
     try:
-        return images.source_for(cfg, guest_arch(cfg))
+        return baseimages.source_for(cfg, guest_arch(cfg))
     except InfraError as exc:
         raise PreflightError(exc.message, hint=exc.hint) from exc
 
 
-def image_path(cfg: Config, src: images.ImageSource) -> Path:
-    """The local file: vm.image's, or the copy in the image cache (infra.images.cache_path)."""
-    return src.path if src.path is not None else images.cache_path(cfg.project.cache_dir, src)
+def image_path(cfg: Config, src: baseimages.ImageSource) -> Path:
+    """The local file: vm.image's, or the copy in the image cache (infra.vm.baseimages.cache_path)."""
+    return src.path if src.path is not None else baseimages.cache_path(cfg.project.cache_dir, src)
 
 
-def image_cache_key(src: images.ImageSource) -> str:
+def image_cache_key(src: baseimages.ImageSource) -> str:
     """For CI's cache: changes exactly when the pinned digest does."""
     return f"vm-image-{src.algo}-{src.digest}" if src.digest else f"vm-image-{src.name.replace('/', '-')}"
 
 
 def check_image(
-    cfg: Config, *, timeout: float = NET_TIMEOUT, source: images.ImageSource | None = None
+    cfg: Config, *, timeout: float = NET_TIMEOUT, source: baseimages.ImageSource | None = None
 ) -> Finding:
     """Cached (or local) with the right checksum, or one of its URLs answers a HEAD request."""
     try:
@@ -303,7 +310,7 @@ def check_image(
     if path.is_file():
         if not src.digest:
             return Finding("base image", True, f"local file {path} (no checksum configured)")
-        actual = images.file_digest(path, src.algo)
+        actual = baseimages.file_digest(path, src.algo)
         if actual == src.digest.lower():
             return Finding("base image", True, f"cached: {path} ({src.algo} ok)")
         if not src.urls:
@@ -352,7 +359,7 @@ def preflight(
     allow_tcg: bool = False,
     timeout: float = NET_TIMEOUT,
     targets: Sequence[UrlTarget] | None = None,
-    image: images.ImageSource | None = None,
+    image: baseimages.ImageSource | None = None,
     path: str | None = None,
     kvm_device: Path = Path("/dev/kvm"),
 ) -> list[Finding]:
@@ -608,12 +615,12 @@ def signals_deferred() -> Iterator[list[int]]:
 
 # ============================================================================================ smoke checks ==
 def job_ids(cfg: Config) -> list[str]:
-    """The project's job IDs in deploy order (data, app, ingress), as infra.release names them."""
+    """The project's job IDs in deploy order (data, app, ingress), as infra.compose.release names them."""
     return release.project_jobs(cfg)
 
 
 def poll(what: str, probe: Callable[[], tuple[bool, str]], timeout: float, interval: float = 2.0) -> str:
-    """infra.waits.wait_until over a probe whose HTTP/Nomad/SSH errors are a state, not the end."""
+    """infra.core.waits.wait_until over a probe whose HTTP/Nomad/SSH errors are a state, not the end."""
 
     def look(_deadline: object) -> Probe[None]:
         try:
@@ -626,10 +633,10 @@ def poll(what: str, probe: Callable[[], tuple[bool, str]], timeout: float, inter
 
 
 def guest_run(cfg: Config, command: str, *, timeout: float = 60) -> str:
-    """Run a command in the VM over SSH (infra.remote: project key, the state dir's known_hosts)."""
-    conn = remote.connection(cfg, timeout=15)
+    """Run a command in the VM over SSH (infra.guest.ssh: project key, the state dir's known_hosts)."""
+    conn = ssh.connection(cfg, timeout=15)
     try:
-        res = remote.sh(conn, command, timeout=timeout)
+        res = ssh.sh(conn, command, timeout=timeout)
     except Exception as exc:  # paramiko/socket/invoke errors: the VM's SSH did not work, say how
         raise SmokeFailed(
             f"SSH to {cfg.ssh.user}@127.0.0.1:{cfg.vm.ports['ssh'].host} failed: {type(exc).__name__}: {exc}",
@@ -661,7 +668,7 @@ class Smoke:
         return f"http://127.0.0.1:{self.cfg.vm.ports[port_name].host}{path}"
 
     def nomad(self) -> Any:
-        from infra.nomad import Client  # the project's client: NOMAD_* env, TLS, token
+        from infra.nomad.client import Client  # the project's client: NOMAD_* env, TLS, token
 
         return Client.from_config(self.cfg)
 
@@ -774,7 +781,7 @@ class Smoke:
         project CA (`inv tls.ca`) for the name app.localhost; and refused without that CA."""
         from requests.adapters import HTTPAdapter
 
-        from infra import ingress
+        from infra.compose import ingress
 
         class Named(HTTPAdapter):  # connect to 127.0.0.1, verify (and send SNI for) app.localhost
             def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
@@ -862,7 +869,7 @@ class Smoke:
         snap: dict[str, Any] = {
             "qemu pid": paths.pidfile.read_text().strip() if paths.pidfile.exists() else None,
             "seed ISO": (
-                (images.file_digest(paths.seed_iso, "sha256"), paths.seed_iso.stat().st_mtime_ns)
+                (baseimages.file_digest(paths.seed_iso, "sha256"), paths.seed_iso.stat().st_mtime_ns)
                 if paths.seed_iso.exists()
                 else None
             ),
@@ -904,8 +911,8 @@ def up_again_verdict(before: Mapping[str, Any], after: Mapping[str, Any], result
 
 
 def nothing_left(cfg: Config) -> str:
-    """After `inv down`: no qemu of ours (infra.vm.running_pid) and every forwarded port free."""
-    pid = vm.running_pid(StatePaths.of(cfg))
+    """After `inv down`: no qemu of ours (infra.vm.lifecycle.running_pid) and every forwarded port free."""
+    pid = lifecycle.running_pid(StatePaths.of(cfg))
     if pid is not None:
         raise SmokeFailed(f"qemu (pid {pid}) still runs after `inv down`")
     ports = check_ports(cfg)
@@ -1064,9 +1071,9 @@ def collect_diagnostics(cfg: Config, smoke: Smoke, out: Path) -> Path:
 def start_recording(cfg: Config) -> tuple[RecordingProxy, Config]:
     """A recording proxy in front of the Nomad API `inv` would use (nomad.* config, NOMAD_* environment, or
     the VM's forward), and `cfg` pointing at it. The caller stops the proxy (which closes the recording)."""
-    from infra import nomad  # the same resolution as every task's client
+    from infra.nomad.client import settings  # the same resolution as every task's client
 
-    s = nomad.settings(cfg)
+    s = settings(cfg)
     recorder = Recorder(cfg.e2e.report_dir / RECORDING_NAME)
     proxy = RecordingProxy(
         s.addr,
@@ -1084,7 +1091,7 @@ def load_config() -> Config:
     """The same merged configuration `inv` sees (invoke.yaml, ~/.invoke.yaml, /etc/invoke.yaml, INVOKE_*)."""
     from invoke.config import Config as InvokeConfig
 
-    from infra.config import from_invoke
+    from infra.core.config import from_invoke
 
     c = InvokeConfig(project_location=ROOT)
     c.load_project()
@@ -1108,8 +1115,8 @@ def image_cache_main() -> int:
 
 def bake_cache_main() -> int:
     """`python tests/e2e/harness.py bake-cache`: for CI's second cache step, the directory of the baked images
-    and a key made of infra.bake's content key (a changed input is a new key: a stale bake is not restored)."""
-    from infra import bakecache
+    and a key made of infra.compose.bake's content key (a changed input is a new key: a stale bake is not restored)."""
+    from infra.vm import bakecache
 
     try:
         key, _inputs = bakecache.current_key(load_config())

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from e2e.harness import Stack, poll
-from infra import nodes
+from infra.core import nodes
 
 LOST = "nomad-2"
 

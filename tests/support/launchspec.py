@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from infra import qemu
-from infra.config import Port
+from infra.core.config import Port
+from infra.vm import qemu
 
 FORWARDS = {
     "ssh": Port(2222, 22),

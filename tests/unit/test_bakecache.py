@@ -1,4 +1,4 @@
-"""infra/bakecache.py: the content key of a baked image, and which image vm.run boots (vm.baked)."""
+"""infra/vm/bakecache.py: the content key of a baked image, and which image vm.run boots (vm.baked)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,11 @@ from typing import Any
 import pytest
 import yaml
 
-from infra import ROOT, bakecache, config, seed
-from infra.errors import TemplateError, VMError
+from infra import ROOT
+from infra.core import config
+from infra.core.errors import TemplateError, VMError
+from infra.guest import seed
+from infra.vm import bakecache
 
 ARCH = "x86_64"
 DIGEST = "sha256:" + "ab" * 32

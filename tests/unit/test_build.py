@@ -1,4 +1,4 @@
-"""Build-and-deploy orchestration (infra/build.py): tags from a REAL temporary git repository, dirty
+"""Build-and-deploy orchestration (infra/compose/appimage.py): tags from a REAL temporary git repository, dirty
 detection, the build context, and `ship` (build -> deploy -> report) against the STATEFUL NOMAD API DOUBLE
 (tests/support/doubles/nomad_api.py: registrations, canary deployments, promotion, failing tasks, auto-revert).
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from infra import build
-from infra.errors import BuildError
+from infra.compose import appimage
+from infra.core.errors import BuildError
 
 
 @pytest.mark.parametrize(
@@ -27,14 +27,14 @@ from infra.errors import BuildError
     ],
 )
 def test_image_references_and_their_versions(ref: str, version: str) -> None:
-    assert build.check_ref(ref) == ref
-    assert build.version_of(ref) == version
+    assert appimage.check_ref(ref) == ref
+    assert appimage.version_of(ref) == version
 
 
 @pytest.mark.parametrize("ref", ["", "UPPER/app:1", "app:bad tag", "app:-x", "a//b"])
 def test_bad_image_references_are_rejected(ref: str) -> None:
     with pytest.raises(BuildError, match="invalid image reference"):
-        build.check_ref(ref)
+        appimage.check_ref(ref)
 
 
 def test_build_log_sink_shows_steps_only(tmp_path: Path) -> None:
@@ -45,7 +45,7 @@ def test_build_log_sink_shows_steps_only(tmp_path: Path) -> None:
             shown.append(text)
 
     out = io.StringIO()
-    sink = build._LogSink(out, Line(), "building x")  # type: ignore[arg-type]
+    sink = appimage._LogSink(out, Line(), "building x")  # type: ignore[arg-type]
     sink.write("Sending build context\nStep 1/3 : FROM base\n ---> abc\nStep 2/3 : RU")
     sink.write("N pip install\nnoise\n")
 

@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from infra import ROOT, config
-from infra.errors import ConfigError
+from infra import ROOT
+from infra.core import config
+from infra.core.errors import ConfigError
 
 
 def test_defaults_load_and_are_typed() -> None:

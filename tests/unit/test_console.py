@@ -1,10 +1,10 @@
-"""infra.console: the serial log's fatal lines."""
+"""infra.guest.console: the serial log's fatal lines."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from infra import console
+from infra.guest import console
 
 
 def test_fatal_console_lines_are_recognised(tmp_path: Path) -> None:

@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 from e2e import harness as e2e
 
-from infra import images, state
-from infra.config import Config
+from infra.core import state
+from infra.core.config import Config
+from infra.vm import baseimages
 
 
 # ================================================================================================= driver ==
@@ -69,7 +70,7 @@ def test_qemu_missing_from_path_is_named(make_cfg: Callable[..., Config], tmp_pa
     assert not found.ok
     assert (
         found.detail == "qemu binary 'qemu-system-x86_64' not found on PATH"
-    )  # infra.qemu.find_qemu's words
+    )  # infra.vm.qemu.find_qemu's words
     assert "apt-get install qemu-system-x86" in found.hint
 
 
@@ -118,8 +119,8 @@ def test_kvm_device_that_is_not_kvm(make_cfg: Callable[..., Config], tmp_path: P
 def test_a_failed_kvm_verdict_of_inv_vm_run_fails_the_preflight(
     make_cfg: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The verdict `inv vm.run` cached for this host boot, read through infra.qemu (not its file format)."""
-    from infra import qemu
+    """The verdict `inv vm.run` cached for this host boot, read through infra.vm.qemu (not its file format)."""
+    from infra.vm import qemu
 
     cfg = make_cfg(vm={"accel": "kvm"})
     monkeypatch.setattr(e2e, "kvm_problem", lambda device: None)  # as if /dev/kvm worked
@@ -149,10 +150,10 @@ def test_image_source_is_the_one_vm_run_uses(make_cfg: Callable[..., Config]) ->
     url, digest = "https://example.invalid/a/noble.img", "ab" * 32
     cfg = make_cfg(vm={"image": url, "image_sha256": digest, "arch": "x86_64"})
     src = e2e.image_source(cfg)
-    assert src == images.source_for(cfg, "x86_64")
+    assert src == baseimages.source_for(cfg, "x86_64")
     assert src.urls == (url,) and (src.algo, src.digest) == ("sha256", digest)
     path = e2e.image_path(cfg, src)
-    assert path == images.cache_path(cfg.project.cache_dir, src)
+    assert path == baseimages.cache_path(cfg.project.cache_dir, src)
     assert path.is_relative_to(cfg.project.cache_dir / "images")
     assert e2e.image_cache_key(src) == f"vm-image-sha256-{digest}"
 
@@ -258,7 +259,7 @@ def test_timing_table_round_trip(tmp_path: Path) -> None:
 def test_each_action_records_its_nomad_exchanges_under_its_name(
     make_cfg: Callable[..., Config], tmp_path: Path
 ) -> None:
-    from infra.nomad_recording import Recorder
+    from e2e.nomad_recording import Recorder
 
     recorder = Recorder(tmp_path / "rec.jsonl")
     seen: list[str] = []

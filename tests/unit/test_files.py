@@ -1,4 +1,4 @@
-"""infra/files.py: bounded reads of user-supplied files, atomic writes that never leave a temp file."""
+"""infra/core/files.py: bounded reads of user-supplied files, atomic writes that never leave a temp file."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from infra import files
-from infra.errors import ConfigError, InfraError, SSHKeyError
+from infra.core import files
+from infra.core.errors import ConfigError, InfraError, SSHKeyError
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""infra/ingress.py and the ingress.* configuration: what Traefik's dynamic configuration holds for each
+"""infra/compose/ingress.py and the ingress.* configuration: what Traefik's dynamic configuration holds for each
 setting, and one error naming the key for each bad value. Traefik itself runs in
 tests/component/test_ingress.py."""
 
@@ -11,10 +11,12 @@ from typing import Any
 import pytest
 import yaml
 
-from infra import ingress, speclint, stack, tls
-from infra.config import ACME_RESOLVERS, Config
-from infra.errors import ConfigError
-from infra.state import StatePaths
+from infra.compose import ingress, stack, tls
+from infra.core import hcl
+from infra.core.config import ACME_RESOLVERS, Config
+from infra.core.errors import ConfigError
+from infra.core.state import StatePaths
+from infra.nomad import speclint
 
 
 @pytest.fixture
@@ -70,7 +72,7 @@ def test_acme_routes_the_public_names_with_the_resolver_of_the_challenge(
 
 
 def test_the_resolvers_the_policy_names_are_defined_in_the_job() -> None:
-    root = speclint.parse((speclint.SPEC_DIR / "ingress.nomad.hcl").read_text())
+    root = hcl.parse((speclint.SPEC_DIR / "ingress.nomad.hcl").read_text())
     task = root.children("job")[0].children("group")[0].children("task")[0]
     config = task.child("config")
     assert config is not None

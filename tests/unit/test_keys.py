@@ -1,4 +1,4 @@
-"""infra.keys: the generated keypair's file modes and its generation under concurrency."""
+"""infra.guest.keys: the generated keypair's file modes and its generation under concurrency."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
-from infra import keys
-from infra.state import StatePaths
+from infra.core.state import StatePaths
+from infra.guest import keys
 
 
 def mode(path: Path) -> int:

@@ -1,7 +1,10 @@
-"""The layering of infra/, read from its source (the `import` statements, module level and inside functions):
-no import cycle anywhere; the deploy engine (infra/deploy.py) knows Nomad and nothing of the project, the
-release policy (infra/release.py) calls the engine and the image build, nothing below calls back up; the VM
-layer flows one way (infra/machine.py over vm, seed, remote); only tasks.py writes to stdout."""
+"""The layering of infra/, read from its source (the `import` statements, module level and inside functions).
+
+Per package: a package imports only the packages ARCHITECTURE.md's package table says it may (those above
+it in the table), and the table lists every module of every package. Finer: no import cycle anywhere; the
+deploy engine (infra/nomad/rollout.py) knows Nomad and nothing of the project, the release policy
+(infra/compose/release.py) calls the engine and the app image, nothing below calls back up; the VM layer flows
+one way (infra/vm/verbs.py over lifecycle, seed, ssh); only tasks.py writes to stdout."""
 
 from __future__ import annotations
 
@@ -14,21 +17,40 @@ from infra import ROOT
 
 PACKAGE = ROOT / "infra"
 
+#: "package.module" (or "module" for infra/<module>.py: cli) -> its file
+FILES = {
+    ".".join(path.relative_to(PACKAGE).with_suffix("").parts): path
+    for path in PACKAGE.rglob("*.py")
+    if path.stem != "__init__"
+}
+MODULES = sorted(FILES)
+PACKAGES = sorted(path.parent.name for path in PACKAGE.glob("*/__init__.py"))
 
-MODULES = sorted(path.stem for path in PACKAGE.glob("*.py") if path.stem != "__init__")
+
+def imports_in(source: str) -> set[str]:
+    """The infra modules ("package.module") that `source` imports, wherever the import statement stands."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if (
+            isinstance(node, ast.ImportFrom)
+            and (node.module or "").split(".")[0] == "infra"
+            and not node.level
+        ):
+            base = str(node.module).split(".")[1:]
+            names.add(".".join(base))
+            names |= {".".join([*base, alias.name]) for alias in node.names}
+        elif isinstance(node, ast.Import):
+            names |= {a.name.removeprefix("infra.") for a in node.names if a.name.startswith("infra.")}
+    return {n for n in names if n in FILES}
 
 
 def imports_of(module: str) -> set[str]:
-    """The infra modules `infra/<module>.py` imports, wherever the import statement stands."""
-    names: set[str] = set()
-    for node in ast.walk(ast.parse((PACKAGE / f"{module}.py").read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module == "infra":
-            names |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("infra."):
-            names.add(str(node.module).split(".")[1])
-        elif isinstance(node, ast.Import):
-            names |= {a.name.split(".")[1] for a in node.names if a.name.startswith("infra.")}
-    return {n for n in names if (PACKAGE / f"{n}.py").is_file()} - {module}
+    """The infra modules `module` ("package.module") imports."""
+    return imports_in(FILES[module].read_text()) - {module}
+
+
+def package_of(module: str) -> str:
+    return module.split(".")[0] if "." in module else ""
 
 
 def reachable(module: str) -> set[str]:
@@ -41,21 +63,97 @@ def reachable(module: str) -> set[str]:
     return seen
 
 
+def test_imports_are_read_from_every_kind_of_import_statement() -> None:
+    source = (
+        "from infra import ROOT, cli\nfrom infra.core import ui, errors as e\nfrom infra.vm.lock import state_lock\n"
+        "import infra.guest.seed\ndef f():\n    from infra.nomad import rollout\n"
+    )
+    assert imports_in(source) == {"cli", "core.ui", "core.errors", "vm.lock", "guest.seed", "nomad.rollout"}
+
+
+# ------------------------------------------------------------------ ARCHITECTURE.md's package table --
+def package_table() -> dict[str, tuple[list[str], list[str]]]:
+    """ARCHITECTURE.md's package table, top to bottom: package -> (its modules, the packages it may import).
+    A row: | `core/` | `errors` `ui` ... | what it holds | `-` or `core` `guest` ... |"""
+    text = (ROOT / "ARCHITECTURE.md").read_text()
+    section = text[text.index("## Packages") :]
+    section = section[: section.index("\n## ", 1)]
+    rows = re.finditer(r"^\| `(\w+)/` \| ([^|]+) \| [^|]+ \| ([^|]+) \|$", section, re.M)
+    return {
+        m.group(1): (re.findall(r"`(\w+)`", m.group(2)), re.findall(r"`(\w+)`", m.group(3))) for m in rows
+    }
+
+
+def test_the_package_table_lists_every_package_and_module_once() -> None:
+    table = package_table()
+    assert sorted(table) == PACKAGES
+    listed = sorted(f"{package}.{module}" for package, (modules, _) in table.items() for module in modules)
+    assert listed == [m for m in MODULES if package_of(m)]
+
+
+def test_each_package_may_import_only_packages_above_it_in_the_table() -> None:
+    order = list(package_table())
+    assert {
+        p: sorted(set(may) - set(order[: order.index(p)])) for p, (_, may) in package_table().items()
+    } == {p: [] for p in order}
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_a_package_imports_only_itself_and_the_packages_below_it(package: str) -> None:
+    """The rule the folders show, per package: its modules' imports (those inside functions included) stay in
+    the package and the packages its row of the table names."""
+    allowed = {package, *package_table()[package][1]}
+    found = {
+        module: sorted(dep for dep in imports_of(module) if package_of(dep) not in allowed)
+        for module in MODULES
+        if package_of(module) == package
+    }
+    assert {m: deps for m, deps in found.items() if deps} == {}
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_no_folder_holds_more_than_twelve_modules(package: str) -> None:
+    assert len([m for m in MODULES if package_of(m) == package]) <= 12
+
+
+def test_the_entry_point_knows_only_the_core() -> None:
+    """infra/cli.py (the `inv` program) loads the configuration and prints errors; the tasks do the rest."""
+    assert {package_of(dep) for dep in imports_of("cli")} <= {"core"}
+
+
+def test_the_vm_and_nomad_branches_do_not_know_each_other() -> None:
+    """Two independent branches over the core, joined only by the composers (infra/compose/)."""
+    for module in MODULES:
+        deps = {package_of(dep) for dep in imports_of(module)}
+        if package_of(module) in {"guest", "vm"}:
+            assert "nomad" not in deps, module
+        if package_of(module) == "nomad":
+            assert not deps & {"guest", "vm"}, module
+
+
+# ------------------------------------------------------------------------- engine and policy, one way --
 def test_the_engine_imports_only_the_nomad_client_and_generic_helpers() -> None:
-    assert imports_of("deploy") <= {"errors", "files", "nomad", "ui", "waits"}
+    assert imports_of("nomad.rollout") <= {
+        "core.errors",
+        "core.files",
+        "nomad.client",
+        "core.ui",
+        "core.waits",
+    }
 
 
-@pytest.mark.parametrize("module", ["deploy", "build", "nomad", "cluster"])
+@pytest.mark.parametrize("module", ["nomad.rollout", "compose.appimage", "nomad.client", "nomad.cluster"])
 def test_nothing_below_the_release_policy_reaches_up_to_it(module: str) -> None:
-    assert not reachable(module) & {"release", "stack"}
+    assert not reachable(module) & {"compose.release", "compose.stack"}
 
 
-def test_the_release_policy_calls_the_engine_and_the_build() -> None:
-    assert {"deploy", "build"} <= imports_of("release")
-    assert "build" not in imports_of("deploy") and "deploy" not in imports_of("build")
+def test_the_release_policy_calls_the_engine_and_the_app_image() -> None:
+    assert {"nomad.rollout", "compose.appimage"} <= imports_of("compose.release")
+    assert "compose.appimage" not in imports_of("nomad.rollout")
+    assert "nomad.rollout" not in imports_of("compose.appimage")
 
 
-@pytest.mark.parametrize("module", ["deploy", "release", "build", "stack"])
+@pytest.mark.parametrize("module", ["nomad.rollout", "compose.release", "compose.appimage", "compose.stack"])
 def test_no_import_cycle_through_the_deploy_modules(module: str) -> None:
     assert module not in reachable(module)
 
@@ -92,34 +190,41 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
 def test_no_import_cycle_anywhere_in_infra() -> None:
     """Over every module of infra/, imports inside functions included: a lazy import is still a dependency."""
     graph = {module: imports_of(module) for module in MODULES}
-    assert {"vm", "remote", "machine", "host", "qmp", "console"} <= set(graph)
+    assert {"vm.lifecycle", "guest.ssh", "vm.verbs", "vm.host", "vm.qmp", "guest.console"} <= set(graph)
     assert find_cycle(graph) is None
 
 
 def test_the_vm_layer_flows_one_way() -> None:
-    """vm (lifecycle) and remote (SSH) do not know each other, vm does not make the seed; machine composes them."""
-    assert not imports_of("vm") & {"remote", "seed", "machine", "stack"}
-    assert not reachable("remote") & {"vm", "machine", "seed"}
-    assert {"vm", "remote", "seed"} <= imports_of("machine")
-    for low in ("host", "qmp", "console"):
-        assert not reachable(low) & {"vm", "remote", "machine", "seed", "stack"}, low
+    """lifecycle and ssh (the guest over SSH) do not know each other, the lifecycle does not make the seed;
+    the verbs compose them."""
+    assert not imports_of("vm.lifecycle") & {"guest.ssh", "guest.seed", "vm.verbs", "compose.stack"}
+    assert not reachable("guest.ssh") & {"vm.lifecycle", "vm.verbs", "guest.seed"}
+    assert {"vm.lifecycle", "guest.ssh", "guest.seed"} <= imports_of("vm.verbs")
+    for low in ("vm.host", "vm.qmp", "guest.console"):
+        assert not reachable(low) & {
+            "vm.lifecycle",
+            "guest.ssh",
+            "vm.verbs",
+            "guest.seed",
+            "compose.stack",
+        }, low
 
 
 # ------------------------------------------------------------------------------ stdout: tasks.py only --
 #: Where writing to stdout is the point: ui.out is the one writer tasks.py calls; speclint's `main` is the
-#: entry point of `python -m infra.speclint` (a command of its own, run by `nox -s lint`), whose findings
+#: entry point of `python -m infra.nomad.speclint` (a command of its own, run by `nox -s lint`), whose findings
 #: are its output.
-STDOUT_ALLOWED = {("ui", "out"), ("speclint", "main")}
+STDOUT_ALLOWED = {("core.ui", "out"), ("nomad.speclint", "main")}
 
 
 def stdout_writes(source: str) -> list[tuple[str, int, str]]:
     """(enclosing function, line, call) for every write to stdout in `source`: `ui.out(...)`, `out(...)`
-    imported from infra.ui, `print(...)` without `file=` (or with file=sys.stdout), `sys.stdout.write`."""
+    imported from infra.core.ui, `print(...)` without `file=` (or with file=sys.stdout), `sys.stdout.write`."""
     tree = ast.parse(source)
     out_names = {
         alias.asname or alias.name
         for node in ast.walk(tree)
-        if isinstance(node, ast.ImportFrom) and node.module == "infra.ui"
+        if isinstance(node, ast.ImportFrom) and node.module == "infra.core.ui"
         for alias in node.names
         if alias.name == "out"
     }
@@ -149,7 +254,7 @@ def stdout_writes(source: str) -> list[tuple[str, int, str]]:
 
 def test_the_stdout_check_sees_every_kind_of_write() -> None:
     source = (
-        "import sys\nfrom infra import ui\nfrom infra.ui import out as emit\n"
+        "import sys\nfrom infra.core import ui\nfrom infra.core.ui import out as emit\n"
         "def f():\n    ui.out('a')\n    print('b')\n    print('c', file=sys.stderr)\n"
         "    def inner():\n        sys.stdout.write('d')\n    emit('e')\n"
     )
@@ -159,8 +264,8 @@ def test_the_stdout_check_sees_every_kind_of_write() -> None:
 
 @pytest.mark.parametrize("module", MODULES)
 def test_only_tasks_py_writes_to_stdout(module: str) -> None:
-    """Library code returns values; tasks.py prints them (infra/ui.py's `out` is the writer it calls)."""
-    writes = stdout_writes((PACKAGE / f"{module}.py").read_text())
+    """Library code returns values; tasks.py prints them (infra/core/ui.py's `out` is the writer it calls)."""
+    writes = stdout_writes(FILES[module].read_text())
     assert [w for w in writes if (module, w[0]) not in STDOUT_ALLOWED] == []
 
 
@@ -170,22 +275,3 @@ def test_tasks_py_prints_the_values() -> None:
     assert {"vm_run", "vm_check", "vm_status", "iso_build", "up", "deploy_app", "image_bake"} <= {
         w[0] for w in writes
     }
-
-
-# ------------------------------------------------------------------- ARCHITECTURE.md's module table --
-def table_order() -> list[str]:
-    """The modules of ARCHITECTURE.md's module table ("| `name.py` | owns | must not |"), top to bottom."""
-    text = (ROOT / "ARCHITECTURE.md").read_text()
-    section = text[text.index("## Modules") :]
-    section = section[: section.index("\n## ", 1)]
-    return [m.group(1) for m in re.finditer(r"^\| `(\w+)\.py` \| [^|]+ \| [^|]+ \|$", section, re.M)]
-
-
-def test_the_module_table_lists_every_module_once_with_owns_and_must_not() -> None:
-    assert sorted(table_order()) == MODULES
-
-
-def test_each_module_imports_only_modules_above_it_in_the_table() -> None:
-    order = table_order()
-    upward = {m: sorted(imports_of(m) - set(order[: order.index(m)])) for m in order}
-    assert {m: deps for m, deps in upward.items() if deps} == {}

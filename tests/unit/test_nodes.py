@@ -1,5 +1,5 @@
-"""A local cluster's configuration (vm.nodes), per node: infra/nodes.py, the cluster NIC on the qemu command
-line (infra/qemu.py), and each node's seed (infra/seed.py): static address, Nomad servers, node meta."""
+"""A local cluster's configuration (vm.nodes), per node: infra/core/nodes.py, the cluster NIC on the qemu command
+line (infra/vm/qemu.py), and each node's seed (infra/guest/seed.py): static address, Nomad servers, node meta."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ import pytest
 import yaml
 from support.launchspec import spec
 
-from infra import config, nodes, qemu, seed
-from infra.errors import ConfigError
+from infra.core import config, nodes
+from infra.core.errors import ConfigError
+from infra.guest import seed
+from infra.vm import qemu
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBPkFsOzBkaGc663XawP6l6Ir0RQXYvFAyRrdwGFAdIT test@example"
 
@@ -156,7 +158,7 @@ def test_the_cluster_file_sorts_after_the_agent_configs_it_overrides() -> None:
 
 
 def test_every_node_boots_the_one_bake_of_the_configuration(make_cfg: MakeCfg) -> None:
-    """The bake's content key (infra/bakecache.py) hashes the instance-neutral user-data: a node's identity
+    """The bake's content key (infra/vm/bakecache.py) hashes the instance-neutral user-data: a node's identity
     (address, cluster agent file, host name) is left out, so `inv image.bake` serves every node."""
     cfg = make_cfg(vm={"nodes": 3})
     neutral = seed.dump(seed.instance_neutral(cfg))

@@ -1,4 +1,4 @@
-"""infra/nomad.py and infra/cluster.py against the STATEFUL Nomad API double (tests/support/doubles/nomad_api.py).
+"""infra/nomad/client.py and infra/nomad/cluster.py against the STATEFUL Nomad API double (tests/support/doubles/nomad_api.py).
 
 Scenarios: connection refused while the VM boots, 500 "No cluster leader", ACL 403 with a bad token,
 TLS (and mutual TLS) to an https double, blocking queries, and `nomad.wait`'s timeout message.
@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from infra.errors import NomadError
-from infra.nomad import settings
+from infra.core.errors import NomadError
+from infra.nomad.client import settings
 
 # ------------------------------------------------------------------------------------------------ TLS --
 
@@ -58,7 +58,7 @@ def test_settings_reject_half_a_client_cert_and_missing_files(make_cfg: Any) -> 
     "token", ["tok-secret\n", "tok-secret\r\n", "tok secret", "tok\x1b[2Jsecret", " tok-secret"]
 )
 def test_a_malformed_token_is_a_clean_error_without_the_token(make_cfg: Any, token: str) -> None:
-    from infra.nomad import Client, Settings
+    from infra.nomad.client import Client, Settings
 
     with pytest.raises(NomadError) as info:
         settings(make_cfg(), {"NOMAD_TOKEN": token})
@@ -69,7 +69,7 @@ def test_a_malformed_token_is_a_clean_error_without_the_token(make_cfg: Any, tok
 
 
 def test_token_over_plain_http_to_a_remote_host_is_warned_about(capsys: pytest.CaptureFixture[str]) -> None:
-    from infra.nomad import Client, Settings
+    from infra.nomad.client import Client, Settings
 
     for addr in (
         "http://127.0.0.1:4646",
@@ -102,7 +102,7 @@ def test_bad_addresses_are_clean_errors(make_cfg: Any, addr: str, message: str) 
 
 
 def test_printable_escapes_control_characters_keeps_newlines_and_tabs() -> None:
-    from infra.errors import printable
+    from infra.core.errors import printable
 
     assert printable("a\x00b\x1b[31mc\r\n\td\x7f\x9b") == "a\\x00b\\x1b[31mc\\x0d\n\td\\x7f\\x9b"
     assert printable("x" * 10, limit=4) == "xxxx…"

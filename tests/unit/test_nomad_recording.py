@@ -1,4 +1,4 @@
-"""infra/nomad_recording.py and scripts/recording-to-replay: redaction of recorded Nomad API exchanges, and
+"""tests/e2e/nomad_recording.py and scripts/recording-to-replay: redaction of recorded Nomad API exchanges, and
 the conversion of a (small, hand-written) recording into the replay fixture format of
 tests/fixtures/nomad-replay.json. The proxy itself is tested in tests/component/test_nomad_recording.py."""
 
@@ -13,10 +13,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-
-from infra import ROOT
-from infra.errors import REDACTED
-from infra.nomad_recording import (
+from e2e.nomad_recording import (
     Recorder,
     RecordingError,
     build_exchange,
@@ -25,6 +22,9 @@ from infra.nomad_recording import (
     slug,
     to_replay,
 )
+
+from infra import ROOT
+from infra.core.errors import REDACTED
 
 TOKEN = "0b6f2c5e-8f2b-4d1e-9a3c-7e5d4c3b2a10"
 PASSWORD = "Zq8pL2mWx9rT4vB7nK3s"

@@ -1,4 +1,4 @@
-"""infra/pgp.py: the pinned HashiCorp key is accepted only ALONE (issue 10, item 4). Before, only the first
+"""infra/guest/pgp.py: the pinned HashiCorp key is accepted only ALONE (issue 10, item 4). Before, only the first
 key of the file was checked, so the pinned key followed by any other key passed, and apt would have trusted
 both. The superseded 2023 HashiCorp key (real) plays the pinned key; the other is a throwaway ed25519 key."""
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from infra import pgp
-from infra.errors import ValidationError
+from infra.core.errors import ValidationError
+from infra.guest import pgp
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 PINNED = (FIXTURES / "hashicorp-2023-superseded.asc").read_text()

@@ -1,4 +1,4 @@
-"""infra.qemu: the command line per guest arch / accelerator / host platform, and the accelerator choice.
+"""infra.vm.qemu: the command line per guest arch / accelerator / host platform, and the accelerator choice.
 
 The command line is pure, so most tests read it; `test_command_line_is_accepted_by_real_qemu` hands one to
 the real qemu-system-x86_64 to prove the options exist and combine (it exits at once via `-S` + QMP quit).
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from support.launchspec import spec
 
-from infra import qemu
-from infra.errors import VMError
+from infra.core.errors import VMError
+from infra.vm import qemu
 
 LINUX_X86 = qemu.Platform("Linux", "x86_64")
 

@@ -1,4 +1,4 @@
-"""infra/seed.py: user-data composition, validation, and the ISO read back with pycdlib."""
+"""infra/guest/seed.py: user-data composition, validation, and the ISO read back with pycdlib."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import pycdlib
 import pytest
 import yaml
 
-from infra import config, pgp, seed
-from infra.errors import SSHKeyError, TemplateError, ValidationError
+from infra.core import config
+from infra.core.errors import SSHKeyError, TemplateError, ValidationError
+from infra.guest import pgp, seed
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBPkFsOzBkaGc663XawP6l6Ir0RQXYvFAyRrdwGFAdIT test@example"
 
@@ -147,7 +148,7 @@ def test_malformed_template_names_file_line_column(make_cfg, tmp_path: Path, mon
     monkeypatch.setattr(seed, "PARTS_DIR", parts)
     cfg = make_cfg()
     with pytest.raises(TemplateError) as err:
-        seed.build(cfg)
+        seed.write_iso(cfg)
     assert f"{parts / 'docker.yaml'}:3:" in str(err.value)
     assert "malformed YAML" in str(err.value)
     assert not (cfg.project.state_dir / "seed.iso").exists()
@@ -215,7 +216,7 @@ def test_project_rules(make_cfg, tmp_path: Path, monkeypatch) -> None:  # type: 
 def test_invalid_public_key_is_refused_and_nothing_written(make_cfg, key: str, message: str) -> None:  # type: ignore[no-untyped-def]
     cfg = make_cfg(ssh={"public_key": key})
     with pytest.raises(SSHKeyError, match=message):
-        seed.build(cfg)
+        seed.write_iso(cfg)
     assert not (cfg.project.state_dir / "seed.iso").exists()
 
 
@@ -238,7 +239,7 @@ def test_registry_mirror_goes_to_docker_daemon_json(make_cfg) -> None:  # type: 
 def test_refresh_follows_config_but_keeps_the_key_given_to_inv_iso(make_cfg, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     pub = tmp_path / "mine.pub"
     pub.write_text(KEY + "\n")
-    first = seed.build(make_cfg(), ssh_key=str(pub))  # inv iso --ssh-key mine.pub
+    first = seed.write_iso(make_cfg(), ssh_key=str(pub))  # inv iso --ssh-key mine.pub
     again = seed.refresh(make_cfg())  # inv vm.run, config unchanged: same bytes
     assert again.sha256 == first.sha256 and again.changed is False
     changed = seed.refresh(make_cfg(provision={"hostname": "renamed"}))  # config changed since inv iso

@@ -1,4 +1,4 @@
-"""infra/speclint.py: the real specs pass; every rule fires, with its exact message, on a broken copy.
+"""infra/nomad/speclint.py: the real specs pass; every rule fires, with its exact message, on a broken copy.
 
 Broken copies are made from the real specs by targeted text edits (each edit must match exactly once,
 so a test cannot silently stop testing anything when a spec changes) and written into tmp_path.
@@ -13,7 +13,9 @@ from typing import Any
 
 import pytest
 
-from infra import ROOT, speclint
+from infra import ROOT
+from infra.core import hcl
+from infra.nomad import speclint
 
 SPECS = ROOT / "nomad"
 
@@ -221,7 +223,7 @@ SPEC_CASES = [
            '          "--certificatesresolvers.acme-http.acme.storage=/acme/acme.json",\n'
            '          "--certificatesresolvers.acme-http.acme.httpchallenge.entrypoint=web",\n', ""),),
          "args = [", "ingress/traefik/traefik",
-         'certificate resolver "acme-http" (named by infra/ingress.py (ingress.acme.challenge)) is not defined: '
+         'certificate resolver "acme-http" (named by infra/compose/ingress.py (ingress.acme.challenge)) is not defined: '
          "no --certificatesresolvers.acme-http.acme.* argument (defined: acme-tlsalpn)"),
     Case("acme-resolver", INGRESS,
          (('"--certificatesresolvers.acme-tlsalpn.acme.tlschallenge=true",\n',
@@ -302,7 +304,7 @@ def broken_agent(
     files, parts = tmp_path / "cloud-init" / "files", tmp_path / "cloud-init" / "parts"
     (files / "nomad").mkdir(parents=True)
     parts.mkdir(parents=True)
-    text = speclint.AGENT_CONFIG.read_text(encoding="utf-8")
+    text = hcl.AGENT_CONFIG.read_text(encoding="utf-8")
     for old, new in agent_edits:
         assert text.count(old) == 1, f"edit target must occur exactly once in the agent config: {old!r}"
         text = text.replace(old, new)
@@ -410,10 +412,10 @@ def test_cni_path_is_fine_when_a_part_installs_the_plugins(tmp_path: Path) -> No
 
 def test_an_agent_config_no_part_ships_is_reported(tmp_path: Path) -> None:
     elsewhere = tmp_path / "agent.hcl"
-    elsewhere.write_text(speclint.AGENT_CONFIG.read_text(encoding="utf-8"), encoding="utf-8")
+    elsewhere.write_text(hcl.AGENT_CONFIG.read_text(encoding="utf-8"), encoding="utf-8")
     assert [str(f) for f in speclint.check_agent_config(elsewhere)] == [
         "agent.hcl: agent-config-order: no cloud-init part ships this file (write_files from_file under "
-        f"{speclint._display(speclint.FILES_DIR)}); cannot tell where it lands in /etc/nomad.d"
+        f"{hcl.display_path(speclint.FILES_DIR)}); cannot tell where it lands in /etc/nomad.d"
     ]
 
 
@@ -570,7 +572,7 @@ def test_image_references_with_registry_ports_are_split_correctly(image: str, pr
 
 # ---------------------------------------------------------------------------------- host-volume-exists --
 def test_the_host_volumes_are_read_from_the_agent_config(tmp_path: Path) -> None:
-    agent_text = speclint.AGENT_CONFIG.read_text(encoding="utf-8")
+    agent_text = hcl.AGENT_CONFIG.read_text(encoding="utf-8")
     kafka_volume = (
         'host_volume "kafka-data" {\n    path      = "/opt/nomad/volumes/kafka"\n    read_only = false\n  }\n'
     )
@@ -700,8 +702,8 @@ def test_kafka_keeps_one_address_and_the_app_never_renders_an_empty_bootstrap() 
     replacement registers the same address), the app job names the same port, and the app's env template
     renders KAFKA_BOOTSTRAP_SERVERS with or without the kafka service (its `else`: node address + that
     port), so a Kafka restart changes no byte of it and Nomad does not restart the app."""
-    data = speclint.parse((ROOT / "nomad" / "datastorage.nomad.hcl").read_text())
-    app = speclint.parse((ROOT / "nomad" / "service.nomad.hcl").read_text())
+    data = hcl.parse((ROOT / "nomad" / "datastorage.nomad.hcl").read_text())
+    app = hcl.parse((ROOT / "nomad" / "service.nomad.hcl").read_text())
     port = {v.name: v.get("default") for v in data.children("variable")}["kafka_internal_port"]
     assert port == {v.name: v.get("default") for v in app.children("variable")}["kafka_internal_port"]
     (job,) = data.children("job")

@@ -1,4 +1,4 @@
-"""infra/tls.py: the project CA and the leaf, their files and modes, and the 30-day renewal rule with an
+"""infra/compose/tls.py: the project CA and the leaf, their files and modes, and the 30-day renewal rule with an
 injected clock (no waiting for time to pass)."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from infra import tls
-from infra.errors import ConfigError
-from infra.state import StatePaths
+from infra.compose import tls
+from infra.core.errors import ConfigError
+from infra.core.state import StatePaths
 
 
 @pytest.fixture
@@ -110,7 +110,9 @@ def test_a_state_dir_that_is_a_file_is_one_error_naming_it(tmp_path: Path) -> No
     with pytest.raises(
         ConfigError, match=r"configuration key project\.state_dir: .*/state is not a directory"
     ):
-        tls.ensure(StatePaths(tmp_path / "state"))  # checked as the tool's own state dir (infra/state.py)
+        tls.ensure(
+            StatePaths(tmp_path / "state")
+        )  # checked as the tool's own state dir (infra/core/state.py)
 
 
 def test_trust_instructions_name_every_client(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""infra/ui.py and the redaction it applies (infra/errors.py): every line printed is made printable, hides
+"""infra/core/ui.py and the redaction it applies (infra/core/errors.py): every line printed is made printable, hides
 passwords inside URLs and is never parsed as rich markup (issue 23, items 2 and 3)."""
 
 from __future__ import annotations
@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
-from infra import images, ui
-from infra.errors import REDACTED, printable, redact_urls, url_secrets
+from infra.core import ui
+from infra.core.errors import REDACTED, printable, redact_urls, url_secrets
+from infra.vm import baseimages
 
 
 @pytest.mark.parametrize(
@@ -69,7 +70,7 @@ def test_the_live_line_and_stdout_values_too(capsys: pytest.CaptureFixture[str])
 def test_the_plain_http_warning_of_vm_image_hides_its_password(make_cfg: Callable[..., Any]) -> None:
     """Issue 23, item 2: the warning named the URL with its password."""
     cfg = make_cfg(vm={"image": "http://mirror:hunter2@images.example/x.img", "image_sha256": "0" * 64})
-    out = _captured(lambda: images.source_for(cfg, "x86_64"))
+    out = _captured(lambda: baseimages.source_for(cfg, "x86_64"))
     assert (
         "hunter2" not in out
         and f"vm.image http://mirror:{REDACTED}@images.example/x.img is plain http" in out

@@ -1,4 +1,4 @@
-"""infra.vm without qemu: pidfile handling (the lifecycle against the real qemu is tests/component/test_vm.py)."""
+"""infra.vm.lifecycle without qemu: pidfile handling (the lifecycle against the real qemu is tests/component/test_vm.py)."""
 
 from __future__ import annotations
 
@@ -6,22 +6,23 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from infra import config, vm
-from infra.state import StatePaths
+from infra.core import config
+from infra.core.state import StatePaths
+from infra.vm import lifecycle
 
 
 def test_recycled_pid_is_not_our_qemu(tmp_path: Path) -> None:
     """A pidfile naming a live process that is not our qemu (pid reuse) does not count as running."""
     state = StatePaths(tmp_path)
     state.pidfile.write_text(str(os.getpid()))
-    assert vm.running_pid(state) is None
+    assert lifecycle.running_pid(state) is None
 
 
 def test_garbage_pidfile(tmp_path: Path) -> None:
     state = StatePaths(tmp_path)
     state.pidfile.write_text("not a pid")
-    assert vm.running_pid(state) is None
-    assert vm.clear_stale(state) and not state.pidfile.exists()
+    assert lifecycle.running_pid(state) is None
+    assert lifecycle.clear_stale(state) and not state.pidfile.exists()
 
 
 def test_stop_without_vm_removes_stale_files(make_cfg: Callable[..., config.Config]) -> None:
@@ -29,5 +30,5 @@ def test_stop_without_vm_removes_stale_files(make_cfg: Callable[..., config.Conf
     state = StatePaths.of(cfg)
     state.root.mkdir(parents=True)
     state.pidfile.write_text("999999999")
-    assert vm.stop(cfg) is False
+    assert lifecycle.stop(cfg) is False
     assert not state.pidfile.exists()

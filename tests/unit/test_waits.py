@@ -1,13 +1,13 @@
-"""infra/waits.py and the live line of infra/ui.py (not a terminal under pytest: the CI-log behaviour)."""
+"""infra/core/waits.py and the live line of infra/core/ui.py (not a terminal under pytest: the CI-log behaviour)."""
 
 from __future__ import annotations
 
 import pytest
 from support.clock import FakeClock
 
-from infra import ui
-from infra.errors import WaitTimeout
-from infra.waits import Deadline, Probe, wait_until
+from infra.core import ui
+from infra.core.errors import WaitTimeout
+from infra.core.waits import Deadline, Probe, wait_until
 
 
 def test_wait_until_returns_the_done_probe_and_shows_state_changes_only(

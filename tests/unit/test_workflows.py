@@ -74,7 +74,7 @@ def test_ci_e2e_job_enables_kvm_caches_the_image_runs_nox_and_uploads_logs() -> 
     assert script == "tests/e2e/harness.py" and (ROOT / script).is_file()
     cache = [s for s in job["steps"] if str(s.get("uses", "")).startswith("actions/cache@")]
     assert cache and "steps.image.outputs.key" in cache[0]["with"]["key"]
-    # the baked image, cached by infra.bake's content key (tests/e2e/harness.py bake-cache)
+    # the baked image, cached by infra.compose.bake's content key (tests/e2e/harness.py bake-cache)
     bake = next(s for s in job["steps"] if s.get("id") == "bake")
     assert str(bake["run"]).split()[1:3] == ["tests/e2e/harness.py", "bake-cache"]
     assert len(cache) == 2 and cache[1]["with"] == {

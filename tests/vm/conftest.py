@@ -64,7 +64,7 @@ def make_vm_env(test_image: dict[str, str], root: Path, provision: dict[str, Any
     """A -f config file: the test image with direct kernel boot, TCG, 2 vCPU / 2 GiB, free ports, tmp state."""
     ports = vm_ports()
     settings: dict[str, Any] = {
-        # cache_dir: bakes (infra/bake.py) land in this test's own cache, never in the user's
+        # cache_dir: bakes (infra/compose/bake.py) land in this test's own cache, never in the user's
         "project": {"state_dir": str(root / "state"), "cache_dir": str(root / "cache")},
         "provision": provision,
         "vm": {

@@ -179,7 +179,7 @@ def test_the_seeds_differ_only_in_node_identity_and_network(
             text = {k: v.replace(what, "<node>") for k, v in text.items()}
         meta = yaml.safe_load(text["meta-data"])
         assert meta["local-hostname"] == "<node>" and meta["instance-id"].startswith("iid-")
-        meta.pop("instance-id")  # a hash of the content (infra/seed.py): differs with it
+        meta.pop("instance-id")  # a hash of the content (infra/guest/seed.py): differs with it
         return text["user-data"], text["network-config"], json.dumps(meta)
 
     first = neutral("nomad-1")

@@ -30,7 +30,9 @@ import pytest
 import yaml
 from support.servers.common import listening, processes_of
 
-from infra import ROOT, pgp, remote, seed
+from infra import ROOT
+from infra.guest import pgp, seed
+from infra.guest import ssh as guest_ssh
 
 pytestmark = [
     pytest.mark.vm,
@@ -230,7 +232,7 @@ def baked(
     """Bake THIS guest (`inv image.bake --from-vm`), then boot the bake: no second provisioning."""
     before = ssh(
         guest_env,
-        f"sudo grep -cE '{INSTALL_LINES.pattern}' {remote.CLOUD_INIT_LOG}; mkdir -p /tmp/probe && "
+        f"sudo grep -cE '{INSTALL_LINES.pattern}' {guest_ssh.CLOUD_INIT_LOG}; mkdir -p /tmp/probe && "
         f"echo baked > /tmp/probe/hello && tar -C /tmp/probe -c . | docker import - {PROBE_IMAGE} >/dev/null; "
         + IDENTITY,
     ).splitlines()
@@ -249,7 +251,7 @@ def baked(
     timings = json.loads(check.stdout.strip().splitlines()[-1])
     record_time("image.bake --from-vm", bake_s)
     record_time("docker part, baked", timings["cloud_init_done_s"])
-    after = ssh(guest_env, f"sudo cat {remote.CLOUD_INIT_LOG}; echo '---'; " + IDENTITY)
+    after = ssh(guest_env, f"sudo cat {guest_ssh.CLOUD_INIT_LOG}; echo '---'; " + IDENTITY)
     log, _, identity = after.rpartition("---\n")
     path = Path(made.stdout.strip().splitlines()[-1])
     return {"install_lines_before": int(before[0]), "identity_before": before[1:], "identity": identity.splitlines(),

