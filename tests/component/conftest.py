@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from support.doubles.nomad_api import NomadAPIDouble
+from support.jobs import web_job
 from support.servers import dockerd, postgres, tansu
 from support.servers.common import blank_vm_settings, free_port
 
@@ -66,6 +67,24 @@ def nomad_doubles() -> Iterator[Callable[..., NomadAPIDouble]]:
 def double(nomad_doubles: Callable[..., NomadAPIDouble]) -> NomadAPIDouble:
     """A Nomad API double with a ready node, answering (a module overrides it where it needs another)."""
     return nomad_doubles().ready_now().start()
+
+
+@pytest.fixture
+def doubles(nomad_doubles: Callable[..., NomadAPIDouble]) -> Callable[..., NomadAPIDouble]:
+    """Doubles with a ready node, already answering."""
+    return lambda **kw: nomad_doubles(**kw).ready_now().start()
+
+
+@pytest.fixture
+def web(tmp_path: Path) -> Callable[..., Path]:
+    """Writes the `web` job (support/jobs.py: a frontend with a service, a backend that promotes itself)."""
+
+    def make(canary: int = 0) -> Path:
+        path = tmp_path / "web.nomad.hcl"
+        path.write_text(web_job(canary=canary, cpu=None, memory=64, service=True, backend=True))
+        return path
+
+    return make
 
 
 #: A process that listens on a port until killed.

@@ -1,12 +1,14 @@
-"""The app image, built for real: a private dockerd (fixture), a python base made here from Debian's
-packages (no Docker Hub), app/Dockerfile built through infra/compose/appimage.py's code, the container run against the
-real PostgreSQL and Tansu fixtures, /healthz answered from inside the container."""
+"""infra/compose/appimage.py: the app image built for real (a private dockerd (fixture), a python base made here
+from Debian's packages (no Docker Hub), app/Dockerfile built through appimage's code, the container run against
+the real PostgreSQL and Tansu fixtures, /healthz answered from inside the container); and its tag and build
+context from a REAL temporary git repository (tests/support/gitrepo.py): dirty detection, the context tarball."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import subprocess
+import tarfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,6 +18,7 @@ import pytest
 import requests
 import yaml
 from support.doubles.nomad_api import NomadAPIDouble
+from support.gitrepo import commit_all, git, make_repo
 from support.jobs import APP_JOB
 from support.servers import dockerd, sshd
 from support.servers.common import free_port
@@ -27,10 +30,9 @@ from infra.compose import appimage
 from infra.core import config
 from infra.core.errors import BuildError
 
-pytestmark = [
-    pytest.mark.docker,
-    pytest.mark.tools("dockerd", "docker", "mmdebstrap", "initdb", "sshd", "ssh-keygen"),
-]
+#: The tests that build for real: a Docker engine, a base image made with mmdebstrap, PostgreSQL, sshd.
+docker = pytest.mark.docker
+docker_tools = pytest.mark.tools("dockerd", "docker", "mmdebstrap", "initdb", "sshd", "ssh-keygen")
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +74,8 @@ def wait_healthy(url: str, container: str, engine: dockerd.DockerEngine, timeout
     raise AssertionError(f"container never healthy: {last!r}\n{logs.stdout[-3000:]}{logs.stderr[-3000:]}")
 
 
+@docker
+@docker_tools
 def test_image_builds_from_a_local_base_and_answers_healthz(
     built: tuple[appimage.BuildResult, appimage.LocalDocker, config.Config],
     docker_engine: dockerd.DockerEngine,
@@ -122,6 +126,8 @@ def test_image_builds_from_a_local_base_and_answers_healthz(
     assert lines[-1]["msg"] == "stopped"
 
 
+@docker
+@docker_tools
 def test_second_build_of_the_same_tree_is_a_noop(
     built: tuple[appimage.BuildResult, appimage.LocalDocker, config.Config],
 ) -> None:
@@ -132,6 +138,8 @@ def test_second_build_of_the_same_tree_is_a_noop(
     assert again.built is False
 
 
+@docker
+@docker_tools
 def test_save_and_load_round_trip(
     built: tuple[appimage.BuildResult, appimage.LocalDocker, config.Config], tmp_path: Path,
     docker_engine: dockerd.DockerEngine,
@@ -149,6 +157,8 @@ def test_save_and_load_round_trip(
     assert tarball.stat().st_size > 50_000_000
 
 
+@docker
+@docker_tools
 def test_a_broken_build_names_the_failing_step(
     docker_engine: dockerd.DockerEngine, base_image: str, tmp_path: Path
 ) -> None:
@@ -196,6 +206,8 @@ def host_network_vm_engine(cfg: config.Config) -> Iterator[appimage.RemoteDocker
         yield engine
 
 
+@docker
+@docker_tools
 def test_build_inside_the_vm_over_ssh(vm_like: config.Config, docker_engine: dockerd.DockerEngine) -> None:
     # The uploaded context is `mktemp --tmpdir infra-lab-XXXXXXXX<suffix>` in the "VM" (here: this host's
     # /tmp, which other tests share): compare what exists before and after.
@@ -212,6 +224,8 @@ def test_build_inside_the_vm_over_ssh(vm_like: config.Config, docker_engine: doc
     docker_engine.docker("image", "rm", result.ref)
 
 
+@docker
+@docker_tools
 def test_local_build_is_loaded_into_the_vm_over_ssh(
     vm_like: config.Config, docker_engine: dockerd.DockerEngine
 ) -> None:
@@ -228,6 +242,8 @@ def test_local_build_is_loaded_into_the_vm_over_ssh(
     assert docker_engine.docker("image", "inspect", ref, check=False).returncode == 0
 
 
+@docker
+@docker_tools
 def test_inv_deploy_app_build_twice_on_an_unchanged_tree_deploys_once(
     vm_like: config.Config,
     docker_engine: dockerd.DockerEngine,
@@ -269,3 +285,115 @@ def test_inv_deploy_app_build_twice_on_an_unchanged_tree_deploys_once(
     assert second.stdout.strip().splitlines()[-1] == ref
     assert versions == 1 and registrations == 1
     assert docker_engine.docker("image", "inspect", ref, check=False).returncode == 0
+
+
+# ---------------------------------------------------------- the tag and the build context (git, no Docker) --
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    return make_repo(tmp_path / "repo")
+
+
+@pytest.mark.tools("git")
+def test_clean_tree_is_tagged_with_the_commit_that_last_changed_app(repo: Path) -> None:
+    src = appimage.source(repo)
+
+    assert not src.dirty
+    assert src.commit == git(repo, "rev-parse", "HEAD").strip()
+    assert src.tag == src.commit[:12]
+    assert src.files == ("Dockerfile", "events_service.py", "run.sh")
+
+
+@pytest.mark.tools("git")
+def test_a_commit_outside_app_keeps_the_tag(repo: Path) -> None:
+    before = appimage.source(repo).tag
+    (repo / "infra" / "other.py").write_text("x = 2\n")
+    commit_all(repo, "infra only")
+
+    after = appimage.source(repo)
+
+    assert after.tag == before
+    assert after.commit != git(repo, "rev-parse", "HEAD").strip()  # HEAD moved, app/ did not
+
+
+@pytest.mark.tools("git")
+def test_an_uncommitted_change_outside_app_is_not_dirty(repo: Path) -> None:
+    (repo / "infra" / "other.py").write_text("x = 3\n")
+
+    assert not appimage.source(repo).dirty
+
+
+@pytest.mark.tools("git")
+def test_a_tracked_change_in_app_is_dirty_and_the_tag_follows_the_content(repo: Path) -> None:
+    clean = appimage.source(repo).tag
+    (repo / "app" / "events_service.py").write_text("print('v2')\n")
+    first = appimage.source(repo)
+    second = appimage.source(repo)
+    (repo / "app" / "events_service.py").write_text("print('v3')\n")
+    third = appimage.source(repo)
+    (repo / "app" / "events_service.py").write_text("print('v1')\n")  # back to the committed content
+    reverted = appimage.source(repo)
+
+    assert first.dirty and first.tag.startswith(clean + "-dirty-")
+    assert second.tag == first.tag  # same dirty tree, same tag
+    assert third.tag != first.tag and third.tag.startswith(clean + "-dirty-")
+    assert not reverted.dirty and reverted.tag == clean
+
+
+@pytest.mark.tools("git")
+def test_untracked_files_count_but_ignored_ones_do_not(repo: Path) -> None:
+    (repo / "app" / "debug.log").write_text("ignored\n")
+    (repo / "app" / "__pycache__").mkdir()
+    (repo / "app" / "__pycache__" / "x.pyc").write_bytes(b"\0")
+    ignored_only = appimage.source(repo)
+    (repo / "app" / "helper.py").write_text("y = 1\n")
+    untracked = appimage.source(repo)
+
+    assert not ignored_only.dirty and "debug.log" not in ignored_only.files
+    assert untracked.dirty and "helper.py" in untracked.files
+
+
+@pytest.mark.tools("git")
+def test_staged_changes_and_mode_changes_are_dirty(repo: Path) -> None:
+    clean = appimage.source(repo)
+    (repo / "app" / "events_service.py").chmod(0o755)
+    mode_changed = appimage.source(repo)
+
+    assert mode_changed.dirty
+    assert mode_changed.content_hash != clean.content_hash
+
+
+@pytest.mark.tools("git")
+def test_not_a_git_repository_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "Dockerfile").write_text("FROM scratch\n")
+
+    with pytest.raises(BuildError) as info:
+        appimage.source(tmp_path)
+
+    assert "git" in str(info.value) and "--image" in str(info.value)
+
+
+@pytest.mark.tools("git")
+def test_missing_dockerfile_is_a_clear_error(repo: Path) -> None:
+    (repo / "app" / "Dockerfile").unlink()
+
+    with pytest.raises(BuildError, match=r"app/Dockerfile not found"):
+        appimage.source(repo)
+
+
+@pytest.mark.tools("git")
+def test_context_tarball_holds_exactly_the_files_reproducibly(repo: Path, tmp_path: Path) -> None:
+    (repo / "app" / "debug.log").write_text("not shipped\n")
+    src = appimage.source(repo)
+
+    a = appimage.context_tarball(src, tmp_path / "a.tar")
+    b = appimage.context_tarball(src, tmp_path / "b.tar")
+
+    assert a.read_bytes() == b.read_bytes()
+    with tarfile.open(a) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        assert sorted(members) == ["Dockerfile", "events_service.py", "run.sh"]
+        assert members["run.sh"].mode == 0o755 and members["Dockerfile"].mode == 0o644
+        assert {m.mtime for m in members.values()} == {0}
+        extracted = tar.extractfile("events_service.py")
+        assert extracted is not None and extracted.read() == b"print('v1')\n"

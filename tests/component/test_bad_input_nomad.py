@@ -5,7 +5,7 @@ code, the one `error: ...` line (no traceback, no token in the output, server by
 an error waiting cannot heal stopped the command at once (counted: the requests the double saw, not
 seconds), and that nothing was left behind (no job registered, no temp or record files in the state dir).
 No case measures time: a deadline's own behaviour is tested on a fake clock (tests/unit/test_waits.py,
-tests/component/test_nomad.py); here a broken deadline would hang the `inv` run until its generous
+tests/component/test_client.py); here a broken deadline would hang the `inv` run until its generous
 subprocess timeout.
 """
 

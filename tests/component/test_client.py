@@ -1,4 +1,5 @@
-"""infra/nomad/client.py and infra/nomad/cluster.py against the STATEFUL Nomad API double (tests/support/doubles/nomad_api.py).
+"""infra/nomad/client.py against the STATEFUL Nomad API double (tests/support/doubles/nomad_api.py); the wait
+built on it (infra/nomad/cluster.py) is tested in test_cluster.py.
 
 Scenarios: connection refused while the VM boots, 500 "No cluster leader", ACL 403 with a bad token,
 TLS (and mutual TLS) to an https double, blocking queries, and `nomad.wait`'s timeout message.
@@ -12,29 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 import trustme
-from support.clock import FakeClock
-from support.doubles.nomad_api import NODE_ID
 from support.http import DribblingServer
-from support.nomad_client import client_for
+from support.nomad_client import TimeoutRecorder, client_for
+from support.servers.common import free_port
 
 from infra.core.errors import NomadError, WaitTimeout
 from infra.nomad import cluster
 from infra.nomad.client import Client, NomadAPIError, NomadNotFound, NomadUnreachable, Settings
-
-
-class TimeoutRecorder(requests.Session):
-    """A requests session that notes the (connect, read) limits the client gives each request."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.timeouts: list[tuple[float, float]] = []
-
-    def request(self, method: str | bytes, url: str | bytes, *args: Any, **kw: Any) -> requests.Response:
-        self.timeouts.append(tuple(kw["timeout"]))
-        return super().request(method, url, *args, **kw)
-
 
 # ------------------------------------------------------------------------------------------------ TLS --
 
@@ -64,7 +50,7 @@ def test_connection_refused_is_retried_with_backoff_then_succeeds(nomad_doubles:
 
 
 def test_connection_refused_after_retries_names_the_address_and_where_to_look() -> None:
-    port = __import__("doubles.nomad_api", fromlist=["free_port"]).free_port()
+    port = free_port()
     c = Client(Settings(addr=f"http://127.0.0.1:{port}", retries=2), sleep=lambda s: None)
     with pytest.raises(NomadUnreachable) as info:
         c.leader()
@@ -85,92 +71,6 @@ def test_http_errors_are_not_retried_and_nomads_body_is_surfaced(nomad_doubles: 
     with pytest.raises(NomadNotFound, match="job not found"):
         c.get("/v1/job/nope")
     assert c.job("nope") is None
-
-
-def test_no_cluster_leader_is_surfaced_with_a_hint_then_the_leader_appears(nomad_doubles: Any) -> None:
-    d = nomad_doubles(rpc_hold=0.1).start()
-    d.register_node(status="ready", docker="healthy")
-    c = client_for(d)
-    with pytest.raises(NomadAPIError) as info:
-        c.nodes()
-    assert info.value.no_leader
-    assert "HTTP 500: No cluster leader" in str(info.value)
-    assert "inv nomad.wait" in str(info.value)
-
-    # nodes request 1 was above, 2 is the wait's first (no leader yet); the leader is elected at the third
-    d.on_request("^/v1/nodes$", 3, d.elect_leader)
-    seen: list[str] = []
-    st = cluster.wait_ready(c, timeout=120, observe=lambda s: seen.append(s.describe()))
-    assert st.ready and st.leader
-    assert "Nomad API up; no cluster leader yet" in seen
-    assert seen[-1].startswith("leader elected; node nomad-1 ready, eligible; docker driver healthy")
-
-
-def test_nomad_wait_sees_the_vm_boot_from_connection_refused_to_docker_healthy(nomad_doubles: Any) -> None:
-    d = nomad_doubles(rpc_hold=0.5).start(listen=False)  # the VM's port refuses connections while it boots
-    attempts: list[str] = []
-
-    def attempted(_method: str, path: str) -> None:
-        attempts.append(path)
-        if len(attempts) == 2:  # the API comes up after one refused attempt
-            d.listen()
-
-    # the boot, one change per /v1/nodes request of the wait (tied to the client's requests, not to a clock
-    # a loaded machine could outrun): leader + node registered (initializing), node ready, docker healthy
-    d.on_request("^/v1/nodes$", 1, lambda: (d.elect_leader(), d.register_node()))
-    d.on_request("^/v1/nodes$", 2, lambda: d.set_node(Status="ready"))
-    d.on_request("^/v1/nodes$", 3, lambda: d.set_docker("healthy"))
-    c = Client(Settings(addr=d.url, connect_timeout=30, read_timeout=60, retries=0), on_request=attempted)
-    seen: list[str] = []
-    st = cluster.wait_ready(c, timeout=120, observe=lambda s: seen.append(s.describe()))
-    assert st.ready and st.node_id == NODE_ID and st.docker_healthy
-    assert "not answering" in seen[0] and "onnection refused" in seen[0], seen
-    assert any("initializing" in s for s in seen) and any("docker driver not detected" in s for s in seen)
-    # blocking queries: one /v1/nodes request per state change, the first one unblocked
-    assert d.count("^/v1/nodes$") == 3, [(r.path, r.query) for r in d.requests]
-    blocking = [r for r in d.requests if r.path == "/v1/nodes" and "index" in r.query]
-    assert len(blocking) == 2 and all(r.query.get("wait", "").endswith("ms") for r in blocking)
-
-
-def test_nomad_wait_waits_for_eligibility_and_docker_health(nomad_doubles: Any) -> None:
-    d = nomad_doubles().start()
-    d.leader = "10.0.2.15:4647"
-    d.register_node(status="ready", docker="unhealthy")
-    d.set_node(SchedulingEligibility="ineligible")
-    # each change arrives with the wait's next (blocking) query: one request per change, whatever the load
-    d.on_request("^/v1/nodes$", 2, lambda: d.set_node(SchedulingEligibility="eligible"))
-    d.on_request("^/v1/nodes$", 3, lambda: d.set_docker("healthy"))
-    seen: list[str] = []
-    st = cluster.wait_ready(client_for(d), timeout=120, observe=lambda s: seen.append(s.describe()))
-    assert st.ready
-    assert "ineligible" in seen[0] and "detected, unhealthy (Docker is unresponsive)" in seen[0]
-    assert d.count("/v1/nodes") == 3
-
-
-def test_nomad_wait_timeout_reports_last_state_and_where_to_look(nomad_doubles: Any) -> None:
-    d = nomad_doubles().start()
-    d.leader = "10.0.2.15:4647"
-    d.register_node(status="ready", docker="undetected")
-    # The deadline runs on a fake clock that jumps past it once the first look is done: however slow the
-    # machine, the double's answer is in before the wait gives up (each request's own limit is the time left
-    # by that clock: 300 s here), and exactly one look happens.
-    clock = FakeClock()
-    with pytest.raises(WaitTimeout) as info:
-        cluster.wait_ready(client_for(d), timeout=300, observe=lambda s: clock.advance(301), clock=clock,
-                           sleep=clock.sleep)  # fmt: skip
-    text = str(info.value)
-    assert "timed out after 300s waiting for Nomad" in text
-    assert "last state: leader elected; node nomad-1 ready, eligible; docker driver not detected" in text
-    assert d.count("/v1/nodes") == 1 and d.count("/v1/agent/self") == 1
-    assert "inv vm.logs" in text and "inv vm.check" in text
-    assert "node event [Cluster] Node registered" in text
-    assert info.value.exit_code == 2
-
-
-def test_nomad_wait_returns_at_once_when_ready(nomad_doubles: Any) -> None:
-    d = nomad_doubles().ready_now().start()
-    assert cluster.wait_ready(client_for(d), timeout=60).ready
-    assert d.count("/v1/") == 2  # agent/self + one nodes list: no blocking query, no pause
 
 
 # ------------------------------------------------------------------------------------------------ ACL --
@@ -244,31 +144,6 @@ def test_agent_health_returns_the_body_of_a_500(nomad_doubles: Any) -> None:
     d = nomad_doubles().start()
     health = client_for(d).agent_health()
     assert health["server"] == {"ok": False, "message": "No cluster leader"}
-
-
-def test_wait_keeps_its_deadline_against_a_server_that_never_answers() -> None:
-    """A port that accepts connections but never answers (a wedged proxy, a half-started agent) must not
-    hold nomad.wait past its timeout: every request is capped by the deadline."""
-    import socket
-
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    port = listener.getsockname()[1]
-    session = TimeoutRecorder()
-    try:
-        client = Client(
-            Settings(addr=f"http://127.0.0.1:{port}", read_timeout=30.0, retries=0), session=session
-        )
-        with pytest.raises(WaitTimeout) as err:
-            cluster.wait_ready(client, timeout=2)
-    finally:
-        listener.close()
-    # the limits each request was given (not a stopwatch): within the wait's 2 s, not read_timeout's 30 s
-    assert session.timeouts and all(max(t) <= 2 for t in session.timeouts), session.timeouts
-    text = str(err.value)
-    assert f"no answer from Nomad at http://127.0.0.1:{port} within 2s" in text and "did not answer" in text
-    assert "last state" not in text
 
 
 # -------------------------------------------------------------------------------------------- the transport --

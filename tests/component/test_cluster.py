@@ -1,4 +1,7 @@
-"""The Nomad side of a local cluster (vm.nodes: 3) against the Nomad double: `inv nomad.wait`'s wait for three
+"""infra/nomad/cluster.py against the STATEFUL Nomad API double: `cluster.wait_ready`'s view of one node while
+the VM boots (connection refused, no leader, ineligible, docker unhealthy, the timeout's message), and
+
+the Nomad side of a local cluster (vm.nodes: 3): `inv nomad.wait`'s wait for three
 servers in the Raft configuration and three ready nodes (infra/nomad/cluster.py wait_nodes), a leader change, and
 what the scheduler does when a node is lost: the app's allocation moves to another node, the stateful job,
 constrained to the node whose host volumes hold its data (node meta written by cloud-init, infra/guest/seed.py),
@@ -16,9 +19,12 @@ import dataclasses
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from support.doubles.nomad_api import NomadAPIDouble, parse_job_hcl
+from support.clock import FakeClock
+from support.doubles.nomad_api import NODE_ID, NomadAPIDouble, parse_job_hcl
+from support.nomad_client import TimeoutRecorder, client_for
 
 from infra import ROOT
 from infra.core import config, nodes
@@ -26,7 +32,7 @@ from infra.core.errors import WaitTimeout
 from infra.core.waits import Probe, wait_until
 from infra.guest import seed
 from infra.nomad import cluster, rollout
-from infra.nomad.client import Client, Settings
+from infra.nomad.client import Client, NomadAPIError, Settings
 
 APP = """
 job "app" {
@@ -250,3 +256,114 @@ def test_status_shows_the_servers_the_nodes_and_the_leader(
     assert "node   nomad-3 (10.87.0.13): not running" in err
     assert re.search(r"node nomad-3\s+down\s+eligible$", err, re.M), err
     assert "Postgres" not in err  # its port is on the cluster network: no host forward is served
+
+
+def test_no_cluster_leader_is_surfaced_with_a_hint_then_the_leader_appears(nomad_doubles: Any) -> None:
+    d = nomad_doubles(rpc_hold=0.1).start()
+    d.register_node(status="ready", docker="healthy")
+    c = client_for(d)
+    with pytest.raises(NomadAPIError) as info:
+        c.nodes()
+    assert info.value.no_leader
+    assert "HTTP 500: No cluster leader" in str(info.value)
+    assert "inv nomad.wait" in str(info.value)
+
+    # nodes request 1 was above, 2 is the wait's first (no leader yet); the leader is elected at the third
+    d.on_request("^/v1/nodes$", 3, d.elect_leader)
+    seen: list[str] = []
+    st = cluster.wait_ready(c, timeout=120, observe=lambda s: seen.append(s.describe()))
+    assert st.ready and st.leader
+    assert "Nomad API up; no cluster leader yet" in seen
+    assert seen[-1].startswith("leader elected; node nomad-1 ready, eligible; docker driver healthy")
+
+
+def test_nomad_wait_sees_the_vm_boot_from_connection_refused_to_docker_healthy(nomad_doubles: Any) -> None:
+    d = nomad_doubles(rpc_hold=0.5).start(listen=False)  # the VM's port refuses connections while it boots
+    attempts: list[str] = []
+
+    def attempted(_method: str, path: str) -> None:
+        attempts.append(path)
+        if len(attempts) == 2:  # the API comes up after one refused attempt
+            d.listen()
+
+    # the boot, one change per /v1/nodes request of the wait (tied to the client's requests, not to a clock
+    # a loaded machine could outrun): leader + node registered (initializing), node ready, docker healthy
+    d.on_request("^/v1/nodes$", 1, lambda: (d.elect_leader(), d.register_node()))
+    d.on_request("^/v1/nodes$", 2, lambda: d.set_node(Status="ready"))
+    d.on_request("^/v1/nodes$", 3, lambda: d.set_docker("healthy"))
+    c = Client(Settings(addr=d.url, connect_timeout=30, read_timeout=60, retries=0), on_request=attempted)
+    seen: list[str] = []
+    st = cluster.wait_ready(c, timeout=120, observe=lambda s: seen.append(s.describe()))
+    assert st.ready and st.node_id == NODE_ID and st.docker_healthy
+    assert "not answering" in seen[0] and "onnection refused" in seen[0], seen
+    assert any("initializing" in s for s in seen) and any("docker driver not detected" in s for s in seen)
+    # blocking queries: one /v1/nodes request per state change, the first one unblocked
+    assert d.count("^/v1/nodes$") == 3, [(r.path, r.query) for r in d.requests]
+    blocking = [r for r in d.requests if r.path == "/v1/nodes" and "index" in r.query]
+    assert len(blocking) == 2 and all(r.query.get("wait", "").endswith("ms") for r in blocking)
+
+
+def test_nomad_wait_waits_for_eligibility_and_docker_health(nomad_doubles: Any) -> None:
+    d = nomad_doubles().start()
+    d.leader = "10.0.2.15:4647"
+    d.register_node(status="ready", docker="unhealthy")
+    d.set_node(SchedulingEligibility="ineligible")
+    # each change arrives with the wait's next (blocking) query: one request per change, whatever the load
+    d.on_request("^/v1/nodes$", 2, lambda: d.set_node(SchedulingEligibility="eligible"))
+    d.on_request("^/v1/nodes$", 3, lambda: d.set_docker("healthy"))
+    seen: list[str] = []
+    st = cluster.wait_ready(client_for(d), timeout=120, observe=lambda s: seen.append(s.describe()))
+    assert st.ready
+    assert "ineligible" in seen[0] and "detected, unhealthy (Docker is unresponsive)" in seen[0]
+    assert d.count("/v1/nodes") == 3
+
+
+def test_nomad_wait_timeout_reports_last_state_and_where_to_look(nomad_doubles: Any) -> None:
+    d = nomad_doubles().start()
+    d.leader = "10.0.2.15:4647"
+    d.register_node(status="ready", docker="undetected")
+    # The deadline runs on a fake clock that jumps past it once the first look is done: however slow the
+    # machine, the double's answer is in before the wait gives up (each request's own limit is the time left
+    # by that clock: 300 s here), and exactly one look happens.
+    clock = FakeClock()
+    with pytest.raises(WaitTimeout) as info:
+        cluster.wait_ready(client_for(d), timeout=300, observe=lambda s: clock.advance(301), clock=clock,
+                           sleep=clock.sleep)  # fmt: skip
+    text = str(info.value)
+    assert "timed out after 300s waiting for Nomad" in text
+    assert "last state: leader elected; node nomad-1 ready, eligible; docker driver not detected" in text
+    assert d.count("/v1/nodes") == 1 and d.count("/v1/agent/self") == 1
+    assert "inv vm.logs" in text and "inv vm.check" in text
+    assert "node event [Cluster] Node registered" in text
+    assert info.value.exit_code == 2
+
+
+def test_nomad_wait_returns_at_once_when_ready(nomad_doubles: Any) -> None:
+    d = nomad_doubles().ready_now().start()
+    assert cluster.wait_ready(client_for(d), timeout=60).ready
+    assert d.count("/v1/") == 2  # agent/self + one nodes list: no blocking query, no pause
+
+
+def test_wait_keeps_its_deadline_against_a_server_that_never_answers() -> None:
+    """A port that accepts connections but never answers (a wedged proxy, a half-started agent) must not
+    hold nomad.wait past its timeout: every request is capped by the deadline."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    port = listener.getsockname()[1]
+    session = TimeoutRecorder()
+    try:
+        client = Client(
+            Settings(addr=f"http://127.0.0.1:{port}", read_timeout=30.0, retries=0), session=session
+        )
+        with pytest.raises(WaitTimeout) as err:
+            cluster.wait_ready(client, timeout=2)
+    finally:
+        listener.close()
+    # the limits each request was given (not a stopwatch): within the wait's 2 s, not read_timeout's 30 s
+    assert session.timeouts and all(max(t) <= 2 for t in session.timeouts), session.timeouts
+    text = str(err.value)
+    assert f"no answer from Nomad at http://127.0.0.1:{port} within 2s" in text and "did not answer" in text
+    assert "last state" not in text

@@ -6,40 +6,17 @@ its fix.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
 from support.doubles.nomad_api import NomadAPIDouble, Timing, gc_from_agent_config
-from support.jobs import web_job
-from support.nomad_client import client_for
+from support.nomad_client import DEPLOY_CAPS, client_for
 
 from infra import ROOT
-from infra.compose import release, stack
+from infra.compose import release
 from infra.core.errors import DeployError
 from infra.nomad import cluster, rollout
 from infra.nomad.client import NomadAPIError, NomadUnreachable
-
-#: A namespace-scoped deploy token: jobs, variables and node reads, but no agent:read (acl/policy.go).
-DEPLOY_CAPS = {"node:read", "read-job", "submit-job", "list-jobs", "parse-job", "variables:read",
-               "variables:write", "read-logs"}  # fmt: skip
-
-
-@pytest.fixture
-def doubles(nomad_doubles: Callable[..., NomadAPIDouble]) -> Callable[..., NomadAPIDouble]:
-    """Doubles with a ready node, already answering."""
-    return lambda **kw: nomad_doubles(**kw).ready_now().start()
-
-
-@pytest.fixture
-def web(tmp_path: Path) -> Callable[..., Path]:
-    def make(canary: int = 0) -> Path:
-        path = tmp_path / "web.nomad.hcl"
-        path.write_text(web_job(canary=canary, cpu=None, memory=64, service=True, backend=True))
-        return path
-
-    return make
 
 
 # ---------------------------------------------------------------------- 8: writes and lost answers --
@@ -126,38 +103,6 @@ def test_agent_self_403_falls_back_to_picking_the_node(doubles: Any) -> None:
     st = cluster.wait_ready(c, timeout=120)
     assert st.ready and st.node_name == "nomad-1"
     assert cluster.is_ready(c).ready
-
-
-def test_down_with_a_deploy_token_purges_and_stops_the_vm(
-    doubles: Any, web: Any, make_cfg: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from infra.vm import lifecycle
-
-    d = doubles(acl_tokens={"deploy": DEPLOY_CAPS})
-    c = client_for(d, token="deploy")
-    path = web()
-    rollout.deploy_job(c, path, timeout=120)
-    stopped: list[bool] = []
-    monkeypatch.setattr(lifecycle, "stop", lambda cfg: stopped.append(True))
-    stack.down(make_cfg(deploy={"ingress_job": str(path)}), client=c)
-    assert stopped == [True] and "web" not in d.jobs
-
-
-def test_down_stops_the_vm_even_when_the_purge_is_refused(
-    doubles: Any, web: Any, make_cfg: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from infra.vm import lifecycle
-
-    d = doubles(acl_token="admin", acl_tokens={"reader": {"node:read", "read-job"}})
-    path = web()
-    rollout.deploy_job(client_for(d, token="admin"), path, timeout=120)
-    stopped: list[bool] = []
-    monkeypatch.setattr(lifecycle, "stop", lambda cfg: stopped.append(True))
-    with pytest.raises(DeployError) as info:
-        stack.down(make_cfg(deploy={"ingress_job": str(path)}), client=client_for(d, token="reader"))
-    assert stopped == [True]
-    assert "the VM is stopped, but the jobs were not purged" in str(info.value)
-    assert "Permission denied" in str(info.value) and "web" in d.jobs
 
 
 # ------------------------------------------------------------------------- 12: promote named groups --

@@ -1,9 +1,9 @@
-"""Build-and-deploy (infra/compose/appimage.py, infra/compose/release.py): tags from a REAL temporary git repository, dirty
-detection, the build context, and `ship` (build -> deploy -> report) against the STATEFUL NOMAD API DOUBLE
-(tests/support/doubles/nomad_api.py: registrations, canary deployments, promotion, failing tasks, auto-revert).
+"""infra/compose/release.py: `ship` (build -> deploy -> report) from a REAL temporary git repository against
+the STATEFUL NOMAD API DOUBLE (tests/support/doubles/nomad_api.py: registrations, canary deployments,
+promotion, failing tasks, auto-revert).
 
 The Docker engine here is `RecordingEngine`, a TEST DOUBLE that only remembers which tags it holds: real
-builds with a real dockerd are tests/component/test_app_image.py.
+builds with a real dockerd, and the image's tag and context, are tests/component/test_appimage.py.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from typing import Any
 
 import pytest
 from support.doubles.nomad_api import NomadAPIDouble, Timing
+from support.gitrepo import app_commit, commit_all, make_repo
 from support.jobs import APP_JOB
 
-from infra.compose import appimage, release
+from infra.compose import release
 from infra.core import config
 from infra.core.errors import BuildError, DeployError
 from infra.core.state import StatePaths
@@ -31,36 +32,9 @@ from infra.nomad.client import Client
 pytestmark = pytest.mark.tools("git", "ssh-keygen")
 
 
-def git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True).stdout
-
-
-def commit_all(repo: Path, message: str) -> None:
-    git(repo, "add", "-A")
-    git(repo, "commit", "-q", "-m", message)
-
-
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
-    """A real git repository shaped like ours: app/ (Dockerfile, code) and something outside it."""
-    root = tmp_path / "repo"
-    (root / "app").mkdir(parents=True)
-    (root / "infra").mkdir()
-    (root / "app" / "Dockerfile").write_text("FROM scratch\nCOPY events_service.py /\n")
-    (root / "app" / "events_service.py").write_text("print('v1')\n")
-    (root / "app" / "run.sh").write_text("#!/bin/sh\nexec python3 events_service.py\n")
-    (root / "app" / "run.sh").chmod(0o755)
-    (root / "infra" / "other.py").write_text("x = 1\n")
-    (root / ".gitignore").write_text("*.log\n__pycache__/\n")
-    git(root, "init", "-q", "-b", "main")
-    git(root, "config", "user.email", "test@example.invalid")
-    git(root, "config", "user.name", "test")
-    commit_all(root, "first")
-    return root
-
-
-def app_commit(repo: Path) -> str:
-    return git(repo, "log", "-1", "--format=%H", "--", "app").strip()
+    return make_repo(tmp_path / "repo")
 
 
 # ------------------------------------------------------------------------------------ build + deploy --
@@ -140,101 +114,6 @@ def world(repo: Path, tmp_path: Path, double: NomadAPIDouble, monkeypatch: pytes
 
 
 # ------------------------------------------------------------------------------------------ tagging --
-def test_clean_tree_is_tagged_with_the_commit_that_last_changed_app(repo: Path) -> None:
-    src = appimage.source(repo)
-
-    assert not src.dirty
-    assert src.commit == git(repo, "rev-parse", "HEAD").strip()
-    assert src.tag == src.commit[:12]
-    assert src.files == ("Dockerfile", "events_service.py", "run.sh")
-
-
-def test_a_commit_outside_app_keeps_the_tag(repo: Path) -> None:
-    before = appimage.source(repo).tag
-    (repo / "infra" / "other.py").write_text("x = 2\n")
-    commit_all(repo, "infra only")
-
-    after = appimage.source(repo)
-
-    assert after.tag == before
-    assert after.commit != git(repo, "rev-parse", "HEAD").strip()  # HEAD moved, app/ did not
-
-
-def test_an_uncommitted_change_outside_app_is_not_dirty(repo: Path) -> None:
-    (repo / "infra" / "other.py").write_text("x = 3\n")
-
-    assert not appimage.source(repo).dirty
-
-
-def test_a_tracked_change_in_app_is_dirty_and_the_tag_follows_the_content(repo: Path) -> None:
-    clean = appimage.source(repo).tag
-    (repo / "app" / "events_service.py").write_text("print('v2')\n")
-    first = appimage.source(repo)
-    second = appimage.source(repo)
-    (repo / "app" / "events_service.py").write_text("print('v3')\n")
-    third = appimage.source(repo)
-    (repo / "app" / "events_service.py").write_text("print('v1')\n")  # back to the committed content
-    reverted = appimage.source(repo)
-
-    assert first.dirty and first.tag.startswith(clean + "-dirty-")
-    assert second.tag == first.tag  # same dirty tree, same tag
-    assert third.tag != first.tag and third.tag.startswith(clean + "-dirty-")
-    assert not reverted.dirty and reverted.tag == clean
-
-
-def test_untracked_files_count_but_ignored_ones_do_not(repo: Path) -> None:
-    (repo / "app" / "debug.log").write_text("ignored\n")
-    (repo / "app" / "__pycache__").mkdir()
-    (repo / "app" / "__pycache__" / "x.pyc").write_bytes(b"\0")
-    ignored_only = appimage.source(repo)
-    (repo / "app" / "helper.py").write_text("y = 1\n")
-    untracked = appimage.source(repo)
-
-    assert not ignored_only.dirty and "debug.log" not in ignored_only.files
-    assert untracked.dirty and "helper.py" in untracked.files
-
-
-def test_staged_changes_and_mode_changes_are_dirty(repo: Path) -> None:
-    clean = appimage.source(repo)
-    (repo / "app" / "events_service.py").chmod(0o755)
-    mode_changed = appimage.source(repo)
-
-    assert mode_changed.dirty
-    assert mode_changed.content_hash != clean.content_hash
-
-
-def test_not_a_git_repository_is_a_clear_error(tmp_path: Path) -> None:
-    (tmp_path / "app").mkdir()
-    (tmp_path / "app" / "Dockerfile").write_text("FROM scratch\n")
-
-    with pytest.raises(BuildError) as info:
-        appimage.source(tmp_path)
-
-    assert "git" in str(info.value) and "--image" in str(info.value)
-
-
-def test_missing_dockerfile_is_a_clear_error(repo: Path) -> None:
-    (repo / "app" / "Dockerfile").unlink()
-
-    with pytest.raises(BuildError, match=r"app/Dockerfile not found"):
-        appimage.source(repo)
-
-
-def test_context_tarball_holds_exactly_the_files_reproducibly(repo: Path, tmp_path: Path) -> None:
-    (repo / "app" / "debug.log").write_text("not shipped\n")
-    src = appimage.source(repo)
-
-    a = appimage.context_tarball(src, tmp_path / "a.tar")
-    b = appimage.context_tarball(src, tmp_path / "b.tar")
-
-    assert a.read_bytes() == b.read_bytes()
-    with tarfile.open(a) as tar:
-        members = {m.name: m for m in tar.getmembers()}
-        assert sorted(members) == ["Dockerfile", "events_service.py", "run.sh"]
-        assert members["run.sh"].mode == 0o755 and members["Dockerfile"].mode == 0o644
-        assert {m.mtime for m in members.values()} == {0}
-        extracted = tar.extractfile("events_service.py")
-        assert extracted is not None and extracted.read() == b"print('v1')\n"
 
 
 def test_build_deploys_the_commit_tag_and_records_it(

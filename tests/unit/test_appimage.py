@@ -3,7 +3,7 @@ detection, the build context, and `ship` (build -> deploy -> report) against the
 (tests/support/doubles/nomad_api.py: registrations, canary deployments, promotion, failing tasks, auto-revert).
 
 The Docker engine here is `RecordingEngine`, a TEST DOUBLE that only remembers which tags it holds: real
-builds with a real dockerd are tests/component/test_app_image.py.
+builds with a real dockerd are tests/component/test_appimage.py.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""infra.vm.lifecycle without qemu: pidfile handling (the lifecycle against the real qemu is tests/component/test_vm.py)."""
+"""infra.vm.lifecycle without qemu: pidfile handling (the lifecycle against the real qemu is tests/component/test_lifecycle.py)."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ other), started again (it rejoins); destroy leaves no process, the switch includ
 
 Small guests to fit the tier's time: 1 vCPU / 512 MiB each, provisioning parts off. The Nomad side of the
 cluster (three servers, leader change, rescheduling) is tested against the Nomad double
-(tests/component/test_cluster_nodes.py); the e2e runs it on KVM (tests/e2e/test_6_cluster.py).
+(tests/component/test_cluster.py); the e2e runs it on KVM (tests/e2e/test_6_cluster.py).
 """
 
 from __future__ import annotations
