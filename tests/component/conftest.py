@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from support.doubles.nomad_api import NomadAPIDouble
 from support.jobs import web_job
+from support.replay import ReplayServer
 from support.servers import dockerd, postgres, tansu
 from support.servers.common import blank_vm_settings, free_port
 
@@ -85,6 +86,20 @@ def web(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return make
+
+
+@pytest.fixture
+def replay_servers() -> Iterator[Callable[[list[dict[str, Any]]], ReplayServer]]:
+    """Starts replay servers of recorded interactions (support/replay.py); each is stopped at the end."""
+    started: list[ReplayServer] = []
+
+    def start(interactions: list[dict[str, Any]]) -> ReplayServer:
+        started.append(ReplayServer(interactions).start())
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.stop()
 
 
 #: A process that listens on a port until killed.

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,24 +20,6 @@ from support.replay import FIXTURE, ReplayServer, env_for
 from werkzeug import Response
 
 from infra.core.errors import REDACTED
-
-
-@pytest.fixture
-def serve() -> Iterator[Any]:
-    started: list[tuple[ReplayServer, threading.Thread]] = []
-
-    def start(interactions: list[dict[str, Any]]) -> ReplayServer:
-        server = ReplayServer(interactions)
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        started.append((server, thread))
-        return server
-
-    yield start
-    for server, thread in started:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
 
 @pytest.fixture
@@ -81,10 +62,10 @@ def dead_port() -> int:
     [("nomad_wait", ("nomad.wait", "--timeout", "30")), ("deploy_data", ("deploy.data",))],
 )
 def test_recorded_inv_traffic_converts_into_a_scenario_inv_passes_against(
-    scenario: str, args: tuple[str, ...], serve: Any, recording: Any, run_inv: Any, tmp_path: Path
+    scenario: str, args: tuple[str, ...], replay_servers: Any, recording: Any, run_inv: Any, tmp_path: Path
 ) -> None:
     task = args[0]
-    original = serve(fixture_scenario(scenario))
+    original = replay_servers(fixture_scenario(scenario))
     proxy = recording(original.url)
     proxy.recorder.scenario = f"inv {task}"
     first = run_inv(*args, env=via(proxy, original))
@@ -98,7 +79,7 @@ def test_recorded_inv_traffic_converts_into_a_scenario_inv_passes_against(
     converted, notes = to_replay(exchanges, select={scenario: f"inv {task}"})
     assert notes == []
 
-    replayed = serve(converted[scenario])
+    replayed = replay_servers(converted[scenario])
     second = run_inv(*args, env=env_for(replayed))
     assert second.returncode == 0, second.stderr
     assert not replayed.problems, replayed.problems

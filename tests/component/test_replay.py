@@ -10,35 +10,20 @@ at it. The server checks what a real Nomad would need: known endpoints only, req
 
 from __future__ import annotations
 
-import json
 import re
-import threading
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-from support.replay import FIXTURE, ReplayServer, env_for
+from support.replay import ReplayServer, env_for, scenario
 
 from infra import ROOT
 
 
 @pytest.fixture
-def replay() -> Iterator[Any]:
-    servers: list[tuple[ReplayServer, threading.Thread]] = []
-
-    def start(scenario: str) -> ReplayServer:
-        data = json.loads(FIXTURE.read_text())
-        server = ReplayServer(data["scenarios"][scenario])
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        servers.append((server, thread))
-        return server
-
-    yield start
-    for server, thread in servers:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+def replay(replay_servers: Callable[[list[dict[str, Any]]], ReplayServer]) -> Callable[[str], ReplayServer]:
+    """Starts a replay server of one scenario of the fixture."""
+    return lambda name: replay_servers(scenario(name))
 
 
 def test_inv_nomad_wait_against_the_replay_server(replay: Any, run_inv: Any) -> None:

@@ -27,6 +27,17 @@ class ReplayServer(ThreadingHTTPServer):
         self.problems: list[str] = []
         self.last_index: dict[str, str] = {}
 
+    def start(self) -> ReplayServer:
+        """Serve in a thread of its own (`stop` ends it)."""
+        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+        self.thread.join(timeout=5)
+
     @staticmethod
     def key(req: dict[str, Any]) -> str:
         return f"{req['method']} {req['path']}"
@@ -91,3 +102,9 @@ def env_for(server: ReplayServer) -> dict[str, str]:
     # Empty NOMAD_* values: nothing from the caller's environment leaks into the run.
     return {"NOMAD_ADDR": server.url, "NOMAD_TOKEN": "", "NOMAD_CACERT": "", "NOMAD_NAMESPACE": "",
             "NOMAD_REGION": "", "NOMAD_CLIENT_CERT": "", "NOMAD_CLIENT_KEY": ""}  # fmt: skip
+
+
+def scenario(name: str) -> list[dict[str, Any]]:
+    """The recorded interactions of one scenario of FIXTURE."""
+    interactions: list[dict[str, Any]] = json.loads(FIXTURE.read_text())["scenarios"][name]
+    return interactions
