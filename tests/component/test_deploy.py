@@ -430,10 +430,10 @@ def test_up_twice_deploys_the_real_job_specs_then_changes_nothing(
         assert iso is made  # vm.run boots the seed `up` made: it does not make one again
         calls.append("vm.run")
 
-    monkeypatch.setattr(seed, "build", fake_seed)
+    monkeypatch.setattr(seed, "write_iso", fake_seed)
     monkeypatch.setattr(lifecycle, "boots_baked", lambda cfg: False)
     monkeypatch.setattr(
-        lifecycle, "preparing", lambda cfg: contextlib.nullcontext(SimpleNamespace(baked=False))
+        lifecycle, "preparing", lambda cfg, baked=None: contextlib.nullcontext(SimpleNamespace(baked=baked))
     )
     monkeypatch.setattr(lifecycle, "run", fake_run)
     monkeypatch.setattr(verbs, "check_once", lambda cfg: calls.append("vm.check"))
