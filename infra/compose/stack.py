@@ -203,7 +203,7 @@ def status(
     if vm_info is None and nodes.is_cluster(cfg):
         from infra.vm import lifecycle
 
-        each = [lifecycle.status(node) for node in nodes.all_nodes(cfg)]
+        each = [lifecycle.facts(node) for node in nodes.all_nodes(cfg)]
         vm_info = {"running": any(n["running"] for n in each), "nodes": each}
         for n in each:
             ui.info(
@@ -213,7 +213,7 @@ def status(
     if vm_info is None:
         from infra.vm import lifecycle
 
-        vm_info = lifecycle.status(cfg)
+        vm_info = lifecycle.facts(cfg)
     report: dict[str, Any] = {"vm": vm_info, "nomad": {"addr": cfg.nomad.addr or None}, "jobs": []}
     try:
         client = client or Client.from_config(cfg)

@@ -1,24 +1,23 @@
-"""The VM's lifecycle: run, stop, status, destroy.
+"""The VM's lifecycle: boot (after `preparing`), stop, facts (its status), destroy.
 
-Everything the VM owns sits in the state dir under the names of `infra.core.state` (overlay disk, seed ISO,
-pidfile, serial log, QMP socket, qemu's own log, the `vm.json` launch record). The VM is found by its
-pidfile or launch record, and accepted only when the process's command line carries our pidfile path (psutil),
-so that garbage in the pidfile or a recycled pid is never mistaken for it; it is spoken to over its QMP
-socket — never by searching process names.
+Everything the VM owns sits in the state dir under the names of `infra/core/state.py` (overlay disk, seed
+ISO, pidfile, serial log, QMP socket, qemu's own log, the `vm.json` launch record). Which qemu is ours, its
+record and its run state are `infra/vm/instance.py`; the disks' qemu-img work is `infra/vm/qemuimg.py`.
 
-Lifecycle commands (run, stop, destroy) hold the state dir's lock (`infra.vm.lock`), one at a time. A launch
-is never cut in half: Ctrl-C during it is deferred until qemu is up and recorded, and a failed or
-interrupted `run` kills the qemu it started before it deletes the overlay that qemu runs on.
+Lifecycle commands (boot, stop, destroy) hold the state dir's lock (`infra/vm/lock.py`), one at a time. A
+launch is never cut in half: Ctrl-C during it is deferred until qemu is up and recorded, and a failed or
+interrupted `boot` kills the qemu it started before it deletes the overlay that qemu runs on.
 
-`run` is idempotent: a running VM is reported and left alone. Before launching it checks every host port,
+`boot` is idempotent: a running VM is reported and left alone. Before launching it checks every host port,
 naming the port, its config key and the process holding it. `stop` asks the guest to power off (ACPI
 `system_powerdown` over QMP), waits `vm.stop_timeout`, then kills; no pidfile or socket outlives qemu.
 `destroy` removes the VM's files but never the image cache.
 
-`run` boots the seed it is given: the caller makes it (`infra.vm.verbs` for `inv vm.run`, `infra.compose.stack` for
-`inv up`) once `preparing` has told it whether the VM boots a baked image. Host processes and ports are
-`infra.vm.host`, the monitor is `infra.vm.qmp`, the serial log is `infra.guest.console`; talking to the guest over SSH
-is `infra.guest.ssh` (through `infra.vm.verbs`), which this module does not import.
+`boot` boots the seed it is given: the caller (`infra/vm/verbs.py`, for `inv vm.run` and the VM step of
+`inv up`) makes it for the image `preparing` boots, a bake or the base (`inv up` chooses that image first,
+`boots_baked`, and passes the choice to `preparing`). Host processes and ports are `infra/vm/host.py`, the
+monitor `infra/vm/qmp.py`, the serial log `infra/guest/console.py`; talking to the guest over SSH is
+`infra/guest/ssh.py` (through the verbs), which this module does not import.
 """
 
 from __future__ import annotations
@@ -60,7 +59,7 @@ MAX_SOCKET_PATH = 100
 
 @dataclass(frozen=True)
 class Launch:
-    """What `run` did: the record written to vm.json, and whether this call started the VM."""
+    """What `boot` did: the record written to vm.json, and whether this call started the VM."""
 
     record: dict[str, Any]
     started: bool
@@ -147,7 +146,7 @@ class Boot:
 
 @contextlib.contextmanager
 def preparing(cfg: Config, *, baked: bool | None = None) -> Iterator[Running | Boot]:
-    """The first half of `inv vm.run`, holding the state dir's lock until the caller's `run` is done: is the
+    """The first half of `inv vm.run`, holding the state dir's lock until the caller's `boot` is done: is the
     VM running already, else the host checks (qemu, ports, socket path), the base image and which image the
     VM boots (a bake or the base: `.baked` says which seed the caller makes), or the one the caller chose
     already (`baked`, from `boots_baked`: its seed is made)."""
@@ -213,7 +212,7 @@ def _prepare(cfg: Config, p: StatePaths, baked: bool | None) -> Running | Boot:
     return Boot(cfg, p, choice, platform, arch, binary, direct, base, disk_existed)
 
 
-def run(prepared: Running | Boot, seed: SeedISO | None) -> Launch:
+def boot(prepared: Running | Boot, seed: SeedISO | None) -> Launch:
     """`inv vm.run`'s second half, inside `preparing`: boot the VM daemonized on `seed`, the seed ISO made
     for `prepared.baked`; a no-op (reported) when the VM already runs (`seed` may then be None)."""
     cfg = prepared.cfg
@@ -324,7 +323,7 @@ def _interrupts_deferred() -> Iterator[None]:
 
 
 def _discard_launch(p: StatePaths, *, remove_disk: bool) -> None:
-    """After a failed or interrupted `run`: kill the qemu it launched (found by pidfile, record or command
+    """After a failed or interrupted `boot`: kill the qemu it launched (found by pidfile, record or command
     line), then remove what that qemu used — never the other way round (a qemu on a deleted overlay)."""
     pid = instance.running_pid(p)
     if pid is not None:
@@ -458,7 +457,7 @@ def _kill(pid: int) -> None:
 # -------------------------------------------------------------------------------------- status / logs --
 
 
-def status(cfg: Config) -> dict[str, Any]:
+def facts(cfg: Config) -> dict[str, Any]:
     """Running? pid, forwards, acceleration, uptime, image (from the launch record; `infra.vm.verbs` adds the
     guest's cloud-init state)."""
     p = StatePaths.of(cfg)
@@ -546,5 +545,5 @@ def _destroy(cfg: Config, p: StatePaths) -> list[Path]:
 
 
 __all__ = [
-    "Boot", "Launch", "Running", "SeedISO", "boots_baked", "destroy", "logs_path", "preparing", "run", "status", "stop",
+    "Boot", "Launch", "Running", "SeedISO", "boot", "boots_baked", "destroy", "facts", "logs_path", "preparing", "stop",
 ]  # fmt: skip

@@ -1,6 +1,7 @@
-"""The VM verbs that need more than its lifecycle: `inv vm.run` (the seed made once, then the VM booted on
-it), and the verbs that talk to the running guest over SSH (`vm.check`, `vm.ssh`, the cloud-init state of
-`vm.status`).
+"""Every verb of `inv vm.*`: run, stop, status, destroy, check, ssh, logs, each also per node of a local
+cluster (`--node`; `*_nodes`). `inv vm.run` makes the seed once, then boots the VM on it (and boots the seed
+`inv up` made, for the image `up` chose); `vm.check`, `vm.ssh` and the cloud-init state of `vm.status` talk
+to the running guest over SSH.
 
 A good `vm.check` is remembered for the boot it checked (<state>/vm-checked.json): the qemu process (pid and
 start time), the guest's boot id, and how long the serial log was. `inv up` on a running VM and `inv
@@ -8,8 +9,9 @@ vm.status` take that memory instead of logging in again while the same qemu runs
 restart of the guest (a finished cloud-init's verdict cannot change during a boot); `inv vm.check` always
 checks for real. A failed check is never remembered, and a new check replaces the memory.
 
-It composes `infra.vm.lifecycle` (lifecycle), `infra.guest.seed` (the seed ISO) and `infra.guest.ssh` (SSH), so that none of
-those imports another: the VM layer flows one way, from here down. Results are returned; `tasks.py` prints.
+It composes `infra/vm/lifecycle.py`, `infra/guest/seed.py` (the seed ISO) and `infra/guest/ssh.py` (SSH),
+so that none of those imports another: the VM layer flows one way, from here down. Results are returned;
+`tasks.py` prints.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def run(cfg: Config, made: seed.SeedResult | None = None) -> Booted:
     with lifecycle.preparing(cfg, baked=None if made is None else made.baked) as prepared:
         if made is None and not isinstance(prepared, lifecycle.Running):
             made = seed.refresh(cfg, baked=prepared.baked)
-        return Booted(lifecycle.run(prepared, made), made)
+        return Booted(lifecycle.boot(prepared, made), made)
 
 
 def check(cfg: Config) -> ssh.CheckReport:
@@ -161,7 +163,7 @@ def shell(cfg: Config, command: str = "") -> int:
 def status(cfg: Config) -> dict[str, Any]:
     """`inv vm.status`: the VM's status plus, when it runs, cloud-init's state: remembered from this boot's
     check (`remembered`), else read from the guest's state files over SSH, briefly."""
-    info = lifecycle.status(cfg)
+    info = lifecycle.facts(cfg)
     if info["running"] and info.get("run_state") not in ("running", "unknown"):
         info["cloud_init"] = f"unknown (the guest does not run: qemu run state {info.get('run_state')})"
     elif info["running"]:

@@ -77,7 +77,7 @@ def test_vm_run_boots_the_matching_bake_with_a_seed_that_installs_nothing(
     user_data = yaml.safe_load(p.user_data.read_text())
     assert "packages" not in user_data and "package_update" not in user_data  # nothing to install
     assert "/usr/local/lib/infra-lab/10-docker.sh" in user_data["runcmd"]  # the idempotent script stays
-    assert lifecycle.status(blank)["baked"] == made.key
+    assert lifecycle.facts(blank)["baked"] == made.key
     lifecycle.stop(blank, timeout=0)
 
     # the configuration moves on: the disk made on the old bake is refused, never booted

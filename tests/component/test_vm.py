@@ -114,7 +114,7 @@ def test_lifecycle_with_real_qemu(blank_vm: config.Config, capsys: pytest.Captur
     again = verbs.run(cfg)  # idempotent: reported, nothing changed (the seed of a running VM neither)
     assert not again.launch.started and again.launch.record["pid"] == pid and again.seed is None
     assert "already running" in capsys.readouterr().err
-    assert lifecycle.status(cfg)["pid"] == pid
+    assert lifecycle.facts(cfg)["pid"] == pid
 
     assert lifecycle.stop(cfg, timeout=2) is True  # firmware ignores ACPI power-off -> killed after 2 s
     err = capsys.readouterr().err

@@ -911,7 +911,7 @@ def up_again_verdict(before: Mapping[str, Any], after: Mapping[str, Any], result
 
 
 def nothing_left(cfg: Config) -> str:
-    """After `inv down`: no qemu of ours (infra.vm.lifecycle.running_pid) and every forwarded port free."""
+    """After `inv down`: no qemu of ours (infra.vm.instance.running_pid) and every forwarded port free."""
     pid = instance.running_pid(StatePaths.of(cfg))
     if pid is not None:
         raise SmokeFailed(f"qemu (pid {pid}) still runs after `inv down`")
