@@ -33,9 +33,9 @@ def cfg(c: Context) -> Config:
 def reach_cfg(c: Context) -> Config:
     """The configuration with the forwards the running VM was launched with (vm.json), for tasks that talk
     to it: a port moved for one `vm.run` stays where the VM answers."""
-    from infra.vm import lifecycle
+    from infra.vm import instance
 
-    return lifecycle.reach(cfg(c))
+    return instance.reach(cfg(c))
 
 
 def domain_errors(fn: F) -> F:

@@ -1,6 +1,8 @@
 """infra-lab: reproducible local infrastructure (QEMU VM -> cloud-init -> Nomad -> Kafka, Postgres, app).
 
-Each module holds one concern; `tasks.py` at the repository root is a thin invoke layer over them.
+Packages from the bottom up (ARCHITECTURE.md): `core` (what every layer uses), then two branches, the VM
+(`guest`, `vm`) and Nomad (`nomad`), joined only by `compose` (the project's choices: build, release, bake,
+up). `tasks.py` at the repository root is a thin invoke layer over them; `cli.py` is the `inv` program.
 """
 
 from pathlib import Path

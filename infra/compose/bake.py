@@ -186,13 +186,13 @@ def _convert(disk: Path, dest: Path) -> None:
 def _work_vm(cfg: Config, from_vm: bool, keep: bool) -> Iterator[tuple[Config, SeedResult | None]]:
     """The VM to bake and the seed made for it: the project's running VM (`from_vm`; no seed made), or a
     throwaway one, destroyed afterwards."""
-    from infra.vm import lifecycle, verbs
+    from infra.vm import instance, lifecycle, verbs
 
     if from_vm:
         p = StatePaths.of(cfg)
-        if lifecycle.running_pid(p) is None:
+        if instance.running_pid(p) is None:
             raise VMError("--from-vm: the VM is not running", hint="`inv vm.run` (or bake without --from-vm)")
-        record = lifecycle.load_record(p)
+        record = instance.load_record(p)
         if record.get("baked"):
             raise VMError(
                 f"--from-vm: the VM was booted from the baked image {record['baked']}, not the base image",
@@ -201,7 +201,7 @@ def _work_vm(cfg: Config, from_vm: bool, keep: bool) -> Iterator[tuple[Config, S
         yield cfg, None
         return
     work = work_config(cfg)
-    if lifecycle.running_pid(StatePaths.of(work)) is not None or StatePaths.of(work).disk.exists():
+    if instance.running_pid(StatePaths.of(work)) is not None or StatePaths.of(work).disk.exists():
         lifecycle.destroy(work)  # left over by an interrupted bake
     try:
         yield work, verbs.run(work).seed
@@ -223,7 +223,7 @@ class Baked:
 def bake(cfg: Config, *, from_vm: bool = False, force: bool = False, keep: bool = False) -> Baked:
     """`inv image.bake`: make (or find) the bake for the current configuration; see the module doc."""
     from infra.guest import ssh
-    from infra.vm import lifecycle
+    from infra.vm import instance, lifecycle, qemuimg
 
     started = time.monotonic()
     arch = qemu.guest_arch(cfg.vm.arch, qemu.Platform.current())
@@ -238,8 +238,8 @@ def bake(cfg: Config, *, from_vm: bool = False, force: bool = False, keep: bool 
     ui.step(f"baking {key} from {'the running VM' if from_vm else 'a throwaway VM'} (base {base.name})")
     with _work_vm(cfg, from_vm, keep) as (work, seed):
         p = StatePaths.of(work)
-        ssh.check(work, alive=lambda: lifecycle.running_pid(p) is not None,
-                              started_at=lifecycle.load_record(p).get("started_at"))  # fmt: skip
+        ssh.check(work, alive=lambda: instance.running_pid(p) is not None,
+                              started_at=instance.load_record(p).get("started_at"))  # fmt: skip
         provisioned = time.monotonic()
         conn = ssh.wait_ssh(work)
         try:
@@ -265,7 +265,7 @@ def bake(cfg: Config, *, from_vm: bool = False, force: bool = False, keep: bool 
         _convert(p.disk, target.path)
         if from_vm:
             lifecycle.destroy(cfg)  # its disk is generalized now: the next `inv vm.run` boots the bake
-    info = lifecycle.image_info(target.path)
+    info = qemuimg.image_info(target.path)
     size = target.path.stat().st_size
     total = round(time.monotonic() - started, 1)
     manifest: dict[str, Any] = {

@@ -33,7 +33,7 @@ class UpResult:
 
 def up(cfg: Config, *, client: Client | None = None) -> UpResult:
     from infra.guest import seed
-    from infra.vm import lifecycle, verbs
+    from infra.vm import instance, lifecycle, verbs
 
     started = time.monotonic()
     if client is None:
@@ -41,15 +41,13 @@ def up(cfg: Config, *, client: Client | None = None) -> UpResult:
     if nodes.is_cluster(cfg):
         return _up_cluster(cfg, client, started)
     ui.step("iso: seed ISO")
-    # first, so that a bad input fails before any download; made once, for the image the VM boots (a running
-    # VM: the one it runs), and unchanged on a second `up`
+    # first, so that a bad input fails before any download; made once, for the image the VM boots, chosen
+    # here once (a running VM's, an existing disk's, a matching bake, or the base) and passed down; unchanged
+    # on a second `up`
     made = seed.write_iso(cfg, baked=lifecycle.boots_baked(cfg))
     ui.step("vm.run: boot the VM")
-    with lifecycle.preparing(cfg) as prepared:  # the VM's lock, the host checks, which image it boots
-        if made.baked != prepared.baked:  # a bake was made (or removed) in between: the seed for the image
-            made = seed.write_iso(cfg, baked=prepared.baked)
-        lifecycle.run(prepared, made)
-    cfg = lifecycle.reach(cfg)  # an already running VM keeps the forwards it was launched with
+    verbs.run(cfg, made)  # the `inv vm.run` verb, on that seed: the lock, the host checks, the boot
+    cfg = instance.reach(cfg)  # an already running VM keeps the forwards it was launched with
     ui.step("vm.check: cloud-init finished, services active")
     verbs.check_once(cfg)  # SSH only when this boot of the VM has not been checked yet
     client = client or Client.from_config(cfg)
@@ -205,7 +203,7 @@ def status(
     if vm_info is None and nodes.is_cluster(cfg):
         from infra.vm import lifecycle
 
-        each = [lifecycle.status(node) for node in nodes.all_nodes(cfg)]
+        each = [lifecycle.facts(node) for node in nodes.all_nodes(cfg)]
         vm_info = {"running": any(n["running"] for n in each), "nodes": each}
         for n in each:
             ui.info(
@@ -215,7 +213,7 @@ def status(
     if vm_info is None:
         from infra.vm import lifecycle
 
-        vm_info = lifecycle.status(cfg)
+        vm_info = lifecycle.facts(cfg)
     report: dict[str, Any] = {"vm": vm_info, "nomad": {"addr": cfg.nomad.addr or None}, "jobs": []}
     try:
         client = client or Client.from_config(cfg)

@@ -1,7 +1,8 @@
 """The state directory: one place for everything a running setup owns, every file a named constant.
 
-Lima keeps each instance's files together the same way; the VM is found by its pidfile and QMP socket,
-never by searching process names. `inv vm.destroy` removes this directory's VM files; the image cache
+Lima keeps each instance's files together the same way. The VM is found through its pidfile or launch record
+(vm.json), accepted only when the process's command line carries our pidfile path, and spoken to over its QMP
+socket — never found by searching process names (infra/vm/instance.py). `inv vm.destroy` removes this directory's VM files; the image cache
 (config project.cache_dir) lives elsewhere and survives.
 """
 

@@ -6,9 +6,10 @@ Flow of `inv iso`:
    never by splicing text — so the result is always valid YAML.
 2. `validate()` checks it against cloud-init's JSON schema (vendored, Apache-2.0) and the project's rules;
    errors name the field path (or file:line:column for a malformed template).
-3. `write_iso()` packs user-data, meta-data and network-config with pycdlib (ISO9660 + Joliet + Rock Ridge)
-   with fixed timestamps, so the same inputs give the same bytes. The ISO is written to a temporary file
-   and renamed into place: an error leaves no ISO behind.
+3. `iso_bytes()` packs user-data, meta-data and network-config with pycdlib (ISO9660 + Joliet + Rock Ridge)
+   with fixed timestamps, so the same inputs give the same bytes; `write_iso()` (`inv iso`; `refresh()`
+   for `inv vm.run`, keeping the last seed's key) writes them atomically, only when they changed: an error
+   leaves no ISO behind.
 The instance-id is derived from the content: a changed configuration re-provisions, an unchanged one not.
 """
 
@@ -368,7 +369,7 @@ def _project_rules(doc: Mapping[str, Any], cfg: Config) -> list[str]:
 
 def _host_volume_rule() -> list[str]:
     """Every host_volume path of the agent config has a directory entry in host-volumes (the agent config
-    read by the job-spec reader, infra/nomad/speclint.py)."""
+    read by the project's HCL reader, infra/core/hcl.py)."""
     from infra.core import hcl
 
     agent = hcl.AGENT_CONFIG

@@ -134,8 +134,22 @@ def current_key(cfg: Config, arch: str | None = None) -> tuple[str, dict[str, An
 
 
 # ----------------------------------------------------------------------------------------- vm.run's choice --
-def choose(cfg: Config, arch: str, base: Path, backing: Path | None) -> Choice:
-    """Which image `vm.run` boots, by `vm.baked`; `backing`: what an existing disk overlays (None: no disk)."""
+def choose(cfg: Config, arch: str, base: Path, backing: Path | None, *, baked: bool | None = None) -> Choice:
+    """Which image `vm.run` boots, by `vm.baked`; `backing`: what an existing disk overlays (None: no disk).
+    `baked`: the answer the caller chose before (`inv up` makes the seed first, for `vm/lifecycle.boots_baked`),
+    kept: a bake made since is not taken; one removed since is an error."""
+    choice = _choose(cfg, arch, base, backing)
+    if baked is None or (choice.key is not None) == baked:
+        return choice
+    if baked:
+        raise VMError(
+            f"the baked image this boot was prepared for is gone ({choice.reason})",
+            hint="run the command again: it makes the seed for the image the VM boots now",
+        )
+    return Choice(base, None, "base image (chosen before a bake for this configuration appeared)")
+
+
+def _choose(cfg: Config, arch: str, base: Path, backing: Path | None) -> Choice:
     if cfg.vm.baked == "off":
         return Choice(base, None, "base image (vm.baked is off)")
     key, _inputs = current_key(cfg, arch)

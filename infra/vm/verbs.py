@@ -1,6 +1,7 @@
-"""The VM verbs that need more than its lifecycle: `inv vm.run` (the seed made once, then the VM booted on
-it), and the verbs that talk to the running guest over SSH (`vm.check`, `vm.ssh`, the cloud-init state of
-`vm.status`).
+"""Every verb of `inv vm.*`: run, stop, status, destroy, check, ssh, logs, each also per node of a local
+cluster (`--node`; `*_nodes`). `inv vm.run` makes the seed once, then boots the VM on it (and boots the seed
+`inv up` made, for the image `up` chose); `vm.check`, `vm.ssh` and the cloud-init state of `vm.status` talk
+to the running guest over SSH.
 
 A good `vm.check` is remembered for the boot it checked (<state>/vm-checked.json): the qemu process (pid and
 start time), the guest's boot id, and how long the serial log was. `inv up` on a running VM and `inv
@@ -8,8 +9,9 @@ vm.status` take that memory instead of logging in again while the same qemu runs
 restart of the guest (a finished cloud-init's verdict cannot change during a boot); `inv vm.check` always
 checks for real. A failed check is never remembered, and a new check replaces the memory.
 
-It composes `infra.vm.lifecycle` (lifecycle), `infra.guest.seed` (the seed ISO) and `infra.guest.ssh` (SSH), so that none of
-those imports another: the VM layer flows one way, from here down. Results are returned; `tasks.py` prints.
+It composes `infra/vm/lifecycle.py`, `infra/guest/seed.py` (the seed ISO) and `infra/guest/ssh.py` (SSH),
+so that none of those imports another: the VM layer flows one way, from here down. Results are returned;
+`tasks.py` prints.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from infra.core.config import Config
 from infra.core.errors import VMError
 from infra.core.state import StatePaths
 from infra.guest import console, ssh
-from infra.vm import host, lifecycle, switch
+from infra.vm import host, instance, lifecycle, switch
 from infra.vm.lock import state_lock
 
 if TYPE_CHECKING:  # the seed (jsonschema, pycdlib, hcl2) is loaded by `run` alone
@@ -37,41 +39,42 @@ if TYPE_CHECKING:  # the seed (jsonschema, pycdlib, hcl2) is loaded by `run` alo
 
 @dataclass(frozen=True)
 class Booted:
-    """What `run` did: the launch, and the seed it made (None: the VM was running already)."""
+    """What `run` did: the launch, and the seed (None: the VM was running already and none was given)."""
 
     launch: lifecycle.Launch
     seed: seed.SeedResult | None
 
 
-def run(cfg: Config) -> Booted:
-    """`inv vm.run`: a running VM is left alone (and its seed with it); otherwise the seed is refreshed for
-    the image the VM boots (keeping the previous seed's key, see `seed.refresh`) and the VM booted on it."""
+def run(cfg: Config, made: seed.SeedResult | None = None) -> Booted:
+    """`inv vm.run`, and the VM step of `inv up`: a running VM is left alone (and its seed with it);
+    otherwise the VM is booted on a seed made for the image it boots: `made`, when the caller made it first
+    (`inv up`, for the image `lifecycle.boots_baked` chose, which `preparing` then boots), else refreshed here
+    for the image `preparing` chose (keeping the previous seed's key, see `seed.refresh`)."""
     from infra.guest import seed
 
-    with lifecycle.preparing(cfg) as prepared:
-        made = None if isinstance(prepared, lifecycle.Running) else seed.refresh(cfg, baked=prepared.baked)
-        return Booted(lifecycle.run(prepared, made), made)
+    with lifecycle.preparing(cfg, baked=None if made is None else made.baked) as prepared:
+        if made is None and not isinstance(prepared, lifecycle.Running):
+            made = seed.refresh(cfg, baked=prepared.baked)
+        return Booted(lifecycle.boot(prepared, made), made)
 
 
 def check(cfg: Config) -> ssh.CheckReport:
     """`inv vm.check`: the checks of infra.guest.ssh against the running VM (its forwards, its start time),
     always for real; a good outcome is remembered for this boot (`remembered`)."""
-    p = lifecycle.require_running(cfg)
-    lifecycle.require_guest_running(p)  # a paused guest is not a slow boot: fails at once, naming why
+    p = instance.require_running(cfg)
+    instance.require_guest_running(p)  # a paused guest is not a slow boot: fails at once, naming why
     boot = _qemu_boot(p)
     p.vm_checked.unlink(missing_ok=True)  # forgotten until this check passes: a failure is never remembered
 
     def alive() -> (
         bool
     ):  # qemu runs, and runs the guest: a paused one (io-error: a full host disk) is an error
-        if lifecycle.running_pid(p) is None:
+        if instance.running_pid(p) is None:
             return False
-        lifecycle.require_guest_running(p)
+        instance.require_guest_running(p)
         return True
 
-    report = ssh.check(
-        lifecycle.reach(cfg), alive=alive, started_at=lifecycle.load_record(p).get("started_at")
-    )
+    report = ssh.check(instance.reach(cfg), alive=alive, started_at=instance.load_record(p).get("started_at"))
     if boot is not None and _qemu_boot(p) == boot:  # the same qemu before and after the check
         _remember(p, boot, report)
     return report
@@ -84,7 +87,7 @@ def check_once(cfg: Config) -> ssh.CheckReport | None:
     memo = remembered(cfg)
     if memo is None:
         return check(cfg)
-    lifecycle.require_guest_running(StatePaths.of(cfg))  # remembered or not, a paused guest is an error now
+    instance.require_guest_running(StatePaths.of(cfg))  # remembered or not, a paused guest is an error now
     when = time.strftime("%H:%M:%S", time.localtime(memo["checked_at"]))
     services = ", ".join(memo["services"]) or "none enabled"
     ui.skip(
@@ -98,7 +101,7 @@ def check_once(cfg: Config) -> ssh.CheckReport | None:
 
 def _qemu_boot(p: StatePaths) -> dict[str, Any] | None:
     """What names the running VM's boot on this host: its qemu's pid and that process's start time."""
-    pid = lifecycle.running_pid(p)
+    pid = instance.running_pid(p)
     started = host.started(pid) if pid is not None else None
     return None if pid is None or started is None else {"pid": pid, "qemu_started": round(started, 2)}
 
@@ -153,14 +156,14 @@ def remembered(cfg: Config) -> dict[str, Any] | None:
 
 def shell(cfg: Config, command: str = "") -> int:
     """`inv vm.ssh`: OpenSSH with the project key (interactive, or one command); its exit code."""
-    lifecycle.require_running(cfg)
-    return subprocess.call(ssh.ssh_command(lifecycle.reach(cfg), command))
+    instance.require_running(cfg)
+    return subprocess.call(ssh.ssh_command(instance.reach(cfg), command))
 
 
 def status(cfg: Config) -> dict[str, Any]:
     """`inv vm.status`: the VM's status plus, when it runs, cloud-init's state: remembered from this boot's
     check (`remembered`), else read from the guest's state files over SSH, briefly."""
-    info = lifecycle.status(cfg)
+    info = lifecycle.facts(cfg)
     if info["running"] and info.get("run_state") not in ("running", "unknown"):
         info["cloud_init"] = f"unknown (the guest does not run: qemu run state {info.get('run_state')})"
     elif info["running"]:
@@ -169,7 +172,7 @@ def status(cfg: Config) -> dict[str, Any]:
             info["cloud_init"] = memo["cloud_init"]
             info["checked"] = {"at": memo["checked_at"], "boot_id": memo["boot_id"]}
         else:
-            info["cloud_init"] = ssh.cloud_init_state(lifecycle.reach(cfg))
+            info["cloud_init"] = ssh.cloud_init_state(instance.reach(cfg))
     return info
 
 
@@ -259,7 +262,7 @@ def destroy_nodes(cfg: Config, name: str = "") -> None:
 
 
 def _running(node: Config) -> bool:
-    return lifecycle.running_pid(StatePaths.of(node)) is not None
+    return instance.running_pid(StatePaths.of(node)) is not None
 
 
 def check_nodes(cfg: Config, name: str = "") -> list[tuple[str, ssh.CheckReport]]:

@@ -19,7 +19,7 @@ from support.servers.common import blank_vm_settings, free_port
 
 from infra.core import config
 from infra.core.state import StatePaths
-from infra.vm import lifecycle
+from infra.vm import instance
 
 
 @pytest.fixture(scope="session")
@@ -137,6 +137,6 @@ def blank_vm(make_cfg: Callable[..., config.Config], tmp_path: Path) -> Iterator
     (test_vm, test_qmp)."""
     cfg = make_cfg(vm=blank_vm_settings(tmp_path), provision={"nomad": False, "docker": False})
     yield cfg
-    pid = lifecycle.running_pid(StatePaths.of(cfg))
+    pid = instance.running_pid(StatePaths.of(cfg))
     if pid is not None:
         os.kill(pid, signal.SIGKILL)

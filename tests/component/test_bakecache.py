@@ -17,7 +17,7 @@ from support.servers.common import vm_ports
 from infra.core import config
 from infra.core.errors import VMError
 from infra.core.state import StatePaths
-from infra.vm import bakecache, lifecycle, verbs
+from infra.vm import bakecache, instance, lifecycle, qemuimg, verbs
 
 Inv = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -53,7 +53,7 @@ def blank(tmp_path: Path) -> Iterator[config.Config]:
     qcow2(tmp_path / "base.qcow2")
     cfg = config.load(settings(tmp_path))
     yield cfg
-    pid = lifecycle.running_pid(StatePaths.of(cfg))
+    pid = instance.running_pid(StatePaths.of(cfg))
     if pid is not None:
         os.kill(pid, 9)
 
@@ -73,18 +73,18 @@ def test_vm_run_boots_the_matching_bake_with_a_seed_that_installs_nothing(
     assert launch.record["base_image"] == str(tmp_path / "base.qcow2")
     assert f"image: baked image {made.key}" in capsys.readouterr().err
     p = StatePaths.of(blank)
-    assert lifecycle.image_info(p.disk)["full-backing-filename"] == str(made.path.resolve())
+    assert qemuimg.image_info(p.disk)["full-backing-filename"] == str(made.path.resolve())
     user_data = yaml.safe_load(p.user_data.read_text())
     assert "packages" not in user_data and "package_update" not in user_data  # nothing to install
     assert "/usr/local/lib/infra-lab/10-docker.sh" in user_data["runcmd"]  # the idempotent script stays
-    assert lifecycle.status(blank)["baked"] == made.key
+    assert lifecycle.facts(blank)["baked"] == made.key
     lifecycle.stop(blank, timeout=0)
 
     # the configuration moves on: the disk made on the old bake is refused, never booted
     moved = config.load(settings(tmp_path, packages=["jq"]))
     with pytest.raises(VMError, match="no longer matches") as err:
         verbs.run(moved)
-    assert "inv vm.destroy" in str(err.value) and lifecycle.running_pid(p) is None
+    assert "inv vm.destroy" in str(err.value) and instance.running_pid(p) is None
     lifecycle.destroy(moved)
     launch = verbs.run(moved).launch  # a fresh disk on the base image: the full seed, packages and all
     assert launch.record["baked"] is None and launch.record["image"] == str(tmp_path / "base.qcow2")

@@ -20,7 +20,7 @@ from support.servers.common import listening, vm_ports
 from infra.core import config
 from infra.core.errors import VMError
 from infra.core.state import StatePaths
-from infra.vm import host, lifecycle, qmp, verbs
+from infra.vm import host, instance, lifecycle, qemuimg, qmp, verbs
 
 pytestmark = pytest.mark.tools("qemu-system-x86_64", "qemu-img")
 
@@ -57,8 +57,8 @@ def test_stale_pidfile_is_not_a_running_vm(tmp_path: Path) -> None:
     dead.wait()
     state.pidfile.write_text(f"{dead.pid}\n")
     state.qmp_socket.touch()
-    assert lifecycle.running_pid(state) is None
-    assert lifecycle.clear_stale(state) is True
+    assert instance.running_pid(state) is None
+    assert instance.clear_stale(state) is True
     assert not state.pidfile.exists() and not state.qmp_socket.exists()
 
 
@@ -81,18 +81,18 @@ def test_overlay_on_base_resized_and_guarded(tmp_path: Path) -> None:
     base = tmp_path / "base.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "1G"], check=True)
     disk = tmp_path / "state" / "disk.qcow2"
-    assert lifecycle.ensure_overlay(disk, base, 3) is True
-    info = lifecycle.image_info(disk)
-    assert info["virtual-size"] == 3 * lifecycle.GIB
+    assert qemuimg.ensure_overlay(disk, base, 3) is True
+    info = qemuimg.image_info(disk)
+    assert info["virtual-size"] == 3 * qemuimg.GIB
     assert Path(info["full-backing-filename"]) == base.resolve()
     assert info["backing-filename-format"] == "qcow2"
-    assert lifecycle.ensure_overlay(disk, base, 3) is False  # kept
-    assert lifecycle.ensure_overlay(disk, base, 5) is False
-    assert lifecycle.image_info(disk)["virtual-size"] == 5 * lifecycle.GIB  # grown, never shrunk
+    assert qemuimg.ensure_overlay(disk, base, 3) is False  # kept
+    assert qemuimg.ensure_overlay(disk, base, 5) is False
+    assert qemuimg.image_info(disk)["virtual-size"] == 5 * qemuimg.GIB  # grown, never shrunk
     other = tmp_path / "other.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(other), "1G"], check=True)
     with pytest.raises(VMError, match=r"vm\.destroy"):
-        lifecycle.ensure_overlay(disk, other, 5)
+        qemuimg.ensure_overlay(disk, other, 5)
 
 
 def test_lifecycle_with_real_qemu(blank_vm: config.Config, capsys: pytest.CaptureFixture[str]) -> None:
@@ -102,7 +102,7 @@ def test_lifecycle_with_real_qemu(blank_vm: config.Config, capsys: pytest.Captur
     first = booted.launch
     assert first.started and booted.seed is not None and booted.seed.path == state.seed_iso
     pid = first.record["pid"]
-    assert lifecycle.running_pid(state) == pid
+    assert instance.running_pid(state) == pid
     assert state.pidfile.read_text().strip() == str(pid)
     assert state.qmp_socket.exists() and state.seed_iso.exists() and state.disk.exists()
     assert json.loads(state.vm_record.read_text())["accel"] == "tcg"
@@ -114,7 +114,7 @@ def test_lifecycle_with_real_qemu(blank_vm: config.Config, capsys: pytest.Captur
     again = verbs.run(cfg)  # idempotent: reported, nothing changed (the seed of a running VM neither)
     assert not again.launch.started and again.launch.record["pid"] == pid and again.seed is None
     assert "already running" in capsys.readouterr().err
-    assert lifecycle.status(cfg)["pid"] == pid
+    assert lifecycle.facts(cfg)["pid"] == pid
 
     assert lifecycle.stop(cfg, timeout=2) is True  # firmware ignores ACPI power-off -> killed after 2 s
     err = capsys.readouterr().err
@@ -122,7 +122,7 @@ def test_lifecycle_with_real_qemu(blank_vm: config.Config, capsys: pytest.Captur
     # printed, not by a stopwatch
     assert re.search(r"waiting for VM \(pid \d+\) to power off \(ACPI\): .*\(\d+s/2s\)", err), err
     assert f"VM stopped (killed, pid {pid})" in err, err
-    assert lifecycle.running_pid(state) is None
+    assert instance.running_pid(state) is None
     assert not host.alive(pid)
     assert not state.pidfile.exists() and not state.qmp_socket.exists()
     assert "stopped_at" in json.loads(state.vm_record.read_text())

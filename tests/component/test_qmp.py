@@ -17,7 +17,7 @@ from support.servers.qmp import STREAM_CAP, FakeQMP
 from infra.core import config
 from infra.core.errors import VMError
 from infra.core.state import StatePaths
-from infra.vm import host, lifecycle, qmp, verbs
+from infra.vm import host, instance, lifecycle, qmp, verbs
 
 
 @pytest.fixture
@@ -90,7 +90,7 @@ def test_stop_kills_a_qemu_stopped_with_sigstop(
     with pytest.raises(VMError, match="no answer within 1s"):  # the kernel accepts, nobody answers
         qmp.execute(state.qmp_socket, "query-status", timeout=1)
     assert lifecycle.stop(blank_vm, timeout=30) is True
-    assert not host.alive(pid) and lifecycle.running_pid(state) is None
+    assert not host.alive(pid) and instance.running_pid(state) is None
     err = capsys.readouterr().err
     assert "no answer within 5s" in err and f"VM stopped (killed, pid {pid})" in err
     assert not state.pidfile.exists() and not state.qmp_socket.exists()

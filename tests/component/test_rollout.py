@@ -394,9 +394,9 @@ def test_up_twice_deploys_the_real_job_specs_then_changes_nothing(
     monkeypatch.setattr(seed, "write_iso", fake_seed)
     monkeypatch.setattr(lifecycle, "boots_baked", lambda cfg: False)
     monkeypatch.setattr(
-        lifecycle, "preparing", lambda cfg: contextlib.nullcontext(SimpleNamespace(baked=False))
+        lifecycle, "preparing", lambda cfg, baked=None: contextlib.nullcontext(SimpleNamespace(baked=baked))
     )
-    monkeypatch.setattr(lifecycle, "run", fake_run)
+    monkeypatch.setattr(lifecycle, "boot", fake_run)
     monkeypatch.setattr(verbs, "check_once", lambda cfg: calls.append("vm.check"))
     # The image build runs for real in tests/component/test_appimage.py; here it is recorded.
     monkeypatch.setattr(appimage, "_vm_engine", lambda cfg: contextlib.nullcontext("vm-engine"))

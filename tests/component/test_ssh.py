@@ -284,7 +284,7 @@ STAGE_DONE = {"errors": [], "start": 1.0, "finished": 2.0}
 def test_verdict_agrees_with_cloud_init_itself(
     tmp_path: Path, status: dict[str, object] | None, result: dict[str, object] | None
 ) -> None:
-    """`remote.verdict` on the state probe's output says what Debian's cloud-init (22.4, the guest's) says of
+    """`ssh.verdict` on the state probe's output says what Debian's cloud-init (22.4, the guest's) says of
     the same files (cloudinit/cmd/status.py get_status_details): not run/running/done/error."""
     import subprocess
 

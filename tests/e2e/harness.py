@@ -49,7 +49,7 @@ from infra.core.errors import InfraError, PortInUseError, root_cause
 from infra.core.state import StatePaths
 from infra.core.waits import Probe, wait_until
 from infra.guest import ssh
-from infra.vm import baseimages, host, lifecycle, qemu
+from infra.vm import baseimages, host, instance, qemu
 
 if not __package__:  # run as a script (`python tests/e2e/harness.py image-cache`, ci.yml): tests/ on the path
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -911,8 +911,8 @@ def up_again_verdict(before: Mapping[str, Any], after: Mapping[str, Any], result
 
 
 def nothing_left(cfg: Config) -> str:
-    """After `inv down`: no qemu of ours (infra.vm.lifecycle.running_pid) and every forwarded port free."""
-    pid = lifecycle.running_pid(StatePaths.of(cfg))
+    """After `inv down`: no qemu of ours (infra.vm.instance.running_pid) and every forwarded port free."""
+    pid = instance.running_pid(StatePaths.of(cfg))
     if pid is not None:
         raise SmokeFailed(f"qemu (pid {pid}) still runs after `inv down`")
     ports = check_ports(cfg)

@@ -53,8 +53,8 @@ def test_event_on_kafka(stack: Stack) -> None:
 def test_inv_up_booted_the_bake(stack: Stack) -> None:
     """inv up booted the baked image (the bring-up baked first; vm.baked: auto picks it by its key)"""
     from infra.core.state import StatePaths
-    from infra.vm import lifecycle
+    from infra.vm import instance
 
-    record = lifecycle.load_record(StatePaths.of(stack.cfg))
+    record = instance.load_record(StatePaths.of(stack.cfg))
     assert record.get("baked"), f"`inv up` booted {record.get('image')}, not a baked image"
     assert record["image"].endswith(f"/bakes/{record['baked']}.qcow2")

@@ -187,3 +187,18 @@ def test_an_image_the_key_cannot_resolve_is_an_error_naming_file_and_line(tmp_pa
         TemplateError, match=rf'ingress\.nomad\.hcl:{line}: ingress/traefik/traefik: image .*"nowhere"'
     ):
         bakecache.key_inputs(cfg(tmp_path, deploy={"ingress_job": str(spec)}), ARCH, DIGEST)
+
+
+def test_the_image_chosen_before_is_the_one_booted(tmp_path: Path) -> None:
+    """`inv up` chooses once (`lifecycle.boots_baked`) and makes the seed for it; `preparing` passes that
+    answer down: a bake that appeared since is not taken, one that vanished since is an error."""
+    c = cfg(tmp_path)
+    base = tmp_path / "base.img"
+    made = make_bake(c)
+    assert bakecache.choose(c, ARCH, base, None, baked=True).key == made.key
+    chosen = bakecache.choose(c, ARCH, base, None, baked=False)
+    assert chosen.image == base and chosen.key is None
+    made.path.unlink()
+    assert bakecache.choose(c, ARCH, base, None, baked=False).image == base
+    with pytest.raises(VMError, match="this boot was prepared for is gone"):
+        bakecache.choose(c, ARCH, base, None, baked=True)

@@ -8,21 +8,21 @@ from pathlib import Path
 
 from infra.core import config
 from infra.core.state import StatePaths
-from infra.vm import lifecycle
+from infra.vm import instance, lifecycle
 
 
 def test_recycled_pid_is_not_our_qemu(tmp_path: Path) -> None:
     """A pidfile naming a live process that is not our qemu (pid reuse) does not count as running."""
     state = StatePaths(tmp_path)
     state.pidfile.write_text(str(os.getpid()))
-    assert lifecycle.running_pid(state) is None
+    assert instance.running_pid(state) is None
 
 
 def test_garbage_pidfile(tmp_path: Path) -> None:
     state = StatePaths(tmp_path)
     state.pidfile.write_text("not a pid")
-    assert lifecycle.running_pid(state) is None
-    assert lifecycle.clear_stale(state) and not state.pidfile.exists()
+    assert instance.running_pid(state) is None
+    assert instance.clear_stale(state) and not state.pidfile.exists()
 
 
 def test_stop_without_vm_removes_stale_files(make_cfg: Callable[..., config.Config]) -> None:

@@ -5,7 +5,7 @@
 # directory sorted by name, byte-wise, and merges each file over the ones before it, so the LAST file
 # wins on a key both set (hashicorp/nomad command/agent/config.go, LoadConfigDir: sort.Strings, then
 # result.Merge(config)). "zz-" sorts after "nomad.hcl"; "10-" or "99-" would sort BEFORE it (digits
-# come before letters) and the package's file would win. `python -m infra.speclint` checks the order.
+# come before letters) and the package's file would win. `python -m infra.nomad.speclint` checks the order.
 
 # Inside the VM Nomad must listen on the guest's DHCP address: qemu's user-mode forwards target
 # 10.0.2.15, not the guest's 127.0.0.1. The host side of every forward is bound to 127.0.0.1 only.
@@ -22,7 +22,7 @@ client {
 
   # This node holds the stateful jobs' host volumes: nomad/datastorage.nomad.hcl is constrained to it, so
   # Postgres and Kafka never start on an empty disk elsewhere. In a local cluster (vm.nodes >= 3) each
-  # node's /etc/nomad.d/zzz-cluster.json overrides it: "true" on nomad-1 only (infra/seed.py).
+  # node's /etc/nomad.d/zzz-cluster.json overrides it: "true" on nomad-1 only (infra/guest/seed.py).
   # It is also the entry point: the host's forwards of Traefik's entrypoints arrive here, so
   # nomad/ingress.nomad.hcl is constrained to infra_lab_entry.
   meta {

