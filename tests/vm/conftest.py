@@ -61,7 +61,11 @@ class VMEnv:
 
 
 def make_vm_env(test_image: dict[str, str], root: Path, provision: dict[str, Any]) -> VMEnv:
-    """A -f config file: the test image with direct kernel boot, TCG, 2 vCPU / 2 GiB, free ports, tmp state."""
+    """A -f config file: the test image with direct kernel boot, TCG, 2 vCPU / 2 GiB, free ports, tmp state.
+
+    The waits are hang guards for real events, not verdicts: beside other work a TCG guest runs several
+    times slower (a fresh-clone run under a load of ~12 saw the docker guest need 141 s for SSH and more
+    than 600 s for cloud-init's docker.io install, which takes ~110 s on a quiet machine)."""
     ports = vm_ports()
     settings: dict[str, Any] = {
         # cache_dir: bakes (infra/compose/bake.py) land in this test's own cache, never in the user's
@@ -70,7 +74,7 @@ def make_vm_env(test_image: dict[str, str], root: Path, provision: dict[str, Any
         "vm": {
             "image": test_image["image"], "kernel": test_image["kernel"], "initrd": test_image["initrd"],
             "append": test_image["append"], "accel": "tcg", "cpus": 2, "memory_mb": 2048, "disk_gb": 4,
-            "ssh_timeout": 300, "cloud_init_timeout": 600, "stop_timeout": 60,
+            "ssh_timeout": 900, "cloud_init_timeout": 1800, "stop_timeout": 60,
             "ports": ports,
         },
     }  # fmt: skip
