@@ -27,6 +27,10 @@ nox.options.sessions = ["lint", "unit", "component"]
 PYTHON = "3.11"
 ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
+#: Seconds pytest gets, after Ctrl-C (scripts/test passes SIGTERM on as one too), to tear its fixtures down —
+#: stop VMs and the cluster's switch by pid, stop PostgreSQL, dockerd, sshd — before nox terminates it. nox's
+#: own default is 0.3 s, which cut that teardown short and left a booting VM and its switch running.
+TEARDOWN = 600
 
 
 def project_venv(session: nox.Session) -> Path:
@@ -100,7 +104,7 @@ def lint(session: nox.Session) -> None:
 def unit(session: nox.Session) -> None:
     """tests/unit: pure Python, no processes or sockets (a guard fails any test that tries); seconds."""
     project_venv(session)
-    session.run(sys.executable, "-m", "pytest", "tests/unit", *session.posargs)
+    session.run(sys.executable, "-m", "pytest", "tests/unit", *session.posargs, interrupt_timeout=TEARDOWN)
 
 
 @nox.session(python=False)
@@ -111,7 +115,16 @@ def component(session: nox.Session) -> None:
     # Four workers on two cores: many tests wait on a deadline or a subprocess rather than compute.
     # loadfile keeps each module on one worker: its module fixtures (PostgreSQL, one dockerd) start once.
     session.run(
-        sys.executable, "-m", "pytest", "tests/component", "-n", "4", "--dist", "loadfile", *session.posargs
+        sys.executable,
+        "-m",
+        "pytest",
+        "tests/component",
+        "-n",
+        "4",
+        "--dist",
+        "loadfile",
+        *session.posargs,
+        interrupt_timeout=TEARDOWN,
     )
 
 
@@ -120,7 +133,18 @@ def vm(session: nox.Session) -> None:
     """tests/vm: boot real VMs under TCG from a Debian image built here (needs qemu, mmdebstrap)."""
     project_venv(session)
     # One worker per module: the guest's chain (provision, bake, boot the bake) beside the boots that fail.
-    session.run(sys.executable, "-m", "pytest", "tests/vm", "-n", "2", "--dist", "loadfile", *session.posargs)
+    session.run(
+        sys.executable,
+        "-m",
+        "pytest",
+        "tests/vm",
+        "-n",
+        "2",
+        "--dist",
+        "loadfile",
+        *session.posargs,
+        interrupt_timeout=TEARDOWN,
+    )
 
 
 #: The e2e as pytest runs it: tests/e2e in file order, stopping at the first failure (the steps build on

@@ -12,9 +12,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.servers.common import processes_of
 
 from infra import ROOT
 
@@ -55,12 +57,24 @@ sys.exit(int(os.environ.get(f"FAKE_EXIT_{{name.replace('-', '_')}}", "0")))
 
 
 @pytest.fixture
-def fake(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+def fake(tmp_path: Path) -> Iterator[tuple[Path, dict[str, str]]]:
     nox = tmp_path / "nox"
     nox.write_text(FAKE_NOX.format(python=sys.executable))
     nox.chmod(0o755)
     env = {**os.environ, "NOX": str(nox), "FAKE_DIR": str(tmp_path)}
-    return tmp_path, env
+    yield tmp_path, env
+    # A test that failed half-way (a timeout) leaves scripts/test and the stand-ins running: SIGTERM first
+    # (scripts/test then stops its busy loops by pid), then SIGKILL whatever is left.
+    import psutil
+
+    leftovers = processes_of(tmp_path)
+    for proc in leftovers:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _gone, alive = psutil.wait_procs(leftovers, timeout=30)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
 
 
 def run(tmp_path: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -192,3 +206,52 @@ def test_without_nox_it_says_how_to_set_up(fake: tuple[Path, dict[str, str]]) ->
     result = run(tmp_path, {**env, "NOX": str(tmp_path / "no-such-nox")})
     assert result.returncode == 2
     assert "not found: run ./scripts/setup --system --dev first" in result.stderr
+
+
+#: A test whose fixture needs a moment to tear down, as a VM's does (vm.destroy): run through the real noxfile.
+HELD = """
+import pathlib, time
+import pytest
+
+OUT = pathlib.Path({out!r})
+
+
+@pytest.fixture
+def held():
+    (OUT / "setup").write_text("")
+    yield
+    time.sleep(2)  # longer than nox's own 0.3 s between Ctrl-C and SIGTERM
+    (OUT / "teardown").write_text("")
+
+
+def test_probe(held):
+    time.sleep(600)
+"""
+
+
+def test_ctrl_c_gives_pytest_time_to_tear_its_fixtures_down(tmp_path: Path) -> None:
+    """The real noxfile's session, Ctrl-C to its process group (as scripts/test passes SIGINT/SIGTERM on):
+    the fixture's teardown completes (nox's default would terminate pytest 0.3 s after the Ctrl-C)."""
+    probe = tmp_path / "test_held_probe.py"
+    probe.write_text(HELD.format(out=str(tmp_path)))
+    nox = Path(sys.executable).with_name("nox")
+    proc = subprocess.Popen(
+        [str(nox), "-s", "unit", "--", str(probe), "-k", "probe", "-p", "no:cacheprovider"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        for _ in range(2400):  # until the fixture is set up (a generous limit: the session never started)
+            if (tmp_path / "setup").exists():
+                break
+            assert proc.poll() is None, proc.communicate()[0]
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the probe never started")
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert (tmp_path / "teardown").exists(), out
+    assert proc.returncode != 0, out
