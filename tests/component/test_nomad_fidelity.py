@@ -141,7 +141,8 @@ def test_a_blocking_wait_leaves_room_for_nomads_jitter(doubles: Any) -> None:
 
 # ---------------------------------------------------------------------- 14: keyring not ready yet --
 def test_variable_write_is_retried_while_the_keyring_is_not_ready(doubles: Any) -> None:
-    d = doubles(keyring_delay=1.0)
+    d = doubles(keyring_delay=float("inf"))  # not ready until the client's third request to the variable
+    d.on_request(r"^/v1/var/nomad/jobs/x$", 3, d.release_keyring)
     sleeps: list[float] = []
 
     def sleep(s: float) -> None:
@@ -155,7 +156,7 @@ def test_variable_write_is_retried_while_the_keyring_is_not_ready(doubles: Any) 
 
 
 def test_variable_write_keyring_error_gives_up_after_its_wait(doubles: Any) -> None:
-    d = doubles(keyring_delay=30)
+    d = doubles(keyring_delay=float("inf"))  # never ready: however slow the machine, the wait must end it
     with pytest.raises(DeployError, match="keyring has not been initialized yet"):
         rollout.ensure_secret(client_for(d), "nomad/jobs/x", "k", keyring_wait=0.3, sleep=time.sleep)
 

@@ -492,7 +492,7 @@ class NomadAPIDouble:
         `load_image`d are on the node and garbage-collected per `docker_gc` = (gc.image, image_delay seconds)
         (drivers/docker/config.go defaults: true, 3m; `gc_from_agent_config` reads them from an agent config).
         `keyring_delay`: seconds after the leader is elected during which variable writes fail with
-        "keyring has not been initialized yet" (nomad/encrypter.go activeCipherSet).
+        "keyring has not been initialized yet" (nomad/encrypter.go activeCipherSet); inf: until release_keyring().
         `memo_parse`: answer a jobs/parse seen before from memory (it is a pure function of JobHCL and
         Variables): python-hcl2 takes about 0.1 s a job here where Nomad's Go parser takes milliseconds, so
         a benchmark of our commands (scripts/bench-noop) would otherwise time the double's parser."""
@@ -669,6 +669,12 @@ class NomadAPIDouble:
             for fn in self.held_stops:
                 fn()
             self.held_stops.clear()
+
+    def release_keyring(self) -> None:
+        """The keyring is ready now (for keyring_delay inf: variable writes fail until a test says so; runs
+        under the state lock, so an on_request hook may call it before the request it precedes)."""
+        with self.cond:
+            self._keyring_at = 0.0
 
     def release_health(self) -> None:
         """Allocations whose health_delay is inf turn healthy now (in placement order)."""
