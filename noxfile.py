@@ -50,6 +50,12 @@ def project_venv(session: nox.Session) -> Path:
     return bin_dir
 
 
+def pytest(session: nox.Session, *args: str) -> None:
+    """pytest on the project's interpreter, then the session's extra arguments; Ctrl-C gives it TEARDOWN
+    seconds to tear its fixtures down."""
+    session.run(sys.executable, "-m", "pytest", *args, *session.posargs, interrupt_timeout=TEARDOWN)
+
+
 def install(session: nox.Session) -> None:
     session.install("-c", "requirements/constraints.txt", "-e", ".[dev]", "-r", "app/requirements.in")
     # The project's `inv` script (infra/cli.py) and invoke's share a name; uv installs wheels in parallel, so
@@ -104,7 +110,7 @@ def lint(session: nox.Session) -> None:
 def unit(session: nox.Session) -> None:
     """tests/unit: pure Python, no processes or sockets (a guard fails any test that tries); seconds."""
     project_venv(session)
-    session.run(sys.executable, "-m", "pytest", "tests/unit", *session.posargs, interrupt_timeout=TEARDOWN)
+    pytest(session, "tests/unit")
 
 
 @nox.session(python=False)
@@ -114,18 +120,7 @@ def component(session: nox.Session) -> None:
     project_venv(session)
     # Four workers on two cores: many tests wait on a deadline or a subprocess rather than compute.
     # loadfile keeps each module on one worker: its module fixtures (PostgreSQL, one dockerd) start once.
-    session.run(
-        sys.executable,
-        "-m",
-        "pytest",
-        "tests/component",
-        "-n",
-        "4",
-        "--dist",
-        "loadfile",
-        *session.posargs,
-        interrupt_timeout=TEARDOWN,
-    )
+    pytest(session, "tests/component", "-n", "4", "--dist", "loadfile")
 
 
 @nox.session(python=False, default=False)
@@ -133,18 +128,7 @@ def vm(session: nox.Session) -> None:
     """tests/vm: boot real VMs under TCG from a Debian image built here (needs qemu, mmdebstrap)."""
     project_venv(session)
     # One worker per module: the guest's chain (provision, bake, boot the bake) beside the boots that fail.
-    session.run(
-        sys.executable,
-        "-m",
-        "pytest",
-        "tests/vm",
-        "-n",
-        "2",
-        "--dist",
-        "loadfile",
-        *session.posargs,
-        interrupt_timeout=TEARDOWN,
-    )
+    pytest(session, "tests/vm", "-n", "2", "--dist", "loadfile")
 
 
 #: The e2e as pytest runs it: tests/e2e in file order, stopping at the first failure (the steps build on
