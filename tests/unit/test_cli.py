@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 import types
 
@@ -40,10 +41,17 @@ def test_a_ctrl_c_python_could_not_raise_is_given_back_not_printed(
         err_msg=None,
         object=None,
     )
-    with pytest.raises(KeyboardInterrupt):
-        cli._unraisable(info)
-        for _ in range(1000):  # the signal handler runs at the next bytecode boundary of the main thread
-            pass
+    # Python's own SIGINT handler, whatever this process inherited: a test run started in the background
+    # from a non-interactive shell inherits SIGINT ignored, and Python then installs no handler at all
+    # (seen: this test failed when the test command ran under `nohup ... &`).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            cli._unraisable(info)
+            for _ in range(1000):  # the signal handler runs at the next bytecode boundary of the main thread
+                pass
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert capsys.readouterr().err == ""
 
 
