@@ -116,7 +116,7 @@ def test_lifecycle_with_real_qemu(blank_vm: config.Config, capsys: pytest.Captur
     assert "already running" in capsys.readouterr().err
     assert lifecycle.facts(cfg)["pid"] == pid
 
-    assert lifecycle.stop(cfg, timeout=2) is True  # the halted guest ignores ACPI power-off -> killed after 2 s
+    assert lifecycle.stop(cfg, timeout=2) is True  # the halted guest ignores ACPI: killed after 2 s
     err = capsys.readouterr().err
     # the power-off wait ran on the 2 s given (not vm.stop_timeout's default), then the kill: by what it
     # printed, not by a stopwatch

@@ -70,7 +70,9 @@ def blank_vm_settings(tmp_path: Path) -> dict[str, object]:
     with raw.open("wb") as f:
         f.write(HALT_MBR)
         f.truncate(1 << 30)  # sparse: qemu-img copies only the boot sector
-    subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(image)], check=True)
+    subprocess.run(
+        ["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(image)], check=True
+    )
     raw.unlink()
     return {
         "image": str(image),
