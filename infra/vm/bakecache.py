@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from infra.core import files, hcl, ui
+from infra.core import files, ui
 from infra.core.config import Config
 from infra.core.errors import ImageError, VMError
 from infra.guest import seed
@@ -104,6 +104,8 @@ def job_images(cfg: Config) -> list[str]:
     so a pre-pulled pin deploys without Docker Hub."""
     if not (cfg.provision.nomad and cfg.provision.docker):
         return []  # without Nomad no job runs in the guest: nothing to pre-pull
+    from infra.core import hcl  # python-hcl2 (~0.1 s of CPU to import) only where a job spec is read
+
     refs: set[str] = set()
     for path in (cfg.deploy.data_job, cfg.deploy.app_job, cfg.deploy.ingress_job):
         refs.update(ref for ref in hcl.spec_images(path) if "@sha256:" in ref)

@@ -1,8 +1,8 @@
 """infra.vm.lifecycle (through infra.vm.verbs, which makes the seed): pidfile handling, and the lifecycle against the
 real qemu.
 
-The lifecycle tests start the real qemu-system-x86_64 on a blank disk (no OS: the VM sits in its
-firmware), which is enough to exercise launch, the pidfile, QMP, idempotent `run`, `stop` falling back to
+The lifecycle tests start the real qemu-system-x86_64 on a blank disk (no OS: the VM halts in its boot
+sector, support/servers/common.py), which is enough to exercise launch, the pidfile, QMP, idempotent `run`, `stop` falling back to
 a kill when the guest ignores ACPI, and `destroy`. Booting a real guest is tests/vm.
 """
 
@@ -116,7 +116,7 @@ def test_lifecycle_with_real_qemu(blank_vm: config.Config, capsys: pytest.Captur
     assert "already running" in capsys.readouterr().err
     assert lifecycle.facts(cfg)["pid"] == pid
 
-    assert lifecycle.stop(cfg, timeout=2) is True  # firmware ignores ACPI power-off -> killed after 2 s
+    assert lifecycle.stop(cfg, timeout=2) is True  # the halted guest ignores ACPI: killed after 2 s
     err = capsys.readouterr().err
     # the power-off wait ran on the 2 s given (not vm.stop_timeout's default), then the kill: by what it
     # printed, not by a stopwatch

@@ -43,8 +43,14 @@ def job_file(tmp_path: Path) -> Callable[..., Path]:
 def test_new_job_is_parsed_with_variables_registered_and_followed(
     double: NomadAPIDouble, client: Client, job_file: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    # The allocations turn healthy only when the client blocks on the deployment (a read with an index):
+    # on a busy machine the double's timers could otherwise finish the deployment before the client's first
+    # read, and a follower that finds it complete has no reason to block (seen: this test failed under load).
+    double.health_delay["server"] = float("inf")
+    double.before_next.append((r"^GET /v1/deployment/[0-9a-f-]+\?.*\bindex=", double.release_health))
     result = rollout.deploy_job(client, job_file(), variables={"image": "web:2"}, timeout=120)
     assert (result.job_id, result.outcome, result.version) == ("web", "deployed", 0)
+    assert not double.before_next, "the client never blocked on the deployment"
     parse = double.parse_calls[-1]
     assert parse["Canonicalize"] is True and parse["Variables"] == 'image = "web:2"\n'
     job = double.jobs["web"]

@@ -1,10 +1,11 @@
 """What `inv` loads before it works: each task imports only the heavy modules it uses (SSH: fabric and
 paramiko; HCL: hcl2 and lark; the seed: jsonschema, pycdlib, cryptography; HTTP: requests; output: rich;
-processes: psutil). Seen from the real CLI run as a subprocess with `python -X importtime`, whose report
+processes: psutil; none: unittest.mock and asyncio). Seen from the real CLI run as a subprocess with `python -X importtime`, whose report
 names every module imported; the assertions are on those names, never on time."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -12,11 +13,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from support.servers.common import blank_vm_settings, processes_of
 
 INV = str(Path(sys.executable).with_name("inv"))  # the installed `inv` script (as tests/conftest.py runs it)
 
+#: unittest (its mock) and asyncio: what invoke's own modules would import for MockContext (infra/cli.py).
 HEAVY = {"fabric", "paramiko", "hcl2", "lark", "jsonschema", "pycdlib", "cryptography", "requests", "rich",
-         "psutil"}  # fmt: skip
+         "psutil", "unittest", "asyncio"}  # fmt: skip
 
 _IMPORTED = re.compile(r"^import time:\s+\d+ \|\s+\d+ \| +([\w.]+)$", re.M)
 
@@ -72,3 +75,25 @@ def test_an_unchanged_seed_is_not_validated_again(
     assert second.returncode == 0, second.stderr[-2000:]
     assert "seed ISO unchanged" in second.stderr
     assert "jsonschema" not in heavy_imports(second)
+
+
+@pytest.mark.tools("qemu-system-x86_64", "qemu-img")
+def test_vm_run_of_a_local_image_imports_no_http_and_no_hcl(
+    run_inv: Callable[..., subprocess.CompletedProcess[str]], tmp_path: Path
+) -> None:
+    """`inv vm.run` of a local image, without Nomad in the seed: requests only comes with a download
+    (infra/vm/baseimages.py), python-hcl2 only with job specs to read (infra/vm/bakecache.py)."""
+    lab = tmp_path / "lab.yaml"
+    lab.write_text(
+        json.dumps({"provision": {"nomad": False, "docker": False}, "vm": blank_vm_settings(tmp_path)})
+    )
+    try:
+        result = with_importtime(run_inv, "-f", str(lab), "vm.run")
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "VM started: pid" in result.stderr
+        allowed = {"rich", "psutil", "jsonschema", "pycdlib", "cryptography"}  # output, the qemu, the seed
+        assert heavy_imports(result) <= allowed, f"inv vm.run imported {heavy_imports(result) - allowed}"
+    finally:
+        stopped = run_inv("-f", str(lab), "vm.stop", "--timeout", "0")
+    assert stopped.returncode == 0, stopped.stderr
+    assert processes_of(tmp_path) == []
