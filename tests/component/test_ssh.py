@@ -128,6 +128,7 @@ def test_cloud_init_wait_follows_the_stages(
     result = '{"v1": {"datasource": "DataSourceNoCloud", "errors": []}}'
     fake(fakebin, "cat", f'/bin/cat "$@"; code=$?\n'
                          f"case \"$*\" in *status.json*) echo '{result}' > {run}/result.json ;; esac\nexit $code\n")  # fmt: skip
+    fake(fakebin, "sleep", "exit 0\n")  # the look's wait in the guest (GUEST_WAIT) passes no real second
     conn = ssh.wait_ssh(cfg_for(), timeout=120)
     try:
         assert ssh.wait_cloud_init(cfg_for(), conn, timeout=120) == "done"
@@ -136,6 +137,35 @@ def test_cloud_init_wait_follows_the_stages(
     err = capsys.readouterr().err
     assert "running modules:config" in err and "cloud-init: finished" in err
     assert not (fakebin / "ran").exists()  # read from its state files: cloud-init (Python) never ran
+
+
+def test_the_wait_for_cloud_init_waits_in_the_guest_instead_of_looking_again(
+    cfg_for: Callable[..., config.Config],
+    guest: tuple[sshd.SSHServer, Path],
+    cloud_init_dirs: tuple[Path, Path],
+    tmp_path: Path,
+) -> None:
+    """One look over SSH waits in the guest, a `sleep 1` at a time, until result.json appears: a look costs a
+    TCG guest ~0.46 s of CPU, a `sleep` far less. Counted, not timed: the guest's `sleep` is a stand-in that
+    counts itself (no real second passes) and cloud-init finishes at its third call."""
+    _, fakebin = guest
+    run, _ = cloud_init_dirs
+    (run / "status.json").write_text(
+        json.dumps({"v1": {"stage": "modules:final", "init": {"finished": 1.0}}})
+    )
+    result = '{"v1": {"datasource": "DataSourceNoCloud", "errors": []}}'
+    sleeps, looks = tmp_path / "sleeps", tmp_path / "looks"
+    fake(fakebin, "sleep", f'echo "$*" >> {sleeps}\n'
+                           f"[ \"$(wc -l < {sleeps})\" -ge 3 ] && echo '{result}' > {run}/result.json\nexit 0\n")  # fmt: skip
+    fake(fakebin, "cat", f'case "$*" in *status.json*) echo look >> {looks} ;; esac\nexec /bin/cat "$@"\n')
+    cfg = cfg_for()
+    conn = ssh.wait_ssh(cfg, timeout=30)
+    try:
+        assert ssh.wait_cloud_init(cfg, conn, timeout=120) == "done"
+    finally:
+        conn.close()
+    assert sleeps.read_text().split() == ["1", "1", "1"]  # waited in the guest until result.json appeared
+    assert looks.read_text().split() == ["look"]  # and read the state files once
 
 
 def test_cloud_init_error_shows_the_log(

@@ -53,6 +53,12 @@ class VMEnv:
             cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False,
         )  # fmt: skip
 
+    def check(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """`inv vm.check`, guarded by more than its own two waits together (SSH, then cloud-init: a guard of
+        900 s killed the docker guest's vm.check at a load of ~30 while its cloud-init wait still had time)."""
+        vm = self.settings["vm"]
+        return self.inv("vm.check", *args, timeout=vm["ssh_timeout"] + vm["cloud_init_timeout"] + 300)
+
     def pid(self) -> int | None:
         try:
             return int((self.state_dir / "qemu.pid").read_text().strip())

@@ -47,7 +47,7 @@ def test_a_disk_that_cannot_boot_ends_the_wait_at_once(
     # vm.ssh_timeout is 900 s (conftest): a wait that missed the console line would run into it (exit 2,
     # "timed out ... waiting for SSH") or into this test's own 600 s guard, so the exit code and the message
     # show it ended at the console line (no stopwatch)
-    check = env.inv("vm.check")
+    check = env.check()
     assert check.returncode == 1, check.stderr
     assert "timed out" not in check.stderr, check.stderr
     first = check.stderr.split("error: ", 1)[1].splitlines()[0]

@@ -59,7 +59,7 @@ def booted(guest_env: Any, record_time: Callable[[str, float], None]) -> dict[st
     t0 = time.time()
     run = guest_env.inv("vm.run")
     assert run.returncode == 0, run.stderr
-    check = guest_env.inv("vm.check")
+    check = guest_env.check()
     elapsed = time.time() - t0
     assert check.returncode == 0, f"vm.check failed:\n{check.stderr[-6000:]}"
     record = json.loads((guest_env.state_dir / "vm.json").read_text())
@@ -80,7 +80,10 @@ def test_run_and_check_pass(booted: dict[str, Any]) -> None:
 
 def test_cloud_init_applied_our_user_data(guest_env: Any, booted: dict[str, Any]) -> None:
     """Key login as our user (OpenSSH via vm.ssh), our hostname, our marker file with our instance-id."""
-    script = "id -un; hostname; cat /etc/infra-lab/provisioned; sudo -n true && echo sudo-ok; cat /etc/infra-lab/README"
+    script = (
+        "id -un; hostname; cat /etc/infra-lab/provisioned; sudo -n true && echo sudo-ok; cat /etc/infra-lab/README;"
+        " echo; cat /sys/devices/system/clocksource/clocksource0/current_clocksource"
+    )
     result = guest_env.inv("vm.ssh", "--command", script, timeout=120)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -90,6 +93,8 @@ def test_cloud_init_applied_our_user_data(guest_env: Any, booted: dict[str, Any]
     assert instance_id.startswith("iid-") and lines[2] == instance_id
     assert lines[3] == "sudo-ok"
     assert "provisioned by infra-lab" in result.stdout
+    # the test image's tsc=reliable (scripts/build-test-image): 2 vCPUs under TCG, still on the TSC, not HPET
+    assert lines[-1] == "tsc", lines[-3:]
     # the rendered user-data that went into the ISO names the same user and key
     user_data = (guest_env.state_dir / "user-data").read_text()
     pub = (guest_env.state_dir / "ssh" / "id_ed25519.pub").read_text().split()[1]
@@ -254,7 +259,7 @@ def baked(
     guest_env.config_file.write_text(yaml.safe_dump(guest_env.settings))
     run = guest_env.inv("vm.run")
     assert run.returncode == 0, run.stderr
-    check = guest_env.inv("vm.check")
+    check = guest_env.check()
     assert check.returncode == 0, f"vm.check of the baked guest failed:\n{check.stderr[-6000:]}"
     timings = json.loads(check.stdout.strip().splitlines()[-1])
     record_time("image.bake --from-vm", bake_s)
