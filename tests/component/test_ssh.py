@@ -38,6 +38,15 @@ def fake(fakebin: Path, name: str, script: str) -> None:
     path.chmod(0o755)
 
 
+def wait_cloud_init(cfg: config.Config, timeout: float, login_timeout: float = 30) -> str:
+    """Log in (ssh.wait_ssh), wait for cloud-init over that connection (ssh.wait_cloud_init), close it."""
+    conn = ssh.wait_ssh(cfg, timeout=login_timeout)
+    try:
+        return ssh.wait_cloud_init(cfg, conn, timeout=timeout)
+    finally:
+        conn.close()
+
+
 @pytest.fixture
 def cfg_for(
     make_cfg: Callable[..., config.Config], guest: tuple[sshd.SSHServer, Path]
@@ -129,11 +138,7 @@ def test_cloud_init_wait_follows_the_stages(
     fake(fakebin, "cat", f'/bin/cat "$@"; code=$?\n'
                          f"case \"$*\" in *status.json*) echo '{result}' > {run}/result.json ;; esac\nexit $code\n")  # fmt: skip
     fake(fakebin, "sleep", "exit 0\n")  # the look's wait in the guest (GUEST_WAIT) passes no real second
-    conn = ssh.wait_ssh(cfg_for(), timeout=120)
-    try:
-        assert ssh.wait_cloud_init(cfg_for(), conn, timeout=120) == "done"
-    finally:
-        conn.close()
+    assert wait_cloud_init(cfg_for(), timeout=120, login_timeout=120) == "done"
     err = capsys.readouterr().err
     assert "running modules:config" in err and "cloud-init: finished" in err
     assert not (fakebin / "ran").exists()  # read from its state files: cloud-init (Python) never ran
@@ -158,12 +163,7 @@ def test_the_wait_for_cloud_init_waits_in_the_guest_instead_of_looking_again(
     fake(fakebin, "sleep", f'echo "$*" >> {sleeps}\n'
                            f"[ \"$(wc -l < {sleeps})\" -ge 3 ] && echo '{result}' > {run}/result.json\nexit 0\n")  # fmt: skip
     fake(fakebin, "cat", f'case "$*" in *status.json*) echo look >> {looks} ;; esac\nexec /bin/cat "$@"\n')
-    cfg = cfg_for()
-    conn = ssh.wait_ssh(cfg, timeout=30)
-    try:
-        assert ssh.wait_cloud_init(cfg, conn, timeout=120) == "done"
-    finally:
-        conn.close()
+    assert wait_cloud_init(cfg_for(), timeout=120) == "done"
     assert sleeps.read_text().split() == ["1", "1", "1"]  # waited in the guest until result.json appeared
     assert looks.read_text().split() == ["look"]  # and read the state files once
 
@@ -183,13 +183,8 @@ def test_cloud_init_error_shows_the_log(
     log.write_text(
         "Cloud-init v. 22.4.2 running 'modules:config'\n*** update-locale: Error: invalid locale\nok\n"
     )
-    cfg = cfg_for()
-    conn = ssh.wait_ssh(cfg, timeout=30)
-    try:
-        with pytest.raises(VMError) as err:
-            ssh.wait_cloud_init(cfg, conn, timeout=30)
-    finally:
-        conn.close()
+    with pytest.raises(VMError) as err:
+        wait_cloud_init(cfg_for(), timeout=30)
     text = str(err.value)
     assert "cloud-init failed (status: error)" in text
     assert f"modules-config: {error}" in text  # the stage's error, as status.json has it
@@ -212,12 +207,7 @@ def test_cloud_init_recoverable_errors_are_a_warning(
     }
     (run / "status.json").write_text(json.dumps({"v1": {"stage": None, "modules-final": final}}))
     (run / "result.json").write_text(json.dumps({"v1": {"errors": []}}))
-    cfg = cfg_for()
-    conn = ssh.wait_ssh(cfg, timeout=30)
-    try:
-        assert ssh.wait_cloud_init(cfg, conn, timeout=30) == "done"
-    finally:
-        conn.close()
+    assert wait_cloud_init(cfg_for(), timeout=30) == "done"
     err = capsys.readouterr().err
     assert "recoverable errors (degraded done)" in err
     assert "modules-final: WARNING: Invalid cloud-config provided" in err
@@ -230,13 +220,8 @@ def test_cloud_init_that_never_finishes_times_out_with_state(
 ) -> None:
     run, _ = cloud_init_dirs
     (run / "status.json").write_text(json.dumps({"v1": {"stage": "modules:final"}}))
-    cfg = cfg_for()
-    conn = ssh.wait_ssh(cfg, timeout=30)
-    try:
-        with pytest.raises(WaitTimeout, match="last state: running modules:final"):
-            ssh.wait_cloud_init(cfg, conn, timeout=2)
-    finally:
-        conn.close()
+    with pytest.raises(WaitTimeout, match="last state: running modules:final"):
+        wait_cloud_init(cfg_for(), timeout=2)
 
 
 def test_inactive_service_fails_with_its_state(
