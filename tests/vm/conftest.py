@@ -67,7 +67,13 @@ class VMEnv:
 
 
 def make_vm_env(test_image: dict[str, str], root: Path, provision: dict[str, Any]) -> VMEnv:
-    """A -f config file: the test image with direct kernel boot, TCG, 2 vCPU / 2 GiB, free ports, tmp state.
+    """A -f config file: the test image with direct kernel boot, TCG, 1 vCPU / 2 GiB, free ports, tmp state.
+
+    One vCPU: the tier's guests share two cores with each other and with the other tiers, and a 2-vCPU guest
+    under TCG spends more CPU on the same boot (its vCPUs wait on each other: IPIs, locks held by a vCPU the
+    host has descheduled) without finishing sooner. Two docker guests booted side by side beside two busy
+    loops: 251 qemu CPU-s with 2 vCPUs, 205 with 1, cloud-init done at about the same time (apt-get install
+    188 s and 181 s).
 
     The waits are hang guards for real events, not verdicts: beside other work a TCG guest runs several
     times slower (a fresh-clone run under a load of ~12 saw the docker guest need 141 s for SSH and more
@@ -79,7 +85,7 @@ def make_vm_env(test_image: dict[str, str], root: Path, provision: dict[str, Any
         "provision": provision,
         "vm": {
             "image": test_image["image"], "kernel": test_image["kernel"], "initrd": test_image["initrd"],
-            "append": test_image["append"], "accel": "tcg", "cpus": 2, "memory_mb": 2048, "disk_gb": 4,
+            "append": test_image["append"], "accel": "tcg", "cpus": 1, "memory_mb": 2048, "disk_gb": 4,
             "ssh_timeout": 900, "cloud_init_timeout": 1800, "stop_timeout": 60,
             "ports": ports,
         },

@@ -3,7 +3,7 @@ base user-data -> the docker part -> `inv image.bake --from-vm` -> a boot of the
 the guest (`vm.offline`) -> vm.stop -> vm.destroy.
 
 The image is Debian 12 built here by scripts/build-test-image (Debian's packages only), booted under TCG with
-direct kernel boot, 2 vCPU / 2 GiB, on free ports. The user-data is the base part, the docker part (the guest
+direct kernel boot, 1 vCPU / 2 GiB (tests/vm/conftest.py says why), on free ports. The user-data is the base part, the docker part (the guest
 installs docker.io from Debian's mirror through cloud-init; 10-docker.sh enables it and adds the login user
 to the docker group) and the final marker. The nomad part's scripts run in the same guest by hand (Nomad
 itself cannot be installed here: HashiCorp's repository is unreachable). One guest instead of one per part:
@@ -93,7 +93,7 @@ def test_cloud_init_applied_our_user_data(guest_env: Any, booted: dict[str, Any]
     assert instance_id.startswith("iid-") and lines[2] == instance_id
     assert lines[3] == "sudo-ok"
     assert "provisioned by infra-lab" in result.stdout
-    # the test image's tsc=reliable (scripts/build-test-image): 2 vCPUs under TCG, still on the TSC, not HPET
+    # the test image's kernel command line has tsc=reliable (scripts/build-test-image): the clock is the TSC, not HPET
     assert lines[-1] == "tsc", lines[-3:]
     # the rendered user-data that went into the ISO names the same user and key
     user_data = (guest_env.state_dir / "user-data").read_text()
