@@ -127,9 +127,7 @@ def component(session: nox.Session) -> None:
                 env={"PYTHONDONTWRITEBYTECODE": ""}, silent=True)  # fmt: skip
     # Four workers on two cores: many tests wait on a deadline or a subprocess rather than compute.
     # loadfile keeps each module on one worker: its module fixtures (PostgreSQL, one dockerd) start once.
-    # --no-loadscope-reorder: modules are handed out in collection order, the longest first
-    # (tests/component/conftest.py, LONGEST_FIRST), not by their number of tests.
-    pytest(session, "tests/component", "-n", "4", "--dist", "loadfile", "--no-loadscope-reorder")
+    pytest(session, "tests/component", "-n", "4", "--dist", "loadfile")
 
 
 @nox.session(python=False, default=False)

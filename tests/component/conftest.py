@@ -21,21 +21,6 @@ from infra.core import config
 from infra.core.state import StatePaths
 from infra.vm import instance
 
-#: The modules that take longest from start to end, and mostly wait (on Traefik's 5 s poll of the catalogue, a
-#: hung qemu's timeouts, a docker build), longest first. Seconds alone, one after the other, on a quiet 2-core
-#: machine: test_ingress 112, test_bad_input_vm 78, test_app 59, test_appimage 58, test_bad_input_nomad 39.
-#: The session runs them first (noxfile: --no-loadscope-reorder keeps this order): started last, one of them
-#: was the tier's tail, its worker waiting while the others had finished.
-LONGEST_FIRST = ("test_ingress", "test_bad_input_vm", "test_app", "test_appimage", "test_bad_input_nomad")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    def rank(item: pytest.Item) -> int:
-        name = item.path.stem
-        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
-
-    items.sort(key=rank)  # stable: the tests of a module keep their order, the other modules theirs
-
 
 @pytest.fixture(scope="session")
 def docker_engine() -> Iterator[dockerd.DockerEngine]:
