@@ -2,8 +2,8 @@
 real qemu.
 
 The lifecycle tests start the real qemu-system-x86_64 on a blank disk (no OS: the VM halts in its boot
-sector, support/servers/common.py), which is enough to exercise launch, the pidfile, QMP, idempotent `run`, `stop` falling back to
-a kill when the guest ignores ACPI, and `destroy`. Booting a real guest is tests/vm.
+sector, support/servers/common.py), which is enough to exercise launch, the pidfile, QMP, idempotent `run`,
+`stop` falling back to a kill when the guest ignores ACPI, and `destroy`. Booting a real guest is tests/vm.
 """
 
 from __future__ import annotations

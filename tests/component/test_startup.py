@@ -1,7 +1,8 @@
 """What `inv` loads before it works: each task imports only the heavy modules it uses (SSH: fabric and
 paramiko; HCL: hcl2 and lark; the seed: jsonschema, pycdlib, cryptography; HTTP: requests; output: rich;
-processes: psutil; none: unittest.mock and asyncio). Seen from the real CLI run as a subprocess with `python -X importtime`, whose report
-names every module imported; the assertions are on those names, never on time."""
+processes: psutil; none: unittest.mock and asyncio). Seen from the real CLI run as a subprocess with
+`python -X importtime`, whose report names every module imported; the assertions are on those names, never
+on time."""
 
 from __future__ import annotations
 

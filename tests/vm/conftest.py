@@ -70,10 +70,10 @@ def make_vm_env(test_image: dict[str, str], root: Path, provision: dict[str, Any
     """A -f config file: the test image with direct kernel boot, TCG, 1 vCPU / 2 GiB, free ports, tmp state.
 
     One vCPU: the tier's guests share two cores with each other and with the other tiers, and a 2-vCPU guest
-    under TCG spends more CPU on the same boot without finishing sooner (measured below; most likely its vCPUs
-    spin waiting on each other, on IPIs and on locks held by a vCPU the host has descheduled: not measured). Two docker guests booted side by side beside two busy
-    loops: 251 qemu CPU-s with 2 vCPUs, 205 with 1, cloud-init done at about the same time (apt-get install
-    188 s and 181 s).
+    under TCG spends more CPU on the same boot without finishing sooner. Measured: two docker guests booted
+    side by side beside two busy loops took 251 qemu CPU-s with 2 vCPUs, 205 with 1, cloud-init done at about
+    the same time (apt-get install 188 s and 181 s). Most likely, not measured: the vCPUs spin waiting on each
+    other, on IPIs and on locks held by a vCPU the host has descheduled.
 
     The waits are hang guards for real events, not verdicts: beside other work a TCG guest runs several
     times slower (a fresh-clone run under a load of ~12 saw the docker guest need 141 s for SSH and more

@@ -3,11 +3,12 @@ base user-data -> the docker part -> `inv image.bake --from-vm` -> a boot of the
 the guest (`vm.offline`) -> vm.stop -> vm.destroy.
 
 The image is Debian 12 built here by scripts/build-test-image (Debian's packages only), booted under TCG with
-direct kernel boot, 1 vCPU / 2 GiB (tests/vm/conftest.py says why), on free ports. The user-data is the base part, the docker part (the guest
-installs docker.io from Debian's mirror through cloud-init; 10-docker.sh enables it and adds the login user
-to the docker group) and the final marker. The nomad part's scripts run in the same guest by hand (Nomad
-itself cannot be installed here: HashiCorp's repository is unreachable). One guest instead of one per part:
-under TCG every boot costs a minute of CPU, and the tier's time is the README test command's.
+direct kernel boot, 1 vCPU / 2 GiB (tests/vm/conftest.py says why), on free ports. The user-data is the
+base part, the docker part (the guest installs docker.io from Debian's mirror through cloud-init;
+10-docker.sh enables it and adds the login user to the docker group) and the final marker. The nomad part's
+scripts run in the same guest by hand (Nomad itself cannot be installed here: HashiCorp's repository is
+unreachable). One guest instead of one per part: under TCG every boot costs a minute of CPU, and the tier's
+time is the README test command's.
 
 The tests run in file order (module-scoped fixtures `booted`, then `baked`); the conftest stops the VM by pid
 if a test fails half-way.
