@@ -77,7 +77,8 @@ def make_vm_env(test_image: dict[str, str], root: Path, provision: dict[str, Any
 
     The waits are hang guards for real events, not verdicts: beside other work a TCG guest runs several
     times slower (a fresh-clone run under a load of ~12 saw the docker guest need 141 s for SSH and more
-    than 600 s for cloud-init's docker.io install, which takes ~110 s on a quiet machine)."""
+    than 600 s for cloud-init's docker.io install, which took ~110 s on a quiet machine, when the guest
+    still installed it)."""
     ports = vm_ports()
     settings: dict[str, Any] = {
         # cache_dir: bakes (infra/compose/bake.py) land in this test's own cache, never in the user's
@@ -104,12 +105,18 @@ def stop_by_pid(env: VMEnv) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+#: The package the docker guest installs through cloud-init from Debian's mirror: small, one dependency (libc6),
+#: not in the test image.
+TREE = "tree"
+
+
 @pytest.fixture(scope="module")
 def guest_env(test_image: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[VMEnv]:
-    """The tier's one provisioned guest: the base user-data and the docker part (the guest installs
-    docker.io from Debian's mirror through cloud-init, ~2 min under TCG); gnupg through provision.packages
-    (the test image has it already: the nomad part's installer needs it)."""
-    provision = {"nomad": False, "docker": True, "hostname": "vmtest-guest", "packages": ["gnupg"]}
+    """The tier's one provisioned guest: the base user-data and the docker part. The test image carries the
+    docker part's package (docker.io, disabled: scripts/build-test-image says why) and gnupg (the nomad part's
+    installer needs it); `tree`, through provision.packages, is one that cloud-init really installs from
+    Debian's mirror (apt-get update, download, dpkg), as it would docker.io on a cloud image."""
+    provision = {"nomad": False, "docker": True, "hostname": "vmtest-guest", "packages": ["gnupg", TREE]}
     env = make_vm_env(test_image, tmp_path_factory.mktemp("guest"), provision)
     yield env
     stop_by_pid(env)
