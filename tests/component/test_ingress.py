@@ -38,7 +38,7 @@ from support.doubles.nomad_api import NomadAPIDouble
 from support.servers import pebble as pebble_server
 from support.servers import tansu
 from support.servers import traefik as traefik_server
-from support.servers.app import AppProcess
+from support.servers.app import CHECK_TIMEOUT, AppProcess
 from support.servers.postgres import PostgresServer
 
 from infra import ROOT
@@ -143,7 +143,7 @@ def make_app(
 
     def make(version: str) -> AppProcess:
         env = {**pg.env(), "PGDATABASE": database, "KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap,
-               "KAFKA_TOPIC": f"events-{database}", "APP_VERSION": version, "CHECK_TIMEOUT": "2"}  # fmt: skip
+               "KAFKA_TOPIC": f"events-{database}", "APP_VERSION": version, "CHECK_TIMEOUT": CHECK_TIMEOUT}  # fmt: skip
         app = AppProcess(log=tmp_path / f"app-{version}.log", env=env)
         started.append(app)
         app.start()
