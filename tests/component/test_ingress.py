@@ -23,12 +23,10 @@ import ssl
 import stat
 import subprocess
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 import requests
 import yaml
@@ -38,7 +36,7 @@ from support.doubles.nomad_api import NomadAPIDouble
 from support.servers import pebble as pebble_server
 from support.servers import tansu
 from support.servers import traefik as traefik_server
-from support.servers.app import CHECK_TIMEOUT, AppProcess
+from support.servers.app import AppProcess, app_env, new_database
 from support.servers.postgres import PostgresServer
 
 from infra import ROOT
@@ -128,10 +126,7 @@ def polls_after(api: NomadAPIDouble, start: int, path: str = r"^/v1/service/app$
 # ------------------------------------------------------------------------------------------ fixtures --
 @pytest.fixture(scope="module")
 def database(pg: PostgresServer) -> str:
-    name = f"ingress_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(pg.dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')  # a generated identifier, not input
-    return name
+    return new_database(pg)
 
 
 @pytest.fixture
@@ -142,9 +137,9 @@ def make_app(
     started: list[AppProcess] = []
 
     def make(version: str) -> AppProcess:
-        env = {**pg.env(), "PGDATABASE": database, "KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap,
-               "KAFKA_TOPIC": f"events-{database}", "APP_VERSION": version, "CHECK_TIMEOUT": CHECK_TIMEOUT}  # fmt: skip
-        app = AppProcess(log=tmp_path / f"app-{version}.log", env=env)
+        app = AppProcess(
+            log=tmp_path / f"app-{version}.log", env=app_env(pg, kafka, database, APP_VERSION=version)
+        )
         started.append(app)
         app.start()
         return app

@@ -6,10 +6,9 @@ The image is Debian 12 built here by scripts/build-test-image (Debian's packages
 direct kernel boot, 1 vCPU / 2 GiB (tests/vm/conftest.py says why), on free ports. The user-data is the
 base part, the docker part (docker.io comes in the test image, disabled; 10-docker.sh enables and starts it
 and adds the login user to the docker group; cloud-init installs one small package, `tree`, from Debian's
-mirror) and the final marker. The nomad part's
-scripts run in the same guest by hand (Nomad itself cannot be installed here: HashiCorp's repository is
-unreachable). One guest instead of one per part: under TCG every boot costs a minute of CPU, and the tier's
-time is the README test command's.
+mirror) and the final marker. The nomad part's scripts run in the same guest by hand (Nomad itself cannot be
+installed here: HashiCorp's repository is unreachable). One guest instead of one per part: under TCG every
+boot costs a minute of CPU, and the tier's time is the README test command's.
 
 The tests run in file order (module-scoped fixtures `booted`, then `baked`); the conftest stops the VM by pid
 if a test fails half-way.
