@@ -219,9 +219,15 @@ def _describe(exc: BaseException) -> str:
 
 
 def wait_ssh(
-    cfg: Config, timeout: float | None = None, alive: Callable[[], bool] | None = None
+    cfg: Config,
+    timeout: float | None = None,
+    alive: Callable[[], bool] | None = None,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
 ) -> Connection:
-    """An open, working connection; raises WaitTimeout (with the serial log tail) or VMError."""
+    """An open, working connection; raises WaitTimeout (with the serial log tail) or VMError.
+    `sleep` and `clock` drive the deadline (tests pass a fake clock)."""
     from paramiko.ssh_exception import BadHostKeyException
 
     state = StatePaths.of(cfg)
@@ -261,6 +267,8 @@ def wait_ssh(
         interval=1.0,
         hint=f"the serial console shows how far the guest got: {state.serial_log} (inv vm.logs)",
         details=lambda: _serial_tail(state, 15),
+        sleep=sleep,
+        clock=clock,
     )
     return holder["conn"]
 
@@ -282,13 +290,28 @@ def _serial_tail(state: StatePaths, lines: int) -> list[str]:
     return [f"serial: {line}" for line in console.tail(state.serial_log, lines)]
 
 
-def wait_cloud_init(cfg: Config, conn: Connection, timeout: float | None = None) -> str:
+def wait_cloud_init(
+    cfg: Config,
+    conn: Connection,
+    timeout: float | None = None,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> str:
     """Wait for cloud-init to finish; returns its status. Raises VMError on failure (with log lines)."""
-    return wait_cloud_init_verdict(cfg, conn, timeout).status
+    return wait_cloud_init_verdict(cfg, conn, timeout, sleep=sleep, clock=clock).status
 
 
-def wait_cloud_init_verdict(cfg: Config, conn: Connection, timeout: float | None = None) -> CloudInitVerdict:
-    """`wait_cloud_init`, returning the whole verdict (with the boot id it belongs to)."""
+def wait_cloud_init_verdict(
+    cfg: Config,
+    conn: Connection,
+    timeout: float | None = None,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> CloudInitVerdict:
+    """`wait_cloud_init`, returning the whole verdict (with the boot id it belongs to). `sleep` and `clock`
+    drive the deadline (tests pass a fake clock)."""
     state = StatePaths.of(cfg)
 
     def probe(deadline: Deadline) -> Probe[CloudInitVerdict]:
@@ -309,6 +332,8 @@ def wait_cloud_init_verdict(cfg: Config, conn: Connection, timeout: float | None
         interval=0.5,  # between looks that each waited in the guest (GUEST_WAIT)
         hint=f"inv vm.ssh, then read {CLOUD_INIT_LOG}",
         details=lambda: cloud_init_log_lines(conn),
+        sleep=sleep,
+        clock=clock,
     ).value or CloudInitVerdict("unknown", True)
     if found.status == "done" and found.recoverable:  # cloud-init >= 23.4: `status` would exit 2
         ui.warn("cloud-init finished with recoverable errors (degraded done):")

@@ -422,7 +422,7 @@ class Client:
             if isinstance(exc, requests.exceptions.Timeout):
                 lost = NomadAnswerLost(
                     f"Nomad at {s.addr} did not answer {method} {path} within "
-                    f"{time.monotonic() - started:.0f}s",
+                    f"{seconds(time.monotonic() - started)}",
                     hint="raise nomad.read_timeout, or check the server's load",
                 )
                 lost.timed_out = True
@@ -455,7 +455,7 @@ class Client:
                 if time.monotonic() > deadline:
                     lost = NomadAnswerLost(
                         f"Nomad at {self.settings.addr} did not finish answering {method} {path} within "
-                        f"{limit:.0f}s ({size} bytes received)",
+                        f"{seconds(limit)} ({size} bytes received)",
                         hint="raise nomad.read_timeout, or check the server's load",
                     )
                     lost.timed_out = True
@@ -680,6 +680,11 @@ class Client:
                         yield base64.b64decode(frame["Data"])
         finally:
             resp.close()
+
+
+def seconds(value: float) -> str:
+    """'3s', '0.5s': whole seconds as such, a fraction kept (a 0.5 s limit is not "within 0s")."""
+    return f"{round(value, 1):g}s" if value < 10 else f"{value:.0f}s"
 
 
 def _connect_failed(exc: BaseException) -> bool:

@@ -268,14 +268,17 @@ class NodesProbe(ReadinessProbe):
 
     def __call__(self, deadline: Deadline) -> Probe[ClusterState]:
         st = self._look_all(deadline)
-        self.cluster = st
         ready = st.ready(self.servers, self.expected)
         summary = ClusterState(reachable=st.reachable, leader=bool(st.leader), problem=st.problem)
-        self.last = summary
-        return Probe(ready, st.describe(self.servers, self.expected), summary)
+        if st.reachable:  # a look that got no answer does not replace what Nomad last said
+            self.cluster = st
+            self.last = summary
+        if self.observe:
+            self.observe(summary)
+        return Probe(ready, st.describe(self.servers, self.expected), summary, answered=st.reachable)
 
     def _look_all(self, deadline: Deadline) -> NodesState:
-        started = time.monotonic()
+        started = self.clock()
         st = NodesState()
         try:
             bound = max(0.5, deadline.remaining())
@@ -314,18 +317,29 @@ class NodesProbe(ReadinessProbe):
 
 
 def wait_nodes(
-    client: Client, *, servers: int, nodes: int, timeout: float, sleep: Callable[[float], None] = time.sleep
+    client: Client,
+    *,
+    servers: int,
+    nodes: int,
+    timeout: float,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
 ) -> NodesState:
     """`inv nomad.wait` for a cluster: a leader, `servers` servers in the Raft configuration and `nodes`
-    ready, eligible nodes with a healthy docker driver."""
-    probe = NodesProbe(client, servers=servers, nodes=nodes, sleep=sleep)
+    ready, eligible nodes with a healthy docker driver.
+
+    `sleep` and `clock` drive the deadline as in `wait_ready`; a look that got no answer (the last request
+    cut by the deadline, say) does not replace the last state Nomad answered with in the timeout message."""
+    probe = NodesProbe(client, servers=servers, nodes=nodes, sleep=sleep, clock=clock)
     wait_until(
         probe,
         what=f"Nomad at {client.addr} (leader, {servers} servers, {nodes} nodes ready with docker)",
         timeout=timeout,
         interval=0,
         hint=WAIT_HINT,
+        source=f"Nomad at {client.addr}",
         sleep=sleep,
+        clock=clock,
     )
     return probe.cluster
 

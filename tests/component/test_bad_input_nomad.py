@@ -153,7 +153,7 @@ CASES = [
          r"^error: Nomad address 'http://127\.0\.0\.1:99999' \(NOMAD_ADDR\) is not a valid URL"),
     Case("addr-not-http", ("purge",), lambda w: w.env(NOMAD_ADDR="ftp://nomad"), 1,
          r"^error: Nomad address 'ftp://nomad' \(NOMAD_ADDR\) must start with http:// or https://$"),
-    Case("redirect-not-followed", ("nomad.wait", "--timeout", "5"), redirecting, 1,
+    Case("redirect-not-followed", ("nomad.wait", "--timeout", "60"), redirecting, 1,
          r"^error: Nomad at http://127\.0\.0\.1:\d+ answered GET /v1/agent/self with HTTP 307, a redirect to "
          r"http://127\.0\.0\.1:\d+/v1/agent/self; redirects are not followed"),
     # deploy.ingress's first Nomad call: the read of its Nomad Variable (infra/compose/ingress.py publish)

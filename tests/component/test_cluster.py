@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from support.clock import FakeClock
 from support.doubles.nomad_api import NODE_ID, NomadAPIDouble, parse_job_hcl
 from support.nomad_client import TimeoutRecorder, client_for
@@ -101,7 +102,7 @@ def double(cfg: config.Config) -> Iterator[NomadAPIDouble]:
 
 @pytest.fixture
 def client(double: NomadAPIDouble) -> Client:
-    return Client(Settings(addr=double.url, retries=0, read_timeout=5))
+    return client_for(double)  # limits that only end a request the double never answers
 
 
 def allocs_of(double: NomadAPIDouble, job: str) -> list[dict[str, object]]:
@@ -137,11 +138,56 @@ def test_the_wait_holds_until_the_third_server_joins_and_the_third_node_is_ready
 
 def test_the_wait_times_out_naming_what_is_missing(double: NomadAPIDouble, client: Client) -> None:
     double.lose_node("nomad-2")
+    # The deadline runs on a fake clock that the double moves past it while it answers the first look's
+    # /v1/nodes: however slow the machine, that answer is in, and exactly one look happens.
+    clock = FakeClock()
+    double.on_request("^/v1/nodes$", 1, lambda: clock.advance(301))
     with pytest.raises(WaitTimeout) as caught:
-        cluster.wait_nodes(client, servers=3, nodes=3, timeout=2)
+        cluster.wait_nodes(client, servers=3, nodes=3, timeout=300, clock=clock, sleep=clock.sleep)
     message = str(caught.value)
-    assert "3/3 servers in the Raft configuration; 2/3 nodes ready" in message
+    assert "timed out after 300s waiting for Nomad at" in message
+    assert (
+        "last state: leader 10.87.0.11:4647; 3/3 servers in the Raft configuration; 2/3 nodes ready"
+        in message
+    )
     assert "nomad-2: node nomad-2 down" in message
+    assert double.count("^/v1/nodes$") == 1 and clock.sleeps == []
+
+
+class CutOff(TimeoutRecorder):
+    """A session whose requests after the first `keep` get no answer: the first such request is cut off as by
+    the call's own limit (requests' ReadTimeout), and the fake clock passes the wait's deadline meanwhile."""
+
+    def __init__(self, clock: FakeClock, keep: int) -> None:
+        super().__init__()
+        self.clock = clock
+        self.keep = keep
+
+    def request(self, method: str | bytes, url: str | bytes, *args: Any, **kw: Any) -> requests.Response:
+        if len(self.timeouts) >= self.keep:
+            self.timeouts.append(tuple(kw["timeout"]))
+            self.clock.advance(301)
+            raise requests.exceptions.ReadTimeout(f"read timed out (read timeout={kw['timeout'][1]})")
+        return super().request(method, url, *args, **kw)
+
+
+def test_a_look_cut_off_by_the_deadline_keeps_the_state_nomad_last_answered(double: NomadAPIDouble) -> None:
+    """The last look of a timed-out wait can be a request the deadline cut off (a loaded machine, a slow
+    server): the message still names what Nomad said before, and says that no answer came after it."""
+    double.lose_node("nomad-2")
+    clock = FakeClock()
+    session = CutOff(clock, keep=3)  # the first look's leader, peers and nodes are answered; nothing after
+    client = Client(Settings(addr=double.url, retries=0, read_timeout=120), session=session)
+    with pytest.raises(WaitTimeout) as caught:
+        cluster.wait_nodes(client, servers=3, nodes=3, timeout=300, clock=clock, sleep=clock.sleep)
+    message = str(caught.value)
+    assert (
+        "last state: leader 10.87.0.11:4647; 3/3 servers in the Raft configuration; 2/3 nodes ready"
+        in message
+    )
+    assert "nomad-2: node nomad-2 down" in message
+    assert "(no answer after that: Nomad API not answering (" in message
+    assert double.count("^/v1/nodes$") == 1 and len(session.timeouts) == 4  # one answered look, one cut off
 
 
 def test_a_leader_change_keeps_the_cluster_answering(double: NomadAPIDouble, client: Client) -> None:

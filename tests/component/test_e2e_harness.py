@@ -28,6 +28,7 @@ import pytest
 import yaml
 from e2e import harness as e2e
 from pytest_httpserver import HTTPServer
+from support.clock import FakeClock
 from support.servers import sshd as sshd_server
 from support.servers.common import free_port, free_ports
 
@@ -652,10 +653,14 @@ def test_app_event_round_trip_and_ingress_host_header(e2e_cfg: Config, httpserve
     assert smoke.post_event() == "stored id=1 topic=events offset=0"
     assert "ours present" in smoke.event_readable(timeout=5)
     stored.clear()
+    # the checks' deadline on a fake clock moved by their pauses: two looks, one pause, whatever the load
+    clock = FakeClock()
+    smoke.sleep, smoke.clock = clock.sleep, clock
     with pytest.raises(
         WaitTimeout, match=r"timed out after 1s waiting for .*; last state: 0 events, ours missing"
     ):
         smoke.event_readable(timeout=1)
+    assert clock.sleeps == [1.0]
 
 
 def test_guest_run_over_real_ssh(make_cfg: Callable[..., Config], sshd: tuple[int, Path, str]) -> None:

@@ -32,6 +32,7 @@ import requests
 import yaml
 from cryptography import x509
 from requests.adapters import HTTPAdapter
+from support.clock import FakeClock
 from support.doubles.nomad_api import NomadAPIDouble
 from support.servers import pebble as pebble_server
 from support.servers import tansu
@@ -404,8 +405,10 @@ def test_the_e2e_https_check_passes_against_real_traefik_and_fails_with_another_
 
     other = make_cfg(project={"state_dir": str(tmp_path / "other-state")}, vm={"ports": ports})
     tls.ensure(StatePaths.of(other))  # a CA that did not sign what Traefik serves
+    clock = FakeClock()  # the check's deadline moves only by its pauses: two refused handshakes, one pause
     with pytest.raises(WaitTimeout, match="CERTIFICATE_VERIFY_FAILED"):
-        harness.Smoke(other).ingress_https_healthz(timeout=3)
+        harness.Smoke(other, sleep=clock.sleep, clock=clock).ingress_https_healthz(timeout=2)
+    assert clock.sleeps == [2.0]
 
 
 def test_the_double_lists_services_as_nomad_does(api: NomadAPIDouble) -> None:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from support.clock import FakeClock
 from support.servers import sshd
 
 from infra.core import config
@@ -38,11 +40,12 @@ def fake(fakebin: Path, name: str, script: str) -> None:
     path.chmod(0o755)
 
 
-def wait_cloud_init(cfg: config.Config, timeout: float, login_timeout: float = 30) -> str:
-    """Log in (ssh.wait_ssh), wait for cloud-init over that connection (ssh.wait_cloud_init), close it."""
+def wait_cloud_init(cfg: config.Config, timeout: float, login_timeout: float = 120, **clock: Any) -> str:
+    """Log in (ssh.wait_ssh), wait for cloud-init over that connection (ssh.wait_cloud_init), close it.
+    `clock`: the `sleep=` and `clock=` of cloud-init's wait."""
     conn = ssh.wait_ssh(cfg, timeout=login_timeout)
     try:
-        return ssh.wait_cloud_init(cfg, conn, timeout=timeout)
+        return ssh.wait_cloud_init(cfg, conn, timeout=timeout, **clock)
     finally:
         conn.close()
 
@@ -109,9 +112,14 @@ def test_wrong_key_times_out_with_the_reason(cfg_for: Callable[..., config.Confi
             "vm": {"ports": {n: {"host": p.host, "guest": p.guest} for n, p in cfg.vm.ports.items()}},
         }
     )
+    # a fake clock that moves only by the wait's pauses (1 s each): three refused logins, then the timeout,
+    # however long each real login takes
+    clock = FakeClock()
     with pytest.raises(WaitTimeout) as err:
-        ssh.wait_ssh(cfg, timeout=3)
-    assert "AuthenticationException" in str(err.value)
+        ssh.wait_ssh(cfg, timeout=3, sleep=clock.sleep, clock=clock)
+    assert "timed out after 3s waiting for SSH on 127.0.0.1" in str(err.value)
+    assert "last state: AuthenticationException" in str(err.value)
+    assert clock.sleeps == [1.0, 1.0, 1.0]
 
 
 def test_missing_private_key_is_named(make_cfg: Callable[..., config.Config], tmp_path: Path) -> None:
@@ -220,8 +228,11 @@ def test_cloud_init_that_never_finishes_times_out_with_state(
 ) -> None:
     run, _ = cloud_init_dirs
     (run / "status.json").write_text(json.dumps({"v1": {"stage": "modules:final"}}))
-    with pytest.raises(WaitTimeout, match="last state: running modules:final"):
-        wait_cloud_init(cfg_for(), timeout=2)
+    clock = FakeClock()  # past the deadline at the first pause: one look, however slow the machine
+    with pytest.raises(
+        WaitTimeout, match="timed out after 2s waiting for cloud-init; last state: running modules:final"
+    ):
+        wait_cloud_init(cfg_for(), timeout=2, sleep=lambda s: clock.advance(3), clock=clock)
 
 
 def test_inactive_service_fails_with_its_state(

@@ -619,7 +619,15 @@ def job_ids(cfg: Config) -> list[str]:
     return release.project_jobs(cfg)
 
 
-def poll(what: str, probe: Callable[[], tuple[bool, str]], timeout: float, interval: float = 2.0) -> str:
+def poll(
+    what: str,
+    probe: Callable[[], tuple[bool, str]],
+    timeout: float,
+    interval: float = 2.0,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> str:
     """infra.core.waits.wait_until over a probe whose HTTP/Nomad/SSH errors are a state, not the end."""
 
     def look(_deadline: object) -> Probe[None]:
@@ -629,7 +637,7 @@ def poll(what: str, probe: Callable[[], tuple[bool, str]], timeout: float, inter
             done, state = False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         return Probe(done, state)
 
-    return wait_until(look, what=what, timeout=timeout, interval=interval).state
+    return wait_until(look, what=what, timeout=timeout, interval=interval, sleep=sleep, clock=clock).state
 
 
 def guest_run(cfg: Config, command: str, *, timeout: float = 60) -> str:
@@ -655,14 +663,30 @@ def guest_run(cfg: Config, command: str, *, timeout: float = 60) -> str:
 class Smoke:
     """The checks that say the stack works, against the forwarded ports on 127.0.0.1."""
 
-    def __init__(self, cfg: Config, *, kafka_bootstrap: str = "", http_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        kafka_bootstrap: str = "",
+        http_timeout: float = 10.0,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """`sleep` and `clock` drive the checks' deadlines (tests pass a fake clock)."""
         self.cfg = cfg
+        self.sleep = sleep
+        self.clock = clock
         self.http = requests.Session()
         self.http_timeout = http_timeout
         self.marker = f"e2e-{uuid.uuid4()}"
         self.event: dict[str, Any] = {}
         kafka = cfg.vm.ports.get("kafka")
         self.kafka_bootstrap = kafka_bootstrap or f"localhost:{kafka.guest if kafka else 9092}"
+
+    def poll(
+        self, what: str, probe: Callable[[], tuple[bool, str]], timeout: float, interval: float = 2.0
+    ) -> str:
+        return poll(what, probe, timeout, interval, sleep=self.sleep, clock=self.clock)
 
     def url(self, port_name: str, path: str) -> str:
         return f"http://127.0.0.1:{self.cfg.vm.ports[port_name].host}{path}"
@@ -725,7 +749,7 @@ class Smoke:
             bad = [s for ok, s in states if not ok]
             return (not bad), ("; ".join(bad) if bad else "; ".join(s for _, s in states))
 
-        return poll("every job running with healthy allocations", probe, timeout)
+        return self.poll("every job running with healthy allocations", probe, timeout)
 
     def first_deploy_clean(self) -> str:
         """The app's first deployment (job version 0) succeeded without a retry: no failed, lost or restarted
@@ -765,7 +789,7 @@ class Smoke:
             r = self.http.get(self.url("app", "/healthz"), timeout=self.http_timeout)
             return r.status_code == 200, f"HTTP {r.status_code} {r.text.strip()[:200]}"
 
-        return poll(f"the app on 127.0.0.1:{self.cfg.vm.ports['app'].host}/healthz", probe, timeout)
+        return self.poll(f"the app on 127.0.0.1:{self.cfg.vm.ports['app'].host}/healthz", probe, timeout)
 
     def ingress_healthz(self, timeout: float = 180) -> str:
         def probe() -> tuple[bool, str]:
@@ -774,7 +798,7 @@ class Smoke:
             )
             return r.status_code == 200, f"HTTP {r.status_code} {r.text.strip()[:200]}"
 
-        return poll(f"the app through Traefik (Host: {INGRESS_HOST})", probe, timeout)
+        return self.poll(f"the app through Traefik (Host: {INGRESS_HOST})", probe, timeout)
 
     def ingress_https_healthz(self, timeout: float = 180) -> str:
         """The app through Traefik over HTTPS (vm.ports.ingress_https), the certificate verified against the
@@ -798,7 +822,7 @@ class Smoke:
             return r.status_code == 200, f"HTTP {r.status_code} {r.text.strip()[:200]}"
 
         try:
-            seen = poll(
+            seen = self.poll(
                 f"the app through Traefik over HTTPS (https://{INGRESS_HOST}, CA {ca})", probe, timeout
             )
             try:
@@ -827,7 +851,7 @@ class Smoke:
             found = any((e.get("payload") or {}).get("e2e") == self.marker for e in events)
             return found, f"{len(events)} events, ours {'present' if found else 'missing'}"
 
-        return poll(f"event {self.marker} readable via GET /events", probe, timeout)
+        return self.poll(f"event {self.marker} readable via GET /events", probe, timeout)
 
     def event_on_kafka(self, timeout: float = 120) -> str:
         """Read the event back from its topic/partition/offset with Kafka's own console consumer, run inside
@@ -849,7 +873,7 @@ class Smoke:
                 f"found at {topic}/{part}@{offset}" if self.marker in out else out[-300:]
             )
 
-        return poll(f"event {self.marker} on Kafka topic {topic}", probe, timeout, interval=5)
+        return self.poll(f"event {self.marker} on Kafka topic {topic}", probe, timeout, interval=5)
 
     def _kafka_container(self, job_id: str) -> str:
         client = self.nomad()

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from infra.core.errors import NomadError
-from infra.nomad.client import settings
+from infra.nomad.client import seconds, settings
 
 # ------------------------------------------------------------------------------------------------ TLS --
 
@@ -106,3 +106,11 @@ def test_printable_escapes_control_characters_keeps_newlines_and_tabs() -> None:
 
     assert printable("a\x00b\x1b[31mc\r\n\td\x7f\x9b") == "a\\x00b\\x1b[31mc\\x0d\n\td\\x7f\\x9b"
     assert printable("x" * 10, limit=4) == "xxxx…"
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [(0.5, "0.5s"), (0.04, "0s"), (3.0, "3s"), (2.96, "3s"), (9.4, "9.4s"), (125.4, "125s")],
+)
+def test_a_limit_under_a_second_is_not_shown_as_0s(value: float, shown: str) -> None:
+    assert seconds(value) == shown
