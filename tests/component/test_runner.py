@@ -1,5 +1,5 @@
 """scripts/test, the README's test command, with a stand-in for nox ($NOX): the VM tier runs beside the others,
-the others at a lower priority (nice and their session's autogroup), the VM tier's output is printed when it
+each in a session of its own at the same priority, the VM tier's output is printed when it
 ends, the exit code says whether every part passed, and SIGTERM reaches both runs as Ctrl-C; `--stress N`
 runs N busy loops beside every tier and stops them by PID (counted and checked by PID, not timed)."""
 
@@ -84,7 +84,7 @@ def run(tmp_path: Path, env: dict[str, str], *args: str) -> subprocess.Completed
     )  # fmt: skip
 
 
-def test_the_vm_tier_runs_beside_the_others_at_a_higher_priority(fake: tuple[Path, dict[str, str]]) -> None:
+def test_the_vm_tier_runs_beside_the_others_at_the_same_priority(fake: tuple[Path, dict[str, str]]) -> None:
     tmp_path, env = fake
     result = run(tmp_path, env)
     assert result.returncode == 0, result.stderr
@@ -92,10 +92,11 @@ def test_the_vm_tier_runs_beside_the_others_at_a_higher_priority(fake: tuple[Pat
     rest = json.loads((tmp_path / "lint-unit-component.json").read_text())
     assert vm["sessions"] == ["vm"] and rest["sessions"] == ["lint", "unit", "component"]
     base = os.nice(0)  # this test's own niceness, which both inherit
-    assert vm["nice"] == base and rest["nice"] == min(19, base + 10)
+    # neither is put behind the other: a lowered priority starves under outside load (README, Measured: H2)
+    assert vm["nice"] == rest["nice"] == base
     assert vm["sid"] != rest["sid"]  # sessions of their own: the signal goes to each whole process group
     if Path("/proc/self/autogroup").exists():  # Linux with autogroup scheduling, as here
-        assert rest["autogroup"].endswith("nice 10") and vm["autogroup"].endswith("nice 0")
+        assert rest["autogroup"].endswith("nice 0") and vm["autogroup"].endswith("nice 0")
     assert "fake nox: session vm ran" in result.stdout  # the VM tier's log, printed at the end
     assert (tmp_path / "vm.log").read_text() == "fake nox: session vm ran\n"
     last = result.stderr.strip().splitlines()[-1]
