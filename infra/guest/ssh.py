@@ -290,18 +290,6 @@ def _serial_tail(state: StatePaths, lines: int) -> list[str]:
     return [f"serial: {line}" for line in console.tail(state.serial_log, lines)]
 
 
-def wait_cloud_init(
-    cfg: Config,
-    conn: Connection,
-    timeout: float | None = None,
-    *,
-    sleep: Callable[[float], None] = time.sleep,
-    clock: Callable[[], float] = time.monotonic,
-) -> str:
-    """Wait for cloud-init to finish; returns its status. Raises VMError on failure (with log lines)."""
-    return wait_cloud_init_verdict(cfg, conn, timeout, sleep=sleep, clock=clock).status
-
-
 def wait_cloud_init_verdict(
     cfg: Config,
     conn: Connection,
@@ -310,8 +298,8 @@ def wait_cloud_init_verdict(
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
 ) -> CloudInitVerdict:
-    """`wait_cloud_init`, returning the whole verdict (with the boot id it belongs to). `sleep` and `clock`
-    drive the deadline (tests pass a fake clock)."""
+    """Wait for cloud-init to finish; returns its verdict (status, with the boot id it belongs to). Raises
+    VMError on failure (with log lines). `sleep` and `clock` drive the deadline (tests pass a fake clock)."""
     state = StatePaths.of(cfg)
 
     def probe(deadline: Deadline) -> Probe[CloudInitVerdict]:

@@ -273,8 +273,6 @@ class NodesProbe(ReadinessProbe):
         if st.reachable:  # a look that got no answer does not replace what Nomad last said
             self.cluster = st
             self.last = summary
-        if self.observe:
-            self.observe(summary)
         return Probe(ready, st.describe(self.servers, self.expected), summary, answered=st.reachable)
 
     def _look_all(self, deadline: Deadline) -> NodesState:

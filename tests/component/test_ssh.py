@@ -41,11 +41,11 @@ def fake(fakebin: Path, name: str, script: str) -> None:
 
 
 def wait_cloud_init(cfg: config.Config, timeout: float, login_timeout: float = 120, **clock: Any) -> str:
-    """Log in (ssh.wait_ssh), wait for cloud-init over that connection (ssh.wait_cloud_init), close it.
-    `clock`: the `sleep=` and `clock=` of cloud-init's wait."""
+    """Log in (ssh.wait_ssh), wait for cloud-init over that connection (ssh.wait_cloud_init_verdict), close it;
+    its status. `clock`: the `sleep=` and `clock=` of cloud-init's wait."""
     conn = ssh.wait_ssh(cfg, timeout=login_timeout)
     try:
-        return ssh.wait_cloud_init(cfg, conn, timeout=timeout, **clock)
+        return ssh.wait_cloud_init_verdict(cfg, conn, timeout=timeout, **clock).status
     finally:
         conn.close()
 

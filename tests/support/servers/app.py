@@ -84,7 +84,7 @@ def new_database(pg: PostgresServer) -> str:
 
 
 #: The app's deadline for each Postgres and Kafka operation it treats as a health check, a new connection included
-#: (CHECK_TIMEOUT; the product's default is 2 s). Beside the VM tier, at the tests' lower priority, the real Postgres could
+#: (CHECK_TIMEOUT; the product's default is 2 s). Beside the VM tier on a busy host, the real Postgres could
 #: take longer than that: in a fresh-clone run beside two busy loops, GET /events answered 503
 #: "postgres" after 2176 ms and test_bad_input_app's control case failed. A healthy dependency must not be called
 #: down because the host is busy; a stopped one is still refused at once (connection refused, not a timeout).
