@@ -4,6 +4,7 @@ started, awaited and stopped."""
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -44,11 +45,55 @@ GUEST_PORTS = {"ssh": 22, "nomad": 4646, "app": 3000, "ingress": 8080, "traefik_
                "ingress_https": 8443, "kafka": 19092, "postgres": 5432}  # fmt: skip
 
 
+#: The VM forwards' host ports come from below Linux's ephemeral port range (net.ipv4.ip_local_port_range,
+#: 32768-60999 by default), from which the kernel hands a port to every bind to port 0 (free_port, the component
+#: tier's servers) and to every outgoing connection on the machine. A port picked free inside that range can be
+#: taken before qemu binds it, which may be a minute later: in a fresh-clone run (I1, 2026-12-06) the VM tier's
+#: guest lost its postgres forward's port to a process of the component tier running beside it. Below the range
+#: only an explicit bind takes a port.
+PORT_FLOOR = 10000
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default; other systems have no such file
+
+
+def _free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def forward_ports(count: int) -> list[int]:
+    """`count` consecutive host ports below the ephemeral range, each free now, and so are the ports a
+    cluster's other nodes forward from them (+ infra.core.config.NODE_PORT_STEP per node, three nodes)."""
+    from infra.core.config import NODE_PORT_STEP
+    from infra.core.nodes import SERVERS
+
+    steps = [NODE_PORT_STEP * k for k in range(SERVERS)]
+    top = _ephemeral_low() - steps[-1] - count
+    if top <= PORT_FLOOR:  # a system whose ephemeral range starts low: nothing below it to pick from
+        return free_ports(count)
+    rng = random.SystemRandom()
+    for _ in range(1000):
+        start = rng.randrange(PORT_FLOOR, top)
+        ports = list(range(start, start + count))
+        if all(_free(port + step) for port in ports for step in steps):
+            return ports
+    raise RuntimeError(f"no {count} free host ports between {PORT_FLOOR} and {top} after 1000 tries")
+
+
 def vm_ports(**fixed: int) -> dict[str, dict[str, int]]:
     """`vm.ports` for a -f file: every forward on its own free host port (the defaults may be taken on this
     machine, e.g. by the user's own VM), `fixed` host ports kept. Kafka's guest port is its host port, as
     the configuration requires when the nomad part is on."""
-    spare = iter(free_ports(len(GUEST_PORTS)))
+    spare = iter(forward_ports(len(GUEST_PORTS)))
     hosts = {name: fixed.get(name) or next(spare) for name in GUEST_PORTS}
     guests = GUEST_PORTS | {"kafka": hosts["kafka"]}
     return {name: {"host": hosts[name], "guest": guests[name]} for name in GUEST_PORTS}
