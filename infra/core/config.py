@@ -76,6 +76,7 @@ class VMConfig:
     memory_mb: int
     disk_gb: int
     accel: str
+    cpu: str
     qemu: str
     kernel: str
     initrd: str
@@ -469,6 +470,8 @@ _USER_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 #: pinned: `=` and a version (5.6.12: [epoch:]upstream[-revision], upstream starting with a digit, of
 #: [A-Za-z0-9.+~-]; the revision of [A-Za-z0-9.+~]). Never an apt option ("-s", "-oAPT::...").
 _PACKAGE = re.compile(r"[a-z0-9][a-z0-9+.-]+(?:=(?:[0-9]+:)?[0-9][A-Za-z0-9.+~]*(?:-[A-Za-z0-9.+~]+)*)?")
+#: A qemu CPU model with optional features (`max`, `qemu64`, `Nehalem-v2`, `max,-la57`): one argument of `-cpu`.
+_CPU_MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(?:,[+-]?[A-Za-z0-9_.-]+(?:=[A-Za-z0-9_.-]+)?)*")
 #: RFC 1123 host name: dot-separated labels of letters, digits and inner hyphens.
 _HOST_NAME = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
                         r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")  # fmt: skip
@@ -505,6 +508,12 @@ def _check_values(data: Mapping[str, Any], *, state_dir: Path) -> None:
         raise ConfigError(
             f"configuration key ssh.user is {user!r}: not a valid user name",
             hint="lower-case letters, digits, '_' and '-', starting with a letter or '_', at most 32",
+        )
+    cpu = data["vm"]["cpu"]
+    if not _CPU_MODEL.fullmatch(cpu):
+        raise ConfigError(
+            f"configuration key vm.cpu is {cpu!r}: not a qemu CPU model",
+            hint="auto, or a model qemu lists with -cpu help (e.g. max, qemu64), optionally with ,+feature/,-feature",
         )
     host = data["provision"]["hostname"]
     if not _HOST_NAME.fullmatch(host):

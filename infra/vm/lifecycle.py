@@ -247,7 +247,7 @@ def boot(prepared: Running | Boot, seed: SeedISO | None) -> Launch:
             qemu=b.binary, arch=b.arch, accel=accel, cpus=cfg.vm.cpus, memory_mb=cfg.vm.memory_mb,
             disk=p.disk, seed_iso=seed.path, pidfile=p.pidfile, serial_log=p.serial_log, qmp_socket=p.qmp_socket,
             forwards=cfg.vm.ports, name=cfg.project.name, kernel=kernel, initrd=initrd, append=append,
-            firmware=firmware, offline=cfg.vm.offline,
+            firmware=firmware, offline=cfg.vm.offline, cpu=cfg.vm.cpu,
             cluster_nic=qemu.ClusterNIC(cfg.node.switch, cfg.node.mac, cfg.node.primary_mac) if cfg.node is not None else None,
         )  # fmt: skip
         command = qemu.build_command(spec)

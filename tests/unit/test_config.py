@@ -92,6 +92,9 @@ def test_extra_port_forward_may_be_added() -> None:
         ),
         ({"provision": {"hostname": "-lead"}}, r"provision\.hostname is '-lead'"),
         ({"project": {"state_dir": "/tmp/a,b"}}, r"project\.state_dir is '/tmp/a,b': a comma is not allowed"),
+        ({"vm": {"cpu": "max -s"}}, r"vm\.cpu is 'max -s': not a qemu CPU model"),
+        ({"vm": {"cpu": ""}}, r"vm\.cpu is '': not a qemu CPU model"),
+        ({"vm": {"cpu": "max,,x"}}, r"vm\.cpu is 'max,,x'"),
     ],
 )
 def test_values_out_of_range_or_malformed_name_their_key(overrides: dict[str, object], message: str) -> None:
@@ -114,6 +117,8 @@ def test_values_at_the_edges_are_accepted() -> None:
         }
     )
     assert cfg.vm.cpus == 1 and cfg.nomad.retries == 0
+    model = "Nehalem-v2,-la57,+pdpe1gb,l3-cache=on"
+    assert config.load({"vm": {"cpu": model}}).vm.cpu == model
     # Kafka's forward only matters where Kafka runs (on Nomad)
     assert config.load({"provision": {"nomad": False}, "vm": {"ports": {"kafka": {"host": 1, "guest": 2}}}})
 

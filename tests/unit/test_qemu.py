@@ -34,7 +34,7 @@ def test_x86_64_tcg(tmp_path: Path) -> None:
     assert cmd[0] == "/usr/bin/qemu-system-x86_64"
     assert option(cmd, "-machine") == ["q35"]
     assert option(cmd, "-accel") == ["tcg"]
-    assert option(cmd, "-cpu") == ["max"]  # never -cpu host under TCG
+    assert option(cmd, "-cpu") == ["qemu64"]  # vm.cpu auto: never -cpu host under TCG (qemu.TCG_CPU)
     assert option(cmd, "-smp") == ["2"] and option(cmd, "-m") == ["2048"]
     assert f"file={tmp_path / 'disk.qcow2'},if=virtio,format=qcow2,discard=unmap" in option(cmd, "-drive")
     seed = [d for d in option(cmd, "-drive") if "seed.iso" in d]
@@ -113,6 +113,25 @@ def test_aarch64_tcg_with_plain_bios_rom(tmp_path: Path) -> None:
     assert option(cmd, "-machine") == ["virt,gic-version=max"]
     assert option(cmd, "-cpu") == ["max"]
     assert option(cmd, "-bios") == [str(fw.path)]
+
+
+@pytest.mark.parametrize(
+    ("configured", "accel", "arch", "expected"),
+    [
+        ("auto", "kvm", "x86_64", "host"),
+        ("auto", "hvf", "aarch64", "host"),
+        ("auto", "tcg", "x86_64", "qemu64"),
+        ("auto", "tcg", "aarch64", "max"),
+        ("max", "tcg", "x86_64", "max"),  # an image that needs x86-64-v2 or later
+        ("Nehalem-v2,-la57", "kvm", "x86_64", "Nehalem-v2,-la57"),  # as given, with any accelerator
+    ],
+)
+def test_cpu_model_is_vm_cpu_or_chosen_for_the_accelerator(
+    tmp_path: Path, configured: str, accel: str, arch: str, expected: str
+) -> None:
+    kernel = {"kernel": tmp_path / "Image", "append": "console=ttyAMA0"} if arch == "aarch64" else {}
+    cmd = qemu.build_command(spec(tmp_path, cpu=configured, accel=accel, arch=arch, **kernel))
+    assert option(cmd, "-cpu") == [expected]
 
 
 def test_aarch64_direct_boot_needs_no_firmware(tmp_path: Path) -> None:
