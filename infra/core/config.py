@@ -515,6 +515,11 @@ def _check_values(data: Mapping[str, Any], *, state_dir: Path) -> None:
             f"configuration key vm.cpu is {cpu!r}: not a qemu CPU model",
             hint="auto, or a model qemu lists with -cpu help (e.g. max, qemu64), optionally with ,+feature/,-feature",
         )
+    if cpu == "host" and data["vm"]["accel"] == "tcg":
+        raise ConfigError(
+            "configuration keys vm.cpu (host) and vm.accel (tcg) do not go together: -cpu host needs KVM or HVF",
+            hint="set vm.cpu: auto (an emulated CPU under TCG) or a model such as max",
+        )
     host = data["provision"]["hostname"]
     if not _HOST_NAME.fullmatch(host):
         raise ConfigError(

@@ -123,11 +123,19 @@ TCG_CPU = {"x86_64": "qemu64", "aarch64": "max"}
 
 
 def cpu_model(configured: str, accel: str, arch: str) -> str:
-    """`-cpu`: vm.cpu as given, or for auto the host's CPU with hardware acceleration and TCG_CPU under TCG
-    (under TCG `-cpu host` is an error)."""
+    """`-cpu`: vm.cpu as given, or for auto the host's CPU with hardware acceleration and TCG_CPU under TCG.
+    vm.cpu `host` under TCG (vm.accel auto that found no KVM) is refused with the key to change, not with
+    qemu's own error (config.py refuses it with vm.accel tcg before anything runs)."""
+    hardware = accel in ("kvm", "hvf")
+    if configured == "host" and not hardware:
+        raise VMError(
+            f"vm.cpu is host, but the guest runs under {accel} (-cpu host needs KVM or HVF)",
+            hint="set vm.cpu: auto (the host's CPU where KVM/HVF is used, an emulated one under TCG) or a model "
+            "such as max",
+        )
     if configured != "auto":
         return configured
-    return "host" if accel in ("kvm", "hvf") else TCG_CPU[arch]
+    return "host" if hardware else TCG_CPU[arch]
 
 
 def build_command(spec: LaunchSpec) -> list[str]:

@@ -95,6 +95,10 @@ def test_extra_port_forward_may_be_added() -> None:
         ({"vm": {"cpu": "max -s"}}, r"vm\.cpu is 'max -s': not a qemu CPU model"),
         ({"vm": {"cpu": ""}}, r"vm\.cpu is '': not a qemu CPU model"),
         ({"vm": {"cpu": "max,,x"}}, r"vm\.cpu is 'max,,x'"),
+        (
+            {"vm": {"cpu": "host", "accel": "tcg"}},
+            r"vm\.cpu \(host\) and vm\.accel \(tcg\) do not go together",
+        ),
     ],
 )
 def test_values_out_of_range_or_malformed_name_their_key(overrides: dict[str, object], message: str) -> None:

@@ -134,6 +134,13 @@ def test_cpu_model_is_vm_cpu_or_chosen_for_the_accelerator(
     assert option(cmd, "-cpu") == [expected]
 
 
+def test_cpu_host_without_hardware_acceleration_is_refused_naming_the_key(tmp_path: Path) -> None:
+    with pytest.raises(VMError, match=r"vm\.cpu is host, but the guest runs under tcg") as err:
+        qemu.build_command(spec(tmp_path, cpu="host", accel="tcg"))
+    assert "vm.cpu: auto" in (err.value.hint or "")
+    assert option(qemu.build_command(spec(tmp_path, cpu="host", accel="kvm")), "-cpu") == ["host"]
+
+
 def test_aarch64_direct_boot_needs_no_firmware(tmp_path: Path) -> None:
     cmd = qemu.build_command(
         spec(
