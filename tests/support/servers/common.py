@@ -61,20 +61,13 @@ def _ephemeral_low() -> int:
         return 32768  # Linux's default; other systems have no such file
 
 
-def _free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def forward_ports(count: int) -> list[int]:
     """`count` consecutive host ports below the ephemeral range, each free now, and so are the ports a
-    cluster's other nodes forward from them (+ infra.core.config.NODE_PORT_STEP per node, three nodes)."""
+    cluster's other nodes forward from them (+ infra.core.config.NODE_PORT_STEP per node, three nodes); free
+    as `inv vm.run` itself judges a forward's port (infra.vm.host.port_free)."""
     from infra.core.config import NODE_PORT_STEP
     from infra.core.nodes import SERVERS
+    from infra.vm.host import port_free
 
     steps = [NODE_PORT_STEP * k for k in range(SERVERS)]
     top = _ephemeral_low() - steps[-1] - count
@@ -84,7 +77,7 @@ def forward_ports(count: int) -> list[int]:
     for _ in range(1000):
         start = rng.randrange(PORT_FLOOR, top)
         ports = list(range(start, start + count))
-        if all(_free(port + step) for port in ports for step in steps):
+        if all(port_free(port + step) for port in ports for step in steps):
             return ports
     raise RuntimeError(f"no {count} free host ports between {PORT_FLOOR} and {top} after 1000 tries")
 
